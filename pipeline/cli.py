@@ -1,0 +1,128 @@
+"""The `logitcache` command line. Every command takes a YAML config plus key=value overrides.
+
+    logitcache run configs/demo.yaml                  # all stages, skipping finished ones
+    logitcache cache configs/demo.yaml cache.encoding=topk cache.k=3
+    logitcache caches ls
+    logitcache caches inspect 3f9a2c
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.config import Config, load_config
+from pipeline.errors import LogitcacheError
+
+CONFIG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+OVERRIDES = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+
+
+class _Group(click.Group):
+    """Turns every LogitcacheError into a one-line message and exit code 1, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LogitcacheError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="logitcache")
+def cli() -> None:
+    """Offline logit caching for knowledge distillation: run the teachers once, train many students."""
+
+
+def _load(config: Path, overrides: tuple[str, ...]) -> Config:
+    return load_config(config, overrides)
+
+
+@cli.command()
+@CONFIG
+@OVERRIDES
+def run(config: Path, overrides: tuple[str, ...]) -> None:
+    """Run teachers -> cache -> student -> evaluate, skipping stages whose output is up to date."""
+    from stages import cache, evaluate, student, teachers
+
+    cfg = _load(config, overrides)
+    teachers.main(cfg)
+    cache.main(cfg)
+    student.main(cfg)
+    evaluate.main(cfg)
+
+
+@cli.command("teachers")
+@CONFIG
+@OVERRIDES
+def teachers_cmd(config: Path, overrides: tuple[str, ...]) -> None:
+    """Fit the built-in teachers of the ensemble (user checkpoints are only checked)."""
+    from stages import teachers
+
+    teachers.main(_load(config, overrides))
+
+
+@cli.command("cache")
+@CONFIG
+@OVERRIDES
+@click.option("--shard-index", type=int, default=None, help="Run only shards i, i+n, i+2n, ... (array jobs).")
+@click.option("--num-shards", type=int, default=None, help="Number of tasks in the array job (n).")
+def cache_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None) -> None:
+    """Run the teacher ensemble once over the transfer set and write the soft-target cache."""
+    from stages import cache
+
+    cache.main(_load(config, overrides), shard_index=shard_index, num_shards=num_shards)
+
+
+@cli.command("student")
+@CONFIG
+@OVERRIDES
+def student_cmd(config: Path, overrides: tuple[str, ...]) -> None:
+    """Train the students (and hard-label baselines) from the cache."""
+    from stages import student
+
+    student.main(_load(config, overrides))
+
+
+@cli.command("evaluate")
+@CONFIG
+@OVERRIDES
+def evaluate_cmd(config: Path, overrides: tuple[str, ...]) -> None:
+    """Score teachers, ensemble and students on held-out data; write report.md and report.json."""
+    from stages import evaluate
+
+    evaluate.main(_load(config, overrides))
+
+
+@cli.group(cls=_Group)
+def caches() -> None:
+    """List and inspect caches."""
+
+
+@caches.command("ls")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/caches"),
+              show_default=True, help="Directory that holds the caches.")
+def caches_ls(root: Path) -> None:
+    """List caches: id, status, rows, encoding, size, bytes per row, configs that produced them."""
+    from pipeline.inspect import list_caches
+
+    click.echo(list_caches(root))
+
+
+@caches.command("inspect")
+@click.argument("cache_ref", metavar="ID_OR_PATH")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/caches"),
+              show_default=True, help="Directory that holds the caches.")
+@click.option("--verify", is_flag=True, help="Recompute every shard's sha256 and compare with the manifest.")
+def caches_inspect(cache_ref: str, root: Path, verify: bool) -> None:
+    """Show one cache's manifest (or, for a partial cache, which shards are missing)."""
+    from pipeline.inspect import inspect_cache
+
+    click.echo(json.dumps(inspect_cache(cache_ref, root, verify), indent=2))
+
+
+def main() -> None:
+    cli(prog_name="logitcache")

@@ -1,0 +1,366 @@
+"""Typed, frozen configuration: YAML fills the dataclasses, `key=value` overrides on the command line.
+
+    cfg = load_config("configs/demo.yaml", ["student.temperature=2", "cache.encoding=topk"])
+
+Every problem in a config (unknown key, wrong type, invalid value) is collected and reported at
+once, in one line, naming each field. Relative paths are taken from the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+Arch = Literal["mlp", "cnn", "import"]
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    source: str | None = None  # None: the labelled training split; else an .npz/.parquet path
+    exclude_classes: tuple[int, ...] = ()  # drop these classes from the transfer set
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"  # "digits" (bundled example), or a path to .npz / .parquet
+    test_source: str | None = None  # separate test file; else x_test/y_test in the .npz, else a split
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    label_column: str = "label"  # Parquet only
+    feature_columns: tuple[str, ...] | None = None  # Parquet only; None: one list column or all numeric
+    num_classes: int | None = None  # None: inferred as max label + 1
+    transfer: TransferConfig = TransferConfig()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in architecture, or a user model given by import path plus checkpoint."""
+
+    name: str
+    arch: Arch = "mlp"
+    hidden: tuple[int, ...] = (256, 256)  # mlp: hidden layer sizes; cnn: width of the head
+    channels: tuple[int, ...] = (32, 64)  # cnn: channels of each conv block
+    dropout: float = 0.0
+    factory: str | None = None  # arch=import: "package.module:function" returning an nn.Module
+    kwargs: dict[str, Any] = field(default_factory=dict)  # arch=import: passed to the factory
+    checkpoint: str | None = None  # arch=import teachers: state_dict file
+    # training settings; for students, None means "use the student section's value"
+    epochs: int | None = None
+    lr: float | None = None
+    seed: int = 0  # teachers: init/shuffle seed (students use student.seeds)
+    temperature: float | None = None  # students only
+    alpha: float | None = None  # students only
+
+
+def _default_teachers() -> tuple[ModelSpec, ...]:
+    return (
+        ModelSpec(name="mlp-wide", arch="mlp", hidden=(1200, 1200), dropout=0.3, seed=0),
+        ModelSpec(name="mlp-deep", arch="mlp", hidden=(512, 512, 512), dropout=0.2, seed=1),
+        ModelSpec(name="cnn", arch="cnn", channels=(32, 64), hidden=(128,), dropout=0.2, seed=2),
+    )
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    members: tuple[ModelSpec, ...] = field(default_factory=_default_teachers)
+    ensemble: Literal["mean_probs", "mean_logprobs"] = "mean_probs"
+    weights: tuple[float, ...] | None = None  # None: equal weights
+    temperature: float = 4.0  # temperature at which the ensemble's targets are cached
+    epochs: int = 30  # built-in teachers: training epochs, unless a member sets its own
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    backend: Literal["zarr", "parquet"] = "zarr"
+    encoding: Literal["dense", "topk"] = "dense"
+    dtype: Literal["float16", "float32"] = "float16"  # dense: storage dtype of the log-probs
+    k: int = 5  # topk: classes kept per row
+    rows_per_shard: int = 512
+    chunk_rows: int = 256  # zarr chunk / Parquet row group; the reader shuffles whole chunks
+    batch_size: int = 512  # teacher forward batch
+    device: str = "auto"  # auto: cuda when available, else cpu
+    root: str | None = None  # where caches live; None: <workspace>/caches
+    compression_level: int = 3  # zstd
+
+
+def _default_students() -> tuple[ModelSpec, ...]:
+    return (
+        ModelSpec(name="mlp-30", arch="mlp", hidden=(30,)),
+        ModelSpec(name="mlp-100", arch="mlp", hidden=(100,)),
+    )
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    models: tuple[ModelSpec, ...] = field(default_factory=_default_students)
+    cache: str | None = None  # cache id or directory; None: the cache this config's cache stage makes
+    seeds: tuple[int, ...] = (0,)
+    baseline: bool = True  # also train each model on hard labels only (alpha=1), same batches
+    epochs: int = 40
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 3e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    temperature: float | None = None  # None: the cache's temperature (exact); else re-tempered
+    alpha: float = 0.1  # weight of the hard-label cross-entropy; 1 - alpha on the soft targets
+    tail: Literal["uniform", "bucket"] = "uniform"  # topk: how the residual mass is modelled
+    shuffle_chunks: int = 4  # chunks per shuffle buffer
+    checkpoint_every: int = 50  # steps between mid-epoch checkpoints
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    ece_bins: int = 15
+
+
+@dataclass(frozen=True)
+class Config:
+    workspace: str = "data"  # root for teachers/, caches/ and runs/
+    run_name: str = "demo"  # run directory: <workspace>/runs/<run_name>
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig = TeachersConfig()
+    cache: CacheConfig = CacheConfig()
+    student: StudentConfig = StudentConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workspace) / "runs" / self.run_name
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache.root) if self.cache.root else Path(self.workspace) / "caches"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return Path(self.workspace) / "teachers"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read YAML (or the built-in defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; pass the path of a YAML config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (data:, teachers:, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        errors.extend(validate(cfg))
+    if errors:
+        source = f"{path}: " if path is not None else ""
+        raise ConfigError(source + "; ".join(errors))
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. student.temperature=4")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(part, key, len(node))]
+            continue
+        if part not in node or node[part] is None:
+            # lists of models need their defaults materialized before an index can be set
+            node[part] = _default_as_raw(parts[: i + 1]) if parts[i + 1].isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(last, key, len(node))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _index(part: str, key: str, length: int) -> int:
+    if not part.isdigit() or int(part) >= length:
+        raise ConfigError(f"override {key}: {part!r} is not an index below {length}")
+    return int(part)
+
+
+def _default_as_raw(path: list[str]) -> Any:
+    node: Any = to_dict(Config())
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem found to `errors`."""
+    if not isinstance(raw, dict):
+        errors.append(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    for key in unknown:
+        errors.append(f"{where}{key}: unknown key; valid keys are {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{where}{name}", errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{where}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required key is missing: already reported
+        return None
+
+
+def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # `hidden: 64` means (64,)
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {type(value).__name__}")
+            return ()
+        return tuple(_coerce(args[0], v, f"{where}.{i}", errors) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{where}.", errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def validate(cfg: Config) -> list[str]:
+    """Value checks that types cannot express; returns every problem found."""
+    e: list[str] = []
+    d, t, c, s = cfg.data, cfg.teachers, cfg.cache, cfg.student
+    if not 0.0 < d.test_fraction < 1.0:
+        e.append(f"data.test_fraction: {d.test_fraction} must be between 0 and 1")
+    if d.num_classes is not None and d.num_classes < 2:
+        e.append("data.num_classes: must be at least 2")
+    if not t.members:
+        e.append("teachers.members: give at least one teacher")
+    if t.weights is not None:
+        if len(t.weights) != len(t.members):
+            e.append(f"teachers.weights: {len(t.weights)} weights for {len(t.members)} teachers")
+        elif any(w < 0 for w in t.weights) or sum(t.weights) <= 0:
+            e.append("teachers.weights: must be non-negative with a positive sum")
+    if t.temperature <= 0:
+        e.append("teachers.temperature: must be > 0")
+    for section, members in (("teachers.members", t.members), ("student.models", s.models)):
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            e.append(f"{section}: names must be unique, got {', '.join(names)}")
+        for i, m in enumerate(members):
+            where = f"{section}.{i}"
+            if m.arch == "import" and not m.factory:
+                e.append(f"{where}.factory: arch=import needs factory: 'package.module:function'")
+            if m.arch == "import" and section == "teachers.members" and not m.checkpoint:
+                e.append(f"{where}.checkpoint: arch=import teachers need a state_dict file")
+            if m.factory and ":" not in m.factory:
+                e.append(f"{where}.factory: {m.factory!r} must look like 'package.module:function'")
+            if not 0.0 <= m.dropout < 1.0:
+                e.append(f"{where}.dropout: must be in [0, 1)")
+            if m.alpha is not None and not 0.0 <= m.alpha <= 1.0:
+                e.append(f"{where}.alpha: must be in [0, 1]")
+            if m.temperature is not None and m.temperature <= 0:
+                e.append(f"{where}.temperature: must be > 0")
+            if any(h < 1 for h in m.hidden) or any(ch < 1 for ch in m.channels):
+                e.append(f"{where}: layer sizes must be positive")
+            if "/" in m.name or m.name.startswith("."):
+                e.append(f"{where}.name: {m.name!r} must not contain '/' or start with '.'")
+    if c.k < 1:
+        e.append("cache.k: must be >= 1")
+    if c.rows_per_shard < 1 or c.chunk_rows < 1 or c.batch_size < 1:
+        e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
+    if not 1 <= c.compression_level <= 22:
+        e.append("cache.compression_level: zstd levels are 1..22")
+    if not s.models:
+        e.append("student.models: give at least one student model")
+    if not s.seeds:
+        e.append("student.seeds: give at least one seed")
+    if not 0.0 <= s.alpha <= 1.0:
+        e.append("student.alpha: must be in [0, 1]")
+    if s.temperature is not None and s.temperature <= 0:
+        e.append("student.temperature: must be > 0")
+    if s.epochs < 1 or s.batch_size < 1 or s.shuffle_chunks < 1 or s.checkpoint_every < 1:
+        e.append("student: epochs, batch_size, shuffle_chunks and checkpoint_every must be >= 1")
+    if cfg.evaluate.ece_bins < 1:
+        e.append("evaluate.ece_bins: must be >= 1")
+    if "/" in cfg.run_name or not cfg.run_name:
+        e.append("run_name: must be a non-empty name without '/'")
+    return e
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config (tuples as lists), for YAML/JSON and hashing."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,102 @@
+"""The teacher ensemble: where each teacher's weights live, loading them, and combining outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ModelSpec
+from pipeline.data import Splits
+from pipeline.errors import ModelError
+from pipeline.io import hash_json, sha256_file
+from pipeline.models import build_model, load_state
+
+TEACHER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    index: int
+    spec: ModelSpec
+    checkpoint: Path
+    trained_here: bool  # built-in teachers are fitted by the `teachers` stage
+
+    @property
+    def where(self) -> str:
+        return f"teachers.members.{self.index}"
+
+
+def teacher_refs(cfg: Config, splits: Splits) -> list[TeacherRef]:
+    refs = []
+    for i, spec in enumerate(cfg.teachers.members):
+        if spec.arch == "import":
+            assert spec.checkpoint is not None
+            refs.append(TeacherRef(i, spec, Path(spec.checkpoint), trained_here=False))
+        else:
+            key = hash_json({
+                "format": TEACHER_FORMAT, "spec": _spec_dict(spec), "train": splits.train.fingerprint,
+                "classes": splits.num_classes, "fit": training_settings(cfg, spec),
+            })[:12]
+            path = cfg.teacher_dir / f"{spec.name}-{key}" / "model.pt"
+            refs.append(TeacherRef(i, spec, path, trained_here=True))
+    return refs
+
+
+def training_settings(cfg: Config, spec: ModelSpec) -> dict:
+    t = cfg.teachers
+    return {"epochs": spec.epochs or t.epochs, "lr": spec.lr or t.lr, "batch_size": t.batch_size,
+            "weight_decay": t.weight_decay, "seed": spec.seed}
+
+
+def _spec_dict(spec: ModelSpec) -> dict:
+    from pipeline.config import to_dict
+
+    d = to_dict(spec)
+    for k in ("temperature", "alpha"):  # student-only fields never change a teacher
+        d.pop(k)
+    return d
+
+
+def load_teacher(ref: TeacherRef, splits: Splits, device: torch.device) -> nn.Module:
+    if ref.trained_here and not ref.checkpoint.is_file():
+        raise ModelError(f"{ref.where} ({ref.spec.name}): not trained yet ({ref.checkpoint} missing); "
+                         "run `logitcache teachers CONFIG` first")
+    model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
+    load_state(model, ref.checkpoint, ref.where)
+    return model.to(device).eval()
+
+
+def teacher_identity(ref: TeacherRef) -> dict:
+    """What the cache id needs from a teacher: its spec and the hash of its exact weights."""
+    return {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": sha256_file(ref.checkpoint)}
+
+
+def normalized_weights(cfg: Config) -> list[float]:
+    w = cfg.teachers.weights or tuple(1.0 for _ in cfg.teachers.members)
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def combine(logits: list[torch.Tensor], mode: str, weights: list[float], temperature: float) -> torch.Tensor:
+    """Ensemble log-probabilities at `temperature` from each teacher's logits (B, C) -> (B, C).
+
+    mean_probs: log of the weighted mean of softmax(z/T) (Hinton et al.);
+    mean_logprobs: the renormalized weighted geometric mean.
+    """
+    logp = torch.stack([torch.log_softmax(z.float() / temperature, dim=-1) for z in logits])  # (M, B, C)
+    w = torch.tensor(weights, dtype=logp.dtype, device=logp.device).view(-1, 1, 1)
+    if mode == "mean_probs":
+        return torch.logsumexp(logp + torch.log(w), dim=0)
+    return torch.log_softmax((logp * w).sum(0), dim=-1)
+
+
+def check_finite(z: torch.Tensor, name: str, sample_ids: torch.Tensor) -> None:
+    bad = ~torch.isfinite(z).all(dim=-1)
+    if bool(bad.any()):
+        ids = sample_ids[bad.cpu()][:3].tolist()
+        raise ModelError(f"teacher {name}: NaN or infinite outputs for sample ids {ids}; "
+                         "check the checkpoint and inputs (nothing was written for this shard)")
+

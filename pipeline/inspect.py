@@ -1,0 +1,60 @@
+"""`logitcache caches ls / inspect`: what is in a cache root, and one cache's manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline import cache as fmt
+from pipeline.io import sha256_tree
+
+
+def _status(d: Path) -> dict[str, Any]:
+    manifest = fmt.read_manifest(d)
+    configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
+    if manifest is not None and manifest.get("status") == "complete":
+        enc = manifest["encoding"]
+        return {"id": d.name, "status": "complete", "rows": manifest["rows"],
+                "encoding": enc["name"] + (f"-k{enc['k']}" if enc["name"] == "topk" else f"-{enc['dtype']}"),
+                "backend": manifest["backend"], "bytes": manifest["bytes"],
+                "bytes_per_row": manifest["bytes_per_row"], "configs": configs}
+    spec = json.loads((d / "spec.json").read_text()) if (d / "spec.json").is_file() else {}
+    rows = spec.get("dataset", {}).get("rows", 0)
+    layout = spec.get("layout", {})
+    expected = -(-rows // layout["rows_per_shard"]) if layout else 0
+    present = [p for p in (d / "shards").glob("[0-9]*") if p.is_dir() or p.is_file()]
+    enc = spec.get("encoding", {})
+    return {"id": d.name, "status": f"partial {len(present)}/{expected} shards", "rows": rows,
+            "encoding": enc.get("name", "?"), "backend": layout.get("backend", "?"),
+            "bytes": sum(sha256_tree(p)[1] for p in present), "bytes_per_row": None, "configs": configs}
+
+
+def list_caches(root: Path) -> str:
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+    if not dirs:
+        return f"no caches under {root}"
+    head = f"{'id':<17} {'status':<22} {'rows':>8} {'encoding':<14} {'backend':<8} {'bytes':>10} {'B/row':>7}  configs"
+    lines = [head]
+    for d in dirs:
+        s = _status(d)
+        bpr = f"{s['bytes_per_row']:.1f}" if s["bytes_per_row"] is not None else "-"
+        lines.append(f"{s['id']:<17} {s['status']:<22} {s['rows']:>8} {s['encoding']:<14} {s['backend']:<8} "
+                     f"{s['bytes']:>10} {bpr:>7}  {', '.join(s['configs'])}")
+    return "\n".join(lines)
+
+
+def inspect_cache(ref: str, root: Path, verify: bool) -> dict[str, Any]:
+    d = fmt.resolve(ref, root)
+    manifest = fmt.read_manifest(d)
+    if manifest is not None and manifest.get("status") == "complete":
+        if verify:
+            fmt.CacheReader(d, verify=True)
+            manifest = {**manifest, "verified": True}
+        return manifest
+    spec = json.loads((d / "spec.json").read_text()) if (d / "spec.json").is_file() else {}
+    layout = spec.get("layout", {})
+    n = -(-spec["dataset"]["rows"] // layout["rows_per_shard"]) if layout else 0
+    names = [fmt.shard_name(i, layout.get("backend", "zarr")) for i in range(n)]
+    missing = [name for name in names if not (d / "shards" / name).exists()]
+    return {"status": "partial", "cache_id": d.name, "shards_expected": n, "shards_missing": missing, "spec": spec}

@@ -1,0 +1,64 @@
+"""Stream a cache in a shuffled but reproducible order, with memory bounded by one shuffle buffer.
+
+Random row reads from a compressed store are ~1000x slower than chunk reads, so the order is:
+shards in random order, chunks in random order within each shard, rows shuffled within a buffer
+of `shuffle_chunks` whole chunks. The order is a pure function of (seed, epoch), so a resumed
+run replays it exactly; resuming at batch b reads nothing before the buffer that holds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipeline.cache import CacheReader, Chunk
+
+
+class ChunkShuffleLoader:
+    def __init__(self, reader: CacheReader, batch_size: int, seed: int, shuffle_chunks: int) -> None:
+        self.reader = reader
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_chunks = shuffle_chunks
+
+    def __len__(self) -> int:
+        return -(-self.reader.rows // self.batch_size)
+
+    def _buffers(self, rng: np.random.Generator) -> list[list[Chunk]]:
+        by_shard: dict[int, list[Chunk]] = {}
+        for c in self.reader.chunks():
+            by_shard.setdefault(c.shard, []).append(c)
+        order: list[Chunk] = []
+        for s in rng.permutation(len(by_shard)):
+            chunks = by_shard[int(s)]
+            order.extend(chunks[int(j)] for j in rng.permutation(len(chunks)))
+        n = self.shuffle_chunks
+        return [order[i:i + n] for i in range(0, len(order), n)]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yield batches `start`, `start + 1`, ... of `epoch`; each a dict of column arrays."""
+        rng = np.random.default_rng([self.seed, epoch])
+        skip = start * self.batch_size  # rows of the epoch's stream already consumed
+        seen = 0
+        carry: dict[str, np.ndarray] | None = None
+        for buffer in self._buffers(rng):
+            rows = sum(c.stop - c.start for c in buffer)
+            perm = rng.permutation(rows)  # drawn even when skipped, so later buffers match
+            if seen + rows <= skip:
+                seen += rows
+                continue
+            parts = [self.reader.read(c) for c in buffer]
+            data = {k: np.concatenate([p[k] for p in parts])[perm] for k in parts[0]}
+            if seen < skip:
+                data = {k: v[skip - seen:] for k, v in data.items()}
+            seen += rows
+            if carry is not None:
+                data = {k: np.concatenate([carry[k], v]) for k, v in data.items()}
+            n = len(data["sample_id"])
+            full = n - n % self.batch_size
+            for i in range(0, full, self.batch_size):
+                yield {k: v[i:i + self.batch_size] for k, v in data.items()}
+            carry = {k: v[full:] for k, v in data.items()} if full < n else None
+        if carry is not None:
+            yield carry

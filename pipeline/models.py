@@ -1,0 +1,118 @@
+"""Models: built-in MLP and small CNN, or a user model given as `package.module:function`.
+
+Teachers and students share these builders; a model's output width is checked against the class
+count before it is used, so a mismatch fails with a clear message instead of a shape error.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelSpec
+from pipeline.errors import ModelError
+
+
+def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
+    """Build `spec` for inputs of `input_shape` (no batch dim) and `num_classes` outputs."""
+    if spec.arch == "mlp":
+        model = _mlp(spec, input_shape, num_classes)
+    elif spec.arch == "cnn":
+        model = _cnn(spec, input_shape, num_classes, where)
+    else:
+        model = _imported(spec, where)
+    check_output_width(model, input_shape, num_classes, where, spec.name)
+    return model
+
+
+def _mlp(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    width = 1
+    for d in input_shape:
+        width *= d
+    layers: list[nn.Module] = [nn.Flatten()]
+    for h in spec.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if spec.dropout > 0:
+            layers.append(nn.Dropout(spec.dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ModelError(f"{where}.arch: cnn needs image inputs (channels, height, width), "
+                         f"the data has shape {input_shape}; use arch: mlp")
+    in_ch, size = input_shape[0], min(input_shape[1:])
+    layers: list[nn.Module] = []
+    for ch in spec.channels:
+        layers += [nn.Conv2d(in_ch, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
+        if size >= 4:  # pool while the feature map is big enough to keep some layout
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        in_ch = ch
+    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
+    width = in_ch * 4
+    for h in spec.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if spec.dropout > 0:
+            layers.append(nn.Dropout(spec.dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _imported(spec: ModelSpec, where: str) -> nn.Module:
+    assert spec.factory is not None
+    module_name, _, fn_name = spec.factory.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(f"{where}.factory: cannot import {spec.factory!r} ({e}); "
+                         "check the module is on PYTHONPATH") from None
+    model = fn(**spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{where}.factory: {spec.factory} returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def check_output_width(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
+                       where: str, name: str) -> None:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros((2, *input_shape)))
+        except RuntimeError as e:
+            raise ModelError(f"{where} ({name}): forward pass on inputs of shape {input_shape} failed: "
+                             f"{str(e).splitlines()[0]}") from None
+    model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise ModelError(f"{where} ({name}): output width {tuple(out.shape[1:])} but the data has "
+                         f"{num_classes} classes; the model must return (batch, {num_classes}) logits")
+
+
+def load_state(model: nn.Module, path: Path, where: str) -> None:
+    if not path.is_file():
+        raise ModelError(f"{where}.checkpoint: {path} does not exist; give a state_dict saved with torch.save")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ModelError(f"{where}.checkpoint: cannot load {path} ({type(e).__name__}); "
+                         "save it with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{where}.checkpoint: {path} does not fit the model ({first})") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,216 @@
+"""Stage 2: run the teacher ensemble once over the transfer set and write the soft-target cache.
+
+    logitcache cache configs/demo.yaml
+    logitcache cache configs/demo.yaml cache.encoding=topk cache.k=3 cache.backend=parquet
+    logitcache cache configs/demo.yaml --shard-index $SLURM_ARRAY_TASK_ID --num-shards 8
+
+The cache directory is named by a hash of everything that determines the targets (dataset
+fingerprint, each teacher's spec and checkpoint hash, ensemble mode and weights, temperature,
+encoding, format version) plus the shard layout. Same inputs, same id: a complete cache is found
+and nothing runs. The plan splits the transfer set into fixed row ranges (cache.rows_per_shard),
+never by worker count; shards already on disk are skipped, so a rerun after a crash redoes only
+the missing ones. On a GPU the teachers run under bf16 autocast and the top-k is taken on the
+device; writing a shard overlaps computing the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import cache as fmt
+from pipeline.config import Config, dump_yaml
+from pipeline.data import Splits, load_splits
+from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_identity, teacher_refs
+from pipeline.errors import ConfigError
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.models import resolve_device
+from pipeline.progress import bar, log
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first row of the transfer set
+    stop: int
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    rows: int
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class Context:
+    splits: Splits
+    spec: dict[str, Any]
+    dir: Path
+    encoding: fmt.Encoding
+
+
+_contexts: dict[str, Context] = {}
+_teachers: dict[tuple[str, str], list[torch.nn.Module]] = {}
+
+
+def context(cfg: Config) -> Context:
+    """Everything derived from the config and the files it names; built once per process."""
+    key = dump_yaml(cfg)
+    if key in _contexts:
+        return _contexts[key]
+    splits = load_splits(cfg.data)
+    refs = teacher_refs(cfg, splits)
+    c = cfg.cache
+    enc = fmt.Encoding(c.encoding, splits.num_classes, c.dtype, min(c.k, splits.num_classes))
+    spec = {
+        "format_version": fmt.FORMAT_VERSION,
+        "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
+                    "input_shape": list(splits.input_shape)},
+        "num_classes": splits.num_classes,
+        "teachers": [teacher_identity(r) for r in refs],
+        "ensemble": cfg.teachers.ensemble,
+        "weights": normalized_weights(cfg),
+        "temperature": cfg.teachers.temperature,
+        "encoding": enc.describe(),
+        "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
+    }
+    ctx = Context(splits, spec, cfg.cache_root / fmt.cache_id(spec), enc)
+    _contexts[key] = ctx
+    return ctx
+
+
+def cache_dir(cfg: Config) -> Path:
+    return context(cfg).dir
+
+
+def plan(cfg: Config) -> list[Shard]:
+    n, step = len(context(cfg).splits.transfer), cfg.cache.rows_per_shard
+    return [Shard(i, start, min(start + step, n)) for i, start in enumerate(range(0, n, step))]
+
+
+def shard_path(cfg: Config, shard: Shard) -> Path:
+    return cache_dir(cfg) / "shards" / fmt.shard_name(shard.index, cfg.cache.backend)
+
+
+def compute_shard(cfg: Config, shard: Shard) -> dict[str, np.ndarray]:
+    """Run the ensemble over the shard's rows; returns the encoded targets on the host."""
+    ctx = context(cfg)
+    device = resolve_device(cfg.cache.device)
+    models = _models(cfg, device)
+    names = [m.name for m in cfg.teachers.members]
+    weights = normalized_weights(cfg)
+    x = ctx.splits.transfer.x[shard.start:shard.stop]
+    ids = torch.from_numpy(ctx.splits.transfer.ids[shard.start:shard.stop])
+    parts: list[dict[str, np.ndarray]] = []
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    with torch.inference_mode():
+        for b in range(0, len(x), cfg.cache.batch_size):
+            xb = torch.from_numpy(x[b:b + cfg.cache.batch_size]).to(device, non_blocking=True)
+            with autocast:
+                logits = [m(xb) for m in models]  # each (B, C)
+            for name, z in zip(names, logits):
+                check_finite(z, name, ids[b:b + len(xb)])
+            logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # (B, C) fp32
+            parts.append(fmt.to_host(fmt.encode(logp, ctx.encoding), ctx.encoding))
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["sample_id"] = ids.numpy()
+    return out
+
+
+def write(cfg: Config, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardResult:
+    ctx = context(cfg)
+    attrs = {
+        "format_version": fmt.FORMAT_VERSION, "cache_id": ctx.dir.name, "shard": shard.index,
+        "first_row": shard.start, "rows": shard.stop - shard.start, "num_classes": ctx.encoding.num_classes,
+        "temperature": cfg.teachers.temperature, "encoding": ctx.encoding.describe(),
+        "teachers": [t["name"] for t in ctx.spec["teachers"]], "ensemble": cfg.teachers.ensemble,
+    }
+    fmt.write_shard(shard_path(cfg, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
+                    cfg.cache.compression_level)
+    return ShardResult(shard.index, shard.stop - shard.start, skipped=False)
+
+
+def run_shard(cfg: Config, shard: Shard) -> ShardResult:
+    if shard_path(cfg, shard).exists():
+        return ShardResult(shard.index, shard.stop - shard.start, skipped=True)
+    return write(cfg, shard, compute_shard(cfg, shard))
+
+
+def _models(cfg: Config, device: torch.device) -> list[torch.nn.Module]:
+    key = (cache_dir(cfg).name, str(device))
+    if key not in _teachers:  # loaded once per process (per Dask worker), not once per shard
+        ctx = context(cfg)
+        _teachers[key] = [load_teacher(r, ctx.splits, device) for r in teacher_refs(cfg, ctx.splits)]
+    return _teachers[key]
+
+
+def missing(cfg: Config) -> list[Shard]:
+    return [s for s in plan(cfg) if not shard_path(cfg, s).exists()]
+
+
+def finalize(cfg: Config) -> dict[str, Any]:
+    ctx = context(cfg)
+    entries = [fmt.shard_entry(ctx.dir, s.index, cfg.cache.backend, s.start, s.stop - s.start) for s in plan(cfg)]
+    extra = {
+        "backend": cfg.cache.backend, "encoding": ctx.encoding.describe(), "num_classes": ctx.encoding.num_classes,
+        "temperature": cfg.teachers.temperature, "teachers": [t["name"] for t in ctx.spec["teachers"]],
+        "ensemble": cfg.teachers.ensemble, "dataset": ctx.spec["dataset"],
+    }
+    return fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
+
+
+def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = None) -> Path:
+    """Plan, skip finished shards, compute the rest (writing overlapped), finalize the manifest."""
+    _contexts.clear()  # files may have changed since an earlier call in this process
+    _teachers.clear()
+    ctx = context(cfg)
+    _record_config(cfg, ctx.dir)
+    manifest = fmt.read_manifest(ctx.dir)
+    if manifest is not None and manifest.get("status") == "complete":
+        log(f"cache {ctx.dir.name}: complete ({manifest['rows']} rows), nothing to do")
+        return ctx.dir
+    atomic_write_json(ctx.dir / "spec.json", ctx.spec)
+    shards = plan(cfg)
+    if num_shards is not None:
+        if shard_index is None or not 0 <= shard_index < num_shards:
+            raise ConfigError(f"--shard-index must be in [0, {num_shards}) with --num-shards {num_shards}")
+        shards = [s for s in shards if s.index % num_shards == shard_index]
+    todo = [s for s in shards if not shard_path(cfg, s).exists()]
+    done_rows = sum(s.stop - s.start for s in shards) - sum(s.stop - s.start for s in todo)
+    log(f"cache {ctx.dir.name}: {len(todo)} of {len(plan(cfg))} shards to compute "
+        f"({ctx.encoding.name}, {cfg.cache.backend}, device {resolve_device(cfg.cache.device)})")
+    progress = bar(sum(s.stop - s.start for s in shards), f"cache {ctx.dir.name[:8]}")
+    progress.update(done_rows)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: list[Future] = []
+        for shard in todo:
+            arrays = compute_shard(cfg, shard)
+            while len(pending) >= 2:  # bound host memory: at most two shards waiting to be written
+                pending.pop(0).result()
+            pending.append(writer.submit(write, cfg, shard, arrays))
+            progress.update(shard.stop - shard.start)
+        for f in pending:
+            f.result()
+    progress.close()
+    still_missing = missing(cfg)
+    if still_missing:
+        log(f"cache {ctx.dir.name}: {len(still_missing)} shards still missing; the manifest is "
+            "written by the call that finds every shard present")
+        return ctx.dir
+    manifest = finalize(cfg)
+    log(f"cache {ctx.dir.name}: complete, {manifest['rows']} rows, {manifest['bytes']} bytes "
+        f"({manifest['bytes_per_row']} B/row)")
+    return ctx.dir
+
+
+def _record_config(cfg: Config, directory: Path) -> None:
+    atomic_write_text(directory / "configs" / f"{cfg.run_name}.yaml", dump_yaml(cfg))
+

@@ -1,0 +1,184 @@
+"""Stage 4: score teachers, the ensemble and every student on held-out data; write the report.
+
+    logitcache evaluate configs/demo.yaml
+
+Writes <run>/report.json, <run>/report.md, <run>/learning_curves.png and <run>/reliability.png, and
+prints the table. Metrics: accuracy, NLL, expected calibration error (equal-width bins), and top-1
+agreement with the teacher ensemble. Teachers and the ensemble are scored at temperature 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import metrics
+from pipeline.config import Config
+from pipeline.data import load_splits
+from pipeline.ensemble import combine, load_teacher, normalized_weights, teacher_identity, teacher_refs
+from pipeline.errors import CacheError
+from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
+from pipeline.models import build_model, load_state
+from pipeline.progress import log
+from stages import student as student_stage
+
+COLUMNS = ("model", "role", "params", "accuracy", "nll", "ece", "agreement")
+
+
+def _probs(model: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).float()
+    return torch.softmax(logits, -1).numpy(), logits
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    splits = load_splits(cfg.data)
+    x, y = splits.test.x, splits.test.y
+    assert y is not None
+    bins = cfg.evaluate.ece_bins
+    cpu = torch.device("cpu")
+
+    jobs = student_stage.plan(cfg)
+    done = []
+    for shard in jobs:
+        name = student_stage.job_name(cfg, shard)
+        marker = cfg.run_dir / "students" / name / "done.json"
+        if not marker.is_file():
+            raise CacheError(f"{marker.parent}: student {name} has not finished; run `logitcache student CONFIG`")
+        done.append((shard, name, json.loads(marker.read_text())))
+    refs = teacher_refs(cfg, splits)
+    inputs = hash_json({"students": [d[2] for d in done], "test": splits.test.fingerprint, "bins": bins,
+                        "teachers": [teacher_identity(r)["checkpoint_sha256"] for r in refs], "ensemble": cfg.teachers.ensemble,
+                        "weights": normalized_weights(cfg)})
+    report_path = cfg.run_dir / "report.json"
+    if report_path.is_file() and json.loads(report_path.read_text()).get("inputs_hash") == inputs:
+        report = json.loads(report_path.read_text())
+        log(f"evaluate: report up to date ({report_path})")
+        print(table(report["rows"]))
+        return report
+
+    rows: list[dict[str, Any]] = []
+    teacher_logits, teacher_probs = [], []
+    for ref in refs:
+        model = load_teacher(ref, splits, cpu)
+        probs, logits = _probs(model, x)
+        teacher_logits.append(logits)
+        teacher_probs.append((ref.spec.name, probs, _params(model)))
+    ensemble = combine(teacher_logits, cfg.teachers.ensemble, normalized_weights(cfg), 1.0).exp().numpy()
+    for name, probs, n in teacher_probs:
+        rows.append({"model": name, "role": "teacher", "params": n, **metrics.all_metrics(probs, y, ensemble, bins)})
+    rows.append({"model": "ensemble", "role": "ensemble", "params": sum(t[2] for t in teacher_probs),
+                 **metrics.all_metrics(ensemble, y, ensemble, bins)})
+
+    curves: dict[str, list[float]] = {}
+    student_probs: dict[str, np.ndarray] = {}
+    for shard, name, marker in done:
+        spec = cfg.student.models[shard.model]
+        model = build_model(spec, splits.input_shape, splits.num_classes, f"student.models.{shard.model}")
+        load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
+        model.eval()
+        probs, _ = _probs(model, x)
+        student_probs[name] = probs
+        role = "distilled" if shard.kind == "kd" else "hard-label"
+        rows.append({"model": name, "role": role, "params": _params(model),
+                     **metrics.all_metrics(probs, y, ensemble, bins)})
+        history = json.loads((cfg.run_dir / "students" / name / "history.json").read_text())
+        curves[name] = [e["test_accuracy"] for e in history["epochs"]]
+
+    run = cfg.run_dir
+    _plot_curves(curves, run / "learning_curves.png")
+    _plot_reliability({"ensemble": ensemble, **student_probs}, y, bins, run / "reliability.png")
+    cache_manifest = json.loads((student_stage.cache_path(cfg) / "manifest.json").read_text())
+    report = {
+        "run": cfg.run_name, "inputs_hash": inputs, "test_rows": int(len(y)), "num_classes": splits.num_classes,
+        "cache": {k: cache_manifest[k] for k in ("cache_id", "rows", "bytes", "bytes_per_row", "encoding",
+                                                  "backend", "temperature")},
+        "rows": rows,
+    }
+    atomic_write_json(report_path, report)
+    atomic_write_text(run / "report.md", _markdown(report))
+    log(f"evaluate: wrote {report_path} and {run / 'report.md'}")
+    print(table(rows))
+    return report
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'model':<20} {'role':<11} {'params':>9} {'accuracy':>9} {'nll':>7} {'ece':>7} {'agree':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<20} {r['role']:<11} {r['params']:>9} {r['accuracy']:>9.4f} "
+                     f"{r['nll']:>7.4f} {r['ece']:>7.4f} {r['agreement']:>7.4f}")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    c = report["cache"]
+    lines = [
+        f"# logitcache report: {report['run']}", "",
+        f"Held-out rows: {report['test_rows']}, classes: {report['num_classes']}. Cache `{c['cache_id']}`: "
+        f"{c['rows']} rows, {c['encoding']['name']} on {c['backend']}, {c['bytes']} bytes "
+        f"({c['bytes_per_row']} B/row), T={c['temperature']}.", "",
+        "| model | role | params | accuracy | NLL | ECE | agreement with ensemble |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(f"| {r['model']} | {r['role']} | {r['params']} | {r['accuracy']:.4f} | {r['nll']:.4f} | "
+                     f"{r['ece']:.4f} | {r['agreement']:.4f} |")
+    lines += ["", "![learning curves](learning_curves.png)", "", "![reliability](reliability.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot_curves(curves: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, acc in curves.items():
+        ax.plot(range(1, len(acc) + 1), acc, label=name, linestyle="-" if "-kd-" in name else "--")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Student learning curves (solid: distilled, dashed: hard labels)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_reliability(models: dict[str, np.ndarray], y: np.ndarray, bins: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect calibration")
+    for name, probs in models.items():
+        conf, acc, count = metrics.reliability(probs, y, bins)
+        keep = count > 0
+        ax.plot(conf[keep], acc[keep], marker="o", markersize=3, label=f"{name} (ECE {metrics.ece(probs, y, bins):.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability on held-out data")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

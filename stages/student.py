@@ -1,0 +1,217 @@
+"""Stage 3: train students from the cache (the teachers are never run again).
+
+    logitcache student configs/demo.yaml
+    logitcache student configs/demo.yaml student.temperature=2 student.alpha=0.5
+    logitcache student configs/demo.yaml student.cache=3f9a2c     # any cache id or directory
+
+One shard per (model, seed, kind): kind "kd" learns from the cached soft targets mixed with hard
+labels by alpha; kind "hard" (student.baseline) is the same model on hard labels only, fed the same
+batches in the same order, for comparison. Each job writes <run>/students/<job>/: checkpoint.pt
+while training (model, optimizer, RNG and loader position, so a killed job resumes mid-epoch with
+the same batches and losses), then model.pt, history.json and done.json (written last).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import cache as fmt
+from pipeline import losses
+from pipeline.config import Config, ModelSpec, dump_yaml, to_dict
+from pipeline.data import Splits, load_splits
+from pipeline.errors import CacheError, ConfigError
+from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
+from pipeline.loader import ChunkShuffleLoader
+from pipeline.models import build_model
+from pipeline.progress import log
+
+
+@dataclass(frozen=True)
+class Shard:
+    model: int  # index into student.models
+    seed: int
+    kind: str  # "kd" or "hard"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    job: str
+    skipped: bool
+    final_accuracy: float
+
+
+def job_name(cfg: Config, shard: Shard) -> str:
+    return f"{cfg.student.models[shard.model].name}-{shard.kind}-s{shard.seed}"
+
+
+def plan(cfg: Config) -> list[Shard]:
+    kinds = ["kd", "hard"] if cfg.student.baseline else ["kd"]
+    return [Shard(m, seed, kind) for m in range(len(cfg.student.models))
+            for seed in cfg.student.seeds for kind in kinds]
+
+
+def cache_path(cfg: Config) -> Path:
+    if cfg.student.cache is not None:
+        return fmt.resolve(cfg.student.cache, cfg.cache_root)
+    from stages.cache import cache_dir
+
+    return cache_dir(cfg)
+
+
+def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, Any]:
+    """Everything that determines a job's result; its hash decides whether a rerun is needed."""
+    s, m = cfg.student, cfg.student.models[shard.model]
+    temperature = m.temperature or s.temperature or reader.temperature
+    return {
+        "model": to_dict(m), "seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
+        "epochs": m.epochs or s.epochs, "lr": m.lr or s.lr, "batch_size": s.batch_size,
+        "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
+        "temperature": temperature, "alpha": 1.0 if shard.kind == "hard" else (m.alpha if m.alpha is not None else s.alpha),
+        "tail": s.tail, "shuffle_chunks": s.shuffle_chunks,
+    }
+
+
+def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
+    path = cache_path(cfg)
+    reader = fmt.CacheReader(path)
+    if reader.dataset_fingerprint != splits.transfer.fingerprint:
+        raise CacheError(f"{path}: cache was made for dataset {reader.dataset_fingerprint}, but this "
+                         f"config's transfer set is {splits.transfer.fingerprint}; point student.cache "
+                         "at a cache of this data or run `logitcache cache CONFIG`")
+    if reader.num_classes != splits.num_classes:
+        raise CacheError(f"{path}: cache has {reader.num_classes} classes, the data has "
+                         f"{splits.num_classes}; rebuild the cache for this data")
+    return reader
+
+
+def _optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
+    s = cfg.student
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay)
+
+
+def batch_loss(logits: torch.Tensor, batch: dict[str, np.ndarray], labels: torch.Tensor | None,
+               st: dict[str, Any], cache_temperature: float, encoding: fmt.Encoding) -> torch.Tensor:
+    """Loss of one batch: alpha * CE + (1 - alpha) * T^2 KL, with targets re-tempered to T."""
+    alpha, T = st["alpha"], st["temperature"]
+    ce = losses.hard_ce(logits, labels) if labels is not None and alpha > 0 else None
+    if alpha == 1.0:
+        assert ce is not None
+        return ce
+    tau = T / cache_temperature
+    logp = torch.from_numpy(batch["logp"])
+    if encoding.name == "dense":
+        kd = losses.kd_dense(logits, losses.retemper_dense(logp, tau), T)
+    else:
+        logp_k, residual = losses.retemper_topk(logp, torch.from_numpy(batch["residual"]), encoding.num_classes, tau)
+        kd = losses.kd_topk(logits, torch.from_numpy(batch["ids"].astype(np.int64)), logp_k, residual, T, st["tail"])
+    return losses.mix(kd, ce, alpha)
+
+
+def evaluate_model(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+    model.train()
+    yt = torch.from_numpy(y)
+    return {"accuracy": float((logits.argmax(-1) == yt).float().mean()),
+            "nll": float(torch.nn.functional.cross_entropy(logits, yt))}
+
+
+def run_shard(cfg: Config, shard: Shard) -> ShardResult:
+    splits = load_splits(cfg.data)
+    reader = open_cache(cfg, splits)
+    name = job_name(cfg, shard)
+    out = cfg.run_dir / "students" / name
+    st = settings(cfg, shard, reader)
+    key = hash_json(st)
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text()).get("settings_hash") == key:
+        return ShardResult(name, True, json.loads(done.read_text())["final"]["accuracy"])
+    if st["alpha"] > 0 and splits.transfer.y is None:
+        raise ConfigError(f"student.alpha: {st['alpha']} needs labels, but the transfer set "
+                          f"{splits.transfer.source} has none; set student.alpha=0 and student.baseline=false")
+
+    spec: ModelSpec = cfg.student.models[shard.model]
+    torch.manual_seed(shard.seed)
+    model = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}")
+    opt = _optimizer(cfg, model.parameters(), st["lr"])
+    loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"])
+    transfer = splits.transfer
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "history": []}
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved.get("settings_hash") == key:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+            state = saved["state"]
+            log(f"student {name}: resuming at epoch {state['epoch']} batch {state['batch']}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+
+    def save_checkpoint() -> None:
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                    "state": state, "settings_hash": key}, buf)
+        atomic_write_bytes(ckpt, buf.getvalue())
+
+    model.train()
+    while state["epoch"] < st["epochs"]:
+        for batch in loader.batches(state["epoch"], start=state["batch"]):
+            pos = transfer.positions(batch["sample_id"])
+            x = torch.from_numpy(transfer.x[pos])
+            labels = torch.from_numpy(transfer.y[pos]) if transfer.y is not None else None
+            loss = batch_loss(model(x), batch, labels, st, reader.temperature, reader.encoding)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["losses"].append(float(loss.detach()))
+            state["batch"] += 1
+            state["step"] += 1
+            if state["step"] % cfg.student.checkpoint_every == 0:
+                save_checkpoint()
+        metrics = evaluate_model(model, splits.test.x, splits.test.y)
+        epoch_losses = state["losses"][-state["batch"]:] if state["batch"] else []
+        state["history"].append({"epoch": state["epoch"] + 1, "train_loss": float(np.mean(epoch_losses)),
+                                 "test_accuracy": metrics["accuracy"], "test_nll": metrics["nll"]})
+        state["epoch"] += 1
+        state["batch"] = 0
+        save_checkpoint()
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(out / "model.pt", buf.getvalue())
+    final = state["history"][-1]
+    atomic_write_json(out / "history.json", {"job": name, "settings": st, "losses": state["losses"],
+                                             "epochs": state["history"]})
+    atomic_write_json(done, {"job": name, "settings_hash": key, "final": {"accuracy": final["test_accuracy"],
+                                                                           "nll": final["test_nll"]}})
+    ckpt.unlink(missing_ok=True)
+    return ShardResult(name, False, final["test_accuracy"])
+
+
+def main(cfg: Config) -> list[ShardResult]:
+    splits = load_splits(cfg.data)
+    reader = open_cache(cfg, splits)
+    log(f"student: {len(plan(cfg))} jobs from cache {reader.dir.name} ({reader.rows} rows, "
+        f"{reader.encoding.name}, T={reader.temperature})")
+    results = []
+    for shard in plan(cfg):
+        r = run_shard(cfg, shard)
+        verb = "up to date" if r.skipped else "trained"
+        log(f"student {r.job}: {verb}, test accuracy {r.final_accuracy:.4f}")
+        results.append(r)
+    atomic_write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+    return results

@@ -1,0 +1,90 @@
+"""Stage 1: fit the demo teacher ensemble (users normally bring trained teachers).
+
+    logitcache teachers configs/demo.yaml
+    logitcache teachers configs/demo.yaml teachers.epochs=50
+
+One shard per built-in teacher. A teacher's checkpoint lives under <workspace>/teachers/ in a
+directory named by the hash of its spec, training settings and training data, so a changed spec
+trains a new teacher and an unchanged one is never trained twice. Teachers given by import path
+and checkpoint are only checked here.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, dump_yaml
+from pipeline.data import Splits, load_splits
+from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
+from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.models import build_model
+from pipeline.progress import log
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # position in teachers.members
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    name: str
+    train_accuracy: float
+
+
+def plan(cfg: Config, splits: Splits) -> list[Shard]:
+    return [Shard(r.index) for r in teacher_refs(cfg, splits) if r.trained_here]
+
+
+def pending(cfg: Config, splits: Splits) -> list[Shard]:
+    refs = teacher_refs(cfg, splits)
+    return [s for s in plan(cfg, splits) if not refs[s.index].checkpoint.is_file()]
+
+
+def run_shard(cfg: Config, splits: Splits, shard: Shard) -> ShardResult:
+    ref = teacher_refs(cfg, splits)[shard.index]
+    fit = training_settings(cfg, ref.spec)
+    torch.manual_seed(fit["seed"])
+    model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
+    opt = torch.optim.Adam(model.parameters(), lr=fit["lr"], weight_decay=fit["weight_decay"])
+    x = torch.from_numpy(splits.train.x)
+    y = torch.from_numpy(splits.train.y)
+    gen = torch.Generator().manual_seed(fit["seed"])
+    model.train()
+    for _ in range(fit["epochs"]):
+        for idx in torch.randperm(len(x), generator=gen).split(fit["batch_size"]):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(-1) == y).float().mean())
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    out = ref.checkpoint.parent
+    atomic_write_json(out / "teacher.json", {"name": ref.spec.name, "fit": fit, "train_accuracy": acc,
+                                             "train_fingerprint": splits.train.fingerprint})
+    atomic_write_bytes(ref.checkpoint, buf.getvalue())  # last: its presence means "trained"
+    return ShardResult(shard.index, ref.spec.name, acc)
+
+
+def main(cfg: Config) -> list[TeacherRef]:
+    splits = load_splits(cfg.data)
+    refs = teacher_refs(cfg, splits)
+    todo = pending(cfg, splits)
+    if not todo:
+        log(f"teachers: all {len(refs)} ready, nothing to do")
+    for shard in todo:
+        r = run_shard(cfg, splits, shard)
+        log(f"teachers: trained {r.name} (train accuracy {r.train_accuracy:.4f})")
+    for ref in refs:  # user checkpoints are loaded once here so a bad one fails before caching
+        if not ref.trained_here:
+            load_teacher(ref, splits, torch.device("cpu"))
+    atomic_write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
+    return refs
