@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny configs on the bundled digits or generated data, and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+
+def tiny_config(workspace: Path, **sections: Any) -> dict[str, Any]:
+    """A config that runs every stage in a few seconds; `sections` are merged over it."""
+    cfg: dict[str, Any] = {
+        "workspace": str(workspace),
+        "run_name": "t",
+        "data": {"source": "digits"},
+        "teachers": {
+            "epochs": 3,
+            "temperature": 2.0,
+            "members": [
+                {"name": "a", "arch": "mlp", "hidden": [64], "seed": 0},
+                {"name": "b", "arch": "mlp", "hidden": [48], "seed": 1},
+            ],
+        },
+        "cache": {"rows_per_shard": 400, "chunk_rows": 128},
+        "student": {"epochs": 2, "batch_size": 100, "baseline": False,
+                    "models": [{"name": "s", "arch": "mlp", "hidden": [16]}]},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def cli_run():
+    """Invoke the CLI in-process; returns click's Result."""
+
+    def run(*args: str, expect: int | None = 0):
+        result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        if expect is not None:
+            assert result.exit_code == expect, result.output
+        return result
+
+    return run
+
+
+def run_subprocess(args: list[str], cwd: Path | None = None, **kw: Any) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)

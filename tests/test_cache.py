@@ -1,0 +1,153 @@
+"""The cache: content address, atomic shards, byte-identical reruns, self-describing files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from conftest import tiny_config, write_config
+from pipeline import cache as fmt
+from pipeline.config import load_config
+from pipeline.data import load_splits
+from pipeline.ensemble import load_teacher, teacher_refs
+from stages import cache as cache_stage
+from stages import teachers as teacher_stage
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    path = write_config(ws / "c.yaml", tiny_config(ws))
+    teacher_stage.main(load_config(path))
+    return ws, path
+
+
+def build(path, *overrides):
+    cfg = load_config(path, list(overrides))
+    return cfg, cache_stage.main(cfg)
+
+
+def test_dense_cache_equals_ensemble_computed_the_slow_way(workspace):
+    _, path = workspace
+    cfg, d = build(path, "cache.dtype=float32")
+    data = fmt.CacheReader(d, verify=True).read_all()
+    splits = load_splits(cfg.data)
+    assert (data["sample_id"] == splits.transfer.ids).all()
+    models = [load_teacher(r, splits, torch.device("cpu")) for r in teacher_refs(cfg, splits)]
+    x = torch.from_numpy(splits.transfer.x)
+    with torch.no_grad():
+        probs = sum(torch.softmax(m(x) / 2.0, -1) for m in models) / 2  # mean_probs at T=2
+    assert np.allclose(np.exp(data["logp"]), probs.numpy(), atol=1e-5)
+
+
+def test_rerun_does_nothing_and_rebuild_is_byte_identical(workspace, capsys):
+    _, path = workspace
+    _, d = build(path)
+    manifest = json.loads((d / "manifest.json").read_text())
+    capsys.readouterr()
+    build(path)
+    assert "nothing to do" in capsys.readouterr().err
+    shutil.rmtree(d)
+    _, d2 = build(path)
+    again = json.loads((d2 / "manifest.json").read_text())
+    assert d2 == d
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+
+
+def test_crash_leftovers_are_redone_identically(workspace):
+    """A killed run leaves some shards, a temp directory, no manifest: the rerun completes it."""
+    _, path = workspace
+    cfg, d = build(path, "cache.encoding=topk", "cache.k=3")
+    reference = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").unlink()
+    shutil.rmtree(d / "shards" / "00001.zarr")
+    (d / "shards" / ".tmp-00001.zarr-999-deadbeef").mkdir()  # a writer killed mid-shard
+    (d / "shards" / ".tmp-00001.zarr-999-deadbeef" / "zarr.json").write_text("{")
+    with pytest.raises(Exception, match="incomplete"):
+        fmt.CacheReader(d)
+    build(path, "cache.encoding=topk", "cache.k=3")
+    again = json.loads((d / "manifest.json").read_text())
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in reference["shards"]]
+    assert not list((d / "shards").glob(".tmp-*"))
+
+
+def test_zarr_and_parquet_hold_the_same_targets(workspace):
+    _, path = workspace
+    for enc in (["cache.encoding=dense"], ["cache.encoding=topk", "cache.k=4"]):
+        _, dz = build(path, "cache.backend=zarr", *enc)
+        _, dp = build(path, "cache.backend=parquet", *enc)
+        assert dz != dp
+        mz, mp = (json.loads((d / "manifest.json").read_text()) for d in (dz, dp))
+        assert mz["target_id"] == mp["target_id"]
+        a, b = fmt.CacheReader(dz).read_all(), fmt.CacheReader(dp).read_all()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_any_input_change_gives_a_new_id(workspace):
+    ws, path = workspace
+    base = cache_stage.cache_dir(load_config(path))
+    for override in ("teachers.temperature=3", "teachers.ensemble=mean_logprobs", "teachers.weights=[2, 1]",
+                     "cache.encoding=topk", "cache.dtype=float32", "data.transfer.exclude_classes=[3]"):
+        assert cache_stage.cache_dir(load_config(path, [override])) != base, override
+
+
+def test_changed_teacher_weights_change_the_id(workspace, tmp_path):
+    ws, path = workspace
+    cfg = load_config(path)
+    before = cache_stage.cache_dir(cfg)
+    ref = teacher_refs(cfg, load_splits(cfg.data))[0]
+    saved = ref.checkpoint.read_bytes()
+    try:
+        state = torch.load(ref.checkpoint, weights_only=True)
+        state["1.bias"] += 0.01
+        torch.save(state, ref.checkpoint)
+        cache_stage._contexts.clear()
+        assert cache_stage.cache_dir(load_config(path)) != before
+    finally:
+        ref.checkpoint.write_bytes(saved)
+        cache_stage._contexts.clear()
+
+
+def test_shards_describe_themselves_in_plain_zarr_and_pyarrow(workspace):
+    _, path = workspace
+    _, dz = build(path, "cache.encoding=topk", "cache.k=3")
+    group = zarr.open_group(str(dz / "shards" / "00000.zarr"), mode="r")
+    attrs = group.attrs["logitcache"]
+    assert attrs["encoding"]["name"] == "topk" and attrs["num_classes"] == 10 and attrs["temperature"] == 2.0
+    assert set(group.keys()) == {"sample_id", "ids", "logp", "residual"}
+    assert "tail" in group["residual"].attrs["description"]
+    assert group["ids"].dtype == np.uint16 and group["logp"].shape == (400, 3)
+
+    _, dp = build(path, "cache.backend=parquet")
+    table = pq.read_table(dp / "shards" / "00000.parquet")
+    meta = json.loads(table.schema.metadata[b"logitcache"])
+    assert meta["encoding"] == {"name": "dense", "dtype": "float16"} and meta["rows"] == 400
+    assert b"description" in table.schema.field("logp").metadata
+    assert table.num_rows == 400
+
+
+def test_batch_mode_finalizes_when_last_task_finishes(workspace, tmp_path):
+    _, path = workspace
+    cfg = load_config(path, [f"cache.root={tmp_path}"])
+    for i in range(3):
+        d = cache_stage.main(cfg, shard_index=i, num_shards=4)
+        assert not (d / "manifest.json").exists()
+    from pipeline.inspect import inspect_cache
+
+    info = inspect_cache(d.name, tmp_path, verify=False)
+    assert info["status"] == "partial" and info["shards_missing"] == ["00003.zarr"]  # 1348 rows / 400
+    with pytest.raises(Exception, match="incomplete"):
+        fmt.CacheReader(d)
+    cache_stage.main(cfg, shard_index=3, num_shards=4)
+    batch = json.loads((d / "manifest.json").read_text())
+    _, whole = build(path)
+    assert [s["sha256"] for s in batch["shards"]] == [
+        s["sha256"] for s in json.loads((whole / "manifest.json").read_text())["shards"]]

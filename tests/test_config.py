@@ -1,0 +1,74 @@
+"""Config loading: typed, frozen, overridable, every error reported at once and named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import tiny_config, write_config
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    cfg = load_config(path, ["student.temperature=3", "cache.encoding=topk", "student.models.0.hidden=[8, 4]",
+                             "teachers.members.1.dropout=0.5"])
+    assert cfg.student.temperature == 3.0 and isinstance(cfg.student.temperature, float)
+    assert cfg.cache.encoding == "topk"
+    assert cfg.student.models[0].hidden == (8, 4)
+    assert cfg.teachers.members[1].dropout == 0.5
+    assert cfg.cache.chunk_rows == 128  # from the file
+    assert cfg.evaluate.ece_bins == 15  # default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_override_into_default_model_list():
+    cfg = load_config(None, ["student.models.1.hidden=12"])
+    assert [m.hidden for m in cfg.student.models] == [(30,), (12,)]
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, cache={"encodng": "topk"}))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "cache.encodng: unknown key" in msg and "encoding" in msg and "backend" in msg
+    assert "\n" not in msg
+
+
+def test_wrong_types_all_reported_at_once(tmp_path):
+    cfg = tiny_config(tmp_path, student={"epochs": "many", "alpha": 2.0}, cache={"backend": "hdf5"})
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path / "c.yaml", cfg))
+    msg = str(e.value)
+    assert "student.epochs: expected an integer, got 'many'" in msg
+    assert "cache.backend: 'hdf5' is not one of zarr, parquet" in msg
+    assert str(tmp_path / "c.yaml") in msg
+
+
+def test_value_checks(tmp_path):
+    cfg = tiny_config(tmp_path, teachers={**tiny_config(tmp_path)["teachers"], "weights": [1.0]})
+    with pytest.raises(ConfigError, match=r"teachers.weights: 1 weights for 2 teachers"):
+        load_config(write_config(tmp_path / "c.yaml", cfg))
+    with pytest.raises(ConfigError, match=r"student.alpha: must be in \[0, 1\]"):
+        load_config(None, ["student.alpha=1.5"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["student.alpha"])
+    with pytest.raises(ConfigError, match="not an index below 2"):
+        load_config(None, ["student.models.5.hidden=3"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from pipeline.config import dump_yaml
+
+    cfg = load_config(None, ["student.alpha=0.25", "cache.k=3"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(dump_yaml(cfg))
+    assert load_config(saved) == cfg
+    assert isinstance(cfg, Config)
