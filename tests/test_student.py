@@ -1,0 +1,113 @@
+"""Students: killed and resumed equals uninterrupted; many students from one cache; refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TESTS, tiny_config, write_config
+from pipeline.config import load_config
+from pipeline.errors import CacheError, ModelError
+from stages import cache as cache_stage
+from stages import student as student_stage
+from stages import teachers as teacher_stage
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    cfg = tiny_config(ws, student={"epochs": 25, "batch_size": 100, "baseline": True, "checkpoint_every": 1,
+                                   "models": [{"name": "s", "arch": "mlp", "hidden": [16], "dropout": 0.1}]},
+                      cache={"encoding": "topk", "k": 3, "rows_per_shard": 400, "chunk_rows": 128})
+    path = write_config(ws / "c.yaml", cfg)
+    c = load_config(path)
+    teacher_stage.main(c)
+    cache_stage.main(c)
+    return ws, path
+
+
+def _student_process(path, run_name):
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "student", str(path), f"run_name={run_name}",
+                             "student.baseline=false"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _losses(ws, run_name):
+    return json.loads((ws / "runs" / run_name / "students" / "s-kd-s0" / "history.json").read_text())["losses"]
+
+
+def test_killed_student_resumes_with_identical_losses(built):
+    ws, path = built
+    full = _student_process(path, "straight")
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    reference = _losses(ws, "straight")
+    assert len(reference) == 25 * 14
+
+    rng = random.Random(7)
+    ckpt = ws / "runs" / "killed" / "students" / "s-kd-s0" / "checkpoint.pt"
+    kills = 0
+    for _ in range(3):  # several kills at random moments, then finish
+        p = _student_process(path, "killed")
+        deadline = time.time() + 120
+        while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills >= 1
+    done = _student_process(path, "killed")
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert "resuming at epoch" in err or kills == 0
+    assert _losses(ws, "killed") == reference
+    assert not ckpt.exists()
+
+
+def test_many_students_from_one_cache_without_teachers(built, tmp_path, capsys):
+    ws, path = built
+    cfg = load_config(path, [f"workspace={ws}", "run_name=many", "student.epochs=8", "student.lr=0.01",
+                             "student.models=[{name: x, hidden: [8]}, {name: y, hidden: [32, 16]}]",
+                             "student.seeds=[0, 1]"])
+    cache_dir = cache_stage.cache_dir(cfg)
+    moved = tmp_path / "teachers"
+    shutil.move(str(ws / "teachers"), moved)  # teachers are gone: students must not need them
+    try:
+        results = student_stage.main(load_config(path, ["run_name=many", "student.epochs=8", "student.lr=0.01", f"student.cache={cache_dir}",
+                                                        "student.models=[{name: x, hidden: [8]}, {name: y, hidden: [32, 16]}]",
+                                                        "student.seeds=[0, 1]"]))
+    finally:
+        shutil.move(str(moved), ws / "teachers")
+    assert sorted(r.job for r in results) == sorted(
+        f"{m}-{k}-s{s}" for m in "xy" for k in ("kd", "hard") for s in (0, 1))
+    assert all(r.final_accuracy > 0.7 for r in results)
+    # kd and hard-label twins see the same batches; kd differs only through the soft targets
+    kd = json.loads((ws / "runs/many/students/x-kd-s0/history.json").read_text())
+    hard = json.loads((ws / "runs/many/students/x-hard-s0/history.json").read_text())
+    assert kd["settings"]["alpha"] == 0.1 and hard["settings"]["alpha"] == 1.0
+    assert kd["losses"] != hard["losses"]
+
+
+def test_student_refuses_a_cache_made_for_other_data(built, tmp_path):
+    ws, path = built
+    cache_dir = cache_stage.cache_dir(load_config(path))
+    other = load_config(path, ["data.test_fraction=0.3", f"student.cache={cache_dir}"])
+    with pytest.raises(CacheError, match="cache was made for dataset .* but this config's transfer set"):
+        student_stage.main(other)
+
+
+def test_student_with_wrong_class_count_is_refused(built):
+    ws, path = built
+    cfg = load_config(path, ["student.models=[{name: u, arch: import, factory: 'userzoo:mlp', kwargs: {classes: 7}}]"])
+    with pytest.raises(ModelError, match=r"student.models.0 \(u\): output width \(7,\) but the data has 10 classes"):
+        student_stage.main(cfg)
