@@ -71,7 +71,16 @@ class Splits:
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load train/test/transfer data as the config says, and check labels against the class count."""
+    """Load train/test/transfer data as the config says, and check labels against the class count.
+
+    Loaded once per process (per Dask worker) for each config and file state."""
+    paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source) if p and p != "digits"]
+    stamps = tuple((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths if Path(p).is_file())
+    return _load_splits(cfg, stamps)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
     if cfg.source == "digits":
         full = _digits()
         train, test = _split(full, cfg.test_fraction, cfg.split_seed)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, dump_yaml
-from pipeline.data import Splits, load_splits
+from pipeline.data import load_splits
 from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.models import build_model
@@ -37,16 +37,17 @@ class ShardResult:
     train_accuracy: float
 
 
-def plan(cfg: Config, splits: Splits) -> list[Shard]:
-    return [Shard(r.index) for r in teacher_refs(cfg, splits) if r.trained_here]
+def plan(cfg: Config) -> list[Shard]:
+    return [Shard(r.index) for r in teacher_refs(cfg, load_splits(cfg.data)) if r.trained_here]
 
 
-def pending(cfg: Config, splits: Splits) -> list[Shard]:
-    refs = teacher_refs(cfg, splits)
-    return [s for s in plan(cfg, splits) if not refs[s.index].checkpoint.is_file()]
+def pending(cfg: Config) -> list[Shard]:
+    refs = teacher_refs(cfg, load_splits(cfg.data))
+    return [s for s in plan(cfg) if not refs[s.index].checkpoint.is_file()]
 
 
-def run_shard(cfg: Config, splits: Splits, shard: Shard) -> ShardResult:
+def run_shard(cfg: Config, shard: Shard) -> ShardResult:
+    splits = load_splits(cfg.data)
     ref = teacher_refs(cfg, splits)[shard.index]
     fit = training_settings(cfg, ref.spec)
     torch.manual_seed(fit["seed"])
@@ -77,14 +78,14 @@ def run_shard(cfg: Config, splits: Splits, shard: Shard) -> ShardResult:
 def main(cfg: Config) -> list[TeacherRef]:
     splits = load_splits(cfg.data)
     refs = teacher_refs(cfg, splits)
-    todo = pending(cfg, splits)
-    if not todo:
-        log(f"teachers: all {len(refs)} ready, nothing to do")
-    for shard in todo:
-        r = run_shard(cfg, splits, shard)
-        log(f"teachers: trained {r.name} (train accuracy {r.train_accuracy:.4f})")
     for ref in refs:  # user checkpoints are loaded once here so a bad one fails before caching
         if not ref.trained_here:
             load_teacher(ref, splits, torch.device("cpu"))
+    todo = pending(cfg)
+    if not todo:
+        log(f"teachers: all {len(refs)} ready, nothing to do")
+    for shard in todo:
+        r = run_shard(cfg, shard)
+        log(f"teachers: trained {r.name} (train accuracy {r.train_accuracy:.4f})")
     atomic_write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
     return refs

@@ -27,7 +27,8 @@ def tiny_config(workspace: Path, **sections: Any) -> dict[str, Any]:
         "run_name": "t",
         "data": {"source": "digits"},
         "teachers": {
-            "epochs": 3,
+            "epochs": 8,
+            "lr": 0.005,
             "temperature": 2.0,
             "members": [
                 {"name": "a", "arch": "mlp", "hidden": [64], "seed": 0},
