@@ -26,7 +26,7 @@ from pipeline.models import build_model, load_state
 from pipeline.progress import log
 from stages import student as student_stage
 
-COLUMNS = ("model", "role", "params", "accuracy", "nll", "ece", "agreement")
+REPORT_FORMAT = 2  # part of the up-to-date check: a new report layout rewrites old reports
 
 
 def _probs(model: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
@@ -57,13 +57,24 @@ def main(cfg: Config) -> dict[str, Any]:
     refs = teacher_refs(cfg, splits)
     inputs = hash_json({"students": [d[2] for d in done], "test": splits.test.fingerprint, "bins": bins,
                         "teachers": [teacher_identity(r)["checkpoint_sha256"] for r in refs], "ensemble": cfg.teachers.ensemble,
-                        "weights": normalized_weights(cfg)})
+                        "weights": normalized_weights(cfg), "format": REPORT_FORMAT,
+                        "excluded": list(cfg.data.transfer.exclude_classes)})
     report_path = cfg.run_dir / "report.json"
     if report_path.is_file() and json.loads(report_path.read_text()).get("inputs_hash") == inputs:
         report = json.loads(report_path.read_text())
         log(f"evaluate: report up to date ({report_path})")
         print(table(report["rows"]))
+        if len(cfg.student.seeds) > 1:
+            print(summary_table(report["summary"]))
         return report
+
+    excluded = np.isin(y, cfg.data.transfer.exclude_classes)
+
+    def score(probs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        out = metrics.all_metrics(probs, y, reference, bins)
+        if excluded.any():  # classes the students never saw in the transfer set
+            out["excluded_accuracy"] = metrics.accuracy(probs[excluded], y[excluded])
+        return out
 
     rows: list[dict[str, Any]] = []
     teacher_logits, teacher_probs = [], []
@@ -74,9 +85,9 @@ def main(cfg: Config) -> dict[str, Any]:
         teacher_probs.append((ref.spec.name, probs, _params(model)))
     ensemble = combine(teacher_logits, cfg.teachers.ensemble, normalized_weights(cfg), 1.0).exp().numpy()
     for name, probs, n in teacher_probs:
-        rows.append({"model": name, "role": "teacher", "params": n, **metrics.all_metrics(probs, y, ensemble, bins)})
+        rows.append({"model": name, "role": "teacher", "params": n, **score(probs, ensemble)})
     rows.append({"model": "ensemble", "role": "ensemble", "params": sum(t[2] for t in teacher_probs),
-                 **metrics.all_metrics(ensemble, y, ensemble, bins)})
+                 **score(ensemble, ensemble)})
 
     curves: dict[str, list[float]] = {}
     student_probs: dict[str, np.ndarray] = {}
@@ -88,34 +99,72 @@ def main(cfg: Config) -> dict[str, Any]:
         probs, _ = _probs(model, x)
         student_probs[name] = probs
         role = "distilled" if shard.kind == "kd" else "hard-label"
-        rows.append({"model": name, "role": role, "params": _params(model),
-                     **metrics.all_metrics(probs, y, ensemble, bins)})
+        rows.append({"model": name, "role": role, "params": _params(model), **score(probs, ensemble)})
         history = json.loads((cfg.run_dir / "students" / name / "history.json").read_text())
         curves[name] = [e["test_accuracy"] for e in history["epochs"]]
 
     run = cfg.run_dir
     _plot_curves(curves, run / "learning_curves.png")
-    _plot_reliability({"ensemble": ensemble, **student_probs}, y, bins, run / "reliability.png")
+    first_seed = {n: p for (shard, n, _), p in zip(done, student_probs.values()) if shard.seed == cfg.student.seeds[0]}
+    _plot_reliability({"ensemble": ensemble, **first_seed}, y, bins, run / "reliability.png")
     cache_manifest = json.loads((student_stage.cache_path(cfg) / "manifest.json").read_text())
     report = {
         "run": cfg.run_name, "inputs_hash": inputs, "test_rows": int(len(y)), "num_classes": splits.num_classes,
         "cache": {k: cache_manifest[k] for k in ("cache_id", "rows", "bytes", "bytes_per_row", "encoding",
                                                   "backend", "temperature")},
         "rows": rows,
+        "summary": summarize(rows, done),
     }
     atomic_write_json(report_path, report)
     atomic_write_text(run / "report.md", _markdown(report))
     log(f"evaluate: wrote {report_path} and {run / 'report.md'}")
     print(table(rows))
+    if len(cfg.student.seeds) > 1:
+        print(summary_table(report["summary"]))
     return report
 
 
+def summarize(rows: list[dict[str, Any]], done: list) -> list[dict[str, Any]]:
+    """Students grouped by model and kind: mean and standard deviation over seeds."""
+    by_job = {r["model"]: r for r in rows}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for shard, name, _ in done:
+        model = name.rsplit("-", 2)[0]
+        groups.setdefault((model, by_job[name]["role"]), []).append(by_job[name])
+    out = []
+    for (model, role), members in groups.items():
+        entry: dict[str, Any] = {"model": model, "role": role, "seeds": len(members)}
+        for m in [k for k in ("accuracy", "nll", "ece", "agreement", "excluded_accuracy") if k in members[0]]:
+            values = np.array([r[m] for r in members])
+            entry[m] = float(values.mean())
+            entry[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    extra = "excluded_accuracy" in summary[0]
+    head = f"{'model (mean ± sd over seeds)':<30} {'role':<11} {'accuracy':>17} {'nll':>15} {'ece':>15}"
+    head += f" {'acc(excluded)':>17}" if extra else ""
+    lines = ["", head, "-" * len(head)]
+    for r in summary:
+        line = (f"{r['model']:<30} {r['role']:<11} {r['accuracy']:>8.4f} ± {r['accuracy_std']:.4f} "
+                f"{r['nll']:>6.4f} ± {r['nll_std']:.4f} {r['ece']:>6.4f} ± {r['ece_std']:.4f}")
+        if extra:
+            line += f" {r['excluded_accuracy']:>8.4f} ± {r['excluded_accuracy_std']:.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
+    extra = "excluded_accuracy" in rows[0]
     head = f"{'model':<20} {'role':<11} {'params':>9} {'accuracy':>9} {'nll':>7} {'ece':>7} {'agree':>7}"
+    head += f" {'acc(excluded)':>14}" if extra else ""
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:<20} {r['role']:<11} {r['params']:>9} {r['accuracy']:>9.4f} "
-                     f"{r['nll']:>7.4f} {r['ece']:>7.4f} {r['agreement']:>7.4f}")
+        line = (f"{r['model']:<20} {r['role']:<11} {r['params']:>9} {r['accuracy']:>9.4f} "
+                f"{r['nll']:>7.4f} {r['ece']:>7.4f} {r['agreement']:>7.4f}")
+        lines.append(line + (f" {r['excluded_accuracy']:>14.4f}" if extra else ""))
     return "\n".join(lines)
 
 
@@ -132,6 +181,15 @@ def _markdown(report: dict[str, Any]) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['model']} | {r['role']} | {r['params']} | {r['accuracy']:.4f} | {r['nll']:.4f} | "
                      f"{r['ece']:.4f} | {r['agreement']:.4f} |")
+    if "excluded_accuracy" in report["rows"][0]:
+        lines += ["", "Accuracy on the classes left out of the transfer set: " + ", ".join(
+            f"{r['model']} {r['excluded_accuracy']:.4f}" for r in report["rows"]) + "."]
+    if any(r["seeds"] > 1 for r in report["summary"]):
+        lines += ["", "Students, mean ± standard deviation over seeds:", "",
+                  "| model | role | seeds | accuracy | NLL | ECE |", "|---|---|---:|---:|---:|---:|"]
+        for r in report["summary"]:
+            lines.append(f"| {r['model']} | {r['role']} | {r['seeds']} | {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} "
+                         f"| {r['nll']:.4f} ± {r['nll_std']:.4f} | {r['ece']:.4f} ± {r['ece_std']:.4f} |")
     lines += ["", "![learning curves](learning_curves.png)", "", "![reliability](reliability.png)", ""]
     return "\n".join(lines)
 
@@ -161,9 +219,10 @@ def _plot_reliability(models: dict[str, np.ndarray], y: np.ndarray, bins: int, p
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect calibration")
+    plot_bins = min(bins, 10)  # held-out sets are small: wide bins, and only bins with enough rows
     for name, probs in models.items():
-        conf, acc, count = metrics.reliability(probs, y, bins)
-        keep = count > 0
+        conf, acc, count = metrics.reliability(probs, y, plot_bins)
+        keep = count >= 5
         ax.plot(conf[keep], acc[keep], marker="o", markersize=3, label=f"{name} (ECE {metrics.ece(probs, y, bins):.3f})")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
