@@ -26,7 +26,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import CacheError
-from pipeline.io import atomic_write_json, hash_json, publish_dir, sha256_tree, tmp_name
+from pipeline.io import atomic_write_json, hash_json, publish_dir, remove_dead_tmp, sha256_tree, tmp_name
 
 FORMAT_VERSION = 1
 LOGP_FLOOR = -1.0e4  # finite stand-in for log(0), representable in float16
@@ -189,8 +189,7 @@ def write_manifest(cache_dir: Path, spec: dict[str, Any], entries: list[dict[str
         "spec": spec,
         **extra,
     }
-    for leftover in (cache_dir / "shards").glob(".tmp-*"):  # from killed writers; never data
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    remove_dead_tmp(cache_dir / "shards")  # from killed writers; never read as data
     atomic_write_json(cache_dir / "manifest.json", manifest)
     return manifest
 

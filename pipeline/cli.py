@@ -37,32 +37,52 @@ def cli() -> None:
     """Offline logit caching for knowledge distillation: run the teachers once, train many students."""
 
 
-def _load(config: Path, overrides: tuple[str, ...]) -> Config:
-    return load_config(config, overrides)
+def _load(config: Path, overrides: tuple[str, ...], scheduler: str | None = None,
+          workers: int | None = None) -> Config:
+    extra = []
+    if scheduler:
+        extra = ["cluster.kind=address", f"cluster.address={scheduler}"]
+    elif workers:
+        extra = ["cluster.kind=local", f"cluster.workers={workers}"]
+    return load_config(config, [*overrides, *extra])
+
+
+def fanout_options(fn: Any) -> Any:
+    fn = click.option("--workers", type=int, default=None,
+                      help="Fan out on a LocalCluster with this many worker processes.")(fn)
+    return click.option("--scheduler", metavar="ADDRESS", default=None,
+                        help="Fan out on an existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")(fn)
 
 
 @cli.command()
 @CONFIG
 @OVERRIDES
-def run(config: Path, overrides: tuple[str, ...]) -> None:
+@fanout_options
+def run(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
     """Run teachers -> cache -> student -> evaluate, skipping stages whose output is up to date."""
+    from pipeline.fanout import open_client
     from stages import cache, evaluate, student, teachers
 
-    cfg = _load(config, overrides)
-    teachers.main(cfg)
-    cache.main(cfg)
-    student.main(cfg)
+    cfg = _load(config, overrides, scheduler, workers)
+    with open_client(cfg.cluster) as client:
+        teachers.main(cfg, client)
+        cache.main(cfg, client=client)
+        student.main(cfg, client)
     evaluate.main(cfg)
 
 
 @cli.command("teachers")
 @CONFIG
 @OVERRIDES
-def teachers_cmd(config: Path, overrides: tuple[str, ...]) -> None:
+@fanout_options
+def teachers_cmd(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
     """Fit the built-in teachers of the ensemble (user checkpoints are only checked)."""
+    from pipeline.fanout import open_client
     from stages import teachers
 
-    teachers.main(_load(config, overrides))
+    cfg = _load(config, overrides, scheduler, workers)
+    with open_client(cfg.cluster) as client:
+        teachers.main(cfg, client)
 
 
 @cli.command("cache")
@@ -70,21 +90,30 @@ def teachers_cmd(config: Path, overrides: tuple[str, ...]) -> None:
 @OVERRIDES
 @click.option("--shard-index", type=int, default=None, help="Run only shards i, i+n, i+2n, ... (array jobs).")
 @click.option("--num-shards", type=int, default=None, help="Number of tasks in the array job (n).")
-def cache_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None) -> None:
+@fanout_options
+def cache_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
+              scheduler: str | None, workers: int | None) -> None:
     """Run the teacher ensemble once over the transfer set and write the soft-target cache."""
+    from pipeline.fanout import open_client
     from stages import cache
 
-    cache.main(_load(config, overrides), shard_index=shard_index, num_shards=num_shards)
+    cfg = _load(config, overrides, scheduler, workers)
+    with open_client(cfg.cluster) as client:
+        cache.main(cfg, shard_index=shard_index, num_shards=num_shards, client=client)
 
 
 @cli.command("student")
 @CONFIG
 @OVERRIDES
-def student_cmd(config: Path, overrides: tuple[str, ...]) -> None:
-    """Train the students (and hard-label baselines) from the cache."""
+@fanout_options
+def student_cmd(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
+    """Train the students (every model x grid point x seed, and hard-label twins) from the cache."""
+    from pipeline.fanout import open_client
     from stages import student
 
-    student.main(_load(config, overrides))
+    cfg = _load(config, overrides, scheduler, workers)
+    with open_client(cfg.cluster) as client:
+        student.main(cfg, client)
 
 
 @cli.command("evaluate")
@@ -122,6 +151,20 @@ def caches_inspect(cache_ref: str, root: Path, verify: bool) -> None:
     from pipeline.inspect import inspect_cache
 
     click.echo(json.dumps(inspect_cache(cache_ref, root, verify), indent=2))
+
+
+@cli.command("job-script")
+@CONFIG
+@OVERRIDES
+def job_script(config: Path, overrides: tuple[str, ...]) -> None:
+    """Print the #SBATCH script dask-jobqueue would submit for the config's cluster.slurm section."""
+    from pipeline.fanout import slurm_cluster
+
+    cluster = slurm_cluster(_load(config, overrides).cluster)
+    try:
+        click.echo(cluster.job_script())
+    finally:
+        cluster.close()
 
 
 def main() -> None:

@@ -106,6 +106,7 @@ class StudentConfig:
     models: tuple[ModelSpec, ...] = field(default_factory=_default_students)
     cache: str | None = None  # cache id or directory; None: the cache this config's cache stage makes
     seeds: tuple[int, ...] = (0,)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # sweep: {temperature: [2, 4], alpha: [0.1, 0.5]}
     baseline: bool = True  # also train each model on hard labels only (alpha=1), same batches
     epochs: int = 40
     batch_size: int = 64
@@ -119,6 +120,34 @@ class StudentConfig:
     shuffle_chunks: int = 4  # chunks per shuffle buffer
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """dask-jobqueue SLURMCluster settings; each Slurm job runs `processes` Dask workers."""
+
+    jobs: int = 1
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 8
+    memory: str = "32GB"
+    processes: int = 1
+    walltime: str = "02:00:00"
+    job_extra_directives: tuple[str, ...] = ()  # e.g. ["--gres=gpu:1"]
+    job_script_prologue: tuple[str, ...] = ()  # e.g. ["source .venv/bin/activate"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where stages fan out: in-process, a LocalCluster, an existing scheduler, or Slurm via Dask."""
+
+    kind: Literal["none", "local", "address", "slurm"] = "none"
+    workers: int = 2  # local: worker processes
+    threads_per_worker: int = 1  # Dask threads per worker; torch uses as many intra-op threads
+    address: str | None = None  # kind=address: e.g. tcp://10.0.0.5:8786
+    gpus_per_worker: int = 0  # >0: tasks ask for resources={"GPU": 1}; workers advertise this many
+    retries: int = 2  # a task whose worker dies is rerun this many times
+    slurm: SlurmConfig = SlurmConfig()
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,7 @@ class Config:
     cache: CacheConfig = CacheConfig()
     student: StudentConfig = StudentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -289,6 +319,9 @@ def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
     return value
 
 
+GRID_KEYS = ("temperature", "alpha", "lr", "epochs")  # ModelSpec fields a student sweep may vary
+
+
 def validate(cfg: Config) -> list[str]:
     """Value checks that types cannot express; returns every problem found."""
     e: list[str] = []
@@ -338,12 +371,24 @@ def validate(cfg: Config) -> list[str]:
         e.append("student.models: give at least one student model")
     if not s.seeds:
         e.append("student.seeds: give at least one seed")
+    for key, values in s.grid.items():
+        if key not in GRID_KEYS:
+            e.append(f"student.grid.{key}: not sweepable; use {', '.join(GRID_KEYS)}")
+        elif not isinstance(values, list) or not values:
+            e.append(f"student.grid.{key}: give a non-empty list of values")
+        elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            e.append(f"student.grid.{key}: values must be numbers")
     if not 0.0 <= s.alpha <= 1.0:
         e.append("student.alpha: must be in [0, 1]")
     if s.temperature is not None and s.temperature <= 0:
         e.append("student.temperature: must be > 0")
     if s.epochs < 1 or s.batch_size < 1 or s.shuffle_chunks < 1 or s.checkpoint_every < 1:
         e.append("student: epochs, batch_size, shuffle_chunks and checkpoint_every must be >= 1")
+    k = cfg.cluster
+    if k.kind == "address" and not k.address:
+        e.append("cluster.address: kind=address needs a scheduler address, e.g. tcp://host:8786")
+    if k.workers < 1 or k.threads_per_worker < 1 or k.retries < 0 or k.gpus_per_worker < 0:
+        e.append("cluster: workers and threads_per_worker must be >= 1, retries and gpus_per_worker >= 0")
     if cfg.evaluate.ece_bins < 1:
         e.append("evaluate.ece_bins: must be >= 1")
     if "/" in cfg.run_name or not cfg.run_name:

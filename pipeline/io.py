@@ -6,14 +6,40 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
 
+HOST = socket.gethostname().replace("-", "_")
+
+
 def tmp_name(path: Path) -> Path:
     """A unique temporary sibling of `path`; names starting with '.tmp-' are never read as data."""
-    return path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".tmp-{path.name}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_dead_tmp(directory: Path) -> int:
+    """Remove '.tmp-' entries left by dead writers on this host; a live writer's are kept."""
+    removed = 0
+    for p in directory.glob(".tmp-*"):
+        parts = p.name.rsplit("-", 3)
+        if len(parts) != 4 or parts[1] != HOST or not parts[2].isdigit() or _alive(int(parts[2])):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -16,6 +16,7 @@ device; writing a shard overlaps computing the next.
 from __future__ import annotations
 
 import contextlib
+import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
 from pipeline.data import Splits, load_splits
 from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_identity, teacher_refs
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError
+from pipeline.fanout import run_all
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.models import resolve_device
 from pipeline.progress import bar, log
@@ -167,16 +169,21 @@ def finalize(cfg: Config) -> dict[str, Any]:
     return fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
 
 
-def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = None) -> Path:
-    """Plan, skip finished shards, compute the rest (writing overlapped), finalize the manifest."""
+def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = None, client: Any = None) -> Path:
+    """Plan, skip finished shards, compute the rest, finalize the manifest.
+
+    In-process, writing a shard overlaps computing the next; with a Dask client, the pending
+    shards are mapped over the workers (teachers loaded once per worker)."""
     _contexts.clear()  # files may have changed since an earlier call in this process
     _teachers.clear()
     ctx = context(cfg)
-    _record_config(cfg, ctx.dir)
     manifest = fmt.read_manifest(ctx.dir)
     if manifest is not None and manifest.get("status") == "complete":
+        _record_config(cfg, ctx.dir)
         log(f"cache {ctx.dir.name}: complete ({manifest['rows']} rows), nothing to do")
         return ctx.dir
+    _refuse_other_layout(cfg, ctx)
+    _record_config(cfg, ctx.dir)
     atomic_write_json(ctx.dir / "spec.json", ctx.spec)
     shards = plan(cfg)
     if num_shards is not None:
@@ -187,6 +194,15 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
     done_rows = sum(s.stop - s.start for s in shards) - sum(s.stop - s.start for s in todo)
     log(f"cache {ctx.dir.name}: {len(todo)} of {len(plan(cfg))} shards to compute "
         f"({ctx.encoding.name}, {cfg.cache.backend}, device {resolve_device(cfg.cache.device)})")
+    if client is not None:
+        run_all(client, cfg, run_shard, todo, rows=lambda s: s.stop - s.start, desc=f"cache {ctx.dir.name[:8]}",
+                gpu=True)
+    else:
+        _run_local(cfg, ctx, todo, shards, done_rows)
+    return _finish(cfg, ctx)
+
+
+def _run_local(cfg: Config, ctx: Context, todo: list[Shard], shards: list[Shard], done_rows: int) -> None:
     progress = bar(sum(s.stop - s.start for s in shards), f"cache {ctx.dir.name[:8]}")
     progress.update(done_rows)
     with ThreadPoolExecutor(max_workers=1) as writer:
@@ -200,6 +216,9 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
         for f in pending:
             f.result()
     progress.close()
+
+
+def _finish(cfg: Config, ctx: Context) -> Path:
     still_missing = missing(cfg)
     if still_missing:
         log(f"cache {ctx.dir.name}: {len(still_missing)} shards still missing; the manifest is "
@@ -209,6 +228,23 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
     log(f"cache {ctx.dir.name}: complete, {manifest['rows']} rows, {manifest['bytes']} bytes "
         f"({manifest['bytes_per_row']} B/row)")
     return ctx.dir
+
+
+def _refuse_other_layout(cfg: Config, ctx: Context) -> None:
+    """A partly written cache of the same targets with another shard plan must be finished or deleted
+    first: array tasks that disagree on cache.rows_per_shard would otherwise fill two caches."""
+    mine = fmt.target_id(ctx.spec)
+    for spec_file in cfg.cache_root.glob("*/spec.json"):
+        other = spec_file.parent
+        if other == ctx.dir or (other / "manifest.json").is_file():
+            continue
+        spec = json.loads(spec_file.read_text())
+        if fmt.target_id(spec) == mine and spec.get("layout") != ctx.spec["layout"]:
+            lay = spec["layout"]
+            raise CacheError(
+                f"{other}: a partly written cache of the same targets uses rows_per_shard="
+                f"{lay['rows_per_shard']}, chunk_rows={lay['chunk_rows']}, backend={lay['backend']}; rerun with "
+                "those settings to finish it, or delete that directory to start over with the new ones")
 
 
 def _record_config(cfg: Config, directory: Path) -> None:

@@ -92,7 +92,7 @@ def main(cfg: Config) -> dict[str, Any]:
     curves: dict[str, list[float]] = {}
     student_probs: dict[str, np.ndarray] = {}
     for shard, name, marker in done:
-        spec = cfg.student.models[shard.model]
+        spec = student_stage.models(cfg)[shard.model]
         model = build_model(spec, splits.input_shape, splits.num_classes, f"student.models.{shard.model}")
         load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
         model.eval()

@@ -13,7 +13,9 @@ the same batches and losses), then model.pt, history.json and done.json (written
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,11 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline import losses
-from pipeline.config import Config, ModelSpec, dump_yaml, to_dict
+from pipeline.config import GRID_KEYS, Config, ModelSpec, dump_yaml, to_dict
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CacheError, ConfigError
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
+from pipeline.fanout import run_all
 from pipeline.loader import ChunkShuffleLoader
 from pipeline.models import build_model
 from pipeline.progress import log
@@ -47,14 +50,48 @@ class ShardResult:
     final_accuracy: float
 
 
+@dataclass(frozen=True)
+class Variant:
+    spec: ModelSpec  # a student model with one grid point applied; the grid values are in its name
+    hard_name: str  # its hard-label twin's name: temperature and alpha do not change that run
+
+
+def variants(cfg: Config) -> list[Variant]:
+    """student.models crossed with student.grid."""
+    grid = cfg.student.grid
+    keys = [k for k in GRID_KEYS if k in grid]
+    out = []
+    for m in cfg.student.models:
+        for values in itertools.product(*(grid[k] for k in keys)):
+            changes = {k: (int(v) if k == "epochs" else float(v)) for k, v in zip(keys, values)}
+            suffix = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items())
+            hard = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items() if k in ("lr", "epochs"))
+            out.append(Variant(dataclasses.replace(m, name=m.name + suffix, **changes), m.name + hard))
+    return out
+
+
+_ABBREV = {"temperature": "T", "alpha": "a", "lr": "lr", "epochs": "ep"}
+
+
+def models(cfg: Config) -> list[ModelSpec]:
+    return [v.spec for v in variants(cfg)]
+
+
 def job_name(cfg: Config, shard: Shard) -> str:
-    return f"{cfg.student.models[shard.model].name}-{shard.kind}-s{shard.seed}"
+    v = variants(cfg)[shard.model]
+    return f"{v.spec.name if shard.kind == 'kd' else v.hard_name}-{shard.kind}-s{shard.seed}"
 
 
 def plan(cfg: Config) -> list[Shard]:
-    kinds = ["kd", "hard"] if cfg.student.baseline else ["kd"]
-    return [Shard(m, seed, kind) for m in range(len(cfg.student.models))
-            for seed in cfg.student.seeds for kind in kinds]
+    """A kd job for every model, grid point and seed; one hard-label twin per distinct hard run."""
+    shards, twins = [], set()
+    for i, v in enumerate(variants(cfg)):
+        for seed in cfg.student.seeds:
+            shards.append(Shard(i, seed, "kd"))
+            if cfg.student.baseline and (v.hard_name, seed) not in twins:
+                twins.add((v.hard_name, seed))
+                shards.append(Shard(i, seed, "hard"))
+    return shards
 
 
 def cache_path(cfg: Config) -> Path:
@@ -67,7 +104,7 @@ def cache_path(cfg: Config) -> Path:
 
 def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, Any]:
     """Everything that determines a job's result; its hash decides whether a rerun is needed."""
-    s, m = cfg.student, cfg.student.models[shard.model]
+    s, m = cfg.student, models(cfg)[shard.model]
     temperature = m.temperature or s.temperature or reader.temperature
     return {
         "model": to_dict(m), "seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
@@ -142,7 +179,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
         raise ConfigError(f"student.alpha: {st['alpha']} needs labels, but the transfer set "
                           f"{splits.transfer.source} has none; set student.alpha=0 and student.baseline=false")
 
-    spec: ModelSpec = cfg.student.models[shard.model]
+    spec = models(cfg)[shard.model]
     torch.manual_seed(shard.seed)
     model = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}")
     opt = _optimizer(cfg, model.parameters(), st["lr"])
@@ -202,16 +239,17 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     return ShardResult(name, False, final["test_accuracy"])
 
 
-def main(cfg: Config) -> list[ShardResult]:
+def main(cfg: Config, client: Any = None) -> list[ShardResult]:
     splits = load_splits(cfg.data)
     reader = open_cache(cfg, splits)
-    log(f"student: {len(plan(cfg))} jobs from cache {reader.dir.name} ({reader.rows} rows, "
+    jobs = plan(cfg)
+    log(f"student: {len(jobs)} jobs from cache {reader.dir.name} ({reader.rows} rows, "
         f"{reader.encoding.name}, T={reader.temperature})")
-    results = []
-    for shard in plan(cfg):
-        r = run_shard(cfg, shard)
+    order = {job_name(cfg, s): i for i, s in enumerate(jobs)}
+    results = sorted(run_all(client, cfg, run_shard, jobs, rows=lambda s: 1, desc="students", unit="jobs"),
+                     key=lambda r: order[r.job])
+    for r in results:
         verb = "up to date" if r.skipped else "trained"
         log(f"student {r.job}: {verb}, test accuracy {r.final_accuracy:.4f}")
-        results.append(r)
     atomic_write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
     return results

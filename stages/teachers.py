@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.config import Config, dump_yaml
 from pipeline.data import load_splits
+from pipeline.fanout import run_all
 from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.models import build_model
@@ -75,7 +77,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     return ShardResult(shard.index, ref.spec.name, acc)
 
 
-def main(cfg: Config) -> list[TeacherRef]:
+def main(cfg: Config, client: Any = None) -> list[TeacherRef]:
     splits = load_splits(cfg.data)
     refs = teacher_refs(cfg, splits)
     for ref in refs:  # user checkpoints are loaded once here so a bad one fails before caching
@@ -84,8 +86,9 @@ def main(cfg: Config) -> list[TeacherRef]:
     todo = pending(cfg)
     if not todo:
         log(f"teachers: all {len(refs)} ready, nothing to do")
-    for shard in todo:
-        r = run_shard(cfg, shard)
-        log(f"teachers: trained {r.name} (train accuracy {r.train_accuracy:.4f})")
+    if todo:
+        for r in sorted(run_all(client, cfg, run_shard, todo, rows=lambda s: 1, desc="teachers", unit="teachers"),
+                        key=lambda r: r.index):
+            log(f"teachers: trained {r.name} (train accuracy {r.train_accuracy:.4f})")
     atomic_write_text(cfg.run_dir / "config.yaml", dump_yaml(cfg))
     return refs

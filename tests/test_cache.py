@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from pipeline import cache as fmt
 from pipeline.config import load_config
 from pipeline.data import load_splits
 from pipeline.ensemble import load_teacher, teacher_refs
+from pipeline.io import HOST
 from stages import cache as cache_stage
 from stages import teachers as teacher_stage
 
@@ -67,8 +69,11 @@ def test_crash_leftovers_are_redone_identically(workspace):
     reference = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").unlink()
     shutil.rmtree(d / "shards" / "00001.zarr")
-    (d / "shards" / ".tmp-00001.zarr-999-deadbeef").mkdir()  # a writer killed mid-shard
-    (d / "shards" / ".tmp-00001.zarr-999-deadbeef" / "zarr.json").write_text("{")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = d / "shards" / f".tmp-00001.zarr-{HOST}-{dead.pid}-deadbeef"  # a writer killed mid-shard
+    leftover.mkdir()
+    (leftover / "zarr.json").write_text("{")
     with pytest.raises(Exception, match="incomplete"):
         fmt.CacheReader(d)
     build(path, "cache.encoding=topk", "cache.k=3")

@@ -1,0 +1,123 @@
+"""Run a stage's shards in-process or on Dask: a LocalCluster, an existing scheduler, or Slurm.
+
+    with open_client(cfg.cluster) as client:
+        results = run_all(client, cfg, run_shard, shards, rows=..., desc="cache", gpu=True)
+
+The project never schedules anything itself: Dask maps the pending shards over its workers and
+reruns a task whose worker died (`cluster.retries`). Shards are idempotent (each is written under a
+temporary name and renamed), so a rerun can never duplicate rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline.config import ClusterConfig, Config
+from pipeline.errors import ConfigError, LogitcacheError
+from pipeline.progress import bar, log
+
+
+@contextlib.contextmanager
+def open_client(cluster: ClusterConfig) -> Iterator[Any]:
+    """Yield a dask.distributed Client, or None for in-process runs."""
+    if cluster.kind == "none":
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    resources = {"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else None
+    if cluster.kind == "local":
+        with LocalCluster(n_workers=cluster.workers, threads_per_worker=cluster.threads_per_worker,
+                          processes=True, resources=resources, dashboard_address=":0",
+                          silence_logs=40) as lc, Client(lc) as client:
+            _announce(client, f"LocalCluster with {cluster.workers} workers")
+            yield client
+    elif cluster.kind == "address":
+        try:
+            client = Client(cluster.address, timeout="30s")
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"cluster.address: cannot reach Dask scheduler {cluster.address} ({e}); "
+                              "check the address and that the scheduler is running") from None
+        with client:
+            _announce(client, f"scheduler {cluster.address}")
+            yield client
+    else:
+        with slurm_cluster(cluster) as sc, Client(sc) as client:
+            sc.scale(jobs=cluster.slurm.jobs)
+            _announce(client, f"SLURMCluster, {cluster.slurm.jobs} jobs")
+            yield client
+
+
+def slurm_cluster(cluster: ClusterConfig) -> Any:
+    """A dask-jobqueue SLURMCluster from the config; `.job_script()` shows the #SBATCH script."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ConfigError("cluster.kind: slurm needs dask-jobqueue; pip install 'logitcache[slurm]'") from None
+    s = cluster.slurm
+    extra = ["--resources", f"GPU={cluster.gpus_per_worker}"] if cluster.gpus_per_worker else []
+    return SLURMCluster(
+        cores=s.cores, memory=s.memory, processes=s.processes, walltime=s.walltime, queue=s.queue,
+        account=s.account, job_extra_directives=list(s.job_extra_directives),
+        job_script_prologue=list(s.job_script_prologue), worker_extra_args=extra,
+    )
+
+
+def _announce(client: Any, what: str) -> None:
+    client.register_plugin(_TorchThreads())
+    log(f"dask: {what}; dashboard {client.dashboard_link}")
+
+
+class _TorchThreads(WorkerPlugin):
+    """One torch thread per Dask thread, so workers on one machine do not oversubscribe its cores."""
+
+    name = "logitcache-torch-threads"
+
+    def setup(self, worker: Any) -> None:
+        import torch
+
+        torch.set_num_threads(worker.state.nthreads)
+
+
+def run_all(client: Any, cfg: Config, fn: Callable[[Config, Any], Any], shards: Sequence[Any],
+            rows: Callable[[Any], int], desc: str, unit: str = "rows", gpu: bool = False) -> list[Any]:
+    """Run fn(cfg, shard) for every shard with one progress bar; results in completion order."""
+    progress = bar(sum(rows(s) for s in shards), desc, unit)
+    results = []
+    if client is None:
+        for shard in shards:
+            results.append(fn(cfg, shard))
+            progress.update(rows(shard))
+        progress.close()
+        return results
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if gpu and cfg.cluster.gpus_per_worker else None
+    futures = client.map(fn, [cfg] * len(shards), list(shards), pure=False, retries=cfg.cluster.retries,
+                         resources=resources)
+    by_key = {f.key: s for f, s in zip(futures, shards)}
+    try:
+        for future in as_completed(futures):
+            results.append(_result(future))
+            progress.update(rows(by_key[future.key]))
+    finally:
+        progress.close()
+        for f in futures:
+            f.cancel()
+    return results
+
+
+def _result(future: Any) -> Any:
+    try:
+        return future.result()
+    except LogitcacheError:
+        raise  # the worker's one-line message travels back unchanged
+    except Exception as e:
+        if type(e).__name__ == "KilledWorker":
+            raise LogitcacheError(f"a Dask worker died {future.key!r} too many times ({e}); "
+                                  "check the worker logs (out of memory?) and rerun: finished shards are kept") from None
+        raise
