@@ -24,3 +24,33 @@ class NaNAfter(nn.Module):
 
 def nan_model(**kw) -> nn.Module:
     return NaNAfter(**kw)
+
+
+class DiesOnce(nn.Module):
+    """An MLP teacher that kills its own process the first time it runs a real batch, unless
+    `marker` exists: simulates a worker lost mid-task (out of memory, preemption)."""
+
+    def __init__(self, marker: str, inputs: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.net = mlp(inputs, classes)
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+
+        if x.shape[0] > 2 and not os.path.exists(self.marker):  # not the 2-row shape check
+            open(self.marker, "w").close()
+            os._exit(1)
+        return self.net(x)
+
+
+def dies_once(**kw) -> nn.Module:
+    return DiesOnce(**kw)
+
+
+def heavy(inputs: int = 64, classes: int = 10, width: int = 1024, depth: int = 4) -> nn.Module:
+    """A compute-heavy teacher for timing fan-out and killing runs mid-way."""
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(inputs, width), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, classes))
