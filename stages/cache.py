@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ _teachers: dict[tuple[str, str], list[torch.nn.Module]] = {}
 
 def context(cfg: Config) -> Context:
     """Everything derived from the config and the files it names; built once per process."""
-    key = dump_yaml(cfg)
+    key = repr(cfg)  # frozen and fully determined by its fields; cheaper than YAML per call
     if key in _contexts:
         return _contexts[key]
     splits = load_splits(cfg.data)
@@ -194,28 +195,60 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
     done_rows = sum(s.stop - s.start for s in shards) - sum(s.stop - s.start for s in todo)
     log(f"cache {ctx.dir.name}: {len(todo)} of {len(plan(cfg))} shards to compute "
         f"({ctx.encoding.name}, {cfg.cache.backend}, device {resolve_device(cfg.cache.device)})")
+    progress_desc = f"cache {ctx.dir.name[:8]}"
     if client is not None:
-        run_all(client, cfg, run_shard, todo, rows=lambda s: s.stop - s.start, desc=f"cache {ctx.dir.name[:8]}",
-                gpu=True)
+        groups = _groups(todo, len(client.scheduler_info()["workers"]))
+        run_all(client, cfg, run_group, groups, rows=lambda g: g.rows, desc=progress_desc, gpu=True)
     else:
-        _run_local(cfg, ctx, todo, shards, done_rows)
+        progress = bar(sum(s.stop - s.start for s in shards), progress_desc)
+        progress.update(done_rows)
+        run_shards(cfg, todo, on_done=lambda s: progress.update(s.stop - s.start))
+        progress.close()
     return _finish(cfg, ctx)
 
 
-def _run_local(cfg: Config, ctx: Context, todo: list[Shard], shards: list[Shard], done_rows: int) -> None:
-    progress = bar(sum(s.stop - s.start for s in shards), f"cache {ctx.dir.name[:8]}")
-    progress.update(done_rows)
+@dataclass(frozen=True)
+class Group:
+    """Consecutive shards run by one Dask task: fewer, larger tasks, and writes overlap compute."""
+
+    shards: tuple[Shard, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.stop - s.start for s in self.shards)
+
+
+def _groups(todo: list[Shard], workers: int) -> list[Group]:
+    size = max(1, -(-len(todo) // (4 * max(workers, 1))))  # about four tasks per worker
+    return [Group(tuple(todo[i:i + size])) for i in range(0, len(todo), size)]
+
+
+def run_group(cfg: Config, group: Group) -> list[ShardResult]:
+    return run_shards(cfg, group.shards)
+
+
+def run_shards(cfg: Config, shards: Sequence[Shard], on_done: Callable[[Shard], Any] | None = None) -> list[ShardResult]:
+    """Compute and write shards in order; writing one shard overlaps computing the next."""
+    results = []
     with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: list[Future] = []
-        for shard in todo:
+        pending: list[tuple[Shard, Future]] = []
+
+        def drain(keep: int) -> None:
+            while len(pending) > keep:  # bound host memory: at most two shards waiting to be written
+                shard, future = pending.pop(0)
+                results.append(future.result())
+                if on_done:
+                    on_done(shard)
+
+        for shard in shards:
+            if shard_path(cfg, shard).exists():  # another task or process finished it
+                results.append(ShardResult(shard.index, shard.stop - shard.start, skipped=True))
+                continue
             arrays = compute_shard(cfg, shard)
-            while len(pending) >= 2:  # bound host memory: at most two shards waiting to be written
-                pending.pop(0).result()
-            pending.append(writer.submit(write, cfg, shard, arrays))
-            progress.update(shard.stop - shard.start)
-        for f in pending:
-            f.result()
-    progress.close()
+            drain(1)
+            pending.append((shard, writer.submit(write, cfg, shard, arrays)))
+        drain(0)
+    return results
 
 
 def _finish(cfg: Config, ctx: Context) -> Path:

@@ -1,0 +1,107 @@
+"""Cache stage fan-out: serial vs a 2-worker Dask LocalCluster, side by side in one run.
+
+    .venv/bin/python bench/fanout.py [--rows 48000] [--rows-per-shard 1000]
+
+Prints one JSON line. `speedup` = serial time (one process, one torch thread) / LocalCluster time
+(2 worker processes, one torch thread each), both writing the same top-k cache with a
+compute-heavy teacher; `speedup_vs_serial_all_threads` compares with one process using every
+core through torch's intra-op threads. `overhead_s_per_task` = extra worker-seconds per shard
+that Dask spends beyond the serial work: (2 * t_dask - t_serial) / shards. Cluster start-up is
+reported separately and not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+
+from heavy_teacher import make  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.fanout import open_client  # noqa: E402
+from stages import cache as cache_stage  # noqa: E402
+
+
+def _warm() -> int:
+    import torch  # noqa: F401
+
+    import stages.cache  # noqa: F401
+
+    return torch.get_num_threads()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=48000)
+    ap.add_argument("--rows-per-shard", type=int, default=1000)
+    args = ap.parse_args()
+
+    ws = Path(tempfile.mkdtemp(prefix="logitcache-bench-"))
+    rng = np.random.default_rng(0)
+    np.savez(ws / "d.npz", x=rng.normal(size=(args.rows, 64)).astype(np.float32),
+             y=rng.integers(0, 1000, args.rows), x_test=np.zeros((10, 64), np.float32),
+             y_test=np.arange(10))  # a given test set: every row is in the transfer set
+    torch.manual_seed(0)
+    torch.save(make().state_dict(), ws / "teacher.pt")
+    cfg = {
+        "workspace": str(ws),
+        "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
+        "teachers": {"members": [{"name": "heavy", "arch": "import", "factory": "heavy_teacher:make",
+                                  "checkpoint": str(ws / "teacher.pt")}]},
+        "cache": {"encoding": "topk", "k": 32, "rows_per_shard": args.rows_per_shard, "chunk_rows": 500,
+                  "batch_size": 1000},
+    }
+    (ws / "c.yaml").write_text(yaml.safe_dump(cfg))
+    shards = -(-args.rows // args.rows_per_shard)
+
+    def timed(root: str, client=None, **over) -> float:
+        c = load_config(ws / "c.yaml", [f"cache.root={ws / root}", *[f"{k}={v}" for k, v in over.items()]])
+        start = time.perf_counter()
+        cache_stage.main(c, client=client)
+        return time.perf_counter() - start
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t_serial = timed("serial1")
+    torch.set_num_threads(threads)
+    t_serial_all = timed("serial_all")
+
+    dask_cfg = load_config(ws / "c.yaml", ["cluster.kind=local", "cluster.workers=2"])
+    start = time.perf_counter()
+    with open_client(dask_cfg.cluster) as client:
+        client.wait_for_workers(2)
+        client.run(_warm)  # imports (torch) are worker start-up, not per-task cost
+        startup = time.perf_counter() - start
+        t_dask = timed("dask", client)
+
+    ids = {p.name for root in ("serial1", "serial_all", "dask") for p in (ws / root).iterdir()}
+    same = len(ids) == 1 and all(
+        json.loads((ws / r / next(iter(ids)) / "manifest.json").read_text())["shards"]
+        == json.loads((ws / "serial1" / next(iter(ids)) / "manifest.json").read_text())["shards"]
+        for r in ("serial_all", "dask"))
+    print(json.dumps({
+        "bench": "fanout", "rows": args.rows, "shards": shards, "cores": os.cpu_count(),
+        "serial_1thread_s": round(t_serial, 3), f"serial_{threads}threads_s": round(t_serial_all, 3),
+        "dask_2workers_s": round(t_dask, 3), "cluster_startup_s": round(startup, 3),
+        "speedup": round(t_serial / t_dask, 3),
+        "speedup_vs_serial_all_threads": round(t_serial_all / t_dask, 3),
+        "overhead_s_per_task": round((2 * t_dask - t_serial) / shards, 4),
+        "caches_identical": same,
+    }))
+
+
+if __name__ == "__main__":
+    main()
