@@ -47,6 +47,13 @@ def _load(config: Path, overrides: tuple[str, ...], scheduler: str | None = None
     return load_config(config, [*overrides, *extra])
 
 
+def array_options(fn: Any) -> Any:
+    fn = click.option("--num-shards", type=int, default=None, metavar="N",
+                      help="Number of tasks in the array job; the plan itself never depends on it.")(fn)
+    return click.option("--shard-index", type=int, default=None, metavar="I",
+                        help="Run only this task's share of the plan: items I, I+N, I+2N, ...")(fn)
+
+
 def fanout_options(fn: Any) -> Any:
     fn = click.option("--workers", type=int, default=None,
                       help="Fan out on a LocalCluster with this many worker processes.")(fn)
@@ -74,22 +81,23 @@ def run(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers
 @cli.command("teachers")
 @CONFIG
 @OVERRIDES
+@array_options
 @fanout_options
-def teachers_cmd(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
+def teachers_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
+                 scheduler: str | None, workers: int | None) -> None:
     """Fit the built-in teachers of the ensemble (user checkpoints are only checked)."""
     from pipeline.fanout import open_client
     from stages import teachers
 
     cfg = _load(config, overrides, scheduler, workers)
     with open_client(cfg.cluster) as client:
-        teachers.main(cfg, client)
+        teachers.main(cfg, client, shard_index, num_shards)
 
 
 @cli.command("cache")
 @CONFIG
 @OVERRIDES
-@click.option("--shard-index", type=int, default=None, help="Run only shards i, i+n, i+2n, ... (array jobs).")
-@click.option("--num-shards", type=int, default=None, help="Number of tasks in the array job (n).")
+@array_options
 @fanout_options
 def cache_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
               scheduler: str | None, workers: int | None) -> None:
@@ -105,15 +113,17 @@ def cache_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None,
 @cli.command("student")
 @CONFIG
 @OVERRIDES
+@array_options
 @fanout_options
-def student_cmd(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
+def student_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
+                scheduler: str | None, workers: int | None) -> None:
     """Train the students (every model x grid point x seed, and hard-label twins) from the cache."""
     from pipeline.fanout import open_client
     from stages import student
 
     cfg = _load(config, overrides, scheduler, workers)
     with open_client(cfg.cluster) as client:
-        student.main(cfg, client)
+        student.main(cfg, client, shard_index, num_shards)
 
 
 @cli.command("evaluate")

@@ -94,6 +94,16 @@ class _TorchThreads(WorkerPlugin):
         torch.set_num_threads(worker.state.nthreads)
 
 
+def task_share(items: Sequence[Any], shard_index: int | None, num_shards: int | None) -> list[Any]:
+    """Items i with i % num_shards == shard_index: one array task's share of a fixed plan."""
+    if num_shards is None and shard_index is None:
+        return list(items)
+    if num_shards is None or shard_index is None or num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ConfigError(f"--shard-index {shard_index} --num-shards {num_shards}: give both, with "
+                          "0 <= shard-index < num-shards (Slurm: $SLURM_ARRAY_TASK_ID, $SLURM_ARRAY_TASK_COUNT)")
+    return [item for i, item in enumerate(items) if i % num_shards == shard_index]
+
+
 def run_all(client: Any, cfg: Config, fn: Callable[[Config, Any], Any], shards: Sequence[Any],
             rows: Callable[[Any], int], desc: str, unit: str = "rows", gpu: bool = False) -> list[Any]:
     """Run fn(cfg, shard) for every shard with one progress bar; results in completion order."""

@@ -30,8 +30,8 @@ from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
 from pipeline.data import Splits, load_splits
 from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_identity, teacher_refs
-from pipeline.errors import CacheError, ConfigError
-from pipeline.fanout import run_all
+from pipeline.errors import CacheError
+from pipeline.fanout import run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.models import resolve_device
 from pipeline.progress import bar, log
@@ -177,6 +177,7 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
     shards are mapped over the workers (teachers loaded once per worker)."""
     _contexts.clear()  # files may have changed since an earlier call in this process
     _teachers.clear()
+    task_share([], shard_index, num_shards)  # reject a bad --shard-index before any work
     ctx = context(cfg)
     manifest = fmt.read_manifest(ctx.dir)
     if manifest is not None and manifest.get("status") == "complete":
@@ -187,10 +188,7 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
     _record_config(cfg, ctx.dir)
     atomic_write_json(ctx.dir / "spec.json", ctx.spec)
     shards = plan(cfg)
-    if num_shards is not None:
-        if shard_index is None or not 0 <= shard_index < num_shards:
-            raise ConfigError(f"--shard-index must be in [0, {num_shards}) with --num-shards {num_shards}")
-        shards = [s for s in shards if s.index % num_shards == shard_index]
+    shards = task_share(shards, shard_index, num_shards)
     todo = [s for s in shards if not shard_path(cfg, s).exists()]
     done_rows = sum(s.stop - s.start for s in shards) - sum(s.stop - s.start for s in todo)
     log(f"cache {ctx.dir.name}: {len(todo)} of {len(plan(cfg))} shards to compute "

@@ -30,7 +30,7 @@ from pipeline.config import GRID_KEYS, Config, ModelSpec, dump_yaml, to_dict
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CacheError, ConfigError
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
-from pipeline.fanout import run_all
+from pipeline.fanout import run_all, task_share
 from pipeline.loader import ChunkShuffleLoader
 from pipeline.models import build_model
 from pipeline.progress import log
@@ -239,10 +239,11 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     return ShardResult(name, False, final["test_accuracy"])
 
 
-def main(cfg: Config, client: Any = None) -> list[ShardResult]:
+def main(cfg: Config, client: Any = None, shard_index: int | None = None,
+         num_shards: int | None = None) -> list[ShardResult]:
     splits = load_splits(cfg.data)
     reader = open_cache(cfg, splits)
-    jobs = plan(cfg)
+    jobs = task_share(plan(cfg), shard_index, num_shards)
     log(f"student: {len(jobs)} jobs from cache {reader.dir.name} ({reader.rows} rows, "
         f"{reader.encoding.name}, T={reader.temperature})")
     order = {job_name(cfg, s): i for i, s in enumerate(jobs)}

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config import Config, dump_yaml
 from pipeline.data import load_splits
-from pipeline.fanout import run_all
+from pipeline.fanout import run_all, task_share
 from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.models import build_model
@@ -77,13 +77,14 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     return ShardResult(shard.index, ref.spec.name, acc)
 
 
-def main(cfg: Config, client: Any = None) -> list[TeacherRef]:
+def main(cfg: Config, client: Any = None, shard_index: int | None = None,
+         num_shards: int | None = None) -> list[TeacherRef]:
     splits = load_splits(cfg.data)
     refs = teacher_refs(cfg, splits)
     for ref in refs:  # user checkpoints are loaded once here so a bad one fails before caching
         if not ref.trained_here:
             load_teacher(ref, splits, torch.device("cpu"))
-    todo = pending(cfg)
+    todo = [s for s in task_share(plan(cfg), shard_index, num_shards) if s in pending(cfg)]
     if not todo:
         log(f"teachers: all {len(refs)} ready, nothing to do")
     if todo:

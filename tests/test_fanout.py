@@ -115,3 +115,23 @@ def test_killed_dask_student_run_resumes_with_identical_losses(cluster_env, tmp_
         a = json.loads((tmp_path / f"runs/straight/students/s-kd-s{seed}/history.json").read_text())["losses"]
         b = json.loads((tmp_path / f"runs/killed/students/s-kd-s{seed}/history.json").read_text())["losses"]
         assert a == b
+
+
+def test_array_tasks_split_students_without_overlap(tmp_path, cli_run):
+    cfg_dict = tiny_config(tmp_path, student={"epochs": 1, "batch_size": 200, "seeds": [0, 1, 2], "baseline": True,
+                                              "models": [{"name": "s", "arch": "mlp", "hidden": [8]}]})
+    path = str(write_config(tmp_path / "c.yaml", cfg_dict))
+    for i in range(2):
+        cli_run("teachers", path, "--shard-index", str(i), "--num-shards", "2")
+    cli_run("cache", path)
+    outputs = [cli_run("student", path, "--shard-index", str(i), "--num-shards", "2").output for i in range(2)]
+    trained = [[line.split()[1].rstrip(":") for line in out.splitlines() if ": trained" in line] for out in outputs]
+    assert trained == [["s-kd-s0", "s-kd-s1", "s-kd-s2"], ["s-hard-s0", "s-hard-s1", "s-hard-s2"]]
+    bad = cli_run("student", path, "--shard-index", "2", "--num-shards", "2", expect=1)
+    assert "0 <= shard-index < num-shards" in bad.output
+
+
+def test_job_script_for_slurm(cli_run):
+    out = cli_run("job-script", str(REPO / "examples/slurm/cluster.yaml")).output
+    assert "#SBATCH -p gpu" in out and "#SBATCH --gres=gpu:1" in out
+    assert "--resources GPU=1" in out and "source .venv/bin/activate" in out
