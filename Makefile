@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(PY) bench/fanout.py
 
 clean:
 	rm -rf data/caches data/runs data/teachers

@@ -84,7 +84,8 @@ def _announce(client: Any, what: str) -> None:
 
 
 class _TorchThreads(WorkerPlugin):
-    """One torch thread per Dask thread, so workers on one machine do not oversubscribe its cores."""
+    """One torch thread per Dask thread, so workers on one machine do not oversubscribe its cores;
+    and, on a multi-GPU node, LocalCluster worker k uses GPU k (one worker per GPU)."""
 
     name = "logitcache-torch-threads"
 
@@ -92,6 +93,8 @@ class _TorchThreads(WorkerPlugin):
         import torch
 
         torch.set_num_threads(worker.state.nthreads)
+        if torch.cuda.is_available() and str(worker.name).isdigit():
+            torch.cuda.set_device(int(worker.name) % torch.cuda.device_count())
 
 
 def task_share(items: Sequence[Any], shard_index: int | None, num_shards: int | None) -> list[Any]:
