@@ -32,14 +32,18 @@ def _mlp(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.
     width = 1
     for d in input_shape:
         width *= d
-    layers: list[nn.Module] = [nn.Flatten()]
+    return nn.Sequential(nn.Flatten(), *_head(spec, width, num_classes))
+
+
+def _head(spec: ModelSpec, width: int, num_classes: int) -> list[nn.Module]:
+    """Hidden Linear-ReLU(-Dropout) layers of sizes spec.hidden, then the output layer."""
+    layers: list[nn.Module] = []
     for h in spec.hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         if spec.dropout > 0:
             layers.append(nn.Dropout(spec.dropout))
         width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return [*layers, nn.Linear(width, num_classes)]
 
 
 def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
@@ -55,14 +59,7 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where:
             size //= 2
         in_ch = ch
     layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
-    width = in_ch * 4
-    for h in spec.hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        if spec.dropout > 0:
-            layers.append(nn.Dropout(spec.dropout))
-        width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, *_head(spec, in_ch * 4, num_classes))
 
 
 def _imported(spec: ModelSpec, where: str) -> nn.Module:
