@@ -37,15 +37,22 @@ DESCRIPTIONS = {
     "topk/ids": "class ids of the k most probable classes, most probable first, (rows, k)",
     "topk/logp": "ensemble log-probabilities of those classes at the cached temperature, (rows, k)",
     "topk/residual": "probability mass outside the top k (the tail), (rows,)",
+    "position": "position of the token within its sequence; rows of a sequence are contiguous",
+    "sampled/ids": "distinct token ids drawn from the ensemble distribution, (rows, draws), zero-padded",
+    "sampled/counts": "times each id was drawn; weight = count / draws is unbiased for its probability",
+    "sampled/entropy": "entropy of the ensemble distribution at the cached temperature, (rows,)",
+    "offsets": "first row of each sequence in this shard, plus the row count, (sequences + 1,)",
 }
 
 
 @dataclass(frozen=True)
 class Encoding:
-    name: str  # dense | topk
-    num_classes: int
+    name: str  # dense | topk | sampled
+    num_classes: int  # classes, or vocabulary size
     dtype: str = "float16"  # dense storage dtype
     k: int = 0  # topk
+    draws: int = 0  # sampled
+    token_rows: bool = False  # language models: rows are tokens, with a position column
 
     @property
     def ids_dtype(self) -> np.dtype:
@@ -54,15 +61,22 @@ class Encoding:
     def describe(self) -> dict[str, Any]:
         if self.name == "dense":
             return {"name": "dense", "dtype": self.dtype}
+        if self.name == "sampled":
+            return {"name": "sampled", "draws": self.draws, "ids_dtype": str(self.ids_dtype),
+                    "counts_dtype": "uint8", "entropy_dtype": "float16"}
         return {"name": "topk", "k": self.k, "ids_dtype": str(self.ids_dtype), "logp_dtype": "float16",
                 "residual_dtype": "float16"}
 
     def columns(self) -> list[str]:
-        return ["sample_id", "logp"] if self.name == "dense" else ["sample_id", "ids", "logp", "residual"]
+        base = ["sample_id", "position"] if self.token_rows else ["sample_id"]
+        return base + {"dense": ["logp"], "topk": ["ids", "logp", "residual"],
+                       "sampled": ["ids", "counts", "entropy"]}[self.name]
 
 
-def encode(logp: torch.Tensor, enc: Encoding) -> dict[str, torch.Tensor]:
+def encode(logp: torch.Tensor, enc: Encoding, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Encode ensemble log-probs (B, C) on their device; only the encoded tensors go to the host."""
+    if enc.name == "sampled":
+        return _sample(logp, enc.draws, generator)
     if enc.name == "dense":
         return {"logp": logp.clamp(min=LOGP_FLOOR).to(getattr(torch, enc.dtype))}
     vals, ids = logp.topk(enc.k, dim=-1)  # (B, k), sorted descending
@@ -72,6 +86,23 @@ def encode(logp: torch.Tensor, enc: Encoding) -> dict[str, torch.Tensor]:
     else:
         residual = torch.zeros(logp.shape[0], device=logp.device)
     return {"ids": ids.to(torch.int32), "logp": vals.clamp(min=LOGP_FLOOR).half(), "residual": residual.half()}
+
+
+def _sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Draw `draws` ids per row from exp(logp); keep distinct ids with their counts, (B, draws)."""
+    p = logp.float().exp()
+    drawn = torch.multinomial(p, draws, replacement=True, generator=generator)  # (B, S)
+    ids, _ = drawn.sort(dim=-1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    pos = torch.arange(draws, device=ids.device).expand_as(ids)
+    run_start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=-1).values
+    counts = torch.zeros_like(ids).scatter_add_(1, run_start, torch.ones_like(ids))  # at run starts
+    order = (~first).to(torch.int8).argsort(dim=-1, stable=True)  # distinct ids first, in id order
+    ids, counts = ids.gather(-1, order), counts.gather(-1, order)
+    ids = torch.where(counts > 0, ids, torch.zeros_like(ids))
+    entropy = -(torch.xlogy(p, p)).sum(-1)
+    return {"ids": ids.to(torch.int32), "counts": counts.to(torch.uint8), "entropy": entropy.half()}
 
 
 def to_host(encoded: dict[str, torch.Tensor], enc: Encoding) -> dict[str, np.ndarray]:
@@ -129,9 +160,10 @@ def _write_zarr(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any],
     from zarr.codecs import ZstdCodec
 
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={"logitcache": attrs})
-    for name in enc.columns():
+    for name in enc.columns() + (["offsets"] if "offsets" in arrays else []):
         data = arrays[name]
-        dims = ("row",) if data.ndim == 1 else ("row", "class" if name == "logp" and enc.name == "dense" else "rank")
+        dims = (("sequence",) if name == "offsets" else ("row",)) if data.ndim == 1 else \
+            ("row", "class" if name == "logp" and enc.name == "dense" else "rank")
         arr = group.create_array(
             name, shape=data.shape, dtype=data.dtype, chunks=(chunk_rows, *data.shape[1:]),
             compressors=ZstdCodec(level=level), dimension_names=dims,
@@ -153,10 +185,12 @@ def _write_parquet(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, An
             encodings[name] = "BYTE_STREAM_SPLIT" if data.dtype.kind == "f" else "PLAIN"
         else:
             col = pa.array(data)
-            encodings[name] = "DELTA_BINARY_PACKED" if name == "sample_id" else "BYTE_STREAM_SPLIT"
+            encodings[name] = "DELTA_BINARY_PACKED" if data.dtype.kind in "iu" else "BYTE_STREAM_SPLIT"
         columns.append(col)
         fields.append(pa.field(name, col.type, nullable=False,
                                metadata={"description": _description(enc, name)}))
+    if "offsets" in arrays:  # per sequence, not per row: kept in the metadata
+        attrs = {**attrs, "offsets": arrays["offsets"].tolist()}
     schema = pa.schema(fields, metadata={"logitcache": json.dumps(attrs, sort_keys=True)})
     table = pa.Table.from_arrays(columns, schema=schema)
     # dictionary encoding halves read speed on float data (measured); statistics are useless here
@@ -247,7 +281,8 @@ class CacheReader:
         self.manifest = manifest
         spec = manifest["spec"]
         enc = spec["encoding"]
-        self.encoding = Encoding(enc["name"], spec["num_classes"], enc.get("dtype", "float16"), enc.get("k", 0))
+        self.encoding = Encoding(enc["name"], spec["num_classes"], enc.get("dtype", "float16"), enc.get("k", 0),
+                                 enc.get("draws", 0), token_rows="seq_len" in spec["dataset"])
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self._handles: dict[int, Any] = {}

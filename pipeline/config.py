@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.errors import ConfigError
 
-Arch = Literal["mlp", "cnn", "import"]
+Arch = Literal["mlp", "cnn", "import", "gpt", "hf"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "digits"  # "digits" (bundled example), or a path to .npz / .parquet
+    task: Literal["classify", "lm"] = "classify"  # lm: next-token distributions of language models
+    source: str = "digits"  # classify: "digits" or .npz/.parquet; lm: "python-docs" or .txt/.jsonl/.parquet
     test_source: str | None = None  # separate test file; else x_test/y_test in the .npz, else a split
     test_fraction: float = 0.25
     split_seed: int = 0
@@ -38,6 +39,12 @@ class DataConfig:
     feature_columns: tuple[str, ...] | None = None  # Parquet only; None: one list column or all numeric
     num_classes: int | None = None  # None: inferred as max label + 1
     transfer: TransferConfig = TransferConfig()
+    # lm only
+    text_field: str = "text"  # .jsonl / Parquet text field
+    tokenizer: str | None = None  # local directory with tokenizer.json; None: train a BPE here
+    vocab_size: int = 8192  # of the BPE trained when tokenizer is None
+    seq_len: int = 64  # tokens a model reads per sequence
+    max_sequences: int | None = None  # cap on training sequences (test: a quarter of it)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,10 @@ class ModelSpec:
     factory: str | None = None  # arch=import: "package.module:function" returning an nn.Module
     kwargs: dict[str, Any] = field(default_factory=dict)  # arch=import: passed to the factory
     checkpoint: str | None = None  # arch=import teachers: state_dict file
+    layers: int = 2  # gpt: transformer blocks
+    heads: int = 4  # gpt: attention heads
+    d_model: int = 128  # gpt: width
+    path: str | None = None  # arch=hf: local directory for AutoModelForCausalLM.from_pretrained
     # training settings; for students, None means "use the student section's value"
     epochs: int | None = None
     lr: float | None = None
@@ -83,9 +94,11 @@ class TeachersConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     backend: Literal["zarr", "parquet"] = "zarr"
-    encoding: Literal["dense", "topk"] = "dense"
+    encoding: Literal["dense", "topk", "sampled"] = "dense"
     dtype: Literal["float16", "float32"] = "float16"  # dense: storage dtype of the log-probs
     k: int = 5  # topk: classes kept per row
+    draws: int = 32  # sampled: ids drawn per row from the ensemble distribution (<= 255)
+    dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
     rows_per_shard: int = 512
     chunk_rows: int = 256  # zarr chunk / Parquet row group; the reader shuffles whole chunks
     batch_size: int = 512  # teacher forward batch
@@ -117,6 +130,8 @@ class StudentConfig:
     temperature: float | None = None  # None: the cache's temperature (exact); else re-tempered
     alpha: float = 0.1  # weight of the hard-label cross-entropy; 1 - alpha on the soft targets
     tail: Literal["uniform", "bucket"] = "uniform"  # topk: how the residual mass is modelled
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"  # lm: forward KL, reverse KL or JSD
+    logit_chunk: int = 2048  # lm: token rows whose (rows, vocab) logits are computed at once
     shuffle_chunks: int = 4  # chunks per shuffle buffer
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"
@@ -365,6 +380,26 @@ def validate(cfg: Config) -> list[str]:
         e.append("cache.k: must be >= 1")
     if c.rows_per_shard < 1 or c.chunk_rows < 1 or c.batch_size < 1:
         e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
+    if not 1 <= c.draws <= 255:
+        e.append("cache.draws: must be in 1..255 (counts are stored as uint8)")
+    if d.task == "lm":
+        if d.seq_len < 2:
+            e.append("data.seq_len: must be >= 2")
+        for key in ("rows_per_shard", "chunk_rows"):
+            if getattr(c, key) % d.seq_len:
+                e.append(f"cache.{key}: {getattr(c, key)} must be a multiple of data.seq_len={d.seq_len} "
+                         "(a language-model row is a token; sequences never straddle chunks)")
+        for section, members in (("teachers.members", t.members), ("student.models", s.models)):
+            for i, m in enumerate(members):
+                if m.arch not in ("gpt", "hf"):
+                    e.append(f"{section}.{i}.arch: data.task lm needs arch gpt or hf, got {m.arch}")
+                if m.arch == "hf" and not m.path:
+                    e.append(f"{section}.{i}.path: arch hf needs a local model directory")
+        if c.encoding == "sampled" and s.divergence != "forward":
+            e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
+                     "support forward only, use cache.encoding=topk")
+    elif c.encoding == "sampled":
+        e.append("cache.encoding: sampled is for language models (data.task: lm); use topk or dense")
     if not 1 <= c.compression_level <= 22:
         e.append("cache.compression_level: zstd levels are 1..22")
     if not s.models:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import DataConfig
+from pipeline.config import Config, DataConfig
 from pipeline.errors import DataError
 
 
@@ -63,19 +63,25 @@ class Splits:
     train: Dataset  # labelled; teachers are fitted on it
     test: Dataset  # labelled, held out; evaluation only
     transfer: Dataset  # inputs the teachers label with soft targets; students train on it
-    num_classes: int
+    num_classes: int  # classes, or the vocabulary size for language models
+    vocab: str | None = None  # language models: fingerprint of the tokenizer's vocabulary
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
 
 
-def load_splits(cfg: DataConfig) -> Splits:
+def load_splits(config: Config) -> Splits:
     """Load train/test/transfer data as the config says, and check labels against the class count.
 
     Loaded once per process (per Dask worker) for each config and file state."""
-    paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source) if p and p != "digits"]
-    stamps = tuple((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths if Path(p).is_file())
+    cfg = config.data
+    paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source, cfg.tokenizer) if p and Path(p).exists()]
+    stamps = tuple((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths)
+    if cfg.task == "lm":
+        from pipeline.text import load_lm_splits
+
+        return load_lm_splits(cfg, config.workspace, stamps)
     return _load_splits(cfg, stamps)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from pipeline.config import Config, ModelSpec
 from pipeline.data import Splits
 from pipeline.errors import ModelError
-from pipeline.io import hash_json, sha256_file
+from pipeline.io import hash_json, sha256_file, sha256_tree
 from pipeline.models import build_model, load_state
 
 TEACHER_FORMAT = 1
@@ -35,10 +35,13 @@ def teacher_refs(cfg: Config, splits: Splits) -> list[TeacherRef]:
         if spec.arch == "import":
             assert spec.checkpoint is not None
             refs.append(TeacherRef(i, spec, Path(spec.checkpoint), trained_here=False))
+        elif spec.arch == "hf":
+            assert spec.path is not None
+            refs.append(TeacherRef(i, spec, Path(spec.path), trained_here=False))
         else:
             key = hash_json({
                 "format": TEACHER_FORMAT, "spec": _spec_dict(spec), "train": splits.train.fingerprint,
-                "classes": splits.num_classes, "fit": training_settings(cfg, spec),
+                "classes": splits.num_classes, "fit": training_settings(cfg, spec), "vocab": splits.vocab,
             })[:12]
             path = cfg.teacher_dir / f"{spec.name}-{key}" / "model.pt"
             refs.append(TeacherRef(i, spec, path, trained_here=True))
@@ -64,14 +67,24 @@ def load_teacher(ref: TeacherRef, splits: Splits, device: torch.device) -> nn.Mo
     if ref.trained_here and not ref.checkpoint.is_file():
         raise ModelError(f"{ref.where} ({ref.spec.name}): not trained yet ({ref.checkpoint} missing); "
                          "run `logitcache teachers CONFIG` first")
+    if ref.spec.arch == "hf" and splits.vocab and (ref.checkpoint / "tokenizer.json").is_file():
+        from pipeline.text import Tokenizer
+
+        theirs = Tokenizer(ref.checkpoint).fingerprint
+        if theirs != splits.vocab:
+            raise ModelError(f"{ref.where} ({ref.spec.name}): its tokenizer (vocab {theirs}) differs from "
+                             f"data.tokenizer (vocab {splits.vocab}); an ensemble of language models must "
+                             "share one tokenizer")
     model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
-    load_state(model, ref.checkpoint, ref.where)
+    if ref.spec.arch != "hf":  # from_pretrained already loaded the weights
+        load_state(model, ref.checkpoint, ref.where)
     return model.to(device).eval()
 
 
 def teacher_identity(ref: TeacherRef) -> dict:
     """What the cache id needs from a teacher: its spec and the hash of its exact weights."""
-    return {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": sha256_file(ref.checkpoint)}
+    digest = sha256_tree(ref.checkpoint)[0] if ref.checkpoint.is_dir() else sha256_file(ref.checkpoint)
+    return {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest}
 
 
 def normalized_weights(cfg: Config) -> list[float]:

@@ -16,11 +16,15 @@ from pipeline.cache import CacheReader, Chunk
 
 
 class ChunkShuffleLoader:
-    def __init__(self, reader: CacheReader, batch_size: int, seed: int, shuffle_chunks: int) -> None:
+    def __init__(self, reader: CacheReader, batch_size: int, seed: int, shuffle_chunks: int,
+                 rows_per_item: int = 1) -> None:
+        """batch_size counts items; an item is one row, or for token caches one sequence of
+        `rows_per_item` contiguous rows that stay together and in order."""
         self.reader = reader
-        self.batch_size = batch_size
+        self.batch_size = batch_size * rows_per_item
         self.seed = seed
         self.shuffle_chunks = shuffle_chunks
+        self.per_item = rows_per_item
 
     def __len__(self) -> int:
         return -(-self.reader.rows // self.batch_size)
@@ -44,7 +48,8 @@ class ChunkShuffleLoader:
         carry: dict[str, np.ndarray] | None = None
         for buffer in self._buffers(rng):
             rows = sum(c.stop - c.start for c in buffer)
-            perm = rng.permutation(rows)  # drawn even when skipped, so later buffers match
+            items = rng.permutation(rows // self.per_item)  # drawn even when skipped, so later buffers match
+            perm = (items[:, None] * self.per_item + np.arange(self.per_item)).reshape(-1)
             if seen + rows <= skip:
                 seen += rows
                 continue

@@ -87,3 +87,90 @@ def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int,
         b = torch.full_like(r, float("-inf"))
     log_z = torch.logsumexp(torch.cat([a, b[:, None]], dim=-1), dim=-1)  # (B,)
     return a - log_z[:, None], (b - log_z).exp()
+
+
+# ---------------------------------------------------------------------------------------------
+# Language models: reverse KL and JSD over the stored support, sampled targets, chunked logits
+
+
+def topk_full_logp(ids: torch.Tensor, logp: torch.Tensor, residual: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Teacher log-probs over all C classes under the uniform-tail model, (n, C).
+
+    Only ever built for one chunk of rows at a time, the size of the student's own logits."""
+    k = ids.shape[-1]
+    if k < num_classes:
+        u = (residual.float().clamp(min=0) / (num_classes - k)).clamp(min=1e-30).log()  # (n,)
+    else:
+        u = torch.full_like(residual.float(), float("-inf"))
+    full = u[:, None].expand(-1, num_classes).clone()
+    return full.scatter(-1, ids.long(), logp.float())
+
+
+def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row forward KL(p||q), reverse KL(q||p) or Jensen-Shannon divergence, (n,)."""
+    p, q = teacher_logp.exp(), student_logq.exp()
+    if kind == "forward":
+        return (torch.xlogy(p, p) - p * student_logq).sum(-1)
+    if kind == "reverse":
+        return (q * (student_logq - teacher_logp)).sum(-1)
+    if kind == "jsd":
+        logm = torch.logaddexp(teacher_logp, student_logq) - math.log(2.0)
+        return 0.5 * ((torch.xlogy(p, p) - p * logm).sum(-1) + (q * (student_logq - logm)).sum(-1))
+    raise ValueError(f"divergence {kind!r}: use forward, reverse or jsd")
+
+
+def kd_sampled(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, draws: int,
+               entropy: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * unbiased estimate of KL(p||q) from ids drawn from the teacher distribution p.
+
+    E[count_v / draws] = p_v, so -sum_v (count_v / draws) log q_v is unbiased for the cross-entropy
+    H(p, q), and KL = H(p, q) - H(p) with the teacher entropy H(p) stored exactly per row."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, V)
+    w = counts.float() / draws  # (n, S), zero on padding
+    ce = -(w * logq.gather(-1, ids.long())).sum(-1)  # (n,)
+    return temperature**2 * (ce - entropy.float()).mean()
+
+
+def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: torch.Tensor | None,
+               settings: dict, encoding: str, num_classes: int, draws: int) -> torch.Tensor:
+    """Summed loss of a chunk of rows (student logits (n, V)): alpha * CE + (1 - alpha) * T^2 * D."""
+    alpha, T = settings["alpha"], settings["temperature"]
+    n = logits.shape[0]
+    total = logits.new_zeros(())
+    if labels is not None and alpha > 0:
+        total = total + alpha * F.cross_entropy(logits.float(), labels, reduction="sum")
+    if alpha == 1.0:
+        return total
+    kind = settings["divergence"]
+    if encoding == "sampled":
+        kd = kd_sampled(logits, targets["ids"], targets["counts"], draws, targets["entropy"], T) * n
+    elif kind == "forward" and encoding == "topk":
+        kd = kd_topk(logits, targets["ids"], targets["logp"], targets["residual"], T, settings["tail"]) * n
+    else:
+        teacher = (targets["logp"].float() if encoding == "dense"
+                   else topk_full_logp(targets["ids"], targets["logp"], targets["residual"], num_classes))
+        logq = F.log_softmax(logits.float() / T, dim=-1)
+        kd = T**2 * divergence(teacher, logq, kind).sum()
+    return total + (1.0 - alpha) * kd
+
+
+def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict[str, torch.Tensor],
+                 labels: torch.Tensor | None, settings: dict, encoding: str, num_classes: int,
+                 draws: int, chunk: int) -> torch.Tensor:
+    """Mean loss over rows of hidden states (n, d), computing (chunk, V) logits at a time.
+
+    Each chunk is checkpointed, so the (n, V) logits are never held for the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = hidden.shape[0]
+    total = hidden.new_zeros(())
+    for s in range(0, n, chunk):
+        part = {k: v[s:s + chunk] for k, v in targets.items()}
+        lab = labels[s:s + chunk] if labels is not None else None
+
+        def f(h: torch.Tensor, part=part, lab=lab) -> torch.Tensor:
+            return row_losses(head(h), part, lab, settings, encoding, num_classes, draws)
+
+        total = total + (checkpoint(f, hidden[s:s + chunk], use_reentrant=False) if hidden.requires_grad
+                         else f(hidden[s:s + chunk]))
+    return total / n

@@ -1,39 +1,51 @@
-"""Held-out metrics from predicted probabilities: accuracy, NLL, ECE, agreement with a reference."""
+"""Held-out metrics: accuracy, NLL, expected calibration error, agreement with a reference model.
+
+Everything is computed from per-example summaries (predicted class, its probability, and the
+log-probability of the true class), so token-level evaluation never holds (tokens, vocab) arrays.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 
-def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
-    return float((probs.argmax(-1) == y).mean())
+@dataclass(frozen=True)
+class Summary:
+    pred: np.ndarray  # (N,) argmax class
+    conf: np.ndarray  # (N,) its probability
+    logp_true: np.ndarray  # (N,) log-probability of the true class
+
+    @staticmethod
+    def of(logp: torch.Tensor, y: torch.Tensor) -> "Summary":
+        """From log-probabilities (..., C) and labels (...)."""
+        logp = logp.reshape(-1, logp.shape[-1]).float()
+        conf, pred = logp.max(-1)
+        return Summary(pred.numpy(), conf.exp().numpy(), logp.gather(-1, y.reshape(-1, 1)).squeeze(-1).numpy())
+
+    @staticmethod
+    def concat(parts: list["Summary"]) -> "Summary":
+        return Summary(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("pred", "conf", "logp_true")))
 
 
-def nll(probs: np.ndarray, y: np.ndarray) -> float:
-    p = probs[np.arange(len(y)), y]
-    return float(-np.log(np.clip(p, 1e-12, None)).mean())
-
-
-def reliability(probs: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability(conf: np.ndarray, correct: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per confidence bin: mean confidence, accuracy and count (equal-width bins over (0, 1])."""
-    conf = probs.max(-1)
-    correct = (probs.argmax(-1) == y).astype(np.float64)
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     count = np.bincount(which, minlength=bins).astype(np.float64)
     safe = np.maximum(count, 1)
-    return (np.bincount(which, conf, bins) / safe, np.bincount(which, correct, bins) / safe, count)
+    return (np.bincount(which, conf, bins) / safe, np.bincount(which, correct.astype(np.float64), bins) / safe, count)
 
 
-def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+def ece(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error: sum over bins of |accuracy - confidence| weighted by bin size."""
-    conf, acc, count = reliability(probs, y, bins)
-    return float((np.abs(acc - conf) * count).sum() / count.sum())
+    c, acc, count = reliability(conf, correct, bins)
+    return float((np.abs(acc - c) * count).sum() / count.sum())
 
 
-def agreement(probs: np.ndarray, reference: np.ndarray) -> float:
-    return float((probs.argmax(-1) == reference.argmax(-1)).mean())
-
-
-def all_metrics(probs: np.ndarray, y: np.ndarray, reference: np.ndarray, bins: int) -> dict[str, float]:
-    return {"accuracy": accuracy(probs, y), "nll": nll(probs, y), "ece": ece(probs, y, bins),
-            "agreement": agreement(probs, reference)}
+def all_metrics(s: Summary, y: np.ndarray, reference: Summary, bins: int) -> dict[str, float]:
+    correct = s.pred == y.reshape(-1)
+    nll = float(-np.clip(s.logp_true, -1e9, None).mean())
+    return {"accuracy": float(correct.mean()), "nll": nll, "ece": ece(s.conf, correct, bins),
+            "agreement": float((s.pred == reference.pred).mean())}

@@ -17,7 +17,13 @@ from pipeline.errors import ModelError
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
-    """Build `spec` for inputs of `input_shape` (no batch dim) and `num_classes` outputs."""
+    """Build `spec` for inputs of `input_shape` (no batch dim) and `num_classes` outputs.
+
+    Language models (gpt, hf) get input_shape (seq_len + 1,) and the vocabulary size."""
+    if spec.arch in ("gpt", "hf"):
+        from pipeline.lm import build_lm
+
+        return build_lm(spec, num_classes, input_shape[0] - 1, where)
     if spec.arch == "mlp":
         model = _mlp(spec, input_shape, num_classes)
     elif spec.arch == "cnn":

@@ -30,7 +30,7 @@ from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
 from pipeline.data import Splits, load_splits
 from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_identity, teacher_refs
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.fanout import run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.models import resolve_device
@@ -40,8 +40,17 @@ from pipeline.progress import bar, log
 @dataclass(frozen=True)
 class Shard:
     index: int
-    start: int  # first row of the transfer set
+    start: int  # first item (sample or sequence) of the transfer set
     stop: int
+    rows_per_item: int = 1  # language models: tokens per sequence
+
+    @property
+    def rows(self) -> int:
+        return (self.stop - self.start) * self.rows_per_item
+
+    @property
+    def first_row(self) -> int:
+        return self.start * self.rows_per_item
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,14 @@ def context(cfg: Config) -> Context:
     key = repr(cfg)  # frozen and fully determined by its fields; cheaper than YAML per call
     if key in _contexts:
         return _contexts[key]
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     refs = teacher_refs(cfg, splits)
     c = cfg.cache
-    enc = fmt.Encoding(c.encoding, splits.num_classes, c.dtype, min(c.k, splits.num_classes))
+    lm = cfg.data.task == "lm"
+    if c.encoding == "dense" and splits.num_classes > c.dense_max_classes:
+        raise ConfigError(f"cache.encoding: dense needs {splits.num_classes} values per row; above "
+                          f"cache.dense_max_classes={c.dense_max_classes} use encoding topk or sampled")
+    enc = fmt.Encoding(c.encoding, splits.num_classes, c.dtype, min(c.k, splits.num_classes), c.draws, lm)
     spec = {
         "format_version": fmt.FORMAT_VERSION,
         "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
@@ -84,6 +97,10 @@ def context(cfg: Config) -> Context:
         "encoding": enc.describe(),
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
+    if lm:
+        spec["dataset"].update(seq_len=cfg.data.seq_len, tokens=len(splits.transfer) * cfg.data.seq_len,
+                               vocab_fingerprint=splits.vocab)
+        spec["sampling_seed"] = cfg.seed if c.encoding == "sampled" else None
     ctx = Context(splits, spec, cfg.cache_root / fmt.cache_id(spec), enc)
     _contexts[key] = ctx
     return ctx
@@ -94,8 +111,10 @@ def cache_dir(cfg: Config) -> Path:
 
 
 def plan(cfg: Config) -> list[Shard]:
-    n, step = len(context(cfg).splits.transfer), cfg.cache.rows_per_shard
-    return [Shard(i, start, min(start + step, n)) for i, start in enumerate(range(0, n, step))]
+    """Fixed ranges of cache.rows_per_shard rows (for language models: whole sequences)."""
+    per_item = cfg.data.seq_len if cfg.data.task == "lm" else 1
+    n, step = len(context(cfg).splits.transfer), cfg.cache.rows_per_shard // per_item
+    return [Shard(i, start, min(start + step, n), per_item) for i, start in enumerate(range(0, n, step))]
 
 
 def shard_path(cfg: Config, shard: Shard) -> Path:
@@ -111,6 +130,12 @@ def compute_shard(cfg: Config, shard: Shard) -> dict[str, np.ndarray]:
     weights = normalized_weights(cfg)
     x = ctx.splits.transfer.x[shard.start:shard.stop]
     ids = torch.from_numpy(ctx.splits.transfer.ids[shard.start:shard.stop])
+    lm = ctx.encoding.token_rows
+    if lm:
+        x = x[:, :-1]  # read seq_len tokens, predict the next at each position
+    gen = None
+    if ctx.encoding.name == "sampled":  # seeded per shard: reruns draw the same ids, byte for byte
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + shard.index)
     parts: list[dict[str, np.ndarray]] = []
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -118,13 +143,20 @@ def compute_shard(cfg: Config, shard: Shard) -> dict[str, np.ndarray]:
         for b in range(0, len(x), cfg.cache.batch_size):
             xb = torch.from_numpy(x[b:b + cfg.cache.batch_size]).to(device, non_blocking=True)
             with autocast:
-                logits = [m(xb) for m in models]  # each (B, C)
+                logits = [m(xb) for m in models]  # each (B, C), or (B, L, V) for language models
             for name, z in zip(names, logits):
-                check_finite(z, name, ids[b:b + len(xb)])
-            logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # (B, C) fp32
-            parts.append(fmt.to_host(fmt.encode(logp, ctx.encoding), ctx.encoding))
+                check_finite(z.reshape(len(xb), -1), name, ids[b:b + len(xb)])
+            logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # fp32
+            logp = logp.reshape(-1, logp.shape[-1])  # token rows (B * L, V), sequence-major
+            parts.append(fmt.to_host(fmt.encode(logp, ctx.encoding, gen), ctx.encoding))
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    out["sample_id"] = ids.numpy()
+    if lm:
+        L = x.shape[1]
+        out["sample_id"] = np.repeat(ids.numpy(), L)
+        out["position"] = np.tile(np.arange(L, dtype=np.int16), len(x))
+        out["offsets"] = np.arange(0, (len(x) + 1) * L, L, dtype=np.int64)
+    else:
+        out["sample_id"] = ids.numpy()
     return out
 
 
@@ -132,18 +164,20 @@ def write(cfg: Config, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardResu
     ctx = context(cfg)
     attrs = {
         "format_version": fmt.FORMAT_VERSION, "cache_id": ctx.dir.name, "shard": shard.index,
-        "first_row": shard.start, "rows": shard.stop - shard.start, "num_classes": ctx.encoding.num_classes,
+        "first_row": shard.first_row, "rows": shard.rows, "num_classes": ctx.encoding.num_classes,
         "temperature": cfg.teachers.temperature, "encoding": ctx.encoding.describe(),
         "teachers": [t["name"] for t in ctx.spec["teachers"]], "ensemble": cfg.teachers.ensemble,
     }
+    if ctx.encoding.token_rows:
+        attrs.update(seq_len=cfg.data.seq_len, vocab_fingerprint=ctx.splits.vocab)
     fmt.write_shard(shard_path(cfg, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
                     cfg.cache.compression_level)
-    return ShardResult(shard.index, shard.stop - shard.start, skipped=False)
+    return ShardResult(shard.index, shard.rows, skipped=False)
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     if shard_path(cfg, shard).exists():
-        return ShardResult(shard.index, shard.stop - shard.start, skipped=True)
+        return ShardResult(shard.index, shard.rows, skipped=True)
     return write(cfg, shard, compute_shard(cfg, shard))
 
 
@@ -161,12 +195,14 @@ def missing(cfg: Config) -> list[Shard]:
 
 def finalize(cfg: Config) -> dict[str, Any]:
     ctx = context(cfg)
-    entries = [fmt.shard_entry(ctx.dir, s.index, cfg.cache.backend, s.start, s.stop - s.start) for s in plan(cfg)]
+    entries = [fmt.shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in plan(cfg)]
     extra = {
         "backend": cfg.cache.backend, "encoding": ctx.encoding.describe(), "num_classes": ctx.encoding.num_classes,
         "temperature": cfg.teachers.temperature, "teachers": [t["name"] for t in ctx.spec["teachers"]],
         "ensemble": cfg.teachers.ensemble, "dataset": ctx.spec["dataset"],
     }
+    if ctx.encoding.token_rows:  # a row is a token
+        extra["bytes_per_token"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
     return fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
 
 
@@ -190,7 +226,7 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
     shards = plan(cfg)
     shards = task_share(shards, shard_index, num_shards)
     todo = [s for s in shards if not shard_path(cfg, s).exists()]
-    done_rows = sum(s.stop - s.start for s in shards) - sum(s.stop - s.start for s in todo)
+    done_rows = sum(s.rows for s in shards) - sum(s.rows for s in todo)
     log(f"cache {ctx.dir.name}: {len(todo)} of {len(plan(cfg))} shards to compute "
         f"({ctx.encoding.name}, {cfg.cache.backend}, device {resolve_device(cfg.cache.device)})")
     progress_desc = f"cache {ctx.dir.name[:8]}"
@@ -198,9 +234,9 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
         groups = _groups(todo, len(client.scheduler_info()["workers"]))
         run_all(client, cfg, run_group, groups, rows=lambda g: g.rows, desc=progress_desc, gpu=True)
     else:
-        progress = bar(sum(s.stop - s.start for s in shards), progress_desc)
+        progress = bar(sum(s.rows for s in shards), progress_desc)
         progress.update(done_rows)
-        run_shards(cfg, todo, on_done=lambda s: progress.update(s.stop - s.start))
+        run_shards(cfg, todo, on_done=lambda s: progress.update(s.rows))
         progress.close()
     return _finish(cfg, ctx)
 
@@ -213,7 +249,7 @@ class Group:
 
     @property
     def rows(self) -> int:
-        return sum(s.stop - s.start for s in self.shards)
+        return sum(s.rows for s in self.shards)
 
 
 def _groups(todo: list[Shard], workers: int) -> list[Group]:
@@ -240,7 +276,7 @@ def run_shards(cfg: Config, shards: Sequence[Shard], on_done: Callable[[Shard], 
 
         for shard in shards:
             if shard_path(cfg, shard).exists():  # another task or process finished it
-                results.append(ShardResult(shard.index, shard.stop - shard.start, skipped=True))
+                results.append(ShardResult(shard.index, shard.rows, skipped=True))
                 continue
             arrays = compute_shard(cfg, shard)
             drain(1)

@@ -29,10 +29,19 @@ from stages import student as student_stage
 REPORT_FORMAT = 2  # part of the up-to-date check: a new report layout rewrites old reports
 
 
-def _probs(model: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+def summaries(models: list[torch.nn.Module], x: np.ndarray, y: np.ndarray, batch: int,
+              ensemble: tuple[str, list[float]] | None = None) -> list[metrics.Summary]:
+    """Per-example (or per-token) summaries of each model, plus the ensemble's last when asked."""
+    parts: list[list[metrics.Summary]] = [[] for _ in range(len(models) + (ensemble is not None))]
     with torch.no_grad():
-        logits = model(torch.from_numpy(x)).float()
-    return torch.softmax(logits, -1).numpy(), logits
+        for b in range(0, len(x), batch):
+            xb, yb = torch.from_numpy(x[b:b + batch]), torch.from_numpy(y[b:b + batch])
+            logits = [m(xb).float() for m in models]  # each (b, C) or (b, L, V)
+            for i, z in enumerate(logits):
+                parts[i].append(metrics.Summary.of(torch.log_softmax(z, -1), yb))
+            if ensemble is not None:
+                parts[-1].append(metrics.Summary.of(combine(logits, ensemble[0], ensemble[1], 1.0), yb))
+    return [metrics.Summary.concat(p) for p in parts]
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -40,8 +49,12 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    splits = load_splits(cfg.data)
-    x, y = splits.test.x, splits.test.y
+    splits = load_splits(cfg)
+    lm = cfg.data.task == "lm"
+    if lm:  # next-token prediction on held-out sequences
+        x, y, batch = splits.test.x[:, :-1], splits.test.x[:, 1:], 16
+    else:
+        x, y, batch = splits.test.x, splits.test.y, 512
     assert y is not None
     bins = cfg.evaluate.ece_bins
     cpu = torch.device("cpu")
@@ -68,48 +81,47 @@ def main(cfg: Config) -> dict[str, Any]:
             print(summary_table(report["summary"]))
         return report
 
-    excluded = np.isin(y, cfg.data.transfer.exclude_classes)
+    excluded = np.isin(y.reshape(-1), cfg.data.transfer.exclude_classes) if not lm else np.zeros(0, bool)
 
-    def score(probs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-        out = metrics.all_metrics(probs, y, reference, bins)
+    def score(sm: metrics.Summary, reference: metrics.Summary) -> dict[str, float]:
+        out = metrics.all_metrics(sm, y, reference, bins)
+        if lm:
+            out["perplexity"] = float(np.exp(out["nll"]))
         if excluded.any():  # classes the students never saw in the transfer set
-            out["excluded_accuracy"] = metrics.accuracy(probs[excluded], y[excluded])
+            out["excluded_accuracy"] = float((sm.pred[excluded] == y[excluded]).mean())
         return out
 
     rows: list[dict[str, Any]] = []
-    teacher_logits, teacher_probs = [], []
-    for ref in refs:
-        model = load_teacher(ref, splits, cpu)
-        probs, logits = _probs(model, x)
-        teacher_logits.append(logits)
-        teacher_probs.append((ref.spec.name, probs, _params(model)))
-    ensemble = combine(teacher_logits, cfg.teachers.ensemble, normalized_weights(cfg), 1.0).exp().numpy()
-    for name, probs, n in teacher_probs:
-        rows.append({"model": name, "role": "teacher", "params": n, **score(probs, ensemble)})
-    rows.append({"model": "ensemble", "role": "ensemble", "params": sum(t[2] for t in teacher_probs),
+    teachers = [load_teacher(ref, splits, cpu) for ref in refs]
+    *teacher_sums, ensemble = summaries(teachers, x, y, batch, (cfg.teachers.ensemble, normalized_weights(cfg)))
+    for ref, model, sm in zip(refs, teachers, teacher_sums):
+        rows.append({"model": ref.spec.name, "role": "teacher", "params": _params(model), **score(sm, ensemble)})
+    rows.append({"model": "ensemble", "role": "ensemble", "params": sum(_params(m) for m in teachers),
                  **score(ensemble, ensemble)})
+    del teachers
 
     curves: dict[str, list[float]] = {}
-    student_probs: dict[str, np.ndarray] = {}
+    student_sums: dict[str, metrics.Summary] = {}
     for shard, name, marker in done:
         spec = student_stage.models(cfg)[shard.model]
         model = build_model(spec, splits.input_shape, splits.num_classes, f"student.models.{shard.model}")
         load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
         model.eval()
-        probs, _ = _probs(model, x)
-        student_probs[name] = probs
+        (sm,) = summaries([model], x, y, batch)
+        student_sums[name] = sm
         role = "distilled" if shard.kind == "kd" else "hard-label"
-        rows.append({"model": name, "role": role, "params": _params(model), **score(probs, ensemble)})
+        rows.append({"model": name, "role": role, "params": _params(model), **score(sm, ensemble)})
         history = json.loads((cfg.run_dir / "students" / name / "history.json").read_text())
         curves[name] = [e["test_accuracy"] for e in history["epochs"]]
 
     run = cfg.run_dir
     _plot_curves(curves, run / "learning_curves.png")
-    first_seed = {n: p for (shard, n, _), p in zip(done, student_probs.values()) if shard.seed == cfg.student.seeds[0]}
+    first_seed = {n: student_sums[n] for shard, n, _ in done if shard.seed == cfg.student.seeds[0]}
     _plot_reliability({"ensemble": ensemble, **first_seed}, y, bins, run / "reliability.png")
     cache_manifest = json.loads((student_stage.cache_path(cfg) / "manifest.json").read_text())
     report = {
-        "run": cfg.run_name, "inputs_hash": inputs, "test_rows": int(len(y)), "num_classes": splits.num_classes,
+        "run": cfg.run_name, "task": cfg.data.task, "inputs_hash": inputs, "test_rows": int(y.size),
+        "num_classes": splits.num_classes,
         "cache": {k: cache_manifest[k] for k in ("cache_id", "rows", "bytes", "bytes_per_row", "encoding",
                                                   "backend", "temperature")},
         "rows": rows,
@@ -158,13 +170,16 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     extra = "excluded_accuracy" in rows[0]
-    head = f"{'model':<20} {'role':<11} {'params':>9} {'accuracy':>9} {'nll':>7} {'ece':>7} {'agree':>7}"
+    ppl = "perplexity" in rows[0]
+    head = f"{'model':<24} {'role':<11} {'params':>9} {'accuracy':>9} {'nll':>7} {'ece':>7} {'agree':>7}"
     head += f" {'acc(excluded)':>14}" if extra else ""
+    head += f" {'ppl':>9}" if ppl else ""
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = (f"{r['model']:<20} {r['role']:<11} {r['params']:>9} {r['accuracy']:>9.4f} "
+        line = (f"{r['model']:<24} {r['role']:<11} {r['params']:>9} {r['accuracy']:>9.4f} "
                 f"{r['nll']:>7.4f} {r['ece']:>7.4f} {r['agreement']:>7.4f}")
-        lines.append(line + (f" {r['excluded_accuracy']:>14.4f}" if extra else ""))
+        line += f" {r['excluded_accuracy']:>14.4f}" if extra else ""
+        lines.append(line + (f" {r['perplexity']:>9.2f}" if ppl else ""))
     return "\n".join(lines)
 
 
@@ -211,7 +226,7 @@ def _plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_reliability(models: dict[str, np.ndarray], y: np.ndarray, bins: int, path: Path) -> None:
+def _plot_reliability(models: dict[str, metrics.Summary], y: np.ndarray, bins: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,10 +235,12 @@ def _plot_reliability(models: dict[str, np.ndarray], y: np.ndarray, bins: int, p
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect calibration")
     plot_bins = min(bins, 10)  # held-out sets are small: wide bins, and only bins with enough rows
-    for name, probs in models.items():
-        conf, acc, count = metrics.reliability(probs, y, plot_bins)
+    for name, sm in models.items():
+        correct = sm.pred == y.reshape(-1)
+        conf, acc, count = metrics.reliability(sm.conf, correct, plot_bins)
         keep = count >= 5
-        ax.plot(conf[keep], acc[keep], marker="o", markersize=3, label=f"{name} (ECE {metrics.ece(probs, y, bins):.3f})")
+        ax.plot(conf[keep], acc[keep], marker="o", markersize=3,
+                label=f"{name} (ECE {metrics.ece(sm.conf, correct, bins):.3f})")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_title("Reliability on held-out data")

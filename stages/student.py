@@ -112,6 +112,7 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
         "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
         "temperature": temperature, "alpha": 1.0 if shard.kind == "hard" else (m.alpha if m.alpha is not None else s.alpha),
         "tail": s.tail, "shuffle_chunks": s.shuffle_chunks,
+        **({"divergence": s.divergence, "logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
     }
 
 
@@ -122,6 +123,10 @@ def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
         raise CacheError(f"{path}: cache was made for dataset {reader.dataset_fingerprint}, but this "
                          f"config's transfer set is {splits.transfer.fingerprint}; point student.cache "
                          "at a cache of this data or run `logitcache cache CONFIG`")
+    theirs = reader.manifest["spec"]["dataset"].get("vocab_fingerprint")
+    if splits.vocab and theirs != splits.vocab:
+        raise CacheError(f"{path}: cache was made with tokenizer vocab {theirs}, this config's is {splits.vocab}; "
+                         "use the tokenizer the cache was made with (data.tokenizer)")
     if reader.num_classes != splits.num_classes:
         raise CacheError(f"{path}: cache has {reader.num_classes} classes, the data has "
                          f"{splits.num_classes}; rebuild the cache for this data")
@@ -155,6 +160,47 @@ def batch_loss(logits: torch.Tensor, batch: dict[str, np.ndarray], labels: torch
     return losses.mix(kd, ce, alpha)
 
 
+def lm_batch_loss(model: torch.nn.Module, batch: dict[str, np.ndarray], tokens: np.ndarray, st: dict[str, Any],
+                  reader: fmt.CacheReader, seq_len: int) -> torch.Tensor:
+    """Loss of a batch of whole sequences; the (rows, vocab) logits are computed in chunks."""
+    from pipeline.lm import hidden_and_head
+
+    rows = len(batch["sample_id"])
+    seq_ids = batch["sample_id"].reshape(-1, seq_len)
+    if (seq_ids != seq_ids[:, :1]).any() or (batch["position"].reshape(-1, seq_len) != np.arange(seq_len)).any():
+        raise CacheError(f"{reader.dir}: token rows are not whole sequences in order; the cache is corrupt, rebuild it")
+    seq = tokens  # (B, seq_len + 1)
+    labels = torch.from_numpy(seq[:, 1:].reshape(-1))  # (B * L,)
+    hidden, head = hidden_and_head(model, torch.from_numpy(seq[:, :-1]))  # (B, L, d)
+    enc = reader.encoding
+    tau = st["temperature"] / reader.temperature
+    targets = {k: torch.from_numpy(v) for k, v in batch.items() if k not in ("sample_id", "position")}
+    if enc.name == "dense" and st["alpha"] < 1:
+        targets["logp"] = losses.retemper_dense(targets["logp"], tau)
+    elif enc.name == "topk" and st["alpha"] < 1:
+        targets["logp"], targets["residual"] = losses.retemper_topk(targets["logp"], targets["residual"],
+                                                                    enc.num_classes, tau)
+    return losses.chunked_loss(hidden.reshape(rows, -1), head, targets, labels, st, enc.name, enc.num_classes,
+                               enc.draws, st["logit_chunk"])
+
+
+def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, batch: int = 16) -> dict[str, float]:
+    """Next-token accuracy and NLL per token on held-out sequences (B, L + 1)."""
+    model.eval()
+    correct, nll, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(tokens), batch):
+            seq = torch.from_numpy(tokens[b:b + batch])
+            logits = model(seq[:, :-1]).float()  # (b, L, V)
+            y = seq[:, 1:]
+            correct += float((logits.argmax(-1) == y).sum())
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                           reduction="sum"))
+            n += y.numel()
+    model.train()
+    return {"accuracy": correct / n, "nll": nll / n}
+
+
 def evaluate_model(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
@@ -166,7 +212,7 @@ def evaluate_model(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     reader = open_cache(cfg, splits)
     name = job_name(cfg, shard)
     out = cfg.run_dir / "students" / name
@@ -175,7 +221,11 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     done = out / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("settings_hash") == key:
         return ShardResult(name, True, json.loads(done.read_text())["final"]["accuracy"])
-    if st["alpha"] > 0 and splits.transfer.y is None:
+    lm = cfg.data.task == "lm"
+    if lm and reader.encoding.name == "sampled" and st["temperature"] != reader.temperature and st["alpha"] < 1:
+        raise ConfigError(f"student.temperature: {st['temperature']} differs from the sampled cache's "
+                          f"{reader.temperature}; sampled targets cannot be re-tempered, train at the cache's T")
+    if st["alpha"] > 0 and splits.transfer.y is None and not lm:
         raise ConfigError(f"student.alpha: {st['alpha']} needs labels, but the transfer set "
                           f"{splits.transfer.source} has none; set student.alpha=0 and student.baseline=false")
 
@@ -183,7 +233,8 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     torch.manual_seed(shard.seed)
     model = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}")
     opt = _optimizer(cfg, model.parameters(), st["lr"])
-    loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"])
+    per_item = cfg.data.seq_len if lm else 1
+    loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"], per_item)
     transfer = splits.transfer
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "history": []}
     ckpt = out / "checkpoint.pt"
@@ -207,10 +258,13 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     model.train()
     while state["epoch"] < st["epochs"]:
         for batch in loader.batches(state["epoch"], start=state["batch"]):
-            pos = transfer.positions(batch["sample_id"])
-            x = torch.from_numpy(transfer.x[pos])
-            labels = torch.from_numpy(transfer.y[pos]) if transfer.y is not None else None
-            loss = batch_loss(model(x), batch, labels, st, reader.temperature, reader.encoding)
+            pos = transfer.positions(batch["sample_id"][::per_item])
+            if lm:
+                loss = lm_batch_loss(model, batch, transfer.x[pos], st, reader, per_item)
+            else:
+                x = torch.from_numpy(transfer.x[pos])
+                labels = torch.from_numpy(transfer.y[pos]) if transfer.y is not None else None
+                loss = batch_loss(model(x), batch, labels, st, reader.temperature, reader.encoding)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -219,7 +273,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             state["step"] += 1
             if state["step"] % cfg.student.checkpoint_every == 0:
                 save_checkpoint()
-        metrics = evaluate_model(model, splits.test.x, splits.test.y)
+        metrics = evaluate_lm(model, splits.test.x) if lm else evaluate_model(model, splits.test.x, splits.test.y)
         epoch_losses = state["losses"][-state["batch"]:] if state["batch"] else []
         state["history"].append({"epoch": state["epoch"] + 1, "train_loss": float(np.mean(epoch_losses)),
                                  "test_accuracy": metrics["accuracy"], "test_nll": metrics["nll"]})
@@ -241,7 +295,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
 def main(cfg: Config, client: Any = None, shard_index: int | None = None,
          num_shards: int | None = None) -> list[ShardResult]:
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     reader = open_cache(cfg, splits)
     jobs = task_share(plan(cfg), shard_index, num_shards)
     log(f"student: {len(jobs)} jobs from cache {reader.dir.name} ({reader.rows} rows, "

@@ -40,34 +40,42 @@ class ShardResult:
 
 
 def plan(cfg: Config) -> list[Shard]:
-    return [Shard(r.index) for r in teacher_refs(cfg, load_splits(cfg.data)) if r.trained_here]
+    return [Shard(r.index) for r in teacher_refs(cfg, load_splits(cfg)) if r.trained_here]
 
 
 def pending(cfg: Config) -> list[Shard]:
-    refs = teacher_refs(cfg, load_splits(cfg.data))
+    refs = teacher_refs(cfg, load_splits(cfg))
     return [s for s in plan(cfg) if not refs[s.index].checkpoint.is_file()]
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     ref = teacher_refs(cfg, splits)[shard.index]
     fit = training_settings(cfg, ref.spec)
     torch.manual_seed(fit["seed"])
     model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
     opt = torch.optim.Adam(model.parameters(), lr=fit["lr"], weight_decay=fit["weight_decay"])
-    x = torch.from_numpy(splits.train.x)
-    y = torch.from_numpy(splits.train.y)
+    lm = cfg.data.task == "lm"
+    if lm:  # next-token prediction: read tokens[:-1], predict tokens[1:]
+        x = torch.from_numpy(splits.train.x[:, :-1])
+        y = torch.from_numpy(splits.train.x[:, 1:])
+    else:
+        x = torch.from_numpy(splits.train.x)
+        y = torch.from_numpy(splits.train.y)
     gen = torch.Generator().manual_seed(fit["seed"])
     model.train()
     for _ in range(fit["epochs"]):
         for idx in torch.randperm(len(x), generator=gen).split(fit["batch_size"]):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            logits = model(x[idx])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[idx].reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     model.eval()
     with torch.no_grad():
-        acc = float((model(x).argmax(-1) == y).float().mean())
+        correct = sum(float((model(x[i]).argmax(-1) == y[i]).float().sum())
+                      for i in torch.arange(len(x)).split(256))
+    acc = correct / y.numel()
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     out = ref.checkpoint.parent
@@ -79,7 +87,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
 def main(cfg: Config, client: Any = None, shard_index: int | None = None,
          num_shards: int | None = None) -> list[TeacherRef]:
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     refs = teacher_refs(cfg, splits)
     for ref in refs:  # user checkpoints are loaded once here so a bad one fails before caching
         if not ref.trained_here:

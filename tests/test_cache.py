@@ -39,7 +39,7 @@ def test_dense_cache_equals_ensemble_computed_the_slow_way(workspace):
     _, path = workspace
     cfg, d = build(path, "cache.dtype=float32")
     data = fmt.CacheReader(d, verify=True).read_all()
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg)
     assert (data["sample_id"] == splits.transfer.ids).all()
     models = [load_teacher(r, splits, torch.device("cpu")) for r in teacher_refs(cfg, splits)]
     x = torch.from_numpy(splits.transfer.x)
@@ -108,7 +108,7 @@ def test_changed_teacher_weights_change_the_id(workspace, tmp_path):
     ws, path = workspace
     cfg = load_config(path)
     before = cache_stage.cache_dir(cfg)
-    ref = teacher_refs(cfg, load_splits(cfg.data))[0]
+    ref = teacher_refs(cfg, load_splits(cfg))[0]
     saved = ref.checkpoint.read_bytes()
     try:
         state = torch.load(ref.checkpoint, weights_only=True)

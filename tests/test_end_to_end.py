@@ -87,7 +87,7 @@ def test_transfer_set_without_a_class_still_teaches_it(cli_run, tmp_path):
     from pipeline.models import build_model, load_state
 
     c = load_config(path)
-    splits = load_splits(c.data)
+    splits = load_splits(c)
     assert 3 not in set(splits.transfer.y.tolist())
     threes = splits.test.x[splits.test.y == 3]
     recall = {}
