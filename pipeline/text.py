@@ -45,28 +45,34 @@ DOC_MODULES = (
 
 
 def python_docs() -> list[str]:
-    """Docstrings of DOC_MODULES and their public members, in a fixed order."""
+    """Docstrings of DOC_MODULES, their public members and those members' methods, in a fixed order."""
+    import warnings
+
+    docs: list[str] = []
+    with warnings.catch_warnings():  # deprecated attributes warn when inspected
+        warnings.simplefilter("ignore")
+        for name in DOC_MODULES:
+            docs.extend(_module_docs(name))
+    return docs
+
+
+def _module_docs(name: str) -> list[str]:
     import importlib
     import inspect
 
-    docs: list[str] = []
-    for name in DOC_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except Exception:  # a module missing from this build of Python is skipped
-            continue
-        members = [mod] + [obj for key, obj in sorted(vars(mod).items()) if not key.startswith("_")
-                           and (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj))
-                           and getattr(obj, "__module__", None) == mod.__name__]
-        for obj in list(members):
-            if inspect.isclass(obj):  # and the methods each class defines itself
-                members += [m for key, m in sorted(vars(obj).items()) if not key.startswith("_")
-                            and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))]
-        for obj in members:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80:
-                docs.append(doc)
-    return docs
+    try:
+        mod = importlib.import_module(name)
+    except Exception:  # a module missing from this build of Python is skipped
+        return []
+    members = [mod] + [obj for key, obj in sorted(vars(mod).items()) if not key.startswith("_")
+                       and (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj))
+                       and getattr(obj, "__module__", None) == mod.__name__]
+    for obj in list(members):
+        if inspect.isclass(obj):
+            members += [m for key, m in sorted(vars(obj).items()) if not key.startswith("_")
+                        and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))]
+    docs = [inspect.getdoc(obj) for obj in members]
+    return [d for d in docs if d and len(d) > 80]
 
 
 def read_documents(path: str, key: str, text_field: str) -> list[str] | np.ndarray:

@@ -1,0 +1,133 @@
+"""The language-model path end to end on tiny models: token caches, students, report, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import write_config
+from pipeline import cache as fmt
+from pipeline.config import load_config
+from pipeline.data import load_splits
+from pipeline.errors import CacheError, ConfigError, ModelError
+from stages import cache as cache_stage
+from stages import student as student_stage
+from stages import teachers as teacher_stage
+
+
+def lm_config(ws, **over):
+    cfg = {
+        "workspace": str(ws), "run_name": "lm",
+        "data": {"task": "lm", "source": "python-docs", "vocab_size": 600, "seq_len": 16, "max_sequences": 96},
+        "teachers": {"epochs": 2, "batch_size": 16, "lr": 0.005, "temperature": 1.0,
+                     "members": [{"name": "g", "arch": "gpt", "layers": 1, "d_model": 32, "heads": 2}]},
+        "cache": {"encoding": "topk", "k": 8, "rows_per_shard": 512, "chunk_rows": 128, "batch_size": 8},
+        "student": {"epochs": 2, "batch_size": 8, "alpha": 0.0, "logit_chunk": 100,
+                    "models": [{"name": "s", "arch": "gpt", "layers": 1, "d_model": 16, "heads": 2}]},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("lm")
+    path = write_config(ws / "c.yaml", lm_config(ws))
+    teacher_stage.main(load_config(path))
+    return ws, path
+
+
+def test_topk_token_cache_layout(lm):
+    ws, path = lm
+    cfg = load_config(path)
+    d = cache_stage.main(cfg)
+    manifest = json.loads((d / "manifest.json").read_text())
+    splits = load_splits(cfg)
+    assert splits.num_classes == 600 and splits.vocab
+    assert manifest["rows"] == 96 * 16 and manifest["dataset"]["vocab_fingerprint"] == splits.vocab
+    assert manifest["bytes_per_token"] == manifest["bytes_per_row"] > 0
+    g = zarr.open_group(str(d / "shards" / "00000.zarr"), mode="r")
+    assert set(g.keys()) == {"sample_id", "position", "ids", "logp", "residual", "offsets"}
+    assert list(g["offsets"][:3]) == [0, 16, 32] and g["offsets"].shape == (33,)  # 512 rows = 32 sequences
+    assert list(g["position"][:17]) == list(range(16)) + [0]
+    assert g.attrs["logitcache"]["seq_len"] == 16
+    data = fmt.CacheReader(d).read_all()
+    assert (np.repeat(np.arange(96), 16) == data["sample_id"]).all()
+    mass = np.exp(data["logp"].astype(np.float64)).sum(-1) + data["residual"]
+    assert np.allclose(mass, 1.0, atol=0.02)
+
+
+def test_sampled_cache_is_deterministic_and_students_train(lm, capsys):
+    ws, path = lm
+    cfg = load_config(path, ["cache.encoding=sampled", "cache.draws=12", "run_name=sampled", "student.baseline=false"])
+    d = cache_stage.main(cfg)
+    first = [s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]]
+    import shutil
+
+    shutil.rmtree(d)
+    d = cache_stage.main(cfg)
+    assert [s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]] == first
+    data = fmt.CacheReader(d).read_all()
+    assert (data["counts"].astype(int).sum(-1) == 12).all() and data["ids"].dtype == np.uint16
+    results = student_stage.main(cfg)
+    assert {r.job for r in results} == {"s-kd-s0"}
+    history = json.loads((ws / "runs/sampled/students/s-kd-s0/history.json").read_text())
+    assert history["epochs"][-1]["test_nll"] < history["epochs"][0]["test_nll"] + 0.5
+    assert all(np.isfinite(history["losses"]))
+
+
+def test_lm_run_reports_perplexity_for_every_model(lm, cli_run):
+    ws, path = lm
+    cli_run("run", str(path), "student.baseline=true", "student.divergence=jsd", "run_name=full")
+    report = json.loads((ws / "runs/full/report.json").read_text())
+    assert report["task"] == "lm" and report["test_rows"] > 0
+    roles = [(r["model"], r["role"]) for r in report["rows"]]
+    assert roles == [("g", "teacher"), ("ensemble", "ensemble"), ("s-kd-s0", "distilled"), ("s-hard-s0", "hard-label")]
+    for r in report["rows"]:
+        assert r["perplexity"] == pytest.approx(np.exp(r["nll"]), rel=1e-6) and r["perplexity"] < 600
+
+
+def test_refusals(lm, tmp_path):
+    ws, path = lm
+    with pytest.raises(ConfigError, match="cache.encoding: dense needs 600 values per row"):
+        cache_stage.main(load_config(path, ["cache.encoding=dense", "cache.dense_max_classes=512"]))
+    with pytest.raises(ConfigError, match="sampled caches support forward only"):
+        load_config(path, ["cache.encoding=sampled", "student.divergence=reverse"])
+    with pytest.raises(ConfigError, match="must be a multiple of data.seq_len=16"):
+        load_config(path, ["cache.chunk_rows=100"])
+    cache = cache_stage.main(load_config(path))
+    other = load_config(path, ["data.vocab_size=500", f"student.cache={cache}"])
+    with pytest.raises(CacheError, match="cache was made for dataset|tokenizer vocab"):
+        student_stage.main(other)
+
+
+def test_hf_teacher_from_local_directory(lm, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ws, path = lm
+    cfg = load_config(path)
+    splits = load_splits(cfg)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=600, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path / "hf")
+    teacher = [{"name": "hf", "arch": "hf", "path": str(tmp_path / "hf")}]
+    cfg2 = load_config(write_config(tmp_path / "c.yaml", lm_config(ws, teachers={"members": teacher})))
+    d = cache_stage.main(cfg2)
+    assert json.loads((d / "manifest.json").read_text())["teachers"] == ["hf"]
+
+    # a model with its own, different tokenizer is refused
+    import shutil
+
+    tok_dir = next((ws / "tokenizers").iterdir())
+    other = tmp_path / "other-tok"
+    from pipeline.text import python_docs, train_tokenizer
+
+    train_tokenizer(python_docs()[:50], 600, other)
+    shutil.copy(other / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    assert (tok_dir / "tokenizer.json").read_text() != (other / "tokenizer.json").read_text()
+    with pytest.raises(ModelError, match="must share one tokenizer"):
+        cache_stage.main(load_config(tmp_path / "c.yaml", ["cache.k=4"]))
+    assert splits.vocab
