@@ -26,7 +26,7 @@ from pipeline.models import build_model, load_state
 from pipeline.progress import log
 from stages import student as student_stage
 
-REPORT_FORMAT = 2  # part of the up-to-date check: a new report layout rewrites old reports
+REPORT_FORMAT = 3  # part of the up-to-date check: a new report layout rewrites old reports
 
 
 def summaries(models: list[torch.nn.Module], x: np.ndarray, y: np.ndarray, batch: int,

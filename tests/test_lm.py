@@ -131,3 +131,41 @@ def test_hf_teacher_from_local_directory(lm, tmp_path):
     with pytest.raises(ModelError, match="must share one tokenizer"):
         cache_stage.main(load_config(tmp_path / "c.yaml", ["cache.k=4"]))
     assert splits.vocab
+
+
+def test_text_jsonl_and_parquet_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.text import python_docs
+
+    docs = python_docs()[:300]
+    (tmp_path / "c.txt").write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
+    seqs = {}
+    for name in ("c.txt", "c.jsonl", "c.parquet"):
+        cfg = load_config(None, ["data.task=lm", f"data.source={tmp_path / name}", "data.text_field=body",
+                                 "data.vocab_size=400", "data.seq_len=16", f"workspace={tmp_path}",
+                                 "teachers.members=[{name: g, arch: gpt}]",
+                                 "student.models=[{name: s, arch: gpt}]",
+                                 "cache.rows_per_shard=512", "cache.chunk_rows=256"])
+        splits = load_splits(cfg)
+        assert splits.num_classes == 400 and splits.train.x.shape[1] == 17 and splits.train.x.dtype == np.int64
+        seqs[name] = splits.train.x
+    assert np.array_equal(seqs["c.jsonl"], seqs["c.parquet"])  # same documents, same tokens
+    # pre-tokenized ids need the tokenizer they came from
+    tok_dir = next((tmp_path / "tokenizers").iterdir())
+    ids = [list(map(int, row)) for row in seqs["c.parquet"][:50]]
+    pq.write_table(pa.table({"input_ids": ids}), tmp_path / "ids.parquet")
+    base = ["data.task=lm", f"data.source={tmp_path / 'ids.parquet'}", "data.seq_len=16", f"workspace={tmp_path}",
+            "teachers.members=[{name: g, arch: gpt}]", "student.models=[{name: s, arch: gpt}]",
+            "cache.rows_per_shard=512", "cache.chunk_rows=256", "data.test_fraction=0.2"]
+    with pytest.raises(Exception, match="pre-tokenized input_ids need the tokenizer"):
+        load_splits(load_config(None, base))
+    splits = load_splits(load_config(None, [*base, f"data.tokenizer={tok_dir}"]))
+    assert splits.train.x.shape[1] == 17
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "fine"}\n{"text": "wrong field"}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2: expected a JSON object with a 'body' string"):
+        load_splits(load_config(None, [*base[:1], f"data.source={bad}", *base[2:], "data.text_field=body"]))
