@@ -10,13 +10,18 @@ from pipeline import cache as fmt
 from pipeline.io import sha256_tree
 
 
+def _label(enc: dict[str, Any]) -> str:
+    extra = {"topk": f"k{enc.get('k')}", "sampled": f"n{enc.get('draws')}"}.get(enc["name"], enc.get("dtype", ""))
+    return f"{enc['name']}-{extra}"
+
+
 def _status(d: Path) -> dict[str, Any]:
     manifest = fmt.read_manifest(d)
     configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
     if manifest is not None and manifest.get("status") == "complete":
         enc = manifest["encoding"]
         return {"id": d.name, "status": "complete", "rows": manifest["rows"],
-                "encoding": enc["name"] + (f"-k{enc['k']}" if enc["name"] == "topk" else f"-{enc['dtype']}"),
+                "encoding": _label(enc),
                 "backend": manifest["backend"], "bytes": manifest["bytes"],
                 "bytes_per_row": manifest["bytes_per_row"], "configs": configs}
     spec = json.loads((d / "spec.json").read_text()) if (d / "spec.json").is_file() else {}
