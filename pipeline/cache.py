@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,9 @@ class CacheReader:
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self._handles: dict[int, Any] = {}
+        self._pool: Any = None
+        self._lock = threading.Lock()
+        self.backend = spec["layout"]["backend"]
         if verify:
             self.verify()
 
@@ -323,8 +327,8 @@ class CacheReader:
         entry = self.shards[chunk.shard]
         path = self.dir / entry["path"]
         if path.suffix == ".zarr":
-            group = self._handle(chunk.shard, path)
-            return {name: group[name][chunk.start:chunk.stop] for name in self.encoding.columns()}
+            arrays = self._handle(chunk.shard, path)
+            return {name: arrays[name][chunk.start:chunk.stop] for name in self.encoding.columns()}
         import pyarrow as pa
 
         table = self._handle(chunk.shard, path).read_row_group(chunk.index)
@@ -337,16 +341,33 @@ class CacheReader:
                 out[name] = col.to_numpy(zero_copy_only=False)
         return out
 
+    def read_many(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:
+        """Read several chunks in order; Zarr chunks concurrently (zarr's per-read overhead and zstd
+        release the GIL). A pyarrow ParquetFile is not safe to share between threads, and its reads
+        are multi-threaded already, so Parquet reads stay sequential."""
+        if len(chunks) <= 1 or self.backend != "zarr":
+            return [self.read(c) for c in chunks]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="logitcache-read")
+        return list(self._pool.map(self.read, chunks))
+
     def read_all(self) -> dict[str, np.ndarray]:
-        parts = [self.read(c) for c in self.chunks()]
+        parts = self.read_many(self.chunks())
         return {k: np.concatenate([p[k] for p in parts]) for k in self.encoding.columns()}
 
     def _handle(self, i: int, path: Path) -> Any:
+        with self._lock:
+            return self._open(i, path)
+
+    def _open(self, i: int, path: Path) -> Any:
         if i not in self._handles:
             if path.suffix == ".zarr":
                 import zarr
 
-                self._handles[i] = zarr.open_group(str(path), mode="r")
+                group = zarr.open_group(str(path), mode="r")  # array handles kept: opening one reads metadata
+                self._handles[i] = {name: group[name] for name in self.encoding.columns()}
             else:
                 import pyarrow.parquet as pq
 

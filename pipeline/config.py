@@ -134,7 +134,7 @@ class StudentConfig:
     logit_chunk: int = 2048  # lm: token rows whose (rows, vocab) logits are computed at once
     shuffle_chunks: int = 4  # chunks per shuffle buffer
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
-    device: str = "cpu"
+    device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
 
 
 @dataclass(frozen=True)

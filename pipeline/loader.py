@@ -53,7 +53,7 @@ class ChunkShuffleLoader:
             if seen + rows <= skip:
                 seen += rows
                 continue
-            parts = [self.reader.read(c) for c in buffer]
+            parts = self.reader.read_many(buffer)
             data = {k: np.concatenate([p[k] for p in parts])[perm] for k in parts[0]}
             if seen < skip:
                 data = {k: v[skip - seen:] for k, v in data.items()}

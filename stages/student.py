@@ -32,7 +32,7 @@ from pipeline.errors import CacheError, ConfigError
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
 from pipeline.fanout import run_all, task_share
 from pipeline.loader import ChunkShuffleLoader
-from pipeline.models import build_model
+from pipeline.models import build_model, resolve_device
 from pipeline.progress import log
 
 
@@ -151,12 +151,15 @@ def batch_loss(logits: torch.Tensor, batch: dict[str, np.ndarray], labels: torch
         assert ce is not None
         return ce
     tau = T / cache_temperature
-    logp = torch.from_numpy(batch["logp"])
+    dev = logits.device
+    logp = torch.from_numpy(batch["logp"]).to(dev)
     if encoding.name == "dense":
         kd = losses.kd_dense(logits, losses.retemper_dense(logp, tau), T)
     else:
-        logp_k, residual = losses.retemper_topk(logp, torch.from_numpy(batch["residual"]), encoding.num_classes, tau)
-        kd = losses.kd_topk(logits, torch.from_numpy(batch["ids"].astype(np.int64)), logp_k, residual, T, st["tail"])
+        residual = torch.from_numpy(batch["residual"]).to(dev)
+        logp_k, residual = losses.retemper_topk(logp, residual, encoding.num_classes, tau)
+        ids = torch.from_numpy(batch["ids"].astype(np.int64)).to(dev)
+        kd = losses.kd_topk(logits, ids, logp_k, residual, T, st["tail"])
     return losses.mix(kd, ce, alpha)
 
 
@@ -169,12 +172,13 @@ def lm_batch_loss(model: torch.nn.Module, batch: dict[str, np.ndarray], tokens: 
     seq_ids = batch["sample_id"].reshape(-1, seq_len)
     if (seq_ids != seq_ids[:, :1]).any() or (batch["position"].reshape(-1, seq_len) != np.arange(seq_len)).any():
         raise CacheError(f"{reader.dir}: token rows are not whole sequences in order; the cache is corrupt, rebuild it")
-    seq = tokens  # (B, seq_len + 1)
-    labels = torch.from_numpy(seq[:, 1:].reshape(-1))  # (B * L,)
-    hidden, head = hidden_and_head(model, torch.from_numpy(seq[:, :-1]))  # (B, L, d)
+    dev = next(model.parameters()).device
+    seq = torch.from_numpy(tokens).to(dev)  # (B, seq_len + 1)
+    labels = seq[:, 1:].reshape(-1)  # (B * L,)
+    hidden, head = hidden_and_head(model, seq[:, :-1])  # (B, L, d)
     enc = reader.encoding
     tau = st["temperature"] / reader.temperature
-    targets = {k: torch.from_numpy(v) for k, v in batch.items() if k not in ("sample_id", "position")}
+    targets = {k: torch.from_numpy(v).to(dev) for k, v in batch.items() if k not in ("sample_id", "position")}
     if enc.name == "dense" and st["alpha"] < 1:
         targets["logp"] = losses.retemper_dense(targets["logp"], tau)
     elif enc.name == "topk" and st["alpha"] < 1:
@@ -190,7 +194,7 @@ def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, batch: int = 16) -> 
     correct, nll, n = 0.0, 0.0, 0
     with torch.no_grad():
         for b in range(0, len(tokens), batch):
-            seq = torch.from_numpy(tokens[b:b + batch])
+            seq = torch.from_numpy(tokens[b:b + batch]).to(next(model.parameters()).device)
             logits = model(seq[:, :-1]).float()  # (b, L, V)
             y = seq[:, 1:]
             correct += float((logits.argmax(-1) == y).sum())
@@ -204,7 +208,7 @@ def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, batch: int = 16) -> 
 def evaluate_model(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
-        logits = model(torch.from_numpy(x))
+        logits = model(torch.from_numpy(x).to(next(model.parameters()).device)).cpu()
     model.train()
     yt = torch.from_numpy(y)
     return {"accuracy": float((logits.argmax(-1) == yt).float().mean()),
@@ -231,7 +235,8 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
     spec = models(cfg)[shard.model]
     torch.manual_seed(shard.seed)
-    model = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}")
+    dev = resolve_device(cfg.student.device)
+    model = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}").to(dev)
     opt = _optimizer(cfg, model.parameters(), st["lr"])
     per_item = cfg.data.seq_len if lm else 1
     loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"], per_item)
@@ -244,6 +249,8 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["rng"])
+            if saved.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
             state = saved["state"]
             log(f"student {name}: resuming at epoch {state['epoch']} batch {state['batch']}")
     out.mkdir(parents=True, exist_ok=True)
@@ -251,8 +258,9 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
     def save_checkpoint() -> None:
         buf = io.BytesIO()
+        cuda_rng = torch.cuda.get_rng_state_all() if dev.type == "cuda" else None
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                    "state": state, "settings_hash": key}, buf)
+                    "cuda_rng": cuda_rng, "state": state, "settings_hash": key}, buf)
         atomic_write_bytes(ckpt, buf.getvalue())
 
     model.train()
@@ -262,8 +270,8 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             if lm:
                 loss = lm_batch_loss(model, batch, transfer.x[pos], st, reader, per_item)
             else:
-                x = torch.from_numpy(transfer.x[pos])
-                labels = torch.from_numpy(transfer.y[pos]) if transfer.y is not None else None
+                x = torch.from_numpy(transfer.x[pos]).to(dev)
+                labels = torch.from_numpy(transfer.y[pos]).to(dev) if transfer.y is not None else None
                 loss = batch_loss(model(x), batch, labels, st, reader.temperature, reader.encoding)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -282,7 +290,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
         save_checkpoint()
 
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(out / "model.pt", buf.getvalue())
     final = state["history"][-1]
     atomic_write_json(out / "history.json", {"job": name, "settings": st, "losses": state["losses"],

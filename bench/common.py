@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmark scripts: synthetic caches and one-line JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import cache as fmt
+
+
+def emit(name: str, **fields: Any) -> None:
+    print(json.dumps({"bench": name, "cores": os.cpu_count(), "machine": platform.machine(), **fields}), flush=True)
+
+
+def workdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"logitcache-{prefix}-"))
+
+
+def synthetic_logits(rows: int, classes: int, seed: int = 0) -> torch.Tensor:
+    """Peaked, realistic-looking classifier logits (rows, classes): a few plausible classes each."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, classes, generator=g)
+    hot = torch.randint(0, classes, (rows, 4), generator=g)
+    return z.scatter_add(1, hot, torch.full((rows, 4), 6.0)) * 1.5
+
+
+def write_cache(root: Path, rows: int, classes: int, enc: fmt.Encoding, rows_per_shard: int, chunk_rows: int,
+                backend: str = "zarr", seed: int = 0) -> Path:
+    """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage."""
+    d = root / f"synthetic-{enc.name}-{rows}"
+    entries = []
+    for i, start in enumerate(range(0, rows, rows_per_shard)):
+        n = min(rows_per_shard, rows - start)
+        logp = torch.log_softmax(synthetic_logits(n, classes, seed + i), -1)
+        arrays = fmt.to_host(fmt.encode(logp, enc), enc)
+        arrays["sample_id"] = np.arange(start, start + n, dtype=np.int64)
+        fmt.write_shard(d / "shards" / fmt.shard_name(i, backend), arrays, {}, enc, chunk_rows, 3)
+        entries.append(fmt.shard_entry(d, i, backend, start, n))
+    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": classes, "encoding": enc.describe(),
+            "temperature": 1.0, "dataset": {"fingerprint": "synthetic", "rows": rows},
+            "layout": {"backend": backend, "rows_per_shard": rows_per_shard, "chunk_rows": chunk_rows}}
+    fmt.write_manifest(d, spec, entries, {"backend": backend, "encoding": enc.describe(), "num_classes": classes})
+    return d
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
