@@ -32,6 +32,17 @@ def synthetic_logits(rows: int, classes: int, seed: int = 0) -> torch.Tensor:
     return z.scatter_add(1, hot, torch.full((rows, 4), 6.0)) * 1.5
 
 
+def lm_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """Next-token-like logits (rows, vocab): Zipf-shaped over a per-row shuffled vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    zipf = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    perm = torch.randperm(vocab, generator=g)
+    shift = torch.randint(0, vocab, (rows, 1), generator=g)
+    ranks = (perm[None, :] + shift) % vocab  # (rows, vocab): each row its own ranking
+    # scale 1.4: top-1 mass ~0.4, top-32 ~0.9, like a trained LM on ordinary text
+    return zipf[ranks] * 1.4 + 0.5 * torch.randn(rows, vocab, generator=g)
+
+
 def write_cache(root: Path, rows: int, classes: int, enc: fmt.Encoding, rows_per_shard: int, chunk_rows: int,
                 backend: str = "zarr", seed: int = 0) -> Path:
     """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage."""

@@ -99,6 +99,8 @@ def combine(logits: list[torch.Tensor], mode: str, weights: list[float], tempera
     mean_probs: log of the weighted mean of softmax(z/T) (Hinton et al.);
     mean_logprobs: the renormalized weighted geometric mean.
     """
+    if len(logits) == 1:
+        return torch.log_softmax(logits[0].float() / temperature, dim=-1)
     logp = torch.stack([torch.log_softmax(z.float() / temperature, dim=-1) for z in logits])  # (M, B, C)
     w = torch.tensor(weights, dtype=logp.dtype, device=logp.device).view(-1, 1, 1)
     if mode == "mean_probs":

@@ -1,0 +1,73 @@
+"""Cache stage throughput over a bare teacher forward loop (same model, batch and device, nothing
+written), side by side. Writing must hide behind compute.
+
+    .venv/bin/python bench/teacher_overhead.py [--rows 24000] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import Timer, emit, workdir  # noqa: E402
+from heavy_teacher import make  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.models import resolve_device  # noqa: E402
+from stages import cache as cache_stage  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=24000)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    ws = workdir("overhead")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.rows, 64)).astype(np.float32)
+    np.savez(ws / "d.npz", x=x, y=rng.integers(0, 1000, args.rows), x_test=x[:10], y_test=np.arange(10))
+    torch.manual_seed(0)
+    torch.save(make().state_dict(), ws / "t.pt")
+    (ws / "c.yaml").write_text(yaml.safe_dump({
+        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
+        "teachers": {"members": [{"name": "heavy", "arch": "import", "factory": "heavy_teacher:make",
+                                  "checkpoint": str(ws / "t.pt")}]},
+        "cache": {"encoding": "topk", "k": 32, "rows_per_shard": 2000, "chunk_rows": 1000, "batch_size": 500,
+                  "device": args.device},
+    }))
+    device = resolve_device(args.device)
+    model = make().to(device).eval()
+    model.load_state_dict(torch.load(ws / "t.pt"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def bare() -> None:
+        with torch.inference_mode(), autocast:
+            for b in range(0, args.rows, 500):
+                model(torch.from_numpy(x[b:b + 500]).to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    best = {"bare": 0.0, "cache": 0.0}
+    for r in range(args.repeats):
+        with Timer() as t:
+            bare()
+        best["bare"] = max(best["bare"], args.rows / t.seconds)
+        cfg = load_config(ws / "c.yaml", [f"cache.root={ws / f'c{r}'}"])
+        with Timer() as t:
+            cache_stage.main(cfg)
+        best["cache"] = max(best["cache"], args.rows / t.seconds)
+    emit("teacher_overhead", device=str(device), rows=args.rows, encoding="topk32", classes=1000,
+         bare_rows_per_s=round(best["bare"]), cache_rows_per_s=round(best["cache"]),
+         ratio=round(best["cache"] / best["bare"], 3), goal=0.97)
+
+
+if __name__ == "__main__":
+    main()
