@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import Timer, emit, workdir  # noqa: E402
+from common import Timer, emit, heavy_workspace  # noqa: E402
 from heavy_teacher import make  # noqa: E402
 
 from pipeline import cache as fmt  # noqa: E402
@@ -48,20 +47,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--students", type=int, default=4)
     args = ap.parse_args()
-    ws = workdir("amortization")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.rows, 64)).astype(np.float32)
-    np.savez(ws / "d.npz", x=x, y=rng.integers(0, 1000, args.rows), x_test=x[:10], y_test=np.arange(10))
-    torch.manual_seed(0)
-    torch.save(make().state_dict(), ws / "t.pt")
-    (ws / "c.yaml").write_text(yaml.safe_dump({
-        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
-        "teachers": {"temperature": T, "members": [{"name": "heavy", "arch": "import",
-                                                    "factory": "heavy_teacher:make", "checkpoint": str(ws / "t.pt")}]},
-        "cache": {"encoding": "topk", "k": K, "rows_per_shard": 4096, "chunk_rows": 1024, "batch_size": 512},
-    }))
+    ws, x = heavy_workspace("amortization", args.rows, {"k": K, "rows_per_shard": 4096, "chunk_rows": 1024,
+                                                         "batch_size": 512}, temperature=T)
     teacher = make().eval()
-    teacher.load_state_dict(torch.load(ws / "t.pt"))
+    teacher.load_state_dict(torch.load(ws / "teacher.pt"))
     xt = torch.from_numpy(x)
 
     with Timer() as t_cache:

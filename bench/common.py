@@ -62,6 +62,28 @@ def write_cache(root: Path, rows: int, classes: int, enc: fmt.Encoding, rows_per
     return d
 
 
+def heavy_workspace(prefix: str, rows: int, cache: dict[str, Any], temperature: float = 1.0) -> tuple[Path, np.ndarray]:
+    """A workspace with `rows` random inputs (all in the transfer set), the compute-heavy teacher of
+    heavy_teacher.py saved as a checkpoint, and c.yaml caching its top-k targets."""
+    import yaml
+    from heavy_teacher import make
+
+    ws = workdir(prefix)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 64)).astype(np.float32)
+    np.savez(ws / "d.npz", x=x, y=rng.integers(0, 1000, rows), x_test=x[:10], y_test=np.arange(10))
+    torch.manual_seed(0)
+    torch.save(make().state_dict(), ws / "teacher.pt")
+    (ws / "c.yaml").write_text(yaml.safe_dump({
+        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
+        "teachers": {"temperature": temperature, "members": [{"name": "heavy", "arch": "import",
+                     "factory": "heavy_teacher:make", "checkpoint": str(ws / "teacher.pt")}]},
+        "cache": {"encoding": "topk", "k": 32, **cache},
+    }))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return ws, x
+
+
 class Timer:
     def __enter__(self) -> "Timer":
         self.start = time.perf_counter()

@@ -16,19 +16,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
 
-from heavy_teacher import make  # noqa: E402
+from common import heavy_workspace  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.fanout import open_client  # noqa: E402
@@ -49,22 +46,8 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=1000)
     args = ap.parse_args()
 
-    ws = Path(tempfile.mkdtemp(prefix="logitcache-bench-"))
-    rng = np.random.default_rng(0)
-    np.savez(ws / "d.npz", x=rng.normal(size=(args.rows, 64)).astype(np.float32),
-             y=rng.integers(0, 1000, args.rows), x_test=np.zeros((10, 64), np.float32),
-             y_test=np.arange(10))  # a given test set: every row is in the transfer set
-    torch.manual_seed(0)
-    torch.save(make().state_dict(), ws / "teacher.pt")
-    cfg = {
-        "workspace": str(ws),
-        "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
-        "teachers": {"members": [{"name": "heavy", "arch": "import", "factory": "heavy_teacher:make",
-                                  "checkpoint": str(ws / "teacher.pt")}]},
-        "cache": {"encoding": "topk", "k": 32, "rows_per_shard": args.rows_per_shard, "chunk_rows": 500,
-                  "batch_size": 1000},
-    }
-    (ws / "c.yaml").write_text(yaml.safe_dump(cfg))
+    ws, _ = heavy_workspace("fanout", args.rows, {"rows_per_shard": args.rows_per_shard, "chunk_rows": 500,
+                                                   "batch_size": 1000})
     shards = -(-args.rows // args.rows_per_shard)
 
     def timed(root: str, client=None, **over) -> float:

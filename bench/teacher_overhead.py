@@ -10,13 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import Timer, emit, workdir  # noqa: E402
+from common import Timer, emit, heavy_workspace  # noqa: E402
 from heavy_teacher import make  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
@@ -30,22 +28,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    ws = workdir("overhead")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.rows, 64)).astype(np.float32)
-    np.savez(ws / "d.npz", x=x, y=rng.integers(0, 1000, args.rows), x_test=x[:10], y_test=np.arange(10))
-    torch.manual_seed(0)
-    torch.save(make().state_dict(), ws / "t.pt")
-    (ws / "c.yaml").write_text(yaml.safe_dump({
-        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
-        "teachers": {"members": [{"name": "heavy", "arch": "import", "factory": "heavy_teacher:make",
-                                  "checkpoint": str(ws / "t.pt")}]},
-        "cache": {"encoding": "topk", "k": 32, "rows_per_shard": 2000, "chunk_rows": 1000, "batch_size": 500,
-                  "device": args.device},
-    }))
+    ws, x = heavy_workspace("overhead", args.rows, {"rows_per_shard": 2000, "chunk_rows": 1000, "batch_size": 500,
+                                                     "device": args.device})
     device = resolve_device(args.device)
     model = make().to(device).eval()
-    model.load_state_dict(torch.load(ws / "t.pt"))
+    model.load_state_dict(torch.load(ws / "teacher.pt"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def bare() -> None:

@@ -4,7 +4,6 @@ and nothing half-written that a later run would take as complete."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 import userzoo
