@@ -33,7 +33,7 @@ def fidelity(logp_full: torch.Tensor, data: dict[str, np.ndarray], enc: fmt.Enco
         cached = losses.topk_full_logp(ids, torch.from_numpy(data["logp"]).float(),
                                        torch.from_numpy(data["residual"]).float(), V)
         kept = float(logp_full.exp().gather(-1, ids).sum(-1).mean())
-        top1 = ids[:, 0]
+        top1 = ids.gather(-1, torch.from_numpy(data["logp"]).float().argmax(-1, keepdim=True)).squeeze(-1)
     else:  # sampled: unbiased, not a distribution to compare; report the loss estimate's error
         ids = torch.from_numpy(data["ids"].astype(np.int64))
         counts = torch.from_numpy(data["counts"].astype(np.float32))
@@ -60,22 +60,27 @@ def main() -> None:
     cases = [
         (1000, fmt.Encoding("dense", 1000, "float16"), args.rows),
         (1000, fmt.Encoding("topk", 1000, k=10), args.rows),
+        (1000, fmt.Encoding("topk", 1000, k=10, bits=8), args.rows),
+        (1000, fmt.Encoding("topk", 1000, k=16, bits=8), args.rows),
         (1000, fmt.Encoding("topk", 1000, k=32), args.rows),
         (32000, fmt.Encoding("topk", 32000, k=32, token_rows=True), args.rows // 4),
         (32000, fmt.Encoding("topk", 32000, k=8, token_rows=True), args.rows // 4),
+        (32000, fmt.Encoding("topk", 32000, k=32, token_rows=True, bits=8), args.rows // 4),
         (32000, fmt.Encoding("sampled", 32000, draws=32, token_rows=True), args.rows // 4),
         (32000, fmt.Encoding("sampled", 32000, draws=16, token_rows=True), args.rows // 4),
     ]
     for classes, enc, rows in cases:
-        label = f"{classes}:{enc.name}" + {"topk": f"-k{enc.k}", "sampled": f"-n{enc.draws}"}.get(enc.name, f"-{enc.dtype}")
+        label = f"{classes}:{enc.name}" + {"topk": f"-k{enc.k}" + ("-q8" if enc.bits == 8 else ""),
+                                            "sampled": f"-n{enc.draws}"}.get(enc.name, f"-{enc.dtype}")
         z = synthetic_logits(rows, classes, seed=1) if classes == 1000 else lm_logits(rows, classes, seed=1)
         logp = torch.log_softmax(z, -1)
-        data = fmt.to_host(fmt.encode(logp, enc, torch.Generator().manual_seed(0)), enc)
-        data["sample_id"] = np.arange(rows, dtype=np.int64) // (64 if enc.token_rows else 1)
+        stored = fmt.to_host(fmt.encode(logp, enc, torch.Generator().manual_seed(0)), enc)
+        data = fmt.decode(stored, enc)
+        stored["sample_id"] = np.arange(rows, dtype=np.int64) // (64 if enc.token_rows else 1)
         if enc.token_rows:
-            data["position"] = (np.arange(rows) % 64).astype(np.int16)
+            stored["position"] = (np.arange(rows) % 64).astype(np.int16)
         path = ws / f"{label.replace(':', '_')}.zarr"
-        fmt.write_shard(path, data, {}, enc, 4096, 3)
+        fmt.write_shard(path, stored, {}, enc, 4096, 3)
         nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         results[label] = {"bytes_per_row": round(nbytes / rows, 2), **fidelity(logp, data, enc)}
     emit("bytes", rows=args.rows, results=results, goals={"1000_classes_bytes_per_view": 32,

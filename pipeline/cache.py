@@ -54,6 +54,13 @@ class Encoding:
     k: int = 0  # topk
     draws: int = 0  # sampled
     token_rows: bool = False  # language models: rows are tokens, with a position column
+    bits: int = 16  # topk: 16 (float16 log-probs) or 8 (log-quantized uint8, delta-coded ids)
+    logp_range: float = 16.0  # bits=8: log-probs in [-logp_range, 0] map to 255 steps
+
+    @property
+    def scale(self) -> float:
+        """bits=8: one quantization step in log space (the decoded error is at most half a step)."""
+        return self.logp_range / 255.0
 
     @property
     def ids_dtype(self) -> np.dtype:
@@ -65,6 +72,10 @@ class Encoding:
         if self.name == "sampled":
             return {"name": "sampled", "draws": self.draws, "ids_dtype": str(self.ids_dtype),
                     "counts_dtype": "uint8", "entropy_dtype": "float16"}
+        if self.bits == 8:
+            return {"name": "topk", "k": self.k, "bits": 8, "ids": "ascending, delta-coded " + str(self.ids_dtype),
+                    "logp": "uint8 q, logp = -q * scale", "residual": "uint8 q, residual = exp(-q * scale)",
+                    "scale": self.scale, "logp_range": self.logp_range}
         return {"name": "topk", "k": self.k, "ids_dtype": str(self.ids_dtype), "logp_dtype": "float16",
                 "residual_dtype": "float16"}
 
@@ -86,6 +97,8 @@ def encode(logp: torch.Tensor, enc: Encoding, generator: torch.Generator | None 
         residual = torch.logsumexp(tail, dim=-1).exp()  # exact even when tiny, unlike 1 - sum
     else:
         residual = torch.zeros(logp.shape[0], device=logp.device)
+    if enc.bits == 8:  # quantized from float32 on the device: a quarter of the bytes cross to the host
+        return _quantize({"ids": ids, "logp": vals, "residual": residual}, enc)
     return {"ids": ids.to(torch.int32), "logp": vals.clamp(min=LOGP_FLOOR).half(), "residual": residual.half()}
 
 
@@ -110,6 +123,34 @@ def to_host(encoded: dict[str, torch.Tensor], enc: Encoding) -> dict[str, np.nda
     out = {k: v.cpu().numpy() for k, v in encoded.items()}
     if "ids" in out:
         out["ids"] = out["ids"].astype(enc.ids_dtype)
+    return out
+
+
+def _quantize(t: dict[str, torch.Tensor], enc: Encoding) -> dict[str, torch.Tensor]:
+    """Top-k in 8 bits: ids ascending and delta-coded (small numbers compress), log-probs and the
+    residual's log as uint8 steps of `scale` below zero."""
+    ids, order = t["ids"].long().sort(dim=-1)
+    logp = t["logp"].float().gather(-1, order)
+    delta = torch.cat([ids[:, :1], ids[:, 1:] - ids[:, :-1]], dim=-1)
+
+    def q(neg_log: torch.Tensor) -> torch.Tensor:
+        return (neg_log.clamp(0, enc.logp_range) / enc.scale).round().to(torch.uint8)
+
+    residual = t["residual"].float().clamp(min=1e-30)
+    return {"ids": delta.to(torch.int32), "logp": q(-logp), "residual": q(-residual.log())}
+
+
+def decode(arrays: dict[str, np.ndarray], enc: Encoding) -> dict[str, np.ndarray]:
+    """Stored columns -> standard ones (ids, log-probs, residual); vectorized, no row loops.
+
+    8-bit top-k decodes to float32, so the error is the quantization's alone: half a step."""
+    if enc.name != "topk" or enc.bits != 8:
+        return arrays
+    out = dict(arrays)
+    out["ids"] = np.cumsum(arrays["ids"].astype(np.int64), axis=-1).astype(enc.ids_dtype)
+    out["logp"] = -np.float32(enc.scale) * arrays["logp"].astype(np.float32)
+    r = np.exp(-np.float32(enc.scale) * arrays["residual"].astype(np.float32))
+    out["residual"] = np.where(arrays["residual"] == 255, np.float32(0), r)  # 255: below e^-logp_range
     return out
 
 
@@ -283,7 +324,8 @@ class CacheReader:
         spec = manifest["spec"]
         enc = spec["encoding"]
         self.encoding = Encoding(enc["name"], spec["num_classes"], enc.get("dtype", "float16"), enc.get("k", 0),
-                                 enc.get("draws", 0), token_rows="seq_len" in spec["dataset"])
+                                 enc.get("draws", 0), token_rows="seq_len" in spec["dataset"],
+                                 bits=enc.get("bits", 16), logp_range=enc.get("logp_range", 16.0))
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self._handles: dict[int, Any] = {}
@@ -328,7 +370,8 @@ class CacheReader:
         path = self.dir / entry["path"]
         if path.suffix == ".zarr":
             arrays = self._handle(chunk.shard, path)
-            return {name: arrays[name][chunk.start:chunk.stop] for name in self.encoding.columns()}
+            raw = {name: arrays[name][chunk.start:chunk.stop] for name in self.encoding.columns()}
+            return decode(raw, self.encoding)
         import pyarrow as pa
 
         table = self._handle(chunk.shard, path).read_row_group(chunk.index)
@@ -339,7 +382,7 @@ class CacheReader:
                 out[name] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
             else:
                 out[name] = col.to_numpy(zero_copy_only=False)
-        return out
+        return decode(out, self.encoding)
 
     def read_many(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:
         """Read several chunks in order; Zarr chunks concurrently (zarr's per-read overhead and zstd

@@ -97,6 +97,8 @@ class CacheConfig:
     encoding: Literal["dense", "topk", "sampled"] = "dense"
     dtype: Literal["float16", "float32"] = "float16"  # dense: storage dtype of the log-probs
     k: int = 5  # topk: classes kept per row
+    bits: Literal[16, 8] = 16  # topk: 8 stores log-quantized uint8 log-probs and delta-coded ids
+    logp_range: float = 16.0  # bits=8: log-probs below -logp_range are clipped
     draws: int = 32  # sampled: ids drawn per row from the ensemble distribution (<= 255)
     dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
     rows_per_shard: int = 512
@@ -380,6 +382,8 @@ def validate(cfg: Config) -> list[str]:
         e.append("cache.k: must be >= 1")
     if c.rows_per_shard < 1 or c.chunk_rows < 1 or c.batch_size < 1:
         e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
+    if c.logp_range <= 0:
+        e.append("cache.logp_range: must be > 0")
     if not 1 <= c.draws <= 255:
         e.append("cache.draws: must be in 1..255 (counts are stored as uint8)")
     if d.task == "lm":

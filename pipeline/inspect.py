@@ -11,7 +11,8 @@ from pipeline.io import sha256_tree
 
 
 def _label(enc: dict[str, Any]) -> str:
-    extra = {"topk": f"k{enc.get('k')}", "sampled": f"n{enc.get('draws')}"}.get(enc["name"], enc.get("dtype", ""))
+    extra = {"topk": f"k{enc.get('k')}" + ("-q8" if enc.get("bits") == 8 else ""),
+             "sampled": f"n{enc.get('draws')}"}.get(enc["name"], enc.get("dtype", ""))
     return f"{enc['name']}-{extra}"
 
 

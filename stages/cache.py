@@ -84,7 +84,8 @@ def context(cfg: Config) -> Context:
     if c.encoding == "dense" and splits.num_classes > c.dense_max_classes:
         raise ConfigError(f"cache.encoding: dense needs {splits.num_classes} values per row; above "
                           f"cache.dense_max_classes={c.dense_max_classes} use encoding topk or sampled")
-    enc = fmt.Encoding(c.encoding, splits.num_classes, c.dtype, min(c.k, splits.num_classes), c.draws, lm)
+    enc = fmt.Encoding(c.encoding, splits.num_classes, c.dtype, min(c.k, splits.num_classes), c.draws, lm,
+                       c.bits if c.encoding == "topk" else 16, c.logp_range)
     spec = {
         "format_version": fmt.FORMAT_VERSION,
         "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),

@@ -84,7 +84,8 @@ def test_crash_leftovers_are_redone_identically(workspace):
 
 def test_zarr_and_parquet_hold_the_same_targets(workspace):
     _, path = workspace
-    for enc in (["cache.encoding=dense"], ["cache.encoding=topk", "cache.k=4"]):
+    for enc in (["cache.encoding=dense"], ["cache.encoding=topk", "cache.k=4"],
+                ["cache.encoding=topk", "cache.k=4", "cache.bits=8"]):
         _, dz = build(path, "cache.backend=zarr", *enc)
         _, dp = build(path, "cache.backend=parquet", *enc)
         assert dz != dp

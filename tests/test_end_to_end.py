@@ -63,7 +63,7 @@ def test_user_npz_and_parquet_data(cli_run, tmp_path):
     student = {"epochs": 5, "batch_size": 50, "models": [{"name": "s", "arch": "mlp", "hidden": [8]}]}
     for data in ({"source": str(tmp_path / "blobs.npz")},
                  {"source": str(tmp_path / "blobs.parquet"), "test_source": str(tmp_path / "blobs_test.parquet")}):
-        cfg = tiny_config(tmp_path, data=data, student=student, cache={"encoding": "topk", "k": 2})
+        cfg = tiny_config(tmp_path, data=data, student=student, cache={"encoding": "topk", "k": 2, "bits": 8})
         cli_run("run", str(write_config(tmp_path / "c.yaml", cfg)))
         report = json.loads((tmp_path / "runs" / "t" / "report.json").read_text())
         assert report["num_classes"] == 4 and report["test_rows"] == 100
