@@ -163,6 +163,21 @@ def caches_inspect(cache_ref: str, root: Path, verify: bool) -> None:
     click.echo(json.dumps(inspect_cache(cache_ref, root, verify), indent=2))
 
 
+@caches.command("fidelity")
+@click.argument("cache_ref", metavar="ID_OR_PATH")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/caches"),
+              show_default=True, help="Directory that holds the caches.")
+@click.option("--rows", type=int, default=2000, show_default=True, help="Cached rows to re-run the teachers on.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where fidelity.json and fidelity.png go (default <workspace>/fidelity/<cache_id>).")
+def caches_fidelity(cache_ref: str, root: Path, rows: int, out: Path | None) -> None:
+    """Re-run the teachers on sampled rows: KL, mass kept, top-1 agreement and loss bias of this cache
+    and of every other encoding and k, to choose them from data."""
+    from pipeline.fidelity import fidelity, table
+
+    click.echo(table(fidelity(cache_ref, root, rows, out)))
+
+
 @cli.command("job-script")
 @CONFIG
 @OVERRIDES

@@ -446,5 +446,16 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def non_default(spec: Any) -> dict[str, Any]:
+    """Plain-data view of a dataclass with only the fields that differ from their defaults."""
+    out = {}
+    for f in dataclasses.fields(spec):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(spec, f.name)
+        if default is dataclasses.MISSING or value != default:
+            out[f.name] = to_dict(value)
+    return out
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

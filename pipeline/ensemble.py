@@ -39,10 +39,11 @@ def teacher_refs(cfg: Config, splits: Splits) -> list[TeacherRef]:
             assert spec.path is not None
             refs.append(TeacherRef(i, spec, Path(spec.path), trained_here=False))
         else:
-            key = hash_json({
-                "format": TEACHER_FORMAT, "spec": _spec_dict(spec), "train": splits.train.fingerprint,
-                "classes": splits.num_classes, "fit": training_settings(cfg, spec), "vocab": splits.vocab,
-            })[:12]
+            identity = {"format": TEACHER_FORMAT, "spec": _spec_dict(spec), "train": splits.train.fingerprint,
+                        "classes": splits.num_classes, "fit": training_settings(cfg, spec)}
+            if splits.vocab:
+                identity["vocab"] = splits.vocab
+            key = hash_json(identity)[:12]
             path = cfg.teacher_dir / f"{spec.name}-{key}" / "model.pt"
             refs.append(TeacherRef(i, spec, path, trained_here=True))
     return refs
@@ -55,11 +56,13 @@ def training_settings(cfg: Config, spec: ModelSpec) -> dict:
 
 
 def _spec_dict(spec: ModelSpec) -> dict:
-    from pipeline.config import to_dict
+    """The fields that differ from their defaults: a new config field with a default never
+    changes the identity of an existing teacher, nor the caches made from it."""
+    from pipeline.config import non_default
 
-    d = to_dict(spec)
+    d = non_default(spec)
     for k in ("temperature", "alpha"):  # student-only fields never change a teacher
-        d.pop(k)
+        d.pop(k, None)
     return d
 
 

@@ -107,6 +107,12 @@ def context(cfg: Config) -> Context:
     return ctx
 
 
+def forget() -> None:
+    """Drop this process's memos, so the next call hashes data and teachers as they are on disk."""
+    _contexts.clear()
+    _teachers.clear()
+
+
 def cache_dir(cfg: Config) -> Path:
     return context(cfg).dir
 
@@ -212,8 +218,7 @@ def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = N
 
     In-process, writing a shard overlaps computing the next; with a Dask client, the pending
     shards are mapped over the workers (teachers loaded once per worker)."""
-    _contexts.clear()  # files may have changed since an earlier call in this process
-    _teachers.clear()
+    forget()  # files may have changed since an earlier call in this process
     task_share([], shard_index, num_shards)  # reject a bad --shard-index before any work
     ctx = context(cfg)
     manifest = fmt.read_manifest(ctx.dir)

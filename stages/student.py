@@ -26,7 +26,7 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline import losses
-from pipeline.config import GRID_KEYS, Config, ModelSpec, dump_yaml, to_dict
+from pipeline.config import GRID_KEYS, Config, ModelSpec, dump_yaml, non_default
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CacheError, ConfigError
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
@@ -107,7 +107,7 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
     s, m = cfg.student, models(cfg)[shard.model]
     temperature = m.temperature or s.temperature or reader.temperature
     return {
-        "model": to_dict(m), "seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
+        "model": non_default(m), "seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
         "epochs": m.epochs or s.epochs, "lr": m.lr or s.lr, "batch_size": s.batch_size,
         "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
         "temperature": temperature, "alpha": 1.0 if shard.kind == "hard" else (m.alpha if m.alpha is not None else s.alpha),

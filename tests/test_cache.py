@@ -115,11 +115,11 @@ def test_changed_teacher_weights_change_the_id(workspace, tmp_path):
         state = torch.load(ref.checkpoint, weights_only=True)
         state["1.bias"] += 0.01
         torch.save(state, ref.checkpoint)
-        cache_stage._contexts.clear()
+        cache_stage.forget()
         assert cache_stage.cache_dir(load_config(path)) != before
     finally:
         ref.checkpoint.write_bytes(saved)
-        cache_stage._contexts.clear()
+        cache_stage.forget()
 
 
 def test_shards_describe_themselves_in_plain_zarr_and_pyarrow(workspace):
