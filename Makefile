@@ -25,7 +25,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-# Each script prints one JSON line of figures measured side by side (about 4 minutes on 2 cores).
+# Each script prints one JSON line of figures measured side by side (about 5 minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
 	$(PY) bench/student_streaming.py
@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/reader.py
 	$(PY) bench/bytes.py
 	$(PY) bench/amortization.py
+	$(PY) bench/kd_gain.py
 	$(PY) bench/fanout.py
 
 clean:
