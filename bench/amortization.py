@@ -16,14 +16,14 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import Timer, emit, heavy_workspace  # noqa: E402
-from heavy_teacher import make  # noqa: E402
+from common import Timer, emit, heavy_workspace
+from heavy_teacher import make
 
-from pipeline import cache as fmt  # noqa: E402
-from pipeline import losses  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.loader import ChunkShuffleLoader  # noqa: E402
-from stages import cache as cache_stage  # noqa: E402
+from pipeline import cache as fmt
+from pipeline import losses
+from pipeline.config import load_config
+from pipeline.loader import ChunkShuffleLoader
+from stages import cache as cache_stage
 
 BATCH, K, T = 256, 32, 2.0
 

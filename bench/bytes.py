@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, lm_logits, synthetic_logits, workdir  # noqa: E402
+from common import emit, lm_logits, synthetic_logits, workdir
 
-from pipeline import cache as fmt  # noqa: E402
-from pipeline import losses  # noqa: E402
+from pipeline import cache as fmt
+from pipeline import losses
 
 
 def fidelity(logp_full: torch.Tensor, data: dict[str, np.ndarray], enc: fmt.Encoding) -> dict[str, float]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import Self
 
 from pipeline import cache as fmt
 
@@ -85,9 +86,9 @@ def heavy_workspace(prefix: str, rows: int, cache: dict[str, Any], temperature: 
 
 
 class Timer:
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Self:
         self.start = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start

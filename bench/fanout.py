@@ -25,15 +25,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
 
-from common import heavy_workspace  # noqa: E402
+from common import heavy_workspace
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.fanout import open_client  # noqa: E402
-from stages import cache as cache_stage  # noqa: E402
+from pipeline.config import load_config
+from pipeline.fanout import open_client
+from stages import cache as cache_stage
 
 
 def _warm() -> int:
-    import torch  # noqa: F401
+    import torch
 
     import stages.cache  # noqa: F401
 

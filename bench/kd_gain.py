@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, workdir  # noqa: E402
+from common import emit, workdir
 
-from pipeline.config import load_config  # noqa: E402
-from stages import cache, evaluate, student, teachers  # noqa: E402
+from pipeline.config import load_config
+from stages import cache, evaluate, student, teachers
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "omit3.yaml"
 CACHES = {

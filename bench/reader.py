@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, emit, workdir, write_cache  # noqa: E402
+from common import Timer, emit, workdir, write_cache
 
-from pipeline import cache as fmt  # noqa: E402
-from pipeline.loader import ChunkShuffleLoader  # noqa: E402
+from pipeline import cache as fmt
+from pipeline.loader import ChunkShuffleLoader
 
 
 def main() -> None:

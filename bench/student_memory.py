@@ -17,11 +17,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import emit, workdir, write_cache  # noqa: E402
-from student_streaming import train  # noqa: E402
+from common import emit, workdir, write_cache
+from student_streaming import train
 
-from pipeline import cache as fmt  # noqa: E402
-from pipeline.loader import ChunkShuffleLoader  # noqa: E402
+from pipeline import cache as fmt
+from pipeline.loader import ChunkShuffleLoader
 
 
 def child(cache_dir: str) -> None:

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, emit, workdir, write_cache  # noqa: E402
+from common import Timer, emit, workdir, write_cache
 
-from pipeline import cache as fmt  # noqa: E402
-from pipeline import losses  # noqa: E402
-from pipeline.loader import ChunkShuffleLoader  # noqa: E402
+from pipeline import cache as fmt
+from pipeline import losses
+from pipeline.loader import ChunkShuffleLoader
 
 
 def inputs_for(ids: np.ndarray) -> torch.Tensor:
@@ -57,7 +57,7 @@ def main() -> None:
 
     best = {"disk": 0.0, "ram": 0.0}
     for _ in range(args.repeats):
-        for name in best:
+        for name in ("disk", "ram"):
             m, opt = student()
             with Timer() as t:
                 steps = train(loader.batches(0) if name == "disk" else in_ram, m, opt)

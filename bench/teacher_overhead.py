@@ -14,12 +14,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import Timer, emit, heavy_workspace  # noqa: E402
-from heavy_teacher import make  # noqa: E402
+from common import Timer, emit, heavy_workspace
+from heavy_teacher import make
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.models import resolve_device  # noqa: E402
-from stages import cache as cache_stage  # noqa: E402
+from pipeline.config import load_config
+from pipeline.models import resolve_device
+from stages import cache as cache_stage
 
 
 def main() -> None:

@@ -27,7 +27,14 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import CacheError
-from pipeline.io import atomic_write_json, hash_json, publish_dir, remove_dead_tmp, sha256_tree, tmp_name
+from pipeline.io import (
+    atomic_write_json,
+    hash_json,
+    publish_dir,
+    remove_dead_tmp,
+    sha256_tree,
+    tmp_name,
+)
 
 FORMAT_VERSION = 1
 LOGP_FLOOR = -1.0e4  # finite stand-in for log(0), representable in float16

@@ -54,7 +54,7 @@ class Dataset:
             )
         return rows
 
-    def subset(self, mask: np.ndarray) -> "Dataset":
+    def subset(self, mask: np.ndarray) -> Dataset:
         return Dataset(self.x[mask], None if self.y is None else self.y[mask], self.ids[mask], self.source)
 
 
@@ -128,7 +128,9 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> Dataset:
-    from sklearn.datasets import load_digits  # ships with scikit-learn, nothing is downloaded
+    from sklearn.datasets import (
+        load_digits,  # ships with scikit-learn, nothing is downloaded
+    )
 
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]  # (1797, 1, 8, 8)
@@ -138,7 +140,7 @@ def _digits() -> Dataset:
 
 def _split(d: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     perm = np.random.default_rng(seed).permutation(len(d))
-    n_test = max(1, int(round(len(d) * test_fraction)))
+    n_test = max(1, round(len(d) * test_fraction))
     test_mask = np.zeros(len(d), dtype=bool)
     test_mask[perm[:n_test]] = True
     return d.subset(~test_mask), d.subset(test_mask)
@@ -215,9 +217,9 @@ def _dataset(arrays: dict[str, np.ndarray], xk: str, yk: str, source: str, label
         y_raw = np.asarray(arrays[yk])
         if y_raw.shape != (len(x),):
             raise DataError(f"{source}: {yk!r} has shape {y_raw.shape}, expected ({len(x)},) to match {xk!r}")
-        if not np.issubdtype(y_raw.dtype, np.integer):
-            if not np.issubdtype(y_raw.dtype, np.floating) or np.any(y_raw != np.round(y_raw)):
-                raise DataError(f"{source}: {yk!r} must hold integer class labels, got {y_raw.dtype}")
+        whole = np.issubdtype(y_raw.dtype, np.floating) and np.all(y_raw == np.round(y_raw))
+        if not np.issubdtype(y_raw.dtype, np.integer) and not whole:
+            raise DataError(f"{source}: {yk!r} must hold integer class labels, got {y_raw.dtype}")
         y = y_raw.astype(np.int64)
     ids_key = "ids" if xk == "x" else "ids_test"
     if ids_key in arrays:

@@ -45,7 +45,12 @@ def _full_logp(cfg: Any, reader: fmt.CacheReader, rows: int, seed: int) -> tuple
     """The ensemble's full log-probs (n, C) for a random sample of whole cached chunks, and the
     cached (decoded) rows they correspond to."""
     from pipeline.data import load_splits
-    from pipeline.ensemble import combine, load_teacher, normalized_weights, teacher_refs
+    from pipeline.ensemble import (
+        combine,
+        load_teacher,
+        normalized_weights,
+        teacher_refs,
+    )
 
     rng = np.random.default_rng(seed)
     chunks = reader.chunks()
@@ -128,7 +133,7 @@ def fidelity(ref: str, root: Path, rows: int, out: Path | None) -> dict[str, Any
     full, cached = _full_logp(cfg, reader, rows, seed=0)
     enc = reader.encoding
     C = enc.num_classes
-    result: dict[str, Any] = {"cache_id": cache_dir.name, "rows": int(len(full)), "classes": C,
+    result: dict[str, Any] = {"cache_id": cache_dir.name, "rows": len(full), "classes": C,
                               "encoding": enc.describe(), "bytes_per_row": reader.manifest["bytes_per_row"],
                               "cache": _measure(full, cached, enc)}
     sweep = []
@@ -152,8 +157,8 @@ def fidelity(ref: str, root: Path, rows: int, out: Path | None) -> dict[str, Any
 
 def table(result: dict[str, Any]) -> str:
     head = f"{'encoding':<16} {'KL(full||cached)':>17} {'mass kept':>10} {'top-1 agree':>12} {'loss bias':>10}"
-    lines = [f"cache {result['cache_id']} ({result['rows']} rows sampled, {result['classes']} classes, "
-             f"{result['bytes_per_row']} B/row stored)", head, "-" * len(head)]
+    lines = [(f"cache {result['cache_id']} ({result['rows']} rows sampled, {result['classes']} classes, "
+             f"{result['bytes_per_row']} B/row stored)"), head, "-" * len(head)]
 
     def line(name: str, m: dict[str, Any]) -> str:
         kl = "-" if m["kl"] is None else f"{m['kl']:.5f}"

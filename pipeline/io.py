@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-
 HOST = socket.gethostname().replace("-", "_")
 
 

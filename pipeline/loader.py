@@ -8,6 +8,7 @@ run replays it exactly; resuming at batch b reads nothing before the buffer that
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,7 +28,7 @@ class ChunkShuffleLoader:
         self.per_item = rows_per_item
 
     def __len__(self) -> int:
-        return -(-self.reader.rows // self.batch_size)
+        return math.ceil(self.reader.rows / self.batch_size)
 
     def _buffers(self, rng: np.random.Generator) -> list[list[Chunk]]:
         by_shard: dict[int, list[Chunk]] = {}

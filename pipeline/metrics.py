@@ -19,14 +19,14 @@ class Summary:
     logp_true: np.ndarray  # (N,) log-probability of the true class
 
     @staticmethod
-    def of(logp: torch.Tensor, y: torch.Tensor) -> "Summary":
+    def of(logp: torch.Tensor, y: torch.Tensor) -> Summary:
         """From log-probabilities (..., C) and labels (...)."""
         logp = logp.reshape(-1, logp.shape[-1]).float()
         conf, pred = logp.max(-1)
         return Summary(pred.numpy(), conf.exp().numpy(), logp.gather(-1, y.reshape(-1, 1)).squeeze(-1).numpy())
 
     @staticmethod
-    def concat(parts: list["Summary"]) -> "Summary":
+    def concat(parts: list[Summary]) -> Summary:
         return Summary(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("pred", "conf", "logp_true")))
 
 

@@ -7,6 +7,8 @@ count before it is used, so a mismatch fails with a clear message instead of a s
 from __future__ import annotations
 
 import importlib
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -103,7 +105,7 @@ def load_state(model: nn.Module, path: Path, where: str) -> None:
         raise ModelError(f"{where}.checkpoint: {path} does not exist; give a state_dict saved with torch.save")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise ModelError(f"{where}.checkpoint: cannot load {path} ({type(e).__name__}); "
                          "save it with torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

@@ -31,17 +31,7 @@ from pipeline.errors import DataError
 from pipeline.io import atomic_write_text, hash_json
 
 EOS = "<|endoftext|>"
-DOC_MODULES = (
-    "abc argparse array ast asyncio base64 bisect builtins calendar cmath collections colorsys "
-    "concurrent.futures configparser contextlib copy csv dataclasses datetime decimal difflib dis "
-    "email enum filecmp fnmatch fractions functools gettext glob gzip hashlib heapq hmac html "
-    "http.client imaplib importlib inspect io ipaddress itertools json logging lzma mailbox "
-    "math mimetypes multiprocessing numbers operator optparse os pathlib pickle pkgutil platform "
-    "plistlib poplib pprint queue random re sched secrets selectors shelve shlex shutil signal "
-    "smtplib socket socketserver sqlite3 ssl statistics string struct subprocess tarfile tempfile "
-    "textwrap threading timeit tokenize trace traceback turtle typing unittest urllib.parse "
-    "urllib.request uuid warnings weakref xml.dom.minidom xml.etree.ElementTree zipfile zoneinfo"
-).split()
+DOC_MODULES = ["abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "builtins", "calendar", "cmath", "collections", "colorsys", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "email", "enum", "filecmp", "fnmatch", "fractions", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "http.client", "imaplib", "importlib", "inspect", "io", "ipaddress", "itertools", "json", "logging", "lzma", "mailbox", "math", "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint", "queue", "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "socketserver", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "turtle", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo"]
 
 
 def python_docs() -> list[str]:
@@ -62,7 +52,7 @@ def _module_docs(name: str) -> list[str]:
 
     try:
         mod = importlib.import_module(name)
-    except Exception:  # a module missing from this build of Python is skipped
+    except ImportError:  # a module missing from this build of Python is skipped
         return []
     members = [mod] + [obj for key, obj in sorted(vars(mod).items()) if not key.startswith("_")
                        and (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj))
@@ -174,7 +164,7 @@ def load_lm_splits(d: DataConfig, workspace: str, stamps: tuple) -> Splits:
     docs = read_documents(d.source, "data.source", d.text_field)
     # a deterministic document-level split keeps held-out text unseen by teachers and students
     order = np.random.default_rng(d.split_seed).permutation(len(docs))
-    n_test = max(1, int(round(len(docs) * d.test_fraction)))
+    n_test = max(1, round(len(docs) * d.test_fraction))
     test_docs = [docs[i] for i in sorted(order[:n_test])]
     train_docs = [docs[i] for i in sorted(order[n_test:])]
     if d.test_source is not None:

@@ -29,7 +29,14 @@ import torch
 from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
 from pipeline.data import Splits, load_splits
-from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_identity, teacher_refs
+from pipeline.ensemble import (
+    check_finite,
+    combine,
+    load_teacher,
+    normalized_weights,
+    teacher_identity,
+    teacher_refs,
+)
 from pipeline.errors import CacheError, ConfigError
 from pipeline.fanout import run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text

@@ -19,9 +19,20 @@ import torch
 from pipeline import metrics
 from pipeline.config import Config
 from pipeline.data import load_splits
-from pipeline.ensemble import combine, load_teacher, normalized_weights, teacher_identity, teacher_refs
+from pipeline.ensemble import (
+    combine,
+    load_teacher,
+    normalized_weights,
+    teacher_identity,
+    teacher_refs,
+)
 from pipeline.errors import CacheError
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
+from pipeline.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    hash_json,
+)
 from pipeline.models import build_model, load_state
 from pipeline.progress import log
 from stages import student as student_stage
@@ -187,9 +198,9 @@ def _markdown(report: dict[str, Any]) -> str:
     c = report["cache"]
     lines = [
         f"# logitcache report: {report['run']}", "",
-        f"Held-out rows: {report['test_rows']}, classes: {report['num_classes']}. Cache `{c['cache_id']}`: "
+        (f"Held-out rows: {report['test_rows']}, classes: {report['num_classes']}. Cache `{c['cache_id']}`: "
         f"{c['rows']} rows, {c['encoding']['name']} on {c['backend']}, {c['bytes']} bytes "
-        f"({c['bytes_per_row']} B/row), T={c['temperature']}.", "",
+        f"({c['bytes_per_row']} B/row), T={c['temperature']}."), "",
         "| model | role | params | accuracy | NLL | ECE | agreement with ensemble |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]

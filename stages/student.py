@@ -29,8 +29,13 @@ from pipeline import losses
 from pipeline.config import GRID_KEYS, Config, ModelSpec, dump_yaml, non_default
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CacheError, ConfigError
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, hash_json
 from pipeline.fanout import run_all, task_share
+from pipeline.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    hash_json,
+)
 from pipeline.loader import ChunkShuffleLoader
 from pipeline.models import build_model, resolve_device
 from pipeline.progress import log

@@ -20,8 +20,8 @@ from torch import nn
 
 from pipeline.config import Config, dump_yaml
 from pipeline.data import load_splits
-from pipeline.fanout import run_all, task_share
 from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
+from pipeline.fanout import run_all, task_share
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.models import build_model
 from pipeline.progress import log

@@ -68,7 +68,7 @@ def cli_run():
 def run_subprocess(args: list[str], cwd: Path | None = None, **kw: Any) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=600, **kw)
+                          capture_output=True, text=True, timeout=600, check=False, **kw)
 
 
 @pytest.fixture(autouse=True)

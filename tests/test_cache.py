@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
-
 from conftest import tiny_config, write_config
+
 from pipeline import cache as fmt
 from pipeline.config import load_config
 from pipeline.data import load_splits
@@ -65,7 +65,7 @@ def test_rerun_does_nothing_and_rebuild_is_byte_identical(workspace, capsys):
 def test_crash_leftovers_are_redone_identically(workspace):
     """A killed run leaves some shards, a temp directory, no manifest: the rerun completes it."""
     _, path = workspace
-    cfg, d = build(path, "cache.encoding=topk", "cache.k=3")
+    _cfg, d = build(path, "cache.encoding=topk", "cache.k=3")
     reference = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").unlink()
     shutil.rmtree(d / "shards" / "00001.zarr")
@@ -98,7 +98,7 @@ def test_zarr_and_parquet_hold_the_same_targets(workspace):
 
 
 def test_any_input_change_gives_a_new_id(workspace):
-    ws, path = workspace
+    _ws, path = workspace
     base = cache_stage.cache_dir(load_config(path))
     for override in ("teachers.temperature=3", "teachers.ensemble=mean_logprobs", "teachers.weights=[2, 1]",
                      "cache.encoding=topk", "cache.dtype=float32", "data.transfer.exclude_classes=[3]"):
@@ -106,7 +106,7 @@ def test_any_input_change_gives_a_new_id(workspace):
 
 
 def test_changed_teacher_weights_change_the_id(workspace, tmp_path):
-    ws, path = workspace
+    _ws, path = workspace
     cfg = load_config(path)
     before = cache_stage.cache_dir(cfg)
     ref = teacher_refs(cfg, load_splits(cfg))[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from conftest import tiny_config, write_config
+
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
 

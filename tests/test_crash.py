@@ -13,12 +13,12 @@ import time
 import numpy as np
 import pytest
 import torch
-
 import userzoo
 from conftest import REPO, TESTS, tiny_config, write_config
+
 from pipeline import cache as fmt
-from pipeline.errors import CacheError
 from pipeline.config import load_config
+from pipeline.errors import CacheError
 from stages import cache as cache_stage
 
 
@@ -100,7 +100,7 @@ def test_two_processes_writing_one_cache_at_once(heavy):
 
 
 def test_changing_the_shard_plan_of_a_partial_cache_is_refused(heavy, tmp_path):
-    path, ws, _, _ = heavy
+    path, _ws, _, _ = heavy
     cfg = load_config(path, [f"cache.root={tmp_path}"])
     d = cache_stage.main(cfg, shard_index=0, num_shards=40)
     assert not (d / "manifest.json").exists()

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from conftest import tiny_config, write_config
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 import userzoo
 from conftest import run_subprocess, tiny_config, write_config
 

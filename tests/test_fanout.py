@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
-
 import userzoo
 from conftest import REPO, TESTS, tiny_config, write_config
+
 from pipeline.config import load_config
 from pipeline.fanout import open_client
 from stages import cache as cache_stage

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config, write_config
+
 from pipeline import cache as fmt
 from pipeline.config import load_config
 from stages import cache as cache_stage

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import zarr
-
 from conftest import write_config
+
 from pipeline import cache as fmt
 from pipeline.config import load_config
 from pipeline.data import load_splits
@@ -42,7 +42,7 @@ def lm(tmp_path_factory):
 
 
 def test_topk_token_cache_layout(lm):
-    ws, path = lm
+    _ws, path = lm
     cfg = load_config(path)
     d = cache_stage.main(cfg)
     manifest = json.loads((d / "manifest.json").read_text())
@@ -92,7 +92,7 @@ def test_lm_run_reports_perplexity_for_every_model(lm, cli_run):
 
 
 def test_refusals(lm, tmp_path):
-    ws, path = lm
+    _ws, path = lm
     with pytest.raises(ConfigError, match="cache.encoding: dense needs 600 values per row"):
         cache_stage.main(load_config(path, ["cache.encoding=dense", "cache.dense_max_classes=512"]))
     with pytest.raises(ConfigError, match="sampled caches support forward only"):

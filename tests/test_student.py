@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, TESTS, tiny_config, write_config
+
 from pipeline.config import load_config
 from pipeline.errors import CacheError, ModelError
 from stages import cache as cache_stage
@@ -67,7 +67,7 @@ def test_killed_student_resumes_with_identical_losses(built):
         p.wait()
     assert kills >= 1
     done = _student_process(path, "killed")
-    out, err = done.communicate(timeout=300)
+    _out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert "resuming at epoch" in err or kills == 0
     assert _losses(ws, "killed") == reference
@@ -99,7 +99,7 @@ def test_many_students_from_one_cache_without_teachers(built, tmp_path, capsys):
 
 
 def test_student_refuses_a_cache_made_for_other_data(built, tmp_path):
-    ws, path = built
+    _ws, path = built
     cache_dir = cache_stage.cache_dir(load_config(path))
     other = load_config(path, ["data.test_fraction=0.3", f"student.cache={cache_dir}"])
     with pytest.raises(CacheError, match="cache was made for dataset .* but this config's transfer set"):
@@ -107,7 +107,7 @@ def test_student_refuses_a_cache_made_for_other_data(built, tmp_path):
 
 
 def test_student_with_wrong_class_count_is_refused(built):
-    ws, path = built
+    _ws, path = built
     cfg = load_config(path, ["student.models=[{name: u, arch: import, factory: 'userzoo:mlp', kwargs: {classes: 7}}]"])
     with pytest.raises(ModelError, match=r"student.models.0 \(u\): output width \(7,\) but the data has 10 classes"):
         student_stage.main(cfg)
