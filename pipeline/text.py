@@ -59,8 +59,11 @@ def _module_docs(name: str) -> list[str]:
                        and getattr(obj, "__module__", None) == mod.__name__]
     for obj in list(members):
         if inspect.isclass(obj):
+            # methods the class itself defines; not ones other packages patched in (transformers
+            # adds logging.Logger.warning_once), which would make the corpus depend on imports
             members += [m for key, m in sorted(vars(obj).items()) if not key.startswith("_")
-                        and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))]
+                        and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))
+                        and getattr(m, "__module__", None) in (mod.__name__, None)]
     docs = [inspect.getdoc(obj) for obj in members]
     return [d for d in docs if d and len(d) > 80]
 
