@@ -178,6 +178,13 @@ def target_id(spec: dict[str, Any]) -> str:
 # Writing
 
 
+def planned(spec: dict[str, Any]) -> tuple[int, int]:
+    """(shards, rows) of a cache's plan; language-model rows are tokens, shards hold whole sequences."""
+    per_item = spec["dataset"].get("seq_len", 1)
+    items, per_shard = spec["dataset"]["rows"], spec["layout"]["rows_per_shard"] // per_item
+    return -(-items // per_shard), items * per_item
+
+
 def shard_name(index: int, backend: str) -> str:
     return f"{index:05d}.{'zarr' if backend == 'zarr' else 'parquet'}"
 

@@ -78,52 +78,29 @@ def run(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers
     evaluate.main(cfg)
 
 
-@cli.command("teachers")
-@CONFIG
-@OVERRIDES
-@array_options
-@fanout_options
-def teachers_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
-                 scheduler: str | None, workers: int | None) -> None:
-    """Fit the built-in teachers of the ensemble (user checkpoints are only checked)."""
-    from pipeline.fanout import open_client
-    from stages import teachers
+def _sharded_command(name: str, help_text: str) -> None:
+    """`logitcache NAME CONFIG`: one sharded stage, in-process, on Dask, or as an array-job task."""
 
-    cfg = _load(config, overrides, scheduler, workers)
-    with open_client(cfg.cluster) as client:
-        teachers.main(cfg, client, shard_index, num_shards)
-
-
-@cli.command("cache")
-@CONFIG
-@OVERRIDES
-@array_options
-@fanout_options
-def cache_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
-              scheduler: str | None, workers: int | None) -> None:
-    """Run the teacher ensemble once over the transfer set and write the soft-target cache."""
-    from pipeline.fanout import open_client
-    from stages import cache
-
-    cfg = _load(config, overrides, scheduler, workers)
-    with open_client(cfg.cluster) as client:
-        cache.main(cfg, shard_index=shard_index, num_shards=num_shards, client=client)
-
-
-@cli.command("student")
-@CONFIG
-@OVERRIDES
-@array_options
-@fanout_options
-def student_cmd(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
+    @cli.command(name, help=help_text)
+    @CONFIG
+    @OVERRIDES
+    @array_options
+    @fanout_options
+    def command(config: Path, overrides: tuple[str, ...], shard_index: int | None, num_shards: int | None,
                 scheduler: str | None, workers: int | None) -> None:
-    """Train the students (every model x grid point x seed, and hard-label twins) from the cache."""
-    from pipeline.fanout import open_client
-    from stages import student
+        import importlib
 
-    cfg = _load(config, overrides, scheduler, workers)
-    with open_client(cfg.cluster) as client:
-        student.main(cfg, client, shard_index, num_shards)
+        from pipeline.fanout import open_client
+
+        stage = importlib.import_module(f"stages.{name}")
+        cfg = _load(config, overrides, scheduler, workers)
+        with open_client(cfg.cluster) as client:
+            stage.main(cfg, client, shard_index, num_shards)
+
+
+_sharded_command("teachers", "Fit the built-in teachers of the ensemble (user checkpoints are only checked).")
+_sharded_command("cache", "Run the teacher ensemble once over the transfer set and write the soft-target cache.")
+_sharded_command("student", "Train the students (every model x grid point x seed, and hard-label twins) from the cache.")
 
 
 @cli.command("evaluate")

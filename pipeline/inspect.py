@@ -16,6 +16,11 @@ def _label(enc: dict[str, Any]) -> str:
     return f"{enc['name']}-{extra}"
 
 
+def _spec(d: Path) -> dict[str, Any]:
+    """spec.json, written before the first shard; empty if a cache directory has none yet."""
+    return json.loads((d / "spec.json").read_text()) if (d / "spec.json").is_file() else {}
+
+
 def _status(d: Path) -> dict[str, Any]:
     manifest = fmt.read_manifest(d)
     configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
@@ -25,10 +30,9 @@ def _status(d: Path) -> dict[str, Any]:
                 "encoding": _label(enc),
                 "backend": manifest["backend"], "bytes": manifest["bytes"],
                 "bytes_per_row": manifest["bytes_per_row"], "configs": configs}
-    spec = json.loads((d / "spec.json").read_text()) if (d / "spec.json").is_file() else {}
-    rows = spec.get("dataset", {}).get("rows", 0)
+    spec = _spec(d)
     layout = spec.get("layout", {})
-    expected = -(-rows // layout["rows_per_shard"]) if layout else 0
+    expected, rows = fmt.planned(spec) if spec else (0, 0)
     present = [p for p in (d / "shards").glob("[0-9]*") if p.is_dir() or p.is_file()]
     enc = spec.get("encoding", {})
     return {"id": d.name, "status": f"partial {len(present)}/{expected} shards", "rows": rows,
@@ -58,9 +62,9 @@ def inspect_cache(ref: str, root: Path, verify: bool) -> dict[str, Any]:
             fmt.CacheReader(d, verify=True)
             manifest = {**manifest, "verified": True}
         return manifest
-    spec = json.loads((d / "spec.json").read_text()) if (d / "spec.json").is_file() else {}
+    spec = _spec(d)
     layout = spec.get("layout", {})
-    n = -(-spec["dataset"]["rows"] // layout["rows_per_shard"]) if layout else 0
+    n = fmt.planned(spec)[0] if spec else 0
     names = [fmt.shard_name(i, layout.get("backend", "zarr")) for i in range(n)]
     missing = [name for name in names if not (d / "shards" / name).exists()]
     return {"status": "partial", "cache_id": d.name, "shards_expected": n, "shards_missing": missing, "spec": spec}

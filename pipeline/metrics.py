@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.ensemble import combine
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -28,6 +30,22 @@ class Summary:
     @staticmethod
     def concat(parts: list[Summary]) -> Summary:
         return Summary(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("pred", "conf", "logp_true")))
+
+
+def summaries(models: list[torch.nn.Module], x: np.ndarray, y: np.ndarray, batch: int,
+              ensemble: tuple[str, list[float]] | None = None) -> list[Summary]:
+    """Per-example (or per-token) summaries of each model (in eval mode), plus the ensemble's last
+    when asked as (mode, weights). x (N, ...) inputs, y (N,) or (N, L) labels."""
+    parts: list[list[Summary]] = [[] for _ in range(len(models) + (ensemble is not None))]
+    with torch.no_grad():
+        for b in range(0, len(x), batch):
+            xb, yb = torch.from_numpy(x[b:b + batch]), torch.from_numpy(y[b:b + batch])
+            logits = [m(xb.to(next(m.parameters()).device)).float().cpu() for m in models]  # (b, C) or (b, L, V)
+            for i, z in enumerate(logits):
+                parts[i].append(Summary.of(torch.log_softmax(z, -1), yb))
+            if ensemble is not None:
+                parts[-1].append(Summary.of(combine(logits, ensemble[0], ensemble[1], 1.0), yb))
+    return [Summary.concat(p) for p in parts]
 
 
 def reliability(conf: np.ndarray, correct: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

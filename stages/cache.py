@@ -190,9 +190,7 @@ def write(cfg: Config, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardResu
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
-    if shard_path(cfg, shard).exists():
-        return ShardResult(shard.index, shard.rows, skipped=True)
-    return write(cfg, shard, compute_shard(cfg, shard))
+    return run_shards(cfg, [shard])[0]
 
 
 def _models(cfg: Config, device: torch.device) -> list[torch.nn.Module]:
@@ -220,7 +218,7 @@ def finalize(cfg: Config) -> dict[str, Any]:
     return fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
 
 
-def main(cfg: Config, shard_index: int | None = None, num_shards: int | None = None, client: Any = None) -> Path:
+def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_shards: int | None = None) -> Path:
     """Plan, skip finished shards, compute the rest, finalize the manifest.
 
     In-process, writing a shard overlaps computing the next; with a Dask client, the pending

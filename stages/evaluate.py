@@ -20,7 +20,6 @@ from pipeline import metrics
 from pipeline.config import Config
 from pipeline.data import load_splits
 from pipeline.ensemble import (
-    combine,
     load_teacher,
     normalized_weights,
     teacher_identity,
@@ -38,21 +37,6 @@ from pipeline.progress import log
 from stages import student as student_stage
 
 REPORT_FORMAT = 3  # part of the up-to-date check: a new report layout rewrites old reports
-
-
-def summaries(models: list[torch.nn.Module], x: np.ndarray, y: np.ndarray, batch: int,
-              ensemble: tuple[str, list[float]] | None = None) -> list[metrics.Summary]:
-    """Per-example (or per-token) summaries of each model, plus the ensemble's last when asked."""
-    parts: list[list[metrics.Summary]] = [[] for _ in range(len(models) + (ensemble is not None))]
-    with torch.no_grad():
-        for b in range(0, len(x), batch):
-            xb, yb = torch.from_numpy(x[b:b + batch]), torch.from_numpy(y[b:b + batch])
-            logits = [m(xb).float() for m in models]  # each (b, C) or (b, L, V)
-            for i, z in enumerate(logits):
-                parts[i].append(metrics.Summary.of(torch.log_softmax(z, -1), yb))
-            if ensemble is not None:
-                parts[-1].append(metrics.Summary.of(combine(logits, ensemble[0], ensemble[1], 1.0), yb))
-    return [metrics.Summary.concat(p) for p in parts]
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -104,7 +88,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     teachers = [load_teacher(ref, splits, cpu) for ref in refs]
-    *teacher_sums, ensemble = summaries(teachers, x, y, batch, (cfg.teachers.ensemble, normalized_weights(cfg)))
+    *teacher_sums, ensemble = metrics.summaries(teachers, x, y, batch, (cfg.teachers.ensemble, normalized_weights(cfg)))
     for ref, model, sm in zip(refs, teachers, teacher_sums):
         rows.append({"model": ref.spec.name, "role": "teacher", "params": _params(model), **score(sm, ensemble)})
     rows.append({"model": "ensemble", "role": "ensemble", "params": sum(_params(m) for m in teachers),
@@ -118,7 +102,7 @@ def main(cfg: Config) -> dict[str, Any]:
         model = build_model(spec, splits.input_shape, splits.num_classes, f"student.models.{shard.model}")
         load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
         model.eval()
-        (sm,) = summaries([model], x, y, batch)
+        (sm,) = metrics.summaries([model], x, y, batch)
         student_sums[name] = sm
         role = "distilled" if shard.kind == "kd" else "hard-label"
         rows.append({"model": name, "role": role, "params": _params(model), **score(sm, ensemble)})

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline import cache as fmt
-from pipeline import losses
+from pipeline import losses, metrics
 from pipeline.config import GRID_KEYS, Config, ModelSpec, dump_yaml, non_default
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CacheError, ConfigError
@@ -36,6 +36,7 @@ from pipeline.io import (
     atomic_write_text,
     hash_json,
 )
+from pipeline.lm import hidden_and_head
 from pipeline.loader import ChunkShuffleLoader
 from pipeline.models import build_model, resolve_device
 from pipeline.progress import log
@@ -171,8 +172,6 @@ def batch_loss(logits: torch.Tensor, batch: dict[str, np.ndarray], labels: torch
 def lm_batch_loss(model: torch.nn.Module, batch: dict[str, np.ndarray], tokens: np.ndarray, st: dict[str, Any],
                   reader: fmt.CacheReader, seq_len: int) -> torch.Tensor:
     """Loss of a batch of whole sequences; the (rows, vocab) logits are computed in chunks."""
-    from pipeline.lm import hidden_and_head
-
     rows = len(batch["sample_id"])
     seq_ids = batch["sample_id"].reshape(-1, seq_len)
     if (seq_ids != seq_ids[:, :1]).any() or (batch["position"].reshape(-1, seq_len) != np.arange(seq_len)).any():
@@ -193,31 +192,13 @@ def lm_batch_loss(model: torch.nn.Module, batch: dict[str, np.ndarray], tokens: 
                                enc.draws, st["logit_chunk"])
 
 
-def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, batch: int = 16) -> dict[str, float]:
-    """Next-token accuracy and NLL per token on held-out sequences (B, L + 1)."""
+def held_out(model: torch.nn.Module, splits: Splits, lm: bool) -> dict[str, float]:
+    """Held-out accuracy and NLL per example (per next token for language models)."""
+    x, y = (splits.test.x[:, :-1], splits.test.x[:, 1:]) if lm else (splits.test.x, splits.test.y)
     model.eval()
-    correct, nll, n = 0.0, 0.0, 0
-    with torch.no_grad():
-        for b in range(0, len(tokens), batch):
-            seq = torch.from_numpy(tokens[b:b + batch]).to(next(model.parameters()).device)
-            logits = model(seq[:, :-1]).float()  # (b, L, V)
-            y = seq[:, 1:]
-            correct += float((logits.argmax(-1) == y).sum())
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                           reduction="sum"))
-            n += y.numel()
+    (sm,) = metrics.summaries([model], x, y, 16 if lm else 512)
     model.train()
-    return {"accuracy": correct / n, "nll": nll / n}
-
-
-def evaluate_model(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x).to(next(model.parameters()).device)).cpu()
-    model.train()
-    yt = torch.from_numpy(y)
-    return {"accuracy": float((logits.argmax(-1) == yt).float().mean()),
-            "nll": float(torch.nn.functional.cross_entropy(logits, yt))}
+    return {"accuracy": float((sm.pred == y.reshape(-1)).mean()), "nll": float(-sm.logp_true.mean())}
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
@@ -286,10 +267,10 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             state["step"] += 1
             if state["step"] % cfg.student.checkpoint_every == 0:
                 save_checkpoint()
-        metrics = evaluate_lm(model, splits.test.x) if lm else evaluate_model(model, splits.test.x, splits.test.y)
+        scores = held_out(model, splits, lm)
         epoch_losses = state["losses"][-state["batch"]:] if state["batch"] else []
         state["history"].append({"epoch": state["epoch"] + 1, "train_loss": float(np.mean(epoch_losses)),
-                                 "test_accuracy": metrics["accuracy"], "test_nll": metrics["nll"]})
+                                 "test_accuracy": scores["accuracy"], "test_nll": scores["nll"]})
         state["epoch"] += 1
         state["batch"] = 0
         save_checkpoint()

@@ -169,3 +169,28 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
     bad.write_text('{"body": "fine"}\n{"text": "wrong field"}\n')
     with pytest.raises(Exception, match=r"bad.jsonl:2: expected a JSON object with a 'body' string"):
         load_splits(load_config(None, [*base[:1], f"data.source={bad}", *base[2:], "data.text_field=body"]))
+
+
+def test_partial_token_cache_reports_missing_shards(lm, tmp_path, cli_run):
+    _, path = lm
+    cfg = load_config(path, [f"cache.root={tmp_path}"])
+    d = cache_stage.main(cfg, shard_index=0, num_shards=2)  # 96 sequences, 32 per 512-token shard
+    listing = cli_run("caches", "ls", "--root", str(tmp_path)).output
+    assert "partial 2/3 shards" in listing and str(96 * 16) in listing
+    info = json.loads(cli_run("caches", "inspect", d.name, "--root", str(tmp_path)).output)
+    assert info["shards_expected"] == 3 and info["shards_missing"] == ["00001.zarr"]
+
+
+def test_bundled_corpus_does_not_depend_on_what_else_was_imported(monkeypatch):
+    import logging
+
+    from pipeline.text import python_docs
+
+    before = python_docs()
+
+    def warning_twice(self, msg):
+        """A method another package patches onto a standard-library class, as transformers does to
+        logging.Logger; its docstring must not leak into the corpus and change every fingerprint."""
+
+    monkeypatch.setattr(logging.Logger, "warning_twice", warning_twice, raising=False)
+    assert python_docs() == before and len(before) > 1000
