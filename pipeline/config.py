@@ -94,12 +94,13 @@ class TeachersConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     backend: Literal["zarr", "parquet"] = "zarr"
-    encoding: Literal["dense", "topk", "sampled"] = "dense"
+    encoding: Literal["dense", "topk", "sampled", "hybrid"] = "dense"
     dtype: Literal["float16", "float32"] = "float16"  # dense: storage dtype of the log-probs
-    k: int = 5  # topk: classes kept per row
-    bits: Literal[16, 8] = 16  # topk: 8 stores log-quantized uint8 log-probs and delta-coded ids
+    k: int = 5  # topk, hybrid: classes kept exactly per row (the head)
+    bits: Literal[16, 8] = 16  # topk, hybrid: 8 stores log-quantized uint8 log-probs and delta-coded ids
     logp_range: float = 16.0  # bits=8: log-probs below -logp_range are clipped
-    draws: int = 32  # sampled: ids drawn per row from the ensemble distribution (<= 255)
+    draws: int = 32  # sampled: ids drawn per row from the distribution; hybrid: from its tail (<= 255)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # teacher compute; auto: bf16 on cuda, else fp32
     dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
     rows_per_shard: int = 512
     chunk_rows: int = 256  # zarr chunk / Parquet row group; the reader shuffles whole chunks
@@ -399,11 +400,9 @@ def validate(cfg: Config) -> list[str]:
                     e.append(f"{section}.{i}.arch: data.task lm needs arch gpt or hf, got {m.arch}")
                 if m.arch == "hf" and not m.path:
                     e.append(f"{section}.{i}.path: arch hf needs a local model directory")
-        if c.encoding == "sampled" and s.divergence != "forward":
-            e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
-                     "support forward only, use cache.encoding=topk")
-    elif c.encoding == "sampled":
-        e.append("cache.encoding: sampled is for language models (data.task: lm); use topk or dense")
+    if c.encoding == "sampled" and s.divergence != "forward":
+        e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
+                 "support forward only, use cache.encoding=hybrid or topk")
     if not 1 <= c.compression_level <= 22:
         e.append("cache.compression_level: zstd levels are 1..22")
     if not s.models:
