@@ -15,6 +15,7 @@ import torch
 from typing_extensions import Self
 
 from pipeline import cache as fmt
+from pipeline.encodings import Encoding
 
 
 def emit(name: str, **fields: Any) -> None:
@@ -44,7 +45,7 @@ def lm_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return zipf[ranks] * 1.4 + 0.5 * torch.randn(rows, vocab, generator=g)
 
 
-def write_cache(root: Path, rows: int, classes: int, enc: fmt.Encoding, rows_per_shard: int, chunk_rows: int,
+def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_shard: int, chunk_rows: int,
                 backend: str = "zarr", seed: int = 0) -> Path:
     """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage."""
     d = root / f"synthetic-{enc.name}-{rows}"
@@ -52,14 +53,14 @@ def write_cache(root: Path, rows: int, classes: int, enc: fmt.Encoding, rows_per
     for i, start in enumerate(range(0, rows, rows_per_shard)):
         n = min(rows_per_shard, rows - start)
         logp = torch.log_softmax(synthetic_logits(n, classes, seed + i), -1)
-        arrays = fmt.to_host(fmt.encode(logp, enc), enc)
+        arrays = enc.to_host(enc.encode(logp))
         arrays["sample_id"] = np.arange(start, start + n, dtype=np.int64)
         fmt.write_shard(d / "shards" / fmt.shard_name(i, backend), arrays, {}, enc, chunk_rows, 3)
         entries.append(fmt.shard_entry(d, i, backend, start, n))
-    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": classes, "encoding": enc.describe(),
+    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "synthetic", "rows": rows},
             "layout": {"backend": backend, "rows_per_shard": rows_per_shard, "chunk_rows": chunk_rows}}
-    fmt.write_manifest(d, spec, entries, {"backend": backend, "encoding": enc.describe(), "num_classes": classes})
+    fmt.write_manifest(d, spec, entries, {"backend": backend, "encoding": enc.params(), "num_classes": classes})
     return d
 
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, emit, workdir, write_cache
 
 from pipeline import cache as fmt
+from pipeline.encodings import TopK
 from pipeline.loader import ChunkShuffleLoader
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     ws = workdir("reader")
-    enc = fmt.Encoding("topk", 1000, k=32)
+    enc = TopK(1000, 32)
     layouts = {f"{b}_{c}": (b, c) for b, c in (("zarr", 4096), ("zarr", 16384), ("parquet", 4096))}
     dirs = {name: write_cache(ws / name, args.rows, 1000, enc, 50_000, c, backend=b)
             for name, (b, c) in layouts.items()}

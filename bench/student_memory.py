@@ -21,6 +21,7 @@ from common import emit, workdir, write_cache
 from student_streaming import train
 
 from pipeline import cache as fmt
+from pipeline.encodings import TopK
 from pipeline.loader import ChunkShuffleLoader
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     if args.child:
         return child(args.child)
     ws = workdir("memory")
-    enc = fmt.Encoding("topk", 1000, k=32)
+    enc = TopK(1000, 32)
     small = write_cache(ws / "1x", args.rows, 1000, enc, 20_000, 4096)
     large = write_cache(ws / "10x", 10 * args.rows, 1000, enc, 20_000, 4096)
     rss = {}

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, emit, workdir, write_cache
 
 from pipeline import cache as fmt
+from pipeline.encodings import TopK
 from pipeline import losses
 from pipeline.loader import ChunkShuffleLoader
 
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    d = write_cache(workdir("streaming"), args.rows, 1000, fmt.Encoding("topk", 1000, k=32), 25_000, 4096)
+    d = write_cache(workdir("streaming"), args.rows, 1000, TopK(1000, 32), 25_000, 4096)
     loader = ChunkShuffleLoader(fmt.CacheReader(d), args.batch, seed=0, shuffle_chunks=4)
     in_ram = [dict(b) for b in loader.batches(0)]  # the same batches, decoded once
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline import __version__
+from pipeline.encodings import Column, Encoding, encoding_from_spec
 from pipeline.errors import CacheError
 from pipeline.io import (
     atomic_write_json,
@@ -36,129 +36,23 @@ from pipeline.io import (
     tmp_name,
 )
 
-FORMAT_VERSION = 1
-LOGP_FLOOR = -1.0e4  # finite stand-in for log(0), representable in float16
+FORMAT_VERSION = 2  # 2: encoding objects, ids at the vocabulary's width, hybrid; 1 is still read
+READABLE_VERSIONS = (1, 2)
 
-DESCRIPTIONS = {
-    "sample_id": "int64 id of the input row these targets belong to; joins the cache to the dataset",
-    "dense/logp": "ensemble log-probabilities at the cached temperature, (rows, classes)",
-    "topk/ids": "class ids of the k most probable classes, most probable first, (rows, k)",
-    "topk/logp": "ensemble log-probabilities of those classes at the cached temperature, (rows, k)",
-    "topk/residual": "probability mass outside the top k (the tail), (rows,)",
-    "position": "position of the token within its sequence; rows of a sequence are contiguous",
-    "sampled/ids": "distinct token ids drawn from the ensemble distribution, (rows, draws), zero-padded",
-    "sampled/counts": "times each id was drawn; weight = count / draws is unbiased for its probability",
-    "sampled/entropy": "entropy of the ensemble distribution at the cached temperature, (rows,)",
-    "offsets": "first row of each sequence in this shard, plus the row count, (sequences + 1,)",
+ROW_COLUMNS = {
+    "sample_id": Column("sample_id", ("row",), "int64 id of the input row these targets belong to; joins the cache "
+                        "to the dataset"),
+    "position": Column("position", ("row",), "position of the token within its sequence; rows of a sequence are "
+                       "contiguous"),
 }
+OFFSETS = Column("offsets", ("sequence",), "first row of each sequence in this shard, plus the row count, "
+                 "(sequences + 1,)")
 
 
-@dataclass(frozen=True)
-class Encoding:
-    name: str  # dense | topk | sampled
-    num_classes: int  # classes, or vocabulary size
-    dtype: str = "float16"  # dense storage dtype
-    k: int = 0  # topk
-    draws: int = 0  # sampled
-    token_rows: bool = False  # language models: rows are tokens, with a position column
-    bits: int = 16  # topk: 16 (float16 log-probs) or 8 (log-quantized uint8, delta-coded ids)
-    logp_range: float = 16.0  # bits=8: log-probs in [-logp_range, 0] map to 255 steps
-
-    @property
-    def scale(self) -> float:
-        """bits=8: one quantization step in log space (the decoded error is at most half a step)."""
-        return self.logp_range / 255.0
-
-    @property
-    def ids_dtype(self) -> np.dtype:
-        return np.dtype(np.uint16 if self.num_classes <= 65535 else np.int32)
-
-    def describe(self) -> dict[str, Any]:
-        if self.name == "dense":
-            return {"name": "dense", "dtype": self.dtype}
-        if self.name == "sampled":
-            return {"name": "sampled", "draws": self.draws, "ids_dtype": str(self.ids_dtype),
-                    "counts_dtype": "uint8", "entropy_dtype": "float16"}
-        if self.bits == 8:
-            return {"name": "topk", "k": self.k, "bits": 8, "ids": "ascending, delta-coded " + str(self.ids_dtype),
-                    "logp": "uint8 q, logp = -q * scale", "residual": "uint8 q, residual = exp(-q * scale)",
-                    "scale": self.scale, "logp_range": self.logp_range}
-        return {"name": "topk", "k": self.k, "ids_dtype": str(self.ids_dtype), "logp_dtype": "float16",
-                "residual_dtype": "float16"}
-
-    def columns(self) -> list[str]:
-        base = ["sample_id", "position"] if self.token_rows else ["sample_id"]
-        return base + {"dense": ["logp"], "topk": ["ids", "logp", "residual"],
-                       "sampled": ["ids", "counts", "entropy"]}[self.name]
-
-
-def encode(logp: torch.Tensor, enc: Encoding, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Encode ensemble log-probs (B, C) on their device; only the encoded tensors go to the host."""
-    if enc.name == "sampled":
-        return _sample(logp, enc.draws, generator)
-    if enc.name == "dense":
-        return {"logp": logp.clamp(min=LOGP_FLOOR).to(getattr(torch, enc.dtype))}
-    vals, ids = logp.topk(enc.k, dim=-1)  # (B, k), sorted descending
-    if enc.k < logp.shape[-1]:
-        tail = logp.scatter(-1, ids, float("-inf"))
-        residual = torch.logsumexp(tail, dim=-1).exp()  # exact even when tiny, unlike 1 - sum
-    else:
-        residual = torch.zeros(logp.shape[0], device=logp.device)
-    if enc.bits == 8:  # quantized from float32 on the device: a quarter of the bytes cross to the host
-        return _quantize({"ids": ids, "logp": vals, "residual": residual}, enc)
-    return {"ids": ids.to(torch.int32), "logp": vals.clamp(min=LOGP_FLOOR).half(), "residual": residual.half()}
-
-
-def _sample(logp: torch.Tensor, draws: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """Draw `draws` ids per row from exp(logp); keep distinct ids with their counts, (B, draws)."""
-    p = logp.float().exp()
-    drawn = torch.multinomial(p, draws, replacement=True, generator=generator)  # (B, S)
-    ids, _ = drawn.sort(dim=-1)
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    pos = torch.arange(draws, device=ids.device).expand_as(ids)
-    run_start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=-1).values
-    counts = torch.zeros_like(ids).scatter_add_(1, run_start, torch.ones_like(ids))  # at run starts
-    order = (~first).to(torch.int8).argsort(dim=-1, stable=True)  # distinct ids first, in id order
-    ids, counts = ids.gather(-1, order), counts.gather(-1, order)
-    ids = torch.where(counts > 0, ids, torch.zeros_like(ids))
-    entropy = -(torch.xlogy(p, p)).sum(-1)
-    return {"ids": ids.to(torch.int32), "counts": counts.to(torch.uint8), "entropy": entropy.half()}
-
-
-def to_host(encoded: dict[str, torch.Tensor], enc: Encoding) -> dict[str, np.ndarray]:
-    out = {k: v.cpu().numpy() for k, v in encoded.items()}
-    if "ids" in out:
-        out["ids"] = out["ids"].astype(enc.ids_dtype)
-    return out
-
-
-def _quantize(t: dict[str, torch.Tensor], enc: Encoding) -> dict[str, torch.Tensor]:
-    """Top-k in 8 bits: ids ascending and delta-coded (small numbers compress), log-probs and the
-    residual's log as uint8 steps of `scale` below zero."""
-    ids, order = t["ids"].long().sort(dim=-1)
-    logp = t["logp"].float().gather(-1, order)
-    delta = torch.cat([ids[:, :1], ids[:, 1:] - ids[:, :-1]], dim=-1)
-
-    def q(neg_log: torch.Tensor) -> torch.Tensor:
-        return (neg_log.clamp(0, enc.logp_range) / enc.scale).round().to(torch.uint8)
-
-    residual = t["residual"].float().clamp(min=1e-30)
-    return {"ids": delta.to(torch.int32), "logp": q(-logp), "residual": q(-residual.log())}
-
-
-def decode(arrays: dict[str, np.ndarray], enc: Encoding) -> dict[str, np.ndarray]:
-    """Stored columns -> standard ones (ids, log-probs, residual); vectorized, no row loops.
-
-    8-bit top-k decodes to float32, so the error is the quantization's alone: half a step."""
-    if enc.name != "topk" or enc.bits != 8:
-        return arrays
-    out = dict(arrays)
-    out["ids"] = np.cumsum(arrays["ids"].astype(np.int64), axis=-1).astype(enc.ids_dtype)
-    out["logp"] = -np.float32(enc.scale) * arrays["logp"].astype(np.float32)
-    r = np.exp(-np.float32(enc.scale) * arrays["residual"].astype(np.float32))
-    out["residual"] = np.where(arrays["residual"] == 255, np.float32(0), r)  # 255: below e^-logp_range
-    return out
+def stored_columns(enc: Encoding, token_rows: bool) -> list[Column]:
+    """Every per-row column of a shard, in order: sample_id (and position for tokens), then targets."""
+    base = [ROW_COLUMNS["sample_id"], ROW_COLUMNS["position"]] if token_rows else [ROW_COLUMNS["sample_id"]]
+    return base + enc.columns()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,64 +85,61 @@ def shard_name(index: int, backend: str) -> str:
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
                 chunk_rows: int, level: int) -> None:
-    """Write one shard to a temporary name and rename it to `path` (one writer per shard)."""
+    """Write one shard to a temporary name and rename it to `path` (one writer per shard).
+
+    `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
+    encoding's columns as `enc.to_host` returns them."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = stored_columns(enc, "position" in arrays)
     tmp = tmp_name(path)
     try:
         if path.suffix == ".zarr":
-            _write_zarr(tmp, arrays, attrs, enc, chunk_rows, level)
+            _write_zarr(tmp, arrays, attrs, columns, chunk_rows, level)
             publish_dir(tmp, path)
         else:
-            _write_parquet(tmp, arrays, attrs, enc, chunk_rows, level)
+            _write_parquet(tmp, arrays, attrs, columns, chunk_rows, level)
             tmp.replace(path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
-def _description(enc: Encoding, name: str) -> str:
-    return DESCRIPTIONS.get(name) or DESCRIPTIONS[f"{enc.name}/{name}"]
-
-
-def _write_zarr(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
+def _write_zarr(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], columns: list[Column],
                 chunk_rows: int, level: int) -> None:
     import zarr
     from zarr.codecs import ZstdCodec
 
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={"logitcache": attrs})
-    for name in enc.columns() + (["offsets"] if "offsets" in arrays else []):
-        data = arrays[name]
-        dims = (("sequence",) if name == "offsets" else ("row",)) if data.ndim == 1 else \
-            ("row", "class" if name == "logp" and enc.name == "dense" else "rank")
+    for col in columns + ([OFFSETS] if "offsets" in arrays else []):
+        data = arrays[col.name]
         arr = group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=(chunk_rows, *data.shape[1:]),
-            compressors=ZstdCodec(level=level), dimension_names=dims,
-            attributes={"description": _description(enc, name)},
+            col.name, shape=data.shape, dtype=data.dtype, chunks=(chunk_rows, *data.shape[1:]),
+            compressors=ZstdCodec(level=level), dimension_names=col.dims,
+            attributes={"description": col.description},
         )
         arr[...] = data
 
 
-def _write_parquet(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
+def _write_parquet(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], columns: list[Column],
                    chunk_rows: int, level: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns, fields, encodings = [], [], {}
-    for name in enc.columns():
-        data = arrays[name]
+    cols, fields, encodings = [], [], {}
+    for c in columns:
+        name, data = c.name, arrays[c.name]
         if data.ndim == 2:
             col = pa.FixedSizeListArray.from_arrays(pa.array(data.ravel()), data.shape[1])
             encodings[name] = "BYTE_STREAM_SPLIT" if data.dtype.kind == "f" else "PLAIN"
         else:
             col = pa.array(data)
             encodings[name] = "DELTA_BINARY_PACKED" if data.dtype.kind in "iu" else "BYTE_STREAM_SPLIT"
-        columns.append(col)
-        fields.append(pa.field(name, col.type, nullable=False,
-                               metadata={"description": _description(enc, name)}))
+        cols.append(col)
+        fields.append(pa.field(name, col.type, nullable=False, metadata={"description": c.description}))
     if "offsets" in arrays:  # per sequence, not per row: kept in the metadata
         attrs = {**attrs, "offsets": arrays["offsets"].tolist()}
     schema = pa.schema(fields, metadata={"logitcache": json.dumps(attrs, sort_keys=True)})
-    table = pa.Table.from_arrays(columns, schema=schema)
+    table = pa.Table.from_arrays(cols, schema=schema)
     # dictionary encoding halves read speed on float data (measured); statistics are useless here
     pq.write_table(table, tmp, row_group_size=chunk_rows, compression="zstd", compression_level=level,
                    use_dictionary=False, column_encoding=encodings, write_statistics=False)
@@ -330,16 +221,15 @@ class CacheReader:
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
                              "rerun `logitcache cache CONFIG` to finish it")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{cache_dir}: cache format {manifest.get('format_version')} is not "
-                             f"{FORMAT_VERSION}; rebuild it with this version of logitcache")
+        if manifest.get("format_version") not in READABLE_VERSIONS:
+            raise CacheError(f"{cache_dir}: cache format {manifest.get('format_version')} is not one of "
+                             f"{READABLE_VERSIONS}; rebuild it with this version of logitcache")
         self.dir = cache_dir
         self.manifest = manifest
         spec = manifest["spec"]
-        enc = spec["encoding"]
-        self.encoding = Encoding(enc["name"], spec["num_classes"], enc.get("dtype", "float16"), enc.get("k", 0),
-                                 enc.get("draws", 0), token_rows="seq_len" in spec["dataset"],
-                                 bits=enc.get("bits", 16), logp_range=enc.get("logp_range", 16.0))
+        self.encoding: Encoding = encoding_from_spec(spec)
+        self.token_rows = "seq_len" in spec["dataset"]
+        self.names = [c.name for c in stored_columns(self.encoding, self.token_rows)]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self._handles: dict[int, Any] = {}
@@ -380,23 +270,27 @@ class CacheReader:
         return out
 
     def read(self, chunk: Chunk) -> dict[str, np.ndarray]:
+        """One chunk's rows: sample_id (position) and the targets decoded to the encoding's natural form."""
         entry = self.shards[chunk.shard]
         path = self.dir / entry["path"]
         if path.suffix == ".zarr":
             arrays = self._handle(chunk.shard, path)
-            raw = {name: arrays[name][chunk.start:chunk.stop] for name in self.encoding.columns()}
-            return decode(raw, self.encoding)
+            return self._decode({name: arrays[name][chunk.start:chunk.stop] for name in self.names})
         import pyarrow as pa
 
         table = self._handle(chunk.shard, path).read_row_group(chunk.index)
         out = {}
-        for name in self.encoding.columns():
+        for name in self.names:
             col = table.column(name).combine_chunks()
             if pa.types.is_fixed_size_list(col.type):
                 out[name] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
             else:
                 out[name] = col.to_numpy(zero_copy_only=False)
-        return decode(out, self.encoding)
+        return self._decode(out)
+
+    def _decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = {name: stored[name] for name in ROW_COLUMNS if name in stored}
+        return {**rows, **self.encoding.decode(stored)}
 
     def read_many(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:
         """Read several chunks in order; Zarr chunks concurrently (zarr's per-read overhead and zstd
@@ -412,7 +306,7 @@ class CacheReader:
 
     def read_all(self) -> dict[str, np.ndarray]:
         parts = self.read_many(self.chunks())
-        return {k: np.concatenate([p[k] for p in parts]) for k in self.encoding.columns()}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _handle(self, i: int, path: Path) -> Any:
         with self._lock:
@@ -424,7 +318,7 @@ class CacheReader:
                 import zarr
 
                 group = zarr.open_group(str(path), mode="r")  # array handles kept: opening one reads metadata
-                self._handles[i] = {name: group[name] for name in self.encoding.columns()}
+                self._handles[i] = {name: group[name] for name in self.names}
             else:
                 import pyarrow.parquet as pq
 

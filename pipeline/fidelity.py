@@ -6,7 +6,7 @@ probability mass the cache keeps, top-1 agreement, and the bias of the distillat
 reference student would get from the cache instead of the full distribution (the student is the
 teacher's own log-probs plus unit Gaussian noise: a student near its teacher, where bias matters).
 The same full distributions are then encoded every other way (top-k at several k, 16 and 8 bits;
-sampled at several draw counts for vocabularies) to show what each choice would keep.
+sampled at several draw counts, hybrid heads with sampled tails) to show what each choice would keep.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from pipeline import cache as fmt
-from pipeline import losses
+from pipeline import losses, spec
+from pipeline.encodings import Encoding, Hybrid, Sampled, TopK
 from pipeline.config import load_config
 from pipeline.errors import CacheError, LogitcacheError
 from pipeline.io import atomic_write_bytes, atomic_write_json
@@ -27,13 +28,10 @@ from pipeline.progress import log
 
 
 def _config_for(cache_dir: Path) -> Any:
-    from stages import cache as cache_stage
-
-    cache_stage.forget()  # hash the teachers as they are on disk now
     for path in sorted((cache_dir / "configs").glob("*.yaml")):
         try:
             cfg = load_config(path)
-            if cache_stage.cache_dir(cfg).resolve() == cache_dir.resolve():
+            if spec.cache_dir(cfg).resolve() == cache_dir.resolve():  # the teachers as they are on disk now
                 return cfg
         except (LogitcacheError, OSError):  # its data or teachers are gone or changed
             continue
@@ -43,7 +41,7 @@ def _config_for(cache_dir: Path) -> Any:
 
 def _full_logp(cfg: Any, reader: fmt.CacheReader, rows: int, seed: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """The ensemble's full log-probs (n, C) for a random sample of whole cached chunks, and the
-    cached (decoded) rows they correspond to."""
+    cached targets (decoded) of those rows."""
     from pipeline.data import load_splits
     from pipeline.ensemble import (
         combine,
@@ -62,11 +60,12 @@ def _full_logp(cfg: Any, reader: fmt.CacheReader, rows: int, seed: int) -> tuple
             break
     parts = reader.read_many(picked)
     cached = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rows_only = {k: cached.pop(k) for k in ("sample_id", "position") if k in cached}
     splits = load_splits(cfg)
     teachers = [load_teacher(r, splits, torch.device("cpu")) for r in teacher_refs(cfg, splits)]
-    lm = reader.encoding.token_rows
+    lm = reader.token_rows
     per_item = cfg.data.seq_len if lm else 1
-    pos = splits.transfer.positions(cached["sample_id"][::per_item])
+    pos = splits.transfer.positions(rows_only["sample_id"][::per_item])
     x = splits.transfer.x[pos][:, :-1] if lm else splits.transfer.x[pos]
     out = []
     with torch.no_grad():
@@ -77,52 +76,36 @@ def _full_logp(cfg: Any, reader: fmt.CacheReader, rows: int, seed: int) -> tuple
     return torch.cat(out), cached
 
 
-def _measure(full: torch.Tensor, cached: dict[str, np.ndarray], enc: fmt.Encoding, block: int = 256) -> dict[str, Any]:
+def _measure(full: torch.Tensor, cached: dict[str, np.ndarray], enc: Encoding, block: int = 256) -> dict[str, Any]:
     """Fidelity of `cached` (decoded rows) against `full` (n, C) log-probs, in blocks of rows."""
     sums = {"kl": 0.0, "mass_kept": 0.0, "top1": 0.0, "loss_cached": 0.0, "loss_full": 0.0}
     g = torch.Generator().manual_seed(0)
-    n, C = full.shape
+    n = len(full)
+    has_kl = True
     for s in range(0, n, block):
         logp = full[s:s + block].float()
-        part = {k: torch.from_numpy(v[s:s + block]) for k, v in cached.items()}
-        student = logp + torch.randn(logp.shape, generator=g)  # logits of a student near the teacher
-        loss_full = losses.kd_dense(student, logp, 1.0) * len(logp)
-        if enc.name == "sampled":
-            ids, counts = part["ids"].long(), part["counts"].float()
-            kept = (logp.exp().gather(-1, ids) * (counts > 0)).sum(-1)
-            top1 = ids.gather(-1, counts.argmax(-1, keepdim=True)).squeeze(-1)
-            loss_cached = losses.kd_sampled(student, ids, counts, enc.draws, part["entropy"].float(), 1.0) * len(logp)
-            kl = torch.full((len(logp),), float("nan"))
+        targets = enc.targets({k: v[s:s + block] for k, v in cached.items()}, "cpu")
+        logq = torch.log_softmax(logp + torch.randn(logp.shape, generator=g), -1)  # a student near the teacher
+        m = enc.fidelity(logp, targets)
+        if m["kl"] is None:
+            has_kl = False
         else:
-            if enc.name == "dense":
-                cached_logp = torch.log_softmax(part["logp"].float(), -1)
-                kept = torch.ones(len(logp))
-                top1 = cached_logp.argmax(-1)
-            else:
-                ids = part["ids"].long()
-                logp_k, residual = losses.retemper_topk(part["logp"].float(), part["residual"].float(), C, 1.0)
-                cached_logp = losses.topk_full_logp(ids, logp_k, residual, C)
-                kept = logp.exp().gather(-1, ids).sum(-1)
-                top1 = ids.gather(-1, logp_k.argmax(-1, keepdim=True)).squeeze(-1)
-            kl = losses.divergence(logp, cached_logp, "forward")
-            loss_cached = losses.kd_dense(student, cached_logp, 1.0) * len(logp)
-        sums["kl"] += float(kl.sum())
-        sums["mass_kept"] += float(kept.sum())
-        sums["top1"] += float((top1 == logp.argmax(-1)).sum())
-        sums["loss_cached"] += float(loss_cached)
-        sums["loss_full"] += float(loss_full)
-    kl = sums["kl"] / n
+            sums["kl"] += float(m["kl"].sum())
+        sums["mass_kept"] += float(m["mass_kept"].sum())
+        sums["top1"] += float((m["top1"] == logp.argmax(-1)).sum())
+        sums["loss_cached"] += float(enc.divergence(logq, targets, "forward", "uniform").sum())
+        sums["loss_full"] += float(losses.divergence(logp, logq, "forward").sum())
     return {
-        "kl": None if math.isnan(kl) else round(kl, 5),
+        "kl": round(sums["kl"] / n, 5) if has_kl else None,
         "mass_kept": round(sums["mass_kept"] / n, 5),
         "top1_agreement": round(sums["top1"] / n, 5),
         "loss_bias": round((sums["loss_cached"] - sums["loss_full"]) / sums["loss_full"], 5),
     }
 
 
-def _encode_all(full: torch.Tensor, enc: fmt.Encoding, block: int = 256) -> dict[str, np.ndarray]:
+def _encode_all(full: torch.Tensor, enc: Encoding, block: int = 256) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(1)
-    parts = [fmt.decode(fmt.to_host(fmt.encode(full[s:s + block], enc, g), enc), enc) for s in range(0, len(full), block)]
+    parts = [enc.decode(enc.to_host(enc.encode(full[s:s + block], g))) for s in range(0, len(full), block)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -134,19 +117,21 @@ def fidelity(ref: str, root: Path, rows: int, out: Path | None) -> dict[str, Any
     enc = reader.encoding
     C = enc.num_classes
     result: dict[str, Any] = {"cache_id": cache_dir.name, "rows": len(full), "classes": C,
-                              "encoding": enc.describe(), "bytes_per_row": reader.manifest["bytes_per_row"],
+                              "encoding": enc.params(), "bytes_per_row": reader.manifest["bytes_per_row"],
                               "cache": _measure(full, cached, enc)}
     sweep = []
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < C]
     for k in ks:
         for bits in (16, 8):
-            e = fmt.Encoding("topk", C, k=k, bits=bits, token_rows=enc.token_rows)
-            sweep.append({"encoding": f"topk-k{k}" + ("-q8" if bits == 8 else ""), "k": k, "bits": bits,
-                          **_measure(full, _encode_all(full, e), e)})
-    if enc.token_rows:
-        for draws in (8, 16, 32, 64):
-            e = fmt.Encoding("sampled", C, draws=draws, token_rows=True)
-            sweep.append({"encoding": f"sampled-n{draws}", "draws": draws, **_measure(full, _encode_all(full, e), e)})
+            e = TopK(C, k, bits)
+            sweep.append({"encoding": e.label(), "k": k, "bits": bits, **_measure(full, _encode_all(full, e), e)})
+    for draws in (8, 16, 32, 64):
+        e = Sampled(C, draws)
+        sweep.append({"encoding": e.label(), "draws": draws, **_measure(full, _encode_all(full, e), e)})
+    for k, draws in ((4, 16), (8, 16), (16, 32)):
+        if k < C:
+            e = Hybrid(C, k, draws)
+            sweep.append({"encoding": e.label(), "k": k, "draws": draws, **_measure(full, _encode_all(full, e), e)})
     result["sweep"] = sweep
     out = out or Path(cfg.workspace) / "fidelity" / cache_dir.name
     atomic_write_json(out / "fidelity.json", result)

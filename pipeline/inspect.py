@@ -7,13 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import cache as fmt
+from pipeline.encodings import encoding_from_spec
+from pipeline.errors import CacheError
 from pipeline.io import sha256_tree
 
 
-def _label(enc: dict[str, Any]) -> str:
-    extra = {"topk": f"k{enc.get('k')}" + ("-q8" if enc.get("bits") == 8 else ""),
-             "sampled": f"n{enc.get('draws')}"}.get(enc["name"], enc.get("dtype", ""))
-    return f"{enc['name']}-{extra}"
+def _label(spec: dict[str, Any]) -> str:
+    try:
+        return encoding_from_spec(spec).label()
+    except CacheError:
+        return "?"
 
 
 def _spec(d: Path) -> dict[str, Any]:
@@ -25,18 +28,16 @@ def _status(d: Path) -> dict[str, Any]:
     manifest = fmt.read_manifest(d)
     configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
     if manifest is not None and manifest.get("status") == "complete":
-        enc = manifest["encoding"]
         return {"id": d.name, "status": "complete", "rows": manifest["rows"],
-                "encoding": _label(enc),
+                "encoding": _label(manifest.get("spec", {})),
                 "backend": manifest["backend"], "bytes": manifest["bytes"],
                 "bytes_per_row": manifest["bytes_per_row"], "configs": configs}
     spec = _spec(d)
     layout = spec.get("layout", {})
     expected, rows = fmt.planned(spec) if spec else (0, 0)
     present = [p for p in (d / "shards").glob("[0-9]*") if p.is_dir() or p.is_file()]
-    enc = spec.get("encoding", {})
     return {"id": d.name, "status": f"partial {len(present)}/{expected} shards", "rows": rows,
-            "encoding": enc.get("name", "?"), "backend": layout.get("backend", "?"),
+            "encoding": _label(spec), "backend": layout.get("backend", "?"),
             "bytes": sum(sha256_tree(p)[1] for p in present), "bytes_per_row": None, "configs": configs}
 
 
@@ -44,12 +45,12 @@ def list_caches(root: Path) -> str:
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
     if not dirs:
         return f"no caches under {root}"
-    head = f"{'id':<17} {'status':<22} {'rows':>8} {'encoding':<14} {'backend':<8} {'bytes':>10} {'B/row':>7}  configs"
+    head = f"{'id':<17} {'status':<22} {'rows':>8} {'encoding':<18} {'backend':<8} {'bytes':>10} {'B/row':>7}  configs"
     lines = [head]
     for d in dirs:
         s = _status(d)
         bpr = f"{s['bytes_per_row']:.1f}" if s["bytes_per_row"] is not None else "-"
-        lines.append(f"{s['id']:<17} {s['status']:<22} {s['rows']:>8} {s['encoding']:<14} {s['backend']:<8} "
+        lines.append(f"{s['id']:<17} {s['status']:<22} {s['rows']:>8} {s['encoding']:<18} {s['backend']:<8} "
                      f"{s['bytes']:>10} {bpr:>7}  {', '.join(s['configs'])}")
     return "\n".join(lines)
 

@@ -9,9 +9,13 @@ gradient scale does not change with T (Hinton et al. 2015), and reduced by the b
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pipeline.encodings import Encoding
 
 
 def kd_dense(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,7 +94,7 @@ def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Language models: reverse KL and JSD over the stored support, sampled targets, chunked logits
+# Any encoding: reverse KL and JSD, losses of a chunk of rows, chunked logits for vocabularies
 
 
 def topk_full_logp(ids: torch.Tensor, logp: torch.Tensor, residual: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -119,44 +123,30 @@ def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: str
     raise ValueError(f"divergence {kind!r}: use forward, reverse or jsd")
 
 
-def kd_sampled(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, draws: int,
-               entropy: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * unbiased estimate of KL(p||q) from ids drawn from the teacher distribution p.
-
-    E[count_v / draws] = p_v, so -sum_v (count_v / draws) log q_v is unbiased for the cross-entropy
-    H(p, q), and KL = H(p, q) - H(p) with the teacher entropy H(p) stored exactly per row."""
-    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, V)
-    w = counts.float() / draws  # (n, S), zero on padding
-    ce = -(w * logq.gather(-1, ids.long())).sum(-1)  # (n,)
-    return temperature**2 * (ce - entropy.float()).mean()
+def kd_loss(student_logits: torch.Tensor, targets: dict[str, torch.Tensor], encoding: Encoding,
+            temperature: float, divergence: str = "forward", tail: str = "uniform") -> torch.Tensor:
+    """T^2 * mean over rows of D(teacher || student) for targets of any encoding (see
+    `Encoding.targets`); student logits (n, C)."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, C)
+    return temperature**2 * encoding.divergence(logq, targets, divergence, tail).mean()
 
 
 def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: torch.Tensor | None,
-               settings: dict, encoding: str, num_classes: int, draws: int) -> torch.Tensor:
+               settings: dict, encoding: Encoding) -> torch.Tensor:
     """Summed loss of a chunk of rows (student logits (n, V)): alpha * CE + (1 - alpha) * T^2 * D."""
     alpha, T = settings["alpha"], settings["temperature"]
-    n = logits.shape[0]
     total = logits.new_zeros(())
     if labels is not None and alpha > 0:
         total = total + alpha * F.cross_entropy(logits.float(), labels, reduction="sum")
     if alpha == 1.0:
         return total
-    kind = settings["divergence"]
-    if encoding == "sampled":
-        kd = kd_sampled(logits, targets["ids"], targets["counts"], draws, targets["entropy"], T) * n
-    elif kind == "forward" and encoding == "topk":
-        kd = kd_topk(logits, targets["ids"], targets["logp"], targets["residual"], T, settings["tail"]) * n
-    else:
-        teacher = (targets["logp"].float() if encoding == "dense"
-                   else topk_full_logp(targets["ids"], targets["logp"], targets["residual"], num_classes))
-        logq = F.log_softmax(logits.float() / T, dim=-1)
-        kd = T**2 * divergence(teacher, logq, kind).sum()
+    logq = F.log_softmax(logits.float() / T, dim=-1)
+    kd = T**2 * encoding.divergence(logq, targets, settings["divergence"], settings["tail"]).sum()
     return total + (1.0 - alpha) * kd
 
 
 def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict[str, torch.Tensor],
-                 labels: torch.Tensor | None, settings: dict, encoding: str, num_classes: int,
-                 draws: int, chunk: int) -> torch.Tensor:
+                 labels: torch.Tensor | None, settings: dict, encoding: Encoding, chunk: int) -> torch.Tensor:
     """Mean loss over rows of hidden states (n, d), computing (chunk, V) logits at a time.
 
     Each chunk is checkpointed, so the (n, V) logits are never held for the backward pass."""
@@ -169,7 +159,7 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict[str,
         lab = labels[s:s + chunk] if labels is not None else None
 
         def f(h: torch.Tensor, part=part, lab=lab) -> torch.Tensor:
-            return row_losses(head(h), part, lab, settings, encoding, num_classes, draws)
+            return row_losses(head(h), part, lab, settings, encoding)
 
         total = total + (checkpoint(f, hidden[s:s + chunk], use_reentrant=False) if hidden.requires_grad
                          else f(hidden[s:s + chunk]))

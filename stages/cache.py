@@ -6,11 +6,11 @@
 
 The cache directory is named by a hash of everything that determines the targets (dataset
 fingerprint, each teacher's spec and checkpoint hash, ensemble mode and weights, temperature,
-encoding, format version) plus the shard layout. Same inputs, same id: a complete cache is found
+encoding, the teachers' device type and precision, format version) plus the shard layout. Same inputs, same id: a complete cache is found
 and nothing runs. The plan splits the transfer set into fixed row ranges (cache.rows_per_shard),
 never by worker count; shards already on disk are skipped, so a rerun after a crash redoes only
-the missing ones. On a GPU the teachers run under bf16 autocast and the top-k is taken on the
-device; writing a shard overlaps computing the next.
+the missing ones. On a GPU the teachers run under bf16 autocast by default (cache.precision) and the
+encoding runs on the device; writing a shard overlaps computing the next.
 """
 
 from __future__ import annotations
@@ -28,19 +28,11 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
-from pipeline.data import Splits, load_splits
-from pipeline.ensemble import (
-    check_finite,
-    combine,
-    load_teacher,
-    normalized_weights,
-    teacher_identity,
-    teacher_refs,
-)
-from pipeline.errors import CacheError, ConfigError
+from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs
+from pipeline.errors import CacheError
 from pipeline.fanout import run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.models import resolve_device
+from pipeline.spec import Context, context
 from pipeline.progress import bar, log
 
 
@@ -67,104 +59,49 @@ class ShardResult:
     skipped: bool
 
 
-@dataclass(frozen=True)
-class Context:
-    splits: Splits
-    spec: dict[str, Any]
-    dir: Path
-    encoding: fmt.Encoding
-
-
-_contexts: dict[str, Context] = {}
-_teachers: dict[tuple[str, str], list[torch.nn.Module]] = {}
-
-
-def context(cfg: Config) -> Context:
-    """Everything derived from the config and the files it names; built once per process."""
-    key = repr(cfg)  # frozen and fully determined by its fields; cheaper than YAML per call
-    if key in _contexts:
-        return _contexts[key]
-    splits = load_splits(cfg)
-    refs = teacher_refs(cfg, splits)
-    c = cfg.cache
-    lm = cfg.data.task == "lm"
-    if c.encoding == "dense" and splits.num_classes > c.dense_max_classes:
-        raise ConfigError(f"cache.encoding: dense needs {splits.num_classes} values per row; above "
-                          f"cache.dense_max_classes={c.dense_max_classes} use encoding topk or sampled")
-    enc = fmt.Encoding(c.encoding, splits.num_classes, c.dtype, min(c.k, splits.num_classes), c.draws, lm,
-                       c.bits if c.encoding == "topk" else 16, c.logp_range)
-    spec = {
-        "format_version": fmt.FORMAT_VERSION,
-        "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
-                    "input_shape": list(splits.input_shape)},
-        "num_classes": splits.num_classes,
-        "teachers": [teacher_identity(r) for r in refs],
-        "ensemble": cfg.teachers.ensemble,
-        "weights": normalized_weights(cfg),
-        "temperature": cfg.teachers.temperature,
-        "encoding": enc.describe(),
-        "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
-    }
-    if lm:
-        spec["dataset"].update(seq_len=cfg.data.seq_len, tokens=len(splits.transfer) * cfg.data.seq_len,
-                               vocab_fingerprint=splits.vocab)
-        spec["sampling_seed"] = cfg.seed if c.encoding == "sampled" else None
-    ctx = Context(splits, spec, cfg.cache_root / fmt.cache_id(spec), enc)
-    _contexts[key] = ctx
-    return ctx
-
-
-def forget() -> None:
-    """Drop this process's memos, so the next call hashes data and teachers as they are on disk."""
-    _contexts.clear()
-    _teachers.clear()
-
-
-def cache_dir(cfg: Config) -> Path:
-    return context(cfg).dir
-
-
-def plan(cfg: Config) -> list[Shard]:
+def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:
     """Fixed ranges of cache.rows_per_shard rows (for language models: whole sequences)."""
-    per_item = cfg.data.seq_len if cfg.data.task == "lm" else 1
-    n, step = len(context(cfg).splits.transfer), cfg.cache.rows_per_shard // per_item
+    ctx = ctx or context(cfg)
+    per_item = cfg.data.seq_len if ctx.token_rows else 1
+    n, step = len(ctx.splits.transfer), cfg.cache.rows_per_shard // per_item
     return [Shard(i, start, min(start + step, n), per_item) for i, start in enumerate(range(0, n, step))]
 
 
-def shard_path(cfg: Config, shard: Shard) -> Path:
-    return cache_dir(cfg) / "shards" / fmt.shard_name(shard.index, cfg.cache.backend)
+def shard_path(ctx: Context, shard: Shard) -> Path:
+    return ctx.dir / "shards" / fmt.shard_name(shard.index, ctx.cfg.cache.backend)
 
 
-def compute_shard(cfg: Config, shard: Shard) -> dict[str, np.ndarray]:
-    """Run the ensemble over the shard's rows; returns the encoded targets on the host."""
-    ctx = context(cfg)
-    device = resolve_device(cfg.cache.device)
-    models = _models(cfg, device)
+def _autocast(ctx: Context) -> Any:
+    if ctx.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16 if ctx.precision == "bf16" else torch.float16)
+
+
+def compute_shard(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Run the ensemble over the shard's rows; returns the stored columns on the host."""
+    cfg = ctx.cfg
     names = [m.name for m in cfg.teachers.members]
     weights = normalized_weights(cfg)
     x = ctx.splits.transfer.x[shard.start:shard.stop]
     ids = torch.from_numpy(ctx.splits.transfer.ids[shard.start:shard.stop])
-    lm = ctx.encoding.token_rows
-    if lm:
+    if ctx.token_rows:
         x = x[:, :-1]  # read seq_len tokens, predict the next at each position
     gen = None
-    if ctx.encoding.name == "sampled":  # seeded per shard: reruns draw the same ids, byte for byte
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + shard.index)
+    if not ctx.encoding.retemperable:  # seeded per shard: reruns draw the same ids, byte for byte
+        gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + shard.index)
     parts: list[dict[str, np.ndarray]] = []
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
     with torch.inference_mode():
         for b in range(0, len(x), cfg.cache.batch_size):
-            xb = torch.from_numpy(x[b:b + cfg.cache.batch_size]).to(device, non_blocking=True)
-            with autocast:
+            xb = torch.from_numpy(x[b:b + cfg.cache.batch_size]).to(ctx.device, non_blocking=True)
+            with _autocast(ctx):
                 logits = [m(xb) for m in models]  # each (B, C), or (B, L, V) for language models
             for name, z in zip(names, logits):
                 check_finite(z.reshape(len(xb), -1), name, ids[b:b + len(xb)])
             logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # fp32
             logp = logp.reshape(-1, logp.shape[-1])  # token rows (B * L, V), sequence-major
-            parts.append(fmt.to_host(fmt.encode(logp, ctx.encoding, gen), ctx.encoding))
+            parts.append(ctx.encoding.to_host(ctx.encoding.encode(logp, gen)))
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if lm:
+    if ctx.token_rows:
         L = x.shape[1]
         out["sample_id"] = np.repeat(ids.numpy(), L)
         out["position"] = np.tile(np.arange(L, dtype=np.int16), len(x))
@@ -174,46 +111,43 @@ def compute_shard(cfg: Config, shard: Shard) -> dict[str, np.ndarray]:
     return out
 
 
-def write(cfg: Config, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardResult:
-    ctx = context(cfg)
+def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardResult:
+    cfg = ctx.cfg
     attrs = {
         "format_version": fmt.FORMAT_VERSION, "cache_id": ctx.dir.name, "shard": shard.index,
         "first_row": shard.first_row, "rows": shard.rows, "num_classes": ctx.encoding.num_classes,
-        "temperature": cfg.teachers.temperature, "encoding": ctx.encoding.describe(),
+        "temperature": cfg.teachers.temperature, "encoding": ctx.encoding.params(),
         "teachers": [t["name"] for t in ctx.spec["teachers"]], "ensemble": cfg.teachers.ensemble,
     }
-    if ctx.encoding.token_rows:
+    if ctx.token_rows:
         attrs.update(seq_len=cfg.data.seq_len, vocab_fingerprint=ctx.splits.vocab)
-    fmt.write_shard(shard_path(cfg, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
+    fmt.write_shard(shard_path(ctx, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
                     cfg.cache.compression_level)
     return ShardResult(shard.index, shard.rows, skipped=False)
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
-    return run_shards(cfg, [shard])[0]
-
-
-def _models(cfg: Config, device: torch.device) -> list[torch.nn.Module]:
-    key = (cache_dir(cfg).name, str(device))
-    if key not in _teachers:  # loaded once per process (per Dask worker), not once per shard
-        ctx = context(cfg)
-        _teachers[key] = [load_teacher(r, ctx.splits, device) for r in teacher_refs(cfg, ctx.splits)]
-    return _teachers[key]
-
-
-def missing(cfg: Config) -> list[Shard]:
-    return [s for s in plan(cfg) if not shard_path(cfg, s).exists()]
-
-
-def finalize(cfg: Config) -> dict[str, Any]:
     ctx = context(cfg)
-    entries = [fmt.shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in plan(cfg)]
+    return run_shards(ctx, [shard], load_models(ctx))[0]
+
+
+def load_models(ctx: Context) -> list[torch.nn.Module]:
+    return [load_teacher(r, ctx.splits, ctx.device) for r in teacher_refs(ctx.cfg, ctx.splits)]
+
+
+def missing(ctx: Context) -> list[Shard]:
+    return [s for s in plan(ctx.cfg, ctx) if not shard_path(ctx, s).exists()]
+
+
+def finalize(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    entries = [fmt.shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in plan(cfg, ctx)]
     extra = {
-        "backend": cfg.cache.backend, "encoding": ctx.encoding.describe(), "num_classes": ctx.encoding.num_classes,
+        "backend": cfg.cache.backend, "encoding": ctx.encoding.params(), "num_classes": ctx.encoding.num_classes,
         "temperature": cfg.teachers.temperature, "teachers": [t["name"] for t in ctx.spec["teachers"]],
         "ensemble": cfg.teachers.ensemble, "dataset": ctx.spec["dataset"],
     }
-    if ctx.encoding.token_rows:  # a row is a token
+    if ctx.token_rows:  # a row is a token
         extra["bytes_per_token"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
     return fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
 
@@ -222,8 +156,8 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     """Plan, skip finished shards, compute the rest, finalize the manifest.
 
     In-process, writing a shard overlaps computing the next; with a Dask client, the pending
-    shards are mapped over the workers (teachers loaded once per worker)."""
-    forget()  # files may have changed since an earlier call in this process
+    shards are mapped over the workers in groups that carry this call's cache id: a worker that
+    finds other inputs (a checkpoint overwritten meanwhile) refuses instead of writing into it."""
     task_share([], shard_index, num_shards)  # reject a bad --shard-index before any work
     ctx = context(cfg)
     manifest = fmt.read_manifest(ctx.dir)
@@ -234,22 +168,23 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     _refuse_other_layout(cfg, ctx)
     _record_config(cfg, ctx.dir)
     atomic_write_json(ctx.dir / "spec.json", ctx.spec)
-    shards = plan(cfg)
-    shards = task_share(shards, shard_index, num_shards)
-    todo = [s for s in shards if not shard_path(cfg, s).exists()]
+    planned = plan(cfg, ctx)
+    shards = task_share(planned, shard_index, num_shards)
+    todo = [s for s in shards if not shard_path(ctx, s).exists()]
     done_rows = sum(s.rows for s in shards) - sum(s.rows for s in todo)
-    log(f"cache {ctx.dir.name}: {len(todo)} of {len(plan(cfg))} shards to compute "
-        f"({ctx.encoding.name}, {cfg.cache.backend}, device {resolve_device(cfg.cache.device)})")
+    log(f"cache {ctx.dir.name}: {len(todo)} of {len(planned)} shards to compute "
+        f"({ctx.encoding.label()}, {cfg.cache.backend}, device {ctx.device}, {ctx.precision})")
     progress_desc = f"cache {ctx.dir.name[:8]}"
     if client is not None:
-        groups = _groups(todo, len(client.scheduler_info()["workers"]))
+        groups = _groups(todo, len(client.scheduler_info()["workers"]), ctx.dir.name)
         run_all(client, cfg, run_group, groups, rows=lambda g: g.rows, desc=progress_desc, gpu=True)
     else:
         progress = bar(sum(s.rows for s in shards), progress_desc)
         progress.update(done_rows)
-        run_shards(cfg, todo, on_done=lambda s: progress.update(s.rows))
+        if todo:
+            run_shards(ctx, todo, load_models(ctx), on_done=lambda s: progress.update(s.rows))
         progress.close()
-    return _finish(cfg, ctx)
+    return _finish(ctx)
 
 
 @dataclass(frozen=True)
@@ -257,22 +192,29 @@ class Group:
     """Consecutive shards run by one Dask task: fewer, larger tasks, and writes overlap compute."""
 
     shards: tuple[Shard, ...]
+    cache_id: str  # the driver's: the task recomputes it from the files and refuses a mismatch
 
     @property
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
 
-def _groups(todo: list[Shard], workers: int) -> list[Group]:
+def _groups(todo: list[Shard], workers: int, cache_id: str) -> list[Group]:
     size = max(1, -(-len(todo) // (4 * max(workers, 1))))  # about four tasks per worker
-    return [Group(tuple(todo[i:i + size])) for i in range(0, len(todo), size)]
+    return [Group(tuple(todo[i:i + size]), cache_id) for i in range(0, len(todo), size)]
 
 
 def run_group(cfg: Config, group: Group) -> list[ShardResult]:
-    return run_shards(cfg, group.shards)
+    ctx = context(cfg)
+    if ctx.dir.name != group.cache_id:
+        raise CacheError(f"cache {group.cache_id}: this worker computes id {ctx.dir.name} from the same config, so "
+                         "the data or a teacher checkpoint changed while the cache was being written; rerun "
+                         "`logitcache cache CONFIG` once the files are final")
+    return run_shards(ctx, group.shards, load_models(ctx))
 
 
-def run_shards(cfg: Config, shards: Sequence[Shard], on_done: Callable[[Shard], Any] | None = None) -> list[ShardResult]:
+def run_shards(ctx: Context, shards: Sequence[Shard], models: list[torch.nn.Module],
+               on_done: Callable[[Shard], Any] | None = None) -> list[ShardResult]:
     """Compute and write shards in order; writing one shard overlaps computing the next."""
     results = []
     with ThreadPoolExecutor(max_workers=1) as writer:
@@ -286,23 +228,23 @@ def run_shards(cfg: Config, shards: Sequence[Shard], on_done: Callable[[Shard], 
                     on_done(shard)
 
         for shard in shards:
-            if shard_path(cfg, shard).exists():  # another task or process finished it
+            if shard_path(ctx, shard).exists():  # another task or process finished it
                 results.append(ShardResult(shard.index, shard.rows, skipped=True))
                 continue
-            arrays = compute_shard(cfg, shard)
+            arrays = compute_shard(ctx, shard, models)
             drain(1)
-            pending.append((shard, writer.submit(write, cfg, shard, arrays)))
+            pending.append((shard, writer.submit(write, ctx, shard, arrays)))
         drain(0)
     return results
 
 
-def _finish(cfg: Config, ctx: Context) -> Path:
-    still_missing = missing(cfg)
+def _finish(ctx: Context) -> Path:
+    still_missing = missing(ctx)
     if still_missing:
         log(f"cache {ctx.dir.name}: {len(still_missing)} shards still missing; the manifest is "
             "written by the call that finds every shard present")
         return ctx.dir
-    manifest = finalize(cfg)
+    manifest = finalize(ctx)
     log(f"cache {ctx.dir.name}: complete, {manifest['rows']} rows, {manifest['bytes']} bytes "
         f"({manifest['bytes_per_row']} B/row)")
     return ctx.dir

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import metrics
+from pipeline import jobs, metrics
 from pipeline.config import Config
 from pipeline.data import load_splits
 from pipeline.ensemble import (
@@ -34,7 +34,6 @@ from pipeline.io import (
 )
 from pipeline.models import build_model, load_state
 from pipeline.progress import log
-from stages import student as student_stage
 
 REPORT_FORMAT = 3  # part of the up-to-date check: a new report layout rewrites old reports
 
@@ -54,10 +53,10 @@ def main(cfg: Config) -> dict[str, Any]:
     bins = cfg.evaluate.ece_bins
     cpu = torch.device("cpu")
 
-    jobs = student_stage.plan(cfg)
+    planned = jobs.plan(cfg)
     done = []
-    for shard in jobs:
-        name = student_stage.job_name(cfg, shard)
+    for shard in planned:
+        name = jobs.job_name(cfg, shard)
         marker = cfg.run_dir / "students" / name / "done.json"
         if not marker.is_file():
             raise CacheError(f"{marker.parent}: student {name} has not finished; run `logitcache student CONFIG`")
@@ -98,7 +97,7 @@ def main(cfg: Config) -> dict[str, Any]:
     curves: dict[str, list[float]] = {}
     student_sums: dict[str, metrics.Summary] = {}
     for shard, name, marker in done:
-        spec = student_stage.models(cfg)[shard.model]
+        spec = jobs.models(cfg)[shard.model]
         model = build_model(spec, splits.input_shape, splits.num_classes, f"student.models.{shard.model}")
         load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
         model.eval()
@@ -113,7 +112,7 @@ def main(cfg: Config) -> dict[str, Any]:
     _plot_curves(curves, run / "learning_curves.png")
     first_seed = {n: student_sums[n] for shard, n, _ in done if shard.seed == cfg.student.seeds[0]}
     _plot_reliability({"ensemble": ensemble, **first_seed}, y, bins, run / "reliability.png")
-    cache_manifest = json.loads((student_stage.cache_path(cfg) / "manifest.json").read_text())
+    cache_manifest = json.loads((jobs.cache_path(cfg) / "manifest.json").read_text())
     report = {
         "run": cfg.run_name, "task": cfg.data.task, "inputs_hash": inputs, "test_rows": int(y.size),
         "num_classes": splits.num_classes,

@@ -13,12 +13,9 @@ the same batches and losses), then model.pt, history.json and done.json (written
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import itertools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +23,7 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline import losses, metrics
-from pipeline.config import GRID_KEYS, Config, ModelSpec, dump_yaml, non_default
+from pipeline.config import Config, dump_yaml, non_default
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CacheError, ConfigError
 from pipeline.fanout import run_all, task_share
@@ -36,6 +33,7 @@ from pipeline.io import (
     atomic_write_text,
     hash_json,
 )
+from pipeline.jobs import Shard, cache_path, job_name, models, plan
 from pipeline.lm import hidden_and_head
 from pipeline.loader import ChunkShuffleLoader
 from pipeline.models import build_model, resolve_device
@@ -43,69 +41,10 @@ from pipeline.progress import log
 
 
 @dataclass(frozen=True)
-class Shard:
-    model: int  # index into student.models
-    seed: int
-    kind: str  # "kd" or "hard"
-
-
-@dataclass(frozen=True)
 class ShardResult:
     job: str
     skipped: bool
     final_accuracy: float
-
-
-@dataclass(frozen=True)
-class Variant:
-    spec: ModelSpec  # a student model with one grid point applied; the grid values are in its name
-    hard_name: str  # its hard-label twin's name: temperature and alpha do not change that run
-
-
-def variants(cfg: Config) -> list[Variant]:
-    """student.models crossed with student.grid."""
-    grid = cfg.student.grid
-    keys = [k for k in GRID_KEYS if k in grid]
-    out = []
-    for m in cfg.student.models:
-        for values in itertools.product(*(grid[k] for k in keys)):
-            changes = {k: (int(v) if k == "epochs" else float(v)) for k, v in zip(keys, values)}
-            suffix = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items())
-            hard = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items() if k in ("lr", "epochs"))
-            out.append(Variant(dataclasses.replace(m, name=m.name + suffix, **changes), m.name + hard))
-    return out
-
-
-_ABBREV = {"temperature": "T", "alpha": "a", "lr": "lr", "epochs": "ep"}
-
-
-def models(cfg: Config) -> list[ModelSpec]:
-    return [v.spec for v in variants(cfg)]
-
-
-def job_name(cfg: Config, shard: Shard) -> str:
-    v = variants(cfg)[shard.model]
-    return f"{v.spec.name if shard.kind == 'kd' else v.hard_name}-{shard.kind}-s{shard.seed}"
-
-
-def plan(cfg: Config) -> list[Shard]:
-    """A kd job for every model, grid point and seed; one hard-label twin per distinct hard run."""
-    shards, twins = [], set()
-    for i, v in enumerate(variants(cfg)):
-        for seed in cfg.student.seeds:
-            shards.append(Shard(i, seed, "kd"))
-            if cfg.student.baseline and (v.hard_name, seed) not in twins:
-                twins.add((v.hard_name, seed))
-                shards.append(Shard(i, seed, "hard"))
-    return shards
-
-
-def cache_path(cfg: Config) -> Path:
-    if cfg.student.cache is not None:
-        return fmt.resolve(cfg.student.cache, cfg.cache_root)
-    from stages.cache import cache_dir
-
-    return cache_dir(cfg)
 
 
 def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, Any]:
@@ -117,8 +56,8 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
         "epochs": m.epochs or s.epochs, "lr": m.lr or s.lr, "batch_size": s.batch_size,
         "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
         "temperature": temperature, "alpha": 1.0 if shard.kind == "hard" else (m.alpha if m.alpha is not None else s.alpha),
-        "tail": s.tail, "shuffle_chunks": s.shuffle_chunks,
-        **({"divergence": s.divergence, "logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
+        "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
+        **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
     }
 
 
@@ -148,25 +87,21 @@ def _optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay)
 
 
+def batch_targets(batch: dict[str, np.ndarray], st: dict[str, Any], reader: fmt.CacheReader,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's cached targets as tensors at the student's temperature."""
+    return reader.encoding.targets(batch, device, st["temperature"] / reader.temperature)
+
+
 def batch_loss(logits: torch.Tensor, batch: dict[str, np.ndarray], labels: torch.Tensor | None,
-               st: dict[str, Any], cache_temperature: float, encoding: fmt.Encoding) -> torch.Tensor:
-    """Loss of one batch: alpha * CE + (1 - alpha) * T^2 KL, with targets re-tempered to T."""
-    alpha, T = st["alpha"], st["temperature"]
-    ce = losses.hard_ce(logits, labels) if labels is not None and alpha > 0 else None
+               st: dict[str, Any], reader: fmt.CacheReader) -> torch.Tensor:
+    """Loss of one batch: alpha * CE + (1 - alpha) * T^2 D(teacher || student), targets at T."""
+    alpha = st["alpha"]
     if alpha == 1.0:
-        assert ce is not None
-        return ce
-    tau = T / cache_temperature
-    dev = logits.device
-    logp = torch.from_numpy(batch["logp"]).to(dev)
-    if encoding.name == "dense":
-        kd = losses.kd_dense(logits, losses.retemper_dense(logp, tau), T)
-    else:
-        residual = torch.from_numpy(batch["residual"]).to(dev)
-        logp_k, residual = losses.retemper_topk(logp, residual, encoding.num_classes, tau)
-        ids = torch.from_numpy(batch["ids"].astype(np.int64)).to(dev)
-        kd = losses.kd_topk(logits, ids, logp_k, residual, T, st["tail"])
-    return losses.mix(kd, ce, alpha)
+        assert labels is not None
+        return losses.hard_ce(logits, labels)
+    targets = batch_targets(batch, st, reader, logits.device)
+    return losses.row_losses(logits, targets, labels, st, reader.encoding) / len(logits)
 
 
 def lm_batch_loss(model: torch.nn.Module, batch: dict[str, np.ndarray], tokens: np.ndarray, st: dict[str, Any],
@@ -180,16 +115,9 @@ def lm_batch_loss(model: torch.nn.Module, batch: dict[str, np.ndarray], tokens: 
     seq = torch.from_numpy(tokens).to(dev)  # (B, seq_len + 1)
     labels = seq[:, 1:].reshape(-1)  # (B * L,)
     hidden, head = hidden_and_head(model, seq[:, :-1])  # (B, L, d)
-    enc = reader.encoding
-    tau = st["temperature"] / reader.temperature
-    targets = {k: torch.from_numpy(v).to(dev) for k, v in batch.items() if k not in ("sample_id", "position")}
-    if enc.name == "dense" and st["alpha"] < 1:
-        targets["logp"] = losses.retemper_dense(targets["logp"], tau)
-    elif enc.name == "topk" and st["alpha"] < 1:
-        targets["logp"], targets["residual"] = losses.retemper_topk(targets["logp"], targets["residual"],
-                                                                    enc.num_classes, tau)
-    return losses.chunked_loss(hidden.reshape(rows, -1), head, targets, labels, st, enc.name, enc.num_classes,
-                               enc.draws, st["logit_chunk"])
+    targets = batch_targets(batch, st, reader, dev) if st["alpha"] < 1 else {}
+    return losses.chunked_loss(hidden.reshape(rows, -1), head, targets, labels, st, reader.encoding,
+                               st["logit_chunk"])
 
 
 def held_out(model: torch.nn.Module, splits: Splits, lm: bool) -> dict[str, float]:
@@ -212,9 +140,10 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     if done.is_file() and json.loads(done.read_text()).get("settings_hash") == key:
         return ShardResult(name, True, json.loads(done.read_text())["final"]["accuracy"])
     lm = cfg.data.task == "lm"
-    if lm and reader.encoding.name == "sampled" and st["temperature"] != reader.temperature and st["alpha"] < 1:
-        raise ConfigError(f"student.temperature: {st['temperature']} differs from the sampled cache's "
-                          f"{reader.temperature}; sampled targets cannot be re-tempered, train at the cache's T")
+    if not reader.encoding.retemperable and st["temperature"] != reader.temperature and st["alpha"] < 1:
+        raise ConfigError(f"student.temperature: {st['temperature']} differs from the cache's {reader.temperature}; "
+                          f"{reader.encoding.label()} targets are draws and cannot be re-tempered, train at the "
+                          "cache's temperature")
     if st["alpha"] > 0 and splits.transfer.y is None and not lm:
         raise ConfigError(f"student.alpha: {st['alpha']} needs labels, but the transfer set "
                           f"{splits.transfer.source} has none; set student.alpha=0 and student.baseline=false")
@@ -258,7 +187,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             else:
                 x = torch.from_numpy(transfer.x[pos]).to(dev)
                 labels = torch.from_numpy(transfer.y[pos]).to(dev) if transfer.y is not None else None
-                loss = batch_loss(model(x), batch, labels, st, reader.temperature, reader.encoding)
+                loss = batch_loss(model(x), batch, labels, st, reader)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -18,6 +18,7 @@ from pipeline.config import load_config
 from pipeline.data import load_splits
 from pipeline.ensemble import load_teacher, teacher_refs
 from pipeline.io import HOST
+from pipeline import spec
 from stages import cache as cache_stage
 from stages import teachers as teacher_stage
 
@@ -99,27 +100,25 @@ def test_zarr_and_parquet_hold_the_same_targets(workspace):
 
 def test_any_input_change_gives_a_new_id(workspace):
     _ws, path = workspace
-    base = cache_stage.cache_dir(load_config(path))
+    base = spec.cache_dir(load_config(path))
     for override in ("teachers.temperature=3", "teachers.ensemble=mean_logprobs", "teachers.weights=[2, 1]",
                      "cache.encoding=topk", "cache.dtype=float32", "data.transfer.exclude_classes=[3]"):
-        assert cache_stage.cache_dir(load_config(path, [override])) != base, override
+        assert spec.cache_dir(load_config(path, [override])) != base, override
 
 
 def test_changed_teacher_weights_change_the_id(workspace, tmp_path):
     _ws, path = workspace
     cfg = load_config(path)
-    before = cache_stage.cache_dir(cfg)
+    before = spec.cache_dir(cfg)
     ref = teacher_refs(cfg, load_splits(cfg))[0]
     saved = ref.checkpoint.read_bytes()
     try:
         state = torch.load(ref.checkpoint, weights_only=True)
         state["1.bias"] += 0.01
         torch.save(state, ref.checkpoint)
-        cache_stage.forget()
-        assert cache_stage.cache_dir(load_config(path)) != before
+        assert spec.cache_dir(load_config(path)) != before
     finally:
         ref.checkpoint.write_bytes(saved)
-        cache_stage.forget()
 
 
 def test_shards_describe_themselves_in_plain_zarr_and_pyarrow(workspace):
@@ -130,7 +129,7 @@ def test_shards_describe_themselves_in_plain_zarr_and_pyarrow(workspace):
     assert attrs["encoding"]["name"] == "topk" and attrs["num_classes"] == 10 and attrs["temperature"] == 2.0
     assert set(group.keys()) == {"sample_id", "ids", "logp", "residual"}
     assert "tail" in group["residual"].attrs["description"]
-    assert group["ids"].dtype == np.uint16 and group["logp"].shape == (400, 3)
+    assert group["ids"].dtype == np.uint8 and group["logp"].shape == (400, 3)
 
     _, dp = build(path, "cache.backend=parquet")
     table = pq.read_table(dp / "shards" / "00000.parquet")

@@ -21,9 +21,14 @@ def test_fidelity_of_exact_and_topk_caches(cli_run, tmp_path):
     assert dense["cache"]["kl"] == pytest.approx(0.0, abs=1e-5)  # float32 dense: exact
     assert dense["cache"]["mass_kept"] == 1.0 and dense["cache"]["top1_agreement"] == 1.0
     assert abs(dense["cache"]["loss_bias"]) < 1e-4
-    kls = [s["kl"] for s in dense["sweep"] if s["bits"] == 16]
+    kls = [s["kl"] for s in dense["sweep"] if s.get("bits") == 16]
     assert kls == sorted(kls, reverse=True) and kls[0] > 10 * kls[-1]  # more k, closer to the teacher
     assert (tmp_path / "fidelity" / dense_id / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
+    sweep = {s["encoding"]: s for s in dense["sweep"]}
+    # an exact head with a sampled tail: more mass seen, less loss bias than the same head alone
+    assert sweep["hybrid-k4-n16"]["mass_kept"] > sweep["topk-k4"]["mass_kept"]
+    assert abs(sweep["hybrid-k4-n16"]["loss_bias"]) < abs(sweep["topk-k4"]["loss_bias"])
+    assert sweep["hybrid-k4-n16"]["kl"] is None and sweep["sampled-n16"]["kl"] is None
 
     cli_run("cache", path, "cache.encoding=topk", "cache.k=4")
     topk_id = next(d.name for d in (tmp_path / "caches").iterdir() if d.name != dense_id)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline import cache as fmt
+from pipeline.encodings import Dense, Sampled, TopK
 from pipeline import losses
 
 
@@ -46,7 +46,7 @@ def test_divergences_over_topk_support_with_uniform_tail(dists, kind):
         full.append(row)
     q = torch.softmax(s.double() / T, -1).tolist()
     st = {"alpha": 0.0, "temperature": T, "divergence": kind, "tail": "uniform"}
-    got = losses.row_losses(s, {"ids": ids, "logp": vals, "residual": residual}, None, st, "topk", V, 0) / 5
+    got = losses.row_losses(s, {"ids": ids, "logp": vals, "residual": residual}, None, st, TopK(V, k)) / 5
     assert float(got) == pytest.approx(T**2 * slow(full, q, kind), rel=1e-4)
 
 
@@ -57,7 +57,7 @@ def test_dense_divergences_are_exact(dists, kind):
     p = torch.softmax(z.double() / T, -1).tolist()
     q = torch.softmax(s.double() / T, -1).tolist()
     st = {"alpha": 0.0, "temperature": T, "divergence": kind, "tail": "uniform"}
-    got = losses.row_losses(s, {"logp": torch.log_softmax(z / T, -1)}, None, st, "dense", 40, 0) / 5
+    got = losses.row_losses(s, {"logp": torch.log_softmax(z / T, -1)}, None, st, Dense(40)) / 5
     assert float(got) == pytest.approx(T**2 * slow(p, q, kind), rel=1e-4)
 
 
@@ -65,21 +65,21 @@ def test_sampled_encoding_counts_and_unbiased_kl(dists):
     z, s = dists
     T = 1.0
     logp = torch.log_softmax(z, -1)
-    enc = fmt.Encoding("sampled", 40, draws=24, token_rows=True)
+    enc = Sampled(40, 24)
     g = torch.Generator().manual_seed(0)
-    one = fmt.encode(logp, enc, g)
-    counts, ids = one["counts"].long(), one["ids"]
+    one = enc.decode(enc.to_host(enc.encode(logp, g)))
+    counts, ids = torch.from_numpy(one["counts"]).long(), torch.from_numpy(one["ids"])
     assert (counts.sum(-1) == 24).all()
     for row_ids, row_counts in zip(ids.tolist(), counts.tolist()):
         kept = [i for i, c in zip(row_ids, row_counts) if c > 0]
         assert len(kept) == len(set(kept))  # distinct ids, padding has count 0
-    assert torch.allclose(one["entropy"].float(), -(logp.exp() * logp).sum(-1), atol=1e-2)
+    assert torch.allclose(torch.from_numpy(one["entropy"]), -(logp.exp() * logp).sum(-1), atol=1e-2)
 
     exact = float(losses.kd_dense(s, logp, T))
     estimates = []
     for _ in range(400):  # the mean over many independent caches converges to the full KL
-        e = fmt.encode(logp, enc, g)
-        estimates.append(float(losses.kd_sampled(s, e["ids"], e["counts"], 24, e["entropy"].float(), T)))
+        targets = enc.targets(enc.decode(enc.to_host(enc.encode(logp, g))), "cpu")
+        estimates.append(float(losses.kd_loss(s, targets, enc, T)))
     mean = sum(estimates) / len(estimates)
     sd = (sum((x - mean) ** 2 for x in estimates) / (len(estimates) - 1)) ** 0.5
     assert abs(mean - exact) < 4 * sd / len(estimates) ** 0.5 + 2e-3  # entropy is stored as float16
@@ -95,9 +95,9 @@ def test_chunked_loss_equals_unchunked_with_same_gradients(dists):
     targets = {"ids": ids, "logp": vals, "residual": 1 - vals.exp().sum(-1)}
     labels = torch.tensor([1, 2, 3, 4, 5])
     st = {"alpha": 0.3, "temperature": 2.0, "divergence": "jsd", "tail": "uniform"}
-    whole = losses.chunked_loss(hidden, head, targets, labels, st, "topk", 40, 0, chunk=100)
+    whole = losses.chunked_loss(hidden, head, targets, labels, st, TopK(40, 4), chunk=100)
     (g_whole,) = torch.autograd.grad(whole, hidden)
-    parts = losses.chunked_loss(hidden, head, targets, labels, st, "topk", 40, 0, chunk=2)
+    parts = losses.chunked_loss(hidden, head, targets, labels, st, TopK(40, 4), chunk=2)
     (g_parts,) = torch.autograd.grad(parts, hidden)
     assert float(parts.detach()) == pytest.approx(float(whole.detach()), rel=1e-6)
     assert torch.allclose(g_parts, g_whole, atol=1e-6)

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 
 from pipeline import cache as fmt
+from pipeline.encodings import Dense
 from pipeline.loader import ChunkShuffleLoader
 
 
 @pytest.fixture
 def reader(tmp_path):
     """A hand-made dense cache of 1000 rows in 3 shards of chunks of 64 rows."""
-    enc = fmt.Encoding("dense", 4, "float32")
+    enc = Dense(4, "float32")
     d = tmp_path / "c"
     spec = {"layout": {"chunk_rows": 64, "backend": "zarr", "rows_per_shard": 400}, "num_classes": 4,
-            "encoding": enc.describe(), "temperature": 1.0, "dataset": {"fingerprint": "x", "rows": 1000}}
+            "encoding": enc.params(), "temperature": 1.0, "dataset": {"fingerprint": "x", "rows": 1000}}
     entries = []
     for i, start in enumerate(range(0, 1000, 400)):
         stop = min(start + 400, 1000)

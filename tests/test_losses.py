@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline import cache as fmt
+from pipeline.encodings import TopK
 from pipeline import losses
 
 
@@ -140,9 +140,9 @@ def test_retemper_topk_matches_uniform_tail_distribution(logits):
 def test_topk_encoding_stores_exact_tail_mass(logits):
     z, _ = logits
     logp = torch.log_softmax(z * 3, -1)  # peaked: tail mass is tiny, where 1 - sum would lose it
-    enc = fmt.Encoding("topk", 10, k=4)
-    out = fmt.to_host(fmt.encode(logp, enc), enc)
-    assert out["ids"].dtype.name == "uint16" and out["logp"].dtype.name == "float16"
+    enc = TopK(10, 4)
+    out = enc.to_host(enc.encode(logp))
+    assert out["ids"].dtype.name == "uint8" and out["logp"].dtype.name == "float16"
     vals, ids = logp.double().topk(4, -1)
     exact_tail = 1 - vals.exp().sum(-1)
     assert (out["ids"] == ids.numpy()).all()

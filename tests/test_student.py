@@ -16,6 +16,7 @@ from conftest import REPO, TESTS, tiny_config, write_config
 
 from pipeline.config import load_config
 from pipeline.errors import CacheError, ModelError
+from pipeline import spec
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage
@@ -79,7 +80,7 @@ def test_many_students_from_one_cache_without_teachers(built, tmp_path, capsys):
     cfg = load_config(path, [f"workspace={ws}", "run_name=many", "student.epochs=8", "student.lr=0.01",
                              "student.models=[{name: x, hidden: [8]}, {name: y, hidden: [32, 16]}]",
                              "student.seeds=[0, 1]"])
-    cache_dir = cache_stage.cache_dir(cfg)
+    cache_dir = spec.cache_dir(cfg)
     moved = tmp_path / "teachers"
     shutil.move(str(ws / "teachers"), moved)  # teachers are gone: students must not need them
     try:
@@ -100,7 +101,7 @@ def test_many_students_from_one_cache_without_teachers(built, tmp_path, capsys):
 
 def test_student_refuses_a_cache_made_for_other_data(built, tmp_path):
     _ws, path = built
-    cache_dir = cache_stage.cache_dir(load_config(path))
+    cache_dir = spec.cache_dir(load_config(path))
     other = load_config(path, ["data.test_fraction=0.3", f"student.cache={cache_dir}"])
     with pytest.raises(CacheError, match="cache was made for dataset .* but this config's transfer set"):
         student_stage.main(other)
