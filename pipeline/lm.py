@@ -54,22 +54,37 @@ class GPT(nn.Module):
         return self.head(self.hidden(tokens))
 
 
-class HFCausalLM(nn.Module):
-    """A transformers causal LM behind the same tokens -> logits interface."""
+class Sliced(nn.Module):
+    """An output layer padded past the tokenizer (Pythia 50,304 for 50,277 tokens): keep the first
+    `vocab` logits, so the padded ones never enter a softmax."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, head: nn.Module, vocab: int) -> None:
         super().__init__()
-        self.model = model
+        self.inner, self.vocab = head, vocab
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.inner(hidden)[..., :self.vocab]
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind the same tokens -> logits interface, over the tokenizer's
+    `vocab` tokens even when its output layer is padded wider."""
+
+    def __init__(self, model: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.model, self.vocab = model, vocab
+        self.output_width = model.get_output_embeddings().weight.shape[0]
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.base_model(input_ids=tokens).last_hidden_state
 
     @property
     def head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        head = self.model.get_output_embeddings()
+        return head if self.output_width == self.vocab else Sliced(head, self.vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens).logits
+        return self.model(input_ids=tokens).logits[..., :self.vocab]
 
 
 def build_lm(spec: ModelSpec, vocab: int, context: int, where: str) -> nn.Module:
@@ -86,11 +101,21 @@ def build_lm(spec: ModelSpec, vocab: int, context: int, where: str) -> nn.Module
                              "save one with model.save_pretrained(dir)")
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         width = model.get_output_embeddings().weight.shape[0]
-        if width != vocab:
+        if width < vocab:
             raise ModelError(f"{where} ({spec.name}): output width {width} but the tokenizer has {vocab} "
                              "tokens; every model must use the tokenizer in data.tokenizer")
-        return HFCausalLM(model)
+        return HFCausalLM(model, vocab)  # a wider output layer is padding: sliced off
     raise ModelError(f"{where}.arch: {spec.arch} is not a language model; use gpt or hf with data.task: lm")
+
+
+def output_width(path: str | Path) -> int | None:
+    """The output width a Hugging Face model directory declares (vocab_size in config.json)."""
+    import json
+
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def hidden_and_head(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:

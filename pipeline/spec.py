@@ -20,7 +20,8 @@ from pipeline import cache as fmt
 from pipeline.config import Config
 from pipeline.data import Splits, load_splits
 from pipeline.encodings import Encoding, encoding_from_config
-from pipeline.ensemble import normalized_weights, teacher_identity, teacher_refs
+from pipeline.ensemble import TeacherRef, normalized_weights, teacher_identity, teacher_refs
+from pipeline.lm import output_width
 from pipeline.models import resolve_device
 
 
@@ -54,7 +55,7 @@ def context(cfg: Config) -> Context:
         "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
                     "input_shape": list(splits.input_shape)},
         "num_classes": splits.num_classes,
-        "teachers": [teacher_identity(r) for r in refs],
+        "teachers": [_identity(r, splits.num_classes) for r in refs],
         "ensemble": cfg.teachers.ensemble,
         "weights": normalized_weights(cfg),
         "temperature": cfg.teachers.temperature,
@@ -70,8 +71,32 @@ def context(cfg: Config) -> Context:
     return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision)
 
 
+def _identity(ref: TeacherRef, num_classes: int) -> dict[str, Any]:
+    """A teacher's identity; a Hugging Face model whose output layer is padded past the tokenizer
+    also records both sizes (its padded logits are dropped before the softmax)."""
+    identity = teacher_identity(ref)
+    if ref.spec.arch == "hf":
+        width = output_width(ref.checkpoint)
+        if width is not None and width != num_classes:
+            identity["output_width"] = width
+            identity["vocab_size"] = num_classes
+    return identity
+
+
 def cache_dir(cfg: Config) -> Path:
     return context(cfg).dir
+
+
+def _identity(ref: TeacherRef, num_classes: int) -> dict[str, Any]:
+    """A teacher's identity; a Hugging Face model whose output layer is padded past the tokenizer
+    also records both sizes (its padded logits are dropped before the softmax)."""
+    identity = teacher_identity(ref)
+    if ref.spec.arch == "hf":
+        width = output_width(ref.checkpoint)
+        if width is not None and width != num_classes:
+            identity["output_width"] = width
+            identity["vocab_size"] = num_classes
+    return identity
 
 
 def cache_dir(cfg: Config) -> Path:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from conftest import write_config
 
@@ -132,6 +133,39 @@ def test_hf_teacher_from_local_directory(lm, tmp_path):
     with pytest.raises(ModelError, match="must share one tokenizer"):
         cache_stage.main(load_config(tmp_path / "c.yaml", ["cache.k=4"]))
     assert splits.vocab
+
+
+def test_hf_teacher_with_an_output_layer_padded_past_the_tokenizer(lm, tmp_path):
+    """Like Pythia (50,304 outputs for 50,277 tokens): the padded logits are dropped before the
+    softmax, the targets equal those of the unpadded model, and the spec records both sizes."""
+    transformers = pytest.importorskip("transformers")
+    ws, _ = lm
+    torch.manual_seed(0)
+    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=600, n_positions=32, n_embd=32,
+                                                                 n_layer=1, n_head=2, tie_word_embeddings=False))
+    padded = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=627, n_positions=32, n_embd=32,
+                                                                  n_layer=1, n_head=2, tie_word_embeddings=False))
+    state = small.state_dict()
+    for name, w in padded.state_dict().items():  # the same weights, plus 27 padded rows that win every argmax
+        if w.shape == state[name].shape:
+            w.copy_(state[name])
+        else:
+            w[:600] = state[name]
+            w[600:] = 50.0
+    dirs = {}
+    for name, model in (("small", small), ("padded", padded)):
+        model.save_pretrained(tmp_path / name)
+        teacher = [{"name": "hf", "arch": "hf", "path": str(tmp_path / name)}]
+        cfg = load_config(write_config(tmp_path / f"{name}.yaml", lm_config(ws, teachers={"members": teacher})),
+                          ["cache.encoding=hybrid", "cache.k=8", "cache.draws=8"])
+        dirs[name] = cache_stage.main(cfg)
+    spec = json.loads((dirs["padded"] / "manifest.json").read_text())["spec"]
+    assert spec["teachers"][0]["output_width"] == 627 and spec["teachers"][0]["vocab_size"] == 600
+    assert spec["num_classes"] == 600 and "output_width" not in json.loads(
+        (dirs["small"] / "manifest.json").read_text())["spec"]["teachers"][0]
+    a, b = fmt.CacheReader(dirs["small"]).read_all(), fmt.CacheReader(dirs["padded"]).read_all()
+    assert np.array_equal(a["ids"], b["ids"]) and np.allclose(a["logp"], b["logp"], atol=2e-3)
+    assert b["ids"].max() < 600 and b["tail_ids"].max() < 600
 
 
 def test_text_jsonl_and_parquet_sources(tmp_path):

@@ -14,9 +14,10 @@ import time
 import pytest
 from conftest import REPO, TESTS, tiny_config, write_config
 
-from pipeline.config import load_config
-from pipeline.errors import CacheError, ModelError
+from pipeline import cache as fmt
 from pipeline import spec
+from pipeline.config import load_config
+from pipeline.errors import CacheError, ConfigError, ModelError
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage
@@ -112,3 +113,30 @@ def test_student_with_wrong_class_count_is_refused(built):
     cfg = load_config(path, ["student.models=[{name: u, arch: import, factory: 'userzoo:mlp', kwargs: {classes: 7}}]"])
     with pytest.raises(ModelError, match=r"student.models.0 \(u\): output width \(7,\) but the data has 10 classes"):
         student_stage.main(cfg)
+
+
+@pytest.mark.parametrize("over", [["cache.encoding=sampled", "cache.draws=16"],
+                                  ["cache.encoding=hybrid", "cache.k=2", "cache.draws=8", "cache.bits=8"]])
+def test_students_learn_from_sampled_and_hybrid_class_caches(built, over):
+    """Draw-based targets work for classification too, and train as well as the exact top-k cache."""
+    ws, path = built
+    name = over[0].split("=")[1]
+    common = ["student.baseline=false", "student.alpha=0"]
+    cfg = load_config(path, [f"run_name={name}", *common, *over])
+    d = cache_stage.main(cfg)
+    assert fmt.read_manifest(d)["spec"]["encoding"]["name"] == name
+    (drawn,) = student_stage.main(cfg)
+    (exact,) = student_stage.main(load_config(path, ["run_name=exact-topk", *common]))
+    assert drawn.final_accuracy > 0.8 and drawn.final_accuracy > exact.final_accuracy - 0.05
+    with pytest.raises(ConfigError, match="cannot be re-tempered"):
+        student_stage.main(load_config(path, [f"run_name={name}-T", *common, *over, "student.temperature=5"]))
+
+
+@pytest.mark.parametrize("kind", ["reverse", "jsd"])
+def test_reverse_kl_and_jsd_with_a_bucket_tail_train_classifiers(built, kind):
+    ws, path = built
+    cfg = load_config(path, [f"run_name={kind}", "student.baseline=false",
+                             f"student.divergence={kind}", "student.tail=bucket"])
+    (result,) = student_stage.main(cfg)
+    history = json.loads((ws / "runs" / kind / "students" / "s-kd-s0" / "history.json").read_text())
+    assert history["settings"]["divergence"] == kind and result.final_accuracy > 0.8
