@@ -9,40 +9,70 @@
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pipeline.config import Config, load_config
-from pipeline.errors import LogitcacheError
+from pipeline.errors import ConfigError, LogitcacheError
 
 CONFIG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 
 
+DEBUG = "logitcache.debug"
+
+
 class _Group(click.Group):
-    """Turns every LogitcacheError into a one-line message and exit code 1, without a traceback."""
+    """Turns every error into a one-line message and exit code 1, without a traceback (unless
+    --debug): a LogitcacheError as it is; anything else (an error in user code, or a bug) with its
+    type, first line and the place it was raised."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except LogitcacheError as e:
+            if ctx.meta.get(DEBUG):
+                raise
             raise click.ClickException(str(e)) from None
+        except Exception as e:
+            if ctx.meta.get(DEBUG):
+                raise
+            raise click.ClickException(_unexpected(e)) from None
+
+
+def _unexpected(e: Exception) -> str:
+    """One line for an exception no check anticipated: what, where, and how to see more."""
+    lines = str(e).strip().splitlines()
+    what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" in {frames[-1].name} ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"unexpected {what}{where}; rerun with --debug for the full traceback"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="logitcache")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Offline logit caching for knowledge distillation: run the teachers once, train many students."""
+    ctx.meta[DEBUG] = debug
 
 
 def _load(config: Path, overrides: tuple[str, ...], scheduler: str | None = None,
           workers: int | None = None) -> Config:
     extra = []
-    if scheduler:
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: give at least 1 worker process (omit --workers to run in-process)")
+    if scheduler is not None and workers is not None:
+        raise ConfigError("--scheduler and --workers: give one, not both")
+    if scheduler is not None:
         extra = ["cluster.kind=address", f"cluster.address={scheduler}"]
-    elif workers:
+    elif workers is not None:
         extra = ["cluster.kind=local", f"cluster.workers={workers}"]
     return load_config(config, [*overrides, *extra])
 
@@ -93,8 +123,13 @@ def _sharded_command(name: str, help_text: str) -> None:
         from pipeline.fanout import open_client
 
         stage = importlib.import_module(f"stages.{name}")
+        array_task = shard_index is not None or num_shards is not None
+        if array_task and (scheduler is not None or workers is not None):
+            raise ConfigError("--shard-index/--num-shards run one array task in-process; "
+                              "drop --workers/--scheduler (or the shard options to fan out on Dask)")
         cfg = _load(config, overrides, scheduler, workers)
-        with open_client(cfg.cluster) as client:
+        # an array task is already one of many Slurm jobs: it never opens the config's cluster
+        with open_client(cfg.cluster, array_task=array_task) as client:
             stage.main(cfg, client, shard_index, num_shards)
 
 
@@ -118,41 +153,59 @@ def caches() -> None:
     """List and inspect caches."""
 
 
+DEFAULT_ROOT = Path("data/caches")
+
+
+def root_options(fn: Any) -> Any:
+    fn = click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="Take the cache root from this config (cache.root, else <workspace>/caches).")(fn)
+    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help=f"Directory that holds the caches [default: {DEFAULT_ROOT}, or the --config's].")(fn)
+
+
+def _root(root: Path | None, config: Path | None) -> Path:
+    """--root if given, else the config's cache root, else data/caches."""
+    if root is not None:
+        return root
+    if config is not None:
+        return load_config(config).cache_root
+    return DEFAULT_ROOT
+
+
 @caches.command("ls")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/caches"),
-              show_default=True, help="Directory that holds the caches.")
-def caches_ls(root: Path) -> None:
+@root_options
+def caches_ls(root: Path | None, config: Path | None) -> None:
     """List caches: id, status, rows, encoding, size, bytes per row, configs that produced them."""
     from pipeline.inspect import list_caches
 
-    click.echo(list_caches(root))
+    click.echo(list_caches(_root(root, config)))
 
 
 @caches.command("inspect")
 @click.argument("cache_ref", metavar="ID_OR_PATH")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/caches"),
-              show_default=True, help="Directory that holds the caches.")
+@root_options
 @click.option("--verify", is_flag=True, help="Recompute every shard's sha256 and compare with the manifest.")
-def caches_inspect(cache_ref: str, root: Path, verify: bool) -> None:
+def caches_inspect(cache_ref: str, root: Path | None, config: Path | None, verify: bool) -> None:
     """Show one cache's manifest (or, for a partial cache, which shards are missing)."""
     from pipeline.inspect import inspect_cache
 
-    click.echo(json.dumps(inspect_cache(cache_ref, root, verify), indent=2))
+    click.echo(json.dumps(inspect_cache(cache_ref, _root(root, config), verify), indent=2))
 
 
 @caches.command("fidelity")
 @click.argument("cache_ref", metavar="ID_OR_PATH")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("data/caches"),
-              show_default=True, help="Directory that holds the caches.")
+@root_options
 @click.option("--rows", type=int, default=2000, show_default=True, help="Cached rows to re-run the teachers on.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where fidelity.json and fidelity.png go (default <workspace>/fidelity/<cache_id>).")
-def caches_fidelity(cache_ref: str, root: Path, rows: int, out: Path | None) -> None:
+def caches_fidelity(cache_ref: str, root: Path | None, config: Path | None, rows: int, out: Path | None) -> None:
     """Re-run the teachers on sampled rows: KL, mass kept, top-1 agreement and loss bias of this cache
     and of every other encoding and k, to choose them from data."""
     from pipeline.fidelity import fidelity, table
 
-    click.echo(table(fidelity(cache_ref, root, rows, out)))
+    if rows < 1:
+        raise ConfigError(f"--rows {rows}: give at least 1 row")
+    click.echo(table(fidelity(cache_ref, _root(root, config), rows, out)))
 
 
 @cli.command("job-script")

@@ -9,6 +9,7 @@ once, in one line, naming each field. Relative paths are taken from the current 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class ModelSpec:
     seed: int = 0  # teachers: init/shuffle seed (students use student.seeds)
     temperature: float | None = None  # students only
     alpha: float | None = None  # students only
+    version: str | None = None  # arch=import: bump when the model's code changes in ways its source hash misses
 
 
 def _default_teachers() -> tuple[ModelSpec, ...]:
@@ -133,7 +135,7 @@ class StudentConfig:
     temperature: float | None = None  # None: the cache's temperature (exact); else re-tempered
     alpha: float = 0.1  # weight of the hard-label cross-entropy; 1 - alpha on the soft targets
     tail: Literal["uniform", "bucket"] = "uniform"  # topk: how the residual mass is modelled
-    divergence: Literal["forward", "reverse", "jsd"] = "forward"  # lm: forward KL, reverse KL or JSD
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"  # forward KL, reverse KL or JSD (sampled: forward only)
     logit_chunk: int = 2048  # lm: token rows whose (rows, vocab) logits are computed at once
     shuffle_chunks: int = 4  # chunks per shuffle buffer
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
@@ -165,6 +167,7 @@ class ClusterConfig:
     address: str | None = None  # kind=address: e.g. tcp://10.0.0.5:8786
     gpus_per_worker: int = 0  # >0: tasks ask for resources={"GPU": 1}; workers advertise this many
     retries: int = 2  # a task whose worker dies is rerun this many times
+    worker_timeout: float = 600.0  # seconds to wait for the workers to start (Slurm: to leave the queue)
     slurm: SlurmConfig = SlurmConfig()
 
 
@@ -210,7 +213,13 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found; pass the path of a YAML config")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        try:
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -229,6 +238,25 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return cfg
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice in one section (lines {seen[key]} and "
+                                    f"{line}); keep one, the first would be silently dropped")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. student.temperature=4")
@@ -238,14 +266,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty part in key {key!r}; write e.g. student.models.0.hidden=[64]")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[_index(part, key, len(node))]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is a value ({node!r}), not a section or list")
         if part not in node or node[part] is None:
             # lists of models need their defaults materialized before an index can be set
-            node[part] = _default_as_raw(parts[: i + 1]) if parts[i + 1].isdigit() else {}
+            node[part] = _default_as_raw(parts[: i + 1], key) if parts[i + 1].isdigit() else {}
         node = node[part]
     last = parts[-1]
     if isinstance(node, list):
@@ -253,7 +285,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is not a section")
+        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is a value ({node!r}), not a section or list")
 
 
 def _index(part: str, key: str, length: int) -> int:
@@ -262,10 +294,19 @@ def _index(part: str, key: str, length: int) -> int:
     return int(part)
 
 
-def _default_as_raw(path: list[str]) -> Any:
+def _default_as_raw(path: list[str], key: str) -> Any:
     node: Any = to_dict(Config())
     for part in path:
-        node = node[part]
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            node = None
+            break
+    if not isinstance(node, list):
+        raise ConfigError(f"override {key}: {'.'.join(path)} is not a list, so it cannot be indexed; "
+                          "check the key's spelling")
     return node
 
 
@@ -289,6 +330,9 @@ def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
         return cls(**kwargs)
     except TypeError:  # a required key is missing: already reported
         return None
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
@@ -326,6 +370,8 @@ def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number, got {value!r}")
             return value
@@ -339,6 +385,62 @@ def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
 
 GRID_KEYS = ("temperature", "alpha", "lr", "epochs")  # ModelSpec fields a student sweep may vary
 
+# ModelSpec fields and the architectures they apply to; a field set on any other architecture
+# would be silently ignored, so it is refused. Fields not listed apply to every architecture.
+ARCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "hidden": ("mlp", "cnn"),
+    "channels": ("cnn",),
+    "dropout": ("mlp", "cnn", "gpt"),
+    "factory": ("import",),
+    "kwargs": ("import",),
+    "checkpoint": ("import",),
+    "version": ("import",),
+    "layers": ("gpt",),
+    "heads": ("gpt",),
+    "d_model": ("gpt",),
+    "path": ("hf",),
+}
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def valid_device(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N: the forms the stages accept."""
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    kind, _, index = name.partition(":")
+    return kind == "cuda" and index.isdigit()
+
+
+def _spec_fields_that_do_not_apply(m: ModelSpec, teacher: bool) -> list[tuple[str, str]]:
+    """(field, why) for every field set to a non-default value that `m`'s architecture ignores."""
+    defaults = ModelSpec(name=m.name)
+    out = []
+    for name, archs in ARCH_FIELDS.items():
+        if m.arch not in archs and getattr(m, name) != getattr(defaults, name):
+            out.append((name, f"applies to arch {' or '.join(archs)}, not {m.arch}"))
+    if teacher:
+        for name in ("temperature", "alpha"):
+            if getattr(m, name) is not None:
+                out.append((name, "applies to students only (teachers.temperature sets the cache's)"))
+        if m.arch in ("import", "hf"):
+            for name in ("epochs", "lr"):
+                if getattr(m, name) is not None:
+                    out.append((name, f"{m.arch} teachers are loaded, not trained here"))
+    else:
+        if m.checkpoint is not None:
+            out.append(("checkpoint", "students are trained from scratch; checkpoints apply to teachers"))
+        if m.seed != defaults.seed:
+            out.append(("seed", "students take their seeds from student.seeds"))
+    return out
+
+
+def _check_grid_value(key: str, v: Any) -> str | None:
+    if key == "epochs":
+        return None if isinstance(v, int) and v >= 1 else "must be integers >= 1"
+    if key == "alpha":
+        return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+    return None if v > 0 else "must be > 0"  # temperature, lr
+
 
 def validate(cfg: Config) -> list[str]:
     """Value checks that types cannot express; returns every problem found."""
@@ -348,6 +450,13 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"data.test_fraction: {d.test_fraction} must be between 0 and 1")
     if d.num_classes is not None and d.num_classes < 2:
         e.append("data.num_classes: must be at least 2")
+    bad_excluded = [k for k in d.transfer.exclude_classes
+                    if k < 0 or (d.num_classes is not None and k >= d.num_classes)]
+    if bad_excluded:  # with num_classes unset, the upper bound is checked when the data is loaded
+        bound = f"[0, {d.num_classes})" if d.num_classes is not None else "classes >= 0"
+        e.append(f"data.transfer.exclude_classes: {bad_excluded[0]} is not a class; give {bound}")
+    if d.task == "lm" and d.transfer.exclude_classes:
+        e.append("data.transfer.exclude_classes: applies to data.task classify only")
     if not t.members:
         e.append("teachers.members: give at least one teacher")
     if t.weights is not None:
@@ -357,6 +466,14 @@ def validate(cfg: Config) -> list[str]:
             e.append("teachers.weights: must be non-negative with a positive sum")
     if t.temperature <= 0:
         e.append("teachers.temperature: must be > 0")
+    if t.epochs < 1:
+        e.append(f"teachers.epochs: {t.epochs} must be >= 1")
+    if t.batch_size < 1:
+        e.append(f"teachers.batch_size: {t.batch_size} must be >= 1")
+    if t.lr <= 0:
+        e.append(f"teachers.lr: {t.lr} must be > 0")
+    if t.weight_decay < 0:
+        e.append(f"teachers.weight_decay: {t.weight_decay} must be >= 0")
     for section, members in (("teachers.members", t.members), ("student.models", s.models)):
         names = [m.name for m in members]
         if len(set(names)) != len(names):
@@ -369,16 +486,24 @@ def validate(cfg: Config) -> list[str]:
                 e.append(f"{where}.checkpoint: arch=import teachers need a state_dict file")
             if m.factory and ":" not in m.factory:
                 e.append(f"{where}.factory: {m.factory!r} must look like 'package.module:function'")
+            for name, why in _spec_fields_that_do_not_apply(m, teacher=section == "teachers.members"):
+                e.append(f"{where}.{name}: {why}; remove it")
             if not 0.0 <= m.dropout < 1.0:
                 e.append(f"{where}.dropout: must be in [0, 1)")
             if m.alpha is not None and not 0.0 <= m.alpha <= 1.0:
                 e.append(f"{where}.alpha: must be in [0, 1]")
             if m.temperature is not None and m.temperature <= 0:
                 e.append(f"{where}.temperature: must be > 0")
+            if m.epochs is not None and m.epochs < 1:
+                e.append(f"{where}.epochs: {m.epochs} must be >= 1")
+            if m.lr is not None and m.lr <= 0:
+                e.append(f"{where}.lr: {m.lr} must be > 0")
             if any(h < 1 for h in m.hidden) or any(ch < 1 for ch in m.channels):
                 e.append(f"{where}: layer sizes must be positive")
-            if "/" in m.name or m.name.startswith("."):
-                e.append(f"{where}.name: {m.name!r} must not contain '/' or start with '.'")
+            if m.layers < 1 or m.heads < 1 or m.d_model < 1:
+                e.append(f"{where}: layers, heads and d_model must be >= 1")
+            if "/" in m.name or "\\" in m.name or m.name.startswith(".") or not m.name:
+                e.append(f"{where}.name: {m.name!r} must be non-empty, without '/', and not start with '.'")
     if c.k < 1:
         e.append("cache.k: must be >= 1")
     if c.rows_per_shard < 1 or c.chunk_rows < 1 or c.batch_size < 1:
@@ -387,6 +512,11 @@ def validate(cfg: Config) -> list[str]:
         e.append("cache.logp_range: must be > 0")
     if not 1 <= c.draws <= 255:
         e.append("cache.draws: must be in 1..255 (counts are stored as uint8)")
+    if c.dense_max_classes < 2:
+        e.append("cache.dense_max_classes: must be >= 2")
+    for key, dev in (("cache.device", c.device), ("student.device", s.device)):
+        if not valid_device(dev):
+            e.append(f"{key}: {dev!r} is not a device; use {DEVICE_FORMS}")
     if d.task == "lm":
         if d.seq_len < 2:
             e.append("data.seq_len: must be >= 2")
@@ -400,6 +530,13 @@ def validate(cfg: Config) -> list[str]:
                     e.append(f"{section}.{i}.arch: data.task lm needs arch gpt or hf, got {m.arch}")
                 if m.arch == "hf" and not m.path:
                     e.append(f"{section}.{i}.path: arch hf needs a local model directory")
+    else:
+        defaults = StudentConfig()
+        for key in ("logit_chunk",):
+            if getattr(s, key) != getattr(defaults, key):
+                e.append(f"student.{key}: applies to data.task lm only; remove it")
+    if s.logit_chunk < 1:
+        e.append("student.logit_chunk: must be >= 1")
     if c.encoding == "sampled" and s.divergence != "forward":
         e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
                  "support forward only, use cache.encoding=hybrid or topk")
@@ -416,21 +553,35 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"student.grid.{key}: give a non-empty list of values")
         elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             e.append(f"student.grid.{key}: values must be numbers")
+        else:
+            bad = [(v, why) for v in values if (why := _check_grid_value(key, v))]
+            if bad:
+                e.append(f"student.grid.{key}: {bad[0][0]!r} is invalid; values {bad[0][1]}")
     if not 0.0 <= s.alpha <= 1.0:
         e.append("student.alpha: must be in [0, 1]")
     if s.temperature is not None and s.temperature <= 0:
         e.append("student.temperature: must be > 0")
     if s.epochs < 1 or s.batch_size < 1 or s.shuffle_chunks < 1 or s.checkpoint_every < 1:
         e.append("student: epochs, batch_size, shuffle_chunks and checkpoint_every must be >= 1")
+    if s.lr <= 0:
+        e.append(f"student.lr: {s.lr} must be > 0")
+    if s.weight_decay < 0 or s.momentum < 0:
+        e.append("student: weight_decay and momentum must be >= 0")
     k = cfg.cluster
     if k.kind == "address" and not k.address:
         e.append("cluster.address: kind=address needs a scheduler address, e.g. tcp://host:8786")
     if k.workers < 1 or k.threads_per_worker < 1 or k.retries < 0 or k.gpus_per_worker < 0:
         e.append("cluster: workers and threads_per_worker must be >= 1, retries and gpus_per_worker >= 0")
+    if k.worker_timeout <= 0:
+        e.append("cluster.worker_timeout: must be > 0 seconds")
+    if k.slurm.jobs < 1 or k.slurm.processes < 1 or k.slurm.cores < 1:
+        e.append("cluster.slurm: jobs, processes and cores must be >= 1")
     if cfg.evaluate.ece_bins < 1:
         e.append("evaluate.ece_bins: must be >= 1")
-    if "/" in cfg.run_name or not cfg.run_name:
-        e.append("run_name: must be a non-empty name without '/'")
+    if not cfg.run_name or cfg.run_name in (".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name:
+        e.append(f"run_name: {cfg.run_name!r} must be a plain directory name (not '.', '..', or with '/')")
+    if not cfg.workspace:
+        e.append("workspace: must be a directory path")
     return e
 
 

@@ -91,10 +91,11 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
         full = _digits()
         train, test = _split(full, cfg.test_fraction, cfg.split_seed)
     else:
-        arrays = _read(cfg.source, "data.source", cfg)
+        arrays = _read(cfg.source, "data.source", cfg, labelled=True)
         train = _dataset(arrays, "x", "y", cfg.source, labelled=True)
         if cfg.test_source is not None:
-            test = _dataset(_read(cfg.test_source, "data.test_source", cfg), "x", "y", cfg.test_source, True)
+            test = _dataset(_read(cfg.test_source, "data.test_source", cfg, labelled=True), "x", "y",
+                            cfg.test_source, True)
         elif "x_test" in arrays:
             test = _dataset(arrays, "x_test", "y_test", cfg.source, labelled=True)
         else:
@@ -103,14 +104,17 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
         raise DataError(f"{test.source}: test inputs have shape {test.x.shape[1:]}, training inputs "
                         f"{train.x.shape[1:]}; give test data with the same features")
     assert train.y is not None and test.y is not None
-    num_classes = cfg.num_classes or int(max(train.y.max(), test.y.max())) + 1
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"{cfg.source}: too few rows to hold out data.test_fraction={cfg.test_fraction} "
+                        "and still train; give more rows or a separate data.test_source")
+    num_classes = cfg.num_classes if cfg.num_classes is not None else int(max(train.y.max(), test.y.max())) + 1
     for d in (train, test):
         _check_labels(d, num_classes, explicit=cfg.num_classes is not None)
 
     if cfg.transfer.source is None:
         transfer = train
     else:
-        transfer = _dataset(_read(cfg.transfer.source, "data.transfer.source", cfg), "x", "y",
+        transfer = _dataset(_read(cfg.transfer.source, "data.transfer.source", cfg, labelled=False), "x", "y",
                             cfg.transfer.source, labelled=False)
         if transfer.x.shape[1:] != train.x.shape[1:]:
             raise DataError(f"{transfer.source}: transfer inputs have shape {transfer.x.shape[1:]}, "
@@ -118,6 +122,10 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
         if transfer.y is not None:
             _check_labels(transfer, num_classes, explicit=True)
     if cfg.transfer.exclude_classes:
+        outside = [k for k in cfg.transfer.exclude_classes if not 0 <= k < num_classes]
+        if outside:
+            raise DataError(f"data.transfer.exclude_classes: {outside[0]} is not a class of {cfg.source} "
+                            f"(classes 0..{num_classes - 1})")
         if transfer.y is None:
             raise DataError(f"data.transfer.exclude_classes: {transfer.source} has no labels to exclude by")
         transfer = transfer.subset(~np.isin(transfer.y, cfg.transfer.exclude_classes))
@@ -146,33 +154,52 @@ def _split(d: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Datase
     return d.subset(~test_mask), d.subset(test_mask)
 
 
-def _read(path: str, key: str, cfg: DataConfig) -> dict[str, np.ndarray]:
+def check_file(path: str, key: str, what: str) -> Path:
+    """`path` as a Path if it is a readable file; else one DataError naming `key` and the problem."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{key}: {path} is a directory; give {what}")
+    if not p.exists():
+        raise DataError(f"{key}: {path} does not exist; give {what}")
     if not p.is_file():
-        raise DataError(f"{key}: {path} does not exist; give an .npz or .parquet file, or 'digits'")
+        raise DataError(f"{key}: {path} is not a regular file; give {what}")
+    return p
+
+
+def _read(path: str, key: str, cfg: DataConfig, labelled: bool) -> dict[str, np.ndarray]:
+    p = check_file(path, key, "an .npz or .parquet file, or 'digits'")
     if p.suffix == ".npz":
+        if p.stat().st_size == 0:
+            raise DataError(f"{key}: {path} is empty (0 bytes); write it with numpy.savez")
         try:
             with np.load(p, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path}: cannot read as .npz ({e}); write it with numpy.savez") from None
+        except Exception as e:  # truncated or foreign files raise BadZipFile, EOFError, zlib.error, ...
+            lines = str(e).strip().splitlines()
+            why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+            raise DataError(f"{key}: {path}: cannot read as .npz ({why}); is it truncated? "
+                            "write it with numpy.savez") from None
     if p.suffix in (".parquet", ".pq"):
-        return _read_parquet(p, cfg)
+        return _read_parquet(p, key, cfg, labelled)
     raise DataError(f"{key}: {path} has suffix {p.suffix!r}; use .npz or .parquet")
 
 
-def _read_parquet(p: Path, cfg: DataConfig) -> dict[str, np.ndarray]:
+def _read_parquet(p: Path, key: str, cfg: DataConfig, labelled: bool) -> dict[str, np.ndarray]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(p)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{p}: cannot read as Parquet ({e})") from None
+        lines = str(e).strip().splitlines()
+        raise DataError(f"{key}: {p}: cannot read as Parquet ({lines[0] if lines else type(e).__name__})") from None
     names = table.column_names
     out: dict[str, np.ndarray] = {}
     if cfg.label_column in names:
-        out["y"] = table.column(cfg.label_column).to_numpy()
+        out["y"] = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
+    elif labelled:
+        raise DataError(f"{key}: {p} has no label column {cfg.label_column!r} (data.label_column); "
+                        f"columns are {', '.join(names)}")
     if "sample_id" in names:
         out["ids"] = table.column("sample_id").to_numpy()
     if cfg.feature_columns:
@@ -190,7 +217,15 @@ def _read_parquet(p: Path, cfg: DataConfig) -> dict[str, np.ndarray]:
         if len(features) != 1:
             raise DataError(f"{p}: list column {list_cols[0]!r} mixed with other features; "
                             "use one list column or scalar columns (data.feature_columns)")
-        out["x"] = np.asarray(table.column(features[0]).to_pylist(), dtype=np.float32)
+        rows = table.column(features[0]).to_pylist()
+        lengths = {len(r) if isinstance(r, list) else -1 for r in rows}
+        if len(lengths) > 1 or -1 in lengths:
+            raise DataError(f"{key}: {p}: list column {features[0]!r} is ragged or has nulls (lengths "
+                            f"{sorted(n for n in lengths if n >= 0)[:4]}); every row needs the same number of features")
+        try:
+            out["x"] = np.asarray(rows, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise DataError(f"{key}: {p}: list column {features[0]!r} must hold numbers") from None
     else:
         try:
             out["x"] = np.stack([table.column(c).to_numpy().astype(np.float32) for c in features], axis=1)
@@ -209,6 +244,8 @@ def _dataset(arrays: dict[str, np.ndarray], xk: str, yk: str, source: str, label
     x = np.asarray(arrays[xk])
     if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{source}: {xk!r} must be a numeric array of shape (N, features...), got {x.dtype} {x.shape}")
+    if x.size == 0:
+        raise DataError(f"{source}: {xk!r} is empty (shape {x.shape}); give at least one row of features")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise DataError(f"{source}: {xk!r} holds NaN or infinite values; clean the inputs")
@@ -217,7 +254,8 @@ def _dataset(arrays: dict[str, np.ndarray], xk: str, yk: str, source: str, label
         y_raw = np.asarray(arrays[yk])
         if y_raw.shape != (len(x),):
             raise DataError(f"{source}: {yk!r} has shape {y_raw.shape}, expected ({len(x)},) to match {xk!r}")
-        whole = np.issubdtype(y_raw.dtype, np.floating) and np.all(y_raw == np.round(y_raw))
+        whole = np.issubdtype(y_raw.dtype, np.floating) and bool(np.isfinite(y_raw).all()) \
+            and bool(np.all(y_raw == np.round(y_raw)))
         if not np.issubdtype(y_raw.dtype, np.integer) and not whole:
             raise DataError(f"{source}: {yk!r} must hold integer class labels, got {y_raw.dtype}")
         y = y_raw.astype(np.int64)

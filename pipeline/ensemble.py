@@ -12,7 +12,7 @@ from pipeline.config import Config, ModelSpec
 from pipeline.data import Splits
 from pipeline.errors import ModelError
 from pipeline.io import hash_json, sha256_file, sha256_tree
-from pipeline.models import build_model, load_state
+from pipeline.models import build_model, first_line, import_factory, load_state
 
 TEACHER_FORMAT = 1
 
@@ -51,7 +51,8 @@ def teacher_refs(cfg: Config, splits: Splits) -> list[TeacherRef]:
 
 def training_settings(cfg: Config, spec: ModelSpec) -> dict:
     t = cfg.teachers
-    return {"epochs": spec.epochs or t.epochs, "lr": spec.lr or t.lr, "batch_size": t.batch_size,
+    return {"epochs": t.epochs if spec.epochs is None else spec.epochs,
+            "lr": t.lr if spec.lr is None else spec.lr, "batch_size": t.batch_size,
             "weight_decay": t.weight_decay, "seed": spec.seed}
 
 
@@ -85,9 +86,48 @@ def load_teacher(ref: TeacherRef, splits: Splits, device: torch.device) -> nn.Mo
 
 
 def teacher_identity(ref: TeacherRef) -> dict:
-    """What the cache id needs from a teacher: its spec and the hash of its exact weights."""
+    """What the cache id needs from a teacher: its spec, the hash of its exact weights and, for an
+    imported model, the hash of the source file that defines it (spec.version covers the rest)."""
+    if not ref.checkpoint.exists():
+        field = "path" if ref.spec.arch == "hf" else "checkpoint"
+        if ref.trained_here:
+            raise ModelError(f"{ref.where} ({ref.spec.name}): not trained yet ({ref.checkpoint} missing); "
+                             "run `logitcache teachers CONFIG` first")
+        raise ModelError(f"{ref.where}.{field}: {ref.checkpoint} does not exist; give the teacher's "
+                         + ("model directory" if field == "path" else "state_dict file (torch.save)"))
     digest = sha256_tree(ref.checkpoint)[0] if ref.checkpoint.is_dir() else sha256_file(ref.checkpoint)
-    return {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest}
+    identity = {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest}
+    if ref.spec.arch == "import":
+        identity["code_sha256"] = factory_source_sha256(ref.spec, f"{ref.where}.factory")
+    return identity
+
+
+def factory_source_sha256(spec: ModelSpec, where: str) -> str:
+    """sha256 of the source file of the factory's module, found without running the module when
+    its package is already importable; editing a model's forward changes the cache id."""
+    import importlib.util
+    import inspect
+
+    assert spec.factory is not None
+    module_name = spec.factory.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as e:
+        raise ModelError(f"{where}: cannot import {spec.factory!r} ({e}); check the module is on PYTHONPATH") from None
+    except Exception as e:  # a parent package's __init__ failed
+        raise ModelError(f"{where}: importing {module_name} raised {first_line(e)}") from None
+    if found is None:
+        raise ModelError(f"{where}: cannot import {spec.factory!r} (no module named {module_name!r}); "
+                         "check the module is on PYTHONPATH")
+    source = Path(found.origin) if found.origin and found.has_location else None
+    if source is None or source.suffix != ".py":  # a compiled or namespace module: ask the loaded one
+        fn = import_factory(spec, where)
+        name = inspect.getsourcefile(fn) or getattr(inspect.getmodule(fn), "__file__", None)
+        source = Path(name) if name else None
+    if source is None or not source.is_file():
+        raise ModelError(f"{where}: cannot find the source file of {spec.factory!r} to put in the cache id; "
+                         "define the factory in a .py module")
+    return sha256_file(source)
 
 
 def normalized_weights(cfg: Config) -> list[float]:

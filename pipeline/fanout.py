@@ -22,9 +22,14 @@ from pipeline.progress import bar, log
 
 
 @contextlib.contextmanager
-def open_client(cluster: ClusterConfig) -> Iterator[Any]:
-    """Yield a dask.distributed Client, or None for in-process runs."""
-    if cluster.kind == "none":
+def open_client(cluster: ClusterConfig, array_task: bool = False) -> Iterator[Any]:
+    """Yield a dask.distributed Client whose workers have started, or None for in-process runs.
+
+    An array task (--shard-index) is itself one of many Slurm jobs: it runs in-process and never
+    opens the cluster, which would submit worker jobs from every task of the array."""
+    if cluster.kind == "none" or array_task:
+        if array_task and cluster.kind != "none":
+            log(f"array task: cluster.kind={cluster.kind} ignored, running this task's share in-process")
         yield None
         return
     from distributed import Client, LocalCluster
@@ -34,7 +39,7 @@ def open_client(cluster: ClusterConfig) -> Iterator[Any]:
         with _worker_environ(cluster.threads_per_worker), LocalCluster(n_workers=cluster.workers, threads_per_worker=cluster.threads_per_worker,
                           processes=True, resources=resources, dashboard_address=":0",
                           silence_logs=40) as lc, Client(lc) as client:
-            _announce(client, f"LocalCluster with {cluster.workers} workers")
+            _wait_for_workers(client, cluster, f"LocalCluster with {cluster.workers} workers")
             yield client
     elif cluster.kind == "address":
         try:
@@ -43,13 +48,47 @@ def open_client(cluster: ClusterConfig) -> Iterator[Any]:
             raise ConfigError(f"cluster.address: cannot reach Dask scheduler {cluster.address} ({e}); "
                               "check the address and that the scheduler is running") from None
         with client:
-            _announce(client, f"scheduler {cluster.address}")
+            _wait_for_workers(client, cluster, f"scheduler {cluster.address}")
             yield client
     else:
         with slurm_cluster(cluster) as sc, Client(sc) as client:
             sc.scale(jobs=cluster.slurm.jobs)
-            _announce(client, f"SLURMCluster, {cluster.slurm.jobs} jobs")
+            _wait_for_workers(client, cluster, f"SLURMCluster, {cluster.slurm.jobs} jobs x "
+                                               f"{cluster.slurm.processes} workers")
             yield client
+
+
+def expected_workers(cluster: ClusterConfig, client: Any = None) -> int:
+    """Workers a stage should plan for: slurm jobs x processes, local workers, or (an existing
+    scheduler) the workers connected now; never fewer than are connected, at least 1."""
+    if cluster.kind == "slurm":
+        n = cluster.slurm.jobs * cluster.slurm.processes
+    elif cluster.kind == "local":
+        n = cluster.workers
+    else:
+        n = 1
+    if client is not None:
+        n = max(n, len(client.scheduler_info().get("workers", {})))
+    return n
+
+
+def _wait_for_workers(client: Any, cluster: ClusterConfig, what: str) -> None:
+    """Block until every expected worker has joined (an existing scheduler: at least one), up to
+    cluster.worker_timeout seconds. Some workers after the timeout: go on, late ones join as they
+    start; none: one line that says what to check."""
+    want = 1 if cluster.kind == "address" else expected_workers(cluster)
+    try:
+        client.wait_for_workers(n_workers=want, timeout=cluster.worker_timeout)
+    except TimeoutError:
+        have = len(client.scheduler_info().get("workers", {}))
+        if have == 0:
+            hint = {"slurm": "check `squeue` (queued? wrong cluster.slurm.queue or account?) and the worker "
+                             "jobs' logs", "address": "start workers with `dask worker ADDRESS`"}.get(
+                cluster.kind, "check the worker logs")
+            raise LogitcacheError(f"cluster: no Dask worker started within cluster.worker_timeout="
+                                  f"{cluster.worker_timeout:g}s ({what}); {hint}") from None
+        log(f"dask: {have} of {want} workers after {cluster.worker_timeout:g}s; starting, the rest join when they start")
+    _announce(client, what)
 
 
 def _worker_environ(threads: int) -> Any:

@@ -7,15 +7,15 @@ count before it is used, so a mismatch fails with a clear message instead of a s
 from __future__ import annotations
 
 import importlib
-import pickle
-import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.config import ModelSpec
-from pipeline.errors import ModelError
+from pipeline.config import DEVICE_FORMS, ModelSpec, valid_device
+from pipeline.errors import ConfigError, ModelError
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
@@ -70,15 +70,43 @@ def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where:
     return nn.Sequential(*layers, *_head(spec, in_ch * 4, num_classes))
 
 
-def _imported(spec: ModelSpec, where: str) -> nn.Module:
+def import_factory(spec: ModelSpec, where: str) -> Callable[..., Any]:
+    """The function named by spec.factory; any failure of the user's module is one ModelError."""
     assert spec.factory is not None
     module_name, _, fn_name = spec.factory.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ModelError(f"{where}.factory: cannot import {spec.factory!r} ({e}); "
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelError(f"{where}: cannot import {spec.factory!r} ({e}); "
                          "check the module is on PYTHONPATH") from None
-    model = fn(**spec.kwargs)
+    except SyntaxError as e:
+        raise ModelError(f"{where}: {e.filename}:{e.lineno}: SyntaxError in {module_name}: {e.msg}") from None
+    except Exception as e:  # the module itself raised while being imported
+        raise ModelError(f"{where}: importing {module_name} raised {first_line(e)}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelError(f"{where}: module {module_name} has no function {fn_name!r}; "
+                         "give 'package.module:function'")
+    return fn
+
+
+def first_line(e: BaseException) -> str:
+    """`TypeName: first line of the message`, for one-line errors about user code."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _imported(spec: ModelSpec, where: str) -> nn.Module:
+    fn = import_factory(spec, f"{where}.factory")
+    try:
+        model = fn(**spec.kwargs)
+    except TypeError as e:
+        if "argument" in str(e):  # unexpected / missing keyword arguments
+            raise ModelError(f"{where}.kwargs: {spec.factory}(**{spec.kwargs}) failed: {first_line(e)}; "
+                             "pass only the factory's parameters") from None
+        raise ModelError(f"{where}.factory: {spec.factory} raised {first_line(e)}") from None
+    except Exception as e:
+        raise ModelError(f"{where}.factory: {spec.factory} raised {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{where}.factory: {spec.factory} returned {type(model).__name__}, not a torch nn.Module")
     return model
@@ -91,33 +119,58 @@ def check_output_width(model: nn.Module, input_shape: tuple[int, ...], num_class
     with torch.no_grad():
         try:
             out = model(torch.zeros((2, *input_shape)))
-        except RuntimeError as e:
+        except Exception as e:  # user forwards raise anything: shape, type or their own errors
             raise ModelError(f"{where} ({name}): forward pass on inputs of shape {input_shape} failed: "
-                             f"{str(e).splitlines()[0]}") from None
+                             f"{first_line(e)}") from None
     model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"{where} ({name}): forward returned {type(out).__name__}; the model must return "
+                         f"a (batch, {num_classes}) logits tensor")
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise ModelError(f"{where} ({name}): output width {tuple(out.shape[1:])} but the data has "
                          f"{num_classes} classes; the model must return (batch, {num_classes}) logits")
 
 
 def load_state(model: nn.Module, path: Path, where: str) -> None:
+    if path.is_dir():
+        raise ModelError(f"{where}.checkpoint: {path} is a directory; give a state_dict file saved with torch.save")
     if not path.is_file():
         raise ModelError(f"{where}.checkpoint: {path} does not exist; give a state_dict saved with torch.save")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except Exception as e:  # random bytes raise UnpicklingError, BadZipFile, RuntimeError, EOFError, ...
         raise ModelError(f"{where}.checkpoint: cannot load {path} ({type(e).__name__}); "
                          "save it with torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{where}.checkpoint: {path} holds a {type(state).__name__}, not a state_dict; "
+                         "save it with torch.save(model.state_dict(), path)")
     try:
         model.load_state_dict(state)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"{where}.checkpoint: {path} does not fit the model ({first})") from None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, where: str = "device") -> torch.device:
+    """auto, cpu, cuda or cuda:N as a torch.device; a CUDA device this machine lacks is one line."""
+    if not valid_device(name):
+        raise ConfigError(f"{where}: {name!r} is not a device; use {DEVICE_FORMS}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: {name} requested but CUDA is not available on this machine "
+                              f"({_host()}); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{where}: {name} requested but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()

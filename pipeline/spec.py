@@ -48,7 +48,7 @@ def context(cfg: Config) -> Context:
     refs = teacher_refs(cfg, splits)
     c = cfg.cache
     enc = encoding_from_config(c, splits.num_classes)
-    device = resolve_device(c.device)
+    device = resolve_device(c.device, "cache.device")
     precision = c.precision if c.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     spec = {
         "format_version": fmt.FORMAT_VERSION,

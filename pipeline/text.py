@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data import Dataset, Splits
+from pipeline.data import Dataset, Splits, check_file
 from pipeline.errors import DataError
 from pipeline.io import atomic_write_text, hash_json
 
@@ -72,33 +72,52 @@ def read_documents(path: str, key: str, text_field: str) -> list[str] | np.ndarr
     """Documents as strings, or a pre-tokenized ragged list from Parquet `input_ids`."""
     if path == "python-docs":
         return python_docs()
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{key}: {path} does not exist; give a .txt, .jsonl or .parquet file, or 'python-docs'")
+    p = check_file(path, key, "a .txt, .jsonl or .parquet file, or 'python-docs'")
     if p.suffix == ".txt":
-        return [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        return [d.strip() for d in _utf8(p, key).split("\n\n") if d.strip()]
     if p.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(_utf8(p, key).splitlines()):
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)[text_field])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                doc = json.loads(line)[text_field]
+                if not isinstance(doc, str):
+                    raise TypeError(doc)
+                docs.append(doc)
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
                 raise DataError(f"{p}:{i + 1}: expected a JSON object with a {text_field!r} string "
                                 "(data.text_field)") from None
         return docs
     if p.suffix in (".parquet", ".pq"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(p)
+        try:
+            table = pq.read_table(p)
+        except (pa.ArrowException, OSError) as e:
+            lines = str(e).strip().splitlines()
+            raise DataError(f"{key}: {p}: cannot read as Parquet ({lines[0] if lines else type(e).__name__})") from None
         if "input_ids" in table.column_names:
-            return table.column("input_ids").to_pylist()
+            ids = table.column("input_ids").to_pylist()
+            if not all(isinstance(r, list) and all(isinstance(t, int) and t >= 0 for t in r) for r in ids):
+                raise DataError(f"{key}: {p}: column 'input_ids' must hold lists of non-negative token ids")
+            return ids
         if text_field not in table.column_names:
             raise DataError(f"{p}: no column {text_field!r} (data.text_field) or 'input_ids'; "
                             f"columns are {', '.join(table.column_names)}")
-        return [t for t in table.column(text_field).to_pylist() if t]
+        texts = [t for t in table.column(text_field).to_pylist() if t]
+        if not all(isinstance(t, str) for t in texts):
+            raise DataError(f"{key}: {p}: column {text_field!r} (data.text_field) must hold strings")
+        return texts
     raise DataError(f"{key}: {path} has suffix {p.suffix!r}; use .txt, .jsonl or .parquet")
+
+
+def _utf8(p: Path, key: str) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{key}: {p} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
 class Tokenizer:
@@ -111,7 +130,12 @@ class Tokenizer:
         if not file.is_file():
             raise DataError(f"data.tokenizer: {path} has no tokenizer.json; save one with "
                             "tokenizer.save_pretrained(dir) or tokenizers' Tokenizer.save")
-        self.hf = HFTokenizer.from_file(str(file))
+        try:
+            self.hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises its own Exception type for malformed files
+            lines = str(e).strip().splitlines()
+            raise DataError(f"data.tokenizer: {file} is not a valid tokenizer.json "
+                            f"({lines[0] if lines else type(e).__name__})") from None
         self.path = file
         vocab = self.hf.get_vocab()
         self.vocab_size = max(vocab.values()) + 1

@@ -30,7 +30,7 @@ from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
 from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs
 from pipeline.errors import CacheError
-from pipeline.fanout import run_all, task_share
+from pipeline.fanout import expected_workers, run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.spec import Context, context
 from pipeline.progress import bar, log
@@ -176,7 +176,7 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
         f"({ctx.encoding.label()}, {cfg.cache.backend}, device {ctx.device}, {ctx.precision})")
     progress_desc = f"cache {ctx.dir.name[:8]}"
     if client is not None:
-        groups = _groups(todo, len(client.scheduler_info()["workers"]), ctx.dir.name)
+        groups = _groups(todo, expected_workers(cfg.cluster, client), ctx.dir.name)
         run_all(client, cfg, run_group, groups, rows=lambda g: g.rows, desc=progress_desc, gpu=True)
     else:
         progress = bar(sum(s.rows for s in shards), progress_desc)

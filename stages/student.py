@@ -150,7 +150,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
     spec = models(cfg)[shard.model]
     torch.manual_seed(shard.seed)
-    dev = resolve_device(cfg.student.device)
+    dev = resolve_device(cfg.student.device, "student.device")
     model = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}").to(dev)
     opt = _optimizer(cfg, model.parameters(), st["lr"])
     per_item = cfg.data.seq_len if lm else 1

@@ -1,0 +1,67 @@
+"""Students distilled from top-k, sampled and hybrid caches of the bundled corpus at about the same
+bytes per token, next to dense-free references: the hard-label student and the teacher.
+
+Runs configs/lm.yaml (GPT teacher on Python standard-library docstrings, 8,192-token BPE, α = 0,
+forward KL) once per encoding, sharing the teacher, and reports each cache's bytes per token and
+the student's held-out NLL, mean over seeds.
+
+    .venv/bin/python bench/lm_students.py [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, workdir
+
+from pipeline.config import load_config
+from stages import cache, evaluate, student, teachers
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm.yaml"
+# about 40 bytes per token each (measured: bench/bytes.py at 32k and the manifests printed below)
+CACHES = {
+    "topk-k12": ["cache.encoding=topk", "cache.k=12"],
+    "topk-k16-q8": ["cache.encoding=topk", "cache.k=16", "cache.bits=8"],
+    "sampled-n32": ["cache.encoding=sampled", "cache.draws=32"],
+    "hybrid-k4-n24": ["cache.encoding=hybrid", "cache.k=4", "cache.draws=24"],
+    "hybrid-k8-n16-q8": ["cache.encoding=hybrid", "cache.k=8", "cache.draws=16", "cache.bits=8"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=2)
+    args = ap.parse_args()
+    ws = workdir("lmstudents")
+    seeds = f"student.seeds=[{', '.join(str(s) for s in range(args.seeds))}]"
+    results = {}
+    hard = teacher = None
+    for i, (name, over) in enumerate(CACHES.items()):
+        cfg = load_config(CONFIG, [f"workspace={ws}", f"run_name={name}", seeds,
+                                   f"student.baseline={'true' if i == 0 else 'false'}", *over])
+        teachers.main(cfg)
+        cache.main(cfg)
+        student.main(cfg)
+        report = evaluate.main(cfg)
+        kd = [r for r in report["rows"] if r["role"] == "distilled"]
+        results[name] = {"bytes_per_token": report["cache"]["bytes_per_row"],
+                         "student_nll": round(float(np.mean([r["nll"] for r in kd])), 4),
+                         "student_nll_per_seed": [round(r["nll"], 4) for r in kd]}
+        if i == 0:
+            hard = round(float(np.mean([r["nll"] for r in report["rows"] if r["role"] == "hard-label"])), 4)
+            teacher = round(next(r["nll"] for r in report["rows"] if r["role"] == "ensemble"), 4)
+    best_other = min(v["student_nll"] for k, v in results.items() if not k.startswith("hybrid"))
+    best_hybrid = min(v["student_nll"] for k, v in results.items() if k.startswith("hybrid"))
+    emit("lm_students", setting="configs/lm.yaml, vocab 8192, alpha 0, forward KL", seeds=args.seeds,
+         results=results, hard_label_nll=hard, teacher_nll=teacher,
+         goal="hybrid student at least as good as the best of top-k and sampled at the same bytes",
+         goal_met=bool(best_hybrid <= best_other))
+
+
+if __name__ == "__main__":
+    main()
