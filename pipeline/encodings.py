@@ -431,7 +431,10 @@ class Hybrid:
         object.__setattr__(self, "head", TopK(self.num_classes, self.k, self.bits, self.logp_range, self.ids))
 
     def columns(self) -> list[Column]:
-        return [*self.head.columns(),
+        head = [c if c.name != "residual" else Column("residual", ("row",), "exact probability mass outside the "
+                                                      "top k (float16 at any `bits`: the tail estimate scales with it)")
+                for c in self.head.columns()]
+        return [*head,
                 *_id_columns(self.ids, "tail_ids", "draw", "distinct ids drawn from the tail renormalized to one, "
                              "ascending, delta-coded, padding repeats the last id"),
                 Column("tail_counts", ("row", "draw"), "times each tail id was drawn (uint8); "
@@ -443,6 +446,8 @@ class Hybrid:
         out = self.head.encode_head(logp, vals, head_ids)
         p_tail = logp.float().exp().scatter(-1, head_ids, 0.0)  # (B, C), zero on the head
         mass = p_tail.sum(-1, keepdim=True)
+        # the tail's weights are R * count / draws: R in float16 (5e-4 relative), not 8-bit steps (3%)
+        out["residual"] = torch.logsumexp(logp.scatter(-1, head_ids, float("-inf")), dim=-1).exp().half()
         uniform = torch.ones_like(p_tail).scatter(-1, head_ids, 0.0)  # rows whose tail underflowed: weight 0 anyway
         drawn = torch.multinomial(torch.where(mass > 0, p_tail, uniform), self.draws, replacement=True,
                                   generator=generator)
@@ -451,13 +456,15 @@ class Hybrid:
                 "tail_entropy": (-torch.xlogy(p_tail, p_tail).sum(-1)).half()}
 
     def to_host(self, encoded: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        head = self.head.to_host({k: encoded[k] for k in ("ids", "logp", "residual")})
+        head = self.head.to_host({k: encoded[k] for k in ("ids", "logp", "residual")})  # residual: float16
         return {**head, **_pack_ids(encoded["tail_ids"].cpu().numpy(), self.ids, "tail_ids"),
                 "tail_counts": encoded["tail_counts"].cpu().numpy(),
                 "tail_entropy": encoded["tail_entropy"].cpu().numpy()}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**self.head.decode(stored), "tail_ids": np.cumsum(_unpack_ids(stored, self.ids, "tail_ids"), axis=-1),
+        residual = stored["residual"].astype(np.float32)
+        head = self.head.decode({**stored, "residual": np.zeros(len(residual), np.uint8)})
+        return {**head, "residual": residual, "tail_ids": np.cumsum(_unpack_ids(stored, self.ids, "tail_ids"), axis=-1),
                 "tail_counts": stored["tail_counts"], "tail_entropy": stored["tail_entropy"].astype(np.float32)}
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
@@ -484,7 +491,8 @@ class Hybrid:
         return {"kl": None, "mass_kept": head["mass_kept"] + tail, "top1": head["top1"]}
 
     def raw_bytes_per_row(self) -> float:
-        return self.head.raw_bytes_per_row() + _id_bytes(self.ids, self.draws) + self.draws + 2
+        residual_extra = 1 if self.bits == 8 else 0  # float16 residual even at 8 bits
+        return self.head.raw_bytes_per_row() + residual_extra + _id_bytes(self.ids, self.draws) + self.draws + 2
 
     def params(self) -> dict[str, Any]:
         return {**self.head.params(), "name": self.name, "draws": self.draws}

@@ -84,6 +84,8 @@ def test_head_round_trip_error_bounds(tmp_path, backend, bits, kind):
     rel_bound = np.exp(scale / 2) - 1 + 1e-3 if bits == 8 else 1e-3
     abs_bound = 6e-8  # float16's subnormal spacing: tails below 6e-5 lose relative precision
     assert (np.abs(r - tail)[ok] <= rel_bound * tail[ok] + abs_bound).all()
+    if kind == "hybrid":  # the tail mass is float16 at any bits: the tail estimate scales with it
+        assert (np.abs(r - tail)[ok] <= 1e-3 * tail[ok] + abs_bound).all()
     if kind == "hybrid":  # tail draws: distinct ids outside the head, counts summing to `draws`
         assert (out["tail_counts"].astype(int).sum(-1) == 12).all()
         live = out["tail_counts"] > 0
