@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import cache as fmt
 from pipeline.config import GRID_KEYS, Config, ModelSpec
-from pipeline.spec import cache_dir
+from pipeline.spec import find_cache
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ def plan(cfg: Config) -> list[Shard]:
 
 
 def cache_path(cfg: Config) -> Path:
+    """student.cache if given, else the cache this config's cache stage made (see spec.find_cache)."""
     if cfg.student.cache is not None:
         return fmt.resolve(cfg.student.cache, cfg.cache_root)
-    return cache_dir(cfg)
+    return find_cache(cfg)
