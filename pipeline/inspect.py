@@ -25,6 +25,14 @@ def _spec(d: Path) -> dict[str, Any]:
 
 
 def _status(d: Path) -> dict[str, Any]:
+    try:
+        return _read_status(d)
+    except CacheError:  # one damaged cache does not hide the others; inspect says what is wrong
+        return {"id": d.name, "status": "damaged (inspect it)", "rows": 0, "encoding": "?", "backend": "?",
+                "bytes": 0, "bytes_per_row": None, "configs": []}
+
+
+def _read_status(d: Path) -> dict[str, Any]:
     manifest = fmt.read_manifest(d)
     configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
     if manifest is not None and manifest.get("status") == "complete":
