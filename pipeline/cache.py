@@ -10,8 +10,8 @@ Layout (see README "Cache format"):
 
 Every shard is written by one writer under a '.tmp-' name, hashed and fsynced in one pass, and
 published without replacing (a late duplicate writer discards its own), so a shard is either whole
-or absent and never changes once there. Its writer records the sha256 and size beside it
-(shards/00000.zarr.sha256.json): finalize builds the manifest from these and a stat of each shard,
+or absent and never changes once there. Its writer records the sha256 and size in a sidecar
+(digests/00000.zarr.json): finalize builds the manifest from these and a stat of each shard,
 never re-reading shard data. Shard bytes hold no times or random names: the same inputs give the
 same bytes. Readers check every shard against the manifest's sha256 the first time they open it.
 """
@@ -90,8 +90,9 @@ def shard_name(index: int, backend: str) -> str:
 
 
 def digest_path(shard: Path) -> Path:
-    """The sidecar beside a shard where its writer records the shard's sha256 and size."""
-    return shard.with_name(shard.name + ".sha256.json")
+    """The sidecar where a shard's writer records its sha256 and size: <cache>/digests/<shard>.json
+    (beside shards/, which holds shards only)."""
+    return shard.parent.parent / "digests" / f"{shard.name}.json"
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
@@ -210,6 +211,8 @@ def write_manifest(cache_dir: Path, spec: dict[str, Any], entries: list[dict[str
         **extra,
     }
     remove_dead_tmp(cache_dir / "shards")  # from killed writers; never read as data
+    if (cache_dir / "digests").is_dir():
+        remove_dead_tmp(cache_dir / "digests")
     fsync_dir(cache_dir)  # shards were fsynced when published; now the entries above them
     atomic_write_json(cache_dir / "manifest.json", manifest)  # fsynced, and its directory entry
     return manifest

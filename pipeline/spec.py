@@ -7,7 +7,7 @@ Shared by the cache stage (which writes it), the student stage (which reads the 
 makes) and `caches fidelity`. Built fresh on every call and passed explicitly: nothing outlives the
 files it was computed from.
 
-The cache stage also records, under <cache root>/.by-config/, which cache it made for a config: the id,
+The cache stage also records, under <workspace>/runs/.caches/, which cache it made for a config: the id,
 a hash of the config sections that determine the targets, and the (size, mtime, inode) of every
 teacher file it hashed. `find_cache` serves students from that record without reading teacher
 files, and falls back to hashing them whenever the config or any teacher file present differs.
@@ -117,18 +117,20 @@ def targets_hash(cfg: Config) -> str:
 
 
 def _record_path(cfg: Config) -> Path:
-    """Keyed by the target-determining config sections, so every run name of that config finds it;
-    a dot directory, never listed as a cache."""
-    return cfg.cache_root / ".by-config" / f"{targets_hash(cfg)[:16]}.json"
+    """Keyed by the target-determining config sections, so every run name of that config finds it."""
+    return Path(cfg.workspace) / "runs" / ".caches" / f"{targets_hash(cfg)[:16]}.json"
 
 
 def record(ctx: Context) -> None:
     """Note which cache this config makes, for students without teacher files."""
     if ctx.teacher_files is None:  # a teacher file changed while it was hashed: record nothing
         return
-    atomic_write_json(_record_path(ctx.cfg), {"cache_id": ctx.dir.name, "cache_dir": str(ctx.dir.resolve()),
-                                              "targets_hash": targets_hash(ctx.cfg),
-                                              "teacher_files": [list(f) for f in ctx.teacher_files]})
+    try:
+        atomic_write_json(_record_path(ctx.cfg), {"cache_id": ctx.dir.name, "cache_dir": str(ctx.dir.resolve()),
+                                                  "targets_hash": targets_hash(ctx.cfg),
+                                                  "teacher_files": [list(f) for f in ctx.teacher_files]})
+    except OSError as e:  # students then hash the teacher files, as without a record
+        log(f"{_record_path(ctx.cfg)}: cannot record the cache for students ({e.strerror})")
 
 
 def find_cache(cfg: Config) -> Path:

@@ -43,7 +43,8 @@ def test_late_duplicate_writer_leaves_the_first_shard_untouched(tmp_path, backen
     assert pio.sha256_tree(path) == before
     assert fmt.digest_path(path).read_bytes() == sidecar
     assert json.loads(sidecar) == {"sha256": before[0], "bytes": before[1]}
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [path.name, fmt.digest_path(path).name]
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == [path.name]  # the late writer's tmp is gone
+    assert [p.name for p in (tmp_path / "digests").iterdir()] == [f"{path.name}.json"]
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
