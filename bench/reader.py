@@ -1,5 +1,7 @@
 """Cache reader throughput: top-32 rows (1000 classes) streamed chunk-shuffled from a Zarr cache,
-over a numpy memmap of the same arrays read with the same chunk shuffling, side by side.
+over a numpy memmap of the same arrays read with the same chunk shuffling, side by side; and each
+layout with and without the per-shard sha256 check a reader makes the first time it opens a shard
+(a fresh reader per epoch, so every epoch pays it, as every student job does).
 
     .venv/bin/python bench/reader.py [--rows 200000]
 """
@@ -38,8 +40,9 @@ def main() -> None:
         m.flush()
         mm[name] = np.load(ws / f"{name}.npy", mmap_mode="r")
 
-    def read_cache(d: Path, epoch: int) -> int:
-        loader = ChunkShuffleLoader(fmt.CacheReader(d), batch_size=4096, seed=0, shuffle_chunks=4)
+    def read_cache(d: Path, epoch: int, checksums: bool) -> int:
+        loader = ChunkShuffleLoader(fmt.CacheReader(d, checksums=checksums), batch_size=4096, seed=0,
+                                    shuffle_chunks=4)
         return sum(len(b["sample_id"]) for b in loader.batches(epoch))
 
     def read_memmap(epoch: int) -> int:
@@ -53,7 +56,10 @@ def main() -> None:
             rows += len(batch["sample_id"])
         return rows
 
-    readers = {name: (lambda e, d=d: read_cache(d, e)) for name, d in dirs.items()}
+    readers = {}
+    for name, d in dirs.items():
+        readers[name] = lambda e, d=d: read_cache(d, e, True)
+        readers[f"{name}_unverified"] = lambda e, d=d: read_cache(d, e, False)
     readers["memmap"] = read_memmap
     best = dict.fromkeys(readers, 0.0)
     for r in range(args.repeats):  # interleaved, best of n: the machine is noisy
@@ -65,6 +71,7 @@ def main() -> None:
     emit("reader", rows=args.rows, encoding="topk32", classes=1000, goal=0.5,
          rows_per_s={k: round(v) for k, v in best.items()},
          ratio={k: round(v / best["memmap"], 3) for k, v in best.items() if k != "memmap"},
+         verified_over_unverified={k: round(best[k] / best[f"{k}_unverified"], 3) for k in dirs},
          bytes_per_row={k: fmt.read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
 
 

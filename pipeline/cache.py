@@ -8,9 +8,12 @@ Layout (see README "Cache format"):
       shards/00000.zarr   one Zarr v3 group per shard (or shards/00000.parquet)
       manifest.json       written last; the cache exists only once it says "complete"
 
-Every shard is written by one writer under a '.tmp-' name and renamed into place, so a shard is
-either whole or absent. Shard bytes hold no times or random names: the same inputs give the same
-bytes, and the manifest records each shard's sha256.
+Every shard is written by one writer under a '.tmp-' name, hashed and fsynced in one pass, and
+published without replacing (a late duplicate writer discards its own), so a shard is either whole
+or absent and never changes once there. Its writer records the sha256 and size in a sidecar
+(digests/00000.zarr.json): finalize builds the manifest from these and a stat of each shard,
+never re-reading shard data. Shard bytes hold no times or random names: the same inputs give the
+same bytes. Readers check every shard against the manifest's sha256 the first time they open it.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from pipeline.encodings import Column, Encoding, encoding_from_spec
 from pipeline.errors import CacheError
 from pipeline.io import (
     atomic_write_json,
+    fsync_dir,
     hash_json,
     publish_dir,
+    publish_file,
     remove_dead_tmp,
     sha256_tree,
     tmp_name,
+    tree_size,
 )
 
 FORMAT_VERSION = 2  # 2: encoding objects, ids at the vocabulary's width, hybrid; 1 is still read
@@ -83,9 +89,17 @@ def shard_name(index: int, backend: str) -> str:
     return f"{index:05d}.{'zarr' if backend == 'zarr' else 'parquet'}"
 
 
+def digest_path(shard: Path) -> Path:
+    """The sidecar where a shard's writer records its sha256 and size: <cache>/digests/<shard>.json
+    (beside shards/, which holds shards only)."""
+    return shard.parent.parent / "digests" / f"{shard.name}.json"
+
+
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
-                chunk_rows: int, level: int) -> None:
-    """Write one shard to a temporary name and rename it to `path` (one writer per shard).
+                chunk_rows: int, level: int) -> bool:
+    """Write one shard to a temporary name, hash and fsync it, publish it at `path` without
+    replacing, then record its digest beside it. False if another writer published it first: that
+    shard is kept untouched and this one discarded.
 
     `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
     encoding's columns as `enc.to_host` returns them."""
@@ -95,10 +109,14 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     try:
         if path.suffix == ".zarr":
             _write_zarr(tmp, arrays, attrs, columns, chunk_rows, level)
-            publish_dir(tmp, path)
         else:
             _write_parquet(tmp, arrays, attrs, columns, chunk_rows, level)
-            tmp.replace(path)
+        digest, nbytes = sha256_tree(tmp, fsync=True)  # read back from the page cache
+        published = publish_dir(tmp, path) if path.suffix == ".zarr" else publish_file(tmp, path)
+        if published:
+            fsync_dir(path.parent)
+            atomic_write_json(digest_path(path), {"sha256": digest, "bytes": nbytes})
+        return published
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
@@ -146,9 +164,31 @@ def _write_parquet(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, An
 
 
 def shard_entry(cache_dir: Path, index: int, backend: str, first_row: int, rows: int) -> dict[str, Any]:
+    """A shard's manifest entry from its writer's sidecar and a stat: the shard is not re-read."""
     rel = f"shards/{shard_name(index, backend)}"
-    digest, nbytes = sha256_tree(cache_dir / rel)
+    digest, nbytes = recorded_digest(cache_dir / rel)
     return {"index": index, "path": rel, "first_row": first_row, "rows": rows, "sha256": digest, "bytes": nbytes}
+
+
+def recorded_digest(shard: Path) -> tuple[str, int]:
+    """(sha256, bytes) its writer recorded beside a shard, checked against the shard's size on disk.
+
+    A shard without a readable sidecar (its writer was killed between publishing the shard and
+    writing the sidecar) is hashed once here and the sidecar written."""
+    side = digest_path(shard)
+    size = tree_size(shard)
+    try:
+        recorded = json.loads(side.read_text())
+        digest, nbytes = recorded["sha256"], recorded["bytes"]
+        if not isinstance(digest, str) or not isinstance(nbytes, int):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        digest, nbytes = sha256_tree(shard)
+        atomic_write_json(side, {"sha256": digest, "bytes": nbytes})
+    if nbytes != size:
+        raise CacheError(f"{shard}: holds {size} bytes but its writer wrote {nbytes}; the shard is corrupt, "
+                         "delete it and rerun `logitcache cache CONFIG`")
+    return digest, nbytes
 
 
 def write_manifest(cache_dir: Path, spec: dict[str, Any], entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict:
@@ -171,7 +211,10 @@ def write_manifest(cache_dir: Path, spec: dict[str, Any], entries: list[dict[str
         **extra,
     }
     remove_dead_tmp(cache_dir / "shards")  # from killed writers; never read as data
-    atomic_write_json(cache_dir / "manifest.json", manifest)
+    if (cache_dir / "digests").is_dir():
+        remove_dead_tmp(cache_dir / "digests")
+    fsync_dir(cache_dir)  # shards were fsynced when published; now the entries above them
+    atomic_write_json(cache_dir / "manifest.json", manifest)  # fsynced, and its directory entry
     return manifest
 
 
@@ -184,6 +227,10 @@ def resolve(ref: str | Path, root: Path) -> Path:
     p = Path(ref)
     if (p / "spec.json").is_file() or (p / "manifest.json").is_file():
         return p
+    if p.is_absolute() or len(p.parts) > 1:  # a path, never an id prefix
+        what = "is not a cache directory (no spec.json or manifest.json)" if p.exists() else "does not exist"
+        raise CacheError(f"cache {ref}: {what}; give a cache directory, an id or an id prefix "
+                         "(list caches with `logitcache caches ls`)")
     if (root / str(ref)).is_dir():
         return root / str(ref)
     matches = sorted(d for d in root.glob(f"{ref}*") if d.is_dir()) if root.is_dir() else []
@@ -196,13 +243,55 @@ def resolve(ref: str | Path, root: Path) -> Path:
 
 
 def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    """The manifest, or None if there is none yet; a malformed one is refused in one line."""
     path = cache_dir / "manifest.json"
     if not path.is_file():
         return None
+    fix = "delete the cache directory and rerun `logitcache cache CONFIG`"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CacheError(f"{path}: not valid JSON; delete the cache directory and rerun `logitcache cache`") from None
+        manifest = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise CacheError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CacheError(f"{path}: not a logitcache manifest ({problem}); {fix}")
+    return manifest
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a manifest's shape, or None: a complete one must hold everything readers use."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    if m.get("status") != "complete":
+        return None
+    for key, kind in (("spec", dict), ("shards", list), ("rows", int), ("bytes", int), ("format_version", int)):
+        if not isinstance(m.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    for i, e in enumerate(m["shards"]):
+        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("rows"), int) and Path(e["path"]).parts[:1] == ("shards",)
+                and ".." not in Path(e["path"]).parts):
+            return f"shards[{i}] is not an entry with path under shards/, rows and sha256"
+    spec = m["spec"]
+    if not (isinstance(spec.get("layout"), dict) and isinstance(spec["layout"].get("chunk_rows"), int)
+            and isinstance(spec.get("dataset"), dict) and isinstance(spec.get("encoding"), dict)):
+        return "'spec' lacks layout.chunk_rows, dataset or encoding"
+    return None
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    """A cache's spec.json; a malformed one is refused in one line naming it."""
+    try:
+        spec = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        spec, why = None, type(e).__name__
+    else:
+        why = "not an object with a layout"
+    if not (isinstance(spec, dict) and isinstance(spec.get("layout"), dict)
+            and isinstance(spec.get("dataset"), dict)):
+        raise CacheError(f"{path}: not a valid cache spec ({why}); delete the directory {path.parent} "
+                         "(a cache with a damaged spec cannot be finished) and rerun `logitcache cache CONFIG`")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -213,10 +302,26 @@ class Chunk:
     stop: int
 
 
-class CacheReader:
-    """Read a complete cache chunk by chunk; chunks are the unit of shuffling and I/O."""
+def shard_problems(cache_dir: Path, shards: list[dict[str, Any]], hash_them: bool) -> dict[str, list[str]]:
+    """The manifest's shards that are missing (a stat each) and, with hash_them, corrupt."""
+    missing, corrupt = [], []
+    for e in shards:
+        path = cache_dir / e["path"]
+        if not path.exists():
+            missing.append(e["path"])
+        elif hash_them and sha256_tree(path)[0] != e["sha256"]:
+            corrupt.append(e["path"])
+    return {"missing": missing, "corrupt": corrupt}
 
-    def __init__(self, cache_dir: Path, verify: bool = False) -> None:
+
+class CacheReader:
+    """Read a complete cache chunk by chunk; chunks are the unit of shuffling and I/O.
+
+    Every shard listed must exist (a stat each, on open), and each shard is checked against the
+    manifest's sha256 the first time this reader opens it (`checksums=False` skips that, for
+    benchmarks); `verify=True` checks every shard up front."""
+
+    def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True) -> None:
         manifest = read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
@@ -236,6 +341,12 @@ class CacheReader:
         self._pool: Any = None
         self._lock = threading.Lock()
         self.backend = spec["layout"]["backend"]
+        self._checksums = checksums
+        self._verified: set[int] = set()
+        gone = shard_problems(cache_dir, self.shards, hash_them=False)["missing"]
+        if gone:
+            raise CacheError(f"{cache_dir / gone[0]}: shard listed in the manifest is missing ({len(gone)} of "
+                             f"{len(self.shards)} missing); rerun `logitcache cache CONFIG` to recompute it")
         if verify:
             self.verify()
 
@@ -256,11 +367,25 @@ class CacheReader:
         return int(self.manifest["rows"])
 
     def verify(self) -> None:
-        for e in self.shards:
-            digest, _ = sha256_tree(self.dir / e["path"])
-            if digest != e["sha256"]:
-                raise CacheError(f"{self.dir / e['path']}: checksum mismatch, the shard is corrupt; "
-                                 "delete it and rerun `logitcache cache CONFIG`")
+        for i in range(len(self.shards)):
+            self._verify_once(i)
+
+    def _verify_once(self, i: int) -> None:
+        """Check shard i against the manifest's sha256, once per reader (the files land in the page
+        cache, where the reads that follow find them)."""
+        if i in self._verified:
+            return
+        e = self.shards[i]
+        path = self.dir / e["path"]
+        try:
+            digest = sha256_tree(path)[0]
+        except OSError as err:
+            raise CacheError(f"{path}: cannot read the shard ({err.strerror}); rerun `logitcache cache CONFIG` "
+                             "to recompute it") from None
+        if digest != e["sha256"]:
+            raise CacheError(f"{path}: checksum mismatch, the shard is corrupt; delete it and rerun "
+                             "`logitcache cache CONFIG`")
+        self._verified.add(i)
 
     def chunks(self) -> list[Chunk]:
         out = []
@@ -314,6 +439,8 @@ class CacheReader:
 
     def _open(self, i: int, path: Path) -> Any:
         if i not in self._handles:
+            if self._checksums:
+                self._verify_once(i)
             if path.suffix == ".zarr":
                 import zarr
 

@@ -9,7 +9,7 @@ from typing import Any
 from pipeline import cache as fmt
 from pipeline.encodings import encoding_from_spec
 from pipeline.errors import CacheError
-from pipeline.io import sha256_tree
+from pipeline.io import tree_size
 
 
 def _label(spec: dict[str, Any]) -> str:
@@ -21,24 +21,35 @@ def _label(spec: dict[str, Any]) -> str:
 
 def _spec(d: Path) -> dict[str, Any]:
     """spec.json, written before the first shard; empty if a cache directory has none yet."""
-    return json.loads((d / "spec.json").read_text()) if (d / "spec.json").is_file() else {}
+    return fmt.read_spec(d / "spec.json") if (d / "spec.json").is_file() else {}
 
 
 def _status(d: Path) -> dict[str, Any]:
+    try:
+        return _read_status(d)
+    except CacheError:  # one damaged cache does not hide the others; inspect says what is wrong
+        return {"id": d.name, "status": "damaged (inspect it)", "rows": 0, "encoding": "?", "backend": "?",
+                "bytes": 0, "bytes_per_row": None, "configs": []}
+
+
+def _read_status(d: Path) -> dict[str, Any]:
     manifest = fmt.read_manifest(d)
     configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
     if manifest is not None and manifest.get("status") == "complete":
-        return {"id": d.name, "status": "complete", "rows": manifest["rows"],
+        gone = fmt.shard_problems(d, manifest["shards"], hash_them=False)["missing"]
+        status = f"missing {len(gone)}/{len(manifest['shards'])} shards" if gone else "complete"
+        return {"id": d.name, "status": status, "rows": manifest["rows"],
                 "encoding": _label(manifest.get("spec", {})),
                 "backend": manifest["backend"], "bytes": manifest["bytes"],
                 "bytes_per_row": manifest["bytes_per_row"], "configs": configs}
     spec = _spec(d)
     layout = spec.get("layout", {})
     expected, rows = fmt.planned(spec) if spec else (0, 0)
-    present = [p for p in (d / "shards").glob("[0-9]*") if p.is_dir() or p.is_file()]
+    backend = layout.get("backend", "zarr")
+    present = [p for i in range(expected) if (p := d / "shards" / fmt.shard_name(i, backend)).exists()]
     return {"id": d.name, "status": f"partial {len(present)}/{expected} shards", "rows": rows,
             "encoding": _label(spec), "backend": layout.get("backend", "?"),
-            "bytes": sum(sha256_tree(p)[1] for p in present), "bytes_per_row": None, "configs": configs}
+            "bytes": sum(tree_size(p) for p in present), "bytes_per_row": None, "configs": configs}
 
 
 def list_caches(root: Path) -> str:
@@ -59,10 +70,14 @@ def inspect_cache(ref: str, root: Path, verify: bool) -> dict[str, Any]:
     d = fmt.resolve(ref, root)
     manifest = fmt.read_manifest(d)
     if manifest is not None and manifest.get("status") == "complete":
-        if verify:
-            fmt.CacheReader(d, verify=True)
-            manifest = {**manifest, "verified": True}
-        return manifest
+        bad = fmt.shard_problems(d, manifest["shards"], hash_them=verify)
+        if verify and (bad["missing"] or bad["corrupt"]):
+            what = "; ".join(f"{kind} {', '.join(paths)}" for kind, paths in bad.items() if paths)
+            raise CacheError(f"{d}: {what} (checksum mismatch for corrupt shards); delete the corrupt shards "
+                             "and rerun `logitcache cache CONFIG` to recompute them")
+        if bad["missing"]:
+            return {**manifest, "status": "damaged", "shards_missing": bad["missing"]}
+        return {**manifest, "verified": True} if verify else manifest
     spec = _spec(d)
     layout = spec.get("layout", {})
     n = fmt.planned(spec)[0] if spec else 0

@@ -1,4 +1,5 @@
-"""The student jobs of a config: models crossed with the grid and seeds, plus hard-label twins.
+"""The student jobs of a config: models crossed with the grid and seeds, plus hard-label twins,
+and the settings that determine each job's result.
 
 Shared by the student stage (which trains them) and the evaluate stage (which scores them).
 """
@@ -7,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import cache as fmt
-from pipeline.config import GRID_KEYS, Config, ModelSpec
-from pipeline.spec import cache_dir
+from pipeline.config import GRID_KEYS, Config, ModelSpec, non_default
+from pipeline.errors import ModelError
+from pipeline.io import sha256_file
+from pipeline.spec import find_cache
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,51 @@ def plan(cfg: Config) -> list[Shard]:
     return shards
 
 
+def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, Any]:
+    """Everything that determines a job's result; its hash decides whether a rerun is needed.
+
+    A hard-label twin's settings hold nothing of the grid point it was planned from but lr and
+    epochs (temperature and alpha do not change it), so inserting a grid value never retrains it."""
+    s, v = cfg.student, variants(cfg)[shard.model]
+    m = v.spec
+    common = {"seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
+              "epochs": m.epochs or s.epochs, "lr": m.lr or s.lr, "batch_size": s.batch_size,
+              "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
+              "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
+              **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {})}
+    if shard.kind == "hard":
+        twin = dataclasses.replace(m, name=v.hard_name, temperature=None, alpha=None)
+        return {"model": non_default(twin), **common, "temperature": reader.temperature, "alpha": 1.0}
+    return {"model": non_default(m), **common, "temperature": m.temperature or s.temperature or reader.temperature,
+            "alpha": m.alpha if m.alpha is not None else s.alpha}
+
+
 def cache_path(cfg: Config) -> Path:
+    """student.cache if given, else the cache this config's cache stage made (see spec.find_cache)."""
     if cfg.student.cache is not None:
         return fmt.resolve(cfg.student.cache, cfg.cache_root)
-    return cache_dir(cfg)
+    return find_cache(cfg)
+
+
+def read_done(job_dir: Path) -> dict[str, Any] | None:
+    """A finished job's done.json, None if the job has not finished. done.json is the commit record
+    of the job: it holds the sha256 of the model.pt and history.json it was written with, so a
+    marker never vouches for files another run overwrote. ModelError (one line) if damaged."""
+    path = job_dir / "done.json"
+    if not path.is_file():
+        return None
+    fix = "rerun `logitcache student CONFIG` to retrain it"
+    try:
+        done = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
+    if not (isinstance(done, dict) and isinstance(done.get("settings_hash"), str)
+            and isinstance(done.get("final"), dict) and isinstance(done["final"].get("accuracy"), float)
+            and isinstance(done.get("files"), dict)):
+        raise ModelError(f"{path}: not a completion record of this version (no settings_hash, final or files); {fix}")
+    for name in ("model.pt", "history.json"):
+        file = job_dir / name
+        if not file.is_file() or sha256_file(file) != done["files"].get(name):
+            raise ModelError(f"{file}: {'missing' if not file.is_file() else 'differs from the one done.json records'}"
+                             f" (overwritten by a run that did not finish); {fix}")
+    return done

@@ -16,7 +16,6 @@ encoding runs on the device; writing a shard overlaps computing the next.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from pipeline.config import Config, dump_yaml
 from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs
 from pipeline.errors import CacheError
 from pipeline.fanout import expected_workers, run_all, task_share
-from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.spec import Context, context
+from pipeline.io import atomic_write_json, atomic_write_text, check_writable
+from pipeline.spec import Context, context, record
 from pipeline.progress import bar, log
 
 
@@ -139,6 +138,26 @@ def missing(ctx: Context) -> list[Shard]:
     return [s for s in plan(ctx.cfg, ctx) if not shard_path(ctx, s).exists()]
 
 
+def _lost(ctx: Context, manifest: dict[str, Any]) -> list[Shard]:
+    """Shards a complete manifest lists that are gone from disk (a stat each)."""
+    gone = set(fmt.shard_problems(ctx.dir, manifest["shards"], hash_them=False)["missing"])
+    return [s for s in plan(ctx.cfg, ctx) if f"shards/{shard_path(ctx, s).name}" in gone]
+
+
+def _repair(ctx: Context, manifest: dict[str, Any], lost: list[Shard]) -> None:
+    """Recompute shards deleted from a complete cache; shard bytes are deterministic, so each must
+    match the manifest's sha256 again, or the cache is refused."""
+    run_shards(ctx, lost, load_models(ctx))
+    listed = {e["path"]: e["sha256"] for e in manifest["shards"]}
+    for s in lost:
+        path = shard_path(ctx, s)
+        if fmt.recorded_digest(path)[0] != listed[f"shards/{path.name}"]:
+            raise CacheError(f"{path}: recomputed, but its sha256 differs from the manifest's (the teachers' "
+                             f"numerics differ from the run that made it); delete {ctx.dir} and rerun "
+                             "`logitcache cache CONFIG`")
+    log(f"cache {ctx.dir.name}: {len(lost)} shards recomputed, identical to the manifest's")
+
+
 def finalize(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     entries = [fmt.shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in plan(cfg, ctx)]
@@ -159,14 +178,22 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     shards are mapped over the workers in groups that carry this call's cache id: a worker that
     finds other inputs (a checkpoint overwritten meanwhile) refuses instead of writing into it."""
     task_share([], shard_index, num_shards)  # reject a bad --shard-index before any work
+    check_writable(cfg.cache_root, "cache.root" if cfg.cache.root else "workspace")
     ctx = context(cfg)
     manifest = fmt.read_manifest(ctx.dir)
     if manifest is not None and manifest.get("status") == "complete":
         _record_config(cfg, ctx.dir)
-        log(f"cache {ctx.dir.name}: complete ({manifest['rows']} rows), nothing to do")
+        record(ctx)
+        lost = _lost(ctx, manifest)
+        if not lost:
+            log(f"cache {ctx.dir.name}: complete ({manifest['rows']} rows), nothing to do")
+            return ctx.dir
+        log(f"cache {ctx.dir.name}: {len(lost)} shards listed in the manifest are missing; recomputing them")
+        _repair(ctx, manifest, lost)
         return ctx.dir
     _refuse_other_layout(cfg, ctx)
     _record_config(cfg, ctx.dir)
+    record(ctx)
     atomic_write_json(ctx.dir / "spec.json", ctx.spec)
     planned = plan(cfg, ctx)
     shards = task_share(planned, shard_index, num_shards)
@@ -258,7 +285,7 @@ def _refuse_other_layout(cfg: Config, ctx: Context) -> None:
         other = spec_file.parent
         if other == ctx.dir or (other / "manifest.json").is_file():
             continue
-        spec = json.loads(spec_file.read_text())
+        spec = fmt.read_spec(spec_file)
         if fmt.target_id(spec) == mine and spec.get("layout") != ctx.spec["layout"]:
             lay = spec["layout"]
             raise CacheError(

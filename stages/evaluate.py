@@ -25,9 +25,11 @@ from pipeline.ensemble import (
     teacher_identity,
     teacher_refs,
 )
-from pipeline.errors import CacheError
+from pipeline.cache import CacheReader
+from pipeline.errors import CacheError, ModelError
 from pipeline.io import (
     atomic_write_bytes,
+    check_writable,
     atomic_write_json,
     atomic_write_text,
     hash_json,
@@ -42,7 +44,17 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _read_report(path: Path) -> dict[str, Any] | None:
+    """The previous report, or None if there is none or it is damaged (then it is rewritten)."""
+    try:
+        report = json.loads(path.read_text()) if path.is_file() else None
+    except (ValueError, OSError):
+        return None
+    return report if isinstance(report, dict) and isinstance(report.get("rows"), list) else None
+
+
 def main(cfg: Config) -> dict[str, Any]:
+    check_writable(cfg.run_dir, "workspace")  # before anything is scored
     splits = load_splits(cfg)
     lm = cfg.data.task == "lm"
     if lm:  # next-token prediction on held-out sequences
@@ -54,21 +66,26 @@ def main(cfg: Config) -> dict[str, Any]:
     cpu = torch.device("cpu")
 
     planned = jobs.plan(cfg)
+    cache = CacheReader(jobs.cache_path(cfg))
     done = []
     for shard in planned:
         name = jobs.job_name(cfg, shard)
-        marker = cfg.run_dir / "students" / name / "done.json"
-        if not marker.is_file():
-            raise CacheError(f"{marker.parent}: student {name} has not finished; run `logitcache student CONFIG`")
-        done.append((shard, name, json.loads(marker.read_text())))
+        marker = jobs.read_done(cfg.run_dir / "students" / name)  # checks the model and history it names
+        if marker is None:
+            raise CacheError(f"{cfg.run_dir / 'students' / name}: student {name} has not finished; "
+                             "run `logitcache student CONFIG`")
+        if marker["settings_hash"] != hash_json(jobs.settings(cfg, shard, cache)):
+            raise ModelError(f"{cfg.run_dir / 'students' / name / 'done.json'}: student {name} was trained with "
+                             "other settings or another cache than this config's; run `logitcache student CONFIG`")
+        done.append((shard, name, marker))
     refs = teacher_refs(cfg, splits)
     inputs = hash_json({"students": [d[2] for d in done], "test": splits.test.fingerprint, "bins": bins,
                         "teachers": [teacher_identity(r)["checkpoint_sha256"] for r in refs], "ensemble": cfg.teachers.ensemble,
                         "weights": normalized_weights(cfg), "format": REPORT_FORMAT,
                         "excluded": list(cfg.data.transfer.exclude_classes)})
     report_path = cfg.run_dir / "report.json"
-    if report_path.is_file() and json.loads(report_path.read_text()).get("inputs_hash") == inputs:
-        report = json.loads(report_path.read_text())
+    report = _read_report(report_path)
+    if report is not None and report.get("inputs_hash") == inputs:
         log(f"evaluate: report up to date ({report_path})")
         print(table(report["rows"]))
         if len(cfg.student.seeds) > 1:
@@ -112,7 +129,7 @@ def main(cfg: Config) -> dict[str, Any]:
     _plot_curves(curves, run / "learning_curves.png")
     first_seed = {n: student_sums[n] for shard, n, _ in done if shard.seed == cfg.student.seeds[0]}
     _plot_reliability({"ensemble": ensemble, **first_seed}, y, bins, run / "reliability.png")
-    cache_manifest = json.loads((jobs.cache_path(cfg) / "manifest.json").read_text())
+    cache_manifest = cache.manifest
     report = {
         "run": cfg.run_name, "task": cfg.data.task, "inputs_hash": inputs, "test_rows": int(y.size),
         "num_classes": splits.num_classes,

@@ -8,14 +8,19 @@ One shard per (model, seed, kind): kind "kd" learns from the cached soft targets
 labels by alpha; kind "hard" (student.baseline) is the same model on hard labels only, fed the same
 batches in the same order, for comparison. Each job writes <run>/students/<job>/: checkpoint.pt
 while training (model, optimizer, RNG and loader position, so a killed job resumes mid-epoch with
-the same batches and losses), then model.pt, history.json and done.json (written last).
+the same batches and losses) and losses.f64 (the per-step losses, appended at each checkpoint, so
+checkpoints stay small); then model.pt, history.json, config.yaml and done.json. done.json is
+removed before the others are replaced and written last with their sha256s: a run that fails or is
+killed never leaves a marker that describes other files.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,17 +28,20 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline import losses, metrics
-from pipeline.config import Config, dump_yaml, non_default
+from pipeline.config import Config, dump_yaml
 from pipeline.data import Splits, load_splits
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, LogitcacheError
 from pipeline.fanout import run_all, task_share
 from pipeline.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_writable,
+    fsync_dir,
     hash_json,
+    sha256_bytes,
 )
-from pipeline.jobs import Shard, cache_path, job_name, models, plan
+from pipeline.jobs import Shard, cache_path, job_name, models, plan, read_done, settings
 from pipeline.lm import hidden_and_head
 from pipeline.loader import ChunkShuffleLoader
 from pipeline.models import build_model, resolve_device
@@ -45,20 +53,6 @@ class ShardResult:
     job: str
     skipped: bool
     final_accuracy: float
-
-
-def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, Any]:
-    """Everything that determines a job's result; its hash decides whether a rerun is needed."""
-    s, m = cfg.student, models(cfg)[shard.model]
-    temperature = m.temperature or s.temperature or reader.temperature
-    return {
-        "model": non_default(m), "seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
-        "epochs": m.epochs or s.epochs, "lr": m.lr or s.lr, "batch_size": s.batch_size,
-        "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
-        "temperature": temperature, "alpha": 1.0 if shard.kind == "hard" else (m.alpha if m.alpha is not None else s.alpha),
-        "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
-        **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
-    }
 
 
 def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
@@ -129,6 +123,36 @@ def held_out(model: torch.nn.Module, splits: Splits, lm: bool) -> dict[str, floa
     return {"accuracy": float((sm.pred == y.reshape(-1)).mean()), "nll": float(-sm.logp_true.mean())}
 
 
+def _finished(out: Path, key: str) -> dict[str, Any] | None:
+    """done.json if it records these settings and the files beside it; a damaged one means retrain."""
+    try:
+        done = read_done(out)
+    except LogitcacheError as e:
+        log(f"student {out.name}: {e}; retraining")
+        return None
+    return done if done is not None and done["settings_hash"] == key else None
+
+
+def _resume(ckpt: Path, losses_file: Path, key: str, name: str) -> dict[str, Any] | None:
+    """The saved checkpoint if it belongs to these settings and is whole; an unreadable one (a
+    damaged disk, random bytes) is reported and training starts over, as for a missing one."""
+    if not ckpt.is_file():
+        return None
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = saved["state"] if isinstance(saved, dict) else None
+        if not (isinstance(state, dict) and {"model", "optimizer", "rng", "settings_hash"} <= saved.keys()
+                and {"epoch", "batch", "step", "history"} <= state.keys() and "losses" not in state):
+            raise ValueError("not a checkpoint of this version")
+        if losses_file.stat().st_size < 8 * state["step"]:
+            raise ValueError(f"{losses_file.name} holds fewer losses than the checkpoint's step")
+    except Exception as e:  # whatever torch.load raises on a damaged file
+        log(f"student {name}: {ckpt} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "starting this job over")
+        return None
+    return saved if saved["settings_hash"] == key else None
+
+
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     splits = load_splits(cfg)
     reader = open_cache(cfg, splits)
@@ -137,8 +161,9 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     st = settings(cfg, shard, reader)
     key = hash_json(st)
     done = out / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("settings_hash") == key:
-        return ShardResult(name, True, json.loads(done.read_text())["final"]["accuracy"])
+    finished = _finished(out, key)
+    if finished is not None:
+        return ShardResult(name, True, finished["final"]["accuracy"])
     lm = cfg.data.task == "lm"
     if not reader.encoding.retemperable and st["temperature"] != reader.temperature and st["alpha"] < 1:
         raise ConfigError(f"student.temperature: {st['temperature']} differs from the cache's {reader.temperature}; "
@@ -149,18 +174,22 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
                           f"{splits.transfer.source} has none; set student.alpha=0 and student.baseline=false")
 
     spec = models(cfg)[shard.model]
-    torch.manual_seed(shard.seed)
     dev = resolve_device(cfg.student.device, "student.device")
-    model = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}").to(dev)
-    opt = _optimizer(cfg, model.parameters(), st["lr"])
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(shard.seed)
+        m = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}").to(dev)
+        return m, _optimizer(cfg, m.parameters(), st["lr"])
+
+    model, opt = fresh()
     per_item = cfg.data.seq_len if lm else 1
     loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"], per_item)
     transfer = splits.transfer
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "losses": [], "history": []}
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved.get("settings_hash") == key:
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
+    ckpt, losses_file = out / "checkpoint.pt", out / "losses.f64"
+    saved = _resume(ckpt, losses_file, key, name)
+    if saved is not None:
+        try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["rng"])
@@ -168,15 +197,37 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
                 torch.cuda.set_rng_state_all(saved["cuda_rng"])
             state = saved["state"]
             log(f"student {name}: resuming at epoch {state['epoch']} batch {state['batch']}")
+        except Exception as e:
+            log(f"student {name}: {ckpt} does not fit this model ({type(e).__name__}); starting this job over")
+            model, opt = fresh()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    pending: list[float] = []  # losses of the steps since the last checkpoint
+
+    def flush_losses() -> None:
+        """Write the pending losses at their offset in losses.f64 (anything past them is from a
+        killed run that got further than its last checkpoint, and is cut off)."""
+        with open(losses_file, "r+b" if losses_file.exists() else "wb") as f:
+            f.seek(8 * (state["step"] - len(pending)))
+            f.write(np.asarray(pending, dtype=np.float64).tobytes())
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        pending.clear()
 
     def save_checkpoint() -> None:
+        flush_losses()  # first: the checkpoint's step never points past the losses on disk
         buf = io.BytesIO()
         cuda_rng = torch.cuda.get_rng_state_all() if dev.type == "cuda" else None
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                     "cuda_rng": cuda_rng, "state": state, "settings_hash": key}, buf)
         atomic_write_bytes(ckpt, buf.getvalue())
+
+    def epoch_losses() -> np.ndarray:
+        first = state["step"] - state["batch"]  # the epoch's first step
+        flushed = state["step"] - len(pending)
+        on_disk = np.fromfile(losses_file, np.float64, count=flushed - first, offset=8 * first) \
+            if flushed > first else np.zeros(0)
+        return np.concatenate([on_disk, np.asarray(pending, np.float64)])
 
     model.train()
     while state["epoch"] < st["epochs"]:
@@ -191,33 +242,45 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            state["losses"].append(float(loss.detach()))
+            pending.append(float(loss.detach()))
             state["batch"] += 1
             state["step"] += 1
             if state["step"] % cfg.student.checkpoint_every == 0:
                 save_checkpoint()
         scores = held_out(model, splits, lm)
-        epoch_losses = state["losses"][-state["batch"]:] if state["batch"] else []
-        state["history"].append({"epoch": state["epoch"] + 1, "train_loss": float(np.mean(epoch_losses)),
+        this_epoch = epoch_losses()
+        state["history"].append({"epoch": state["epoch"] + 1,
+                                 "train_loss": float(np.mean(this_epoch)) if len(this_epoch) else float("nan"),
                                  "test_accuracy": scores["accuracy"], "test_nll": scores["nll"]})
         state["epoch"] += 1
         state["batch"] = 0
         save_checkpoint()
 
+    flush_losses()
+    all_losses = np.fromfile(losses_file, np.float64, count=state["step"]).tolist()
     buf = io.BytesIO()
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
-    atomic_write_bytes(out / "model.pt", buf.getvalue())
+    model_bytes = buf.getvalue()
+    history = json.dumps({"job": name, "settings": st, "losses": all_losses, "epochs": state["history"]},
+                         indent=2, sort_keys=True) + "\n"
     final = state["history"][-1]
-    atomic_write_json(out / "history.json", {"job": name, "settings": st, "losses": state["losses"],
-                                             "epochs": state["history"]})
-    atomic_write_json(done, {"job": name, "settings_hash": key, "final": {"accuracy": final["test_accuracy"],
-                                                                           "nll": final["test_nll"]}})
+    done.unlink(missing_ok=True)  # first: an old marker must never describe the files written next
+    fsync_dir(out)
+    atomic_write_bytes(out / "model.pt", model_bytes)
+    atomic_write_text(out / "history.json", history)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(done, {"job": name, "settings_hash": key,
+                             "final": {"accuracy": final["test_accuracy"], "nll": final["test_nll"]},
+                             "files": {"model.pt": sha256_bytes(model_bytes),
+                                       "history.json": sha256_bytes(history.encode())}})
     ckpt.unlink(missing_ok=True)
+    losses_file.unlink(missing_ok=True)
     return ShardResult(name, False, final["test_accuracy"])
 
 
 def main(cfg: Config, client: Any = None, shard_index: int | None = None,
          num_shards: int | None = None) -> list[ShardResult]:
+    check_writable(cfg.run_dir, "workspace")  # before anything is trained
     splits = load_splits(cfg)
     reader = open_cache(cfg, splits)
     jobs = task_share(plan(cfg), shard_index, num_shards)
