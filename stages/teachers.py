@@ -22,7 +22,7 @@ from pipeline.config import Config, dump_yaml
 from pipeline.data import load_splits
 from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
 from pipeline.fanout import run_all, task_share
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from pipeline.models import build_model
 from pipeline.progress import log
 
@@ -87,6 +87,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
 def main(cfg: Config, client: Any = None, shard_index: int | None = None,
          num_shards: int | None = None) -> list[TeacherRef]:
+    check_writable(cfg.teacher_dir, "workspace")  # before any data is read or teacher trained
     splits = load_splits(cfg)
     refs = teacher_refs(cfg, splits)
     for ref in refs:  # user checkpoints are loaded once here so a bad one fails before caching

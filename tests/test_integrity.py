@@ -250,7 +250,7 @@ def test_checkpoint_of_random_bytes_starts_over(cli_run, built, content):
 
 # --- the workspace is checked before anything is trained --------------------------------------
 
-@pytest.mark.parametrize("command", ["cache", "student", "evaluate"])
+@pytest.mark.parametrize("command", ["teachers", "run", "cache", "student", "evaluate"])
 @pytest.mark.parametrize("under", ["", "/sub"])
 def test_workspace_that_is_a_file(cli_run, built, tmp_path, command, under):
     _ws, path, caches = built
@@ -259,6 +259,7 @@ def test_workspace_that_is_a_file(cli_run, built, tmp_path, command, under):
     if command == "evaluate":  # scores the built teachers
         over.append(f"cache.root={caches['zarr'].parent}")
     one_line_error(cli_run(command, str(path), *over, expect=None), "workspace", str(tmp_path / "file"), "is a file")
+    assert (tmp_path / "file").read_text() == "not a directory"
 
 
 # --- students find their cache without the teacher files --------------------------------------
