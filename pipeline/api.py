@@ -273,7 +273,10 @@ class CacheDataset(IterableDataset):
         """Position in the epoch: `batches` consumed on this rank (default: those this object yielded
         in this process; with DataLoader workers use `ds.loader()` or pass the count)."""
         done = self._start + self._yielded if batches is None else int(batches)
-        return {"epoch": self.epoch, "batches": done, "seed": self.seed, "world_size": self.world_size,
+        epoch = self.epoch
+        if done >= len(self):  # the epoch is finished: the next position is the next epoch's start
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches": done, "seed": self.seed, "world_size": self.world_size,
                 "rank": self.rank, "batch_size": self.batch_size, "num_workers": self._resume_workers,
                 "items": self.items}
 
@@ -306,12 +309,13 @@ class CacheDataset(IterableDataset):
             raise ValueError(f"resuming a position saved with num_workers={self._resume_workers} on {workers} "
                              "workers; use the same num_workers to get the same batches")
         in_process = info is None
+        self._yielded = 0
         for batch in self.worker_batches(self.epoch, self.rank, self.world_size, worker, workers, self._start):
             if in_process:
                 self._yielded += 1
             yield batch
-        if in_process:  # the epoch is done: iterating again replays it from the start
-            self._start, self._yielded = 0, 0
+        if in_process:  # the epoch is done; iterating again without set_epoch replays it from the start
+            self._start, self._yielded = 0, len(self)
 
     def worker_batches(self, epoch: int, rank: int, world: int, worker: int, workers: int,
                        start: int = 0) -> Iterator[dict[str, Any]]:
@@ -475,7 +479,7 @@ class CacheLoader(DataLoader):
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
-        ds._start, self._consumed = 0, 0
+        ds._start = 0  # iterating again without set_epoch replays the epoch
 
     def state_dict(self) -> dict[str, Any]:
         self._sync()
