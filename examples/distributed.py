@@ -42,7 +42,8 @@ def rank_main(rank: int, world: int, init_file: str, cache_dir: str, x: np.ndarr
     torch.manual_seed(0)
     cache = lc.open_cache(cache_dir)
     ds = cache.dataset(batch_size=BATCH, seed=SEED, inputs=x)  # rank and world size from torch.distributed
-    loader = ds.loader(num_workers=2)
+    # mp.spawn makes "spawn" the default inside the ranks; fork workers as torchrun's ranks would
+    loader = ds.loader(num_workers=2, multiprocessing_context="fork")
     model = nn.parallel.DistributedDataParallel(nn.Linear(8, CLASSES))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     epochs = []
@@ -64,7 +65,7 @@ def rank_main(rank: int, world: int, init_file: str, cache_dir: str, x: np.ndarr
     state = loader.state_dict()
     del it
     ds2 = cache.dataset(batch_size=BATCH, seed=SEED, inputs=x)
-    resumed = ds2.loader(num_workers=2)
+    resumed = ds2.loader(num_workers=2, multiprocessing_context="fork")
     resumed.load_state_dict(state)
     tail = [b["sample_id"].tolist() for b in resumed]
     out = [None] * world
