@@ -1,3 +1,39 @@
-"""logitcache: run a teacher ensemble once, cache its soft targets, train many students from the cache."""
+"""logitcache: run a teacher ensemble once, cache its soft targets, train many students from the cache.
+
+The public Python API (README "Python API"):
+
+    open_cache(id_or_path, root=None) -> Cache      manifest, encoding, classes, temperature, dataset(...)
+    Cache.dataset(batch_size, seed=0, ...)          IterableDataset split by DDP rank and DataLoader worker
+    kd_loss(student_logits, batch, temperature)     alpha * CE + (1 - alpha) * T^2 * D, any encoding
+    CacheWriter(root, spec=..., encoding=..., num_classes=...)   a cache from outputs computed elsewhere
+
+Names are imported on first use, so `import pipeline` (and the CLI) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "open_cache": "pipeline.api", "Cache": "pipeline.api", "CacheDataset": "pipeline.api",
+    "CacheLoader": "pipeline.api", "kd_loss": "pipeline.api", "to_device": "pipeline.api",
+    "CacheWriter": "pipeline.writer",
+    "Dense": "pipeline.encodings", "TopK": "pipeline.encodings", "Sampled": "pipeline.encodings",
+    "Hybrid": "pipeline.encodings",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from pipeline.api import Cache, CacheDataset, CacheLoader, kd_loss, open_cache, to_device
+    from pipeline.encodings import Dense, Hybrid, Sampled, TopK
+    from pipeline.writer import CacheWriter
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

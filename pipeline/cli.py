@@ -208,6 +208,31 @@ def caches_fidelity(cache_ref: str, root: Path | None, config: Path | None, rows
     click.echo(table(fidelity(cache_ref, _root(root, config), rows, out)))
 
 
+@cli.command("import-logprobs")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--tokenizer", required=True, type=click.Path(path_type=Path),
+              help="Local directory (or file) with the tokenizer.json the server's model uses.")
+@click.option("--out", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache root; the cache goes to OUT/<cache_id>.")
+@click.option("--top-n", type=int, required=True, help="Log-probs kept per token (<= 20; the cache's k).")
+@click.option("--teacher", default="served", show_default=True,
+              help="Teacher name and revision recorded in the cache's spec (part of its id).")
+@click.option("--backend", type=click.Choice(["zarr", "parquet"]), default="zarr", show_default=True)
+@click.option("--rows-per-shard", type=int, default=65536, show_default=True, help="Token rows per shard.")
+@click.option("--chunk-rows", type=int, default=4096, show_default=True, help="Rows per chunk / row group.")
+def import_logprobs_cmd(file: Path, tokenizer: Path, root: Path, top_n: int, teacher: str, backend: str,
+                        rows_per_shard: int, chunk_rows: int) -> None:
+    """Turn served prompt log-probs (vLLM prompt_logprobs or OpenAI completions logprobs, JSONL) into a
+    token-level top-k cache; the JSONL schema is in pipeline/importer.py and the README."""
+    from pipeline.importer import import_logprobs
+
+    if rows_per_shard < 1 or chunk_rows < 1:
+        raise ConfigError("--rows-per-shard and --chunk-rows must be >= 1")
+    path = import_logprobs(file, tokenizer, root, top_n, teacher, backend, rows_per_shard, chunk_rows)
+    manifest = json.loads((path / "manifest.json").read_text())
+    click.echo(f"cache {path.name}: {manifest['rows']} token rows, top-{top_n} with residual, {path}")
+
+
 @cli.command("job-script")
 @CONFIG
 @OVERRIDES
