@@ -23,6 +23,7 @@ from pipeline.encodings import Encoding, encoding_from_config
 from pipeline.ensemble import TeacherRef, normalized_weights, teacher_identity, teacher_refs
 from pipeline.lm import output_width
 from pipeline.models import resolve_device
+from pipeline.views import ViewSpec, check_images
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Context:
     encoding: Encoding
     device: torch.device
     precision: str  # fp32 | bf16 | fp16: the teachers' compute dtype
+    views: ViewSpec | None = None  # cache.views > 0: each row is one augmented view
 
     @property
     def token_rows(self) -> bool:
@@ -68,7 +70,12 @@ def context(cfg: Config) -> Context:
                                vocab_fingerprint=splits.vocab)
     if not enc.retemperable:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
-    return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision)
+    views = None
+    if c.views > 0:  # only then: caches without views keep their ids
+        check_images(splits.input_shape, "cache.views")
+        views = ViewSpec(c.views, cfg.augment, cfg.seed)
+        spec["views"] = views.to_json()
+    return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision, views)
 
 
 def _identity(ref: TeacherRef, num_classes: int) -> dict[str, Any]:
