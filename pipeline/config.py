@@ -129,6 +129,11 @@ class AugmentConfig:
     cutmix_prob: float = 0.0  # probability a view gets a box pasted from a partner (needs cache.views > 0)
     cutmix_alpha: float = 1.0
 
+    @property
+    def active(self) -> bool:
+        """Whether any pixel changes (an inactive spec gives N copies of the image)."""
+        return self.crop != "none" or self.translate > 0 or self.flip > 0 or self.mixup_prob > 0 or self.cutmix_prob > 0
+
 
 def _default_students() -> tuple[ModelSpec, ...]:
     return (
@@ -630,7 +635,7 @@ def _validate_views(cfg: Config) -> list[str]:
     elif n > 0:
         if cfg.data.task == "lm":
             e.append("cache.views: augmented views apply to data.task classify (image inputs)")
-        if a == AugmentConfig():
+        if not a.active:
             e.append(f"cache.views: {n} views of an unaugmented image are {n} identical copies; "
                      "set augment.crop, augment.flip, augment.translate or mixup/cutmix")
         for key in ("rows_per_shard", "chunk_rows"):

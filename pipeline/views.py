@@ -60,11 +60,6 @@ class ViewSpec:
         return ViewSpec(int(d["count"]), AugmentConfig(**aug), int(d["seed"]))
 
 
-def active(aug: AugmentConfig) -> bool:
-    """Whether the spec changes any pixel (an identity spec gives N copies of the image)."""
-    return aug.crop != "none" or aug.translate > 0 or aug.flip > 0 or aug.mixup_prob > 0 or aug.cutmix_prob > 0
-
-
 def mixes(aug: AugmentConfig) -> bool:
     return aug.mixup_prob > 0 or aug.cutmix_prob > 0
 

@@ -75,7 +75,7 @@ def augmentation(cfg: Config, reader: fmt.CacheReader) -> tuple[vw.ViewSpec | No
     spec = reader.manifest["spec"]
     if "views" in spec:
         return vw.ViewSpec.from_json(spec["views"]), None
-    if cfg.data.task == "classify" and vw.active(cfg.augment):
+    if cfg.data.task == "classify" and cfg.augment.active:
         return None, cfg.augment
     return None, None
 
