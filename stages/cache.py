@@ -9,7 +9,9 @@ fingerprint, each teacher's spec and checkpoint hash, ensemble mode and weights,
 encoding, the teachers' device type and precision, format version) plus the shard layout. Same inputs, same id: a complete cache is found
 and nothing runs. The plan splits the transfer set into fixed row ranges (cache.rows_per_shard),
 never by worker count; shards already on disk are skipped, so a rerun after a crash redoes only
-the missing ones. On a GPU the teachers run under bf16 autocast by default (cache.precision) and the
+the missing ones. With cache.views = N a row is one augmented view: a shard holds all N views of
+its samples (sample-major), their parameters drawn per (seed, sample_id, view) and stored beside
+the targets, the teachers run on the rendered views (pipeline/views.py). On a GPU the teachers run under bf16 autocast by default (cache.precision) and the
 encoding runs on the device; writing a shard overlaps computing the next.
 """
 
