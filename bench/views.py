@@ -5,7 +5,7 @@ fresh views); plus bytes per view for each encoding, bytes per view at 1,000 cla
 top-10 (generated logits, parameters of 224x224 views), and cache write time per view against per
 image, all in one run.
 
-    .venv/bin/python bench/views.py [--seeds 3] [--epochs 40]
+    .venv/bin/python bench/views.py [--seeds 3] [--epochs 15]
 
 Teachers and students are configs/views.yaml's (an MLP and a CNN teacher; an MLP student with 100
 hidden units, alpha 0.1, T 4). The accuracy comparison uses its geometric augmentation only
@@ -139,7 +139,7 @@ def bytes_1000_classes(ws: Path, samples: int, views: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=15)
     args = ap.parse_args()
     started = time.perf_counter()
     ws = workdir("views")
