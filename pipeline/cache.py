@@ -51,14 +51,37 @@ ROW_COLUMNS = {
     "position": Column("position", ("row",), "position of the token within its sequence; rows of a sequence are "
                        "contiguous"),
 }
+# augmented views (cache.views > 0; pipeline/views.py draws and replays them); a cache stores the
+# ones its augmentation uses, after sample_id
+VIEW_COLUMNS = {
+    "view": Column("view", ("row",), "uint16 index of this augmented view of the sample; a sample's views are "
+                   "contiguous rows in view order"),
+    "box": Column("box", ("row", "box"), "top, left, height, width of the source region in the image zero-padded "
+                  "by the spec's pad, resized bilinearly to the image size, (rows, 4)"),
+    "flip": Column("flip", ("row",), "1 when the view is flipped horizontally (after the crop)"),
+    "partner": Column("partner", ("row",), "int64 sample id mixed into this view by mixup/cutmix, -1 when none"),
+    "lam": Column("lam", ("row",), "float16 weight of the sample's own image/label in a mixed view (1 when none)"),
+    "cut": Column("cut", ("row", "box"), "cutmix: top, left, height, width of the region taken from the partner "
+                  "(height 0 when none), (rows, 4)"),
+}
 OFFSETS = Column("offsets", ("sequence",), "first row of each sequence in this shard, plus the row count, "
                  "(sequences + 1,)")
 
 
-def stored_columns(enc: Encoding, token_rows: bool) -> list[Column]:
-    """Every per-row column of a shard, in order: sample_id (and position for tokens), then targets."""
+def stored_columns(enc: Encoding, token_rows: bool, view_names: list[str] | tuple[str, ...] = ()) -> list[Column]:
+    """Every per-row column of a shard, in order: sample_id (and position for tokens), the view
+    columns named, then targets."""
     base = [ROW_COLUMNS["sample_id"], ROW_COLUMNS["position"]] if token_rows else [ROW_COLUMNS["sample_id"]]
-    return base + enc.columns()
+    return base + [VIEW_COLUMNS[n] for n in view_names] + enc.columns()
+
+
+def view_column_names(spec: dict[str, Any]) -> list[str]:
+    """The view columns of a cache with this spec (none without views)."""
+    if "views" not in spec:
+        return []
+    from pipeline.views import ViewSpec, column_names
+
+    return column_names(ViewSpec.from_json(spec["views"]).augment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +103,7 @@ def target_id(spec: dict[str, Any]) -> str:
 
 def planned(spec: dict[str, Any]) -> tuple[int, int]:
     """(shards, rows) of a cache's plan; language-model rows are tokens, shards hold whole sequences."""
-    per_item = spec["dataset"].get("seq_len", 1)
+    per_item = spec["dataset"].get("seq_len") or spec.get("views", {}).get("count", 1)
     items, per_shard = spec["dataset"]["rows"], spec["layout"]["rows_per_shard"] // per_item
     return -(-items // per_shard), items * per_item
 
@@ -104,7 +127,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
     encoding's columns as `enc.to_host` returns them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = stored_columns(enc, "position" in arrays)
+    columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays])
     tmp = tmp_name(path)
     try:
         if path.suffix == ".zarr":
@@ -334,7 +357,7 @@ class CacheReader:
         spec = manifest["spec"]
         self.encoding: Encoding = encoding_from_spec(spec)
         self.token_rows = "seq_len" in spec["dataset"]
-        self.names = [c.name for c in stored_columns(self.encoding, self.token_rows)]
+        self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, view_column_names(spec))]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self._handles: dict[int, Any] = {}
@@ -414,7 +437,7 @@ class CacheReader:
         return self._decode(out)
 
     def _decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = {name: stored[name] for name in ROW_COLUMNS if name in stored}
+        rows = {name: stored[name] for name in (*ROW_COLUMNS, *VIEW_COLUMNS) if name in stored}
         return {**rows, **self.encoding.decode(stored)}
 
     def read_many(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:

@@ -110,6 +110,29 @@ class CacheConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int = 3  # zstd
+    views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation of image inputs: the cache's views (cache.views > 0) and, for a cache without
+    views, the student's online augmentation. See pipeline/views.py."""
+
+    crop: Literal["none", "resized", "padded"] = "none"  # resized: RandomResizedCrop; padded: RandomCrop(padding)
+    scale: tuple[float, ...] = (0.08, 1.0)  # resized: range of the box's area over the image's
+    ratio: tuple[float, ...] = (0.75, 4.0 / 3.0)  # resized: range of the box's width / height
+    padding: int = 0  # padded: zero padding on each side (a shift by -padding..padding pixels)
+    translate: int = 0  # any crop: a further shift by -translate..translate pixels on each axis, zero fill
+    flip: float = 0.0  # probability of a horizontal flip
+    mixup_prob: float = 0.0  # probability a view is mixed with a partner sample (needs cache.views > 0)
+    mixup_alpha: float = 0.2  # lambda ~ Beta(alpha, alpha)
+    cutmix_prob: float = 0.0  # probability a view gets a box pasted from a partner (needs cache.views > 0)
+    cutmix_alpha: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        """Whether any pixel changes (an inactive spec gives N copies of the image)."""
+        return self.crop != "none" or self.translate > 0 or self.flip > 0 or self.mixup_prob > 0 or self.cutmix_prob > 0
 
 
 def _default_students() -> tuple[ModelSpec, ...]:
@@ -184,6 +207,7 @@ class Config:
     data: DataConfig = DataConfig()
     teachers: TeachersConfig = TeachersConfig()
     cache: CacheConfig = CacheConfig()
+    augment: AugmentConfig = AugmentConfig()
     student: StudentConfig = StudentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -567,6 +591,7 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"student.lr: {s.lr} must be > 0")
     if s.weight_decay < 0 or s.momentum < 0:
         e.append("student: weight_decay and momentum must be >= 0")
+    e.extend(_validate_views(cfg))
     k = cfg.cluster
     if k.kind == "address" and not k.address:
         e.append("cluster.address: kind=address needs a scheduler address, e.g. tcp://host:8786")
@@ -582,6 +607,44 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"run_name: {cfg.run_name!r} must be a plain directory name (not '.', '..', or with '/')")
     if not cfg.workspace:
         e.append("workspace: must be a directory path")
+    return e
+
+
+def _validate_views(cfg: Config) -> list[str]:
+    e: list[str] = []
+    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
+    for key in ("scale", "ratio"):
+        pair = getattr(a, key)
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key == "scale" and pair[1] > 1):
+            bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
+            e.append(f"augment.{key}: {list(pair)} must be two numbers [low, high] with {bound}")
+    if a.padding < 0 or a.translate < 0 or a.padding > 64 or a.translate > 64:
+        e.append("augment: padding and translate must be pixel counts in 0..64")
+    if a.crop == "padded" and a.padding == 0:
+        e.append("augment.padding: crop padded needs padding >= 1 (pixels of shift each way)")
+    for key in ("flip", "mixup_prob", "cutmix_prob"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            e.append(f"augment.{key}: {getattr(a, key)} must be a probability in [0, 1]")
+    if a.mixup_prob + a.cutmix_prob > 1.0:
+        e.append("augment: mixup_prob + cutmix_prob must be <= 1 (a view is mixed one way at most)")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(a, key) <= 0:
+            e.append(f"augment.{key}: must be > 0")
+    if not 0 <= n <= 65535:
+        e.append(f"cache.views: {n} must be in 0..65535 (view indices are stored as uint16)")
+    elif n > 0:
+        if cfg.data.task == "lm":
+            e.append("cache.views: augmented views apply to data.task classify (image inputs)")
+        if not a.active:
+            e.append(f"cache.views: {n} views of an unaugmented image are {n} identical copies; "
+                     "set augment.crop, augment.flip, augment.translate or mixup/cutmix")
+        for key in ("rows_per_shard", "chunk_rows"):
+            if getattr(c, key) % n:
+                e.append(f"cache.{key}: {getattr(c, key)} must be a multiple of cache.views={n} "
+                         "(a sample's views are contiguous rows and never straddle chunks)")
+    elif a.mixup_prob > 0 or a.cutmix_prob > 0:
+        e.append("augment: mixup/cutmix need cache.views >= 1 (the teachers must see the mixed images; "
+                 "a cache of plain images has no targets for them)")
     return e
 
 

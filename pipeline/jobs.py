@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import cache as fmt
-from pipeline.config import GRID_KEYS, Config, ModelSpec, non_default
+from pipeline.config import GRID_KEYS, Config, ModelSpec, non_default, to_dict
 from pipeline.errors import ModelError
 from pipeline.io import sha256_file
 from pipeline.spec import find_cache
+from pipeline.views import augmentation
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,19 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
     epochs (temperature and alpha do not change it), so inserting a grid value never retrains it."""
     s, v = cfg.student, variants(cfg)[shard.model]
     m = v.spec
+    online = augmentation(cfg, reader.manifest["spec"])[1]
     common = {"seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
-              "epochs": m.epochs or s.epochs, "lr": m.lr or s.lr, "batch_size": s.batch_size,
+              "epochs": s.epochs if m.epochs is None else m.epochs, "lr": s.lr if m.lr is None else m.lr,
+              "batch_size": s.batch_size,
               "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
               "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
-              **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {})}
+              **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
+              **({"augment": to_dict(online)} if online is not None else {})}
     if shard.kind == "hard":
         twin = dataclasses.replace(m, name=v.hard_name, temperature=None, alpha=None)
         return {"model": non_default(twin), **common, "temperature": reader.temperature, "alpha": 1.0}
-    return {"model": non_default(m), **common, "temperature": m.temperature or s.temperature or reader.temperature,
+    temperature = m.temperature if m.temperature is not None else s.temperature
+    return {"model": non_default(m), **common, "temperature": reader.temperature if temperature is None else temperature,
             "alpha": m.alpha if m.alpha is not None else s.alpha}
 
 

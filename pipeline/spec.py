@@ -34,6 +34,7 @@ from pipeline.io import atomic_write_json, hash_json
 from pipeline.lm import output_width
 from pipeline.models import resolve_device
 from pipeline.progress import log
+from pipeline.views import ViewSpec, check_images
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Context:
     precision: str  # fp32 | bf16 | fp16: the teachers' compute dtype
     teacher_files: tuple[tuple[str, int, int, int], ...] | None = None  # (path, size, mtime_ns, inode)
     # of each file hashed into the spec, unchanged while hashing; None if one changed meanwhile
+    views: ViewSpec | None = None  # cache.views > 0: each row is one augmented view
 
     @property
     def token_rows(self) -> bool:
@@ -82,9 +84,14 @@ def context(cfg: Config) -> Context:
                                vocab_fingerprint=splits.vocab)
     if not enc.retemperable:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
+    views = None
+    if c.views > 0:  # only then: caches without views keep their ids
+        check_images(splits.input_shape, "cache.views")
+        views = ViewSpec(c.views, cfg.augment, cfg.seed)
+        spec["views"] = views.to_json()
     files = _file_stats(_teacher_files(refs))
     return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision,
-                   files if files == files_before else None)
+                   teacher_files=files if files == files_before else None, views=views)
 
 
 

@@ -9,7 +9,9 @@ fingerprint, each teacher's spec and checkpoint hash, ensemble mode and weights,
 encoding, the teachers' device type and precision, format version) plus the shard layout. Same inputs, same id: a complete cache is found
 and nothing runs. The plan splits the transfer set into fixed row ranges (cache.rows_per_shard),
 never by worker count; shards already on disk are skipped, so a rerun after a crash redoes only
-the missing ones. On a GPU the teachers run under bf16 autocast by default (cache.precision) and the
+the missing ones. With cache.views = N a row is one augmented view: a shard holds all N views of
+its samples (sample-major), their parameters drawn per (seed, sample_id, view) and stored beside
+the targets, the teachers run on the rendered views (pipeline/views.py). On a GPU the teachers run under bf16 autocast by default (cache.precision) and the
 encoding runs on the device; writing a shard overlaps computing the next.
 """
 
@@ -33,6 +35,7 @@ from pipeline.fanout import expected_workers, run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text, check_writable
 from pipeline.spec import Context, context, record
 from pipeline.progress import bar, log
+from pipeline.views import draw, render_rows
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,10 @@ class ShardResult:
 
 
 def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:
-    """Fixed ranges of cache.rows_per_shard rows (for language models: whole sequences)."""
+    """Fixed ranges of cache.rows_per_shard rows (for language models: whole sequences; with views:
+    whole samples, each with all its views)."""
     ctx = ctx or context(cfg)
-    per_item = cfg.data.seq_len if ctx.token_rows else 1
+    per_item = cfg.data.seq_len if ctx.token_rows else ctx.views.count if ctx.views else 1
     n, step = len(ctx.splits.transfer), cfg.cache.rows_per_shard // per_item
     return [Shard(i, start, min(start + step, n), per_item) for i, start in enumerate(range(0, n, step))]
 
@@ -78,36 +82,63 @@ def _autocast(ctx: Context) -> Any:
 
 def compute_shard(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
     """Run the ensemble over the shard's rows; returns the stored columns on the host."""
+    if ctx.views is not None:
+        return _compute_views(ctx, shard, models)
+    x = ctx.splits.transfer.x[shard.start:shard.stop]
+    ids = ctx.splits.transfer.ids[shard.start:shard.stop]
+    if ctx.token_rows:
+        x = x[:, :-1]  # read seq_len tokens, predict the next at each position
+    b = ctx.cfg.cache.batch_size
+    out = _encode(ctx, shard, models, ((torch.from_numpy(x[i:i + b]), ids[i:i + b]) for i in range(0, len(x), b)))
+    if ctx.token_rows:
+        L = x.shape[1]
+        out["sample_id"] = np.repeat(ids, L)
+        out["position"] = np.tile(np.arange(L, dtype=np.int16), len(x))
+        out["offsets"] = np.arange(0, (len(x) + 1) * L, L, dtype=np.int64)
+    else:
+        out["sample_id"] = ids
+    return out
+
+
+def _compute_views(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """Every view of the shard's samples, sample-major (row = sample * N + view): parameters drawn
+    per (seed, sample_id, view), pixels rendered from the stored parameters on the host (the exact
+    function the student replays), teachers batched across views."""
+    transfer, v = ctx.splits.transfer, ctx.views
+    assert v is not None
+    ids = transfer.ids[shard.start:shard.stop]
+    rows = {"sample_id": np.repeat(ids, v.count), "view": np.tile(np.arange(v.count, dtype=np.uint16), len(ids))}
+    rows.update(draw(v.augment, v.seed, rows["sample_id"], rows["view"], transfer.x.shape[2:], transfer.ids))
+    b = ctx.cfg.cache.batch_size
+
+    def batches() -> Any:
+        for i in range(0, len(rows["sample_id"]), b):
+            part = {k: a[i:i + b] for k, a in rows.items()}
+            yield render_rows(transfer, part, v.augment), part["sample_id"]
+
+    return {**rows, **_encode(ctx, shard, models, batches())}
+
+
+def _encode(ctx: Context, shard: Shard, models: list[torch.nn.Module], batches: Any) -> dict[str, np.ndarray]:
+    """The encoded ensemble targets of (inputs, sample ids) batches, concatenated on the host."""
     cfg = ctx.cfg
     names = [m.name for m in cfg.teachers.members]
     weights = normalized_weights(cfg)
-    x = ctx.splits.transfer.x[shard.start:shard.stop]
-    ids = torch.from_numpy(ctx.splits.transfer.ids[shard.start:shard.stop])
-    if ctx.token_rows:
-        x = x[:, :-1]  # read seq_len tokens, predict the next at each position
     gen = None
     if not ctx.encoding.retemperable:  # seeded per shard: reruns draw the same ids, byte for byte
         gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + shard.index)
     parts: list[dict[str, np.ndarray]] = []
     with torch.inference_mode():
-        for b in range(0, len(x), cfg.cache.batch_size):
-            xb = torch.from_numpy(x[b:b + cfg.cache.batch_size]).to(ctx.device, non_blocking=True)
+        for xb, ids in batches:
+            xb = xb.to(ctx.device, non_blocking=True)
             with _autocast(ctx):
                 logits = [m(xb) for m in models]  # each (B, C), or (B, L, V) for language models
             for name, z in zip(names, logits):
-                check_finite(z.reshape(len(xb), -1), name, ids[b:b + len(xb)])
+                check_finite(z.reshape(len(xb), -1), name, torch.from_numpy(ids))
             logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # fp32
             logp = logp.reshape(-1, logp.shape[-1])  # token rows (B * L, V), sequence-major
             parts.append(ctx.encoding.to_host(ctx.encoding.encode(logp, gen)))
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if ctx.token_rows:
-        L = x.shape[1]
-        out["sample_id"] = np.repeat(ids.numpy(), L)
-        out["position"] = np.tile(np.arange(L, dtype=np.int16), len(x))
-        out["offsets"] = np.arange(0, (len(x) + 1) * L, L, dtype=np.int64)
-    else:
-        out["sample_id"] = ids.numpy()
-    return out
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardResult:
@@ -120,6 +151,8 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardRes
     }
     if ctx.token_rows:
         attrs.update(seq_len=cfg.data.seq_len, vocab_fingerprint=ctx.splits.vocab)
+    if ctx.views is not None:
+        attrs["views"] = ctx.spec["views"]
     fmt.write_shard(shard_path(ctx, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
                     cfg.cache.compression_level)
     return ShardResult(shard.index, shard.rows, skipped=False)
@@ -166,6 +199,9 @@ def finalize(ctx: Context) -> dict[str, Any]:
         "temperature": cfg.teachers.temperature, "teachers": [t["name"] for t in ctx.spec["teachers"]],
         "ensemble": cfg.teachers.ensemble, "dataset": ctx.spec["dataset"],
     }
+    if ctx.views is not None:  # a row is a view
+        extra["views"] = ctx.spec["views"]
+        extra["bytes_per_view"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
     if ctx.token_rows:  # a row is a token
         extra["bytes_per_token"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
     return fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)

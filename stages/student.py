@@ -4,6 +4,12 @@
     logitcache student configs/demo.yaml student.temperature=2 student.alpha=0.5
     logitcache student configs/demo.yaml student.cache=3f9a2c     # any cache id or directory
 
+With a views cache (cache.views > 0) every epoch trains on one view per sample, a seeded choice
+that cycles through all N views every N epochs; the view's pixels are rebuilt from the parameters
+stored in the cache (the function the cache stage rendered them with) and its targets are that
+view's. With a cache of plain images and an `augment:` section, views are drawn online per
+(seed, sample, epoch) and the targets are the plain image's.
+
 One shard per (model, seed, kind): kind "kd" learns from the cached soft targets mixed with hard
 labels by alpha; kind "hard" (student.baseline) is the same model on hard labels only, fed the same
 batches in the same order, for comparison. Each job writes <run>/students/<job>/: checkpoint.pt
@@ -28,7 +34,8 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline import losses, metrics
-from pipeline.config import Config, dump_yaml
+from pipeline import views as vw
+from pipeline.config import AugmentConfig, Config, dump_yaml
 from pipeline.data import Splits, load_splits
 from pipeline.errors import CacheError, ConfigError, LogitcacheError
 from pipeline.fanout import run_all, task_share
@@ -53,6 +60,30 @@ class ShardResult:
     job: str
     skipped: bool
     final_accuracy: float
+
+
+def classify_inputs(batch: dict[str, np.ndarray], transfer: Any, cached: vw.ViewSpec | None,
+                    online: AugmentConfig | None, seed: int, epoch: int, num_classes: int, where: Any,
+                    ) -> tuple[dict[str, np.ndarray], torch.Tensor, torch.Tensor | None]:
+    """(the batch's rows that train, their inputs (n, *input_shape), their labels: (n,) class ids,
+    (n, C) distributions for mixed views, or None without labels).
+
+    A views cache's batch holds whole samples (N rows each): each sample's chosen view is kept and
+    its pixels rebuilt from the stored parameters."""
+    if cached is not None:
+        batch = vw.take_chosen(batch, cached.count, seed, epoch, where)
+        x = vw.render_rows(transfer, batch, cached.augment)
+        mixed = vw.soft_labels(batch, transfer, num_classes, "cpu")
+        if mixed is not None:
+            return batch, x, mixed
+    elif online is not None:
+        ids = batch["sample_id"]
+        params = vw.draw(online, seed, ids, np.full(len(ids), epoch), transfer.x.shape[2:])
+        x = vw.render_rows(transfer, {"sample_id": ids, **params}, online)
+    else:
+        x = torch.from_numpy(transfer.x[transfer.positions(batch["sample_id"])])
+    labels = torch.from_numpy(transfer.y[transfer.positions(batch["sample_id"])]) if transfer.y is not None else None
+    return batch, x, labels
 
 
 def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
@@ -182,7 +213,10 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
         return m, _optimizer(cfg, m.parameters(), st["lr"])
 
     model, opt = fresh()
-    per_item = cfg.data.seq_len if lm else 1
+    cached, online = vw.augmentation(cfg, reader.manifest["spec"])
+    if online is not None:
+        vw.check_images(splits.input_shape, "augment")
+    per_item = cfg.data.seq_len if lm else cached.count if cached else 1
     loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"], per_item)
     transfer = splits.transfer
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
@@ -232,13 +266,13 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     model.train()
     while state["epoch"] < st["epochs"]:
         for batch in loader.batches(state["epoch"], start=state["batch"]):
-            pos = transfer.positions(batch["sample_id"][::per_item])
             if lm:
+                pos = transfer.positions(batch["sample_id"][::per_item])
                 loss = lm_batch_loss(model, batch, transfer.x[pos], st, reader, per_item)
             else:
-                x = torch.from_numpy(transfer.x[pos]).to(dev)
-                labels = torch.from_numpy(transfer.y[pos]).to(dev) if transfer.y is not None else None
-                loss = batch_loss(model(x), batch, labels, st, reader)
+                batch, x, labels = classify_inputs(batch, transfer, cached, online, shard.seed, state["epoch"],
+                                                   reader.num_classes, reader.dir)
+                loss = batch_loss(model(x.to(dev)), batch, labels.to(dev) if labels is not None else None, st, reader)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
