@@ -144,7 +144,7 @@ def test_views_cache_replays_exact_pixels_and_reruns_byte_identical(tmp_path):
 
     # the student's path: chunk-shuffled whole samples, one chosen view each, replayed from the cache
     reader = fmt.CacheReader(d)
-    cached, online = student_stage.augmentation(cfg, reader)
+    cached, online = vw.augmentation(cfg, reader.manifest["spec"])
     assert cached is not None and online is None
     loader = ChunkShuffleLoader(reader, 50, seed=3, shuffle_chunks=2, rows_per_item=cached.count)
     checked, mixed = 0, 0
