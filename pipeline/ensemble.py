@@ -11,7 +11,7 @@ from torch import nn
 from pipeline.config import Config, ModelSpec
 from pipeline.data import Splits
 from pipeline.errors import ModelError
-from pipeline.io import hash_json, sha256_file, sha256_tree
+from pipeline.io import file_digest, hash_json, tree_digest
 from pipeline.models import build_model, first_line, import_factory, load_state
 
 TEACHER_FORMAT = 1
@@ -95,7 +95,7 @@ def teacher_identity(ref: TeacherRef) -> dict:
                              "run `logitcache teachers CONFIG` first")
         raise ModelError(f"{ref.where}.{field}: {ref.checkpoint} does not exist; give the teacher's "
                          + ("model directory" if field == "path" else "state_dict file (torch.save)"))
-    digest = sha256_tree(ref.checkpoint)[0] if ref.checkpoint.is_dir() else sha256_file(ref.checkpoint)
+    digest = tree_digest(ref.checkpoint)[0] if ref.checkpoint.is_dir() else file_digest(ref.checkpoint)
     identity = {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest}
     if ref.spec.arch == "import":
         identity["code_sha256"] = factory_source_sha256(ref.spec, f"{ref.where}.factory")
@@ -127,7 +127,7 @@ def factory_source_sha256(spec: ModelSpec, where: str) -> str:
     if source is None or not source.is_file():
         raise ModelError(f"{where}: cannot find the source file of {spec.factory!r} to put in the cache id; "
                          "define the factory in a .py module")
-    return sha256_file(source)
+    return file_digest(source)
 
 
 def normalized_weights(cfg: Config) -> list[float]:
