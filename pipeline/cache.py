@@ -213,10 +213,46 @@ class Chunk:
     stop: int
 
 
-class CacheReader:
-    """Read a complete cache chunk by chunk; chunks are the unit of shuffling and I/O."""
+class HandleLRU:
+    """At most `capacity` open shard handles, least recently used dropped first (a dropped handle
+    closes its file once no reader still holds it), so a cache of any shard count reads under the
+    common `ulimit -n`. Callers hold the reader's lock."""
 
-    def __init__(self, cache_dir: Path, verify: bool = False) -> None:
+    def __init__(self, capacity: int) -> None:
+        from collections import OrderedDict
+
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict[int, Any] = OrderedDict()
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._items
+
+    def __getitem__(self, key: int) -> Any:
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def __setitem__(self, key: int, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def default_max_open() -> int:
+    import os
+
+    return int(os.environ.get("LOGITCACHE_MAX_OPEN_SHARDS", "64"))
+
+
+class CacheReader:
+    """Read a complete cache chunk by chunk; chunks are the unit of shuffling and I/O.
+
+    At most `max_open` shard files are open at once (LOGITCACHE_MAX_OPEN_SHARDS, default 64)."""
+
+    def __init__(self, cache_dir: Path, verify: bool = False, max_open: int | None = None) -> None:
         manifest = read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
@@ -232,7 +268,7 @@ class CacheReader:
         self.names = [c.name for c in stored_columns(self.encoding, self.token_rows)]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
-        self._handles: dict[int, Any] = {}
+        self._handles = HandleLRU(max_open if max_open is not None else default_max_open())
         self._pool: Any = None
         self._lock = threading.Lock()
         self.backend = spec["layout"]["backend"]
