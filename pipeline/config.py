@@ -137,7 +137,7 @@ class StudentConfig:
     tail: Literal["uniform", "bucket"] = "uniform"  # topk: how the residual mass is modelled
     divergence: Literal["forward", "reverse", "jsd"] = "forward"  # forward KL, reverse KL or JSD (sampled: forward only)
     logit_chunk: int = 2048  # lm: token rows whose (rows, vocab) logits are computed at once
-    shuffle_chunks: int = 4  # chunks per shuffle buffer
+    shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
 

@@ -1,9 +1,11 @@
 """Stream a cache in a shuffled but reproducible order, with memory bounded by one shuffle buffer.
 
-Random row reads from a compressed store are ~1000x slower than chunk reads, so the order is:
-shards in random order, chunks in random order within each shard, rows shuffled within a buffer
-of `shuffle_chunks` whole chunks. The order is a pure function of (seed, epoch), so a resumed
-run replays it exactly; resuming at batch b reads nothing before the buffer that holds it.
+Random row reads from a compressed store are ~1000x slower than chunk reads, so the order is: a
+seeded permutation of every chunk of the cache (across all shards: shards are contiguous row
+ranges of the source, so a source sorted by class would otherwise give one-class batches), cut
+into buffers of `shuffle_chunks` whole chunks, rows shuffled within each buffer. The order is a
+pure function of (seed, epoch), so a resumed run replays it exactly; resuming at batch b reads
+nothing before the buffer that holds it.
 """
 
 from __future__ import annotations
@@ -31,13 +33,8 @@ class ChunkShuffleLoader:
         return math.ceil(self.reader.rows / self.batch_size)
 
     def _buffers(self, rng: np.random.Generator) -> list[list[Chunk]]:
-        by_shard: dict[int, list[Chunk]] = {}
-        for c in self.reader.chunks():
-            by_shard.setdefault(c.shard, []).append(c)
-        order: list[Chunk] = []
-        for s in rng.permutation(len(by_shard)):
-            chunks = by_shard[int(s)]
-            order.extend(chunks[int(j)] for j in rng.permutation(len(chunks)))
+        chunks = self.reader.chunks()
+        order = [chunks[int(j)] for j in rng.permutation(len(chunks))]
         n = self.shuffle_chunks
         return [order[i:i + n] for i in range(0, len(order), n)]
 
