@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -42,16 +43,30 @@ class ChunkShuffleLoader:
         """Yield batches `start`, `start + 1`, ... of `epoch`; each a dict of column arrays."""
         rng = np.random.default_rng([self.seed, epoch])
         skip = start * self.batch_size  # rows of the epoch's stream already consumed
-        seen = 0
-        carry: dict[str, np.ndarray] | None = None
-        for buffer in self._buffers(rng):
+        buffers = self._buffers(rng)
+        perms, seen = [], 0
+        for buffer in buffers:  # every permutation drawn, skipped or not, so the order is fixed
             rows = sum(c.stop - c.start for c in buffer)
-            items = rng.permutation(rows // self.per_item)  # drawn even when skipped, so later buffers match
-            perm = (items[:, None] * self.per_item + np.arange(self.per_item)).reshape(-1)
-            if seen + rows <= skip:
-                seen += rows
-                continue
-            parts = self.reader.read_many(buffer)
+            items = rng.permutation(rows // self.per_item)
+            perms.append(((items[:, None] * self.per_item + np.arange(self.per_item)).reshape(-1), rows))
+        first = 0
+        while first < len(buffers) and seen + perms[first][1] <= skip:
+            seen += perms[first][1]
+            first += 1
+        # Once the consumer takes a buffer's first batch, the next buffer is read on a background
+        # thread (memory: at most two buffers). Every read happens on that one thread, so a Parquet
+        # file is never read by two threads at once.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-prefetch") as ahead:
+            yield from self._emit(buffers, perms, first, seen, skip, ahead)
+
+    def _emit(self, buffers: list[list[Chunk]], perms: list[tuple[np.ndarray, int]], first: int, seen: int,
+              skip: int, ahead: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+        carry: dict[str, np.ndarray] | None = None
+        pending: Future | None = None
+        for b in range(first, len(buffers)):
+            parts = (pending or ahead.submit(self.reader.read_many, buffers[b])).result()
+            pending = None
+            perm, rows = perms[b]
             data = {k: np.concatenate([p[k] for p in parts])[perm] for k in parts[0]}
             if seen < skip:
                 data = {k: v[skip - seen:] for k, v in data.items()}
@@ -62,6 +77,8 @@ class ChunkShuffleLoader:
             full = n - n % self.batch_size
             for i in range(0, full, self.batch_size):
                 yield {k: v[i:i + self.batch_size] for k, v in data.items()}
+                if pending is None and b + 1 < len(buffers):
+                    pending = ahead.submit(self.reader.read_many, buffers[b + 1])
             carry = {k: v[full:] for k, v in data.items()} if full < n else None
         if carry is not None:
             yield carry
