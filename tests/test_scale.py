@@ -127,3 +127,21 @@ def test_unusual_zarr_layouts_fall_back_to_zarr(tmp_path):
     got = r.read_all()
     assert np.array_equal(got["sample_id"], np.arange(300))
     assert np.array_equal(got["ids"], enc.decode(arrays)["ids"])
+
+
+def test_progress_without_a_terminal_prints_lines_at_an_interval(monkeypatch, capsys):
+    import time
+
+    from pipeline import progress
+
+    monkeypatch.setenv("LOGITCACHE_PROGRESS_INTERVAL", "0.05")
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    p = progress.bar(1000, "cache abc")
+    for _ in range(4):
+        time.sleep(0.06)
+        p.update(100)
+    p.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 5, lines
+    assert lines[0].startswith("cache abc: 100/1000 rows (10.0%), ") and "rows/s, ETA 0m0" in lines[0]
+    assert lines[-1].startswith("cache abc: 400/1000 rows (40.0%)") and lines[-1].endswith(", done")
