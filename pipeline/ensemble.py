@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,23 @@ def combine(logits: list[torch.Tensor], mode: str, weights: list[float], tempera
     if mode == "mean_probs":
         return torch.logsumexp(logp + torch.log(w), dim=0)
     return torch.log_softmax((logp * w).sum(0), dim=-1)
+
+
+def token_logits(models: list[nn.Module], tokens: torch.Tensor, rows: int) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """Each language model's logits for `tokens` (B, L), `rows` token rows at a time: the trunk runs
+    once per batch, the output projection per chunk, so memory is bounded by rows x vocab, never
+    B x L x vocab. Yields (token rows, sequence-major; each model's logits (rows, V))."""
+    trunks = []
+    for m in models:
+        if callable(getattr(m, "hidden", None)) and isinstance(getattr(m, "head", None), nn.Module):
+            h = m.hidden(tokens)  # (B, L, d)
+            trunks.append((h.reshape(-1, h.shape[-1]), m.head))
+        else:  # no trunk/head split: the whole batch's logits at once (keep its batch small)
+            z = m(tokens)  # (B, L, V)
+            trunks.append((z.reshape(-1, z.shape[-1]), None))
+    n = trunks[0][0].shape[0]
+    for r in range(0, n, rows):
+        yield slice(r, min(r + rows, n)), [h[r:r + rows] if head is None else head(h[r:r + rows]) for h, head in trunks]
 
 
 def check_finite(z: torch.Tensor, name: str, sample_ids: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
-from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs
+from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs, token_logits
 from pipeline.errors import CacheError
 from pipeline.fanout import expected_workers, run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text
@@ -78,34 +78,49 @@ def _autocast(ctx: Context) -> Any:
 
 
 def compute_shard(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
-    """Run the ensemble over the shard's rows; returns the stored columns on the host."""
+    """Run the ensemble over the shard's rows; returns the stored columns on the host.
+
+    Only the shard's rows are read (from a mapped input, its pages are released as it goes). For
+    language models the trunk runs on a batch of sequences and the vocabulary projection, ensemble
+    and encoding run cache.logit_rows token rows at a time: memory never holds batch x seq x vocab."""
     cfg = ctx.cfg
     names = [m.name for m in cfg.teachers.members]
     weights = normalized_weights(cfg)
-    x = ctx.splits.transfer.x[shard.start:shard.stop]
-    ids = torch.from_numpy(ctx.splits.transfer.ids[shard.start:shard.stop])
-    if ctx.token_rows:
-        x = x[:, :-1]  # read seq_len tokens, predict the next at each position
+    transfer = ctx.splits.transfer
+    ids = torch.from_numpy(transfer.ids[shard.start:shard.stop])
+    batch = cfg.cache.batch_size or (8 if ctx.token_rows else 512)
     gen = None
     if not ctx.encoding.retemperable:  # seeded per shard: reruns draw the same ids, byte for byte
         gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + shard.index)
     parts: list[dict[str, np.ndarray]] = []
+    L = 1
     with torch.inference_mode():
-        for b in range(0, len(x), cfg.cache.batch_size):
-            xb = torch.from_numpy(x[b:b + cfg.cache.batch_size]).to(ctx.device, non_blocking=True)
+        for b in range(shard.start, shard.stop, batch):
+            xb_host, _ = transfer.rows(slice(b, min(b + batch, shard.stop)))
+            if ctx.token_rows:
+                xb_host = xb_host[:, :-1]  # read seq_len tokens, predict the next at each position
+                L = xb_host.shape[1]
+            xb = torch.from_numpy(xb_host).to(ctx.device, non_blocking=True)
+            row_ids = ids[b - shard.start:b - shard.start + len(xb)].repeat_interleave(L)
             with _autocast(ctx):
-                logits = [m(xb) for m in models]  # each (B, C), or (B, L, V) for language models
-            for name, z in zip(names, logits):
-                check_finite(z.reshape(len(xb), -1), name, ids[b:b + len(xb)])
-            logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # fp32
-            logp = logp.reshape(-1, logp.shape[-1])  # token rows (B * L, V), sequence-major
-            parts.append(ctx.encoding.to_host(ctx.encoding.encode(logp, gen)))
+                chunks = (token_logits(models, xb, cfg.cache.logit_rows) if ctx.token_rows
+                          else iter([(slice(0, len(xb)), [m(xb) for m in models])]))  # each (rows, C)
+            while True:
+                with _autocast(ctx):  # the teachers' projection under autocast; ensemble and encoding in fp32
+                    item = next(chunks, None)
+                if item is None:
+                    break
+                rows, logits = item
+                for name, z in zip(names, logits):
+                    check_finite(z, name, row_ids[rows])
+                logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # (rows, V)
+                parts.append(ctx.encoding.to_host(ctx.encoding.encode(logp, gen)))
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if ctx.token_rows:
-        L = x.shape[1]
+        n = shard.stop - shard.start
         out["sample_id"] = np.repeat(ids.numpy(), L)
-        out["position"] = np.tile(np.arange(L, dtype=np.int16), len(x))
-        out["offsets"] = np.arange(0, (len(x) + 1) * L, L, dtype=np.int64)
+        out["position"] = np.tile(np.arange(L, dtype=np.int16), n)
+        out["offsets"] = np.arange(0, (n + 1) * L, L, dtype=np.int64)
     else:
         out["sample_id"] = ids.numpy()
     return out
