@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/amortization.py
 	$(PY) bench/kd_gain.py
 	$(PY) bench/fanout.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf data/caches data/runs data/teachers

@@ -182,11 +182,12 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     while state["epoch"] < st["epochs"]:
         for batch in loader.batches(state["epoch"], start=state["batch"]):
             pos = transfer.positions(batch["sample_id"][::per_item])
+            xb, yb = transfer.rows(pos)  # gathered from the (possibly mapped) inputs by sample id
             if lm:
-                loss = lm_batch_loss(model, batch, transfer.x[pos], st, reader, per_item)
+                loss = lm_batch_loss(model, batch, xb, st, reader, per_item)
             else:
-                x = torch.from_numpy(transfer.x[pos]).to(dev)
-                labels = torch.from_numpy(transfer.y[pos]).to(dev) if transfer.y is not None else None
+                x = torch.from_numpy(xb).to(dev)
+                labels = torch.from_numpy(yb).to(dev) if yb is not None else None
                 loss = batch_loss(model(x), batch, labels, st, reader)
             opt.zero_grad(set_to_none=True)
             loss.backward()
