@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/kd_gain.py
 	$(PY) bench/fanout.py
 	$(PY) bench/views.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf data/caches data/runs data/teachers

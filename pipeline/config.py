@@ -106,7 +106,8 @@ class CacheConfig:
     dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
     rows_per_shard: int = 512
     chunk_rows: int = 256  # zarr chunk / Parquet row group; the reader shuffles whole chunks
-    batch_size: int = 512  # teacher forward batch
+    batch_size: int | None = None  # teacher forward batch; None: 512 rows, or 8 sequences for lm
+    logit_rows: int = 2048  # lm: token rows whose (rows, vocab) logits exist at once (teacher, evaluation)
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int = 3  # zstd
@@ -160,7 +161,7 @@ class StudentConfig:
     tail: Literal["uniform", "bucket"] = "uniform"  # topk: how the residual mass is modelled
     divergence: Literal["forward", "reverse", "jsd"] = "forward"  # forward KL, reverse KL or JSD (sampled: forward only)
     logit_chunk: int = 2048  # lm: token rows whose (rows, vocab) logits are computed at once
-    shuffle_chunks: int = 4  # chunks per shuffle buffer
+    shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
 
@@ -530,8 +531,10 @@ def validate(cfg: Config) -> list[str]:
                 e.append(f"{where}.name: {m.name!r} must be non-empty, without '/', and not start with '.'")
     if c.k < 1:
         e.append("cache.k: must be >= 1")
-    if c.rows_per_shard < 1 or c.chunk_rows < 1 or c.batch_size < 1:
+    if c.rows_per_shard < 1 or c.chunk_rows < 1 or (c.batch_size is not None and c.batch_size < 1):
         e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
+    if c.logit_rows < 1:
+        e.append(f"cache.logit_rows: {c.logit_rows} must be >= 1")
     if c.logp_range <= 0:
         e.append("cache.logp_range: must be > 0")
     if not 1 <= c.draws <= 255:

@@ -1,39 +1,161 @@
-"""Datasets: the bundled example (scikit-learn's digits), .npz files and Parquet files.
+"""Datasets: the bundled example (scikit-learn's digits), .npz files, Parquet files and directories
+of .npy arrays.
 
 A Dataset carries `ids` (int64 sample ids) so that cached targets join back to their inputs, and
 a content fingerprint so that a cache made for other data is refused.
+
+A directory of .npy arrays (x.npy, y.npy, optional ids.npy, x_test.npy, y_test.npy, ids_test.npy)
+is the scalable format: its arrays are memory-mapped, never loaded whole; a stage touches only the
+rows it uses (`Dataset.rows`), and pages it has read are handed back to the OS every
+`PAGE_BUDGET` bytes, so resident memory stays flat however large the file. Fingerprints of files are
+computed in one streamed pass and remembered per machine (`pipeline.io.remembered`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+import mmap
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import Config, DataConfig
 from pipeline.errors import DataError
+from pipeline.io import remembered
+
+PAGE_BUDGET = 64 << 20  # bytes of mapped input read before its pages are released
+SCAN_ROWS_BYTES = 16 << 20  # block size of streamed passes over mapped inputs
+
+
+class IdRange:
+    """Sample ids 0..n-1, without storing them: a plain range costs nothing at any size."""
+
+    dtype = np.dtype(np.int64)
+    ndim = 1
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.n,)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            r = range(self.n)[key]
+            return np.arange(r.start, r.stop, r.step, dtype=np.int64)
+        key = np.asarray(key)
+        if key.dtype == bool:
+            return np.flatnonzero(key).astype(np.int64)
+        return np.arange(self.n, dtype=np.int64)[key] if key.ndim == 0 else np.where(key < 0, key + self.n, key).astype(np.int64)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.arange(self.n, dtype=dtype or np.int64)
+
+
+class MappedRows:
+    """Rows of a memory-mapped array read as `dtype` (token ids stored as uint16/uint32, used as int64).
+
+    Indexing returns in-memory arrays; `x[rows, cols]` indexes rows first."""
+
+    def __init__(self, base: np.ndarray, dtype: Any) -> None:
+        self.base = base
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        out = np.array(self.base[key], dtype=self.dtype)
+        if not rest:
+            return out
+        return out[rest] if out.ndim < self.ndim else out[(slice(None), *rest)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.array(self.base, dtype=dtype or self.dtype)
+
+
+def release(arr: Any) -> None:
+    """Hand a memory-mapped array's resident pages back to the OS (they are re-read from the page
+    cache if touched again); a no-op for in-memory arrays."""
+    a = arr.base if isinstance(arr, MappedRows) else arr
+    while a is not None:
+        m = a if isinstance(a, mmap.mmap) else getattr(a, "_mmap", None)
+        if isinstance(m, mmap.mmap):
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError, AttributeError):
+                pass
+            return
+        a = getattr(a, "base", None)
+
+
+def is_mapped(arr: Any) -> bool:
+    a = arr.base if isinstance(arr, MappedRows) else arr
+    while a is not None:
+        if isinstance(a, (mmap.mmap, np.memmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False
 
 
 @dataclass(frozen=True)
 class Dataset:
-    x: np.ndarray  # (N, *input_shape) float32
+    x: Any  # (N, *input_shape) float32 (an ndarray, a memmap, or MappedRows of token ids)
     y: np.ndarray | None  # (N,) int64, or None for unlabelled transfer data
-    ids: np.ndarray  # (N,) int64, unique
+    ids: Any  # (N,) int64, unique: an ndarray, or IdRange when the ids are 0..N-1
     source: str  # where it came from, for messages
+    origin: tuple[tuple[str, ...], str] | None = None  # (files, which rows): keys the remembered fingerprint
+    _touched: list = field(default_factory=lambda: [0], compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Content hash of inputs and ids (labels do not change the teachers' targets)."""
+        """Content hash of inputs and ids (labels do not change the teachers' targets); for data
+        read from files, computed in one streamed pass and remembered per machine."""
+        if self.origin is None:
+            return self._scan()
+        files, which = self.origin
+        return remembered([Path(f) for f in files], f"fingerprint:{which}", self._scan)
+
+    def _scan(self) -> str:
         h = hashlib.sha256()
-        h.update(repr((self.x.shape, str(self.x.dtype))).encode())
-        h.update(np.ascontiguousarray(self.x).tobytes())
-        h.update(np.ascontiguousarray(self.ids, dtype=np.int64).tobytes())
+        x = self.x
+        h.update(repr((tuple(x.shape), str(x.dtype))).encode())
+        row_bytes = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
+        step = max(1, SCAN_ROWS_BYTES // row_bytes)
+        mapped = is_mapped(x)
+        for i in range(0, len(x), step):
+            block = np.ascontiguousarray(x[i:i + step], dtype=x.dtype)
+            if mapped and block.dtype.kind == "f" and not np.isfinite(block).all():
+                raise DataError(f"{self.source}: inputs hold NaN or infinite values (row "
+                                f"{i + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0])}); "
+                                "clean the inputs")
+            h.update(block.tobytes())
+            if mapped:
+                release(x)
+        for i in range(0, len(self.ids), 1 << 20):
+            h.update(np.ascontiguousarray(self.ids[i:i + (1 << 20)], dtype=np.int64).tobytes())
+        release(self.ids)
         return h.hexdigest()[:16]
 
     @functools.cached_property
@@ -42,20 +164,50 @@ class Dataset:
 
     def positions(self, sample_ids: np.ndarray) -> np.ndarray:
         """Row positions of `sample_ids`; raises if any id is not in this dataset."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        if isinstance(self.ids, IdRange):  # ids are row numbers: no index to build
+            bad = (sample_ids < 0) | (sample_ids >= len(self.ids))
+            if bad.any():
+                self._missing(sample_ids[bad])
+            return sample_ids
         order = self._order
         pos = np.searchsorted(self.ids, sample_ids, sorter=order)
         pos = np.clip(pos, 0, len(order) - 1)
         rows = order[pos]
         if not np.array_equal(self.ids[rows], sample_ids):
-            missing = sample_ids[self.ids[rows] != sample_ids][:3].tolist()
-            raise DataError(
-                f"{self.source}: sample ids {missing} of the cache are not in this dataset; "
-                "the cache was made for other data, rerun `logitcache cache`"
-            )
+            self._missing(sample_ids[self.ids[rows] != sample_ids])
         return rows
 
-    def subset(self, mask: np.ndarray) -> Dataset:
-        return Dataset(self.x[mask], None if self.y is None else self.y[mask], self.ids[mask], self.source)
+    def _missing(self, missing: np.ndarray) -> None:
+        raise DataError(
+            f"{self.source}: sample ids {missing[:3].tolist()} of the cache are not in this dataset; "
+            "the cache was made for other data, rerun `logitcache cache`"
+        )
+
+    def rows(self, index: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Inputs (and labels) of the rows at `index` (a slice or positions) as in-memory arrays;
+        a mapped file's pages are released every PAGE_BUDGET bytes read, so memory stays flat."""
+        x = np.array(self.x[index])
+        y = None if self.y is None else np.array(self.y[index], dtype=np.int64)
+        if is_mapped(self.x):
+            page = 4096
+            self._touched[0] += len(x) * max(page, x[:1].nbytes)
+            if self._touched[0] >= PAGE_BUDGET:
+                release(self.x)
+                if self.y is not None:
+                    release(self.y)
+                release(self.ids)
+                self._touched[0] = 0
+        return x, y
+
+    def subset(self, mask: np.ndarray, which: str | None = None) -> Dataset:
+        """The rows where `mask` is true (in memory); `which` names the selection for the
+        remembered fingerprint."""
+        origin = None if self.origin is None or which is None else (self.origin[0], f"{self.origin[1]}|{which}")
+        idx = np.flatnonzero(mask)
+        x = np.asarray(self.x[idx]) if isinstance(self.x, MappedRows) else self.x[idx]
+        ids = self.ids[idx]
+        return Dataset(x, None if self.y is None else np.asarray(self.y[idx]), ids, self.source, origin)
 
 
 @dataclass(frozen=True)
@@ -108,6 +260,8 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
         raise DataError(f"{cfg.source}: too few rows to hold out data.test_fraction={cfg.test_fraction} "
                         "and still train; give more rows or a separate data.test_source")
     num_classes = cfg.num_classes if cfg.num_classes is not None else int(max(train.y.max(), test.y.max())) + 1
+    release(train.y)
+    release(test.y)
     for d in (train, test):
         _check_labels(d, num_classes, explicit=cfg.num_classes is not None)
 
@@ -128,7 +282,8 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
                             f"(classes 0..{num_classes - 1})")
         if transfer.y is None:
             raise DataError(f"data.transfer.exclude_classes: {transfer.source} has no labels to exclude by")
-        transfer = transfer.subset(~np.isin(transfer.y, cfg.transfer.exclude_classes))
+        transfer = transfer.subset(~np.isin(transfer.y, cfg.transfer.exclude_classes),
+                                   f"exclude:{sorted(cfg.transfer.exclude_classes)}")
         if len(transfer) == 0:
             raise DataError("data.transfer.exclude_classes: every transfer row was excluded")
     return Splits(train=train, test=test, transfer=transfer, num_classes=num_classes)
@@ -151,7 +306,8 @@ def _split(d: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Datase
     n_test = max(1, round(len(d) * test_fraction))
     test_mask = np.zeros(len(d), dtype=bool)
     test_mask[perm[:n_test]] = True
-    return d.subset(~test_mask), d.subset(test_mask)
+    which = f"split:{test_fraction}:{seed}"
+    return d.subset(~test_mask, f"{which}:train"), d.subset(test_mask, f"{which}:test")
 
 
 def check_file(path: str, key: str, what: str) -> Path:
@@ -166,8 +322,17 @@ def check_file(path: str, key: str, what: str) -> Path:
     return p
 
 
-def _read(path: str, key: str, cfg: DataConfig, labelled: bool) -> dict[str, np.ndarray]:
-    p = check_file(path, key, "an .npz or .parquet file, or 'digits'")
+NPY_ARRAYS = ("x", "y", "ids", "x_test", "y_test", "ids_test")
+
+
+def _read(path: str, key: str, cfg: DataConfig, labelled: bool) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir() and (p / "x.npy").is_file():
+        return _read_npy_dir(p, key)
+    if p.is_dir():
+        raise DataError(f"{key}: {path} is a directory without x.npy; give an .npz or .parquet file, or a "
+                        "directory of .npy arrays (x.npy, y.npy, optional ids.npy, x_test.npy, y_test.npy)")
+    p = check_file(path, key, "an .npz or .parquet file, a directory of .npy arrays, or 'digits'")
     if p.suffix == ".npz":
         if p.stat().st_size == 0:
             raise DataError(f"{key}: {path} is empty (0 bytes); write it with numpy.savez")
@@ -182,6 +347,23 @@ def _read(path: str, key: str, cfg: DataConfig, labelled: bool) -> dict[str, np.
     if p.suffix in (".parquet", ".pq"):
         return _read_parquet(p, key, cfg, labelled)
     raise DataError(f"{key}: {path} has suffix {p.suffix!r}; use .npz or .parquet")
+
+
+def _read_npy_dir(p: Path, key: str) -> dict[str, Any]:
+    """The .npy arrays of a directory, memory-mapped (read-only); never loaded whole."""
+    out: dict[str, Any] = {"_files": {}}
+    for name in NPY_ARRAYS:
+        f = p / f"{name}.npy"
+        if not f.is_file():
+            continue
+        try:
+            out[name] = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            lines = str(e).strip().splitlines()
+            raise DataError(f"{key}: {f}: cannot map as .npy ({lines[0] if lines else type(e).__name__}); "
+                            "write it with numpy.save") from None
+        out["_files"][name] = str(f)
+    return out
 
 
 def _read_parquet(p: Path, key: str, cfg: DataConfig, labelled: bool) -> dict[str, np.ndarray]:
@@ -234,44 +416,63 @@ def _read_parquet(p: Path, key: str, cfg: DataConfig, labelled: bool) -> dict[st
     return out
 
 
-def _dataset(arrays: dict[str, np.ndarray], xk: str, yk: str, source: str, labelled: bool) -> Dataset:
+def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bool) -> Dataset:
     if xk not in arrays:
         raise DataError(f"{source}: no array {xk!r} (found: {', '.join(sorted(arrays)) or 'none'}); "
                         f"save inputs as {xk!r} and integer labels as {yk!r}")
     if labelled and yk not in arrays:
         raise DataError(f"{source}: no array {yk!r} (found: {', '.join(sorted(arrays))}); "
                         f"save integer labels as {yk!r}")
-    x = np.asarray(arrays[xk])
+    x = arrays[xk]
+    mapped = isinstance(x, np.memmap)
+    x = x if mapped else np.asarray(x)
     if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{source}: {xk!r} must be a numeric array of shape (N, features...), got {x.dtype} {x.shape}")
     if x.size == 0:
         raise DataError(f"{source}: {xk!r} is empty (shape {x.shape}); give at least one row of features")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
+    if x.dtype != np.float32:  # a mapped file of another dtype is converted in memory: store float32
+        x = x.astype(np.float32)
+        mapped = False
+    if not mapped and not np.isfinite(x).all():  # mapped inputs are checked by the fingerprint's pass
         raise DataError(f"{source}: {xk!r} holds NaN or infinite values; clean the inputs")
     y = None
     if yk in arrays:
-        y_raw = np.asarray(arrays[yk])
+        y_raw = arrays[yk] if isinstance(arrays[yk], np.memmap) else np.asarray(arrays[yk])
         if y_raw.shape != (len(x),):
             raise DataError(f"{source}: {yk!r} has shape {y_raw.shape}, expected ({len(x)},) to match {xk!r}")
         whole = np.issubdtype(y_raw.dtype, np.floating) and bool(np.isfinite(y_raw).all()) \
             and bool(np.all(y_raw == np.round(y_raw)))
         if not np.issubdtype(y_raw.dtype, np.integer) and not whole:
             raise DataError(f"{source}: {yk!r} must hold integer class labels, got {y_raw.dtype}")
-        y = y_raw.astype(np.int64)
+        y = y_raw if y_raw.dtype == np.int64 else y_raw.astype(np.int64)
     ids_key = "ids" if xk == "x" else "ids_test"
     if ids_key in arrays:
         ids = np.asarray(arrays[ids_key]).astype(np.int64)
         if ids.shape != (len(x),) or len(np.unique(ids)) != len(ids):
             raise DataError(f"{source}: {ids_key!r} must be {len(x)} unique integers")
     else:
-        ids = np.arange(len(x), dtype=np.int64)
-    return Dataset(x, y, ids, source)
+        ids = IdRange(len(x))
+    files = arrays.get("_files")
+    if files:  # mapped: the fingerprint pass (which also checks the inputs) is remembered per machine
+        origin = (tuple(files[k] for k in (xk, ids_key) if k in files), xk)
+        ds = Dataset(x, y, ids, source, origin)
+        ds.fingerprint  # noqa: B018  checks the inputs now, not in the middle of a stage
+        return ds
+    return Dataset(x, y, ids, source, _origin(source, xk))
+
+
+def _origin(source: str, key: str) -> tuple[tuple[str, ...], str] | None:
+    """A file source's (files, which rows): its fingerprint is then remembered per machine."""
+    return ((str(Path(source)),), key) if source != "digits" and Path(source).is_file() else None
 
 
 def _check_labels(d: Dataset, num_classes: int, explicit: bool) -> None:
     assert d.y is not None
-    bad = (d.y < 0) | (d.y >= num_classes)
-    if bad.any():
-        hint = "fix the labels or data.num_classes" if explicit else "labels must be 0..C-1"
-        raise DataError(f"{d.source}: label {int(d.y[bad][0])} outside [0, {num_classes}); {hint}")
+    step = 1 << 22
+    for i in range(0, len(d.y), step):  # by blocks: labels may be a mapped file
+        block = np.asarray(d.y[i:i + step])
+        bad = (block < 0) | (block >= num_classes)
+        if bad.any():
+            hint = "fix the labels or data.num_classes" if explicit else "labels must be 0..C-1"
+            raise DataError(f"{d.source}: label {int(block[bad][0])} outside [0, {num_classes}); {hint}")
+    release(d.y)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import nn
 from pipeline.config import Config, ModelSpec
 from pipeline.data import Splits
 from pipeline.errors import ModelError
-from pipeline.io import hash_json, sha256_file, sha256_tree
+from pipeline.io import file_digest, hash_json, tree_digest
 from pipeline.models import build_model, first_line, import_factory, load_state
 
 TEACHER_FORMAT = 1
@@ -95,7 +96,7 @@ def teacher_identity(ref: TeacherRef) -> dict:
                              "run `logitcache teachers CONFIG` first")
         raise ModelError(f"{ref.where}.{field}: {ref.checkpoint} does not exist; give the teacher's "
                          + ("model directory" if field == "path" else "state_dict file (torch.save)"))
-    digest = sha256_tree(ref.checkpoint)[0] if ref.checkpoint.is_dir() else sha256_file(ref.checkpoint)
+    digest = tree_digest(ref.checkpoint)[0] if ref.checkpoint.is_dir() else file_digest(ref.checkpoint)
     identity = {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest}
     if ref.spec.arch == "import":
         identity["code_sha256"] = factory_source_sha256(ref.spec, f"{ref.where}.factory")
@@ -127,7 +128,7 @@ def factory_source_sha256(spec: ModelSpec, where: str) -> str:
     if source is None or not source.is_file():
         raise ModelError(f"{where}: cannot find the source file of {spec.factory!r} to put in the cache id; "
                          "define the factory in a .py module")
-    return sha256_file(source)
+    return file_digest(source)
 
 
 def normalized_weights(cfg: Config) -> list[float]:
@@ -149,6 +150,23 @@ def combine(logits: list[torch.Tensor], mode: str, weights: list[float], tempera
     if mode == "mean_probs":
         return torch.logsumexp(logp + torch.log(w), dim=0)
     return torch.log_softmax((logp * w).sum(0), dim=-1)
+
+
+def token_logits(models: list[nn.Module], tokens: torch.Tensor, rows: int) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """Each language model's logits for `tokens` (B, L), `rows` token rows at a time: the trunk runs
+    once per batch, the output projection per chunk, so memory is bounded by rows x vocab, never
+    B x L x vocab. Yields (token rows, sequence-major; each model's logits (rows, V))."""
+    trunks = []
+    for m in models:
+        if callable(getattr(m, "hidden", None)) and isinstance(getattr(m, "head", None), nn.Module):
+            h = m.hidden(tokens)  # (B, L, d)
+            trunks.append((h.reshape(-1, h.shape[-1]), m.head))
+        else:  # no trunk/head split: the whole batch's logits at once (keep its batch small)
+            z = m(tokens)  # (B, L, V)
+            trunks.append((z.reshape(-1, z.shape[-1]), None))
+    n = trunks[0][0].shape[0]
+    for r in range(0, n, rows):
+        yield slice(r, min(r + rows, n)), [h[r:r + rows] if head is None else head(h[r:r + rows]) for h, head in trunks]
 
 
 def check_finite(z: torch.Tensor, name: str, sample_ids: torch.Tensor) -> None:

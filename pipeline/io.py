@@ -12,7 +12,11 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,18 +145,22 @@ def sha256_file(path: Path, fsync: bool = False) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(path: Path, fsync: bool = False) -> tuple[str, int]:
+def sha256_tree(path: Path, fsync: bool = False, digest: Callable[[Path], str] | None = None) -> tuple[str, int]:
     """Hash of a file, or of a directory's relative paths and contents; plus total bytes.
 
     With fsync, every file and directory is also flushed to disk as it is hashed: a writer seals a
-    shard it has just written (still in the page cache) in one pass before publishing it."""
+    shard it has just written (still in the page cache) in one pass before publishing it. `digest`
+    replaces the per-file sha256 (e.g. by one remembered per machine)."""
+    if digest is None:
+        def digest(f: Path) -> str:
+            return sha256_file(f, fsync)
     if path.is_file():
-        return sha256_file(path, fsync), path.stat().st_size
+        return digest(path), path.stat().st_size
     h = hashlib.sha256()
     total = 0
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
-        h.update(rel.encode() + b"\0" + sha256_file(f, fsync).encode() + b"\n")
+        h.update(rel.encode() + b"\0" + digest(f).encode() + b"\n")
         total += f.stat().st_size
     if fsync:
         for d in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
@@ -166,6 +174,87 @@ def tree_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Digests remembered per machine: a 10 GB input or a multi-GB checkpoint directory is read once,
+# not once per stage and Dask worker. An entry is keyed by (path, what) and valid only while the
+# file's (size, mtime_ns, inode) are unchanged, so a memo never outlives the file it was made from.
+# The store is one SQLite file (LOGITCACHE_DIGESTS, default ~/.cache/logitcache/digests.sqlite):
+# atomic updates, safe for concurrent processes.
+
+_DB_LOCK = threading.Lock()
+
+
+def digest_db() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "digests.sqlite"
+    return Path(os.environ.get("LOGITCACHE_DIGESTS", default))
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _connect() -> sqlite3.Connection | None:
+    db = digest_db()
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(db, timeout=30, isolation_level=None)
+        con.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, what TEXT, size INTEGER, mtime_ns INTEGER, "
+                    "inode INTEGER, digest TEXT, PRIMARY KEY (path, what))")
+        return con
+    except (OSError, sqlite3.Error):  # a read-only home: hash every time rather than fail
+        return None
+
+
+def remembered(files: list[Path], what: str, compute: Callable[[], str]) -> str:
+    """`compute()`, remembered under `what` while every file in `files` keeps its size, mtime and
+    inode. `what` names the value (e.g. "sha256", or a fingerprint of selected rows)."""
+    key_path = "\0".join(str(Path(f).resolve()) for f in files)
+    stamps = [_stamp(Path(f)) for f in files]
+    size, mtime, inode = (sum(s[0] for s in stamps), hash_json([s[1] for s in stamps]),
+                          hash_json([s[2] for s in stamps])) if len(files) != 1 else stamps[0]
+    with _DB_LOCK:
+        con = _connect()
+        if con is not None:
+            try:
+                row = con.execute("SELECT size, mtime_ns, inode, digest FROM digests WHERE path = ? AND what = ?",
+                                  (key_path, what)).fetchone()
+            except sqlite3.Error:
+                row = None
+            finally:
+                con.close()
+            if row is not None and tuple(row[:3]) == (size, mtime, inode):
+                return str(row[3])
+    value = compute()
+    # not remembered if a file changed while being read, or so recently that a rewrite within the
+    # same mtime tick could go unseen (git's "racy clean" problem)
+    if [_stamp(Path(f)) for f in files] != stamps or any(
+            time.time_ns() - Path(f).stat().st_mtime_ns < 2_000_000_000 for f in files):
+        return value
+    with _DB_LOCK:
+        con = _connect()
+        if con is not None:
+            try:
+                con.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
+                            (key_path, what, size, mtime, inode, value))
+            except sqlite3.Error:
+                pass
+            finally:
+                con.close()
+    return value
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, streamed in 1 MiB blocks and remembered per machine."""
+    path = Path(path)
+    return remembered([path], "sha256", lambda: sha256_file(path))
+
+
+def tree_digest(path: Path) -> tuple[str, int]:
+    """`sha256_tree` of a file or directory, each file's digest remembered per machine."""
+    return sha256_tree(Path(path), digest=file_digest)
 
 
 def hash_json(obj: Any) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.ensemble import combine
+from pipeline.ensemble import combine, token_logits
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,27 @@ class Summary:
 
 
 def summaries(models: list[torch.nn.Module], x: np.ndarray, y: np.ndarray, batch: int,
-              ensemble: tuple[str, list[float]] | None = None) -> list[Summary]:
+              ensemble: tuple[str, list[float]] | None = None, logit_rows: int = 2048) -> list[Summary]:
     """Per-example (or per-token) summaries of each model (in eval mode), plus the ensemble's last
-    when asked as (mode, weights). x (N, ...) inputs, y (N,) or (N, L) labels."""
+    when asked as (mode, weights). x (N, ...) inputs, y (N,) or (N, L) labels. Language models
+    (y (N, L)) get their logits `logit_rows` token rows at a time, never (batch, L, V) at once."""
     parts: list[list[Summary]] = [[] for _ in range(len(models) + (ensemble is not None))]
     with torch.no_grad():
         for b in range(0, len(x), batch):
-            xb, yb = torch.from_numpy(x[b:b + batch]), torch.from_numpy(y[b:b + batch])
-            logits = [m(xb.to(next(m.parameters()).device)).float().cpu() for m in models]  # (b, C) or (b, L, V)
-            for i, z in enumerate(logits):
-                parts[i].append(Summary.of(torch.log_softmax(z, -1), yb))
-            if ensemble is not None:
-                parts[-1].append(Summary.of(combine(logits, ensemble[0], ensemble[1], 1.0), yb))
+            xb, yb = torch.from_numpy(np.asarray(x[b:b + batch])), torch.from_numpy(np.asarray(y[b:b + batch]))
+            if yb.ndim == 2:  # tokens: per chunk of rows, sequence-major like yb.reshape(-1)
+                dev = next(models[0].parameters()).device
+                chunks = token_logits(models, xb.to(dev), logit_rows)
+                labels = yb.reshape(-1)
+            else:
+                chunks = iter([(slice(None), [m(xb.to(next(m.parameters()).device)) for m in models])])
+                labels = yb
+            for rows, logits in chunks:
+                logits = [z.float().cpu() for z in logits]  # each (rows, C)
+                for i, z in enumerate(logits):
+                    parts[i].append(Summary.of(torch.log_softmax(z, -1), labels[rows]))
+                if ensemble is not None:
+                    parts[-1].append(Summary.of(combine(logits, ensemble[0], ensemble[1], 1.0), labels[rows]))
     return [Summary.concat(p) for p in parts]
 
 

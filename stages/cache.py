@@ -29,7 +29,7 @@ import torch
 
 from pipeline import cache as fmt
 from pipeline.config import Config, dump_yaml
-from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs
+from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs, token_logits
 from pipeline.errors import CacheError
 from pipeline.fanout import expected_workers, run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text, check_writable
@@ -81,23 +81,37 @@ def _autocast(ctx: Context) -> Any:
 
 
 def compute_shard(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
-    """Run the ensemble over the shard's rows; returns the stored columns on the host."""
+    """Run the ensemble over the shard's rows; returns the stored columns on the host.
+
+    Only the shard's rows are read (from a mapped input, its pages are released as it goes). For
+    language models the trunk runs on a batch of sequences and the vocabulary projection, ensemble
+    and encoding run cache.logit_rows token rows at a time: memory never holds batch x seq x vocab."""
     if ctx.views is not None:
         return _compute_views(ctx, shard, models)
-    x = ctx.splits.transfer.x[shard.start:shard.stop]
-    ids = ctx.splits.transfer.ids[shard.start:shard.stop]
+    transfer = ctx.splits.transfer
+    ids = transfer.ids[shard.start:shard.stop]
+    b = _batch_size(ctx)
+
+    def batches() -> Any:
+        for i in range(shard.start, shard.stop, b):
+            x, _ = transfer.rows(slice(i, min(i + b, shard.stop)))
+            if ctx.token_rows:
+                x = x[:, :-1]  # read seq_len tokens, predict the next at each position
+            yield torch.from_numpy(x), ids[i - shard.start:i - shard.start + len(x)]
+
+    out = _encode(ctx, shard, models, batches())
     if ctx.token_rows:
-        x = x[:, :-1]  # read seq_len tokens, predict the next at each position
-    b = ctx.cfg.cache.batch_size
-    out = _encode(ctx, shard, models, ((torch.from_numpy(x[i:i + b]), ids[i:i + b]) for i in range(0, len(x), b)))
-    if ctx.token_rows:
-        L = x.shape[1]
+        L, n = ctx.cfg.data.seq_len, len(ids)
         out["sample_id"] = np.repeat(ids, L)
-        out["position"] = np.tile(np.arange(L, dtype=np.int16), len(x))
-        out["offsets"] = np.arange(0, (len(x) + 1) * L, L, dtype=np.int64)
+        out["position"] = np.tile(np.arange(L, dtype=np.int16), n)
+        out["offsets"] = np.arange(0, (n + 1) * L, L, dtype=np.int64)
     else:
         out["sample_id"] = ids
     return out
+
+
+def _batch_size(ctx: Context) -> int:
+    return ctx.cfg.cache.batch_size or (8 if ctx.token_rows else 512)
 
 
 def _compute_views(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
@@ -109,7 +123,7 @@ def _compute_views(ctx: Context, shard: Shard, models: list[torch.nn.Module]) ->
     ids = transfer.ids[shard.start:shard.stop]
     rows = {"sample_id": np.repeat(ids, v.count), "view": np.tile(np.arange(v.count, dtype=np.uint16), len(ids))}
     rows.update(draw(v.augment, v.seed, rows["sample_id"], rows["view"], transfer.x.shape[2:], transfer.ids))
-    b = ctx.cfg.cache.batch_size
+    b = _batch_size(ctx)
 
     def batches() -> Any:
         for i in range(0, len(rows["sample_id"]), b):
@@ -131,13 +145,20 @@ def _encode(ctx: Context, shard: Shard, models: list[torch.nn.Module], batches: 
     with torch.inference_mode():
         for xb, ids in batches:
             xb = xb.to(ctx.device, non_blocking=True)
+            row_ids = torch.from_numpy(np.repeat(ids, xb.shape[1] if ctx.token_rows else 1))
             with _autocast(ctx):
-                logits = [m(xb) for m in models]  # each (B, C), or (B, L, V) for language models
-            for name, z in zip(names, logits):
-                check_finite(z.reshape(len(xb), -1), name, torch.from_numpy(ids))
-            logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # fp32
-            logp = logp.reshape(-1, logp.shape[-1])  # token rows (B * L, V), sequence-major
-            parts.append(ctx.encoding.to_host(ctx.encoding.encode(logp, gen)))
+                chunks = (token_logits(models, xb, cfg.cache.logit_rows) if ctx.token_rows
+                          else iter([(slice(0, len(xb)), [m(xb) for m in models])]))  # each (rows, C)
+            while True:
+                with _autocast(ctx):  # the teachers' projection under autocast; ensemble and encoding in fp32
+                    item = next(chunks, None)
+                if item is None:
+                    break
+                rows, logits = item
+                for name, z in zip(names, logits):
+                    check_finite(z, name, row_ids[rows])
+                logp = combine(logits, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # (rows, V)
+                parts.append(ctx.encoding.to_host(ctx.encoding.encode(logp, gen)))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

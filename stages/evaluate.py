@@ -104,7 +104,8 @@ def main(cfg: Config) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     teachers = [load_teacher(ref, splits, cpu) for ref in refs]
-    *teacher_sums, ensemble = metrics.summaries(teachers, x, y, batch, (cfg.teachers.ensemble, normalized_weights(cfg)))
+    *teacher_sums, ensemble = metrics.summaries(teachers, x, y, batch, (cfg.teachers.ensemble, normalized_weights(cfg)),
+                                                   cfg.cache.logit_rows)
     for ref, model, sm in zip(refs, teachers, teacher_sums):
         rows.append({"model": ref.spec.name, "role": "teacher", "params": _params(model), **score(sm, ensemble)})
     rows.append({"model": "ensemble", "role": "ensemble", "params": sum(_params(m) for m in teachers),
@@ -118,7 +119,7 @@ def main(cfg: Config) -> dict[str, Any]:
         model = build_model(spec, splits.input_shape, splits.num_classes, f"student.models.{shard.model}")
         load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
         model.eval()
-        (sm,) = metrics.summaries([model], x, y, batch)
+        (sm,) = metrics.summaries([model], x, y, batch, logit_rows=cfg.cache.logit_rows)
         student_sums[name] = sm
         role = "distilled" if shard.kind == "kd" else "hard-label"
         rows.append({"model": name, "role": role, "params": _params(model), **score(sm, ensemble)})

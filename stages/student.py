@@ -81,7 +81,9 @@ def classify_inputs(batch: dict[str, np.ndarray], transfer: Any, cached: vw.View
         params = vw.draw(online, seed, ids, np.full(len(ids), epoch), transfer.x.shape[2:])
         x = vw.render_rows(transfer, {"sample_id": ids, **params}, online)
     else:
-        x = torch.from_numpy(transfer.x[transfer.positions(batch["sample_id"])])
+        x_rows, y_rows = transfer.rows(transfer.positions(batch["sample_id"]))  # gathered by sample id
+        labels = torch.from_numpy(y_rows) if y_rows is not None else None
+        return batch, torch.from_numpy(x_rows), labels
     labels = torch.from_numpy(transfer.y[transfer.positions(batch["sample_id"])]) if transfer.y is not None else None
     return batch, x, labels
 
@@ -267,8 +269,8 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     while state["epoch"] < st["epochs"]:
         for batch in loader.batches(state["epoch"], start=state["batch"]):
             if lm:
-                pos = transfer.positions(batch["sample_id"][::per_item])
-                loss = lm_batch_loss(model, batch, transfer.x[pos], st, reader, per_item)
+                xb, _ = transfer.rows(transfer.positions(batch["sample_id"][::per_item]))  # mapped inputs
+                loss = lm_batch_loss(model, batch, xb, st, reader, per_item)
             else:
                 batch, x, labels = classify_inputs(batch, transfer, cached, online, shard.seed, state["epoch"],
                                                    reader.num_classes, reader.dir)

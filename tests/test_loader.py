@@ -70,3 +70,32 @@ def test_memory_is_bounded_by_the_shuffle_buffer(reader, monkeypatch):
     reads.clear()
     list(loader.batches(0, start=15))  # batch 15 starts at row 750
     assert sum(reads) <= 1000 - 750 + 2 * 64
+
+
+def test_batches_mix_classes_across_the_whole_cache(tmp_path):
+    """On a transfer set sorted by class (shards and chunks each hold one or two classes), the
+    default loader's batches hold within 10% as many distinct classes as a uniform permutation's."""
+    from pipeline.config import StudentConfig
+
+    classes, per_class, chunk, batch = 10, 2048, 256, 64
+    enc = Dense(2, "float32")
+    d = tmp_path / "sorted"
+    n = classes * per_class
+    label = np.repeat(np.arange(classes), per_class)  # the cache's rows are sorted by class
+    spec = {"layout": {"chunk_rows": chunk, "backend": "zarr", "rows_per_shard": 2048}, "num_classes": 2,
+            "encoding": enc.params(), "temperature": 1.0, "dataset": {"fingerprint": "x", "rows": n}}
+    entries = []
+    for i, start in enumerate(range(0, n, 2048)):
+        ids = np.arange(start, start + 2048, dtype=np.int64)
+        fmt.write_shard(d / "shards" / fmt.shard_name(i, "zarr"),
+                        {"sample_id": ids, "logp": np.zeros((2048, 2), np.float32)}, {}, enc, chunk, 1)
+        entries.append({"index": i, "path": f"shards/{fmt.shard_name(i, 'zarr')}", "first_row": start,
+                        "rows": 2048, "sha256": "-", "bytes": 0})
+    fmt.write_manifest(d, spec, entries, {})
+    loader = ChunkShuffleLoader(fmt.CacheReader(d), batch, seed=0, shuffle_chunks=StudentConfig().shuffle_chunks)
+    ours = np.mean([len(np.unique(label[b["sample_id"]])) for e in range(2) for b in loader.batches(e)
+                    if len(b["sample_id"]) == batch])
+    perm = np.random.default_rng(0).permutation(n)
+    uniform = np.mean([len(np.unique(label[perm[i:i + batch]])) for i in range(0, n - batch + 1, batch)])
+    print(f"distinct classes per batch: {ours:.2f}, uniform permutation {uniform:.2f}")
+    assert ours >= 0.9 * uniform, (ours, uniform)

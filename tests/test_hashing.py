@@ -1,0 +1,110 @@
+"""Hash once: digests of inputs and checkpoints are remembered per machine, keyed by the file's
+(path, size, mtime, inode), and recomputed when the file changes."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import io
+
+
+@pytest.fixture(autouse=True)
+def _own_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOGITCACHE_DIGESTS", str(tmp_path / "store" / "digests.sqlite"))
+
+
+def _age(path, seconds=60):
+    """Files written just now are not remembered (a rewrite in the same mtime tick could go unseen)."""
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def _count_opens(monkeypatch, path):
+    opened = []
+    real = builtins.open
+
+    def spy(file, *a, **kw):
+        if os.fspath(file) == os.fspath(path):
+            opened.append(file)
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    return opened
+
+
+def test_second_digest_does_not_read_the_file(tmp_path, monkeypatch):
+    f = tmp_path / "big.bin"
+    f.write_bytes(os.urandom(3 << 20))
+    _age(f)
+    opened = _count_opens(monkeypatch, f)
+    first = io.file_digest(f)
+    assert first == hashlib.sha256(f.read_bytes()).hexdigest()
+    opened.clear()
+    assert io.file_digest(f) == first
+    assert opened == []
+
+
+def test_modified_or_touched_file_is_rehashed(tmp_path, monkeypatch):
+    f = tmp_path / "ckpt.pt"
+    f.write_bytes(b"a" * 1000)
+    _age(f, 120)
+    old = io.file_digest(f)
+    with open(f, "r+b") as fh:  # same size, same inode, new content
+        fh.write(b"b")
+    _age(f, 60)
+    assert io.file_digest(f) == hashlib.sha256(b"b" + b"a" * 999).hexdigest() != old
+    opened = _count_opens(monkeypatch, f)
+    os.utime(f)  # touched: mtime changes, so it is read again (and not remembered while fresh)
+    io.file_digest(f)
+    assert len(opened) == 1
+
+
+def test_fresh_files_are_not_remembered(tmp_path, monkeypatch):
+    f = tmp_path / "fresh.bin"
+    f.write_bytes(b"x" * 10)
+    io.file_digest(f)
+    opened = _count_opens(monkeypatch, f)
+    io.file_digest(f)
+    assert len(opened) == 1
+
+
+def test_tree_digest_matches_and_remembers_each_file(tmp_path, monkeypatch):
+    d = tmp_path / "model"
+    d.mkdir()
+    for name in ("config.json", "weights.bin"):
+        (d / name).write_bytes(name.encode() * 100)
+        _age(d / name)
+    assert io.tree_digest(d) == io.sha256_tree(d)
+    opened = _count_opens(monkeypatch, d / "weights.bin")
+    io.tree_digest(d)
+    assert opened == []
+
+
+def test_dataset_fingerprint_of_a_mapped_input_is_remembered(tmp_path, monkeypatch):
+    from pipeline.data import Dataset, _dataset, _read_npy_dir
+
+    src = tmp_path / "npy"
+    src.mkdir()
+    x = np.random.default_rng(0).normal(size=(500, 8)).astype(np.float32)
+    np.save(src / "x.npy", x)
+    _age(src / "x.npy")
+    ds = _dataset(_read_npy_dir(src, "data.source"), "x", "y", str(src), labelled=False)
+    in_memory = Dataset(x, None, np.arange(500, dtype=np.int64), "mem")
+    assert ds.fingerprint == in_memory.fingerprint  # the same data, mapped or not, has one id
+    scans = []
+    monkeypatch.setattr(Dataset, "_scan", lambda self: scans.append(1) or "x")
+    again = _dataset(_read_npy_dir(src, "data.source"), "x", "y", str(src), labelled=False)
+    assert again.fingerprint == ds.fingerprint and scans == []
+
+
+def test_unwritable_store_still_hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOGITCACHE_DIGESTS", "/proc/no/such/dir/digests.sqlite")
+    f = tmp_path / "f"
+    f.write_bytes(b"abc")
+    assert io.file_digest(f) == hashlib.sha256(b"abc").hexdigest()

@@ -1,0 +1,147 @@
+"""Scale: bounded open files, a global shuffle, and batch-job progress lines."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline import cache as fmt
+from pipeline.encodings import Dense, Hybrid, Sampled, TopK
+
+
+def _many_shard_cache(d, shards: int, rows: int, backend: str = "parquet", distinct: int = 50):
+    enc = TopK(10, 2, 16)
+    spec = {"layout": {"chunk_rows": rows, "backend": backend, "rows_per_shard": rows}, "num_classes": 10,
+            "encoding": enc.params(), "temperature": 1.0, "dataset": {"fingerprint": "x", "rows": shards * rows}}
+    entries = []
+    logp = np.log(np.full((rows, 10), 0.1, dtype=np.float32))
+    stored = enc.to_host(enc.encode(torch.from_numpy(logp), None))
+    for i in range(shards):
+        path = d / "shards" / fmt.shard_name(i, backend)
+        if i < distinct:
+            ids = np.arange(i * rows, (i + 1) * rows, dtype=np.int64)
+            fmt.write_shard(path, {"sample_id": ids, **stored}, {}, enc, rows, 1)
+        else:  # copies of the first shard: writing thousands of real ones is slow and tests nothing more
+            shutil.copyfile(d / "shards" / fmt.shard_name(i % distinct, backend), path)
+        entries.append({"index": i, "path": f"shards/{fmt.shard_name(i, backend)}", "first_row": i * rows,
+                        "rows": rows, "sha256": "-", "bytes": 0})
+    fmt.write_manifest(d, spec, entries, {})
+    return d
+
+
+def test_a_5000_shard_cache_reads_under_ulimit_256(tmp_path):
+    d = _many_shard_cache(tmp_path / "c", 5000, 2)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        from pathlib import Path
+        from pipeline.cache import CacheReader
+        from pipeline.loader import ChunkShuffleLoader
+        r = CacheReader(Path({str(d)!r}))
+        n = sum(len(b["sample_id"]) for b in ChunkShuffleLoader(r, 64, 0, 4).batches(0))
+        again = sum(len(r.read(c)["sample_id"]) for c in r.chunks()[::-7])
+        assert len(r._handles) <= 64, len(r._handles)
+        print(n, again)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "10000"
+
+
+def test_handle_lru_keeps_at_most_max_open(tmp_path):
+    d = _many_shard_cache(tmp_path / "c", 12, 3)
+    r = fmt.CacheReader(d, max_open=5)
+    rows = [r.read(c)["sample_id"] for c in r.chunks()]
+    assert len(r._handles) == 5
+    assert np.array_equal(np.concatenate(rows), np.arange(36))
+    assert np.array_equal(np.concatenate([r.read(c)["sample_id"] for c in r.chunks()[::-1]]),
+                          np.arange(36).reshape(12, 3)[::-1].reshape(-1))
+
+
+FIXTURES = REPO / "tests" / "fixtures" / "format1"
+
+
+def _zarr_read(reader, chunk):
+    """The same chunk read through zarr's own API."""
+    arrays = reader._handle(chunk.shard, reader.dir / reader.shards[chunk.shard]["path"])
+    return reader._decode({name: arrays[name][chunk.start:chunk.stop] for name in reader.names})
+
+
+@pytest.mark.parametrize("enc", [Dense(300, "float16"), Dense(300, "float32"), TopK(300, 7, 16), TopK(300, 7, 8),
+                                 TopK(70_000, 5, 16), Sampled(300, 12), Hybrid(300, 4, 6, 8)],
+                         ids=lambda e: e.label())
+def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc):
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(700, enc.num_classes, generator=g) * 3, -1)
+    arrays = enc.to_host(enc.encode(logp, torch.Generator().manual_seed(1)))
+    arrays["sample_id"] = np.arange(700, dtype=np.int64) * 3
+    d = tmp_path / "c"
+    fmt.write_shard(d / "shards" / fmt.shard_name(0, "zarr"), arrays, {}, enc, 256, 3)  # last chunk partial
+    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params(),
+            "temperature": 1.0, "dataset": {"fingerprint": "t", "rows": 700},
+            "layout": {"backend": "zarr", "rows_per_shard": 700, "chunk_rows": 256}}
+    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, 700)], {})
+    r = fmt.CacheReader(d)
+    for c in r.chunks():
+        assert r._read_chunk_fast(c, r.dir / r.shards[0]["path"]) is not None  # the fast path is taken
+        fast, slow = r.read(c), _zarr_read(r, c)
+        assert fast.keys() == slow.keys()
+        for k in fast:
+            assert fast[k].dtype == slow[k].dtype and np.array_equal(fast[k], slow[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.iterdir() if p.name.endswith("-zarr")))
+def test_fast_reads_of_format_1_fixtures_equal_zarrs(name):
+    r = fmt.CacheReader(FIXTURES / name)
+    for c in r.chunks():
+        fast, slow = r.read(c), _zarr_read(r, c)
+        assert all(np.array_equal(fast[k], slow[k]) and fast[k].dtype == slow[k].dtype for k in slow)
+
+
+def test_unusual_zarr_layouts_fall_back_to_zarr(tmp_path):
+    """A shard written with zarr's sharding codec is not read by the fast path, and reads the same."""
+    import zarr
+
+    enc = TopK(50, 3, 16)
+    logp = torch.log_softmax(torch.randn(300, 50, generator=torch.Generator().manual_seed(0)), -1)
+    arrays = {**enc.to_host(enc.encode(logp)), "sample_id": np.arange(300, dtype=np.int64)}
+    d = tmp_path / "c"
+    g = zarr.open_group(str(d / "shards" / "00000.zarr"), mode="w", zarr_format=3)
+    for name, data in arrays.items():
+        a = g.create_array(name, shape=data.shape, dtype=data.dtype, shards=(300, *data.shape[1:]),
+                           chunks=(100, *data.shape[1:]))
+        a[...] = data
+    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": 50, "encoding": enc.params(),
+            "temperature": 1.0, "dataset": {"fingerprint": "t", "rows": 300},
+            "layout": {"backend": "zarr", "rows_per_shard": 300, "chunk_rows": 100}}
+    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, 300)], {})
+    r = fmt.CacheReader(d)
+    assert r._read_chunk_fast(r.chunks()[0], d / "shards" / "00000.zarr") is None
+    got = r.read_all()
+    assert np.array_equal(got["sample_id"], np.arange(300))
+    assert np.array_equal(got["ids"], enc.decode(arrays)["ids"])
+
+
+def test_progress_without_a_terminal_prints_lines_at_an_interval(monkeypatch, capsys):
+    import time
+
+    from pipeline import progress
+
+    monkeypatch.setenv("LOGITCACHE_PROGRESS_INTERVAL", "0.05")
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    p = progress.bar(1000, "cache abc")
+    for _ in range(4):
+        time.sleep(0.06)
+        p.update(100)
+    p.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 5, lines
+    assert lines[0].startswith("cache abc: 100/1000 rows (10.0%), ") and "rows/s, ETA 0m0" in lines[0]
+    assert lines[-1].startswith("cache abc: 400/1000 rows (40.0%)") and lines[-1].endswith(", done")
