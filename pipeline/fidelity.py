@@ -112,6 +112,9 @@ def _encode_all(full: torch.Tensor, enc: Encoding, block: int = 256) -> dict[str
 def fidelity(ref: str, root: Path, rows: int, out: Path | None) -> dict[str, Any]:
     cache_dir = fmt.resolve(ref, root)
     reader = fmt.CacheReader(cache_dir)
+    if "views" in reader.manifest["spec"]:
+        raise CacheError(f"{cache_dir}: a cache of augmented views; fidelity compares cached rows with the "
+                         "teachers on plain inputs, which these rows are not, so it does not apply")
     cfg = _config_for(cache_dir)
     full, cached = _full_logp(cfg, reader, rows, seed=0)
     enc = reader.encoding

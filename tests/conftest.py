@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -75,3 +76,18 @@ def run_subprocess(args: list[str], cwd: Path | None = None, **kw: Any) -> subpr
 def _deterministic() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def slow_divergence(p_rows, q_rows, kind):
+    """Mean over rows of forward KL, reverse KL or JSD, summed term by term in Python floats."""
+    total = 0.0
+    for p, q in zip(p_rows, q_rows):
+        if kind == "forward":
+            total += sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+        elif kind == "reverse":
+            total += sum(b * math.log(b / a) for a, b in zip(p, q) if b > 0)
+        else:
+            m = [(a + b) / 2 for a, b in zip(p, q)]
+            total += 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m) if a > 0)
+            total += 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m) if b > 0)
+    return total / len(p_rows)

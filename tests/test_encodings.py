@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import slow_divergence
 
 from pipeline import cache as fmt
 from pipeline import losses
@@ -262,20 +263,6 @@ def test_hybrid_gradient_equals_the_full_kl_gradient_in_expectation():
     assert torch.allclose(total / 400, g_full, atol=0.02)
 
 
-def _slow(p_rows, q_rows, kind):
-    total = 0.0
-    for p, q in zip(p_rows, q_rows):
-        if kind == "forward":
-            total += sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
-        elif kind == "reverse":
-            total += sum(b * math.log(b / a) for a, b in zip(p, q) if b > 0)
-        else:
-            m = [(a + b) / 2 for a, b in zip(p, q)]
-            total += 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m) if a > 0)
-            total += 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m) if b > 0)
-    return total / len(p_rows)
-
-
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("name", ["topk", "hybrid"])
 def test_bucket_tail_divergences_against_a_slow_reference(kind, name):
@@ -297,7 +284,7 @@ def test_bucket_tail_divergences_against_a_slow_reference(kind, name):
     got = losses.row_losses(s, t, None, st, enc) / 5
     if name == "hybrid" and kind == "forward":  # forward uses the sampled tail, not the bucket
         return
-    assert float(got) == pytest.approx(T**2 * _slow(p_b, q_b, kind), rel=2e-3)
+    assert float(got) == pytest.approx(T**2 * slow_divergence(p_b, q_b, kind), rel=2e-3)
 
 
 def test_sampled_refuses_divergences_it_cannot_estimate():

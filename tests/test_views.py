@@ -174,6 +174,9 @@ def test_end_to_end_views_run_and_online_augmentation(cli_run, tmp_path):
     assert len(history["epochs"]) == 2 and np.isfinite(history["losses"]).all()
     reader = fmt.CacheReader(fmt.resolve(history["settings"]["cache_id"], tmp_path / "ws" / "caches"))
     assert {"view", "box", "flip", "partner", "lam", "cut"} <= set(reader.read(reader.chunks()[0]))
+    # fidelity re-runs the teachers on plain inputs: meaningless for views, refused in one line
+    result = cli_run("caches", "fidelity", str(reader.dir), expect=1)
+    assert "views" in result.output and len(result.output.strip().splitlines()) == 1
 
     # a cache of plain images with an augment section: the student augments online, the id is unchanged
     plain = ["cache.views=0", "augment.mixup_prob=0", "augment.cutmix_prob=0", "run_name=online"]
