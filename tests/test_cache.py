@@ -14,11 +14,12 @@ import zarr
 from conftest import tiny_config, write_config
 
 from pipeline import cache as fmt
+from pipeline import spec
 from pipeline.config import load_config
 from pipeline.data import load_splits
 from pipeline.ensemble import load_teacher, teacher_refs
+from pipeline.errors import CacheError
 from pipeline.io import HOST
-from pipeline import spec
 from stages import cache as cache_stage
 from stages import teachers as teacher_stage
 
@@ -102,7 +103,8 @@ def test_any_input_change_gives_a_new_id(workspace):
     _ws, path = workspace
     base = spec.cache_dir(load_config(path))
     for override in ("teachers.temperature=3", "teachers.ensemble=mean_logprobs", "teachers.weights=[2, 1]",
-                     "cache.encoding=topk", "cache.dtype=float32", "data.transfer.exclude_classes=[3]"):
+                     "cache.encoding=topk", "cache.dtype=float32", "data.transfer.exclude_classes=[3]",
+                     "cache.precision=bf16"):
         assert spec.cache_dir(load_config(path, [override])) != base, override
 
 
@@ -119,6 +121,36 @@ def test_changed_teacher_weights_change_the_id(workspace, tmp_path):
         assert spec.cache_dir(load_config(path)) != before
     finally:
         ref.checkpoint.write_bytes(saved)
+
+
+def test_a_worker_refuses_to_write_when_a_teacher_changed_after_planning(workspace):
+    """A Dask task carries the driver's cache id: a worker that hashes other weights (a checkpoint
+    overwritten in place meanwhile) refuses instead of writing new-weight shards under the old id."""
+    _ws, path = workspace
+    cfg = load_config(path, ["cache.rows_per_shard=300", "cache.root=" + str(_ws / "racing")])
+    ctx = spec.context(cfg)
+    (group, *_) = cache_stage._groups(cache_stage.plan(cfg, ctx), 1, ctx.dir.name)
+    ref = teacher_refs(cfg, ctx.splits)[0]
+    saved = ref.checkpoint.read_bytes()
+    try:
+        state = torch.load(ref.checkpoint, weights_only=True)
+        state["1.bias"] += 0.01
+        torch.save(state, ref.checkpoint)
+        with pytest.raises(CacheError, match="changed while the cache was being written"):
+            cache_stage.run_group(cfg, group)
+        assert not list((_ws / "racing").rglob("*.zarr"))  # nothing written under either id
+    finally:
+        ref.checkpoint.write_bytes(saved)
+    assert [r.index for r in cache_stage.run_group(cfg, group)] == [s.index for s in group.shards]
+
+
+def test_bf16_teachers_give_their_own_cache_close_to_fp32(workspace):
+    _ws, path = workspace
+    _, d32 = build(path, "cache.dtype=float32")
+    _, d16 = build(path, "cache.dtype=float32", "cache.precision=bf16")
+    assert d16 != d32 and fmt.read_manifest(d16)["spec"]["compute"] == {"device": "cpu", "precision": "bf16"}
+    a, b = fmt.CacheReader(d32).read_all()["logp"], fmt.CacheReader(d16).read_all()["logp"]
+    assert not np.array_equal(a, b) and np.abs(np.exp(a) - np.exp(b)).max() < 0.05
 
 
 def test_shards_describe_themselves_in_plain_zarr_and_pyarrow(workspace):
