@@ -51,20 +51,22 @@ def _alive(pid: int) -> bool:
 
 
 def check_writable(directory: Path, field: str) -> None:
-    """Make sure `directory` is (or can be made) a directory this process can write, before any
-    work whose result would be lost; a ConfigError naming `field` otherwise."""
+    """Make sure `directory` is, or could be made as, a directory this process can write, before any
+    work whose result would be lost; a ConfigError naming `field` otherwise. Creates nothing: the
+    nearest existing ancestor must be a writable directory (probed with a file removed at once)."""
     from pipeline.errors import ConfigError
 
-    blocker = next((p for p in [directory, *directory.parents] if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ConfigError(f"{field}: {blocker} is a file, not a directory; choose another {field} or move that file")
+    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ConfigError(f"{field}: {existing} is a file, not a directory; choose another {field} or move that file")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = tmp_name(directory / "probe")
+        probe = tmp_name(existing / "probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{field}: cannot write to {directory} ({e.strerror}); choose a writable {field}") from None
+        raise ConfigError(f"{field}: cannot write to {existing} ({e.strerror}); choose a writable {field}") from None
 
 
 def fsync_dir(path: Path) -> None:

@@ -89,8 +89,7 @@ def test_batches_mix_classes_across_the_whole_cache(tmp_path):
         ids = np.arange(start, start + 2048, dtype=np.int64)
         fmt.write_shard(d / "shards" / fmt.shard_name(i, "zarr"),
                         {"sample_id": ids, "logp": np.zeros((2048, 2), np.float32)}, {}, enc, chunk, 1)
-        entries.append({"index": i, "path": f"shards/{fmt.shard_name(i, 'zarr')}", "first_row": start,
-                        "rows": 2048, "sha256": "-", "bytes": 0})
+        entries.append(fmt.shard_entry(d, i, "zarr", start, 2048))
     fmt.write_manifest(d, spec, entries, {})
     loader = ChunkShuffleLoader(fmt.CacheReader(d), batch, seed=0, shuffle_chunks=StudentConfig().shuffle_chunks)
     ours = np.mean([len(np.unique(label[b["sample_id"]])) for e in range(2) for b in loader.batches(e)
