@@ -30,8 +30,11 @@ def _many_shard_cache(d, shards: int, rows: int, backend: str = "parquet", disti
             fmt.write_shard(path, {"sample_id": ids, **stored}, {}, enc, rows, 1)
         else:  # copies of the first shard: writing thousands of real ones is slow and tests nothing more
             shutil.copyfile(d / "shards" / fmt.shard_name(i % distinct, backend), path)
-        entries.append({"index": i, "path": f"shards/{fmt.shard_name(i, backend)}", "first_row": i * rows,
-                        "rows": rows, "sha256": "-", "bytes": 0})
+        if i < distinct:
+            entries.append(fmt.shard_entry(d, i, backend, i * rows, rows))
+        else:  # same bytes as the shard it copies: same digest, readers verify it
+            entries.append({**entries[i % distinct], "index": i, "path": f"shards/{fmt.shard_name(i, backend)}",
+                            "first_row": i * rows})
     fmt.write_manifest(d, spec, entries, {})
     return d
 
