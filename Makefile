@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/bytes.py
 	$(PY) bench/amortization.py
 	$(PY) bench/kd_gain.py
+	$(PY) bench/lm_students.py
 	$(PY) bench/fanout.py
 	$(PY) bench/views.py
 	$(PY) bench/scale.py
