@@ -36,6 +36,7 @@ from pipeline.io import (
     hash_json,
     publish_dir,
     publish_file,
+    read_json,
     remove_dead_tmp,
     sha256_tree,
     tmp_name,
@@ -271,10 +272,7 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     fix = "delete the cache directory and rerun `logitcache cache CONFIG`"
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
-        raise CacheError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
+    manifest = read_json(path, CacheError, fix)
     problem = _manifest_problem(manifest)
     if problem:
         raise CacheError(f"{path}: not a logitcache manifest ({problem}); {fix}")

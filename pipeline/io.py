@@ -93,6 +93,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def read_json(path: Path, error: type[Exception], fix: str) -> Any:
+    """A JSON file's content; unreadable or not JSON is `error` in one line naming the file and `fix`."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise error(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from pipeline import cache as fmt
 from pipeline.config import GRID_KEYS, Config, ModelSpec, non_default, to_dict
 from pipeline.errors import ModelError
-from pipeline.io import sha256_file
+from pipeline.io import read_json, sha256_file
 from pipeline.spec import find_cache
 from pipeline.views import augmentation
 
@@ -110,10 +109,7 @@ def read_done(job_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     fix = "rerun `logitcache student CONFIG` to retrain it"
-    try:
-        done = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise ModelError(f"{path}: not valid JSON ({type(e).__name__}); {fix}") from None
+    done = read_json(path, ModelError, fix)
     if not (isinstance(done, dict) and isinstance(done.get("settings_hash"), str)
             and isinstance(done.get("final"), dict) and isinstance(done["final"].get("accuracy"), float)
             and isinstance(done.get("files"), dict)):
