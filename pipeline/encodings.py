@@ -446,8 +446,8 @@ class Hybrid:
         out = self.head.encode_head(logp, vals, head_ids)
         p_tail = logp.float().exp().scatter(-1, head_ids, 0.0)  # (B, C), zero on the head
         mass = p_tail.sum(-1, keepdim=True)
-        # the tail's weights are R * count / draws: R in float16 (5e-4 relative), not 8-bit steps (3%)
-        out["residual"] = torch.logsumexp(logp.scatter(-1, head_ids, float("-inf")), dim=-1).exp().half()
+        if self.bits == 8:  # the tail's weights are R * count / draws: R in float16 (5e-4), not 8-bit steps (3%)
+            out["residual"] = mass.squeeze(-1).half()
         uniform = torch.ones_like(p_tail).scatter(-1, head_ids, 0.0)  # rows whose tail underflowed: weight 0 anyway
         drawn = torch.multinomial(torch.where(mass > 0, p_tail, uniform), self.draws, replacement=True,
                                   generator=generator)
