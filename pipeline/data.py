@@ -1,5 +1,5 @@
-"""Datasets: the bundled example (scikit-learn's digits), .npz files, Parquet files and directories
-of .npy arrays.
+"""Datasets: the bundled example (scikit-learn's digits), .npz files, Parquet files, Zarr groups and
+directories of .npy arrays.
 
 A Dataset carries `ids` (int64 sample ids) so that cached targets join back to their inputs, and
 a content fingerprint so that a cache made for other data is refused.
@@ -9,6 +9,10 @@ is the scalable format: its arrays are memory-mapped, never loaded whole; a stag
 rows it uses (`Dataset.rows`), and pages it has read are handed back to the OS every
 `PAGE_BUDGET` bytes, so resident memory stays flat however large the file. Fingerprints of files are
 computed in one streamed pass and remembered per machine (`pipeline.io.remembered`).
+
+Parquet files (by row group) and Zarr groups (by chunk) are read on demand too (`pipeline.rows`):
+only labels and ids, one column each, are read whole. A subset (the train/test split, excluded
+classes) of such an input is a `Selection` of its rows, never a copy.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from pipeline.config import Config, DataConfig
 from pipeline.errors import DataError
 from pipeline.io import remembered
+from pipeline.rows import LazyRows, Selection, index_rows, is_zarr_group, open_parquet, open_zarr
 
 PAGE_BUDGET = 64 << 20  # bytes of mapped input read before its pages are released
 SCAN_ROWS_BYTES = 16 << 20  # block size of streamed passes over mapped inputs
@@ -80,22 +85,23 @@ class MappedRows:
         return self.base.ndim
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        rest: tuple = ()
-        if isinstance(key, tuple):
-            key, rest = key[0], key[1:]
-        out = np.array(self.base[key], dtype=self.dtype)
-        if not rest:
-            return out
-        return out[rest] if out.ndim < self.ndim else out[(slice(None), *rest)]
+        return index_rows(key, lambda rows: np.array(self.base[rows], dtype=self.dtype))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.array(self.base, dtype=dtype or self.dtype)
 
 
+def _storage(arr: Any) -> Any:
+    """The array that holds the rows of `arr` (through selections and dtype views)."""
+    while isinstance(arr, (Selection, MappedRows)):
+        arr = arr.base
+    return arr
+
+
 def release(arr: Any) -> None:
     """Hand a memory-mapped array's resident pages back to the OS (they are re-read from the page
     cache if touched again); a no-op for in-memory arrays."""
-    a = arr.base if isinstance(arr, MappedRows) else arr
+    a = _storage(arr)
     while a is not None:
         m = a if isinstance(a, mmap.mmap) else getattr(a, "_mmap", None)
         if isinstance(m, mmap.mmap):
@@ -108,7 +114,7 @@ def release(arr: Any) -> None:
 
 
 def is_mapped(arr: Any) -> bool:
-    a = arr.base if isinstance(arr, MappedRows) else arr
+    a = _storage(arr)
     while a is not None:
         if isinstance(a, (mmap.mmap, np.memmap)):
             return True
@@ -118,7 +124,7 @@ def is_mapped(arr: Any) -> bool:
 
 @dataclass(frozen=True)
 class Dataset:
-    x: Any  # (N, *input_shape) float32 (an ndarray, a memmap, or MappedRows of token ids)
+    x: Any  # (N, *input_shape) float32: an ndarray, a memmap, MappedRows, LazyRows or a Selection of them
     y: np.ndarray | None  # (N,) int64, or None for unlabelled transfer data
     ids: Any  # (N,) int64, unique: an ndarray, or IdRange when the ids are 0..N-1
     source: str  # where it came from, for messages
@@ -144,9 +150,10 @@ class Dataset:
         row_bytes = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
         step = max(1, SCAN_ROWS_BYTES // row_bytes)
         mapped = is_mapped(x)
+        checked = isinstance(x, np.ndarray) and not mapped  # in memory: checked when loaded
         for i in range(0, len(x), step):
             block = np.ascontiguousarray(x[i:i + step], dtype=x.dtype)
-            if mapped and block.dtype.kind == "f" and not np.isfinite(block).all():
+            if not checked and block.dtype.kind == "f" and not np.isfinite(block).all():
                 raise DataError(f"{self.source}: inputs hold NaN or infinite values (row "
                                 f"{i + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0])}); "
                                 "clean the inputs")
@@ -186,8 +193,11 @@ class Dataset:
 
     def rows(self, index: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Inputs (and labels) of the rows at `index` (a slice or positions) as in-memory arrays;
-        a mapped file's pages are released every PAGE_BUDGET bytes read, so memory stays flat."""
-        x = np.array(self.x[index])
+        a mapped file's pages are released every PAGE_BUDGET bytes read, so memory stays flat.
+        Positions are best grouped by region (a batch of a chunk-shuffled cache is): a lazily read
+        input decodes each block a call needs once."""
+        x = self.x[index]
+        x = np.array(x) if isinstance(self.x, np.ndarray) else x  # an ndarray's slice is a view
         y = None if self.y is None else np.array(self.y[index], dtype=np.int64)
         if is_mapped(self.x):
             page = 4096
@@ -201,11 +211,12 @@ class Dataset:
         return x, y
 
     def subset(self, mask: np.ndarray, which: str | None = None) -> Dataset:
-        """The rows where `mask` is true (in memory); `which` names the selection for the
-        remembered fingerprint."""
+        """The rows where `mask` is true: copied if in memory, else a Selection read on demand;
+        `which` names the selection for the remembered fingerprint."""
         origin = None if self.origin is None or which is None else (self.origin[0], f"{self.origin[1]}|{which}")
         idx = np.flatnonzero(mask)
-        x = np.asarray(self.x[idx]) if isinstance(self.x, MappedRows) else self.x[idx]
+        in_memory = isinstance(self.x, np.ndarray) and not is_mapped(self.x)
+        x = self.x[idx] if in_memory else Selection(self.x, idx)
         ids = self.ids[idx]
         return Dataset(x, None if self.y is None else np.asarray(self.y[idx]), ids, self.source, origin)
 
@@ -329,10 +340,12 @@ def _read(path: str, key: str, cfg: DataConfig, labelled: bool) -> dict[str, Any
     p = Path(path)
     if p.is_dir() and (p / "x.npy").is_file():
         return _read_npy_dir(p, key)
+    if is_zarr_group(p):
+        return open_zarr(p, key, NPY_ARRAYS)
     if p.is_dir():
-        raise DataError(f"{key}: {path} is a directory without x.npy; give an .npz or .parquet file, or a "
-                        "directory of .npy arrays (x.npy, y.npy, optional ids.npy, x_test.npy, y_test.npy)")
-    p = check_file(path, key, "an .npz or .parquet file, a directory of .npy arrays, or 'digits'")
+        raise DataError(f"{key}: {path} is a directory without x.npy; give an .npz or .parquet file, a Zarr "
+                        "group or a directory of .npy arrays (x, y, optional ids, x_test, y_test)")
+    p = check_file(path, key, "an .npz or .parquet file, a Zarr group, a directory of .npy arrays, or 'digits'")
     if p.suffix == ".npz":
         if p.stat().st_size == 0:
             raise DataError(f"{key}: {path} is empty (0 bytes); write it with numpy.savez")
@@ -345,7 +358,7 @@ def _read(path: str, key: str, cfg: DataConfig, labelled: bool) -> dict[str, Any
             raise DataError(f"{key}: {path}: cannot read as .npz ({why}); is it truncated? "
                             "write it with numpy.savez") from None
     if p.suffix in (".parquet", ".pq"):
-        return _read_parquet(p, key, cfg, labelled)
+        return open_parquet(p, key, cfg.label_column, cfg.feature_columns, labelled)
     raise DataError(f"{key}: {path} has suffix {p.suffix!r}; use .npz or .parquet")
 
 
@@ -362,78 +375,27 @@ def _read_npy_dir(p: Path, key: str) -> dict[str, Any]:
             lines = str(e).strip().splitlines()
             raise DataError(f"{key}: {f}: cannot map as .npy ({lines[0] if lines else type(e).__name__}); "
                             "write it with numpy.save") from None
-        out["_files"][name] = str(f)
-    return out
-
-
-def _read_parquet(p: Path, key: str, cfg: DataConfig, labelled: bool) -> dict[str, np.ndarray]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as e:
-        lines = str(e).strip().splitlines()
-        raise DataError(f"{key}: {p}: cannot read as Parquet ({lines[0] if lines else type(e).__name__})") from None
-    names = table.column_names
-    out: dict[str, np.ndarray] = {}
-    if cfg.label_column in names:
-        out["y"] = table.column(cfg.label_column).to_numpy(zero_copy_only=False)
-    elif labelled:
-        raise DataError(f"{key}: {p} has no label column {cfg.label_column!r} (data.label_column); "
-                        f"columns are {', '.join(names)}")
-    if "sample_id" in names:
-        out["ids"] = table.column("sample_id").to_numpy()
-    if cfg.feature_columns:
-        missing = [c for c in cfg.feature_columns if c not in names]
-        if missing:
-            raise DataError(f"{p}: no column {missing[0]!r} (data.feature_columns); columns are {', '.join(names)}")
-        features = list(cfg.feature_columns)
-    else:
-        features = [c for c in names if c not in (cfg.label_column, "sample_id")]
-    if not features:
-        raise DataError(f"{p}: no feature columns besides {cfg.label_column!r}; set data.feature_columns")
-    list_cols = [c for c in features if pa.types.is_list(table.schema.field(c).type)
-                 or pa.types.is_fixed_size_list(table.schema.field(c).type)]
-    if list_cols:
-        if len(features) != 1:
-            raise DataError(f"{p}: list column {list_cols[0]!r} mixed with other features; "
-                            "use one list column or scalar columns (data.feature_columns)")
-        rows = table.column(features[0]).to_pylist()
-        lengths = {len(r) if isinstance(r, list) else -1 for r in rows}
-        if len(lengths) > 1 or -1 in lengths:
-            raise DataError(f"{key}: {p}: list column {features[0]!r} is ragged or has nulls (lengths "
-                            f"{sorted(n for n in lengths if n >= 0)[:4]}); every row needs the same number of features")
-        try:
-            out["x"] = np.asarray(rows, dtype=np.float32)
-        except (ValueError, TypeError):
-            raise DataError(f"{key}: {p}: list column {features[0]!r} must hold numbers") from None
-    else:
-        try:
-            out["x"] = np.stack([table.column(c).to_numpy().astype(np.float32) for c in features], axis=1)
-        except (ValueError, TypeError, pa.ArrowException):
-            raise DataError(f"{p}: feature columns must be numeric; set data.feature_columns") from None
+        out["_files"][name] = (str(f),)
     return out
 
 
 def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bool) -> Dataset:
+    found = ", ".join(sorted(k for k in arrays if not k.startswith("_"))) or "none"
     if xk not in arrays:
-        raise DataError(f"{source}: no array {xk!r} (found: {', '.join(sorted(arrays)) or 'none'}); "
+        raise DataError(f"{source}: no array {xk!r} (found: {found}); "
                         f"save inputs as {xk!r} and integer labels as {yk!r}")
     if labelled and yk not in arrays:
-        raise DataError(f"{source}: no array {yk!r} (found: {', '.join(sorted(arrays))}); "
-                        f"save integer labels as {yk!r}")
+        raise DataError(f"{source}: no array {yk!r} (found: {found}); save integer labels as {yk!r}")
     x = arrays[xk]
-    mapped = isinstance(x, np.memmap)
-    x = x if mapped else np.asarray(x)
+    lazy = isinstance(x, (np.memmap, LazyRows))  # read by blocks: checked by the fingerprint's pass
+    x = x if lazy else np.asarray(x)
     if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{source}: {xk!r} must be a numeric array of shape (N, features...), got {x.dtype} {x.shape}")
-    if x.size == 0:
+    if int(np.prod(x.shape)) == 0:
         raise DataError(f"{source}: {xk!r} is empty (shape {x.shape}); give at least one row of features")
-    if x.dtype != np.float32:  # a mapped file of another dtype is converted in memory: store float32
-        x = x.astype(np.float32)
-        mapped = False
-    if not mapped and not np.isfinite(x).all():  # mapped inputs are checked by the fingerprint's pass
+    if x.dtype != np.float32:  # a mapped file of another dtype is converted as it is read
+        x = MappedRows(x, np.float32) if lazy else x.astype(np.float32)
+    if not lazy and not np.isfinite(x).all():
         raise DataError(f"{source}: {xk!r} holds NaN or infinite values; clean the inputs")
     y = None
     if yk in arrays:
@@ -453,8 +415,9 @@ def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bo
     else:
         ids = IdRange(len(x))
     files = arrays.get("_files")
-    if files:  # mapped: the fingerprint pass (which also checks the inputs) is remembered per machine
-        origin = (tuple(files[k] for k in (xk, ids_key) if k in files), xk)
+    if files:  # read by blocks: the fingerprint pass (which also checks the inputs) is remembered per machine
+        paths = tuple(dict.fromkeys(f for k in (xk, ids_key) for f in files.get(k, ())))
+        origin = (paths, xk + arrays.get("_tag", ""))
         ds = Dataset(x, y, ids, source, origin)
         ds.fingerprint  # noqa: B018  checks the inputs now, not in the middle of a stage
         return ds

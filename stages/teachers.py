@@ -15,6 +15,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,7 +61,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
         x = torch.from_numpy(splits.train.x[:, :-1])
         y = torch.from_numpy(splits.train.x[:, 1:])
     else:
-        x = torch.from_numpy(splits.train.x)
+        x = torch.from_numpy(np.asarray(splits.train.x))  # demo teachers train in memory: loads lazy inputs
         y = torch.from_numpy(splits.train.y)
     gen = torch.Generator().manual_seed(fit["seed"])
     model.train()
