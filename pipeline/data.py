@@ -157,7 +157,7 @@ class Dataset:
                 raise DataError(f"{self.source}: inputs hold NaN or infinite values (row "
                                 f"{i + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0])}); "
                                 "clean the inputs")
-            h.update(block.tobytes())
+            h.update(block)  # contiguous: hashed in place, not copied to bytes
             if mapped:
                 release(x)
         for i in range(0, len(self.ids), 1 << 20):

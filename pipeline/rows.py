@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.errors import DataError
 
-LAZY_CACHE_BYTES = 64 << 20  # decoded blocks kept per input for the next reads
+LAZY_CACHE_BYTES = 32 << 20  # decoded blocks kept per input for the next reads
 
 
 class Blocks(Protocol):
@@ -203,7 +203,7 @@ class ParquetBlocks:
     def open(self) -> Any:
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.path)
+        return pq.ParquetFile(self.path, buffer_size=1 << 20)  # pages streamed, not whole column chunks
 
     def read(self, handle: Any, block: int) -> np.ndarray:
         import pyarrow as pa
@@ -216,7 +216,8 @@ class ParquetBlocks:
         if not self.listed:  # nulls become NaN, refused by the fingerprint's pass
             return np.stack([np.asarray(table.column(c).to_numpy(), dtype=np.float32) for c in self.columns],
                             axis=1)
-        col = table.column(0).combine_chunks()
+        chunks = table.column(0).chunks
+        col = chunks[0] if len(chunks) == 1 else table.column(0).combine_chunks()
         width = self.shape[1]
         if pa.types.is_fixed_size_list(col.type):
             lengths = np.full(len(col), col.type.list_size)
