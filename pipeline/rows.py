@@ -303,7 +303,7 @@ def open_parquet(p: Path, key: str, label_column: str, feature_columns: tuple[st
         shape = (n, len(features))
     out["x"] = LazyRows(ParquetBlocks(str(p), key, tuple(features), bool(listed), shape, bounds))
     out["_files"] = {"x": (str(p),)}
-    out["_tag"] = f"parquet:{features}"  # other feature columns are other inputs
+    out["_tag"] = f"|columns:{features}"  # other feature columns are other inputs
     return out
 
 
