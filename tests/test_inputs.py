@@ -22,7 +22,7 @@ from conftest import REPO, tiny_config, write_config
 from test_hostile import _no_outputs, one_line_error
 
 from pipeline.config import DataConfig
-from pipeline.data import Dataset, IdRange, _dataset, _read
+from pipeline.data import Dataset, IdRange, MappedRows, _dataset, _read
 from pipeline.rows import LazyRows, ParquetBlocks, Selection, ZarrBlocks
 
 N, F, GROUP = 600, 6, 64  # rows, features, rows per Parquet row group / Zarr chunk
@@ -141,6 +141,36 @@ def test_fingerprint_equals_in_memory_and_is_remembered(tmp_path, kind, monkeypa
     scans = []
     monkeypatch.setattr(Dataset, "_scan", lambda self: scans.append(1) or "x")
     assert _load(path).fingerprint == ds.fingerprint and scans == []  # remembered: the file is not read again
+
+
+def test_other_parquet_feature_columns_are_other_inputs(tmp_path):
+    x, y = _data()
+    path = _write("parquet-columns", tmp_path / "d.parquet", x, y)
+    _age(path)
+    some = DataConfig(feature_columns=("f0", "f3"))
+    for _ in range(2):  # the second time from the remembered fingerprints
+        all_cols, two = _load(path), _dataset(_read(str(path), "data.source", some, True), "x", "y", "d", True)
+        assert two.x.shape == (N, 2) and np.array_equal(two.rows(slice(0, N))[0], x[:, [0, 3]])
+        assert two.fingerprint == Dataset(np.ascontiguousarray(x[:, [0, 3]]), y, IdRange(N), "m").fingerprint
+        assert all_cols.fingerprint != two.fingerprint
+
+
+def test_npy_of_another_dtype_is_converted_as_read(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(N, 1, 4, 4), dtype=np.uint8)
+    ds = _load(_write("npy", tmp_path / "d", pixels, np.arange(N) % 4))
+    assert isinstance(ds.x, MappedRows) and ds.x.dtype == np.float32  # mapped, not converted whole
+    assert np.array_equal(ds.rows(np.array([3, 1]))[0], pixels[[3, 1]].astype(np.float32))
+    assert ds.fingerprint == Dataset(pixels.astype(np.float32), None, IdRange(N), "m").fingerprint
+
+
+def test_a_sharded_zarr_array_is_read_a_shard_at_a_time(tmp_path):
+    x, y = _data()
+    group = zarr.open_group(tmp_path / "d", mode="w")
+    group.create_array("x", shape=x.shape, chunks=(16, F), shards=(128, F), dtype="float32")[:] = x
+    group.create_array("y", shape=y.shape, dtype="int64")[:] = y
+    ds = _load(tmp_path / "d")
+    assert ds.x.blocks.bounds == (0, 128, 256, 384, 512, 600)
+    assert np.array_equal(ds.x[::-1], x[::-1])
 
 
 def _report(tmp_path: Path, source: Path, name: str, cli_run) -> tuple[Path, dict]:
