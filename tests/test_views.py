@@ -236,6 +236,40 @@ def test_student_loader_resumes_mid_epoch_with_the_same_batches(built):
             assert all(all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(resumed, whole[start:]))
 
 
+def test_api_yields_view_parameters_and_replays_the_students_pixels(built):
+    import pipeline as lc
+
+    _, _, cfg, d = built
+    transfer = context(cfg).splits.transfer
+    by_id = np.zeros((int(transfer.ids.max()) + 1, *transfer.x.shape[1:]), np.float32)
+    by_id[transfer.ids] = transfer.x  # the user's images, indexed by sample id
+    cache = lc.open_cache(d)
+    assert cache.views == vw.augmentation(cfg, cache.manifest["spec"])[0]
+    ds = cache.dataset(batch_size=40, seed=1, inputs=by_id)
+    read = counting(cache.reader)
+    seen = []
+    for batch in ds:
+        assert {"view", "box", "flip", "partner", "lam", "cut"} <= set(batch)
+        assert batch["partner"].dtype == torch.int64 and batch["lam"].dtype == torch.float16
+        x = lc.replay_views(batch, by_id, cache.views)  # a user's own loop
+        assert torch.equal(x, batch["inputs"])
+        rows = {k: v.numpy() for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "inputs"
+                and k not in ("targets",)}
+        student = student_stage.classify_inputs(rows, transfer, cache.views, None, 0, 0, cache.num_classes, d)[1]
+        assert x.numpy().tobytes() == student.numpy().tobytes()
+        seen += list(zip(batch["sample_id"].tolist(), batch["view"].tolist()))
+    assert len(seen) == len(set(seen)) == len(transfer) == ds.items  # one view of every sample
+    assert 11 <= len(read) <= 12  # the chosen views' chunks only
+
+    # two ranks split the epoch's views; a resumed rank continues with the same batches
+    halves = [list(cache.dataset(batch_size=40, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    ranked = [(int(s), int(v)) for h in halves for b in h for s, v in zip(b["sample_id"], b["view"])]
+    assert sorted(ranked) == sorted(seen)
+    again = cache.dataset(batch_size=40, seed=1, rank=1, world_size=2)
+    again.load_state_dict({**again.state_dict(batches=3), "num_workers": None})
+    assert all(torch.equal(a["box"], b["box"]) for a, b in zip(again, halves[1][3:]))
+
+
 def test_views_cache_of_an_earlier_format_is_refused_in_one_line(built, tmp_path):
     import shutil
 
