@@ -226,7 +226,10 @@ class CacheDataset(IterableDataset):
     `counts`, `entropy`; hybrid adds `tail_*`); `targets`, the same re-tempered to `temperature` by
     `encoding.targets` (what `kd_loss` uses); `inputs` (items, ...) looked up by sample_id when
     given (ragged 1-D inputs right-padded with pad_value, lengths in `input_lengths`); and
-    `encoding` and `temperature` (not tensors). Use with DataLoader(ds, batch_size=None) or
+    `encoding` and `temperature` (not tensors). A views cache's rows are views, one per sample per
+    epoch: the batch adds `view`, `box`, `flip` and with mixup/cutmix `partner` (int64, -1 when
+    none), `lam` (float16) and `cut` (views.expand), and `inputs` are the views' pixels
+    (`replay_views`), not the source images. Use with DataLoader(ds, batch_size=None) or
     `ds.loader()`."""
 
     def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
