@@ -36,8 +36,8 @@ RandomCrop(padding) and timm's mixup/cutmix parameterization.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
