@@ -261,10 +261,13 @@ def test_api_yields_view_parameters_and_replays_the_students_pixels(built):
     assert len(seen) == len(set(seen)) == len(transfer) == ds.items  # one view of every sample
     assert 11 <= len(read) <= 12  # the chosen views' chunks only
 
-    # two ranks split the epoch's views; a resumed rank continues with the same batches
+    # two ranks, or two DataLoader workers, split the epoch's views; a resumed rank goes on with the same batches
     halves = [list(cache.dataset(batch_size=40, seed=1, rank=r, world_size=2)) for r in (0, 1)]
     ranked = [(int(s), int(v)) for h in halves for b in h for s, v in zip(b["sample_id"], b["view"])]
     assert sorted(ranked) == sorted(seen)
+    workers = [(int(s), int(v)) for b in cache.dataset(batch_size=40, seed=1).loader(num_workers=2)
+               for s, v in zip(b["sample_id"], b["view"])]
+    assert sorted(workers) == sorted(seen)
     again = cache.dataset(batch_size=40, seed=1, rank=1, world_size=2)
     again.load_state_dict({**again.state_dict(batches=3), "num_workers": None})
     assert all(torch.equal(a["box"], b["box"]) for a, b in zip(again, halves[1][3:]))
