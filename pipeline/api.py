@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -484,7 +484,7 @@ def _join(inputs: Any, keys: np.ndarray, pad_value: int) -> dict[str, torch.Tens
     return {"inputs": torch.from_numpy(padded), "input_lengths": torch.from_numpy(lengths)}
 
 
-def _lookup(inputs: Any) -> Any:
+def _lookup(inputs: Any) -> Callable[[np.ndarray], torch.Tensor]:
     """Images by sample id, from `inputs` as `Cache.dataset` takes them."""
     return lambda ids: _join(inputs, ids, 0)["inputs"]
 
