@@ -5,6 +5,7 @@ The public Python API (README "Python API"):
     open_cache(id_or_path, root=None) -> Cache      manifest, encoding, classes, temperature, dataset(...)
     Cache.dataset(batch_size, seed=0, ...)          IterableDataset split by DDP rank and DataLoader worker
     kd_loss(student_logits, batch, temperature)     alpha * CE + (1 - alpha) * T^2 * D, any encoding
+    replay_views(batch, inputs, cache.views)        the exact pixels of a views cache batch's views
     CacheWriter(root, spec=..., encoding=..., num_classes=...)   a cache from outputs computed elsewhere
 
 Names are imported on first use, so `import pipeline` (and the CLI) stays fast.
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "open_cache": "pipeline.api", "Cache": "pipeline.api", "CacheDataset": "pipeline.api",
     "CacheLoader": "pipeline.api", "kd_loss": "pipeline.api", "to_device": "pipeline.api",
+    "replay_views": "pipeline.api",
     "CacheWriter": "pipeline.writer",
     "Dense": "pipeline.encodings", "TopK": "pipeline.encodings", "Sampled": "pipeline.encodings",
     "Hybrid": "pipeline.encodings",
@@ -28,7 +30,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from pipeline.api import Cache, CacheDataset, CacheLoader, kd_loss, open_cache, to_device
+    from pipeline.api import Cache, CacheDataset, CacheLoader, kd_loss, open_cache, replay_views, to_device
     from pipeline.encodings import Dense, Hybrid, Sampled, TopK
     from pipeline.writer import CacheWriter
 

@@ -28,6 +28,11 @@ least one item), so DDP ranks never wait on each other and nothing is repeated. 
 rank yields floor(N / (world * batch_size)) full batches and the last items of the epoch's order
 (fewer than world * batch_size, different ones every epoch) are skipped.
 
+Views caches: an epoch's items are one view of each sample, a choice per block of samples that is
+a pure function of (seed, epoch, block) and cycles through all N views every N epochs; the pieces
+are the chosen views' chunks (1/N of the cache). Each batch carries the views' parameters, and
+`replay_views` (used for `inputs` too) rebuilds their pixels exactly as the teachers saw them.
+
 Resume: state_dict() holds (epoch, batches consumed on this rank, seed, world size, workers);
 loading it makes the next iteration yield exactly the remaining batches with the same contents.
 It needs the same world size, num_workers and batch size.
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import cache as fmt
 from pipeline import losses
+from pipeline import views as vw
 from pipeline.encodings import Encoding
 from pipeline.errors import CacheError
 
@@ -104,6 +110,12 @@ class Cache:
     @property
     def token_rows(self) -> bool:
         return self.reader.token_rows
+
+    @property
+    def views(self) -> vw.ViewSpec | None:
+        """A views cache's view count, augmentation, seed and image size (for `replay_views`); else None."""
+        spec = self.manifest["spec"]
+        return vw.ViewSpec.of(spec, self.path) if "views" in spec else None
 
     def verify(self) -> None:
         """Recompute every shard's sha256; raises CacheError naming a corrupt shard."""
@@ -214,7 +226,10 @@ class CacheDataset(IterableDataset):
     `counts`, `entropy`; hybrid adds `tail_*`); `targets`, the same re-tempered to `temperature` by
     `encoding.targets` (what `kd_loss` uses); `inputs` (items, ...) looked up by sample_id when
     given (ragged 1-D inputs right-padded with pad_value, lengths in `input_lengths`); and
-    `encoding` and `temperature` (not tensors). Use with DataLoader(ds, batch_size=None) or
+    `encoding` and `temperature` (not tensors). A views cache's rows are views, one per sample per
+    epoch: the batch adds `view`, `box`, `flip` and with mixup/cutmix `partner` (int64, -1 when
+    none), `lam` (float16) and `cut` (views.expand), and `inputs` are the views' pixels
+    (`replay_views`), not the source images. Use with DataLoader(ds, batch_size=None) or
     `ds.loader()`."""
 
     def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
@@ -235,8 +250,9 @@ class CacheDataset(IterableDataset):
         self.inputs, self.drop_last, self.pad_value = inputs, drop_last, pad_value
         self._explicit = (rank, world_size)
         self.rank, self.world_size = self._resolve_dist()
-        self.pieces = _pieces(cache.reader)
-        self.items = sum(p.items for p in self.pieces)
+        self.views = cache.views
+        self.pieces = _pieces(cache.reader) if self.views is None else []
+        self.items = sum(p.items for p in self._epoch_pieces(0))
         self.epoch = 0
         self._start = 0  # rank-local batches of this epoch already consumed (resume)
         self._yielded = 0  # batches this object handed out in this process (num_workers=0)
@@ -343,11 +359,20 @@ class CacheDataset(IterableDataset):
             pending = [({k: v[cut:] for k, v in rows.items()}, lengths[size:])] if have > size else []
             have -= size
 
+    def _epoch_pieces(self, epoch: int) -> list[_Piece]:
+        """The pieces of `epoch`: every chunk's, or of a views cache the chosen view of each block."""
+        if self.views is None:
+            return self.pieces
+        reader = self.reader
+        blocks = vw.epoch_blocks(self.views, [e["rows"] for e in reader.shards], reader.chunk_rows, self.seed, epoch)
+        return [_Piece(c.shard, c.start, c.stop, c.stop - c.start) for c in blocks]
+
     def _order(self, epoch: int) -> list[list[_Piece]]:
-        idx = np.arange(len(self.pieces))
+        pieces = self._epoch_pieces(epoch)
+        idx = np.arange(len(pieces))
         if self.shuffle:
-            idx = np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
-        order = [self.pieces[int(i)] for i in idx]
+            idx = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
+        order = [pieces[int(i)] for i in idx]
         n = self.shuffle_chunks
         return [order[i:i + n] for i in range(0, len(order), n)]
 
@@ -404,6 +429,8 @@ class CacheDataset(IterableDataset):
 
     def _batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, Any]:
         enc = self.encoding
+        if self.views is not None:
+            rows = vw.expand(self.views, rows, self.path)
         sample_id = rows["sample_id"].astype(np.int64)
         decoded = {k: v for k, v in rows.items() if k not in fmt.ROW_COLUMNS}
         out: dict[str, Any] = {"sample_id": torch.from_numpy(sample_id)}
@@ -416,7 +443,9 @@ class CacheDataset(IterableDataset):
             out["sequence_id"] = torch.from_numpy(keys)
         out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in decoded.items()})
         out["targets"] = enc.targets(decoded, "cpu", self.temperature / self.cache_temperature)
-        if self.inputs is not None:
+        if self.inputs is not None and self.views is not None:
+            out["inputs"] = vw.render_rows(_lookup(self.inputs), rows, self.views.augment)
+        elif self.inputs is not None:
             out.update(_join(self.inputs, keys, self.pad_value))
         out["encoding"] = enc
         out["temperature"] = self.temperature
@@ -453,6 +482,22 @@ def _join(inputs: Any, keys: np.ndarray, pad_value: int) -> dict[str, torch.Tens
     for i, a in enumerate(items):
         padded[i, :len(a)] = a
     return {"inputs": torch.from_numpy(padded), "input_lengths": torch.from_numpy(lengths)}
+
+
+def _lookup(inputs: Any) -> Callable[[np.ndarray], torch.Tensor]:
+    """Images by sample id, from `inputs` as `Cache.dataset` takes them."""
+    return lambda ids: _join(inputs, ids, 0)["inputs"]
+
+
+def replay_views(batch: dict[str, Any], inputs: Any, views: vw.ViewSpec) -> torch.Tensor:
+    """Pixels (B, C, H, W) float32 of a views cache batch's rows, rebuilt from their parameters
+    exactly as the cache stage rendered them for the teachers (the function the student stage
+    replays them with): `inputs` the source images (B', C, H, W) indexable by sample id, as for
+    `Cache.dataset(inputs=...)`; `views` the cache's `Cache.views`. `batch` needs sample_id, view and
+    the parameters a views batch carries (box, flip; partner, lam, cut with mixup/cutmix)."""
+    params = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in batch.items()
+              if k in ("sample_id", "view", *vw.PARAMS)}
+    return vw.render_rows(_lookup(inputs), params, views.augment)
 
 
 class CacheLoader(DataLoader):
@@ -549,5 +594,5 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
     return losses.mix(kd, ce, alpha)
 
 
-__all__ = ["Cache", "CacheDataset", "CacheLoader", "open_cache", "kd_loss", "to_device", "batch_sizes",
-           "rank_layout", "worker_layout"]
+__all__ = ["Cache", "CacheDataset", "CacheLoader", "open_cache", "kd_loss", "replay_views", "to_device",
+           "batch_sizes", "rank_layout", "worker_layout"]

@@ -55,15 +55,17 @@ ROW_COLUMNS = {
 # augmented views (cache.views > 0; pipeline/views.py draws and replays them); a cache stores the
 # ones its augmentation uses, after sample_id
 VIEW_COLUMNS = {
-    "view": Column("view", ("row",), "uint16 index of this augmented view of the sample; a sample's views are "
-                   "contiguous rows in view order"),
+    "view": Column("view", ("row",), "index of this augmented view of the sample (uint8, uint16 above 256 views); "
+                   "rows are view-major in a shard: view v of its sample i is row v * samples + i"),
     "box": Column("box", ("row", "box"), "top, left, height, width of the source region in the image zero-padded "
                   "by the spec's pad, resized bilinearly to the image size, (rows, 4)"),
     "flip": Column("flip", ("row",), "1 when the view is flipped horizontally (after the crop)"),
-    "partner": Column("partner", ("row",), "int64 sample id mixed into this view by mixup/cutmix, -1 when none"),
-    "lam": Column("lam", ("row",), "float16 weight of the sample's own image/label in a mixed view (1 when none)"),
-    "cut": Column("cut", ("row", "box"), "cutmix: top, left, height, width of the region taken from the partner "
-                  "(height 0 when none), (rows, 4)"),
+    "partner": Column("partner", ("row",), "sample id mixed into this view by mixup/cutmix, -1 when none (int32 "
+                      "when every transfer id fits, else int64)"),
+    "lam": Column("lam", ("row",), "float16 weight of a mixup view's own image and label (1 on other rows; a "
+                  "cutmix view's is recomputed from its box)"),
+    "cut_size": Column("cut_size", ("row", "side"), "cutmix: height and width of the pasted box before clipping "
+                       "(0 when none); its centre is recomputed from the view's draws, (rows, 2)"),
 }
 OFFSETS = Column("offsets", ("sequence",), "first row of each sequence in this shard, plus the row count, "
                  "(sequences + 1,)")
@@ -76,13 +78,13 @@ def stored_columns(enc: Encoding, token_rows: bool, view_names: list[str] | tupl
     return base + [VIEW_COLUMNS[n] for n in view_names] + enc.columns()
 
 
-def view_column_names(spec: dict[str, Any]) -> list[str]:
+def view_column_names(spec: dict[str, Any], where: Any = "cache") -> list[str]:
     """The view columns of a cache with this spec (none without views)."""
     if "views" not in spec:
         return []
     from pipeline.views import ViewSpec, column_names
 
-    return column_names(ViewSpec.from_json(spec["views"]).augment)
+    return column_names(ViewSpec.of(spec, where).augment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +393,8 @@ class CacheReader:
         spec = manifest["spec"]
         self.encoding: Encoding = encoding_from_spec(spec)
         self.token_rows = "seq_len" in spec["dataset"]
-        self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, view_column_names(spec))]
+        views = view_column_names(spec, cache_dir)
+        self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, views)]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self._handles = HandleLRU(max_open if max_open is not None else default_max_open())

@@ -641,10 +641,10 @@ def _validate_views(cfg: Config) -> list[str]:
         if not a.active:
             e.append(f"cache.views: {n} views of an unaugmented image are {n} identical copies; "
                      "set augment.crop, augment.flip, augment.translate or mixup/cutmix")
-        for key in ("rows_per_shard", "chunk_rows"):
-            if getattr(c, key) % n:
-                e.append(f"cache.{key}: {getattr(c, key)} must be a multiple of cache.views={n} "
-                         "(a sample's views are contiguous rows and never straddle chunks)")
+        if c.rows_per_shard % n or (c.rows_per_shard // n) % c.chunk_rows:
+            e.append(f"cache.rows_per_shard: {c.rows_per_shard} must be cache.views={n} times a multiple of "
+                     f"cache.chunk_rows={c.chunk_rows} (rows are view-major in a shard, so that a chunk holds one "
+                     f"view), e.g. {n * c.chunk_rows * max(1, round(c.rows_per_shard / (n * c.chunk_rows)))}")
     elif a.mixup_prob > 0 or a.cutmix_prob > 0:
         e.append("augment: mixup/cutmix need cache.views >= 1 (the teachers must see the mixed images; "
                  "a cache of plain images has no targets for them)")

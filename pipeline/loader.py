@@ -6,6 +6,9 @@ ranges of the source, so a source sorted by class would otherwise give one-class
 into buffers of `shuffle_chunks` whole chunks, rows shuffled within each buffer. The order is a
 pure function of (seed, epoch), so a resumed run replays it exactly; resuming at batch b reads
 nothing before the buffer that holds it.
+
+A views cache is read one view per block of samples per epoch (pipeline/views.py, epoch_blocks):
+the permuted units are those blocks' chunks, 1/N of the cache, and a row is one sample's view.
 """
 
 from __future__ import annotations
@@ -17,6 +20,42 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from pipeline.cache import CacheReader, Chunk
+from pipeline.views import ViewSpec, epoch_blocks
+
+
+def epoch_chunks(reader: CacheReader, seed: int, epoch: int) -> list[Chunk]:
+    """The row ranges an epoch reads: every chunk, or of a views cache one view of each block."""
+    spec = reader.manifest["spec"]
+    if "views" not in spec:
+        return reader.chunks()
+    return epoch_blocks(ViewSpec.of(spec, reader.dir), [e["rows"] for e in reader.shards], reader.chunk_rows, seed,
+                        epoch)
+
+
+def epoch_rows(reader: CacheReader) -> int:
+    """Rows an epoch reads: all, or one view of each sample of a views cache."""
+    views = reader.manifest["spec"].get("views")
+    return reader.rows // views["count"] if views else reader.rows
+
+
+def read_ranges(reader: CacheReader, ranges: list[Chunk]) -> list[dict[str, np.ndarray]]:
+    """Rows [start, stop) of each range (within its shard), reading every chunk that covers them once;
+    a range that is a whole chunk is read as that chunk."""
+    cr = reader.chunk_rows
+    wanted: dict[tuple[int, int], Chunk] = {}
+    for r in ranges:
+        rows = reader.shards[r.shard]["rows"]
+        for j in range(r.start // cr, (r.stop - 1) // cr + 1):
+            wanted.setdefault((r.shard, j), Chunk(r.shard, j, j * cr, min((j + 1) * cr, rows)))
+    got = dict(zip(wanted, reader.read_many(list(wanted.values()))))
+    out = []
+    for r in ranges:
+        first = r.start // cr
+        parts = [got[(r.shard, j)] for j in range(first, (r.stop - 1) // cr + 1)]
+        data = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        lo = r.start - first * cr
+        out.append({k: v[lo:lo + r.stop - r.start] for k, v in data.items()})
+    return out
 
 
 class ChunkShuffleLoader:
@@ -31,10 +70,10 @@ class ChunkShuffleLoader:
         self.per_item = rows_per_item
 
     def __len__(self) -> int:
-        return math.ceil(self.reader.rows / self.batch_size)
+        return math.ceil(epoch_rows(self.reader) / self.batch_size)
 
-    def _buffers(self, rng: np.random.Generator) -> list[list[Chunk]]:
-        chunks = self.reader.chunks()
+    def _buffers(self, rng: np.random.Generator, epoch: int) -> list[list[Chunk]]:
+        chunks = epoch_chunks(self.reader, self.seed, epoch)
         order = [chunks[int(j)] for j in rng.permutation(len(chunks))]
         n = self.shuffle_chunks
         return [order[i:i + n] for i in range(0, len(order), n)]
@@ -43,7 +82,7 @@ class ChunkShuffleLoader:
         """Yield batches `start`, `start + 1`, ... of `epoch`; each a dict of column arrays."""
         rng = np.random.default_rng([self.seed, epoch])
         skip = start * self.batch_size  # rows of the epoch's stream already consumed
-        buffers = self._buffers(rng)
+        buffers = self._buffers(rng, epoch)
         perms, seen = [], 0
         for buffer in buffers:  # every permutation drawn, skipped or not, so the order is fixed
             rows = sum(c.stop - c.start for c in buffer)
@@ -64,7 +103,7 @@ class ChunkShuffleLoader:
         carry: dict[str, np.ndarray] | None = None
         pending: Future | None = None
         for b in range(first, len(buffers)):
-            parts = (pending or ahead.submit(self.reader.read_many, buffers[b])).result()
+            parts = (pending or ahead.submit(read_ranges, self.reader, buffers[b])).result()
             pending = None
             perm, rows = perms[b]
             data = {k: np.concatenate([p[k] for p in parts])[perm] for k in parts[0]}
@@ -78,7 +117,7 @@ class ChunkShuffleLoader:
             for i in range(0, full, self.batch_size):
                 yield {k: v[i:i + self.batch_size] for k, v in data.items()}
                 if pending is None and b + 1 < len(buffers):
-                    pending = ahead.submit(self.reader.read_many, buffers[b + 1])
+                    pending = ahead.submit(read_ranges, self.reader, buffers[b + 1])
             carry = {k: v[full:] for k, v in data.items()} if full < n else None
         if carry is not None:
             yield carry

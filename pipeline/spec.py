@@ -86,8 +86,7 @@ def context(cfg: Config) -> Context:
         spec["sampling_seed"] = cfg.seed
     views = None
     if c.views > 0:  # only then: caches without views keep their ids
-        check_images(splits.input_shape, "cache.views")
-        views = ViewSpec(c.views, cfg.augment, cfg.seed)
+        views = ViewSpec(c.views, cfg.augment, cfg.seed, check_images(splits.input_shape, "cache.views"))
         spec["views"] = views.to_json()
     files = _file_stats(_teacher_files(refs))
     return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision,

@@ -1,16 +1,27 @@
 """Augmented views: parameters drawn per (seed, sample_id, view), stored compactly, replayed exactly.
 
     aug = AugmentConfig(crop="resized", scale=(0.6, 1.0), flip=0.5)
-    params = draw(aug, seed, sample_ids, views, (H, W), transfer_ids)   # numpy columns, stored as is
-    x = render_rows(dataset, params, aug)                                # (n, C, H, W) float32 pixels
+    stored = draw(aug, seed, sample_ids, views, (H, W), transfer_ids)   # the columns a cache stores
+    params = expand(spec, {"sample_id": ..., "view": ..., **stored})     # every parameter of each view
+    x = render_rows(lookup, params, aug)                                 # (n, C, H, W) float32 pixels
 
 The cache stage draws each view's parameters, stores them beside the targets, and runs the
-teachers on `render_rows` of the stored (already rounded) parameters; the student rebuilds the
-pixels with the same function from the same stored columns, so both see the same bytes.
+teachers on `render_rows` of the stored (already rounded) parameters; the student, and a user's
+loop through `pipeline.replay_views`, rebuild the pixels with the same function from the same
+stored columns, so all see the same bytes.
 
 Parameters come from a counter-based generator: every uniform is a hash (splitmix64 rounds) of
 (seed, sample_id, view, draw index). Any worker computes any view without state; view v of a
 sample is the same whatever the number of views or the shard plan, and reruns are identical.
+What is an exact integer function of those uniforms (whether a view is mixed, and how; the centre
+of a cutmix box; the λ of a cutmix view, the area it keeps) is recomputed by `expand` rather than
+stored; what goes through floating-point library functions whose last bits may differ between
+builds (log, exp, the Beta quantile) is stored as drawn.
+
+Rows of a views cache are view-major inside each shard (all of its samples' view 0, then view 1,
+...), and the shard's sample count is a multiple of the chunk size, so a chunk holds one view of
+`chunk_rows` consecutive samples (a block). A student reads one view per block per epoch
+(`epoch_blocks`): 1/N of the cache.
 
 Pixels are rebuilt with explicit gathers and one eager elementwise op at a time (no interpolation
 kernel, no matmul, no fused multiply-add): each output pixel depends only on its own row's input
@@ -25,12 +36,14 @@ RandomCrop(padding) and timm's mixup/cutmix parameterization.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.cache import Chunk
 from pipeline.config import AugmentConfig
 from pipeline.errors import CacheError, DataError
 
@@ -40,24 +53,36 @@ _U_TOP, _U_LEFT, _U_TY, _U_TX, _U_FLIP, _U_MIX, _U_PARTNER, _U_LAM, _U_CY, _U_CX
 _NUM_UNIFORMS = 2 * _TRIES + 10
 
 
+FORMAT = 2  # 2: view-major rows, compact columns (partner id at the ids' width, cut_size); 1 is refused
+
+
 @dataclass(frozen=True)
 class ViewSpec:
-    """What a views cache records: the view count, the augmentation and the seed of its draws."""
+    """What a views cache records: the view count, the augmentation, the seed of its draws, and the
+    image size (height, width) its boxes refer to."""
 
     count: int
     augment: AugmentConfig
     seed: int
+    hw: tuple[int, int]
 
     def to_json(self) -> dict[str, Any]:
         from pipeline.config import to_dict
 
-        return {"count": self.count, "seed": self.seed, "augment": to_dict(self.augment)}
+        return {"format": FORMAT, "count": self.count, "seed": self.seed, "augment": to_dict(self.augment)}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> ViewSpec:
+    def of(spec: dict[str, Any], where: Any) -> ViewSpec:
+        """The views of a cache with this spec (its `views` entry and the dataset's input shape)."""
+        d = spec["views"]
+        if d.get("format") != FORMAT:
+            raise CacheError(f"{where}: a views cache of an earlier format (a sample's views in contiguous rows, "
+                             "wider columns), which this version cannot read selectively; rebuild it with "
+                             "`logitcache cache CONFIG`")
         names = {f.name for f in fields(AugmentConfig)}
         aug = {k: tuple(v) if isinstance(v, list) else v for k, v in d["augment"].items() if k in names}
-        return ViewSpec(int(d["count"]), AugmentConfig(**aug), int(d["seed"]))
+        shape = spec["dataset"]["input_shape"]
+        return ViewSpec(int(d["count"]), AugmentConfig(**aug), int(d["seed"]), (int(shape[1]), int(shape[2])))
 
 
 def mixes(aug: AugmentConfig) -> bool:
@@ -73,13 +98,22 @@ def box_dtype(aug: AugmentConfig, hw: tuple[int, int]) -> type:
     return np.uint8 if max(hw) + 2 * pad_of(aug) <= 255 else np.uint16
 
 
+def view_dtype(count: int) -> type:
+    return np.uint8 if count <= 256 else np.uint16
+
+
+PARAMS = ("box", "flip", "partner", "lam", "cut")  # what `expand` gives and `render` takes, beside sample_id
+
+
 def column_names(aug: AugmentConfig) -> list[str]:
     """The view columns a cache made with `aug` stores, in order (see cache.VIEW_COLUMNS)."""
     names = ["view", "box", "flip"]
     if mixes(aug):
-        names += ["partner", "lam"]
+        names.append("partner")
+    if aug.mixup_prob > 0:
+        names.append("lam")
     if aug.cutmix_prob > 0:
-        names.append("cut")
+        names.append("cut_size")
     return names
 
 
@@ -127,13 +161,15 @@ def uniforms(seed: int, sample_ids: np.ndarray, views: np.ndarray, k: int) -> np
 
 def draw(aug: AugmentConfig, seed: int, sample_ids: np.ndarray, views: np.ndarray, hw: tuple[int, int],
          transfer_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Parameters of views `views[i]` of samples `sample_ids[i]`, in their stored dtypes.
+    """The stored columns of views `views[i]` of samples `sample_ids[i]`, in their stored dtypes
+    (`expand` adds what is recomputed rather than stored).
 
     box (n, 4): top, left, height, width of the source region in the image zero-padded by
-    `pad_of(aug)` pixels; flip (n,) 0/1; with mixup/cutmix: partner (n,) sample id or -1 and lam (n,)
-    float16, the weight of the sample's own label; with cutmix: cut (n, 4), top, left, height, width
-    of the region pasted from the partner (height 0 when none). `transfer_ids`: the ids partners
-    are drawn from (the whole transfer set, so a view never depends on the shard plan)."""
+    `pad_of(aug)` pixels; flip (n,) 0/1; with mixup/cutmix: partner (n,) sample id or -1 (int32 when
+    every transfer id fits, else int64); with mixup: lam (n,) float16, the weight of a mixup view's
+    own image and label (1 on other rows); with cutmix: cut_size (n, 2), height and width of timm's
+    box before clipping (0 on other rows). `transfer_ids`: the ids partners are drawn from (the
+    whole transfer set, so a view never depends on the shard plan)."""
     H, W = hw
     n = len(sample_ids)
     u = uniforms(seed, np.asarray(sample_ids, np.int64), np.asarray(views, np.int64), _NUM_UNIFORMS)
@@ -186,6 +222,11 @@ def _resized_size(aug: AugmentConfig, u: np.ndarray, H: int, W: int) -> tuple[np
     return h, w
 
 
+def _kind(aug: AugmentConfig, u: np.ndarray) -> np.ndarray:
+    """0: not mixed, 1: mixup, 2: cutmix; (n,) from the view's uniforms."""
+    return np.where(u[:, _U_MIX] < aug.mixup_prob, 1, np.where(u[:, _U_MIX] < aug.mixup_prob + aug.cutmix_prob, 2, 0))
+
+
 def _draw_mix(aug: AugmentConfig, u: np.ndarray, sample_ids: np.ndarray, transfer_ids: np.ndarray | None,
               hw: tuple[int, int]) -> dict[str, np.ndarray]:
     from scipy.special import betaincinv  # scipy comes with scikit-learn
@@ -193,27 +234,53 @@ def _draw_mix(aug: AugmentConfig, u: np.ndarray, sample_ids: np.ndarray, transfe
     if transfer_ids is None or len(transfer_ids) < 2:
         raise DataError("augment: mixup/cutmix need a transfer set of at least 2 samples to draw partners from")
     H, W = hw
-    n = len(u)
     pool = np.asarray(transfer_ids, np.int64)
-    kind = np.where(u[:, _U_MIX] < aug.mixup_prob, 1, np.where(u[:, _U_MIX] < aug.mixup_prob + aug.cutmix_prob, 2, 0))
+    kind = _kind(aug, u)
     idx = np.floor(u[:, _U_PARTNER] * len(pool)).astype(np.int64)
     idx = np.where(pool[idx] == sample_ids, (idx + 1) % len(pool), idx)  # never the sample itself
-    partner = np.where(kind > 0, pool[idx], -1).astype(np.int64)
+    narrow = pool.min() > np.iinfo(np.int32).min and pool.max() <= np.iinfo(np.int32).max
+    out = {"partner": np.where(kind > 0, pool[idx], -1).astype(np.int32 if narrow else np.int64)}
     alpha = np.where(kind == 2, aug.cutmix_alpha, aug.mixup_alpha)
     lam = betaincinv(alpha, alpha, u[:, _U_LAM])  # Beta(alpha, alpha) by its inverse CDF
+    if aug.mixup_prob > 0:
+        out["lam"] = np.where(kind == 1, lam, 1.0).astype(np.float16)
+    if aug.cutmix_prob > 0:  # timm's rand_bbox: a box of side sqrt(1 - lam) around a uniform centre
+        size = np.stack([(H * np.sqrt(1.0 - lam)).astype(np.int64), (W * np.sqrt(1.0 - lam)).astype(np.int64)], 1)
+        out["cut_size"] = np.where((kind == 2)[:, None], size, 0).astype(box_dtype(aug, hw))
+    return out
+
+
+def expand(spec: ViewSpec, rows: dict[str, np.ndarray], where: Any = "views") -> dict[str, np.ndarray]:
+    """Every parameter of the views `rows` holds (sample_id, view and the stored columns), as the
+    renderer takes them: the stored columns, and with mixup/cutmix partner (n,) int64 sample id or -1,
+    lam (n,) float16 for every row (a cutmix view's is the area it keeps, 1 - h w / (H W)) and with
+    cutmix cut (n, 4), top, left, height, width of the region pasted from the partner (height 0 when
+    none), timm's box clipped to the image. Exact integer functions of the counter-based uniforms."""
+    aug = spec.augment
+    out = {k: v for k, v in rows.items() if k != "cut_size"}
+    if not mixes(aug):
+        return out
+    H, W = spec.hw
+    n = len(rows["sample_id"])
+    u = uniforms(spec.seed, np.asarray(rows["sample_id"], np.int64), np.asarray(rows["view"], np.int64), _NUM_UNIFORMS)
+    kind = _kind(aug, u)
+    partner = np.asarray(rows["partner"], np.int64)
+    if ((partner >= 0) != (kind > 0)).any():
+        raise CacheError(f"{where}: the stored partners do not match the views spec's draws; the cache is corrupt, "
+                         "rebuild it")
     cut = np.zeros((n, 4), np.int64)
-    # timm's rand_bbox: a box of side sqrt(1 - lam) around a uniform centre, clipped to the image
-    ch = (H * np.sqrt(1.0 - lam)).astype(np.int64)
-    cw = (W * np.sqrt(1.0 - lam)).astype(np.int64)
-    cy, cx = np.floor(u[:, _U_CY] * H).astype(np.int64), np.floor(u[:, _U_CX] * W).astype(np.int64)
-    y0, y1 = np.clip(cy - ch // 2, 0, H), np.clip(cy + ch // 2, 0, H)
-    x0, x1 = np.clip(cx - cw // 2, 0, W), np.clip(cx + cw // 2, 0, W)
-    is_cut = kind == 2
-    cut[is_cut] = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)[is_cut]
-    lam = np.where(is_cut, 1.0 - cut[:, 2] * cut[:, 3] / (H * W), lam)  # the area actually kept
-    out = {"partner": partner, "lam": np.where(kind > 0, lam, 1.0).astype(np.float16)}
-    if aug.cutmix_prob > 0:
-        out["cut"] = cut.astype(box_dtype(aug, hw))
+    if "cut_size" in rows:
+        size = rows["cut_size"].astype(np.int64)
+        cy, cx = np.floor(u[:, _U_CY] * H).astype(np.int64), np.floor(u[:, _U_CX] * W).astype(np.int64)
+        y0, y1 = np.clip(cy - size[:, 0] // 2, 0, H), np.clip(cy + size[:, 0] // 2, 0, H)
+        x0, x1 = np.clip(cx - size[:, 1] // 2, 0, W), np.clip(cx + size[:, 1] // 2, 0, W)
+        is_cut = kind == 2
+        cut[is_cut] = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)[is_cut]
+        out["cut"] = cut.astype(box_dtype(aug, spec.hw))
+    lam = rows["lam"].astype(np.float64) if "lam" in rows else np.ones(n)
+    kept = 1.0 - cut[:, 2] * cut[:, 3] / (H * W)  # the area a cutmix view keeps
+    out["partner"] = partner
+    out["lam"] = np.where(kind == 2, kept, np.where(kind == 1, lam, 1.0)).astype(np.float16)
     return out
 
 
@@ -285,15 +352,17 @@ def render(images: torch.Tensor, params: dict[str, np.ndarray], aug: AugmentConf
     return torch.where(has & ~is_cut, blended, out)
 
 
-def render_rows(dataset: Any, params: dict[str, np.ndarray], aug: AugmentConfig) -> torch.Tensor:
-    """Pixels of the rows `params` describes (they carry `sample_id`, and `partner` with mixing),
-    with images looked up in `dataset` (a pipeline.data.Dataset) by sample id."""
-    x = torch.from_numpy(dataset.x[dataset.positions(params["sample_id"])])
+def render_rows(images: Callable[[np.ndarray], Any], params: dict[str, np.ndarray], aug: AugmentConfig
+                ) -> torch.Tensor:
+    """Pixels (n, C, H, W) of the rows `params` describes (they carry `sample_id`, and `partner` with
+    mixing, as `expand` gives them); `images(ids)` returns the source images (n, C, H, W) of sample
+    ids, as an array or tensor."""
+    x = torch.as_tensor(images(np.asarray(params["sample_id"], np.int64)))
     partners = None
     if "partner" in params:
         pid = params["partner"]
         safe = np.where(pid >= 0, pid, params["sample_id"])  # rows without a partner: any image, unused
-        partners = torch.from_numpy(dataset.x[dataset.positions(safe)])
+        partners = torch.as_tensor(images(np.asarray(safe, np.int64)))
     return render(x, params, aug, partners)
 
 
@@ -315,32 +384,39 @@ def soft_labels(params: dict[str, np.ndarray], dataset: Any, num_classes: int,
 # The student's choice of view
 
 
-def chosen_views(seed: int, epoch: int, sample_ids: np.ndarray, count: int) -> np.ndarray:
-    """The view each sample trains on in `epoch`: position epoch mod N of a per-sample permutation
-    of the N views, drawn afresh every N epochs. Every view is used once per N epochs, and the order
-    differs between samples, cycles and seeds. (n,) int64."""
+def chosen_views(seed: int, epoch: int, shard: int, blocks: np.ndarray, count: int) -> np.ndarray:
+    """The view each block of samples of a shard trains on in `epoch`: position epoch mod N of a
+    per-block permutation of the N views, drawn afresh every N epochs. Every view of every sample is
+    used once per N epochs, and the order differs between blocks, cycles and seeds. (blocks,) int64.
+
+    Choosing per block rather than per sample is the same augmentation in distribution: each
+    (sample, view)'s parameters are independent draws, so which samples share a view index says
+    nothing about their pixels."""
     cycle, step = divmod(epoch, count)
-    keys = hash_keys(seed, cycle, np.asarray(sample_ids, np.int64)[:, None], np.arange(count)[None, :])  # (n, N)
+    keys = hash_keys(seed, cycle, shard, np.asarray(blocks, np.int64)[:, None], np.arange(count)[None, :])
     return np.argsort(keys, axis=1, kind="stable")[:, step]
 
 
-def take_chosen(batch: dict[str, np.ndarray], count: int, seed: int, epoch: int, where: Any) -> dict[str, np.ndarray]:
-    """From a batch of whole samples (N contiguous rows each, views 0..N-1 in order), the row of each
-    sample's chosen view."""
-    n = len(batch["view"]) // count
-    grid = batch["view"].reshape(n, count)
-    sids = batch["sample_id"].reshape(n, count)
-    if (grid != np.arange(count)).any() or (sids != sids[:, :1]).any():
-        raise CacheError(f"{where}: view rows are not whole samples in view order; the cache is corrupt, rebuild it")
-    rows = np.arange(n) * count + chosen_views(seed, epoch, sids[:, 0], count)
-    return {k: v[rows] for k, v in batch.items()}
+def epoch_blocks(spec: ViewSpec, shard_rows: list[int], chunk_rows: int, seed: int, epoch: int) -> list[Chunk]:
+    """The row ranges a student reads in `epoch`: for each block of `chunk_rows` consecutive samples
+    of each shard, the rows of its chosen view. A shard of S samples holds view v of its sample i at
+    row v * S + i; S is a multiple of chunk_rows except in the last shard, so a block's view is one
+    whole chunk (a range of the last shard may straddle two). Chunk.index: the chunk of its first row."""
+    out = []
+    for s, rows in enumerate(shard_rows):
+        samples = rows // spec.count
+        blocks = np.arange(-(-samples // chunk_rows))
+        for j, v in zip(blocks.tolist(), chosen_views(seed, epoch, s, blocks, spec.count).tolist()):
+            start = v * samples + j * chunk_rows
+            out.append(Chunk(s, start // chunk_rows, start, v * samples + min((j + 1) * chunk_rows, samples)))
+    return out
 
 
 def augmentation(cfg: Any, spec: dict[str, Any]) -> tuple[ViewSpec | None, AugmentConfig | None]:
     """What a student trains on, given a cache's spec: (the cache's views, replayed), or (None, the
     config's augmentation, drawn online for a cache of plain images), or (None, None)."""
     if "views" in spec:
-        return ViewSpec.from_json(spec["views"]), None
+        return ViewSpec.of(spec, "student.cache"), None
     if cfg.data.task == "classify" and cfg.augment.active:
         return None, cfg.augment
     return None, None

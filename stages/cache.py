@@ -10,9 +10,11 @@ encoding, the teachers' device type and precision, format version) plus the shar
 and nothing runs. The plan splits the transfer set into fixed row ranges (cache.rows_per_shard),
 never by worker count; shards already on disk are skipped, so a rerun after a crash redoes only
 the missing ones. With cache.views = N a row is one augmented view: a shard holds all N views of
-its samples (sample-major), their parameters drawn per (seed, sample_id, view) and stored beside
-the targets, the teachers run on the rendered views (pipeline/views.py). On a GPU the teachers run under bf16 autocast by default (cache.precision) and the
-encoding runs on the device; writing a shard overlaps computing the next.
+its samples, view-major (all of its samples' view 0, then view 1, ...: a chunk holds one view),
+their parameters drawn per (seed, sample_id, view) and stored beside the targets, the teachers run
+on the rendered views (pipeline/views.py). On a GPU the teachers run under bf16 autocast by
+default (cache.precision) and the encoding runs on the device; writing a shard overlaps computing
+the next.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pipeline.fanout import expected_workers, run_all, task_share
 from pipeline.io import atomic_write_json, atomic_write_text, check_writable
 from pipeline.spec import Context, context, record
 from pipeline.progress import bar, log
-from pipeline.views import draw, render_rows
+from pipeline.views import draw, expand, render_rows, view_dtype
 
 
 @dataclass(frozen=True)
@@ -115,20 +117,24 @@ def _batch_size(ctx: Context) -> int:
 
 
 def _compute_views(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
-    """Every view of the shard's samples, sample-major (row = sample * N + view): parameters drawn
-    per (seed, sample_id, view), pixels rendered from the stored parameters on the host (the exact
-    function the student replays), teachers batched across views."""
+    """Every view of the shard's samples, view-major (row = view * samples + sample): parameters
+    drawn per (seed, sample_id, view), pixels rendered on the host from the stored columns as the
+    student expands them (the exact function it replays), teachers batched across views."""
     transfer, v = ctx.splits.transfer, ctx.views
     assert v is not None
     ids = transfer.ids[shard.start:shard.stop]
-    rows = {"sample_id": np.repeat(ids, v.count), "view": np.tile(np.arange(v.count, dtype=np.uint16), len(ids))}
-    rows.update(draw(v.augment, v.seed, rows["sample_id"], rows["view"], transfer.x.shape[2:], transfer.ids))
+    view = np.repeat(np.arange(v.count, dtype=view_dtype(v.count)), len(ids))
+    rows = {"sample_id": np.tile(ids, v.count), "view": view}
+    rows.update(draw(v.augment, v.seed, rows["sample_id"], rows["view"], v.hw, transfer.ids))
     b = _batch_size(ctx)
+
+    def images(sample_ids: np.ndarray) -> np.ndarray:
+        return transfer.x[transfer.positions(sample_ids)]
 
     def batches() -> Any:
         for i in range(0, len(rows["sample_id"]), b):
-            part = {k: a[i:i + b] for k, a in rows.items()}
-            yield render_rows(transfer, part, v.augment), part["sample_id"]
+            part = expand(v, {k: a[i:i + b] for k, a in rows.items()})
+            yield render_rows(images, part, v.augment), part["sample_id"]
 
     return {**rows, **_encode(ctx, shard, models, batches())}
 

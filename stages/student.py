@@ -5,9 +5,10 @@
     logitcache student configs/demo.yaml student.cache=3f9a2c     # any cache id or directory
 
 With a views cache (cache.views > 0) every epoch trains on one view per sample, a seeded choice
-that cycles through all N views every N epochs; the view's pixels are rebuilt from the parameters
-stored in the cache (the function the cache stage rendered them with) and its targets are that
-view's. With a cache of plain images and an `augment:` section, views are drawn online per
+per block of samples that cycles through all N views every N epochs, and reads only the chunks of
+the chosen views (1/N of the cache); the view's pixels are rebuilt from the parameters stored in
+the cache (the function the cache stage rendered them with) and its targets are that view's. With
+a cache of plain images and an `augment:` section, views are drawn online per
 (seed, sample, epoch) and the targets are the plain image's.
 
 One shard per (model, seed, kind): kind "kd" learns from the cached soft targets mixed with hard
@@ -65,21 +66,24 @@ class ShardResult:
 def classify_inputs(batch: dict[str, np.ndarray], transfer: Any, cached: vw.ViewSpec | None,
                     online: AugmentConfig | None, seed: int, epoch: int, num_classes: int, where: Any,
                     ) -> tuple[dict[str, np.ndarray], torch.Tensor, torch.Tensor | None]:
-    """(the batch's rows that train, their inputs (n, *input_shape), their labels: (n,) class ids,
-    (n, C) distributions for mixed views, or None without labels).
+    """(the batch's rows with every view parameter, their inputs (n, *input_shape), their labels:
+    (n,) class ids, (n, C) distributions for mixed views, or None without labels).
 
-    A views cache's batch holds whole samples (N rows each): each sample's chosen view is kept and
-    its pixels rebuilt from the stored parameters."""
+    A views cache's rows are views: each one's pixels are rebuilt from its stored parameters."""
+
+    def images(ids: np.ndarray) -> np.ndarray:
+        return transfer.x[transfer.positions(ids)]
+
     if cached is not None:
-        batch = vw.take_chosen(batch, cached.count, seed, epoch, where)
-        x = vw.render_rows(transfer, batch, cached.augment)
+        batch = vw.expand(cached, batch, where)
+        x = vw.render_rows(images, batch, cached.augment)
         mixed = vw.soft_labels(batch, transfer, num_classes, "cpu")
         if mixed is not None:
             return batch, x, mixed
     elif online is not None:
         ids = batch["sample_id"]
         params = vw.draw(online, seed, ids, np.full(len(ids), epoch), transfer.x.shape[2:])
-        x = vw.render_rows(transfer, {"sample_id": ids, **params}, online)
+        x = vw.render_rows(images, {"sample_id": ids, **params}, online)
     else:
         x_rows, y_rows = transfer.rows(transfer.positions(batch["sample_id"]))  # gathered by sample id
         labels = torch.from_numpy(y_rows) if y_rows is not None else None
@@ -218,7 +222,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     cached, online = vw.augmentation(cfg, reader.manifest["spec"])
     if online is not None:
         vw.check_images(splits.input_shape, "augment")
-    per_item = cfg.data.seq_len if lm else cached.count if cached else 1
+    per_item = cfg.data.seq_len if lm else 1
     loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"], per_item)
     transfer = splits.transfer
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
