@@ -176,16 +176,21 @@ def _utf8_blocks(p: Path, key: str) -> Iterator[str]:
 
 def _paragraphs(p: Path, key: str) -> Iterator[str]:
     """Blank-line-separated paragraphs, stripped, empty ones dropped: `text.split("\\n\\n")` of the
-    whole file, one block at a time (the unfinished last piece is carried to the next block)."""
-    carry = ""
+    whole file, one block at a time (the unfinished last piece is carried to the next block, as a
+    list of blocks while no separator comes, so a long paragraph is joined once, not once per block)."""
+    carry: list[str] = []
     for text in _utf8_blocks(p, key):
-        parts = (carry + text).split("\n\n")
-        carry = parts.pop()
+        if "\n\n" not in text and not (carry and carry[-1].endswith("\n") and text.startswith("\n")):
+            carry.append(text)
+            continue
+        parts = "".join([*carry, text]).split("\n\n")
+        carry = [parts.pop()]
         for part in parts:
             if part.strip():
                 yield part.strip()
-    if carry.strip():
-        yield carry.strip()
+    last = "".join(carry).strip()
+    if last:
+        yield last
 
 
 def _jsonl_lines(p: Path, key: str) -> Iterator[tuple[int, str]]:

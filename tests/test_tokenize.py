@@ -132,6 +132,18 @@ def test_text_with_crlf_and_multibyte_characters_across_blocks(tmp_path, monkeyp
     assert text.count_documents(str(tmp_path / "c.txt"), "data.source", "text") == len(got) == 3
 
 
+def test_paragraphs_equal_splitting_the_whole_file(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    pieces = ["a", "b", " ", "\n", "\n", "\n\n", "\r\n", "\r", "\u00e9", "\u2603"]
+    for _ in range(200):
+        (tmp_path / "c.txt").write_bytes("".join(rng.choice(pieces, rng.integers(0, 60))).encode())
+        whole = (tmp_path / "c.txt").read_text(encoding="utf-8")
+        for block in (1, 2, 3, 7):
+            monkeypatch.setattr(text, "BLOCK", block)
+            got = list(text.iter_documents(str(tmp_path / "c.txt"), "data.source", "text"))
+            assert got == [d.strip() for d in whole.split("\n\n") if d.strip()], (whole, block)
+
+
 def test_trained_tokenizer_and_split_match_the_in_memory_path(tmp_path, docs):
     """data.tokenizer null: the BPE is trained from the streamed training documents and keyed as before."""
     source = write_source(tmp_path / "c.jsonl", docs)
