@@ -49,6 +49,7 @@ from pipeline.io import (
     tmp_name,
 )
 from pipeline.text import (
+    Tokenizer,
     count_documents,
     is_pretokenized,
     iter_documents,
@@ -74,17 +75,13 @@ def identity(d: DataConfig) -> dict[str, Any]:
             "text_field": d.text_field, "tokenizer": tokenizer, "split": split, "transfer": transfer}
 
 
-def tokens_root(workspace: str) -> Path:
-    return Path(workspace) / "tokens"
-
-
 def tokenize(d: DataConfig, workspace: str) -> Path:
     """The directory of `d`'s tokenized corpus: reused if complete, else written to a temporary
     directory and renamed into place (a writer that loses the race keeps the winner's)."""
     if d.task != "lm":
         raise ConfigError(f"data.task: tokenize applies to data.task lm, this config has {d.task!r}")
     ident = identity(d)
-    root = tokens_root(workspace)
+    root = Path(workspace) / "tokens"
     final = root / hash_json(ident)[:16]
     if final.exists():
         read_manifest(final)
@@ -172,14 +169,12 @@ class TokenFile:
 def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
     """Tokenize every split of `d` into `out`; the manifest's entries."""
     n_docs = count_documents(d.source, "data.source", d.text_field)  # a cheap first pass: nothing tokenized
+    in_test: np.ndarray | None = None  # (n_docs,) bool: held-out documents
     if d.test_source is None:
         # a deterministic document-level split keeps held-out text unseen by teachers and students
         order = np.random.default_rng(d.split_seed).permutation(n_docs)
-        in_test: np.ndarray | None = np.zeros(n_docs, dtype=bool)  # (n_docs,)
+        in_test = np.zeros(n_docs, dtype=bool)
         in_test[order[:max(1, round(n_docs * d.test_fraction))]] = True
-        del order
-    else:
-        in_test = None
 
     def train_docs() -> Iterator[str]:
         docs = iter_documents(d.source, "data.source", d.text_field)
@@ -204,7 +199,7 @@ def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
             "splits": {name: f.close() for name, f in files.items()}}
 
 
-def _stream(path: str, key: str, d: DataConfig, tok: Any, files: list[TokenFile], in_test: np.ndarray | None) -> int:
+def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[TokenFile], in_test: np.ndarray | None) -> int:
     """Encode `path`'s documents in batches of BATCH_DOCS into files[0], or files[1] where `in_test`;
     the number of documents read."""
     n = 0
