@@ -40,4 +40,4 @@ bench: $(STAMP)
 	$(PY) bench/scale.py
 
 clean:
-	rm -rf data/caches data/runs data/teachers
+	rm -rf data/caches data/runs data/teachers data/tokens

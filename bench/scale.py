@@ -1,7 +1,8 @@
-"""Scale: the real `cache` and `student` stages, each a fresh subprocess, on generated data at 1x,
-10x and 100x; peak RSS (os.wait4's ru_maxrss of that process) and rows/s of each stage.
+"""Scale: the real `cache` and `student` stages (and `tokenize` for language models), each a fresh
+subprocess, on generated data at 1x, 10x and 100x; peak RSS (os.wait4's ru_maxrss of that process)
+and rows/s of each stage.
 
-    .venv/bin/python bench/scale.py [--rows 40000] [--sizes 1,10,100]
+    .venv/bin/python bench/scale.py [--tasks classify,lm] [--rows 40000] [--lm-tokens 2000] [--sizes 1,10,100]
 
 Inputs are a directory of .npy arrays written block by block through np.memmap (never whole in
 RAM): rows of 64 float32 features, 1,000 classes; at 100x of 40,000 rows that is 4M rows, 1.02 GB
@@ -11,6 +12,24 @@ measured by running the same stage on a 1,000-row input first; the raw wall-cloc
 printed too. One JSON line per stage:
 {"bench": "scale", "task": "classify", "stage": ..., "rss_ratio": RSS(100x)/RSS(1x),
  "speed_ratio": rows/s(100x)/rows/s(1x), ...}. Goals: rss_ratio <= 1.25, speed_ratio >= 0.9.
+
+The LM task (`"task": "lm"`, a row is a token) streams a generated text corpus: paragraphs of random
+words (1,000 distinct lowercase words, Zipf-distributed), written to a .txt file block by block, about
+--lm-tokens words at 1x. It is the config's data.transfer.source; data.source is a fixed corpus of
+20,000 words, so the byte-level BPE (2,048 tokens) and the built-in GPT teacher (1 layer, width 64,
+`logitcache teachers`, 2 epochs) are trained on it once, in a few seconds, and reused at every size.
+Each size then runs `tokenize`, `cache` (top-8, 64-token sequences, 4,096-token shards so that even
+1x spans whole shards) and `student` (a 1-layer GPT, one epoch), each timed and measured as its own
+process; token counts are the tokenized corpus's (about 1.2 tokens per word), and `raw_speed_ratio`
+is the same ratio without subtracting start-up costs.
+
+Why the default is 2,000 words at 1x (about 270k tokens over 1x+10x+100x): the cache and student
+stages run a GPT over every token, and at 10x of 20,000 words (241k tokens) they ran at about 4.1k
+and 1.6k tokens/s here net of start-up (`--tasks lm --lm-tokens 20000 --sizes 1,10` with 65,536-token
+shards, on this 2-core machine while other jobs ran), with 10-20 s of start-up per stage run; at
+those rates 1x+10x+100x of 2,000 words come to about 7 minutes (1x and 10x took 2.5 minutes). The 1M/10M/100M tokens an LLM team would want would take about a day here. At the
+default sizes start-up dominates the 1x run, so its speed_ratio is noisy; pass --lm-tokens 20000 (or
+more) where time allows.
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ sys.path.insert(0, str(HERE))
 from common import emit, workdir
 
 FEATURES, CLASSES = 64, 1000
+LM_WORDS, LM_SOURCE_WORDS, LM_SEQ = 1000, 20_000, 64
 
 
 def mlp() -> torch.nn.Module:
@@ -88,12 +108,108 @@ def run_stage(stage: str, cfg: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
+def make_corpus(path: Path, words: int, seed: int, block: int = 2000) -> None:
+    """About `words` words in paragraphs of 20-300, `block` paragraphs generated and written at a time."""
+    rng = np.random.default_rng(0)
+    vocab = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(LM_WORDS)]
+    p = 1.0 / np.arange(1, LM_WORDS + 1)
+    rng = np.random.default_rng(seed)
+    vocab_arr = np.array(vocab)
+    with open(path, "w") as f:
+        written = 0
+        while written < words:
+            lengths = rng.integers(20, 300, block)
+            lengths = lengths[: max(1, int(np.searchsorted(np.cumsum(lengths), words - written)) + 1)]
+            drawn = vocab_arr[rng.choice(LM_WORDS, int(lengths.sum()), p=p / p.sum())]
+            ends = np.cumsum(lengths)
+            f.write("".join(" ".join(drawn[e - n:e]) + "\n\n" for e, n in zip(ends, lengths)))
+            written += int(ends[-1])
+
+
+def lm_config(ws: Path, transfer: Path) -> Path:
+    cfg = {
+        "workspace": str(ws), "run_name": "scale",
+        "data": {"task": "lm", "source": str(ws / "source.txt"), "vocab_size": 2048, "seq_len": LM_SEQ,
+                 "test_fraction": 0.1, "transfer": {"source": str(transfer)}},
+        "teachers": {"temperature": 1.0, "epochs": 2, "batch_size": 32, "lr": 0.003,
+                     "members": [{"name": "gpt", "arch": "gpt", "layers": 1, "d_model": 64, "heads": 2}]},
+        "cache": {"encoding": "topk", "k": 8, "rows_per_shard": 4096, "chunk_rows": 4096, "batch_size": 32},
+        "student": {"epochs": 1, "batch_size": 32, "lr": 0.003, "alpha": 0.0, "baseline": False, "seeds": [0],
+                    "models": [{"name": "s", "arch": "gpt", "layers": 1, "d_model": 32, "heads": 2}]},
+    }
+    path = ws / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def lm(words: int, sizes: list[int]) -> None:
+    """tokenize, cache and student on a generated corpus of `words` x size words; one JSON line per stage."""
+    import json
+
+    root = workdir("scale-lm")
+    stages = ("tokenize", "cache", "student")
+    figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in stages}
+    overhead: dict[str, float] = {}
+    tokens = 0
+    try:
+        make_corpus(root / "source.txt", LM_SOURCE_WORDS, seed=1)
+        # the BPE and the teacher are trained once, on the fixed source, before anything is measured
+        make_corpus(root / "warmup.txt", 1000, seed=3)
+        run_stage("teachers", lm_config(root, root / "warmup.txt"))
+        shutil.rmtree(root / "tokens")
+        for label, n in [("overhead", 1000)] + [(f"{s}x", s * words) for s in sizes]:
+            transfer = root / f"transfer-{label}.txt"
+            make_corpus(transfer, n, seed=2)
+            cfg = lm_config(root, transfer)
+            for stage in stages:
+                seconds, rss = run_stage(stage, cfg)
+                if label == "overhead":
+                    overhead[stage] = seconds
+                    continue
+                if stage == "tokenize":
+                    tokens = json.loads(next((root / "tokens").glob("*/manifest.json")).read_text())[
+                        "splits"]["transfer"]["n_tokens"]
+                net = max(seconds - overhead[stage], 1e-3)
+                figures[stage][label] = {"tokens": tokens, "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1),
+                                         "tokens_per_s": round(tokens / net), "raw_tokens_per_s": round(tokens / seconds)}
+            for d in ("tokens", "caches", "runs"):  # the next size's files need the disk
+                shutil.rmtree(root / d, ignore_errors=True)
+            transfer.unlink()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    lo, hi = f"{sizes[0]}x", f"{sizes[-1]}x"
+    for stage in stages:
+        f = figures[stage]
+        rss_ratio = f[hi]["peak_rss_mb"] / f[lo]["peak_rss_mb"]
+        speed_ratio = f[hi]["tokens_per_s"] / f[lo]["tokens_per_s"]
+        raw_speed_ratio = f[hi]["raw_tokens_per_s"] / f[lo]["raw_tokens_per_s"]
+        unmet = [k for k, ok in (("rss_ratio", rss_ratio <= 1.25), ("speed_ratio", speed_ratio >= 0.9)) if not ok]
+        emit("scale", task="lm", stage=stage, rss_ratio=round(rss_ratio, 3), speed_ratio=round(speed_ratio, 3),
+             raw_speed_ratio=round(raw_speed_ratio, 3), goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet,
+             overhead_s=round(overhead[stage], 2), sizes=f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=40_000, help="rows at 1x")
+    ap.add_argument("--tasks", default="classify,lm", help="classify, lm, or both")
+    ap.add_argument("--rows", type=int, default=40_000, help="rows at 1x (classify)")
+    ap.add_argument("--lm-tokens", type=int, default=2_000,
+                    help="words of the LM corpus at 1x (about 1.2 tokens each); see the docstring for the default")
     ap.add_argument("--sizes", default="1,10,100")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    tasks = args.tasks.split(",")
+    unknown = sorted(set(tasks) - {"classify", "lm"})
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task {unknown[0]!r}; give classify, lm or both")
+    if "classify" in tasks:
+        classify(args.rows, sizes)
+    if "lm" in tasks:
+        lm(args.lm_tokens, sizes)
+
+
+def classify(base_rows: int, sizes: list[int]) -> None:
+    """cache and student on generated .npy inputs of `base_rows` x size rows; one JSON line per stage."""
     root = workdir("scale")
     torch.manual_seed(0)
     teacher = root / "teacher.pt"
@@ -102,7 +218,7 @@ def main() -> None:
     figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in stages}
     overhead = {}
     try:
-        for label, rows in [("overhead", 1000)] + [(f"{s}x", s * args.rows) for s in sizes]:
+        for label, rows in [("overhead", 1000)] + [(f"{s}x", s * base_rows) for s in sizes]:
             ws = root / label
             make_inputs(ws / "inputs", rows)
             cfg = config(ws, teacher)
@@ -125,7 +241,7 @@ def main() -> None:
         unmet = [k for k, ok in (("rss_ratio", rss_ratio <= 1.25), ("speed_ratio", speed_ratio >= 0.9)) if not ok]
         emit("scale", task="classify", stage=stage, rss_ratio=round(rss_ratio, 3), speed_ratio=round(speed_ratio, 3),
              goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet,
-             input_gb=round(sizes[-1] * args.rows * (FEATURES * 4 + 8) / 1e9, 2),
+             input_gb=round(sizes[-1] * base_rows * (FEATURES * 4 + 8) / 1e9, 2),
              overhead_s=round(overhead[stage], 2), sizes=f)
 
 

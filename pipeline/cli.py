@@ -1,6 +1,7 @@
 """The `logitcache` command line. Every command takes a YAML config plus key=value overrides.
 
     logitcache run configs/demo.yaml                  # all stages, skipping finished ones
+    logitcache tokenize configs/lm.yaml               # LM corpora: tokenize once (stages reuse it)
     logitcache cache configs/demo.yaml cache.encoding=topk cache.k=3
     logitcache caches ls
     logitcache caches inspect 3f9a2c
@@ -146,6 +147,23 @@ def evaluate_cmd(config: Path, overrides: tuple[str, ...]) -> None:
     from stages import evaluate
 
     evaluate.main(_load(config, overrides))
+
+
+@cli.command("tokenize")
+@CONFIG
+@OVERRIDES
+def tokenize_cmd(config: Path, overrides: tuple[str, ...]) -> None:
+    """Tokenize data.source (and data.test_source, data.transfer.source) once into flat token files
+    under <workspace>/tokens/<id>/; the LM stages map them. Does nothing if they already exist."""
+    from pipeline.tokens import read_manifest, tokenize
+
+    cfg = _load(config, overrides)
+    path = tokenize(cfg.data, cfg.workspace)
+    manifest = read_manifest(path)
+    splits = manifest["splits"]
+    counts = ", ".join(f"{name} {splits[name]['n_docs']} docs {splits[name]['n_tokens']} tokens"
+                       for name in ("train", "test", "transfer") if name in splits)
+    click.echo(f"tokens {path.name}: {counts}; {manifest['dtype']}, vocabulary {manifest['vocab_size']}, {path}")
 
 
 @cli.group(cls=_Group)

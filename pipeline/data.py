@@ -242,7 +242,7 @@ def load_splits(config: Config) -> Splits:
     paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source, cfg.tokenizer) if p and Path(p).exists()]
     stamps = tuple((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths)
     if cfg.task == "lm":
-        from pipeline.text import load_lm_splits
+        from pipeline.tokens import load_lm_splits
 
         return load_lm_splits(cfg, config.workspace, stamps)
     return _load_splits(cfg, stamps)

@@ -1,4 +1,4 @@
-"""Text data for language-model distillation: corpus, tokenizer, packed token sequences.
+"""Text data for language-model distillation: corpus sources, streamed, and the tokenizer.
 
 Sources (data.source when task: lm):
 - "python-docs": the bundled example, the docstrings of a fixed list of Python standard-library
@@ -12,23 +12,26 @@ Tokenizer (data.tokenizer): a local directory with tokenizer.json (Hugging Face 
 `transformers` format), or null to train a byte-level BPE of data.vocab_size on the training
 documents; the trained one is saved under <workspace>/tokenizers/<hash>/ and reused.
 
-Documents are tokenized, joined with an end-of-text token, and packed into sequences of
-seq_len + 1 tokens: the model reads the first seq_len and predicts the next token at each position.
+Every source is read as a stream of documents (a file is never read whole); pipeline/tokens.py
+turns that stream into token files once.
 """
 
 from __future__ import annotations
 
-import functools
+import codecs
 import hashlib
+import io
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data import Dataset, Splits, check_file
+from pipeline.data import check_file
 from pipeline.errors import DataError
-from pipeline.io import atomic_write_text, hash_json
+from pipeline.io import atomic_write_text, file_digest, hash_json
 
 EOS = "<|endoftext|>"
 DOC_MODULES = ["abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "builtins", "calendar", "cmath", "collections", "colorsys", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "email", "enum", "filecmp", "fnmatch", "fractions", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "http.client", "imaplib", "importlib", "inspect", "io", "ipaddress", "itertools", "json", "logging", "lzma", "mailbox", "math", "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint", "queue", "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "signal", "smtplib", "socket", "socketserver", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "turtle", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo"]
@@ -68,56 +71,210 @@ def _module_docs(name: str) -> list[str]:
     return [d for d in docs if d and len(d) > 80]
 
 
-def read_documents(path: str, key: str, text_field: str) -> list[str] | np.ndarray:
-    """Documents as strings, or a pre-tokenized ragged list from Parquet `input_ids`."""
-    if path == "python-docs":
-        return python_docs()
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".pq")
+BLOCK = 1 << 20  # bytes read at a time from text files
+PARQUET_BATCH = 1024  # rows read at a time from Parquet, one row group after another
+
+
+def source_file(path: str, key: str) -> Path:
+    """A text source's file, checked to exist and to have a known suffix."""
     p = check_file(path, key, "a .txt, .jsonl or .parquet file, or 'python-docs'")
+    if p.suffix not in SUFFIXES:
+        raise DataError(f"{key}: {path} has suffix {p.suffix!r}; use .txt, .jsonl or .parquet")
+    return p
+
+
+def source_identity(path: str, key: str) -> dict[str, str]:
+    """What a source's documents depend on: the bundled corpus's text, or a file's suffix (it says how
+    the bytes are read) and sha256 (remembered per machine, so a large corpus is hashed once)."""
+    if path == "python-docs":
+        return {"python-docs": docs_digest(python_docs())}
+    p = source_file(path, key)
+    return {"suffix": p.suffix, "sha256": file_digest(p)}
+
+
+def docs_digest(docs: Iterable[str]) -> str:
+    """sha256 of the documents joined with NUL, computed one document at a time."""
+    h = hashlib.sha256()
+    for i, doc in enumerate(docs):
+        if i:
+            h.update(b"\x00")
+        h.update(doc.encode())
+    return h.hexdigest()
+
+
+def is_pretokenized(path: str, key: str) -> bool:
+    """True for a Parquet source with an `input_ids` column (read from the schema only)."""
+    if path == "python-docs" or source_file(path, key).suffix not in (".parquet", ".pq"):
+        return False
+    return "input_ids" in _parquet_file(Path(path), key).schema_arrow.names
+
+
+def iter_documents(path: str, key: str, text_field: str) -> Iterator[str | np.ndarray]:
+    """The source's documents in order, streamed: strings, or token ids (int64) from Parquet
+    `input_ids`. Nothing is read whole."""
+    if path == "python-docs":
+        yield from python_docs()
+        return
+    p = source_file(path, key)
     if p.suffix == ".txt":
-        return [d.strip() for d in _utf8(p, key).split("\n\n") if d.strip()]
-    if p.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(_utf8(p, key).splitlines()):
-            if not line.strip():
-                continue
+        yield from _paragraphs(p, key)
+    elif p.suffix == ".jsonl":
+        for lineno, line in _jsonl_lines(p, key):
             try:
                 doc = json.loads(line)[text_field]
                 if not isinstance(doc, str):
                     raise TypeError(doc)
-                docs.append(doc)
             except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-                raise DataError(f"{p}:{i + 1}: expected a JSON object with a {text_field!r} string "
+                raise DataError(f"{p}:{lineno}: expected a JSON object with a {text_field!r} string "
                                 "(data.text_field)") from None
-        return docs
-    if p.suffix in (".parquet", ".pq"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(p)
-        except (pa.ArrowException, OSError) as e:
-            lines = str(e).strip().splitlines()
-            raise DataError(f"{key}: {p}: cannot read as Parquet ({lines[0] if lines else type(e).__name__})") from None
-        if "input_ids" in table.column_names:
-            ids = table.column("input_ids").to_pylist()
-            if not all(isinstance(r, list) and all(isinstance(t, int) and t >= 0 for t in r) for r in ids):
-                raise DataError(f"{key}: {p}: column 'input_ids' must hold lists of non-negative token ids")
-            return ids
-        if text_field not in table.column_names:
-            raise DataError(f"{p}: no column {text_field!r} (data.text_field) or 'input_ids'; "
-                            f"columns are {', '.join(table.column_names)}")
-        texts = [t for t in table.column(text_field).to_pylist() if t]
-        if not all(isinstance(t, str) for t in texts):
-            raise DataError(f"{key}: {p}: column {text_field!r} (data.text_field) must hold strings")
-        return texts
-    raise DataError(f"{key}: {path} has suffix {p.suffix!r}; use .txt, .jsonl or .parquet")
+            yield doc
+    else:
+        yield from _parquet_documents(p, key, text_field)
 
 
-def _utf8(p: Path, key: str) -> str:
+def count_documents(path: str, key: str, text_field: str) -> int:
+    """How many documents `iter_documents` yields, without parsing or keeping them."""
+    if path == "python-docs":
+        return len(python_docs())
+    p = source_file(path, key)
+    if p.suffix == ".txt":
+        return sum(1 for _ in _paragraphs(p, key))
+    if p.suffix == ".jsonl":
+        return sum(1 for _ in _jsonl_lines(p, key))
+    import pyarrow.compute as pc
+
+    pf = _parquet_file(p, key)
+    column = _parquet_column(pf, p, key, text_field)
+    if column == "input_ids":
+        return pf.metadata.num_rows
+    return sum(pc.sum(pc.greater(pc.binary_length(b.column(0)), 0)).as_py() or 0
+               for b in _parquet_batches(pf, p, key, column))
+
+
+def _utf8_blocks(p: Path, key: str) -> Iterator[str]:
+    """The file's text in blocks, with newlines translated as open() does; bytes that are not UTF-8
+    are one DataError giving their offset."""
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
+    read = 0
+    with open(p, "rb") as f:
+        while True:
+            block = f.read(BLOCK)
+            pending = len(utf8.buffer)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{key}: {p} is not UTF-8 text (byte {read - pending + e.start}); "
+                                "convert it to UTF-8") from None
+            read += len(block)
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def _paragraphs(p: Path, key: str) -> Iterator[str]:
+    """Blank-line-separated paragraphs, stripped, empty ones dropped: `text.split("\\n\\n")` of the
+    whole file, one block at a time (the unfinished last piece is carried to the next block, as a
+    list of blocks while no separator comes, so a long paragraph is joined once, not once per block)."""
+    carry: list[str] = []
+    for text in _utf8_blocks(p, key):
+        if "\n\n" not in text and not (carry and carry[-1].endswith("\n") and text.startswith("\n")):
+            carry.append(text)
+            continue
+        parts = "".join([*carry, text]).split("\n\n")
+        carry = [parts.pop()]
+        for part in parts:
+            if part.strip():
+                yield part.strip()
+    last = "".join(carry).strip()
+    if last:
+        yield last
+
+
+def _jsonl_lines(p: Path, key: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the non-blank lines."""
+    read = 0
+    with open(p, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{key}: {p} is not UTF-8 text (byte {read + e.start}); convert it to UTF-8") from None
+            read += len(raw)
+            if line.strip():
+                yield i + 1, line
+
+
+def _parquet_file(p: Path, key: str) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{key}: {p} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        return pq.ParquetFile(p)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{key}: {p}: cannot read as Parquet ({_first_line(e)})") from None
+
+
+def _parquet_column(pf: Any, p: Path, key: str, text_field: str) -> str:
+    """`input_ids` (lists of non-negative integers) if present, else the text column (strings)."""
+    import pyarrow as pa
+
+    schema = pf.schema_arrow
+    if "input_ids" in schema.names:
+        t = schema.field("input_ids").type
+        if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)):
+            raise DataError(f"{key}: {p}: column 'input_ids' must hold lists of non-negative token ids")
+        return "input_ids"
+    if text_field not in schema.names:
+        raise DataError(f"{p}: no column {text_field!r} (data.text_field) or 'input_ids'; "
+                        f"columns are {', '.join(schema.names)}")
+    t = schema.field(text_field).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise DataError(f"{key}: {p}: column {text_field!r} (data.text_field) must hold strings")
+    return text_field
+
+
+def _parquet_batches(pf: Any, p: Path, key: str, column: str) -> Iterator[Any]:
+    import pyarrow as pa
+
+    try:
+        yield from pf.iter_batches(batch_size=PARQUET_BATCH, columns=[column])
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{key}: {p}: cannot read as Parquet ({_first_line(e)})") from None
+
+
+def _parquet_documents(p: Path, key: str, text_field: str) -> Iterator[str | np.ndarray]:
+    import pyarrow.compute as pc
+
+    pf = _parquet_file(p, key)
+    column = _parquet_column(pf, p, key, text_field)
+    for batch in _parquet_batches(pf, p, key, column):
+        arr = batch.column(0)
+        if column != "input_ids":
+            yield from (t for t in arr.to_pylist() if t)
+            continue
+        values = arr.flatten()
+        if arr.null_count or values.null_count or (len(values) and pc.min(values).as_py() < 0):
+            raise DataError(f"{key}: {p}: column 'input_ids' must hold lists of non-negative token ids")
+        ids = values.to_numpy().astype(np.int64)
+        ends = np.cumsum(pc.list_value_length(arr).to_numpy())
+        yield from np.split(ids, ends[:-1])
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json of data.tokenizer (a directory or the file itself)."""
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"data.tokenizer: {path} has no tokenizer.json; save one with "
+                        "tokenizer.save_pretrained(dir) or tokenizers' Tokenizer.save")
+    return file
 
 
 class Tokenizer:
@@ -126,16 +283,11 @@ class Tokenizer:
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            raise DataError(f"data.tokenizer: {path} has no tokenizer.json; save one with "
-                            "tokenizer.save_pretrained(dir) or tokenizers' Tokenizer.save")
+        file = tokenizer_file(path)
         try:
             self.hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises its own Exception type for malformed files
-            lines = str(e).strip().splitlines()
-            raise DataError(f"data.tokenizer: {file} is not a valid tokenizer.json "
-                            f"({lines[0] if lines else type(e).__name__})") from None
+            raise DataError(f"data.tokenizer: {file} is not a valid tokenizer.json ({_first_line(e)})") from None
         self.path = file
         vocab = self.hf.get_vocab()
         self.vocab_size = max(vocab.values()) + 1
@@ -147,8 +299,9 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(docs)]
 
 
-def train_tokenizer(docs: list[str], vocab_size: int, out: Path) -> Path:
-    """Byte-level BPE trained on `docs`, saved as out/tokenizer.json (atomically)."""
+def train_tokenizer(docs: Iterable[str], vocab_size: int, out: Path) -> Path:
+    """Byte-level BPE trained on `docs` (any iterable: it is streamed), saved as out/tokenizer.json
+    (atomically)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -162,60 +315,16 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path) -> Path:
     return out
 
 
-def tokenizer_for(d: DataConfig, workspace: str, train_docs: list[str] | None) -> Tokenizer:
+def tokenizer_for(d: DataConfig, workspace: str, train_docs: Callable[[], Iterator[str]] | None) -> Tokenizer:
+    """data.tokenizer, or the BPE trained on the training documents (`train_docs()` streams them; it
+    is called once to key the tokenizer by their content and once more to train it if it is new)."""
     if d.tokenizer is not None:
         return Tokenizer(Path(d.tokenizer))
     if train_docs is None:
         raise DataError("data.tokenizer: pre-tokenized input_ids need the tokenizer they were made with; "
                         "set data.tokenizer to its directory")
-    key = hash_json({"docs": hashlib.sha256("\x00".join(train_docs).encode()).hexdigest(),
-                     "vocab_size": d.vocab_size})[:12]
+    key = hash_json({"docs": docs_digest(train_docs()), "vocab_size": d.vocab_size})[:12]
     out = Path(workspace) / "tokenizers" / key
     if not (out / "tokenizer.json").is_file():
-        train_tokenizer(train_docs, d.vocab_size, out)
+        train_tokenizer(train_docs(), d.vocab_size, out)
     return Tokenizer(out)
-
-
-def pack(token_lists: list[list[int]], eos: int, seq_len: int) -> np.ndarray:
-    """Join documents with eos and cut into (N, seq_len + 1) int32 sequences (remainder dropped)."""
-    flat: list[int] = []
-    for ids in token_lists:
-        flat.extend(ids)
-        flat.append(eos)
-    n = len(flat) // (seq_len + 1)
-    return np.asarray(flat[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
-
-
-@functools.lru_cache(maxsize=4)
-def load_lm_splits(d: DataConfig, workspace: str, stamps: tuple) -> Splits:
-    docs = read_documents(d.source, "data.source", d.text_field)
-    # a deterministic document-level split keeps held-out text unseen by teachers and students
-    order = np.random.default_rng(d.split_seed).permutation(len(docs))
-    n_test = max(1, round(len(docs) * d.test_fraction))
-    test_docs = [docs[i] for i in sorted(order[:n_test])]
-    train_docs = [docs[i] for i in sorted(order[n_test:])]
-    if d.test_source is not None:
-        train_docs, test_docs = list(docs), list(read_documents(d.test_source, "data.test_source", d.text_field))
-    pretokenized = bool(docs) and not isinstance(docs[0], str)
-    tok = tokenizer_for(d, workspace, None if pretokenized else train_docs)
-    encode = (lambda ds: ds) if pretokenized else tok.encode
-    train = pack(encode(train_docs), tok.eos, d.seq_len)
-    test = pack(encode(test_docs), tok.eos, d.seq_len)
-    if d.max_sequences is not None:
-        train, test = train[: d.max_sequences], test[: max(1, d.max_sequences // 4)]
-    for name, arr in (("training", train), ("test", test)):
-        if len(arr) == 0:
-            raise DataError(f"data.source: too little text for one {name} sequence of "
-                            f"data.seq_len={d.seq_len} tokens; give more text or a shorter seq_len")
-        if arr.max() >= tok.vocab_size:
-            raise DataError(f"{d.source}: token id {int(arr.max())} outside the tokenizer's vocabulary "
-                            f"of {tok.vocab_size}; tokenize with the tokenizer in data.tokenizer")
-    train_ds = Dataset(train.astype(np.int64), None, np.arange(len(train), dtype=np.int64), d.source)
-    test_ds = Dataset(test.astype(np.int64), None, np.arange(len(test), dtype=np.int64), f"{d.source} (test)")
-    transfer_ds = train_ds
-    if d.transfer.source is not None:
-        extra = read_documents(d.transfer.source, "data.transfer.source", d.text_field)
-        seqs = pack(extra if extra and not isinstance(extra[0], str) else tok.encode(extra), tok.eos, d.seq_len)
-        transfer_ds = Dataset(seqs.astype(np.int64), None, np.arange(len(seqs), dtype=np.int64), d.transfer.source)
-    return Splits(train=train_ds, test=test_ds, transfer=transfer_ds, num_classes=tok.vocab_size,
-                  vocab=tok.fingerprint)
