@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +97,45 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+# Runs the CLI in this very process and reports its own peak resident size (VmHWM) at exit. A
+# child's ru_maxrss (os.wait4) is no measure of the stage: Linux carries the parent's peak over
+# through fork/exec, so a bench that wrote 1 GB of inputs saw every stage at that size.
+_MEASURED = """
+import atexit, re, runpy, sys
+def _peak():
+    kib = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
+    sys.stderr.write(f"\\nLOGITCACHE_PEAK_KIB {kib}\\n")
+    sys.stderr.flush()
+atexit.register(_peak)
+sys.argv = ["logitcache", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__")
+"""
+
+
+@dataclass(frozen=True)
+class StageRun:
+    seconds: float  # wall clock of the whole process
+    peak_mb: float  # the stage process's own peak resident size
+    rate: float | None  # the stage's own rows/s (or tokens/s) from its last "done" progress line
+    output: str
+
+
+def run_stage(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> StageRun:
+    """`logitcache ARGS...` as a fresh process: wall time, its own peak RSS, and the rate its progress
+    line reports for the stage's main loop (imports, model loading and the held-out pass excluded)."""
+    env = {**os.environ, "LOGITCACHE_PROGRESS_INTERVAL": "3600", **(env or {})}
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", _MEASURED, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise SystemExit(f"logitcache {' '.join(args)} failed:\n{out[-3000:]}")
+    peak = re.findall(r"LOGITCACHE_PEAK_KIB (\d+)", out)
+    rates = re.findall(r", ([\d.]+)([kM]?) (?:rows|tokens)/s, done", out)
+    rate = None
+    if rates:
+        value, scale = rates[-1]
+        rate = float(value) * {"": 1, "k": 1e3, "M": 1e6}[scale]
+    return StageRun(seconds, int(peak[-1]) / 1024, rate, out)

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +47,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import emit, workdir
+from common import emit, run_stage, workdir
 
-FEATURES, CLASSES = 64, 1000
+FEATURES, CLASSES = 128, 1000
 LM_WORDS, LM_SOURCE_WORDS, LM_SEQ = 1000, 20_000, 64
 
 
@@ -83,7 +81,7 @@ def config(ws: Path, teacher: Path) -> Path:
         "data": {"source": str(ws / "inputs"), "num_classes": CLASSES},
         "teachers": {"temperature": 2.0, "members": [{"name": "mlp", "arch": "import", "factory": "scale:mlp",
                                                       "checkpoint": str(teacher)}]},
-        "cache": {"encoding": "topk", "k": 10, "bits": 8, "rows_per_shard": 65536, "chunk_rows": 4096,
+        "cache": {"encoding": "topk", "k": 10, "bits": 8, "rows_per_shard": 16384, "chunk_rows": 4096,
                   "batch_size": 4096},
         "student": {"epochs": 1, "batch_size": 256, "baseline": False, "checkpoint_every": 1000,
                     "models": [{"name": "s", "arch": "mlp", "hidden": [64]}]},
@@ -93,19 +91,11 @@ def config(ws: Path, teacher: Path) -> Path:
     return path
 
 
-def run_stage(stage: str, cfg: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of `python -m pipeline STAGE CONFIG` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]),
-           "LOGITCACHE_PROGRESS_INTERVAL": "3600"}
-    start = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", stage, str(cfg)], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = p.stdout.read() if p.stdout else b""
-    _, status, usage = os.wait4(p.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{stage} failed:\n{out.decode()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+def stage(name: str, cfg: Path) -> tuple[float, float, float | None]:
+    """(seconds, the stage process's own peak RSS in MB, its loop's rows/s or tokens/s) of
+    `logitcache NAME CONFIG` in a fresh process."""
+    run = run_stage([name, str(cfg)], env={"PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}, cwd=REPO)
+    return run.seconds, run.peak_mb, run.rate
 
 
 def make_corpus(path: Path, words: int, seed: int, block: int = 2000) -> None:
@@ -149,50 +139,56 @@ def lm(words: int, sizes: list[int]) -> None:
     root = workdir("scale-lm")
     stages = ("tokenize", "cache", "student")
     figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in stages}
-    overhead: dict[str, float] = {}
-    tokens = 0
     try:
         make_corpus(root / "source.txt", LM_SOURCE_WORDS, seed=1)
         # the BPE and the teacher are trained once, on the fixed source, before anything is measured
         make_corpus(root / "warmup.txt", 1000, seed=3)
-        run_stage("teachers", lm_config(root, root / "warmup.txt"))
+        stage("teachers", lm_config(root, root / "warmup.txt"))
         shutil.rmtree(root / "tokens")
-        for label, n in [("overhead", 1000)] + [(f"{s}x", s * words) for s in sizes]:
-            transfer = root / f"transfer-{label}.txt"
-            make_corpus(transfer, n, seed=2)
+        for size in sizes:
+            transfer = root / f"transfer-{size}x.txt"
+            make_corpus(transfer, size * words, seed=2)
             cfg = lm_config(root, transfer)
-            for stage in stages:
-                seconds, rss = run_stage(stage, cfg)
-                if label == "overhead":
-                    overhead[stage] = seconds
-                    continue
-                if stage == "tokenize":
+            tokens = 0
+            for name in stages:
+                seconds, rss, rate = stage(name, cfg)
+                if name == "tokenize":
                     tokens = json.loads(next((root / "tokens").glob("*/manifest.json")).read_text())[
                         "splits"]["transfer"]["n_tokens"]
-                net = max(seconds - overhead[stage], 1e-3)
-                figures[stage][label] = {"tokens": tokens, "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1),
-                                         "tokens_per_s": round(tokens / net), "raw_tokens_per_s": round(tokens / seconds)}
+                figures[name][f"{size}x"] = measured(tokens, seconds, rss, rate)
             for d in ("tokens", "caches", "runs"):  # the next size's files need the disk
                 shutil.rmtree(root / d, ignore_errors=True)
             transfer.unlink()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    report("lm", figures, sizes, unit="tokens")
+
+
+def measured(n: int, seconds: float, rss: float, rate: float | None) -> dict[str, float]:
+    """One stage run's figures: `per_s` is the rate the stage's progress reports for its main loop
+    (start-up, model loading and the held-out pass excluded), `raw_per_s` is n over the process's
+    wall clock."""
+    return {"n": n, "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1),
+            "per_s": round(rate) if rate else None, "raw_per_s": round(n / seconds)}
+
+
+def report(task: str, figures: dict[str, dict[str, dict[str, float]]], sizes: list[int], unit: str,
+           **extra: float) -> None:
     lo, hi = f"{sizes[0]}x", f"{sizes[-1]}x"
-    for stage in stages:
-        f = figures[stage]
+    for name, f in figures.items():
         rss_ratio = f[hi]["peak_rss_mb"] / f[lo]["peak_rss_mb"]
-        speed_ratio = f[hi]["tokens_per_s"] / f[lo]["tokens_per_s"]
-        raw_speed_ratio = f[hi]["raw_tokens_per_s"] / f[lo]["raw_tokens_per_s"]
+        key = "per_s" if f[hi]["per_s"] and f[lo]["per_s"] else "raw_per_s"  # tokenize reports no loop rate
+        speed_ratio = f[hi][key] / f[lo][key]
         unmet = [k for k, ok in (("rss_ratio", rss_ratio <= 1.25), ("speed_ratio", speed_ratio >= 0.9)) if not ok]
-        emit("scale", task="lm", stage=stage, rss_ratio=round(rss_ratio, 3), speed_ratio=round(speed_ratio, 3),
-             raw_speed_ratio=round(raw_speed_ratio, 3), goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet,
-             overhead_s=round(overhead[stage], 2), sizes=f)
+        emit("scale", task=task, stage=name, unit=unit, rss_ratio=round(rss_ratio, 3), speed_ratio=round(speed_ratio, 3),
+             raw_speed_ratio=round(f[hi]["raw_per_s"] / f[lo]["raw_per_s"], 3), speed_from=key,
+             goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet, **extra, sizes=f)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="classify,lm", help="classify, lm, or both")
-    ap.add_argument("--rows", type=int, default=40_000, help="rows at 1x (classify)")
+    ap.add_argument("--rows", type=int, default=20_000, help="rows at 1x (classify)")
     ap.add_argument("--lm-tokens", type=int, default=2_000,
                     help="words of the LM corpus at 1x (about 1.2 tokens each); see the docstring for the default")
     ap.add_argument("--sizes", default="1,10,100")
@@ -216,33 +212,19 @@ def classify(base_rows: int, sizes: list[int]) -> None:
     torch.save(mlp().state_dict(), teacher)
     stages = ("cache", "student")
     figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in stages}
-    overhead = {}
     try:
-        for label, rows in [("overhead", 1000)] + [(f"{s}x", s * base_rows) for s in sizes]:
-            ws = root / label
+        for size in sizes:
+            rows = size * base_rows
+            ws = root / f"{size}x"
             make_inputs(ws / "inputs", rows)
             cfg = config(ws, teacher)
-            for stage in stages:
-                seconds, rss = run_stage(stage, cfg)
-                if label == "overhead":
-                    overhead[stage] = seconds
-                    continue
-                net = max(seconds - overhead[stage], 1e-3)
-                figures[stage][label] = {"rows": rows, "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1),
-                                         "rows_per_s": round(rows / net), "raw_rows_per_s": round(rows / seconds)}
+            for name in stages:
+                figures[name][f"{size}x"] = measured(rows, *stage(name, cfg))
             shutil.rmtree(ws)  # the next size's inputs need the disk
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    lo, hi = f"{sizes[0]}x", f"{sizes[-1]}x"
-    for stage in stages:
-        f = figures[stage]
-        rss_ratio = f[hi]["peak_rss_mb"] / f[lo]["peak_rss_mb"]
-        speed_ratio = f[hi]["rows_per_s"] / f[lo]["rows_per_s"]
-        unmet = [k for k, ok in (("rss_ratio", rss_ratio <= 1.25), ("speed_ratio", speed_ratio >= 0.9)) if not ok]
-        emit("scale", task="classify", stage=stage, rss_ratio=round(rss_ratio, 3), speed_ratio=round(speed_ratio, 3),
-             goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet,
-             input_gb=round(sizes[-1] * base_rows * (FEATURES * 4 + 8) / 1e9, 2),
-             overhead_s=round(overhead[stage], 2), sizes=f)
+    report("classify", figures, sizes, unit="rows",
+           input_gb=round(sizes[-1] * base_rows * (FEATURES * 4 + 8) / 1e9, 2))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def summaries(models: list[torch.nn.Module], x: np.ndarray, y: np.ndarray, batch
     parts: list[list[Summary]] = [[] for _ in range(len(models) + (ensemble is not None))]
     with torch.no_grad():
         for b in range(0, len(x), batch):
-            xb, yb = torch.from_numpy(np.asarray(x[b:b + batch])), torch.from_numpy(np.asarray(y[b:b + batch]))
+            # np.array: rows of a read-only mapped input are copied, never aliased by a tensor
+            xb, yb = torch.from_numpy(np.array(x[b:b + batch])), torch.from_numpy(np.array(y[b:b + batch]))
             if yb.ndim == 2:  # tokens: per chunk of rows, sequence-major like yb.reshape(-1)
                 dev = next(models[0].parameters()).device
                 chunks = token_logits(models, xb.to(dev), logit_rows)

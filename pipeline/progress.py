@@ -18,8 +18,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def bar(total: int, desc: str, unit: str = "rows") -> Any:
-    """An object with update(n) and close(): a bar on a terminal, else periodic log lines."""
+def bar(total: int | None, desc: str, unit: str = "rows") -> Any:
+    """An object with update(n) and close(): a bar on a terminal, else periodic log lines; `total`
+    None when it is not known in advance."""
     if sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
     return LineProgress(total, desc, unit, float(os.environ.get("LOGITCACHE_PROGRESS_INTERVAL", "30")))
@@ -28,7 +29,7 @@ def bar(total: int, desc: str, unit: str = "rows") -> Any:
 class LineProgress:
     """Progress for logs: done/total, rate and ETA, at most one line per `interval` seconds."""
 
-    def __init__(self, total: int, desc: str, unit: str, interval: float) -> None:
+    def __init__(self, total: int | None, desc: str, unit: str, interval: float) -> None:
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.n = 0
         self.start = self.last = time.monotonic()
@@ -46,6 +47,8 @@ class LineProgress:
     def line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-9)
         rate = (self.n - self.first) / elapsed
+        if self.total is None:
+            return f"{self.desc}: {self.n} {self.unit}, {_rate(rate)} {self.unit}/s, ETA ?"
         pct = f" ({100 * self.n / self.total:.1f}%)" if self.total else ""
         eta = _duration((self.total - self.n) / rate) if rate > 0 and self.total >= self.n else "?"
         return f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {_rate(rate)} {self.unit}/s, ETA {eta}"

@@ -48,6 +48,7 @@ from pipeline.io import (
     remove_dead_tmp,
     tmp_name,
 )
+from pipeline.progress import bar
 from pipeline.text import (
     Tokenizer,
     count_documents,
@@ -203,8 +204,10 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[Toke
     """Encode `path`'s documents in batches of BATCH_DOCS into files[0], or files[1] where `in_test`;
     the number of documents read."""
     n = 0
+    progress = bar(None, f"tokenize {path}", "tokens")  # a line every LOGITCACHE_PROGRESS_INTERVAL s in job logs
     for batch in _batches(iter_documents(path, key, d.text_field)):
         ids = tok.encode(batch) if isinstance(batch[0], str) else batch
+        progress.update(sum(len(x) + 1 for x in ids))  # + 1: each document's end-of-text token
         if in_test is None:
             files[0].append(ids)
         else:
@@ -215,6 +218,7 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[Toke
             files[0].append([x for x, t in zip(ids, test) if not t])
             files[1].append([x for x, t in zip(ids, test) if t])
         n += len(batch)
+    progress.close()
     return n
 
 

@@ -51,9 +51,9 @@ from pipeline.io import (
 )
 from pipeline.jobs import Shard, cache_path, job_name, models, plan, read_done, settings
 from pipeline.lm import hidden_and_head
-from pipeline.loader import ChunkShuffleLoader
+from pipeline.loader import ChunkShuffleLoader, epoch_rows
 from pipeline.models import build_model, resolve_device
-from pipeline.progress import log
+from pipeline.progress import bar, log
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,11 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
         return np.concatenate([on_disk, np.asarray(pending, np.float64)])
 
     model.train()
+    unit = "tokens" if lm else "rows"
     while state["epoch"] < st["epochs"]:
+        # a line every LOGITCACHE_PROGRESS_INTERVAL seconds in a batch job's log (a bar on a terminal)
+        progress = bar(epoch_rows(reader), f"student {name} epoch {state['epoch'] + 1}/{st['epochs']}", unit)
+        progress.update(min(state["batch"] * loader.batch_size, epoch_rows(reader)))  # resumed: not in the rate
         for batch in loader.batches(state["epoch"], start=state["batch"]):
             if lm:
                 xb, _ = transfer.rows(transfer.positions(batch["sample_id"][::per_item]))  # mapped inputs
@@ -283,10 +287,12 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             loss.backward()
             opt.step()
             pending.append(float(loss.detach()))
+            progress.update(len(batch["sample_id"]))
             state["batch"] += 1
             state["step"] += 1
             if state["step"] % cfg.student.checkpoint_every == 0:
                 save_checkpoint()
+        progress.close()
         scores = held_out(model, splits, lm)
         this_epoch = epoch_losses()
         state["history"].append({"epoch": state["epoch"] + 1,
