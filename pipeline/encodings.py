@@ -105,6 +105,14 @@ def _unpack_ids(stored: dict[str, np.ndarray], store: str, name: str) -> np.ndar
     return ids
 
 
+def _float32(a: np.ndarray) -> np.ndarray:
+    """Stored float16 values as float32, cast by torch: vectorized, ~9x numpy's float16 cast on a
+    4096 x 32 chunk (measured), the largest cost of decoding a 16-bit chunk once it is in memory."""
+    if not a.flags.writeable:  # zero-copy Parquet pages are read-only; torch shares only writable memory
+        a = a.copy()
+    return torch.from_numpy(a).float().numpy()
+
+
 def _id_columns(store: str, name: str, m_dim: str, description: str) -> list[Column]:
     cols = [Column(name, ("row", m_dim), description)]
     if store.startswith("u16+h"):
@@ -304,8 +312,7 @@ class TopK:
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = _unpack_ids(stored, self.ids, "ids")
         if self.bits != 8:
-            return {"ids": ids, "logp": stored["logp"].astype(np.float32),
-                    "residual": stored["residual"].astype(np.float32)}
+            return {"ids": ids, "logp": _float32(stored["logp"]), "residual": _float32(stored["residual"])}
         return {"ids": np.cumsum(ids, axis=-1), "logp": _dequantize_logp(stored["logp"], self.logp_range),
                 "residual": _dequantize_mass(stored["residual"], self.logp_range)}
 
@@ -374,7 +381,7 @@ class Sampled:
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = _unpack_ids(stored, self.ids, "ids")
         return {"ids": np.cumsum(ids, axis=-1) if self.delta else ids, "counts": stored["counts"],
-                "entropy": stored["entropy"].astype(np.float32)}
+                "entropy": _float32(stored["entropy"])}
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
@@ -462,10 +469,10 @@ class Hybrid:
                 "tail_entropy": encoded["tail_entropy"].cpu().numpy()}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        residual = stored["residual"].astype(np.float32)
+        residual = _float32(stored["residual"])
         head = self.head.decode({**stored, "residual": np.zeros(len(residual), np.uint8)})
         return {**head, "residual": residual, "tail_ids": np.cumsum(_unpack_ids(stored, self.ids, "tail_ids"), axis=-1),
-                "tail_counts": stored["tail_counts"], "tail_entropy": stored["tail_entropy"].astype(np.float32)}
+                "tail_counts": stored["tail_counts"], "tail_entropy": _float32(stored["tail_entropy"])}
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
