@@ -7,6 +7,10 @@ reference student would get from the cache instead of the full distribution (the
 teacher's own log-probs plus unit Gaussian noise: a student near its teacher, where bias matters).
 The same full distributions are then encoded every other way (top-k at several k, 16 and 8 bits;
 sampled at several draw counts, hybrid heads with sampled tails) to show what each choice would keep.
+
+The teachers' full log-probs stream: at most `logit_rows` rows of them exist at once, and every
+encoding is measured on them block by block, so memory never grows with rows x classes (only the
+sampled rows' cached targets are held, at their stored width).
 """
 
 from __future__ import annotations
