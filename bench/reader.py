@@ -82,7 +82,7 @@ def stored_memmaps(d: Path, ws: Path) -> dict[str, np.ndarray]:
         m = np.lib.format.open_memmap(ws / f"{name}.npy", mode="w+", dtype=arr.dtype, shape=arr.shape)
         m[:] = arr
         m.flush()
-        out[name] = np.load(ws / f"{name}.npy", mmap_mode="r")
+        out[name] = np.load(ws / f"{name}.npy", mmap_mode="c")  # writable (copy-on-write): no copy before a cast
     return out
 
 

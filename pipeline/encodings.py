@@ -107,7 +107,7 @@ def _unpack_ids(stored: dict[str, np.ndarray], store: str, name: str) -> np.ndar
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
-    """Stored float16 values as float32, cast by torch in slices below its parallel grain: ~4x
+    """Stored float16 values as float32, cast by torch in slices below its parallel grain: ~2x
     numpy's float16 cast on a 4096 x 32 chunk, and never an OpenMP region, which on the main
     thread costs 10x the cast itself (measured)."""
     out = np.empty(a.shape, np.float32)
