@@ -465,19 +465,33 @@ class CacheReader:
                 arrays = self._handle(chunk.shard, path)
                 stored = {name: arrays[name][chunk.start:chunk.stop] for name in self.names}
             return self._decode(stored)
+        return self._read_parquet([chunk])[0]
+
+    def _read_parquet(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:
+        """Parquet chunks (row groups) in order: each shard's row groups in one read_row_groups call
+        of all columns, on pyarrow's threads when there are several (a single small row group
+        costs more in handoff than it saves), then cut into chunks without copying."""
         import pyarrow as pa
 
-        # all columns of the row group in one call, single-threaded: the loader reads ahead on its
-        # own thread, and pyarrow's thread pool costs more than it saves on one small row group
-        table = self._handle(chunk.shard, path).read_row_group(chunk.index, columns=self.names, use_threads=False)
-        out = {}
-        for name, col in zip(self.names, table.columns):
-            arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-            if pa.types.is_fixed_size_list(arr.type):
-                out[name] = arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
-            else:
-                out[name] = arr.to_numpy(zero_copy_only=False)
-        return self._decode(out)
+        by_shard: dict[int, list[Chunk]] = {}
+        for c in chunks:
+            by_shard.setdefault(c.shard, []).append(c)
+        got: dict[Chunk, dict[str, np.ndarray]] = {}
+        for s, group in by_shard.items():
+            handle = self._handle(s, self.dir / self.shards[s]["path"])
+            table = handle.read_row_groups([c.index for c in group], columns=self.names, use_threads=len(group) > 1)
+            first = 0
+            for c in group:
+                out = {}
+                for name, col in zip(self.names, table.slice(first, c.stop - c.start).columns):
+                    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+                    if pa.types.is_fixed_size_list(arr.type):  # flatten: the slice's values, not the whole page's
+                        out[name] = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+                    else:
+                        out[name] = arr.to_numpy(zero_copy_only=False)
+                got[c] = self._decode(out)
+                first += c.stop - c.start
+        return [got[c] for c in chunks]
 
     def _read_chunk_fast(self, chunk: Chunk, path: Path) -> dict[str, np.ndarray] | None:
         """One chunk of every column of a plain Zarr v3 shard (regular chunks of the reader's rows,
@@ -539,9 +553,11 @@ class CacheReader:
 
     def read_many(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:
         """Read several chunks in order; Zarr chunks concurrently (zarr's per-read overhead and zstd
-        release the GIL). A pyarrow ParquetFile is not safe to share between threads, and its reads
-        are multi-threaded already, so Parquet reads stay sequential."""
-        if len(chunks) <= 1 or self.backend != "zarr":
+        release the GIL). A pyarrow ParquetFile is not safe to share between threads, so Parquet
+        reads stay on this thread, each shard's row groups in one multi-threaded pyarrow call."""
+        if self.backend != "zarr":
+            return self._read_parquet(chunks)
+        if len(chunks) <= 1:
             return [self.read(c) for c in chunks]
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor

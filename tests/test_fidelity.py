@@ -49,3 +49,18 @@ def test_fidelity_refuses_a_cache_whose_teachers_changed(cli_run, tmp_path):
         ckpt.write_bytes(ckpt.read_bytes()[:-1] + b"x")  # a retrained or edited teacher
     result = cli_run("caches", "fidelity", cache_id, "--root", str(tmp_path / "caches"), expect=1)
     assert "no saved config reproduces this cache" in result.output
+
+
+def test_fidelity_a_few_rows_at_a_time_equals_all_rows_at_once(cli_run, tmp_path):
+    from pipeline.fidelity import fidelity
+
+    path = str(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
+    cli_run("teachers", path)
+    cli_run("cache", path, "cache.encoding=topk", "cache.k=4")
+    cache_id = next((tmp_path / "caches").iterdir()).name
+    # 100 rows of full log-probs at a time: fewer than the rows sampled, and not a multiple of the
+    # 256-row measuring block, so blocks straddle the teacher batches
+    few = fidelity(cache_id, tmp_path / "caches", 500, tmp_path / "few", logit_rows=100)
+    whole = fidelity(cache_id, tmp_path / "caches", 500, tmp_path / "whole", logit_rows=10**6)
+    assert few["rows"] == whole["rows"] > 256
+    assert few == whole
