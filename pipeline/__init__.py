@@ -14,7 +14,16 @@ Names are imported on first use, so `import pipeline` (and the CLI) stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# torch's OpenMP threads spin up to 300,000 times at each barrier before they sleep (libgomp's
+# default). When another process shares the cores, a descheduled spinner stalls every op: a small
+# student's training step took 4-5x longer (bench/threads.py). A short spin keeps that cost small.
+# libgomp reads this when torch loads, so it applies to the CLI and to code that imports pipeline
+# before torch; set GOMP_SPINCOUNT (or OMP_WAIT_POLICY) yourself to choose otherwise.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 __version__ = "0.1.0"
 
