@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/lm_students.py
 	$(PY) bench/fanout.py
 	$(PY) bench/views.py
+	$(PY) bench/threads.py
 	$(PY) bench/scale.py
 
 clean:

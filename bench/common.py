@@ -117,7 +117,9 @@ runpy.run_module("pipeline", run_name="__main__")
 @dataclass(frozen=True)
 class StageRun:
     seconds: float  # wall clock of the whole process
-    peak_mb: float  # the stage process's own peak resident size
+    peak_mb: float  # the stage process's own peak resident size (VmHWM)
+    peak_anon_mb: float  # peaks of RSS's anonymous (heap) and file-backed (mapped inputs: page cache
+    peak_file_mb: float  # the kernel can drop) parts, sampled every 50 ms
     rate: float | None  # the stage's own rows/s (or tokens/s) from its last "done" progress line
     output: str
 
@@ -126,10 +128,22 @@ def run_stage(args: list[str], env: dict[str, str] | None = None, cwd: Path | No
     """`logitcache ARGS...` as a fresh process: wall time, its own peak RSS, and the rate its progress
     line reports for the stage's main loop (imports, model loading and the held-out pass excluded)."""
     env = {**os.environ, "LOGITCACHE_PROGRESS_INTERVAL": "3600", **(env or {})}
+    peaks = {"RssAnon": 0, "RssFile": 0}  # KiB
     start = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _MEASURED, *args], cwd=cwd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    out = p.stdout + p.stderr
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen([sys.executable, "-c", _MEASURED, *args], cwd=cwd, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
+        while p.poll() is None:
+            try:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+            except OSError:
+                status = ""
+            for key, value in re.findall(r"^(RssAnon|RssFile):\s+(\d+) kB", status, re.M):
+                peaks[key] = max(peaks[key], int(value))
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        out = log.read()
     if p.returncode != 0:
         raise SystemExit(f"logitcache {' '.join(args)} failed:\n{out[-3000:]}")
     peak = re.findall(r"LOGITCACHE_PEAK_KIB (\d+)", out)
@@ -138,4 +152,4 @@ def run_stage(args: list[str], env: dict[str, str] | None = None, cwd: Path | No
     if rates:
         value, scale = rates[-1]
         rate = float(value) * {"": 1, "k": 1e3, "M": 1e6}[scale]
-    return StageRun(seconds, int(peak[-1]) / 1024, rate, out)
+    return StageRun(seconds, int(peak[-1]) / 1024, peaks["RssAnon"] / 1024, peaks["RssFile"] / 1024, rate, out)

@@ -47,7 +47,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import emit, run_stage, workdir
+from common import StageRun, emit, run_stage, workdir
 
 FEATURES, CLASSES = 128, 1000
 LM_WORDS, LM_SOURCE_WORDS, LM_SEQ = 1000, 20_000, 64
@@ -91,11 +91,9 @@ def config(ws: Path, teacher: Path) -> Path:
     return path
 
 
-def stage(name: str, cfg: Path) -> tuple[float, float, float | None]:
-    """(seconds, the stage process's own peak RSS in MB, its loop's rows/s or tokens/s) of
-    `logitcache NAME CONFIG` in a fresh process."""
-    run = run_stage([name, str(cfg)], env={"PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}, cwd=REPO)
-    return run.seconds, run.peak_mb, run.rate
+def stage(name: str, cfg: Path) -> StageRun:
+    """`logitcache NAME CONFIG` in a fresh process (common.run_stage: its own peak RSS, its loop's rate)."""
+    return run_stage([name, str(cfg)], env={"PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}, cwd=REPO)
 
 
 def make_corpus(path: Path, words: int, seed: int, block: int = 2000) -> None:
@@ -151,11 +149,11 @@ def lm(words: int, sizes: list[int]) -> None:
             cfg = lm_config(root, transfer)
             tokens = 0
             for name in stages:
-                seconds, rss, rate = stage(name, cfg)
+                run = stage(name, cfg)
                 if name == "tokenize":
                     tokens = json.loads(next((root / "tokens").glob("*/manifest.json")).read_text())[
                         "splits"]["transfer"]["n_tokens"]
-                figures[name][f"{size}x"] = measured(tokens, seconds, rss, rate)
+                figures[name][f"{size}x"] = measured(tokens, run)
             for d in ("tokens", "caches", "runs"):  # the next size's files need the disk
                 shutil.rmtree(root / d, ignore_errors=True)
             transfer.unlink()
@@ -164,12 +162,13 @@ def lm(words: int, sizes: list[int]) -> None:
     report("lm", figures, sizes, unit="tokens")
 
 
-def measured(n: int, seconds: float, rss: float, rate: float | None) -> dict[str, float]:
+def measured(n: int, run: StageRun) -> dict[str, float | None]:
     """One stage run's figures: `per_s` is the rate the stage's progress reports for its main loop
     (start-up, model loading and the held-out pass excluded), `raw_per_s` is n over the process's
-    wall clock."""
-    return {"n": n, "seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1),
-            "per_s": round(rate) if rate else None, "raw_per_s": round(n / seconds)}
+    wall clock; `peak_anon_mb` is the heap part of the peak (mapped input pages excluded)."""
+    return {"n": n, "seconds": round(run.seconds, 2), "peak_rss_mb": round(run.peak_mb, 1),
+            "peak_anon_mb": round(run.peak_anon_mb, 1), "per_s": round(run.rate) if run.rate else None,
+            "raw_per_s": round(n / run.seconds)}
 
 
 def report(task: str, figures: dict[str, dict[str, dict[str, float]]], sizes: list[int], unit: str,
@@ -177,10 +176,12 @@ def report(task: str, figures: dict[str, dict[str, dict[str, float]]], sizes: li
     lo, hi = f"{sizes[0]}x", f"{sizes[-1]}x"
     for name, f in figures.items():
         rss_ratio = f[hi]["peak_rss_mb"] / f[lo]["peak_rss_mb"]
+        anon_ratio = f[hi]["peak_anon_mb"] / f[lo]["peak_anon_mb"]
         key = "per_s" if f[hi]["per_s"] and f[lo]["per_s"] else "raw_per_s"  # tokenize reports no loop rate
         speed_ratio = f[hi][key] / f[lo][key]
         unmet = [k for k, ok in (("rss_ratio", rss_ratio <= 1.25), ("speed_ratio", speed_ratio >= 0.9)) if not ok]
-        emit("scale", task=task, stage=name, unit=unit, rss_ratio=round(rss_ratio, 3), speed_ratio=round(speed_ratio, 3),
+        emit("scale", task=task, stage=name, unit=unit, rss_ratio=round(rss_ratio, 3), anon_ratio=round(anon_ratio, 3),
+             speed_ratio=round(speed_ratio, 3),
              raw_speed_ratio=round(f[hi]["raw_per_s"] / f[lo]["raw_per_s"], 3), speed_from=key,
              goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet, **extra, sizes=f)
 
@@ -219,7 +220,7 @@ def classify(base_rows: int, sizes: list[int]) -> None:
             make_inputs(ws / "inputs", rows)
             cfg = config(ws, teacher)
             for name in stages:
-                figures[name][f"{size}x"] = measured(rows, *stage(name, cfg))
+                figures[name][f"{size}x"] = measured(rows, stage(name, cfg))
             shutil.rmtree(ws)  # the next size's inputs need the disk
     finally:
         shutil.rmtree(root, ignore_errors=True)
