@@ -2,7 +2,7 @@
 subprocess, on generated data at 1x, 10x and 100x; peak RSS (os.wait4's ru_maxrss of that process)
 and rows/s of each stage.
 
-    .venv/bin/python bench/scale.py [--tasks classify,lm] [--rows 40000] [--lm-tokens 2000] [--sizes 1,10,100]
+    .venv/bin/python bench/scale.py [--tasks classify,lm] [--rows 20000] [--lm-tokens 20000] [--sizes 1,10,100]
 
 Inputs are a directory of .npy arrays written block by block through np.memmap (never whole in
 RAM): rows of 64 float32 features, 1,000 classes; at 100x of 40,000 rows that is 4M rows, 1.02 GB
@@ -23,13 +23,10 @@ Each size then runs `tokenize`, `cache` (top-8, 64-token sequences, 4,096-token 
 process; token counts are the tokenized corpus's (about 1.2 tokens per word), and `raw_speed_ratio`
 is the same ratio without subtracting start-up costs.
 
-Why the default is 2,000 words at 1x (about 270k tokens over 1x+10x+100x): the cache and student
-stages run a GPT over every token, and at 10x of 20,000 words (241k tokens) they ran at about 4.1k
-and 1.6k tokens/s here net of start-up (`--tasks lm --lm-tokens 20000 --sizes 1,10` with 65,536-token
-shards, on this 2-core machine while other jobs ran), with 10-20 s of start-up per stage run; at
-those rates 1x+10x+100x of 2,000 words come to about 7 minutes (1x and 10x took 2.5 minutes). The 1M/10M/100M tokens an LLM team would want would take about a day here. At the
-default sizes start-up dominates the 1x run, so its speed_ratio is noisy; pass --lm-tokens 20000 (or
-more) where time allows.
+Why the default is 20,000 words at 1x (about 24k tokens; 2.4M at 100x): the stages' own loop rates
+here were about 21k tokens/s for the cache stage and 9.5k for the student (a run at 2,000 words), so
+1x+10x+100x take about 8 minutes on 2 cores; the 1M/10M/100M tokens an LLM team would want would
+take hours here. At 1x the teacher pass lasts about a second, so its rate still carries warm-up.
 """
 
 from __future__ import annotations
@@ -190,7 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="classify,lm", help="classify, lm, or both")
     ap.add_argument("--rows", type=int, default=20_000, help="rows at 1x (classify)")
-    ap.add_argument("--lm-tokens", type=int, default=2_000,
+    ap.add_argument("--lm-tokens", type=int, default=20_000,
                     help="words of the LM corpus at 1x (about 1.2 tokens each); see the docstring for the default")
     ap.add_argument("--sizes", default="1,10,100")
     args = ap.parse_args()

@@ -57,6 +57,7 @@ from pipeline import losses
 from pipeline import views as vw
 from pipeline.encodings import Encoding
 from pipeline.errors import CacheError
+from pipeline.loader import read_ranges
 
 DEFAULT_ROOT = Path("data/caches")
 
@@ -398,25 +399,8 @@ class CacheDataset(IterableDataset):
 
     def _read_buffer(self, buffer: list[_Piece]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         reader = self.reader
-        cr = reader.chunk_rows
-        wanted: list[fmt.Chunk] = []
-        for p in buffer:
-            if p.items:
-                rows = reader.shards[p.shard]["rows"]
-                for j in range(p.start // cr, (p.stop - 1) // cr + 1):
-                    c = fmt.Chunk(p.shard, j, j * cr, min((j + 1) * cr, rows))
-                    if c not in wanted:
-                        wanted.append(c)
-        got = dict(zip(wanted, reader.read_many(wanted)))
-        parts = []
-        for p in buffer:
-            if not p.items:
-                continue
-            chunks = sorted((c for c in wanted if c.shard == p.shard and c.stop > p.start and c.start < p.stop),
-                            key=lambda c: c.start)
-            data = {k: np.concatenate([got[c][k] for c in chunks]) for k in got[chunks[0]]}
-            off = chunks[0].start
-            parts.append({k: v[p.start - off:p.stop - off] for k, v in data.items()})
+        owned = [p for p in buffer if p.items]
+        parts = read_ranges(reader, [fmt.Chunk(p.shard, p.start // reader.chunk_rows, p.start, p.stop) for p in owned])
         rows = {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
         n = len(rows["sample_id"])
         if reader.token_rows:

@@ -455,8 +455,9 @@ class CacheReader:
                 out.append(Chunk(s, j, start, min(start + self.chunk_rows, e["rows"])))
         return out
 
-    def read(self, chunk: Chunk) -> dict[str, np.ndarray]:
-        """One chunk's rows: sample_id (position) and the targets decoded to the encoding's natural form."""
+    def read(self, chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
+        """One chunk's rows: sample_id (position) and the targets decoded to the encoding's natural
+        form, or with decode=False the stored columns as stored (narrow; `decode` them later)."""
         entry = self.shards[chunk.shard]
         path = self.dir / entry["path"]
         if path.suffix == ".zarr":
@@ -464,10 +465,10 @@ class CacheReader:
             if stored is None:  # anything unusual (sharding, other codecs, missing chunk files): zarr
                 arrays = self._handle(chunk.shard, path)
                 stored = {name: arrays[name][chunk.start:chunk.stop] for name in self.names}
-            return self._decode(stored)
-        return self._read_parquet([chunk])[0]
+            return self.decode(stored) if decode else stored
+        return self._read_parquet([chunk], decode)[0]
 
-    def _read_parquet(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:
+    def _read_parquet(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         """Parquet chunks (row groups) in order: each shard's row groups in one read_row_groups call
         of all columns, on pyarrow's threads when there are several (a single small row group
         costs more in handoff than it saves), then cut into chunks without copying."""
@@ -489,7 +490,7 @@ class CacheReader:
                         out[name] = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
                     else:
                         out[name] = arr.to_numpy(zero_copy_only=False)
-                got[c] = self._decode(out)
+                got[c] = self.decode(out) if decode else out
                 first += c.stop - c.start
         return [got[c] for c in chunks]
 
@@ -547,23 +548,25 @@ class CacheReader:
             self._layouts[i] = layout
         return layout
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of stored columns (any rows: every stored column is per row) in the encoding's
+        natural form, row and view columns unchanged."""
         rows = {name: stored[name] for name in (*ROW_COLUMNS, *VIEW_COLUMNS) if name in stored}
         return {**rows, **self.encoding.decode(stored)}
 
-    def read_many(self, chunks: list[Chunk]) -> list[dict[str, np.ndarray]]:
+    def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         """Read several chunks in order; Zarr chunks concurrently (zarr's per-read overhead and zstd
         release the GIL). A pyarrow ParquetFile is not safe to share between threads, so Parquet
         reads stay on this thread, each shard's row groups in one multi-threaded pyarrow call."""
         if self.backend != "zarr":
-            return self._read_parquet(chunks)
+            return self._read_parquet(chunks, decode)
         if len(chunks) <= 1:
-            return [self.read(c) for c in chunks]
+            return [self.read(c, decode) for c in chunks]
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="logitcache-read")
-        return list(self._pool.map(self.read, chunks))
+        return list(self._pool.map(lambda c: self.read(c, decode), chunks))
 
     def read_all(self) -> dict[str, np.ndarray]:
         parts = self.read_many(self.chunks())

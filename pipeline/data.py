@@ -31,8 +31,19 @@ from pipeline.errors import DataError
 from pipeline.io import remembered
 from pipeline.rows import LazyRows, Selection, index_rows, is_zarr_group, open_parquet, open_zarr
 
-PAGE_BUDGET = 64 << 20  # bytes of mapped input read before its pages are released
+PAGE_BUDGET = 16 << 20  # bytes of mapped input made resident before its pages are released
+FAULT_AROUND = 64 << 10  # Linux maps up to 16 cached pages around a faulting one (fault_around_bytes)
 SCAN_ROWS_BYTES = 16 << 20  # block size of streamed passes over mapped inputs
+
+
+def touched_bytes(index: Any, n: int, row_bytes: int) -> int:
+    """Bytes of a mapping that reading `n` rows at `index` makes resident: a fault on a cached file
+    page maps its FAULT_AROUND neighbourhood too, so a batch gathered from a few regions holds
+    every 64 KB window it touched, not just its rows' bytes."""
+    if isinstance(index, slice) or n == 0:
+        return n * row_bytes
+    windows = np.unique(np.asarray(index, dtype=np.int64) * row_bytes // FAULT_AROUND)
+    return len(windows) * max(FAULT_AROUND, row_bytes)
 
 
 class IdRange:
@@ -200,8 +211,7 @@ class Dataset:
         x = np.array(x) if isinstance(self.x, np.ndarray) else x  # an ndarray's slice is a view
         y = None if self.y is None else np.array(self.y[index], dtype=np.int64)
         if is_mapped(self.x):
-            page = 4096
-            self._touched[0] += len(x) * max(page, x[:1].nbytes)
+            self._touched[0] += touched_bytes(index, len(x), x[:1].nbytes)
             if self._touched[0] >= PAGE_BUDGET:
                 release(self.x)
                 if self.y is not None:

@@ -62,7 +62,7 @@ def test_memory_is_bounded_by_the_shuffle_buffer(reader, monkeypatch):
     """Reads happen one buffer at a time, never the whole cache, and resuming skips reads."""
     reads: list[int] = []
     real = reader.read
-    monkeypatch.setattr(reader, "read", lambda c: (reads.append(c.stop - c.start), real(c))[1])
+    monkeypatch.setattr(reader, "read", lambda c, decode=True: (reads.append(c.stop - c.start), real(c, decode))[1])
     loader = ChunkShuffleLoader(reader, batch_size=50, seed=0, shuffle_chunks=2)
     it = loader.batches(0)
     next(it)

@@ -74,7 +74,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "format1"
 def _zarr_read(reader, chunk):
     """The same chunk read through zarr's own API."""
     arrays = reader._handle(chunk.shard, reader.dir / reader.shards[chunk.shard]["path"])
-    return reader._decode({name: arrays[name][chunk.start:chunk.stop] for name in reader.names})
+    return reader.decode({name: arrays[name][chunk.start:chunk.stop] for name in reader.names})
 
 
 @pytest.mark.parametrize("enc", [Dense(300, "float16"), Dense(300, "float32"), TopK(300, 7, 16), TopK(300, 7, 8),

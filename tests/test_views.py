@@ -157,9 +157,9 @@ def counting(reader: fmt.CacheReader) -> list[fmt.Chunk]:
     read: list[fmt.Chunk] = []
     plain = reader.read
 
-    def read_and_count(chunk: fmt.Chunk) -> dict[str, np.ndarray]:
+    def read_and_count(chunk: fmt.Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         read.append(chunk)
-        return plain(chunk)
+        return plain(chunk, decode)
 
     reader.read = read_and_count  # read_many goes through read too
     return read
