@@ -33,13 +33,24 @@ from pipeline.rows import LazyRows, Selection, index_rows, is_zarr_group, open_p
 
 PAGE_BUDGET = 16 << 20  # bytes of mapped input made resident before its pages are released
 FAULT_AROUND = 64 << 10  # Linux maps up to 16 cached pages around a faulting one (fault_around_bytes)
+PAGE_SIZE = mmap.PAGESIZE
 SCAN_ROWS_BYTES = 16 << 20  # block size of streamed passes over mapped inputs
 
 
+def mapped_resident() -> int | None:
+    """Bytes of file-backed pages this process holds resident (Linux's /proc/self/statm "shared"),
+    or None where that is not available. Measured rather than estimated: a fault on a cached page
+    maps its whole folio and fault-around window, which depend on the kernel and filesystem."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def touched_bytes(index: Any, n: int, row_bytes: int) -> int:
-    """Bytes of a mapping that reading `n` rows at `index` makes resident: a fault on a cached file
-    page maps its FAULT_AROUND neighbourhood too, so a batch gathered from a few regions holds
-    every 64 KB window it touched, not just its rows' bytes."""
+    """Where resident pages cannot be read: bytes of a mapping that reading `n` rows at `index`
+    makes resident, counting each 64 KB fault-around window a gather touches."""
     if isinstance(index, slice) or n == 0:
         return n * row_bytes
     windows = np.unique(np.asarray(index, dtype=np.int64) * row_bytes // FAULT_AROUND)
@@ -204,20 +215,23 @@ class Dataset:
 
     def rows(self, index: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Inputs (and labels) of the rows at `index` (a slice or positions) as in-memory arrays;
-        a mapped file's pages are released every PAGE_BUDGET bytes read, so memory stays flat.
+        a mapped file's pages are released once PAGE_BUDGET bytes more are resident, so memory stays flat.
         Positions are best grouped by region (a batch of a chunk-shuffled cache is): a lazily read
         input decodes each block a call needs once."""
         x = self.x[index]
         x = np.array(x) if isinstance(self.x, np.ndarray) else x  # an ndarray's slice is a view
         y = None if self.y is None else np.array(self.y[index], dtype=np.int64)
         if is_mapped(self.x):
-            self._touched[0] += touched_bytes(index, len(x), x[:1].nbytes)
-            if self._touched[0] >= PAGE_BUDGET:
+            resident = mapped_resident()
+            if resident is None:
+                self._touched[0] += touched_bytes(index, len(x), x[:1].nbytes)
+            if (self._touched[0] if resident is None else resident - self._touched[0]) >= PAGE_BUDGET:
                 release(self.x)
                 if self.y is not None:
                     release(self.y)
                 release(self.ids)
-                self._touched[0] = 0
+                after = mapped_resident()
+                self._touched[0] = 0 if after is None else after  # the next release is relative to this
         return x, y
 
     def subset(self, mask: np.ndarray, which: str | None = None) -> Dataset:
