@@ -45,11 +45,13 @@ LAYOUTS = {"zarr_4096": ("zarr", 4096), "zarr_16384": ("zarr", 16384), "parquet_
 
 
 class MemmapReader:
-    """The reader surface the loader uses (rows, chunks, read_many) over mapped .npy columns."""
+    """The reader surface the loader uses (rows, chunks, shards, read_many, decode) over mapped .npy
+    columns."""
 
     def __init__(self, like: fmt.CacheReader, columns: dict[str, np.ndarray]) -> None:
         self.rows = like.rows
         self.encoding = like.encoding
+        self.manifest, self.shards, self.chunk_rows = like.manifest, like.shards, like.chunk_rows
         self._chunks = like.chunks()
         self._first = [e["first_row"] for e in like.shards]
         self.columns = columns
@@ -57,12 +59,15 @@ class MemmapReader:
     def chunks(self) -> list[fmt.Chunk]:
         return self._chunks
 
-    def read_many(self, chunks: list[fmt.Chunk]) -> list[dict[str, np.ndarray]]:
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"sample_id": stored["sample_id"], **self.encoding.decode(stored)}
+
+    def read_many(self, chunks: list[fmt.Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         out = []
         for c in chunks:
             a, b = self._first[c.shard] + c.start, self._first[c.shard] + c.stop
-            stored = {k: v[a:b] for k, v in self.columns.items()}
-            out.append({"sample_id": np.array(stored["sample_id"]), **self.encoding.decode(stored)})
+            stored = {k: np.array(v[a:b]) for k, v in self.columns.items()}
+            out.append(self.decode(stored) if decode else stored)
         return out
 
 
