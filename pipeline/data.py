@@ -46,6 +46,8 @@ def gather(m: np.memmap, pos: np.ndarray) -> np.ndarray:
     out = np.empty((len(pos), *m.shape[1:]), dtype=m.dtype)
     if len(pos) == 0:
         return out
+    if pos.min() < 0 or pos.max() >= len(m):
+        raise IndexError(f"row positions outside [0, {len(m)}) of {m.filename}")
     row = out[:1].nbytes
     order = np.argsort(pos, kind="stable")
     sorted_pos = pos[order]
