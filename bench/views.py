@@ -96,9 +96,9 @@ def epoch_reads(d: Path, epochs: int) -> dict[str, Any]:
     read: list[fmt.Chunk] = []
     plain = reader.read
 
-    def counted(chunk: fmt.Chunk) -> dict[str, np.ndarray]:
+    def counted(chunk: fmt.Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         read.append(chunk)
-        return plain(chunk)
+        return plain(chunk, decode)
 
     reader.read = counted  # type: ignore[method-assign]
     everything = sum(chunk_bytes(d, reader, c) for c in reader.chunks())
