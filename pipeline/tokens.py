@@ -207,7 +207,7 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[Toke
     progress = bar(None, f"tokenize {path}", "tokens")  # a line every LOGITCACHE_PROGRESS_INTERVAL s in job logs
     for batch in _batches(iter_documents(path, key, d.text_field)):
         ids = tok.encode(batch) if isinstance(batch[0], str) else batch
-        progress.update(sum(len(x) + 1 for x in ids))  # + 1: each document's end-of-text token
+        written = sum(f.n_tokens for f in files)
         if in_test is None:
             files[0].append(ids)
         else:
@@ -218,6 +218,7 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[Toke
             files[0].append([x for x, t in zip(ids, test) if not t])
             files[1].append([x for x, t in zip(ids, test) if t])
         n += len(batch)
+        progress.update(sum(f.n_tokens for f in files) - written)  # the files count end-of-text tokens too
     progress.close()
     return n
 
