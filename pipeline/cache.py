@@ -13,7 +13,8 @@ published without replacing (a late duplicate writer discards its own), so a sha
 or absent and never changes once there. Its writer records the sha256 and size in a sidecar
 (digests/00000.zarr.json): finalize builds the manifest from these and a stat of each shard,
 never re-reading shard data. Shard bytes hold no times or random names: the same inputs give the
-same bytes. Readers check every shard against the manifest's sha256 the first time they open it.
+same bytes. Readers check every shard against the manifest's sha256 the first time they open it;
+the digest is remembered per machine while the shard's files keep their size, mtime and inode.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pipeline.io import (
     sha256_tree,
     tmp_name,
     tree_size,
+    whole_tree_digest,
 )
 
 FORMAT_VERSION = 2  # 2: encoding objects, ids at the vocabulary's width, hybrid; 1 is still read
@@ -375,8 +377,8 @@ class CacheReader:
     """Read a complete cache chunk by chunk; chunks are the unit of shuffling and I/O.
 
     Every shard listed must exist (a stat each, on open), and each shard is checked against the
-    manifest's sha256 the first time this reader opens it (`checksums=False` skips that, for
-    benchmarks); `verify=True` checks every shard up front. At most `max_open` shard files are open
+    manifest's sha256 the first time this reader opens it (`_verify_once`; `checksums=False` skips
+    that); `verify=True` checks every shard up front. At most `max_open` shard files are open
     at once (LOGITCACHE_MAX_OPEN_SHARDS, default 64)."""
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
@@ -432,14 +434,16 @@ class CacheReader:
             self._verify_once(i)
 
     def _verify_once(self, i: int) -> None:
-        """Check shard i against the manifest's sha256, once per reader (the files land in the page
-        cache, where the reads that follow find them)."""
+        """Check shard i against the manifest's sha256, once per reader. The digest is remembered per
+        machine while every file of the shard keeps its size, mtime and inode (pipeline/io.py), so
+        the first reader on a machine reads the shard to hash it and later ones only stat it: a
+        shard replaced, truncated, copied over or rewritten is hashed again."""
         if i in self._verified:
             return
         e = self.shards[i]
         path = self.dir / e["path"]
         try:
-            digest = sha256_tree(path)[0]
+            digest = whole_tree_digest(path)
         except OSError as err:
             raise CacheError(f"{path}: cannot read the shard ({err.strerror}); rerun `logitcache cache CONFIG` "
                              "to recompute it") from None
@@ -523,7 +527,8 @@ class CacheReader:
         with self._lock:
             if i in self._layouts:
                 return self._layouts[i]
-        self._handle(i, path)  # the first open goes through zarr (and whatever _open checks)
+            if self._checksums:
+                self._verify_once(i)
         layout: dict[str, tuple[np.dtype, tuple[int, ...], str]] | None = {}
         for name in self.names:
             try:

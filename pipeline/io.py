@@ -201,8 +201,8 @@ def digest_db() -> Path:
     return Path(os.environ.get("LOGITCACHE_DIGESTS", default))
 
 
-def _stamp(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
+def _stamp(path: str | Path) -> tuple[int, int, int]:
+    st = os.stat(path)
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
@@ -218,11 +218,17 @@ def _connect() -> sqlite3.Connection | None:
         return None
 
 
-def remembered(files: list[Path], what: str, compute: Callable[[], str]) -> str:
+def remembered(files: list[Path] | list[str], what: str, compute: Callable[[], str]) -> str:
     """`compute()`, remembered under `what` while every file in `files` keeps its size, mtime and
     inode. `what` names the value (e.g. "sha256", or a fingerprint of selected rows)."""
-    key_path = "\0".join(str(Path(f).resolve()) for f in files)
-    stamps = [_stamp(Path(f)) for f in files]
+    names = [os.fspath(f) for f in files]
+    parents: dict[str, str] = {}  # a tree's files share a few directories: resolve each once
+    for f in names:
+        parent = os.path.dirname(f)
+        if parent not in parents:
+            parents[parent] = os.path.realpath(parent)
+    key_path = "\0".join(os.path.join(parents[os.path.dirname(f)], os.path.basename(f)) for f in names)
+    stamps = [_stamp(f) for f in names]
     size, mtime, inode = (sum(s[0] for s in stamps), hash_json([s[1] for s in stamps]),
                           hash_json([s[2] for s in stamps])) if len(files) != 1 else stamps[0]
     with _DB_LOCK:
@@ -240,8 +246,8 @@ def remembered(files: list[Path], what: str, compute: Callable[[], str]) -> str:
     value = compute()
     # not remembered if a file changed while being read, or so recently that a rewrite within the
     # same mtime tick could go unseen (git's "racy clean" problem)
-    if [_stamp(Path(f)) for f in files] != stamps or any(
-            time.time_ns() - Path(f).stat().st_mtime_ns < 2_000_000_000 for f in files):
+    if [_stamp(f) for f in names] != stamps or any(
+            time.time_ns() - os.stat(f).st_mtime_ns < 2_000_000_000 for f in names):
         return value
     with _DB_LOCK:
         con = _connect()
@@ -265,6 +271,16 @@ def file_digest(path: Path) -> str:
 def tree_digest(path: Path) -> tuple[str, int]:
     """`sha256_tree` of a file or directory, each file's digest remembered per machine."""
     return sha256_tree(Path(path), digest=file_digest)
+
+
+def whole_tree_digest(path: Path) -> str:
+    """`sha256_tree`'s digest of a file or directory, remembered per machine as one entry keyed on
+    every file of the tree: checking it again costs a walk and a stat per file, not a read."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    files = sorted(os.path.join(top, f) for top, _dirs, names in os.walk(path) for f in names)
+    return remembered(files, "sha256-tree", lambda: sha256_tree(path)[0])
 
 
 def hash_json(obj: Any) -> str:

@@ -92,34 +92,39 @@ class ChunkShuffleLoader:
         while first < len(buffers) and seen + perms[first][1] <= skip:
             seen += perms[first][1]
             first += 1
-        # Once the consumer takes a buffer's first batch, the next buffer is read on a background
-        # thread (memory: at most two buffers). Every read happens on that one thread, so a Parquet
-        # file is never read by two threads at once. Buffers hold the stored (narrow) columns, and
-        # each batch is decoded as it is yielded: a buffer of 8-bit top-10 rows takes ~16 B/row,
-        # not the ~130 B/row of int64 ids and float32 log-probs, and shuffling moves fewer bytes.
+        # Buffers are prepared (read, concatenated, shuffled) on one background thread while the
+        # consumer works through the previous one, so storage costs overlap the training step.
+        # Every read happens on that thread, so a Parquet file is never read by two threads at once.
+        # Memory: the buffer being yielded plus the one being prepared. Buffers hold the stored
+        # (narrow) columns, and each batch is decoded as it is yielded: a buffer of 8-bit top-10 rows
+        # takes ~16 B/row, not the ~130 B/row of int64 ids and float32 log-probs, and shuffling
+        # moves fewer bytes.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-prefetch") as ahead:
-            yield from self._emit(buffers, perms, first, seen, skip, ahead)
+            yield from self._emit(buffers, perms, first, max(skip - seen, 0), ahead)
 
-    def _emit(self, buffers: list[list[Chunk]], perms: list[tuple[np.ndarray, int]], first: int, seen: int,
-              skip: int, ahead: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
+    def _prepare(self, chunks: list[Chunk], perm: np.ndarray, drop: int) -> dict[str, np.ndarray]:
+        """One buffer's stored rows in its shuffled order, without its first `drop` rows."""
+        parts = read_ranges(self.reader, chunks, False)
+        out = {}
+        for k in list(parts[0]):
+            whole = np.concatenate([p.pop(k) for p in parts])  # each column's parts freed once joined
+            out[k] = whole[perm[drop:]]
+        return out
+
+    def _emit(self, buffers: list[list[Chunk]], perms: list[tuple[np.ndarray, int]], first: int, drop: int,
+              ahead: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
         carry: dict[str, np.ndarray] | None = None
         pending: Future | None = None
         for b in range(first, len(buffers)):
-            parts = (pending or ahead.submit(read_ranges, self.reader, buffers[b], False)).result()
-            pending = None
-            perm, rows = perms[b]
-            data = {k: np.concatenate([p[k] for p in parts])[perm] for k in parts[0]}
-            if seen < skip:
-                data = {k: v[skip - seen:] for k, v in data.items()}
-            seen += rows
+            data = (pending or ahead.submit(self._prepare, buffers[b], perms[b][0], drop)).result()
+            drop = 0
+            pending = ahead.submit(self._prepare, buffers[b + 1], perms[b + 1][0], 0) if b + 1 < len(buffers) else None
             if carry is not None:
                 data = {k: np.concatenate([carry[k], v]) for k, v in data.items()}
             n = len(data["sample_id"])
             full = n - n % self.batch_size
             for i in range(0, full, self.batch_size):
                 yield self.reader.decode({k: v[i:i + self.batch_size] for k, v in data.items()})
-                if pending is None and b + 1 < len(buffers):
-                    pending = ahead.submit(read_ranges, self.reader, buffers[b + 1], False)
             carry = {k: v[full:] for k, v in data.items()} if full < n else None
         if carry is not None:
             yield self.reader.decode(carry)

@@ -5,7 +5,9 @@ students that find their cache without the teacher files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from test_hostile import one_line_error
 
 from pipeline import cache as fmt
 from pipeline.config import load_config
+from pipeline.errors import CacheError
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage
@@ -64,17 +67,53 @@ def test_student_refuses_a_flipped_byte_in_any_shard(cli_run, built, tmp_path, b
     _nothing_trained(tmp_path)
 
 
-def test_reader_hashes_each_shard_once(built, monkeypatch):
+def test_reader_hashes_each_shard_once(built, tmp_path, monkeypatch):
     _ws, _path, caches = built
     from pipeline import io as pio
 
+    monkeypatch.setenv("LOGITCACHE_DIGESTS", str(tmp_path / "store" / "digests.sqlite"))
     calls = []
     real = pio.sha256_tree
-    monkeypatch.setattr(fmt, "sha256_tree", lambda p, *a: calls.append(p.name) or real(p, *a))
+    monkeypatch.setattr(pio, "sha256_tree", lambda p, *a: calls.append(p.name) or real(p, *a))
     reader = fmt.CacheReader(caches["zarr"])
     for _ in range(2):
         reader.read_all()
     assert sorted(calls) == sorted(fmt.shard_name(i, "zarr") for i in range(len(reader.shards)))
+
+
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_a_later_reader_stats_shards_and_rehashes_a_changed_one(built, tmp_path, monkeypatch, backend):
+    """The first reader on a machine hashes every shard; a later one only stats them, until a shard's
+    file changes (here one byte, same size and inode, as a bad copy-over or an edit would)."""
+    from pipeline import io as pio
+
+    _ws, _path, caches = built
+    monkeypatch.setenv("LOGITCACHE_DIGESTS", str(tmp_path / "store" / "digests.sqlite"))
+    d = _copy(caches, backend, tmp_path)
+    old = time.time() - 60  # files written within the last 2 s are never remembered
+    for f in d.rglob("*"):
+        os.utime(f, (old, old))
+    hashed: list[str] = []
+    real = pio.sha256_file
+    monkeypatch.setattr(pio, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    fmt.CacheReader(d, verify=True)
+    files = [f for e in fmt.read_manifest(d)["shards"] for f in [d / e["path"], *(d / e["path"]).rglob("*")]
+             if f.is_file()]
+    assert sorted(hashed) == sorted(f.name for f in files)
+    hashed.clear()
+    reader = fmt.CacheReader(d, verify=True)
+    assert hashed == []
+    assert len(reader.read_all()["sample_id"]) == reader.rows
+    shard = d / "shards" / fmt.shard_name(2, backend)
+    victim = max((p for p in shard.rglob("*") if p.is_file() and "logp" in p.parts), key=lambda p: p.stat().st_size) \
+        if backend == "zarr" else shard
+    _flip(victim)
+    os.utime(victim, (old + 1, old + 1))
+    with pytest.raises(CacheError, match="checksum mismatch"):
+        fmt.CacheReader(d, verify=True)
+    assert hashed  # only the changed shard is read again
+    assert all(name in {victim.name} | ({f.name for f in shard.rglob("*")} if backend == "zarr" else set())
+               for name in hashed)
 
 
 # --- a deleted shard -------------------------------------------------------------------------
