@@ -119,12 +119,18 @@ class ChunkShuffleLoader:
             data = (pending or ahead.submit(self._prepare, buffers[b], perms[b][0], drop)).result()
             drop = 0
             pending = ahead.submit(self._prepare, buffers[b + 1], perms[b + 1][0], 0) if b + 1 < len(buffers) else None
-            if carry is not None:
-                data = {k: np.concatenate([carry[k], v]) for k, v in data.items()}
-            n = len(data["sample_id"])
-            full = n - n % self.batch_size
-            for i in range(0, full, self.batch_size):
-                yield self.reader.decode({k: v[i:i + self.batch_size] for k, v in data.items()})
-            carry = {k: v[full:] for k, v in data.items()} if full < n else None
+            n, i = len(data["sample_id"]), 0
+            if carry is not None:  # the rows a buffer left over start the next one's first batch
+                i = min(self.batch_size - len(carry["sample_id"]), n)
+                carry = {k: np.concatenate([carry[k], v[:i]]) for k, v in data.items()}
+                if len(carry["sample_id"]) == self.batch_size:
+                    yield self.reader.decode(carry)
+                    carry = None
+            full = i + (n - i) // self.batch_size * self.batch_size
+            for j in range(i, full, self.batch_size):
+                yield self.reader.decode({k: v[j:j + self.batch_size] for k, v in data.items()})
+            if full < n:  # a copy, so that the rest of the buffer is freed
+                carry = {k: np.concatenate([carry[k], v[full:]]) if carry is not None else v[full:].copy()
+                         for k, v in data.items()}
         if carry is not None:
             yield self.reader.decode(carry)
