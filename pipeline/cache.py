@@ -406,6 +406,7 @@ class CacheReader:
         self.backend = spec["layout"]["backend"]
         self._checksums = checksums
         self._verified: set[int] = set()
+        self._verifying: dict[int, threading.Lock] = {}
         gone = shard_problems(cache_dir, self.shards, hash_them=False)["missing"]
         if gone:
             raise CacheError(f"{cache_dir / gone[0]}: shard listed in the manifest is missing ({len(gone)} of "
@@ -430,8 +431,9 @@ class CacheReader:
         return int(self.manifest["rows"])
 
     def verify(self) -> None:
-        for i in range(len(self.shards)):
-            self._verify_once(i)
+        """Check every shard now (on the read threads: hashing releases the GIL); the first problem
+        in manifest order is raised."""
+        self._map(self._verify_once, list(range(len(self.shards))))
 
     def _verify_once(self, i: int) -> None:
         """Check shard i against the manifest's sha256, once per reader. The digest is remembered per
@@ -440,6 +442,13 @@ class CacheReader:
         shard replaced, truncated, copied over or rewritten is hashed again."""
         if i in self._verified:
             return
+        with self._lock:  # one lock per shard: shards are hashed concurrently (hashlib releases the GIL)
+            mine = self._verifying.setdefault(i, threading.Lock())
+        with mine:
+            if i not in self._verified:
+                self._verify(i)
+
+    def _verify(self, i: int) -> None:
         e = self.shards[i]
         path = self.dir / e["path"]
         try:
@@ -527,8 +536,8 @@ class CacheReader:
         with self._lock:
             if i in self._layouts:
                 return self._layouts[i]
-            if self._checksums:
-                self._verify_once(i)
+        if self._checksums:
+            self._verify_once(i)
         layout: dict[str, tuple[np.dtype, tuple[int, ...], str]] | None = {}
         for name in self.names:
             try:
@@ -560,31 +569,41 @@ class CacheReader:
         return {**rows, **self.encoding.decode(stored)}
 
     def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
-        """Read several chunks in order; Zarr chunks concurrently (zarr's per-read overhead and zstd
-        release the GIL). A pyarrow ParquetFile is not safe to share between threads, so Parquet
-        reads stay on this thread, each shard's row groups in one multi-threaded pyarrow call."""
+        """Read several chunks in order, concurrently (zstd and pyarrow's decoding release the GIL):
+        Zarr chunk by chunk; Parquet shard by shard, since a pyarrow ParquetFile is not safe to
+        share between threads (each shard's row groups in one pyarrow call)."""
         if self.backend != "zarr":
-            return self._read_parquet(chunks, decode)
+            groups: dict[int, list[Chunk]] = {}
+            for c in chunks:
+                groups.setdefault(c.shard, []).append(c)
+            if len(groups) <= 1:
+                return self._read_parquet(chunks, decode)
+            parts = self._map(lambda g: self._read_parquet(g, decode), list(groups.values()))
+            got = {c: part for g, ps in zip(groups.values(), parts) for c, part in zip(g, ps)}
+            return [got[c] for c in chunks]
         if len(chunks) <= 1:
             return [self.read(c, decode) for c in chunks]
+        return self._map(lambda c: self.read(c, decode), chunks)
+
+    def _map(self, fn: Any, items: list[Any]) -> list[Any]:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="logitcache-read")
-        return list(self._pool.map(lambda c: self.read(c, decode), chunks))
+        return list(self._pool.map(fn, items))
 
     def read_all(self) -> dict[str, np.ndarray]:
         parts = self.read_many(self.chunks())
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _handle(self, i: int, path: Path) -> Any:
+        if self._checksums:
+            self._verify_once(i)
         with self._lock:
             return self._open(i, path)
 
     def _open(self, i: int, path: Path) -> Any:
         if i not in self._handles:
-            if self._checksums:
-                self._verify_once(i)
             if path.suffix == ".zarr":
                 import zarr
 
