@@ -7,6 +7,10 @@ One shard per built-in teacher. A teacher's checkpoint lives under <workspace>/t
 directory named by the hash of its spec, training settings and training data, so a changed spec
 trains a new teacher and an unchanged one is never trained twice. Teachers given by import path
 and checkpoint are only checked here.
+
+Training (a seeded permutation of the training rows, in batches of teachers.batch_size) and the
+train-accuracy pass gather each batch's rows from the mapped or lazily read inputs
+(`Dataset.rows`), as students do: the training set is never loaded whole.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, dump_yaml
-from pipeline.data import load_splits
+from pipeline.data import Dataset, load_splits
 from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
 from pipeline.fanout import run_all, task_share
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
@@ -49,6 +53,16 @@ def pending(cfg: Config) -> list[Shard]:
     return [s for s in plan(cfg) if not refs[s.index].checkpoint.is_file()]
 
 
+def _batch(train: Dataset, index: np.ndarray, lm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of the training rows at positions `index` (any order: the batch keeps it)."""
+    x, y = train.rows(index)
+    if lm:  # next-token prediction: read tokens[:-1], predict tokens[1:]
+        seq = torch.from_numpy(x)  # (B, seq_len + 1)
+        return seq[:, :-1], seq[:, 1:]
+    assert y is not None  # load_splits refuses unlabelled training data
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     splits = load_splits(cfg)
     ref = teacher_refs(cfg, splits)[shard.index]
@@ -56,27 +70,25 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     torch.manual_seed(fit["seed"])
     model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
     opt = torch.optim.Adam(model.parameters(), lr=fit["lr"], weight_decay=fit["weight_decay"])
-    lm = cfg.data.task == "lm"
-    if lm:  # next-token prediction: read tokens[:-1], predict tokens[1:]
-        x = torch.from_numpy(splits.train.x[:, :-1])
-        y = torch.from_numpy(splits.train.x[:, 1:])
-    else:
-        x = torch.from_numpy(np.asarray(splits.train.x))  # demo teachers train in memory: loads lazy inputs
-        y = torch.from_numpy(splits.train.y)
+    train, lm = splits.train, cfg.data.task == "lm"
     gen = torch.Generator().manual_seed(fit["seed"])
     model.train()
     for _ in range(fit["epochs"]):
-        for idx in torch.randperm(len(x), generator=gen).split(fit["batch_size"]):
-            logits = model(x[idx])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[idx].reshape(-1))
+        for idx in torch.randperm(len(train), generator=gen).split(fit["batch_size"]):
+            x, y = _batch(train, idx.numpy(), lm)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     model.eval()
+    correct, count = 0.0, 0
     with torch.no_grad():
-        correct = sum(float((model(x[i]).argmax(-1) == y[i]).float().sum())
-                      for i in torch.arange(len(x)).split(256))
-    acc = correct / y.numel()
+        for idx in torch.arange(len(train)).split(256):
+            x, y = _batch(train, idx.numpy(), lm)
+            correct += float((model(x).argmax(-1) == y).float().sum())
+            count += y.numel()
+    acc = correct / count
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     out = ref.checkpoint.parent
