@@ -83,8 +83,10 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             opt.step()
     model.eval()
     correct, count = 0.0, 0
+    # scored in batches whose (rows, classes) logits stay bounded: for LMs cache.logit_rows tokens
+    per_batch = max(1, cfg.cache.logit_rows // cfg.data.seq_len) if lm else 256
     with torch.no_grad():
-        for idx in torch.arange(len(train)).split(256):
+        for idx in torch.arange(len(train)).split(per_batch):
             x, y = _batch(train, idx.numpy(), lm)
             correct += float((model(x).argmax(-1) == y).float().sum())
             count += y.numel()
