@@ -262,6 +262,9 @@ class Dataset:
             y = None if self.y is None else (gather(self.y, index) if whole_file(self.y)
                                              else np.asarray(self.y[index])).astype(np.int64, copy=False)
             return x, y
+        if isinstance(self.x, Selection) and whole_file(self.x.base):  # a split: scattered rows of the file
+            x = gather(self.x.base, self.x.index[index])
+            return x, None if self.y is None else np.array(self.y[index], dtype=np.int64)
         x = self.x[index]
         x = np.array(x) if isinstance(self.x, np.ndarray) else x  # an ndarray's slice is a view
         y = None if self.y is None else np.array(self.y[index], dtype=np.int64)

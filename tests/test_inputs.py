@@ -319,8 +319,8 @@ def test_zarr_inputs_of_strings(cli_run, tmp_path):
 def test_gathered_npy_rows_are_read_not_mapped(tmp_path, monkeypatch):
     """A student's batch gathered from a .npy input is read with pread, so none of the file's pages
     become resident in the process (a fault on a mapping maps the page's whole folio: about 100 MB
-    per batch was measured on a 1 GB input); rows and labels equal fancy indexing, in any order,
-    with repeats."""
+    per batch was measured on a 1 GB input), also through a split of the file; rows and labels
+    equal fancy indexing, in any order, with repeats."""
     from pipeline import data
     from pipeline.data import mapped_resident
 
@@ -347,3 +347,14 @@ def test_gathered_npy_rows_are_read_not_mapped(tmp_path, monkeypatch):
         assert np.array_equal(xs, ref_x[pos]) and np.array_equal(ys, ref_y[pos]) and ys.dtype == np.int64
     grew = mapped_resident() - before
     assert grew < 4 << 20, f"{grew >> 20} MB of the input became resident"
+    part = ds.subset(np.arange(n) % 3 != 0)  # a split (data.test_fraction) selects rows of the file
+    keep = np.flatnonzero(np.arange(n) % 3 != 0)
+    before = mapped_resident()
+    for _ in range(50):
+        pos = rng.integers(0, len(part), 256)
+        xs, ys = part.rows(pos)
+        assert np.array_equal(xs, ref_x[keep[pos]]) and np.array_equal(ys, ref_y[keep[pos]])
+    xs, _ = part.rows(slice(1000, 1300))  # a range of a split is scattered rows of the file
+    assert np.array_equal(xs, ref_x[keep[1000:1300]])
+    grew = mapped_resident() - before
+    assert grew < 4 << 20, f"{grew >> 20} MB of the input became resident through the split"
