@@ -1,7 +1,8 @@
 """Cache reader throughput over a numpy memmap of the same stored columns, read the same way.
 
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
-layout (Zarr 4096- and 16384-row chunks, Parquet 4096-row row groups), rows/s of one epoch of the
+layout (Zarr 4096- and 16384-row chunks, Zarr 4096-row chunks with `cache.codec: shuffle-zstd`,
+Parquet 4096-row row groups), rows/s of one epoch of the
 ChunkShuffleLoader (batches of 4096 rows, buffers of 4 chunks, rows shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
     every shard against the manifest's sha256; the digest is remembered per machine while the
@@ -45,7 +46,8 @@ from pipeline.loader import ChunkShuffleLoader
 
 BATCH, BUFFER_CHUNKS, ROWS_PER_SHARD = 4096, 4, 50_000
 ENCODINGS: dict[str, Encoding] = {"topk32": TopK(1000, 32), "topk32_q8": TopK(1000, 32, bits=8), "dense100": Dense(100)}
-LAYOUTS = {"zarr_4096": ("zarr", 4096), "zarr_16384": ("zarr", 16384), "parquet_4096": ("parquet", 4096)}
+LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle": ("zarr", 4096, "shuffle-zstd"),
+           "zarr_16384": ("zarr", 16384, "zstd"), "parquet_4096": ("parquet", 4096, "zstd")}
 
 
 class MemmapReader:
@@ -105,8 +107,8 @@ def epoch_reader(make: Callable[[], Any]) -> Callable[[int], int]:
 
 def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
     ws = workdir(f"reader-{name}")
-    dirs = {lay: write_cache(ws / lay, rows, enc.num_classes, enc, ROWS_PER_SHARD, c, backend=b)
-            for lay, (b, c) in LAYOUTS.items()}
+    dirs = {lay: write_cache(ws / lay, rows, enc.num_classes, enc, ROWS_PER_SHARD, c, backend=b, codec=codec)
+            for lay, (b, c, codec) in LAYOUTS.items()}
     (ws / "npy").mkdir()
     columns = stored_memmaps(dirs["zarr_4096"], ws / "npy")
     readers: dict[str, Callable[[int], int]] = {}
@@ -119,8 +121,8 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
     for lay, d in dirs.items():
         readers[lay] = epoch_reader(lambda d=d: with_store(d, fresh=False))
         readers[f"{lay}_first_read"] = epoch_reader(lambda d=d: with_store(d, fresh=True))
-    for chunk_rows in sorted({c for _, c in LAYOUTS.values()}):
-        like = dirs[next(lay for lay, (b, c) in LAYOUTS.items() if b == "zarr" and c == chunk_rows)]
+    for chunk_rows in sorted({c for _, c, _ in LAYOUTS.values()}):
+        like = dirs[next(lay for lay, (b, c, _) in LAYOUTS.items() if b == "zarr" and c == chunk_rows)]
         readers[f"memmap_{chunk_rows}"] = epoch_reader(lambda like=like: MemmapReader(fmt.CacheReader(like), columns))
     best = dict.fromkeys(readers, 0.0)
     best_cpu = dict.fromkeys(readers, 0.0)

@@ -111,6 +111,7 @@ class CacheConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int = 3  # zstd
+    codec: Literal["zstd", "shuffle-zstd"] = "zstd"  # zarr: shuffle-zstd byte-shuffles multi-byte columns first (Blosc)
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
 
 
@@ -535,6 +536,9 @@ def validate(cfg: Config) -> list[str]:
         e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
     if c.logit_rows < 1:
         e.append(f"cache.logit_rows: {c.logit_rows} must be >= 1")
+    if c.codec != "zstd" and c.backend != "zarr":
+        e.append(f"cache.codec: {c.codec} is for the zarr backend; Parquet caches use zstd (their float columns are "
+                 "already byte-split)")
     if c.logp_range <= 0:
         e.append("cache.logp_range: must be > 0")
     if not 1 <= c.draws <= 255:

@@ -68,12 +68,14 @@ class CacheWriter:
     def __init__(self, root: str | Path, spec: dict[str, Any], encoding: Encoding | str | dict[str, Any],
                  num_classes: int, backend: str = "zarr", rows_per_shard: int = 8192, chunk_rows: int = 1024,
                  temperature: float = 1.0, seq_len: int | None = None, tokens: bool = False, seed: int = 0,
-                 compression_level: int = 3) -> None:
+                 compression_level: int = 3, codec: str = "zstd") -> None:
         if not isinstance(spec, dict) or not ({"teacher", "teachers"} & spec.keys()) or "dataset" not in spec:
             raise ValueError("spec: declare what determines the targets, at least {'teacher': ..., 'dataset': ...} "
                              "(name/revision of the teacher, a fingerprint of the inputs)")
         if backend not in ("zarr", "parquet"):
             raise ValueError(f"backend={backend!r}: use zarr or parquet")
+        if codec not in fmt.CODECS or (codec != "zstd" and backend != "zarr"):
+            raise ValueError(f"codec={codec!r}: use zstd, or shuffle-zstd with the zarr backend")
         if rows_per_shard < 1 or chunk_rows < 1:
             raise ValueError("rows_per_shard and chunk_rows must be >= 1")
         self.tokens = tokens or seq_len is not None
@@ -83,6 +85,7 @@ class CacheWriter:
         self.encoding = make_encoding(encoding, num_classes)
         self.seq_len, self.backend, self.seed = seq_len, backend, seed
         self.rows_per_shard, self.chunk_rows, self.level = rows_per_shard, chunk_rows, compression_level
+        self.codec = codec
         self.temperature = float(temperature)
         self.spec = self._full_spec(spec)
         self.path = Path(root) / fmt.cache_id(self.spec)
@@ -108,6 +111,8 @@ class CacheWriter:
             "temperature": self.temperature, "encoding": self.encoding.params(),
             "layout": {"backend": self.backend, "rows_per_shard": self.rows_per_shard, "chunk_rows": self.chunk_rows},
         }
+        if self.codec != "zstd":  # only then: caches of the default codec keep their ids
+            spec["layout"]["codec"] = self.codec
         if not self.encoding.retemperable:
             spec["sampling_seed"] = self.seed
         return spec
@@ -280,7 +285,7 @@ class CacheWriter:
         else:
             if self.tokens:
                 arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            fmt.write_shard(path, arrays, self._attrs(rows), self.encoding, self.chunk_rows, self.level)
+            fmt.write_shard(path, arrays, self._attrs(rows), self.encoding, self.chunk_rows, self.level, self.codec)
         entry = fmt.shard_entry(self.path, self._index, self.backend, self._first_row, rows)
         if self.tokens and self.seq_len is None:
             entry.update(_chunk_ownership(lengths, self.chunk_rows))

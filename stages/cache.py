@@ -181,7 +181,7 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardRes
     if ctx.views is not None:
         attrs["views"] = ctx.spec["views"]
     fmt.write_shard(shard_path(ctx, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
-                    cfg.cache.compression_level)
+                    cfg.cache.compression_level, cfg.cache.codec)
     return ShardResult(shard.index, shard.rows, skipped=False)
 
 

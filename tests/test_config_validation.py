@@ -68,6 +68,8 @@ REFUSED = [
     (["student.models=[{name: s, arch: import, factory: 'userzoo:mlp', checkpoint: s.pt}]"],
      "student.models.0.checkpoint: students are trained from scratch"),
     (["student.logit_chunk=128"], "student.logit_chunk: applies to data.task lm only"),
+    (["cache.backend=parquet", "cache.codec=shuffle-zstd"], "cache.codec: shuffle-zstd is for the zarr backend"),
+    (["cache.codec=blosc"], "cache.codec"),
     (["cluster.workers=0"], "cluster: workers"),
     (["cluster.slurm.jobs=0"], "cluster.slurm: jobs"),
     (["cluster.worker_timeout=0"], "cluster.worker_timeout"),
