@@ -1,8 +1,8 @@
 """Cache reader throughput over a numpy memmap of the same stored columns, read the same way.
 
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
-layout (Zarr 4096- and 16384-row chunks, Zarr 4096-row chunks with `cache.codec: shuffle-zstd`,
-Parquet 4096-row row groups), rows/s of one epoch of the
+layout (Zarr 4096- and 16384-row chunks, Zarr 4096-row chunks with `cache.codec` shuffle-zstd and
+shuffle-lz4, Parquet 4096-row row groups), rows/s of one epoch of the
 ChunkShuffleLoader (batches of 4096 rows, buffers of 4 chunks, rows shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
     every shard against the manifest's sha256; the digest is remembered per machine while the
@@ -46,8 +46,9 @@ from pipeline.loader import ChunkShuffleLoader
 
 BATCH, BUFFER_CHUNKS, ROWS_PER_SHARD = 4096, 4, 50_000
 ENCODINGS: dict[str, Encoding] = {"topk32": TopK(1000, 32), "topk32_q8": TopK(1000, 32, bits=8), "dense100": Dense(100)}
-LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle": ("zarr", 4096, "shuffle-zstd"),
-           "zarr_16384": ("zarr", 16384, "zstd"), "parquet_4096": ("parquet", 4096, "zstd")}
+LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle_zstd": ("zarr", 4096, "shuffle-zstd"),
+           "zarr_4096_shuffle_lz4": ("zarr", 4096, "shuffle-lz4"), "zarr_16384": ("zarr", 16384, "zstd"),
+           "parquet_4096": ("parquet", 4096, "zstd")}
 
 
 class MemmapReader:

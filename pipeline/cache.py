@@ -123,7 +123,7 @@ def digest_path(shard: Path) -> Path:
     return shard.parent.parent / "digests" / f"{shard.name}.json"
 
 
-CODECS = ("zstd", "shuffle-zstd")
+CODECS = ("zstd", "shuffle-zstd", "shuffle-lz4")
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
@@ -133,8 +133,8 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     shard is kept untouched and this one discarded.
 
     `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
-    encoding's columns as `enc.to_host` returns them. `codec` (Zarr only): "zstd", or
-    "shuffle-zstd", Blosc's byte shuffle then zstd for columns of multi-byte values."""
+    encoding's columns as `enc.to_host` returns them. `codec` (Zarr only): "zstd"; or for columns of
+    multi-byte values Blosc's byte shuffle, then zstd ("shuffle-zstd") or lz4 ("shuffle-lz4")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays])
     tmp = tmp_name(path)
@@ -165,9 +165,12 @@ def _write_zarr(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any],
     for col in columns + ([OFFSETS] if "offsets" in arrays else []):
         data = arrays[col.name]
         # Byte shuffle groups the high bytes of float16 log-probs and of ids (nearly constant) apart
-        # from the low ones: 6-18% smaller and about twice as fast to decode (bench/reader.py)
-        compressor = (BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=data.dtype.itemsize)
-                      if codec == "shuffle-zstd" and data.dtype.itemsize > 1 else ZstdCodec(level=level))
+        # from the low ones: zstd then takes 9-15% fewer bytes, and lz4 about as many as plain zstd
+        # but decodes 3-4x faster (README "Performance"). Single bytes have nothing to shuffle.
+        compressor: Any = ZstdCodec(level=level)
+        if codec != "zstd" and data.dtype.itemsize > 1:
+            compressor = BloscCodec(cname=codec.removeprefix("shuffle-"), clevel=min(level, 9), shuffle="shuffle",
+                                    typesize=data.dtype.itemsize)
         arr = group.create_array(
             col.name, shape=data.shape, dtype=data.dtype, chunks=(chunk_rows, *data.shape[1:]),
             compressors=compressor, dimension_names=col.dims,

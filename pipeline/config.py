@@ -111,7 +111,7 @@ class CacheConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int = 3  # zstd
-    codec: Literal["zstd", "shuffle-zstd"] = "zstd"  # zarr: shuffle-zstd byte-shuffles multi-byte columns first (Blosc)
+    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4"] = "zstd"  # zarr: shuffle-*: Blosc byte shuffle first
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
 
 

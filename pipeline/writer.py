@@ -75,7 +75,7 @@ class CacheWriter:
         if backend not in ("zarr", "parquet"):
             raise ValueError(f"backend={backend!r}: use zarr or parquet")
         if codec not in fmt.CODECS or (codec != "zstd" and backend != "zarr"):
-            raise ValueError(f"codec={codec!r}: use zstd, or shuffle-zstd with the zarr backend")
+            raise ValueError(f"codec={codec!r}: use zstd, or shuffle-zstd or shuffle-lz4 with the zarr backend")
         if rows_per_shard < 1 or chunk_rows < 1:
             raise ValueError("rows_per_shard and chunk_rows must be >= 1")
         self.tokens = tokens or seq_len is not None
