@@ -13,6 +13,7 @@ the permuted units are those blocks' chunks, 1/N of the cache, and a row is one 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,43 +83,50 @@ class ChunkShuffleLoader:
         """Yield batches `start`, `start + 1`, ... of `epoch`; each a dict of column arrays."""
         rng = np.random.default_rng([self.seed, epoch])
         skip = start * self.batch_size  # rows of the epoch's stream already consumed
-        buffers = self._buffers(rng, epoch)
-        perms, seen = [], 0
-        for buffer in buffers:  # every permutation drawn, skipped or not, so the order is fixed
-            rows = sum(c.stop - c.start for c in buffer)
-            items = rng.permutation(rows // self.per_item)
-            perms.append(((items[:, None] * self.per_item + np.arange(self.per_item)).reshape(-1), rows))
-        first = 0
-        while first < len(buffers) and seen + perms[first][1] <= skip:
-            seen += perms[first][1]
-            first += 1
+        plan = self._plan(rng, epoch)
+        seen, ahead_of = 0, None
+        for chunks, perm in plan:  # skipped buffers' permutations are drawn too, so the order is fixed
+            if seen + len(perm) > skip:
+                ahead_of = (chunks, perm[skip - seen:])  # the rest of the buffer that holds batch `start`
+                break
+            seen += len(perm)
+        if ahead_of is None:
+            return
         # Buffers are prepared (read, concatenated, shuffled) on one background thread while the
         # consumer works through the previous one, so storage costs overlap the training step.
         # Every read happens on that thread, so a Parquet file is never read by two threads at once.
         # Memory: the buffer being yielded plus the one being prepared. Buffers hold the stored
         # (narrow) columns, and each batch is decoded as it is yielded: a buffer of 8-bit top-10 rows
         # takes ~16 B/row, not the ~130 B/row of int64 ids and float32 log-probs, and shuffling
-        # moves fewer bytes.
+        # moves fewer bytes. Each buffer's permutation is drawn when it is prepared: the epoch's
+        # order never exists whole, whatever the cache's size.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-prefetch") as ahead:
-            yield from self._emit(buffers, perms, first, max(skip - seen, 0), ahead)
+            yield from self._emit(itertools.chain([ahead_of], plan), ahead)
 
-    def _prepare(self, chunks: list[Chunk], perm: np.ndarray, drop: int) -> dict[str, np.ndarray]:
-        """One buffer's stored rows in its shuffled order, without its first `drop` rows."""
+    def _plan(self, rng: np.random.Generator, epoch: int) -> Iterator[tuple[list[Chunk], np.ndarray]]:
+        """Each buffer's chunks and its row permutation, in order, drawn from `rng` one at a time."""
+        for chunks in self._buffers(rng, epoch):
+            rows = sum(c.stop - c.start for c in chunks)
+            items = rng.permutation(rows // self.per_item)
+            yield chunks, (items[:, None] * self.per_item + np.arange(self.per_item)).reshape(-1)
+
+    def _prepare(self, chunks: list[Chunk], perm: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows of a buffer's chunks in the order `perm` (row positions within the buffer)."""
         parts = read_ranges(self.reader, chunks, False)
         out = {}
         for k in list(parts[0]):
             whole = np.concatenate([p.pop(k) for p in parts])  # each column's parts freed once joined
-            out[k] = whole[perm[drop:]]
+            out[k] = whole[perm]
         return out
 
-    def _emit(self, buffers: list[list[Chunk]], perms: list[tuple[np.ndarray, int]], first: int, drop: int,
+    def _emit(self, plan: Iterator[tuple[list[Chunk], np.ndarray]],
               ahead: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:
         carry: dict[str, np.ndarray] | None = None
-        pending: Future | None = None
-        for b in range(first, len(buffers)):
-            data = (pending or ahead.submit(self._prepare, buffers[b], perms[b][0], drop)).result()
-            drop = 0
-            pending = ahead.submit(self._prepare, buffers[b + 1], perms[b + 1][0], 0) if b + 1 < len(buffers) else None
+        pending: Future | None = ahead.submit(self._prepare, *next(plan))
+        while pending is not None:
+            data = pending.result()
+            following = next(plan, None)
+            pending = ahead.submit(self._prepare, *following) if following is not None else None
             n, i = len(data["sample_id"]), 0
             if carry is not None:  # the rows a buffer left over start the next one's first batch
                 i = min(self.batch_size - len(carry["sample_id"]), n)

@@ -100,3 +100,28 @@ def test_batches_mix_classes_across_the_whole_cache(tmp_path):
     uniform = np.mean([len(np.unique(label[perm[i:i + batch]])) for i in range(0, n - batch + 1, batch)])
     print(f"distinct classes per batch: {ours:.2f}, uniform permutation {uniform:.2f}")
     assert ours >= 0.9 * uniform, (ours, uniform)
+
+
+def test_the_epoch_order_is_drawn_one_buffer_at_a_time(tmp_path):
+    """Starting an epoch allocates its chunk order and one or two buffers, never a permutation of
+    every row: 8 bytes a row would be 8 GB per epoch of a billion-token cache."""
+    import tracemalloc
+
+    n, chunk = 1 << 20, 4096
+    enc = Dense(2, "float16")
+    d = tmp_path / "big"
+    spec = {"layout": {"chunk_rows": chunk, "backend": "zarr", "rows_per_shard": n}, "num_classes": 2,
+            "encoding": enc.params(), "temperature": 1.0, "dataset": {"fingerprint": "x", "rows": n}}
+    fmt.write_shard(d / "shards" / fmt.shard_name(0, "zarr"),
+                    {"sample_id": np.arange(n), "logp": np.zeros((n, 2), np.float16)}, {}, enc, chunk, 1)
+    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, n)], {})
+    loader = ChunkShuffleLoader(fmt.CacheReader(d), batch_size=1024, seed=0, shuffle_chunks=2)
+    for start in (0, 700):  # from the top, and resuming deep into the epoch
+        tracemalloc.start()
+        it = loader.batches(0, start)
+        first = next(it)
+        peak = tracemalloc.get_traced_memory()[1]
+        it.close()
+        tracemalloc.stop()
+        assert first["sample_id"].shape == (1024,)
+        assert peak < (n * 8) // 4, f"{peak >> 20} MB allocated to start an epoch of {n} rows"
