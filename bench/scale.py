@@ -32,7 +32,7 @@ corpus of 20,000 words is data.source: `logitcache teachers` trains the byte-lev
 tokens) and the GPT teacher (1 layer, width 64, 2 epochs) on it once, before anything is measured,
 and every run reuses them; the generated corpus of each size is data.transfer.source. Two ladders,
 because the stages run at very different rates here (tokenize about 450k tokens/s on an idle
-machine, the cache stage about 15k, the student about 9.5k):
+machine, the cache stage 15k-22k, the student about 9.5k):
 - tokenize: --tokenize-words 830,000 words at 1x, about 1M, 10M and 100M tokens (5 MB to 500 MB of
   text); the run also tokenizes the fixed source (24k tokens), `n` and `per_s` are the generated
   corpus's. Its 1x peak holds everything the stage holds at any size: the interpreter and the
@@ -48,7 +48,8 @@ machine, the cache stage about 15k, the student about 9.5k):
   1x loops last only a few seconds (12 batches of 32 sequences): their 1x peaks are mostly the fixed
   cost (the interpreter with torch and the stage's modules alone peak at 248 MB) and their 1x rates
   carry warm-up, so a speed_ratio above 1 is expected.
-With the defaults, --tasks lm takes about 17 minutes on 2 shared cores (tokenize at 100x: 6).
+With the defaults, --tasks lm took 12 and 17 minutes in two runs on 2 cores that another job also
+used (the 100M-token tokenize run: 3.5 and 6 minutes).
 """
 
 from __future__ import annotations
