@@ -1,32 +1,55 @@
-"""Scale: the real `cache` and `student` stages (and `tokenize` for language models), each a fresh
-subprocess, on generated data at 1x, 10x and 100x; peak RSS (os.wait4's ru_maxrss of that process)
-and rows/s of each stage.
+"""Scale: the real stages as fresh processes on generated data at 1x, 10x and 100x; each stage's peak
+resident memory and its loop's rate, and their ratios from the first size to the last.
 
-    .venv/bin/python bench/scale.py [--tasks classify,lm] [--rows 20000] [--lm-tokens 20000] [--sizes 1,10,100]
+    .venv/bin/python bench/scale.py [--tasks classify,lm] [--rows 20000] [--lm-tokens 20000]
+                                    [--tokenize-words 830000] [--sizes 1,10,100]
 
-Inputs are a directory of .npy arrays written block by block through np.memmap (never whole in
-RAM): rows of 64 float32 features, 1,000 classes; at 100x of 40,000 rows that is 4M rows, 1.02 GB
-of inputs. The teacher is a small imported MLP; the cache is top-10, 8-bit; the student trains one
-epoch. rows/s is net of the stage's fixed cost (interpreter, imports, model and checkpoint I/O),
-measured by running the same stage on a 1,000-row input first; the raw wall-clock figures are
-printed too. One JSON line per stage:
-{"bench": "scale", "task": "classify", "stage": ..., "rss_ratio": RSS(100x)/RSS(1x),
- "speed_ratio": rows/s(100x)/rows/s(1x), ...}. Goals: rss_ratio <= 1.25, speed_ratio >= 0.9.
+Every stage runs as `logitcache NAME CONFIG` in a fresh Python process (common.run_stage) with
+LOGITCACHE_PROGRESS_INTERVAL=3600, so it logs only its loop's final "..., N rows/s, done" line.
+Per stage and size: `peak_rss_mb`, the process's own VmHWM, which it prints at exit (a child's
+ru_maxrss from wait4 would carry over the peak of this process, which wrote the inputs);
+`peak_anon_mb`, the largest RssAnon (heap, as opposed to mapped input pages) of samples taken every
+50 ms; `per_s`, the rate of that "done" line: the stage's main loop only (the teacher pass, the
+training epoch, the tokenizer's stream over the corpus), without start-up, imports, model loading
+or the held-out pass; `raw_per_s`, rows over the process's wall clock. One JSON line per stage:
+{"bench": "scale", "task": ..., "stage": ..., "rss_ratio": peak_rss_mb(last size)/peak_rss_mb(first
+ size) of --sizes, "anon_ratio": the same for peak_anon_mb, "speed_ratio": the same for per_s
+ (raw_per_s when either size has none; "speed_from" says which), "raw_speed_ratio", "unmet": the
+ goals missed, "sizes": the figures above per size}. Goals: rss_ratio <= 1.25, speed_ratio >= 0.9.
 
-The LM task (`"task": "lm"`, a row is a token) streams a generated text corpus: paragraphs of random
-words (1,000 distinct lowercase words, Zipf-distributed), written to a .txt file block by block, about
---lm-tokens words at 1x. It is the config's data.transfer.source; data.source is a fixed corpus of
-20,000 words, so the byte-level BPE (2,048 tokens) and the built-in GPT teacher (1 layer, width 64,
-`logitcache teachers`, 2 epochs) are trained on it once, in a few seconds, and reused at every size.
-Each size then runs `tokenize`, `cache` (top-8, 64-token sequences, 4,096-token shards so that even
-1x spans whole shards) and `student` (a 1-layer GPT, one epoch), each timed and measured as its own
-process; token counts are the tokenized corpus's (about 1.2 tokens per word), and `raw_speed_ratio`
-is the same ratio without subtracting start-up costs.
+classify: inputs are a directory of .npy arrays written block by block (262,144 rows) through
+np.memmap, never whole in RAM: x (rows, FEATURES=128) float32 standard normal, y (rows,) int64 of
+1,000 classes, and a 2,000-row held-out x_test/y_test. --rows 20,000 gives 20k, 200k and 2M rows
+(1.04 GB of inputs at 100x). The teacher is a randomly initialized MLP (128-128-1000) saved once
+and imported by the cache stage (factory `scale:mlp`), temperature 2; the cache is top-10, 8-bit,
+16,384-row shards of 4,096-row chunks, 4,096-row teacher batches; the student (an MLP with one
+hidden layer of 64) trains one epoch in batches of 256. Each size has its own workspace, removed
+before the next. At 1x both loops last about a second, so their 1x rates carry warm-up.
 
-Why the default is 20,000 words at 1x (about 24k tokens; 2.4M at 100x): the stages' own loop rates
-here were about 21k tokens/s for the cache stage and 9.5k for the student (a run at 2,000 words), so
-1x+10x+100x take about 8 minutes on 2 cores; the 1M/10M/100M tokens an LLM team would want would
-take hours here. At 1x the teacher pass lasts about a second, so its rate still carries warm-up.
+lm (a row is a token): text corpora generated block by block (make_corpus: paragraphs of 20-299
+words drawn Zipf-distributed from 1,000 random lowercase words; about 1.2 tokens a word). A fixed
+corpus of 20,000 words is data.source: `logitcache teachers` trains the byte-level BPE (2,048
+tokens) and the GPT teacher (1 layer, width 64, 2 epochs) on it once, before anything is measured,
+and every run reuses them; the generated corpus of each size is data.transfer.source. Two ladders,
+because the stages run at very different rates here (tokenize about 450k tokens/s on an idle
+machine, the cache stage 15k-22k, the student about 9.5k):
+- tokenize: --tokenize-words 830,000 words at 1x, about 1M, 10M and 100M tokens (5 MB to 500 MB of
+  text); the run also tokenizes the fixed source (24k tokens), `n` and `per_s` are the generated
+  corpus's. Its 1x peak holds everything the stage holds at any size: the interpreter and the
+  stage's imports (about 40 MB), the loaded tokenizer (9 MB), one batch's Encodings and ids (a
+  batch is at most 131,072 characters, about 4 MB here), the 1 MiB read block with its decoded
+  copies (about 5 MB) and the allocator's fragmentation, which levels off within the first one or
+  two million tokens. A 1x of 24k tokens (125 KB of text: one batch, an eighth of a read block)
+  peaked at 57 MB, and the same code at 2.4M tokens at 67 MB.
+- cache and student: --lm-tokens 20,000 words at 1x, about 24k, 241k and 2.4M tokens; the corpus
+  is tokenized first (not measured). cache: top-8 of the teacher over 64-token sequences, 4,096-
+  token shards (1x spans six), batches of 32 sequences; student: a 1-layer GPT of width 32, one
+  epoch, batches of 32 sequences. 100M tokens would take these stages hours on 2 cores, so their
+  1x loops last only a few seconds (12 batches of 32 sequences): their 1x peaks are mostly the fixed
+  cost (the interpreter with torch and the stage's modules alone peak at 248 MB) and their 1x rates
+  carry warm-up, so a speed_ratio above 1 is expected.
+With the defaults, --tasks lm took 12 and 17 minutes in two runs on 2 cores that another job also
+used (the 100M-token tokenize run: 3.5 and 6 minutes).
 """
 
 from __future__ import annotations
@@ -127,13 +150,11 @@ def lm_config(ws: Path, transfer: Path) -> Path:
     return path
 
 
-def lm(words: int, sizes: list[int]) -> None:
-    """tokenize, cache and student on a generated corpus of `words` x size words; one JSON line per stage."""
-    import json
-
+def lm(words: int, tokenize_words: int, sizes: list[int]) -> None:
+    """tokenize on a generated corpus of `tokenize_words` x size words, cache and student on one of
+    `words` x size words (tokenized first, unmeasured); one JSON line per stage."""
     root = workdir("scale-lm")
-    stages = ("tokenize", "cache", "student")
-    figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in stages}
+    figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in ("tokenize", "cache", "student")}
     try:
         make_corpus(root / "source.txt", LM_SOURCE_WORDS, seed=1)
         # the BPE and the teacher are trained once, on the fixed source, before anything is measured
@@ -141,22 +162,32 @@ def lm(words: int, sizes: list[int]) -> None:
         stage("teachers", lm_config(root, root / "warmup.txt"))
         shutil.rmtree(root / "tokens")
         for size in sizes:
+            corpus = root / f"tokenize-{size}x.txt"
+            make_corpus(corpus, size * tokenize_words, seed=2)
+            run = stage("tokenize", lm_config(root, corpus))
+            figures["tokenize"][f"{size}x"] = measured(transfer_tokens(root), run)
+            shutil.rmtree(root / "tokens")
+            corpus.unlink()
             transfer = root / f"transfer-{size}x.txt"
             make_corpus(transfer, size * words, seed=2)
             cfg = lm_config(root, transfer)
-            tokens = 0
-            for name in stages:
-                run = stage(name, cfg)
-                if name == "tokenize":
-                    tokens = json.loads(next((root / "tokens").glob("*/manifest.json")).read_text())[
-                        "splits"]["transfer"]["n_tokens"]
-                figures[name][f"{size}x"] = measured(tokens, run)
+            stage("tokenize", cfg)
+            for name in ("cache", "student"):
+                figures[name][f"{size}x"] = measured(transfer_tokens(root), stage(name, cfg))
             for d in ("tokens", "caches", "runs"):  # the next size's files need the disk
                 shutil.rmtree(root / d, ignore_errors=True)
             transfer.unlink()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report("lm", figures, sizes, unit="tokens")
+
+
+def transfer_tokens(root: Path) -> int:
+    """Tokens in the transfer split of the one tokenized corpus under `root`."""
+    import json
+
+    manifest = json.loads(next((root / "tokens").glob("*/manifest.json")).read_text())
+    return int(manifest["splits"]["transfer"]["n_tokens"])
 
 
 def measured(n: int, run: StageRun) -> dict[str, float | None]:
@@ -188,7 +219,9 @@ def main() -> None:
     ap.add_argument("--tasks", default="classify,lm", help="classify, lm, or both")
     ap.add_argument("--rows", type=int, default=20_000, help="rows at 1x (classify)")
     ap.add_argument("--lm-tokens", type=int, default=20_000,
-                    help="words of the LM corpus at 1x (about 1.2 tokens each); see the docstring for the default")
+                    help="words of the LM cache and student corpus at 1x (about 1.2 tokens each); see the docstring")
+    ap.add_argument("--tokenize-words", type=int, default=830_000,
+                    help="words of the LM tokenize corpus at 1x (about 1M tokens); see the docstring")
     ap.add_argument("--sizes", default="1,10,100")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -199,7 +232,7 @@ def main() -> None:
     if "classify" in tasks:
         classify(args.rows, sizes)
     if "lm" in tasks:
-        lm(args.lm_tokens, sizes)
+        lm(args.lm_tokens, args.tokenize_words, sizes)
 
 
 def classify(base_rows: int, sizes: list[int]) -> None:

@@ -60,7 +60,14 @@ from pipeline.text import (
 )
 
 TOKENS_FORMAT = 1
-BATCH_DOCS = 1000  # documents per encode_batch call
+# One encode_batch call holds its documents' Encodings (about 130 bytes a token: ids, offsets, token
+# strings) and their ids as Python lists (about 33 more): 1,000 paragraphs of bench/scale.py's corpus
+# (1 MB of text, 192k tokens) took 30 MB, and 1,000 long documents would take any amount. So a batch
+# ends at BATCH_DOCS documents or BATCH_CHARS characters (token ids when pre-tokenized), whichever
+# comes first (128k characters of that corpus: 25k tokens, about 4 MB); a longer document comes alone.
+# Characters, not bytes: len() costs nothing, and byte-level BPE makes at most 4 tokens a character.
+BATCH_DOCS = 1000
+BATCH_CHARS = 1 << 17
 
 
 def identity(d: DataConfig) -> dict[str, Any]:
@@ -201,7 +208,7 @@ def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
 
 
 def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[TokenFile], in_test: np.ndarray | None) -> int:
-    """Encode `path`'s documents in batches of BATCH_DOCS into files[0], or files[1] where `in_test`;
+    """Encode `path`'s documents in batches (`_batches`) into files[0], or files[1] where `in_test`;
     the number of documents read."""
     n = 0
     progress = bar(None, f"tokenize {path}", "tokens")  # a line every LOGITCACHE_PROGRESS_INTERVAL s in job logs
@@ -224,12 +231,19 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[Toke
 
 
 def _batches(docs: Iterator[Any]) -> Iterator[list[Any]]:
+    """Consecutive documents, at most BATCH_DOCS of them and BATCH_CHARS of their length together,
+    except a longer document, which comes alone."""
     batch: list[Any] = []
+    size = 0
     for doc in docs:
+        if batch and size + len(doc) > BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
         batch.append(doc)
+        size += len(doc)
         if len(batch) == BATCH_DOCS:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 

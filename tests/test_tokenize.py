@@ -114,7 +114,8 @@ def write_source(path: Path, docs: list) -> Path:
 def test_sequences_equal_the_in_memory_path(tmp_path, monkeypatch, docs, bpe, name):
     monkeypatch.setattr(text, "BLOCK", 97)  # blocks end inside paragraphs, words and multi-byte characters
     monkeypatch.setattr(text, "PARQUET_BATCH", 10)
-    monkeypatch.setattr(tokens, "BATCH_DOCS", 64)
+    monkeypatch.setattr(tokens, "BATCH_DOCS", 16)  # batches end at either bound; the two documents longer
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 4000)  # than 4,000 characters come alone
     source = write_source(tmp_path / name, docs)
     splits = load_splits(lm_cfg(tmp_path, source, f"data.tokenizer={bpe}"))
     train, test = old_sequences(old_read(source), bpe)
@@ -351,3 +352,28 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
         m = tokens.read_manifest(next((tmp_path / str(n) / "tokens").iterdir()))
         assert m["splits"]["train"]["n_tokens"] + m["splits"]["test"]["n_tokens"] >= n
     assert peaks[20_000_000] < 1.15 * peaks[2_000_000], peaks
+
+
+def test_a_batch_of_long_documents_is_bounded_by_characters(tmp_path):
+    """40 documents of 250,000 characters (50,000 tokens each) are encoded one at a time: the peak
+    is that of tokenizing 4 of them (283 MB both). Batched by document count alone, the 40 went into
+    the tokenizer together and peaked at 402 MB."""
+    tok_dir = word_tokenizer(tmp_path / "tok", 1000)
+    rng = np.random.default_rng(0)
+    doc = " ".join(f"w{i}" for i in rng.integers(0, 1000, 50_000))
+    assert len(doc) > tokens.BATCH_CHARS
+    peaks = {}
+    for n in (4, 40):
+        source = tmp_path / f"c{n}.txt"
+        with open(source, "w") as f:
+            for _ in range(n):
+                f.write(doc + "\n\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+        p = subprocess.run([sys.executable, "-c", MEASURE, "data.task=lm", f"data.source={source}",
+                            f"data.tokenizer={tok_dir}", f"workspace={tmp_path / str(n)}", *GPT],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        assert p.returncode == 0, p.stderr + p.stdout
+        peaks[n] = int(p.stdout.split("peak_kib")[1]) / 1024
+        m = tokens.read_manifest(next((tmp_path / str(n) / "tokens").iterdir()))
+        assert m["splits"]["train"]["n_tokens"] + m["splits"]["test"]["n_tokens"] == n * 50_001
+    assert peaks[40] < 1.1 * peaks[4], peaks
