@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from pipeline import steady_heap
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, LogitcacheError
 
@@ -62,6 +63,7 @@ def _unexpected(e: Exception) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Offline logit caching for knowledge distillation: run the teachers once, train many students."""
     ctx.meta[DEBUG] = debug
+    steady_heap()
 
 
 def _load(config: Path, overrides: tuple[str, ...], scheduler: str | None = None,

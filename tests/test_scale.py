@@ -148,3 +148,34 @@ def test_progress_without_a_terminal_prints_lines_at_an_interval(monkeypatch, ca
     assert len(lines) == 5, lines
     assert lines[0].startswith("cache abc: 100/1000 rows (10.0%), ") and "rows/s, ETA 0m0" in lines[0]
     assert lines[-1].startswith("cache abc: 400/1000 rows (40.0%)") and lines[-1].endswith(", done")
+
+
+HEAP_PROBE = textwrap.dedent("""
+    import re, sys
+    import numpy as np
+    import pipeline
+
+    def anon():
+        return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+    if sys.argv[1] == "pin":
+        pipeline.steady_heap()
+    a = np.ones(20 << 20, np.uint8)  # freeing it raises glibc's own threshold to 20 MB
+    del a
+    a = np.ones(20 << 20, np.uint8)
+    before = anon()
+    del a
+    print(before - anon())
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
+def test_steady_heap_returns_large_freed_blocks_to_the_os():
+    """With the mmap threshold pinned at 16 MB a freed 20 MB array goes back to the OS at once;
+    with glibc's adjusting threshold the second one comes from the heap and stays resident."""
+    returned = {}
+    for mode in ("pin", "default"):
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True,
+                             cwd=REPO, env={"PATH": "/usr/bin:/bin"})
+        returned[mode] = int(out.stdout) / 1024  # MB
+    assert returned["pin"] > 19 and returned["default"] < 1, returned
