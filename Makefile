@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/fanout.py
 	$(PY) bench/views.py
 	$(PY) bench/threads.py
+	$(PY) bench/heap.py
 	$(PY) bench/scale.py
 
 clean:

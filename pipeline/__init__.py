@@ -33,11 +33,11 @@ MMAP_THRESHOLD = 16 << 20  # bytes
 def steady_heap() -> None:
     """Pin glibc's mmap threshold at 16 MB (unless MALLOC_MMAP_THRESHOLD_ is set). glibc raises it
     to the size of each large block freed, up to 32 MB, so a stage's 16 MB logits and their
-    temporaries come back from the heap, where fragmentation left the cache stage's peak anywhere
-    from 444 to 498 MB over identical runs; pinned, 369-409 MB at the same speed (1 MB: 352 MB,
-    but 25-35% slower from page faults). The CLI calls this; Dask workers it starts get the same
-    through the environment. A no-op where there is no glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    temporaries come back from the heap and fragment: the cache stage peaked at 463-466 MB,
+    pinned at 369 MB (bench/heap.py; README "Steady heap" for the speed). The CLI calls this;
+    Dask workers it starts get the same through the environment. A no-op where there is no glibc,
+    and with LOGITCACHE_STEADY_HEAP=0."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("LOGITCACHE_STEADY_HEAP") == "0":
         return
     import ctypes
 
@@ -46,6 +46,7 @@ def steady_heap() -> None:
     except (OSError, AttributeError):
         return
     mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also turns off glibc's dynamic adjustment
+
 
 _EXPORTS = {
     "open_cache": "pipeline.api", "Cache": "pipeline.api", "CacheDataset": "pipeline.api",

@@ -102,7 +102,8 @@ def _worker_environ(threads: int) -> Any:
     from pipeline import MMAP_THRESHOLD
 
     n = str(threads)
-    heap = {} if "MALLOC_MMAP_THRESHOLD_" in os.environ else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    keep = "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("LOGITCACHE_STEADY_HEAP") == "0"
+    heap = {} if keep else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     return dask.config.set({"distributed.nanny.pre-spawn-environ": {
         "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, **heap}})
 

@@ -1,0 +1,61 @@
+"""The cache stage's peak RSS over repeated identical runs, with glibc's mmap threshold pinned at
+16 MB (the CLI's default, `pipeline.steady_heap`), left to glibc's own adjustment
+(LOGITCACHE_STEADY_HEAP=0), and pinned at 1 MB (MALLOC_MMAP_THRESHOLD_).
+
+    .venv/bin/python bench/heap.py [--rows 200000] [--runs 3]
+
+The stage is `bench/scale.py`'s classification cache stage (128 float32 features, an MLP teacher
+over 1,000 classes, top-10 8-bit, 4,096-row teacher batches: 16 MB of logits per batch), a fresh
+process per run, its own VmHWM at exit (bench/common.py run_stage). Settings are interleaved run
+by run. One JSON line: {"bench": "heap", "peak_mb": {setting: [per run]}, "rows_per_s": {...},
+"spread_mb": {setting: max - min}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import scale
+from common import emit, run_stage, workdir
+
+SETTINGS = {"pinned_16mb": {}, "glibc_adjusting": {"LOGITCACHE_STEADY_HEAP": "0"},
+            "pinned_1mb": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    ws = workdir("heap")
+    try:
+        torch.manual_seed(0)
+        teacher = ws / "teacher.pt"
+        torch.save(scale.mlp().state_dict(), teacher)
+        scale.make_inputs(ws / "inputs", args.rows)
+        cfg = scale.config(ws, teacher)
+        peaks: dict[str, list[float]] = {k: [] for k in SETTINGS}
+        rates: dict[str, list[float]] = {k: [] for k in SETTINGS}
+        for _ in range(args.runs):
+            for name, env in SETTINGS.items():
+                shutil.rmtree(ws / "caches", ignore_errors=True)
+                r = run_stage(["cache", str(cfg)], env={"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+                                                       **env}, cwd=HERE.parent)
+                peaks[name].append(round(r.peak_mb, 1))
+                rates[name].append(round(r.rate or 0))
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+    emit("heap", rows=args.rows, peak_mb=peaks, rows_per_s=rates,
+         spread_mb={k: round(max(v) - min(v), 1) for k, v in peaks.items()})
+
+
+if __name__ == "__main__":
+    main()
