@@ -32,7 +32,7 @@ corpus of 20,000 words is data.source: `logitcache teachers` trains the byte-lev
 tokens) and the GPT teacher (1 layer, width 64, 2 epochs) on it once, before anything is measured,
 and every run reuses them; the generated corpus of each size is data.transfer.source. Two ladders,
 because the stages run at very different rates here (tokenize about 450k tokens/s on an idle
-machine, the cache stage 15k-22k, the student about 9.5k):
+machine, the cache stage 15k-22k, the student 10k-12k):
 - tokenize: --tokenize-words 830,000 words at 1x, about 1M, 10M and 100M tokens (5 MB to 500 MB of
   text); the run also tokenizes the fixed source (24k tokens), `n` and `per_s` are the generated
   corpus's. Its 1x peak holds everything the stage holds at any size: the interpreter and the
