@@ -32,7 +32,7 @@ corpus of 20,000 words is data.source: `logitcache teachers` trains the byte-lev
 tokens) and the GPT teacher (1 layer, width 64, 2 epochs) on it once, before anything is measured,
 and every run reuses them; the generated corpus of each size is data.transfer.source. Two ladders,
 because the stages run at very different rates here (tokenize about 450k tokens/s on an idle
-machine, the cache stage 15k-22k, the student about 9.5k):
+machine, the cache stage 15k-22k, the student 10k-12k):
 - tokenize: --tokenize-words 830,000 words at 1x, about 1M, 10M and 100M tokens (5 MB to 500 MB of
   text); the run also tokenizes the fixed source (24k tokens), `n` and `per_s` are the generated
   corpus's. Its 1x peak holds everything the stage holds at any size: the interpreter and the
@@ -40,7 +40,8 @@ machine, the cache stage 15k-22k, the student about 9.5k):
   batch is at most 131,072 characters, about 4 MB here), the 1 MiB read block with its decoded
   copies (about 5 MB) and the allocator's fragmentation, which levels off within the first one or
   two million tokens. A 1x of 24k tokens (125 KB of text: one batch, an eighth of a read block)
-  peaked at 57 MB, and the same code at 2.4M tokens at 67 MB.
+  peaked at 57 MB, and the same code at 2.4M tokens at 67 MB. --tokenize-words 0 skips this ladder
+  (the cache and student lines only).
 - cache and student: --lm-tokens 20,000 words at 1x, about 24k, 241k and 2.4M tokens; the corpus
   is tokenized first (not measured). cache: top-8 of the teacher over 64-token sequences, 4,096-
   token shards (1x spans six), batches of 32 sequences; student: a 1-layer GPT of width 32, one
@@ -154,7 +155,8 @@ def lm(words: int, tokenize_words: int, sizes: list[int]) -> None:
     """tokenize on a generated corpus of `tokenize_words` x size words, cache and student on one of
     `words` x size words (tokenized first, unmeasured); one JSON line per stage."""
     root = workdir("scale-lm")
-    figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in ("tokenize", "cache", "student")}
+    names = ("tokenize", "cache", "student") if tokenize_words else ("cache", "student")
+    figures: dict[str, dict[str, dict[str, float]]] = {s: {} for s in names}
     try:
         make_corpus(root / "source.txt", LM_SOURCE_WORDS, seed=1)
         # the BPE and the teacher are trained once, on the fixed source, before anything is measured
@@ -162,12 +164,13 @@ def lm(words: int, tokenize_words: int, sizes: list[int]) -> None:
         stage("teachers", lm_config(root, root / "warmup.txt"))
         shutil.rmtree(root / "tokens")
         for size in sizes:
-            corpus = root / f"tokenize-{size}x.txt"
-            make_corpus(corpus, size * tokenize_words, seed=2)
-            run = stage("tokenize", lm_config(root, corpus))
-            figures["tokenize"][f"{size}x"] = measured(transfer_tokens(root), run)
-            shutil.rmtree(root / "tokens")
-            corpus.unlink()
+            if tokenize_words:
+                corpus = root / f"tokenize-{size}x.txt"
+                make_corpus(corpus, size * tokenize_words, seed=2)
+                run = stage("tokenize", lm_config(root, corpus))
+                figures["tokenize"][f"{size}x"] = measured(transfer_tokens(root), run)
+                shutil.rmtree(root / "tokens")
+                corpus.unlink()
             transfer = root / f"transfer-{size}x.txt"
             make_corpus(transfer, size * words, seed=2)
             cfg = lm_config(root, transfer)
@@ -221,7 +224,8 @@ def main() -> None:
     ap.add_argument("--lm-tokens", type=int, default=20_000,
                     help="words of the LM cache and student corpus at 1x (about 1.2 tokens each); see the docstring")
     ap.add_argument("--tokenize-words", type=int, default=830_000,
-                    help="words of the LM tokenize corpus at 1x (about 1M tokens); see the docstring")
+                    help="words of the LM tokenize corpus at 1x (about 1M tokens); 0 skips the tokenize "
+                         "ladder (no tokenize line); see the docstring")
     ap.add_argument("--sizes", default="1,10,100")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

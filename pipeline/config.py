@@ -161,7 +161,9 @@ class StudentConfig:
     alpha: float = 0.1  # weight of the hard-label cross-entropy; 1 - alpha on the soft targets
     tail: Literal["uniform", "bucket"] = "uniform"  # topk: how the residual mass is modelled
     divergence: Literal["forward", "reverse", "jsd"] = "forward"  # forward KL, reverse KL or JSD (sampled: forward only)
-    logit_chunk: int = 2048  # lm: token rows whose (rows, vocab) logits are computed at once
+    # lm: token rows whose (rows, vocab) logits are computed at once; the loss of a chunk keeps about
+    # seven (rows, vocab) float32 tensors alive, so 512 rows of a 2,048-token vocabulary peak at 28 MB
+    logit_chunk: int = 512
     shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto

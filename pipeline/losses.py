@@ -107,17 +107,21 @@ def topk_full_logp(ids: torch.Tensor, logp: torch.Tensor, residual: torch.Tensor
     else:
         u = torch.full_like(residual.float(), float("-inf"))
     full = u[:, None].expand(-1, num_classes).clone()
-    return full.scatter(-1, ids.long(), logp.float())
+    return full.scatter_(-1, ids.long(), logp.float())  # in place: one (n, C) tensor, not two
 
 
 def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-row forward KL(p||q), reverse KL(q||p) or Jensen-Shannon divergence, (n,)."""
-    p, q = teacher_logp.exp(), student_logq.exp()
+    """Per-row forward KL(p||q), reverse KL(q||p) or Jensen-Shannon divergence, (n,).
+
+    Only the exponentials a divergence uses are taken: for a chunk of token rows each is a
+    (rows, vocab) tensor that autograd keeps until the backward pass."""
     if kind == "forward":
+        p = teacher_logp.exp()
         return (torch.xlogy(p, p) - p * student_logq).sum(-1)
     if kind == "reverse":
-        return (q * (student_logq - teacher_logp)).sum(-1)
+        return (student_logq.exp() * (student_logq - teacher_logp)).sum(-1)
     if kind == "jsd":
+        p, q = teacher_logp.exp(), student_logq.exp()
         logm = torch.logaddexp(teacher_logp, student_logq) - math.log(2.0)
         return 0.5 * ((torch.xlogy(p, p) - p * logm).sum(-1) + (q * (student_logq - logm)).sum(-1))
     raise ValueError(f"divergence {kind!r}: use forward, reverse or jsd")

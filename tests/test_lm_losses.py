@@ -86,3 +86,32 @@ def test_chunked_loss_equals_unchunked_with_same_gradients(dists):
     (g_parts,) = torch.autograd.grad(parts, hidden)
     assert float(parts.detach()) == pytest.approx(float(whole.detach()), rel=1e-6)
     assert torch.allclose(g_parts, g_whole, atol=1e-6)
+
+
+def test_a_token_batch_loss_holds_seven_chunks_of_logits_at_most(tmp_path):
+    """Forward KL (top-k, uniform tail) over 2,048 token rows of a 2,048-token vocabulary, forward
+    and backward at the default logit_chunk: the tensors alive at once never exceed seven
+    (logit_chunk, V) float32 tensors, 28 MB, whatever the batch's rows. Each step's loss
+    temporaries are freed into the allocator's heap, whose height then varies from step to step:
+    the larger they are, the higher the peak resident size of a long run drifts."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.config import StudentConfig
+
+    V, n, d, k = 2048, 2048, 32, 8
+    chunk = StudentConfig().logit_chunk
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g, requires_grad=True)
+    head = torch.nn.Linear(d, V)
+    logp, ids = torch.log_softmax(torch.randn(n, V, generator=g), -1).topk(k, -1)
+    targets = {"ids": ids, "logp": logp, "residual": 1 - logp.exp().sum(-1)}
+    st = {"alpha": 0.0, "temperature": 1.0, "divergence": "forward", "tail": "uniform"}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        losses.chunked_loss(hidden, head, targets, None, st, TopK(V, k), chunk).backward()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")  # bytes since start
+    assert peak <= 7 * chunk * V * 4 + (1 << 20)  # before: 2,048-row chunks, eight tensors: 128 MB
+    assert peak <= 29 << 20
