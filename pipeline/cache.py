@@ -19,6 +19,7 @@ the digest is remembered per machine while the shard's files keep their size, mt
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import threading
@@ -352,6 +353,15 @@ def shard_problems(cache_dir: Path, shards: list[dict[str, Any]], hash_them: boo
     return {"missing": missing, "corrupt": corrupt}
 
 
+@functools.cache
+def _decoders() -> dict[str, Any]:
+    """The codecs of the fast Zarr path by their zarr.json name; either decodes any frame of its kind."""
+    from numcodecs.blosc import Blosc
+    from numcodecs.zstd import Zstd
+
+    return {"zstd": Zstd(), "blosc": Blosc()}
+
+
 class HandleLRU:
     """At most `capacity` open shard handles, least recently used dropped first (a dropped handle
     closes its file once no reader still holds it), so a cache of any shard count reads under the
@@ -528,10 +538,7 @@ class CacheReader:
         layout = self._fast_layout(chunk.shard, path)
         if layout is None or chunk.start % self.chunk_rows:
             return None
-        from numcodecs.blosc import Blosc
-        from numcodecs.zstd import Zstd
-
-        codecs = {"zstd": Zstd(), "blosc": Blosc()}  # either decodes any frame of its kind
+        codecs = _decoders()
         j = chunk.start // self.chunk_rows
         out = {}
         for name, (dtype, tail, sep, kind) in layout.items():

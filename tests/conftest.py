@@ -48,6 +48,22 @@ def tiny_config(workspace: Path, **sections: Any) -> dict[str, Any]:
     return cfg
 
 
+def write_npy_dir(d: Path, rows: int, features: int, held_out: bool = False) -> int:
+    """x.npy (rows, features) random float32, written through a memmap, and y.npy (10 classes);
+    with `held_out` also a small x_test.npy/y_test.npy. Returns x.npy's size in bytes."""
+    rng = np.random.default_rng(0)
+    d.mkdir()
+    x = np.lib.format.open_memmap(d / "x.npy", mode="w+", dtype=np.float32, shape=(rows, features))
+    x[:] = rng.standard_normal((rows, features), dtype=np.float32)
+    x.flush()
+    del x
+    np.save(d / "y.npy", rng.integers(0, 10, rows))
+    if held_out:
+        np.save(d / "x_test.npy", rng.standard_normal((64, features), dtype=np.float32))
+        np.save(d / "y_test.npy", rng.integers(0, 10, 64))
+    return (d / "x.npy").stat().st_size
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

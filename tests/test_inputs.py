@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from conftest import REPO, tiny_config, write_config
+from conftest import REPO, tiny_config, write_config, write_npy_dir
 from test_hostile import _no_outputs, one_line_error
 
 from pipeline.config import DataConfig
@@ -324,15 +324,10 @@ def test_gathered_npy_rows_are_read_not_mapped(tmp_path, monkeypatch):
     from pipeline import data
     from pipeline.data import mapped_resident
 
-    rng = np.random.default_rng(0)
-    n, f = 65536, 256  # 64 MB of float32
+    n = 65536
     d = tmp_path / "big"
-    d.mkdir()
-    x = np.lib.format.open_memmap(d / "x.npy", mode="w+", dtype=np.float32, shape=(n, f))
-    x[:] = rng.standard_normal((n, f), dtype=np.float32)
-    x.flush()
-    del x
-    np.save(d / "y.npy", rng.integers(0, 10, n))
+    write_npy_dir(d, n, 256)  # 64 MB of float32
+    rng = np.random.default_rng(0)
     ds = _load(d)
     ref_x, ref_y = np.load(d / "x.npy"), np.load(d / "y.npy")
     data.release(ds.x)  # the fingerprint pass's pages

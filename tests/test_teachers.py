@@ -6,10 +6,9 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from conftest import tiny_config, write_config, write_npy_dir
 
 from pipeline import data
 from pipeline.config import load_config
@@ -23,22 +22,6 @@ def _resident() -> int:
         return int(f.read().split()[1]) * mmap.PAGESIZE
 
 
-def _npy_dir(d: Path, rows: int, features: int, held_out: bool) -> int:
-    """x.npy (rows, features) float32 and y.npy, plus a small x_test.npy/y_test.npy when
-    `held_out` (x.npy is then the whole training set); returns x.npy's size in bytes."""
-    rng = np.random.default_rng(0)
-    d.mkdir()
-    x = np.lib.format.open_memmap(d / "x.npy", mode="w+", dtype=np.float32, shape=(rows, features))
-    x[:] = rng.standard_normal((rows, features), dtype=np.float32)
-    x.flush()
-    del x
-    np.save(d / "y.npy", rng.integers(0, 10, rows))
-    if held_out:
-        np.save(d / "x_test.npy", rng.standard_normal((64, features), dtype=np.float32))
-        np.save(d / "y_test.npy", rng.integers(0, 10, 64))
-    return (d / "x.npy").stat().st_size
-
-
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="resident memory is read from /proc")
 @pytest.mark.parametrize("held_out", [True, False], ids=["whole-file", "split"])
 def test_training_never_holds_the_training_set(tmp_path, monkeypatch, held_out):
@@ -46,7 +29,7 @@ def test_training_never_holds_the_training_set(tmp_path, monkeypatch, held_out):
     (sampled after every forward, training and scoring) never grows by half the input. Loading the
     split whole copies it (the 'split' case: a Selection of rows); indexing a tensor over the whole
     mapped x.npy leaves every page it touched resident (the 'whole-file' case)."""
-    size = _npy_dir(tmp_path / "big", rows=8192, features=4096, held_out=held_out)
+    size = write_npy_dir(tmp_path / "big", rows=8192, features=4096, held_out=held_out)
     member = {"name": "a", "arch": "mlp", "hidden": [8], "seed": 0}
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, data={"source": str(tmp_path / "big")}, teachers={"epochs": 1, "members": [member]})))
