@@ -59,12 +59,12 @@ def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_sha
         logp = torch.log_softmax(synthetic_logits(n, classes, seed + i), -1)
         arrays = enc.to_host(enc.encode(logp))
         arrays["sample_id"] = np.arange(start, start + n, dtype=np.int64)
-        fmt.write_shard(d / "shards" / fmt.shard_name(i, backend), arrays, {}, enc, chunk_rows, 3, codec)
+        fmt.write_shard(d / "shards" / fmt.shard_name(i, backend), arrays, {}, enc, chunk_rows, None, codec)
         entries.append(fmt.shard_entry(d, i, backend, start, n))
     spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "synthetic", "rows": rows},
             "layout": {"backend": backend, "rows_per_shard": rows_per_shard, "chunk_rows": chunk_rows,
-                       **({"codec": codec} if codec != "zstd" else {})}}
+                       **fmt.layout_codec(codec)}}
     fmt.write_manifest(d, spec, entries, {"backend": backend, "encoding": enc.params(), "num_classes": classes})
     return d
 

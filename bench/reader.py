@@ -1,25 +1,28 @@
 """Cache reader throughput over a numpy memmap of the same stored columns, read the same way.
 
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
-layout (Zarr 4096- and 16384-row chunks, Zarr 4096-row chunks with `cache.codec` shuffle-zstd and
-shuffle-lz4, Parquet 4096-row row groups), rows/s of one epoch of the
-ChunkShuffleLoader (batches of 4096 rows, buffers of 4 chunks, rows shuffled inside) over
+layout (Zarr 4,096- and 16,384-row chunks with the default codec, zstd, and with `cache.codec`
+shuffle-lz4hc; Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
+rows/s of one epoch of the ChunkShuffleLoader (batches of 4,096 rows, buffers of 4 chunks, rows
+shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
     every shard against the manifest's sha256; the digest is remembered per machine while the
     shard's files keep their size, mtime and inode, so a reader after the first only stats them
     (the plain layout key), and the first reader on a machine (`_first_read`, a new digest store
-    each epoch) reads and hashes every shard;
+    each epoch) reads and hashes every shard. `*_read_threads_4` decodes chunks on 4 threads
+    instead of this machine's default (none on 2 cores: on the loader's own thread);
   - `memmap`: the exact stored columns (narrow ids, float16 or 8-bit values) as uncompressed .npy
-    files, mapped, cut into the same chunks and decoded by the same `encoding.decode` to what the
+    files, mapped, cut into the same chunks (joined into the buffer with one copy, as the cache
+    decodes each chunk straight into it) and decoded by the same `encoding.decode` to what the
     training step consumes (int64 ids, float32 values), through the same loader.
 The comparison is fair: same rows in the same order, same batch size, same decode and dtype
-conversions, same loader; what differs is only the storage (file reads, zstd or Parquet pages,
-shard handles), which is what the ratio measures. Repeats are interleaved, best of n: the machine
-is noisy, so compare within one run. `ratio` is of wall-clock rows/s (what a student sees, reads
-overlapping compute on the loader's and the reader's threads); `cpu_ratio` of rows per CPU second of
-this process, steadier when other jobs share the cores.
+conversions, same loader; what differs is only the storage (file reads, decompression or Parquet
+pages, shard handles), which is what the ratio measures. Repeats are interleaved, best of n: the
+machine is noisy, so compare within one run. `ratio` is of wall-clock rows/s (what a student sees,
+reads overlapping compute on the loader's thread); `cpu_ratio` of rows per CPU second of this
+process, steadier when other jobs share the cores.
 
-    .venv/bin/python bench/reader.py [--rows 200000] [--repeats 3]
+    .venv/bin/python bench/reader.py [--rows 200000] [--repeats 5]
 
 One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layout: cache/memmap},
 "goal": 0.5, ...}.
@@ -46,14 +49,14 @@ from pipeline.loader import ChunkShuffleLoader
 
 BATCH, BUFFER_CHUNKS, ROWS_PER_SHARD = 4096, 4, 50_000
 ENCODINGS: dict[str, Encoding] = {"topk32": TopK(1000, 32), "topk32_q8": TopK(1000, 32, bits=8), "dense100": Dense(100)}
-LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle_zstd": ("zarr", 4096, "shuffle-zstd"),
-           "zarr_4096_shuffle_lz4": ("zarr", 4096, "shuffle-lz4"), "zarr_16384": ("zarr", 16384, "zstd"),
-           "parquet_4096": ("parquet", 4096, "zstd")}
+LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle_lz4hc": ("zarr", 4096, "shuffle-lz4hc"),
+           "zarr_4096_shuffle_zstd": ("zarr", 4096, "shuffle-zstd"), "zarr_16384": ("zarr", 16384, "zstd"),
+           "zarr_16384_shuffle_lz4hc": ("zarr", 16384, "shuffle-lz4hc"), "parquet_4096": ("parquet", 4096, "zstd")}
 
 
 class MemmapReader:
-    """The reader surface the loader uses (rows, chunks, shards, read_many, decode) over mapped .npy
-    columns."""
+    """The reader surface the loader uses (rows, chunks, shards, read_joined, read_many, decode) over
+    mapped .npy columns."""
 
     def __init__(self, like: fmt.CacheReader, columns: dict[str, np.ndarray]) -> None:
         self.rows = like.rows
@@ -68,6 +71,12 @@ class MemmapReader:
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"sample_id": stored["sample_id"], **self.encoding.decode(stored)}
+
+    def read_joined(self, chunks: list[fmt.Chunk]) -> dict[str, np.ndarray]:
+        """Whole chunks' stored columns joined: one copy out of the mapping, as the cache's fast
+        path decodes each chunk straight into its place."""
+        spans = [(self._first[c.shard] + c.start, self._first[c.shard] + c.stop) for c in chunks]
+        return {k: np.concatenate([v[a:b] for a, b in spans]) for k, v in self.columns.items()}
 
     def read_many(self, chunks: list[fmt.Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         out = []
@@ -115,13 +124,15 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
     readers: dict[str, Callable[[int], int]] = {}
     stores = iter(range(1 << 30))
 
-    def with_store(d: Path, fresh: bool) -> fmt.CacheReader:
+    def with_store(d: Path, fresh: bool, threads: int | None = None) -> fmt.CacheReader:
         os.environ["LOGITCACHE_DIGESTS"] = str(ws / "digests" / (f"{next(stores)}.sqlite" if fresh else "kept.sqlite"))
-        return fmt.CacheReader(d)
+        return fmt.CacheReader(d, read_threads=threads)
 
     for lay, d in dirs.items():
         readers[lay] = epoch_reader(lambda d=d: with_store(d, fresh=False))
         readers[f"{lay}_first_read"] = epoch_reader(lambda d=d: with_store(d, fresh=True))
+    for lay in ("zarr_4096", "zarr_4096_shuffle_lz4hc"):
+        readers[f"{lay}_read_threads_4"] = epoch_reader(lambda d=dirs[lay]: with_store(d, fresh=False, threads=4))
     for chunk_rows in sorted({c for _, c, _ in LAYOUTS.values()}):
         like = dirs[next(lay for lay, (b, c, _) in LAYOUTS.items() if b == "zarr" and c == chunk_rows)]
         readers[f"memmap_{chunk_rows}"] = epoch_reader(lambda like=like: MemmapReader(fmt.CacheReader(like), columns))
@@ -138,7 +149,8 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
             best_cpu[key] = max(best_cpu[key], n / cpu)
 
     def over_memmap(key: str, figures: dict[str, float]) -> float:
-        return round(figures[key] / figures[f"memmap_{LAYOUTS[key.removesuffix('_first_read')][1]}"], 3)
+        layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
+        return round(figures[key] / figures[f"memmap_{LAYOUTS[layout][1]}"], 3)
 
     emit("reader", encoding=name, label=enc.label(), classes=enc.num_classes, rows=rows, batch=BATCH,
          goal=0.5, ratio={k: over_memmap(k, best) for k in readers if not k.startswith("memmap")},
@@ -151,7 +163,7 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", default=",".join(ENCODINGS), help="comma-separated: " + ", ".join(ENCODINGS))
     args = ap.parse_args()
     for name in args.only.split(","):

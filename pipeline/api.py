@@ -57,7 +57,7 @@ from pipeline import losses
 from pipeline import views as vw
 from pipeline.encodings import Encoding
 from pipeline.errors import CacheError
-from pipeline.loader import read_ranges
+from pipeline.loader import read_joined
 
 DEFAULT_ROOT = Path("data/caches")
 
@@ -400,8 +400,7 @@ class CacheDataset(IterableDataset):
     def _read_buffer(self, buffer: list[_Piece]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         reader = self.reader
         owned = [p for p in buffer if p.items]
-        parts = read_ranges(reader, [fmt.Chunk(p.shard, p.start // reader.chunk_rows, p.start, p.stop) for p in owned])
-        rows = {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
+        rows = read_joined(reader, [fmt.Chunk(p.shard, p.start // reader.chunk_rows, p.start, p.stop) for p in owned])
         n = len(rows["sample_id"])
         if reader.token_rows:
             starts = np.flatnonzero(rows["position"] == 0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.encodings import Column, Encoding, encoding_from_spec
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.io import (
     atomic_write_json,
     fsync_dir,
@@ -124,18 +125,30 @@ def digest_path(shard: Path) -> Path:
     return shard.parent.parent / "digests" / f"{shard.name}.json"
 
 
-CODECS = ("zstd", "shuffle-zstd", "shuffle-lz4")
+# cache.codec: how a Zarr shard's chunks are compressed, with its default level. The shuffle-* codecs
+# apply Blosc's byte shuffle to columns of multi-byte values first (the nearly constant high bytes
+# of float16 log-probs and of ids apart from the low ones), then compress; single bytes have nothing
+# to shuffle and take zstd. On top-k columns at 4,096-row chunks (bench/reader.py, README "Codecs")
+# shuffle-lz4hc at level 1 takes no more bytes than zstd at 3 and decodes 2-3x faster; shuffle-zstd
+# is the smallest. Parquet caches use zstd on byte-stream-split pages.
+CODECS: dict[str, int] = {"zstd": 3, "shuffle-zstd": 3, "shuffle-lz4": 3, "shuffle-lz4hc": 1}
+
+
+def layout_codec(codec: str) -> dict[str, str]:
+    """The codec's entry in a spec's layout: none for zstd, so that caches written before codecs
+    existed keep their ids."""
+    return {} if codec == "zstd" else {"codec": codec}
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
-                chunk_rows: int, level: int, codec: str = "zstd") -> bool:
+                chunk_rows: int, level: int | None = None, codec: str = "zstd") -> bool:
     """Write one shard to a temporary name, hash and fsync it, publish it at `path` without
     replacing, then record its digest beside it. False if another writer published it first: that
     shard is kept untouched and this one discarded.
 
     `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
-    encoding's columns as `enc.to_host` returns them. `codec` (Zarr only): "zstd"; or for columns of
-    multi-byte values Blosc's byte shuffle, then zstd ("shuffle-zstd") or lz4 ("shuffle-lz4")."""
+    encoding's columns as `enc.to_host` returns them. `codec`: one of CODECS (Zarr; Parquet takes
+    zstd), at `level` (None: the codec's default)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays])
     tmp = tmp_name(path)
@@ -143,7 +156,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
         if path.suffix == ".zarr":
             _write_zarr(tmp, arrays, attrs, columns, chunk_rows, level, codec)
         else:
-            _write_parquet(tmp, arrays, attrs, columns, chunk_rows, level)
+            _write_parquet(tmp, arrays, attrs, columns, chunk_rows, CODECS["zstd"] if level is None else level)
         digest, nbytes = sha256_tree(tmp, fsync=True)  # read back from the page cache
         published = publish_dir(tmp, path) if path.suffix == ".zarr" else publish_file(tmp, path)
         if published:
@@ -156,19 +169,17 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
 
 
 def _write_zarr(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], columns: list[Column],
-                chunk_rows: int, level: int, codec: str) -> None:
+                chunk_rows: int, level: int | None, codec: str) -> None:
     import zarr
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if codec not in CODECS:
-        raise ValueError(f"codec {codec!r}: use one of {CODECS}")
+        raise ValueError(f"codec {codec!r}: use one of {', '.join(CODECS)}")
+    level = CODECS[codec] if level is None else level
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={"logitcache": attrs})
     for col in columns + ([OFFSETS] if "offsets" in arrays else []):
         data = arrays[col.name]
-        # Byte shuffle groups the high bytes of float16 log-probs and of ids (nearly constant) apart
-        # from the low ones: zstd then takes 9-15% fewer bytes, and lz4 about as many as plain zstd
-        # but decodes 3-4x faster (README "Performance"). Single bytes have nothing to shuffle.
-        compressor: Any = ZstdCodec(level=level)
+        compressor: Any = ZstdCodec(level=level if codec.endswith("zstd") else CODECS["zstd"])
         if codec != "zstd" and data.dtype.itemsize > 1:
             compressor = BloscCodec(cname=codec.removeprefix("shuffle-"), clevel=min(level, 9), shuffle="shuffle",
                                     typesize=data.dtype.itemsize)
@@ -362,6 +373,18 @@ def _decoders() -> dict[str, Any]:
     return {"zstd": Zstd(), "blosc": Blosc()}
 
 
+@dataclass(frozen=True)
+class FastColumn:
+    """How to read one column's chunk j of a plain Zarr v3 shard: the file prefix + j + suffix,
+    decoded by `codec` into (chunk_rows, *tail) of `dtype`; a chunk with no file holds `fill`."""
+    dtype: np.dtype
+    tail: tuple[int, ...]
+    prefix: str
+    suffix: str
+    codec: Any
+    fill: int | float
+
+
 class HandleLRU:
     """At most `capacity` open shard handles, least recently used dropped first (a dropped handle
     closes its file once no reader still holds it), so a cache of any shard count reads under the
@@ -390,10 +413,33 @@ class HandleLRU:
         return len(self._items)
 
 
-def default_max_open() -> int:
-    import os
+def env_count(name: str, default: int) -> int:
+    """A whole number >= 0 from the environment variable `name`, or `default` when it is unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ConfigError(f"{name}={value!r}: set it to a whole number >= 0, or unset it")
+    return int(value)
 
-    return int(os.environ.get("LOGITCACHE_MAX_OPEN_SHARDS", "64"))
+
+def default_max_open() -> int:
+    return env_count("LOGITCACHE_MAX_OPEN_SHARDS", 64)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity: a Slurm or cgroup allocation, not the machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_read_threads() -> int:
+    """Threads that read and decode chunks concurrently, besides the caller's (0: chunks are read in
+    the calling thread). One core is left to the consumer (the training step, or the loader's
+    batch decoding), at most 4. On 2 cores that leaves none worth a pool: there 4 read threads
+    cost more CPU for the same chunks than reading on the loader's background thread, and the epoch
+    was no faster (bench/reader.py, `read_threads_4`). LOGITCACHE_READ_THREADS overrides it."""
+    spare = min(4, usable_cores() - 1)
+    return env_count("LOGITCACHE_READ_THREADS", spare if spare >= 2 else 0)
 
 
 class CacheReader:
@@ -402,10 +448,11 @@ class CacheReader:
     Every shard listed must exist (a stat each, on open), and each shard is checked against the
     manifest's sha256 the first time this reader opens it (`_verify_once`; `checksums=False` skips
     that); `verify=True` checks every shard up front. At most `max_open` shard files are open
-    at once (LOGITCACHE_MAX_OPEN_SHARDS, default 64)."""
+    at once (LOGITCACHE_MAX_OPEN_SHARDS, default 64). `read_many` decodes chunks on
+    `read_threads` threads (default_read_threads: none on 2 cores)."""
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
-                 max_open: int | None = None) -> None:
+                 max_open: int | None = None, read_threads: int | None = None) -> None:
         manifest = read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
@@ -425,6 +472,7 @@ class CacheReader:
         self._handles = HandleLRU(max_open if max_open is not None else default_max_open())
         self._layouts = HandleLRU(4096)  # per Zarr shard: how to read its chunk files directly, or None
         self._pool: Any = None
+        self.read_threads = default_read_threads() if read_threads is None else read_threads
         self._lock = threading.Lock()
         self.backend = spec["layout"]["backend"]
         self._checksums = checksums
@@ -456,7 +504,7 @@ class CacheReader:
     def verify(self) -> None:
         """Check every shard now (on the read threads: hashing releases the GIL); the first problem
         in manifest order is raised."""
-        self._map(self._verify_once, list(range(len(self.shards))))
+        self._map(self._verify_once, list(range(len(self.shards))), min(4, usable_cores()))
 
     def _verify_once(self, i: int) -> None:
         """Check shard i against the manifest's sha256, once per reader. The digest is remembered per
@@ -532,35 +580,62 @@ class CacheReader:
 
     def _read_chunk_fast(self, chunk: Chunk, path: Path) -> dict[str, np.ndarray] | None:
         """One chunk of every column of a plain Zarr v3 shard (regular chunks of the reader's rows,
-        bytes + zstd or blosc codecs): each chunk file read with one read and decoded straight into
-        its array, bypassing zarr's async machinery (~1 ms per array read against ~0.2 ms of
-        decoding). None when the shard is anything else; the caller then reads through zarr."""
+        bytes + zstd or blosc codecs), read file by file with the codec directly, bypassing zarr's
+        async machinery (~1 ms per array read against ~0.2 ms of decoding). None when the shard is
+        anything else; the caller then reads through zarr."""
         layout = self._fast_layout(chunk.shard, path)
         if layout is None or chunk.start % self.chunk_rows:
             return None
-        codecs = _decoders()
-        j = chunk.start // self.chunk_rows
-        out = {}
-        for name, (dtype, tail, sep, kind) in layout.items():
-            codec = codecs[kind]
-            key = sep.join(["c", str(j), *("0" * len(tail))])
-            try:
-                with open(path / name / key, "rb", buffering=0) as f:
-                    raw = f.read()
-            except FileNotFoundError:  # never written: zarr fills it with the fill value
-                return None
-            full = np.empty((self.chunk_rows, *tail), dtype=dtype)  # edge chunks are stored full size
-            codec.decode(raw, out=full)
-            out[name] = full[: chunk.stop - chunk.start]
+        out = {name: np.empty((chunk.stop - chunk.start, *col.tail), col.dtype) for name, col in layout.items()}
+        self._decode_into(chunk, layout, out, 0)
         return out
 
-    def _fast_layout(self, i: int, path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], str, str]] | None:
+    def _decode_into(self, chunk: Chunk, layout: dict[str, FastColumn], out: dict[str, np.ndarray], at: int) -> None:
+        """Decode every column of a whole chunk into out[name][at:at + rows], each chunk file with one
+        read."""
+        j = str(chunk.start // self.chunk_rows)
+        rows = chunk.stop - chunk.start
+        for name, col in layout.items():
+            try:
+                with open(col.prefix + j + col.suffix, "rb", buffering=0) as f:
+                    raw = f.read()
+            except FileNotFoundError:  # zarr writes no chunk that is all fill value
+                out[name][at:at + rows] = col.fill
+                continue
+            if rows == self.chunk_rows:
+                col.codec.decode(raw, out=out[name][at:at + rows])
+            else:  # a shard's last chunk is stored full size
+                full = np.empty((self.chunk_rows, *col.tail), dtype=col.dtype)
+                col.codec.decode(raw, out=full)
+                out[name][at:at + rows] = full[:rows]
+
+    def read_joined(self, chunks: list[Chunk]) -> dict[str, np.ndarray]:
+        """The stored columns of whole chunks, joined in order into one array per column (what a
+        shuffle buffer holds). On the fast Zarr path each chunk is decoded straight into its rows:
+        no per-chunk arrays, and no second copy to join them."""
+        layouts = {}
+        if self.backend == "zarr" and all(c.start % self.chunk_rows == 0 for c in chunks):
+            for s in {c.shard for c in chunks}:
+                layouts[s] = self._fast_layout(s, self.dir / self.shards[s]["path"])
+        first = layouts.get(chunks[0].shard) if chunks else None
+        same = first is not None and all(
+            lay is not None and [(n, c.dtype, c.tail) for n, c in lay.items()] == [(n, c.dtype, c.tail) for n, c in first.items()]
+            for lay in layouts.values())
+        if not same:
+            parts = self.read_many(chunks, decode=False)
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        at = np.concatenate([[0], np.cumsum([c.stop - c.start for c in chunks])]).tolist()
+        out = {name: np.empty((at[-1], *col.tail), col.dtype) for name, col in first.items()}
+        self._map(lambda i: self._decode_into(chunks[i], layouts[chunks[i].shard], out, at[i]), list(range(len(chunks))))
+        return out
+
+    def _fast_layout(self, i: int, path: Path) -> dict[str, FastColumn] | None:
         with self._lock:
             if i in self._layouts:
                 return self._layouts[i]
         if self._checksums:
             self._verify_once(i)
-        layout: dict[str, tuple[np.dtype, tuple[int, ...], str, str]] | None = {}
+        layout: dict[str, FastColumn] | None = {}
         for name in self.names:
             try:
                 meta = json.loads((path / name / "zarr.json").read_text())
@@ -571,6 +646,7 @@ class CacheReader:
                          and [c["name"] for c in codecs] in (["bytes", "zstd"], ["bytes", "blosc"])
                          and codecs[0].get("configuration", {}).get("endian", "little") == "little"
                          and dtype.kind in "biuf")
+                plain = plain and type(meta.get("fill_value")) in (int, float)  # not NaN, Infinity or bytes
                 chunk_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
                 plain = plain and chunk_shape[0] == self.chunk_rows and chunk_shape[1:] == meta["shape"][1:]
             except (OSError, KeyError, TypeError, ValueError, IndexError):
@@ -579,7 +655,9 @@ class CacheReader:
                 layout = None
                 break
             sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
-            layout[name] = (dtype.newbyteorder("<"), tuple(meta["shape"][1:]), sep, codecs[1]["name"])
+            tail = tuple(meta["shape"][1:])
+            layout[name] = FastColumn(dtype.newbyteorder("<"), tail, f"{path / name}/c{sep}", f"{sep}0" * len(tail),
+                                      _decoders()[codecs[1]["name"]], meta["fill_value"])
         with self._lock:
             self._layouts[i] = layout
         return layout
@@ -591,8 +669,8 @@ class CacheReader:
         return {**rows, **self.encoding.decode(stored)}
 
     def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
-        """Read several chunks in order, concurrently (zstd and pyarrow's decoding release the GIL):
-        Zarr chunk by chunk; Parquet shard by shard, since a pyarrow ParquetFile is not safe to
+        """Read several chunks in order, on the read threads when there are (zstd and pyarrow's
+        decoding release the GIL): Zarr chunk by chunk; Parquet shard by shard, since a pyarrow ParquetFile is not safe to
         share between threads (each shard's row groups in one pyarrow call)."""
         if self.backend != "zarr":
             groups: dict[int, list[Chunk]] = {}
@@ -603,15 +681,19 @@ class CacheReader:
             parts = self._map(lambda g: self._read_parquet(g, decode), list(groups.values()))
             got = {c: part for g, ps in zip(groups.values(), parts) for c, part in zip(g, ps)}
             return [got[c] for c in chunks]
-        if len(chunks) <= 1:
-            return [self.read(c, decode) for c in chunks]
         return self._map(lambda c: self.read(c, decode), chunks)
 
-    def _map(self, fn: Any, items: list[Any]) -> list[Any]:
+    def _map(self, fn: Any, items: list[Any], threads: int | None = None) -> list[Any]:
+        """fn over items in order, on `threads` pool threads (default: the reader's read_threads;
+        0 or 1: in this thread)."""
+        threads = self.read_threads if threads is None else threads
+        if threads < 2 or len(items) < 2:
+            return [fn(item) for item in items]
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="logitcache-read")
+            workers = max(self.read_threads, min(4, usable_cores()), 2)  # reads, or hashing on verify()
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="logitcache-read")
         return list(self._pool.map(fn, items))
 
     def read_all(self) -> dict[str, np.ndarray]:

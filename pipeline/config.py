@@ -110,8 +110,8 @@ class CacheConfig:
     logit_rows: int = 2048  # lm: token rows whose (rows, vocab) logits exist at once (teacher, evaluation)
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
-    compression_level: int = 3  # zstd
-    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4"] = "zstd"  # zarr: shuffle-*: Blosc byte shuffle first
+    compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
+    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] = "zstd"  # zarr: shuffle-*: Blosc byte shuffle first
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
 
 
@@ -573,8 +573,9 @@ def validate(cfg: Config) -> list[str]:
     if c.encoding == "sampled" and s.divergence != "forward":
         e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
                  "support forward only, use cache.encoding=hybrid or topk")
-    if not 1 <= c.compression_level <= 22:
-        e.append("cache.compression_level: zstd levels are 1..22")
+    top = 22 if c.codec.endswith("zstd") else 9  # Blosc's lz4 and lz4hc levels are 1..9
+    if c.compression_level is not None and not 1 <= c.compression_level <= top:
+        e.append(f"cache.compression_level: {c.codec} levels are 1..{top}")
     if not s.models:
         e.append("student.models: give at least one student model")
     if not s.seeds:

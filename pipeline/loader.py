@@ -59,6 +59,20 @@ def read_ranges(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -
     return out
 
 
+def read_joined(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -> dict[str, np.ndarray]:
+    """The rows of the ranges, joined in order into one array per column. When every range is a
+    whole chunk (a plain epoch's buffer) the reader decodes them straight into place; otherwise
+    the chunks that cover the ranges are read once, cut and joined. decode=False keeps the stored
+    columns."""
+    cr = reader.chunk_rows
+    if all(r.start % cr == 0 and r.stop == min(r.start + cr, reader.shards[r.shard]["rows"]) for r in ranges):
+        rows = reader.read_joined(ranges)
+    else:
+        parts = read_ranges(reader, ranges, False)
+        rows = {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}  # parts freed as joined
+    return reader.decode(rows) if decode else rows
+
+
 class ChunkShuffleLoader:
     def __init__(self, reader: CacheReader, batch_size: int, seed: int, shuffle_chunks: int,
                  rows_per_item: int = 1) -> None:
@@ -112,12 +126,9 @@ class ChunkShuffleLoader:
 
     def _prepare(self, chunks: list[Chunk], perm: np.ndarray) -> dict[str, np.ndarray]:
         """The rows of a buffer's chunks in the order `perm` (row positions within the buffer)."""
-        parts = read_ranges(self.reader, chunks, False)
-        out = {}
-        for k in list(parts[0]):
-            whole = np.concatenate([p.pop(k) for p in parts])  # each column's parts freed once joined
-            out[k] = whole[perm]
-        return out
+        joined = read_joined(self.reader, chunks, False)
+        # take() copies whole rows: 2.5-8x faster than fancy indexing on (rows, k) columns
+        return {k: np.take(v, perm, axis=0) if v.ndim > 1 else v[perm] for k, v in joined.items()}
 
     def _emit(self, plan: Iterator[tuple[list[Chunk], np.ndarray]],
               ahead: ThreadPoolExecutor) -> Iterator[dict[str, np.ndarray]]:

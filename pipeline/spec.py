@@ -79,8 +79,7 @@ def context(cfg: Config) -> Context:
         "compute": {"device": device.type, "precision": precision},  # bf16 targets differ from fp32 ones
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
-    if c.codec != "zstd":  # only then: caches of the default codec keep their ids
-        spec["layout"]["codec"] = c.codec
+    spec["layout"].update(fmt.layout_codec(c.codec))
     if cfg.data.task == "lm":
         spec["dataset"].update(seq_len=cfg.data.seq_len, tokens=len(splits.transfer) * cfg.data.seq_len,
                                vocab_fingerprint=splits.vocab)

@@ -68,14 +68,15 @@ class CacheWriter:
     def __init__(self, root: str | Path, spec: dict[str, Any], encoding: Encoding | str | dict[str, Any],
                  num_classes: int, backend: str = "zarr", rows_per_shard: int = 8192, chunk_rows: int = 1024,
                  temperature: float = 1.0, seq_len: int | None = None, tokens: bool = False, seed: int = 0,
-                 compression_level: int = 3, codec: str = "zstd") -> None:
+                 compression_level: int | None = None, codec: str = "zstd") -> None:
         if not isinstance(spec, dict) or not ({"teacher", "teachers"} & spec.keys()) or "dataset" not in spec:
             raise ValueError("spec: declare what determines the targets, at least {'teacher': ..., 'dataset': ...} "
                              "(name/revision of the teacher, a fingerprint of the inputs)")
         if backend not in ("zarr", "parquet"):
             raise ValueError(f"backend={backend!r}: use zarr or parquet")
         if codec not in fmt.CODECS or (codec != "zstd" and backend != "zarr"):
-            raise ValueError(f"codec={codec!r}: use zstd, or shuffle-zstd or shuffle-lz4 with the zarr backend")
+            raise ValueError(f"codec={codec!r}: use zstd, or with the zarr backend "
+                             f"{', '.join(c for c in fmt.CODECS if c != 'zstd')}")
         if rows_per_shard < 1 or chunk_rows < 1:
             raise ValueError("rows_per_shard and chunk_rows must be >= 1")
         self.tokens = tokens or seq_len is not None
@@ -111,8 +112,7 @@ class CacheWriter:
             "temperature": self.temperature, "encoding": self.encoding.params(),
             "layout": {"backend": self.backend, "rows_per_shard": self.rows_per_shard, "chunk_rows": self.chunk_rows},
         }
-        if self.codec != "zstd":  # only then: caches of the default codec keep their ids
-            spec["layout"]["codec"] = self.codec
+        spec["layout"].update(fmt.layout_codec(self.codec))
         if not self.encoding.retemperable:
             spec["sampling_seed"] = self.seed
         return spec

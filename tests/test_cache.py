@@ -100,12 +100,12 @@ def test_zarr_and_parquet_hold_the_same_targets(workspace):
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4"])
+@pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"])
 def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, codec):
-    """cache.codec shuffle-zstd / shuffle-lz4: the same decoded targets as zstd, read by the fast path
-    (no zarr call) and by plain zarr; a default-codec cache keeps the id it had before; and at a real
-    chunk size (4,096 rows of top-32 of 1,000 classes) shuffle-zstd takes fewer bytes than zstd and
-    shuffle-lz4 about as many."""
+    """cache.codec shuffle-*: the same decoded targets as zstd, read by the fast path (no zarr call)
+    and by plain zarr; a default (zstd) cache keeps the id it had before codecs existed (no codec in
+    its layout); and at a real chunk size (4,096 rows of top-32 of 1,000 classes) shuffle-zstd takes
+    fewer bytes than zstd, shuffle-lz4hc no more, and shuffle-lz4 about as many."""
     import zarr
 
     _, path = workspace
@@ -131,11 +131,25 @@ def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, 
                                                         torch.full((8192, 4), 6.0))
     arrays = {"sample_id": np.arange(8192), **enc.to_host(enc.encode(torch.log_softmax(z * 1.5, -1)))}
     sizes = {}
-    for codec in fmt.CODECS:
-        shard = tmp_path / codec / "shards" / "00000.zarr"
-        fmt.write_shard(shard, arrays, {}, enc, 4096, 3, codec)
-        sizes[codec] = fmt.recorded_digest(shard)[1]
-    assert sizes["shuffle-zstd"] < 0.95 * sizes["zstd"] and sizes["shuffle-lz4"] < 1.1 * sizes["zstd"], sizes
+    for name in fmt.CODECS:
+        shard = tmp_path / name / "shards" / "00000.zarr"
+        fmt.write_shard(shard, arrays, {}, enc, 4096, None, name)
+        sizes[name] = fmt.recorded_digest(shard)[1]
+    assert sizes["shuffle-zstd"] < 0.95 * sizes["zstd"] and sizes["shuffle-lz4hc"] <= sizes["zstd"], sizes
+    assert sizes["shuffle-lz4"] < 1.1 * sizes["zstd"], sizes
+
+
+def test_a_complete_cache_of_the_same_targets_in_another_layout_is_pointed_out(workspace, tmp_path, capsys):
+    """The teachers do not run again for targets a complete cache already holds in another layout
+    without saying so: the log names it and the settings that reuse it."""
+    _, path = workspace
+    root = f"cache.root={tmp_path}"
+    _, old = build(path, root, "cache.codec=shuffle-lz4hc", "cache.encoding=topk", "cache.k=3")
+    capsys.readouterr()
+    _, new = build(path, root, "cache.encoding=topk", "cache.k=3")
+    assert new != old
+    assert (f"{old} holds the same targets complete, with rows_per_shard=400, chunk_rows=128, backend=zarr, "
+            "codec=shuffle-lz4hc; set those cache settings to use it") in capsys.readouterr().err
 
 
 def test_any_input_change_gives_a_new_id(workspace):

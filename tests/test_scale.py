@@ -80,16 +80,21 @@ def _zarr_read(reader, chunk):
 @pytest.mark.parametrize("enc", [Dense(300, "float16"), Dense(300, "float32"), TopK(300, 7, 16), TopK(300, 7, 8),
                                  TopK(70_000, 5, 16), Sampled(300, 12), Hybrid(300, 4, 6, 8)],
                          ids=lambda e: e.label())
-def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc):
+@pytest.mark.parametrize("codec", ["zstd", "shuffle-lz4hc"])
+def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc, codec):
+    """Chunk by chunk and joined into a buffer (in a shuffled order), including a partial last chunk
+    and a chunk of fill values that zarr never wrote to a file."""
     g = torch.Generator().manual_seed(0)
     logp = torch.log_softmax(torch.randn(700, enc.num_classes, generator=g) * 3, -1)
     arrays = enc.to_host(enc.encode(logp, torch.Generator().manual_seed(1)))
     arrays["sample_id"] = np.arange(700, dtype=np.int64) * 3
+    arrays["sample_id"][256:512] = 0  # all fill value: no chunk file
     d = tmp_path / "c"
-    fmt.write_shard(d / "shards" / fmt.shard_name(0, "zarr"), arrays, {}, enc, 256, 3)  # last chunk partial
+    fmt.write_shard(d / "shards" / fmt.shard_name(0, "zarr"), arrays, {}, enc, 256, None, codec)  # last chunk partial
+    assert not (d / "shards" / "00000.zarr" / "sample_id" / "c" / "1").exists()
     spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "t", "rows": 700},
-            "layout": {"backend": "zarr", "rows_per_shard": 700, "chunk_rows": 256}}
+            "layout": {"backend": "zarr", "rows_per_shard": 700, "chunk_rows": 256, **fmt.layout_codec(codec)}}
     fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, 700)], {})
     r = fmt.CacheReader(d)
     for c in r.chunks():
@@ -98,6 +103,10 @@ def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc):
         assert fast.keys() == slow.keys()
         for k in fast:
             assert fast[k].dtype == slow[k].dtype and np.array_equal(fast[k], slow[k]), k
+    order = [r.chunks()[i] for i in (2, 0, 1)]
+    joined = r.decode(r.read_joined(order))
+    for k, v in joined.items():
+        assert np.array_equal(v, np.concatenate([_zarr_read(r, c)[k] for c in order])), k
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.iterdir() if p.name.endswith("-zarr")))
@@ -179,3 +188,25 @@ def test_steady_heap_returns_large_freed_blocks_to_the_os():
                              cwd=REPO, env={"PATH": "/usr/bin:/bin"})
         returned[mode] = int(out.stdout) / 1024  # MB
     assert returned["pin"] > 19 and returned["default"] < 1, returned
+
+
+def test_read_threads_follow_the_cores_and_the_environment(tmp_path, monkeypatch):
+    """Chunks are decoded on the calling thread with 2 cores or fewer (a pool there costs CPU and
+    gains nothing), on up to 4 threads beside it with more; LOGITCACHE_READ_THREADS overrides, and a
+    bad value is refused in one line that names it."""
+    from pipeline.errors import ConfigError
+
+    for cores, threads in ((1, 0), (2, 0), (3, 2), (5, 4), (64, 4)):
+        monkeypatch.setattr(fmt, "usable_cores", lambda cores=cores: cores)
+        assert fmt.default_read_threads() == threads, cores
+    monkeypatch.setenv("LOGITCACHE_READ_THREADS", "3")
+    assert fmt.default_read_threads() == 3
+    monkeypatch.setenv("LOGITCACHE_READ_THREADS", "two")
+    with pytest.raises(ConfigError, match="LOGITCACHE_READ_THREADS='two': set it to a whole number"):
+        fmt.default_read_threads()
+    monkeypatch.delenv("LOGITCACHE_READ_THREADS")
+    d = _many_shard_cache(tmp_path / "c", 6, 300, "zarr")
+    serial, pooled = fmt.CacheReader(d, read_threads=0), fmt.CacheReader(d, read_threads=2)
+    a, b = serial.read_joined(serial.chunks()), pooled.read_joined(pooled.chunks())
+    assert serial._pool is None and pooled._pool is not None  # each read where it was told to
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -155,13 +155,18 @@ def built(tmp_path_factory):
 def counting(reader: fmt.CacheReader) -> list[fmt.Chunk]:
     """The chunks `reader` reads from now on, recorded as they are read."""
     read: list[fmt.Chunk] = []
-    plain = reader.read
+    plain, plain_joined = reader.read, reader.read_joined
 
     def read_and_count(chunk: fmt.Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         read.append(chunk)
         return plain(chunk, decode)
 
+    def read_joined_and_count(chunks: list[fmt.Chunk]) -> dict[str, np.ndarray]:
+        read.extend(chunks)  # whole chunks of plain Zarr shards: decoded in place, never through read
+        return plain_joined(chunks)
+
     reader.read = read_and_count  # read_many goes through read too
+    reader.read_joined = read_joined_and_count
     return read
 
 
