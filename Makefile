@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/views.py
 	$(PY) bench/threads.py
 	$(PY) bench/heap.py
-	$(PY) bench/scale.py
+	$(PY) bench/scale.py --tokenize-words 83000
 
 clean:
 	rm -rf data/caches data/runs data/teachers data/tokens

@@ -1,14 +1,18 @@
 """The cache stage's peak RSS over repeated identical runs, with glibc's mmap threshold pinned at
 16 MB (the CLI's default, `pipeline.steady_heap`), left to glibc's own adjustment
-(LOGITCACHE_STEADY_HEAP=0), and pinned at 1 MB (MALLOC_MMAP_THRESHOLD_).
+(LOGITCACHE_STEADY_HEAP=0), and pinned at 1 MB and at 32 MB, the most glibc's adjustment reaches
+(MALLOC_MMAP_THRESHOLD_).
 
-    .venv/bin/python bench/heap.py [--rows 200000] [--runs 3]
+    .venv/bin/python bench/heap.py [--task classify|lm] [--rows 200000] [--words 200000] [--runs 3]
 
-The stage is `bench/scale.py`'s classification cache stage (128 float32 features, an MLP teacher
-over 1,000 classes, top-10 8-bit, 4,096-row teacher batches: 16 MB of logits per batch), a fresh
-process per run, its own VmHWM at exit (bench/common.py run_stage). Settings are interleaved run
-by run. One JSON line: {"bench": "heap", "peak_mb": {setting: [per run]}, "rows_per_s": {...},
-"spread_mb": {setting: max - min}}.
+classify: `bench/scale.py`'s classification cache stage (128 float32 features, an MLP teacher over
+1,000 classes, top-10 8-bit, 4,096-row teacher batches: 16 MB of logits per batch). lm: its LM
+cache stage (the 1-layer GPT teacher over a 2,048-token BPE, batches of 32 sequences of 64 tokens:
+2,048 x 2,048 float32 logits, just over 16 MB with the allocator's header) on a generated corpus of
+--words words (about 1.2 tokens each), tokenized once before the runs. A fresh process per run,
+its own VmHWM at exit (bench/common.py run_stage); settings are interleaved run by run. One JSON
+line: {"bench": "heap", "task": ..., "peak_mb": {setting: [per run]}, "rows_per_s": {...},
+"spread_mb": {setting: max - min}}; for lm a row is a token.
 """
 
 from __future__ import annotations
@@ -27,21 +31,31 @@ import scale
 from common import emit, run_stage, workdir
 
 SETTINGS = {"pinned_16mb": {}, "glibc_adjusting": {"LOGITCACHE_STEADY_HEAP": "0"},
-            "pinned_1mb": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
+            "pinned_1mb": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
+            "pinned_32mb": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--task", choices=("classify", "lm"), default="classify")
+    ap.add_argument("--rows", type=int, default=200_000, help="classify: rows")
+    ap.add_argument("--words", type=int, default=200_000, help="lm: words of the cached corpus")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     ws = workdir("heap")
     try:
-        torch.manual_seed(0)
-        teacher = ws / "teacher.pt"
-        torch.save(scale.mlp().state_dict(), teacher)
-        scale.make_inputs(ws / "inputs", args.rows)
-        cfg = scale.config(ws, teacher)
+        if args.task == "lm":
+            scale.make_corpus(ws / "source.txt", scale.LM_SOURCE_WORDS, seed=1)
+            scale.make_corpus(ws / "transfer.txt", args.words, seed=2)
+            cfg = scale.lm_config(ws, ws / "transfer.txt")
+            scale.stage("teachers", cfg)
+            scale.stage("tokenize", cfg)
+        else:
+            torch.manual_seed(0)
+            teacher = ws / "teacher.pt"
+            torch.save(scale.mlp().state_dict(), teacher)
+            scale.make_inputs(ws / "inputs", args.rows)
+            cfg = scale.config(ws, teacher)
         peaks: dict[str, list[float]] = {k: [] for k in SETTINGS}
         rates: dict[str, list[float]] = {k: [] for k in SETTINGS}
         for _ in range(args.runs):
@@ -53,7 +67,7 @@ def main() -> None:
                 rates[name].append(round(r.rate or 0))
     finally:
         shutil.rmtree(ws, ignore_errors=True)
-    emit("heap", rows=args.rows, peak_mb=peaks, rows_per_s=rates,
+    emit("heap", task=args.task, **({"words": args.words} if args.task == "lm" else {"rows": args.rows}), peak_mb=peaks, rows_per_s=rates,
          spread_mb={k: round(max(v) - min(v), 1) for k, v in peaks.items()})
 
 

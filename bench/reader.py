@@ -25,7 +25,7 @@ process, steadier when other jobs share the cores.
     .venv/bin/python bench/reader.py [--rows 200000] [--repeats 5]
 
 One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layout: cache/memmap},
-"goal": 0.5, ...}.
+"goal": 0.5, ...}; then one line of every codec's bytes per row over more encodings (codec_bytes).
 """
 
 from __future__ import annotations
@@ -160,6 +160,33 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
          bytes_per_row={k: fmt.read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
 
 
+def codec_bytes(rows: int = 8192) -> None:
+    """Bytes per row of every codec for more encodings and chunk sizes than the timed ones (the
+    demo's dense over 10 classes at 256-row chunks; LM-sized top-k and hybrid; sampled): one JSON
+    line, {"bench": "reader_codec_bytes", "bytes_per_row": {"label/chunk_rows": {codec: B/row}}}."""
+    import torch
+
+    from common import synthetic_logits
+    from pipeline.encodings import Hybrid, Sampled
+
+    cases = [(Dense(10), 256), (TopK(10, 3), 256), (TopK(1000, 10, bits=8), 4096), (Sampled(1000, 16), 256),
+             (TopK(32_000, 8), 2048), (Hybrid(32_000, 8, 16, 8), 2048)]
+    ws = workdir("reader-codecs")
+    out: dict[str, dict[str, float]] = {}
+    for enc, chunk_rows in cases:
+        logits = (synthetic_logits(rows, enc.num_classes) if enc.num_classes <= 1000
+                  else torch.randn(rows, enc.num_classes, generator=torch.Generator().manual_seed(0)) * 3)
+        arrays = enc.to_host(enc.encode(torch.log_softmax(logits, -1), torch.Generator().manual_seed(1)))
+        arrays["sample_id"] = np.arange(rows, dtype=np.int64)
+        sizes = {}
+        for codec in fmt.CODECS:
+            shard = ws / f"{enc.label()}-{chunk_rows}-{codec}" / "shards" / fmt.shard_name(0, "zarr")
+            fmt.write_shard(shard, arrays, {}, enc, chunk_rows, None, codec)
+            sizes[codec] = round(fmt.recorded_digest(shard)[1] / rows, 1)
+        out[f"{enc.label()}/{chunk_rows}"] = sizes
+    emit("reader_codec_bytes", rows=rows, bytes_per_row=out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200_000)
@@ -168,6 +195,7 @@ def main() -> None:
     args = ap.parse_args()
     for name in args.only.split(","):
         bench(name, ENCODINGS[name], args.rows, args.repeats)
+    codec_bytes()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ machine, the cache stage 15k-22k, the student 10k-12k):
   copies (about 5 MB) and the allocator's fragmentation, which levels off within the first one or
   two million tokens. A 1x of 24k tokens (125 KB of text: one batch, an eighth of a read block)
   peaked at 57 MB, and the same code at 2.4M tokens at 67 MB. --tokenize-words 0 skips this ladder
-  (the cache and student lines only).
+  (the cache and student lines only). `make bench` passes --tokenize-words 83000 (about 100k, 1M and
+  10M tokens: 25 s instead of minutes); its 1x of 100k tokens fills batches and half a read block,
+  and peaked at 59.9 MB against 67.1 MB at 10M tokens (ratio 1.12) in the run that chose it.
 - cache and student: --lm-tokens 20,000 words at 1x, about 24k, 241k and 2.4M tokens; the corpus
   is tokenized first (not measured). cache: top-8 of the teacher over 64-token sequences, 4,096-
   token shards (1x spans six), batches of 32 sequences; student: a 1-layer GPT of width 32, one

@@ -670,8 +670,8 @@ class CacheReader:
 
     def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         """Read several chunks in order, on the read threads when there are (zstd and pyarrow's
-        decoding release the GIL): Zarr chunk by chunk; Parquet shard by shard, since a pyarrow ParquetFile is not safe to
-        share between threads (each shard's row groups in one pyarrow call)."""
+        decoding release the GIL): Zarr chunk by chunk; Parquet shard by shard, since a pyarrow
+        ParquetFile is not safe to share between threads (each shard's row groups in one call)."""
         if self.backend != "zarr":
             groups: dict[int, list[Chunk]] = {}
             for c in chunks:
