@@ -67,7 +67,8 @@ def main() -> None:
                 rates[name].append(round(r.rate or 0))
     finally:
         shutil.rmtree(ws, ignore_errors=True)
-    emit("heap", task=args.task, **({"words": args.words} if args.task == "lm" else {"rows": args.rows}), peak_mb=peaks, rows_per_s=rates,
+    size = {"words": args.words} if args.task == "lm" else {"rows": args.rows}
+    emit("heap", task=args.task, **size, peak_mb=peaks, rows_per_s=rates,
          spread_mb={k: round(max(v) - min(v), 1) for k, v in peaks.items()})
 
 

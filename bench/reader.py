@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -117,47 +118,52 @@ def epoch_reader(make: Callable[[], Any]) -> Callable[[int], int]:
 
 def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
     ws = workdir(f"reader-{name}")
-    dirs = {lay: write_cache(ws / lay, rows, enc.num_classes, enc, ROWS_PER_SHARD, c, backend=b, codec=codec)
-            for lay, (b, c, codec) in LAYOUTS.items()}
-    (ws / "npy").mkdir()
-    columns = stored_memmaps(dirs["zarr_4096"], ws / "npy")
-    readers: dict[str, Callable[[int], int]] = {}
-    stores = iter(range(1 << 30))
+    try:
+        dirs = {lay: write_cache(ws / lay, rows, enc.num_classes, enc, ROWS_PER_SHARD, c, backend=b, codec=codec)
+                for lay, (b, c, codec) in LAYOUTS.items()}
+        (ws / "npy").mkdir()
+        columns = stored_memmaps(dirs["zarr_4096"], ws / "npy")
+        readers: dict[str, Callable[[int], int]] = {}
+        stores = iter(range(1 << 30))
 
-    def with_store(d: Path, fresh: bool, threads: int | None = None) -> fmt.CacheReader:
-        os.environ["LOGITCACHE_DIGESTS"] = str(ws / "digests" / (f"{next(stores)}.sqlite" if fresh else "kept.sqlite"))
-        return fmt.CacheReader(d, read_threads=threads)
+        def with_store(d: Path, fresh: bool, threads: int | None = None) -> fmt.CacheReader:
+            store = f"{next(stores)}.sqlite" if fresh else "kept.sqlite"
+            os.environ["LOGITCACHE_DIGESTS"] = str(ws / "digests" / store)
+            return fmt.CacheReader(d, read_threads=threads)
 
-    for lay, d in dirs.items():
-        readers[lay] = epoch_reader(lambda d=d: with_store(d, fresh=False))
-        readers[f"{lay}_first_read"] = epoch_reader(lambda d=d: with_store(d, fresh=True))
-    for lay in ("zarr_4096", "zarr_4096_shuffle_lz4hc"):
-        readers[f"{lay}_read_threads_4"] = epoch_reader(lambda d=dirs[lay]: with_store(d, fresh=False, threads=4))
-    for chunk_rows in sorted({c for _, c, _ in LAYOUTS.values()}):
-        like = dirs[next(lay for lay, (b, c, _) in LAYOUTS.items() if b == "zarr" and c == chunk_rows)]
-        readers[f"memmap_{chunk_rows}"] = epoch_reader(lambda like=like: MemmapReader(fmt.CacheReader(like), columns))
-    best = dict.fromkeys(readers, 0.0)
-    best_cpu = dict.fromkeys(readers, 0.0)
-    for r in range(repeats):
-        for key, fn in readers.items():
-            cpu = time.process_time()
-            with Timer() as t:
-                n = fn(r)
-            cpu = time.process_time() - cpu
-            assert n == rows, (key, n)
-            best[key] = max(best[key], n / t.seconds)
-            best_cpu[key] = max(best_cpu[key], n / cpu)
+        for lay, d in dirs.items():
+            readers[lay] = epoch_reader(lambda d=d: with_store(d, fresh=False))
+            readers[f"{lay}_first_read"] = epoch_reader(lambda d=d: with_store(d, fresh=True))
+        for lay in ("zarr_4096", "zarr_4096_shuffle_lz4hc"):
+            readers[f"{lay}_read_threads_4"] = epoch_reader(lambda d=dirs[lay]: with_store(d, False, threads=4))
+        for chunk_rows in sorted({c for _, c, _ in LAYOUTS.values()}):
+            like = dirs[next(lay for lay, (b, c, _) in LAYOUTS.items() if b == "zarr" and c == chunk_rows)]
+            readers[f"memmap_{chunk_rows}"] = epoch_reader(lambda like=like: MemmapReader(fmt.CacheReader(like), columns))
+        best = dict.fromkeys(readers, 0.0)
+        best_cpu = dict.fromkeys(readers, 0.0)
+        for r in range(repeats):
+            for key, fn in readers.items():
+                cpu = time.process_time()
+                with Timer() as t:
+                    n = fn(r)
+                cpu = time.process_time() - cpu
+                assert n == rows, (key, n)
+                best[key] = max(best[key], n / t.seconds)
+                best_cpu[key] = max(best_cpu[key], n / cpu)
 
-    def over_memmap(key: str, figures: dict[str, float]) -> float:
-        layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
-        return round(figures[key] / figures[f"memmap_{LAYOUTS[layout][1]}"], 3)
+        def over_memmap(key: str, figures: dict[str, float]) -> float:
+            layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
+            return round(figures[key] / figures[f"memmap_{LAYOUTS[layout][1]}"], 3)
 
-    emit("reader", encoding=name, label=enc.label(), classes=enc.num_classes, rows=rows, batch=BATCH,
-         goal=0.5, ratio={k: over_memmap(k, best) for k in readers if not k.startswith("memmap")},
-         cpu_ratio={k: over_memmap(k, best_cpu) for k in readers if not k.startswith("memmap")},
-         rows_per_s={k: round(v) for k, v in best.items()}, rows_per_cpu_s={k: round(v) for k, v in best_cpu.items()},
-         first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
-         bytes_per_row={k: fmt.read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
+        emit("reader", encoding=name, label=enc.label(), classes=enc.num_classes, rows=rows, batch=BATCH,
+             goal=0.5, ratio={k: over_memmap(k, best) for k in readers if not k.startswith("memmap")},
+             cpu_ratio={k: over_memmap(k, best_cpu) for k in readers if not k.startswith("memmap")},
+             rows_per_s={k: round(v) for k, v in best.items()},
+             rows_per_cpu_s={k: round(v) for k, v in best_cpu.items()},
+             first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
+             bytes_per_row={k: fmt.read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
 
 
 def codec_bytes(rows: int = 8192) -> None:
@@ -172,19 +178,22 @@ def codec_bytes(rows: int = 8192) -> None:
     cases = [(Dense(10), 256), (TopK(10, 3), 256), (TopK(1000, 10, bits=8), 4096), (Sampled(1000, 16), 256),
              (TopK(32_000, 8), 2048), (Hybrid(32_000, 8, 16, 8), 2048)]
     ws = workdir("reader-codecs")
-    out: dict[str, dict[str, float]] = {}
-    for enc, chunk_rows in cases:
-        logits = (synthetic_logits(rows, enc.num_classes) if enc.num_classes <= 1000
-                  else torch.randn(rows, enc.num_classes, generator=torch.Generator().manual_seed(0)) * 3)
-        arrays = enc.to_host(enc.encode(torch.log_softmax(logits, -1), torch.Generator().manual_seed(1)))
-        arrays["sample_id"] = np.arange(rows, dtype=np.int64)
-        sizes = {}
-        for codec in fmt.CODECS:
-            shard = ws / f"{enc.label()}-{chunk_rows}-{codec}" / "shards" / fmt.shard_name(0, "zarr")
-            fmt.write_shard(shard, arrays, {}, enc, chunk_rows, None, codec)
-            sizes[codec] = round(fmt.recorded_digest(shard)[1] / rows, 1)
-        out[f"{enc.label()}/{chunk_rows}"] = sizes
-    emit("reader_codec_bytes", rows=rows, bytes_per_row=out)
+    try:
+        out: dict[str, dict[str, float]] = {}
+        for enc, chunk_rows in cases:
+            logits = (synthetic_logits(rows, enc.num_classes) if enc.num_classes <= 1000
+                      else torch.randn(rows, enc.num_classes, generator=torch.Generator().manual_seed(0)) * 3)
+            arrays = enc.to_host(enc.encode(torch.log_softmax(logits, -1), torch.Generator().manual_seed(1)))
+            arrays["sample_id"] = np.arange(rows, dtype=np.int64)
+            sizes = {}
+            for codec in fmt.CODECS:
+                shard = ws / f"{enc.label()}-{chunk_rows}-{codec}" / "shards" / fmt.shard_name(0, "zarr")
+                fmt.write_shard(shard, arrays, {}, enc, chunk_rows, None, codec)
+                sizes[codec] = round(fmt.recorded_digest(shard)[1] / rows, 1)
+            out[f"{enc.label()}/{chunk_rows}"] = sizes
+        emit("reader_codec_bytes", rows=rows, bytes_per_row=out)
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
 
 
 def main() -> None:

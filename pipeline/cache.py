@@ -125,13 +125,46 @@ def digest_path(shard: Path) -> Path:
     return shard.parent.parent / "digests" / f"{shard.name}.json"
 
 
-# cache.codec: how a Zarr shard's chunks are compressed, with its default level. The shuffle-* codecs
-# apply Blosc's byte shuffle to columns of multi-byte values first (the nearly constant high bytes
-# of float16 log-probs and of ids apart from the low ones), then compress; single bytes have nothing
-# to shuffle and take zstd. On top-k columns at 4,096-row chunks (bench/reader.py, README "Codecs")
-# shuffle-lz4hc at level 1 takes no more bytes than zstd at 3 and decodes 2-3x faster; shuffle-zstd
-# is the smallest. Parquet caches use zstd on byte-stream-split pages.
-CODECS: dict[str, int] = {"zstd": 3, "shuffle-zstd": 3, "shuffle-lz4": 3, "shuffle-lz4hc": 1}
+@dataclass(frozen=True)
+class Codec:
+    """How a Zarr shard's chunks are compressed (`cache.codec`): zstd, or Blosc's byte shuffle and
+    then `blosc` for columns of multi-byte values (the nearly constant high bytes of float16
+    log-probs and of ids apart from the low ones). Single bytes have nothing to shuffle: they take
+    zstd, at the codec's level for shuffle-zstd, else at zstd's default. Levels run 1..max_level
+    (Blosc's top is 9)."""
+
+    default_level: int
+    max_level: int
+    blosc: str | None = None
+
+    def compressor(self, itemsize: int, level: int) -> Any:
+        from zarr.codecs import BloscCodec, ZstdCodec
+
+        if self.blosc is None or itemsize == 1:
+            return ZstdCodec(level=level if self.blosc in (None, "zstd") else CODECS["zstd"].default_level)
+        return BloscCodec(cname=self.blosc, clevel=level, shuffle="shuffle", typesize=itemsize)
+
+
+# On top-k columns at 4,096-row chunks (bench/reader.py, README "Codecs") shuffle-lz4hc at level 1
+# takes no more bytes than zstd at 3 and decodes 2-3x faster; shuffle-zstd is the smallest. Parquet
+# caches use zstd on byte-stream-split pages.
+CODECS: dict[str, Codec] = {"zstd": Codec(3, 22), "shuffle-zstd": Codec(3, 9, "zstd"),
+                            "shuffle-lz4": Codec(3, 9, "lz4"), "shuffle-lz4hc": Codec(1, 9, "lz4hc")}
+
+
+def codec_problems(codec: str, level: int | None, backend: str) -> list[str]:
+    """What is wrong with writing `backend` shards with `codec` at compression `level` (None: the
+    codec's default), each message opening with the setting it is about."""
+    if codec not in CODECS:
+        return [f"codec: {codec!r} is not one of {', '.join(CODECS)}"]
+    problems = []
+    if codec != "zstd" and backend != "zarr":
+        problems.append(f"codec: {codec} is for the zarr backend; Parquet caches use zstd (their float columns "
+                        "are already byte-split)")
+    top = CODECS[codec].max_level
+    if level is not None and not 1 <= level <= top:
+        problems.append(f"compression_level: {level} is outside {codec}'s levels 1..{top}")
+    return problems
 
 
 def layout_codec(codec: str) -> dict[str, str]:
@@ -149,6 +182,9 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
     encoding's columns as `enc.to_host` returns them. `codec`: one of CODECS (Zarr; Parquet takes
     zstd), at `level` (None: the codec's default)."""
+    problems = codec_problems(codec, level, "zarr" if path.suffix == ".zarr" else "parquet")
+    if problems:
+        raise ValueError(f"{path}: {problems[0]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays])
     tmp = tmp_name(path)
@@ -156,7 +192,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
         if path.suffix == ".zarr":
             _write_zarr(tmp, arrays, attrs, columns, chunk_rows, level, codec)
         else:
-            _write_parquet(tmp, arrays, attrs, columns, chunk_rows, CODECS["zstd"] if level is None else level)
+            _write_parquet(tmp, arrays, attrs, columns, chunk_rows, level or CODECS["zstd"].default_level)
         digest, nbytes = sha256_tree(tmp, fsync=True)  # read back from the page cache
         published = publish_dir(tmp, path) if path.suffix == ".zarr" else publish_file(tmp, path)
         if published:
@@ -171,21 +207,15 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
 def _write_zarr(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], columns: list[Column],
                 chunk_rows: int, level: int | None, codec: str) -> None:
     import zarr
-    from zarr.codecs import BloscCodec, ZstdCodec
 
-    if codec not in CODECS:
-        raise ValueError(f"codec {codec!r}: use one of {', '.join(CODECS)}")
-    level = CODECS[codec] if level is None else level
+    spec = CODECS[codec]
+    level = spec.default_level if level is None else level
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={"logitcache": attrs})
     for col in columns + ([OFFSETS] if "offsets" in arrays else []):
         data = arrays[col.name]
-        compressor: Any = ZstdCodec(level=level if codec.endswith("zstd") else CODECS["zstd"])
-        if codec != "zstd" and data.dtype.itemsize > 1:
-            compressor = BloscCodec(cname=codec.removeprefix("shuffle-"), clevel=min(level, 9), shuffle="shuffle",
-                                    typesize=data.dtype.itemsize)
         arr = group.create_array(
             col.name, shape=data.shape, dtype=data.dtype, chunks=(chunk_rows, *data.shape[1:]),
-            compressors=compressor, dimension_names=col.dims,
+            compressors=spec.compressor(data.dtype.itemsize, level), dimension_names=col.dims,
             attributes={"description": col.description},
         )
         arr[...] = data
@@ -428,13 +458,14 @@ def default_max_open() -> int:
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity: a Slurm or cgroup allocation, not the machine)."""
+    """Cores this process may run on: its CPU affinity (a Slurm allocation or a cpuset, not the whole
+    machine; a CPU quota such as `docker --cpus` does not show here)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_read_threads() -> int:
-    """Threads that read and decode chunks concurrently, besides the caller's (0: chunks are read in
-    the calling thread). One core is left to the consumer (the training step, or the loader's
+    """Threads that read and decode chunks concurrently, besides the caller's (0 or 1: chunks are
+    read in the calling thread). One core is left to the consumer (the training step, or the loader's
     batch decoding), at most 4. On 2 cores that leaves none worth a pool: there 4 read threads
     cost more CPU for the same chunks than reading on the loader's background thread, and the epoch
     was no faster (bench/reader.py, `read_threads_4`). LOGITCACHE_READ_THREADS overrides it."""
@@ -448,8 +479,8 @@ class CacheReader:
     Every shard listed must exist (a stat each, on open), and each shard is checked against the
     manifest's sha256 the first time this reader opens it (`_verify_once`; `checksums=False` skips
     that); `verify=True` checks every shard up front. At most `max_open` shard files are open
-    at once (LOGITCACHE_MAX_OPEN_SHARDS, default 64). `read_many` decodes chunks on
-    `read_threads` threads (default_read_threads: none on 2 cores)."""
+    at once (LOGITCACHE_MAX_OPEN_SHARDS, default 64). `read_many` and `read_joined` decode chunks
+    on `read_threads` threads (default_read_threads: none on 2 cores)."""
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
                  max_open: int | None = None, read_threads: int | None = None) -> None:
@@ -471,7 +502,7 @@ class CacheReader:
         self.shards = manifest["shards"]
         self._handles = HandleLRU(max_open if max_open is not None else default_max_open())
         self._layouts = HandleLRU(4096)  # per Zarr shard: how to read its chunk files directly, or None
-        self._pool: Any = None
+        self._pools: dict[int, Any] = {}  # by size: reads use read_threads, verify() up to 4
         self.read_threads = default_read_threads() if read_threads is None else read_threads
         self._lock = threading.Lock()
         self.backend = spec["layout"]["backend"]
@@ -610,23 +641,28 @@ class CacheReader:
                 out[name][at:at + rows] = full[:rows]
 
     def read_joined(self, chunks: list[Chunk]) -> dict[str, np.ndarray]:
-        """The stored columns of whole chunks, joined in order into one array per column (what a
-        shuffle buffer holds). On the fast Zarr path each chunk is decoded straight into its rows:
-        no per-chunk arrays, and no second copy to join them."""
-        layouts = {}
-        if self.backend == "zarr" and all(c.start % self.chunk_rows == 0 for c in chunks):
-            for s in {c.shard for c in chunks}:
-                layouts[s] = self._fast_layout(s, self.dir / self.shards[s]["path"])
-        first = layouts.get(chunks[0].shard) if chunks else None
-        same = first is not None and all(
-            lay is not None and [(n, c.dtype, c.tail) for n, c in lay.items()] == [(n, c.dtype, c.tail) for n, c in first.items()]
-            for lay in layouts.values())
-        if not same:
+        """The stored columns of whole chunks (as `chunks()` gives them), joined in order into one
+        array per column: what a shuffle buffer holds. On the fast Zarr path each chunk is decoded
+        straight into its rows: no per-chunk arrays, and no second copy to join them."""
+        if not chunks or any(c.start != c.index * self.chunk_rows or
+                             c.stop != min(c.start + self.chunk_rows, self.shards[c.shard]["rows"]) for c in chunks):
+            raise ValueError("read_joined reads one or more whole chunks; pipeline.loader.read_joined reads ranges")
+        shards = sorted({c.shard for c in chunks})
+        found = self._map(lambda s: self._fast_layout(s, self.dir / self.shards[s]["path"]) if self.backend == "zarr"
+                          else None, shards)  # hashes shards met for the first time, on the read threads
+        layouts = dict(zip(shards, found))
+
+        def shape(lay: dict[str, FastColumn] | None) -> list[tuple[str, np.dtype, tuple[int, ...]]] | None:
+            return None if lay is None else [(n, c.dtype, c.tail) for n, c in lay.items()]
+
+        first = layouts[chunks[0].shard]
+        if first is None or any(shape(lay) != shape(first) for lay in found):
             parts = self.read_many(chunks, decode=False)
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         at = np.concatenate([[0], np.cumsum([c.stop - c.start for c in chunks])]).tolist()
         out = {name: np.empty((at[-1], *col.tail), col.dtype) for name, col in first.items()}
-        self._map(lambda i: self._decode_into(chunks[i], layouts[chunks[i].shard], out, at[i]), list(range(len(chunks))))
+        self._map(lambda i: self._decode_into(chunks[i], layouts[chunks[i].shard], out, at[i]),
+                  list(range(len(chunks))))
         return out
 
     def _fast_layout(self, i: int, path: Path) -> dict[str, FastColumn] | None:
@@ -684,17 +720,18 @@ class CacheReader:
         return self._map(lambda c: self.read(c, decode), chunks)
 
     def _map(self, fn: Any, items: list[Any], threads: int | None = None) -> list[Any]:
-        """fn over items in order, on `threads` pool threads (default: the reader's read_threads;
-        0 or 1: in this thread)."""
+        """fn over items in order, on exactly `threads` pool threads (default: the reader's
+        read_threads; 0 or 1: in this thread)."""
         threads = self.read_threads if threads is None else threads
         if threads < 2 or len(items) < 2:
             return [fn(item) for item in items]
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._lock:
+            pool = self._pools.get(threads)
+            if pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            workers = max(self.read_threads, min(4, usable_cores()), 2)  # reads, or hashing on verify()
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="logitcache-read")
-        return list(self._pool.map(fn, items))
+                pool = self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="logitcache-read")
+        return list(pool.map(fn, items))
 
     def read_all(self) -> dict[str, np.ndarray]:
         parts = self.read_many(self.chunks())

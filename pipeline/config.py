@@ -111,7 +111,8 @@ class CacheConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
-    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] = "zstd"  # zarr: shuffle-*: Blosc byte shuffle first
+    # zarr: shuffle-*: Blosc byte shuffle first (pipeline/cache.py CODECS, README "Codecs")
+    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] = "zstd"
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
 
 
@@ -472,6 +473,8 @@ def _check_grid_value(key: str, v: Any) -> str | None:
 
 def validate(cfg: Config) -> list[str]:
     """Value checks that types cannot express; returns every problem found."""
+    from pipeline.cache import CODECS, codec_problems  # the codec table lives with the format
+
     e: list[str] = []
     d, t, c, s = cfg.data, cfg.teachers, cfg.cache, cfg.student
     if not 0.0 < d.test_fraction < 1.0:
@@ -538,9 +541,8 @@ def validate(cfg: Config) -> list[str]:
         e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
     if c.logit_rows < 1:
         e.append(f"cache.logit_rows: {c.logit_rows} must be >= 1")
-    if c.codec != "zstd" and c.backend != "zarr":
-        e.append(f"cache.codec: {c.codec} is for the zarr backend; Parquet caches use zstd (their float columns are "
-                 "already byte-split)")
+    if c.codec in CODECS:  # an unknown one is refused with its type
+        e.extend(f"cache.{problem}" for problem in codec_problems(c.codec, c.compression_level, c.backend))
     if c.logp_range <= 0:
         e.append("cache.logp_range: must be > 0")
     if not 1 <= c.draws <= 255:
@@ -573,9 +575,6 @@ def validate(cfg: Config) -> list[str]:
     if c.encoding == "sampled" and s.divergence != "forward":
         e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
                  "support forward only, use cache.encoding=hybrid or topk")
-    top = 22 if c.codec.endswith("zstd") else 9  # Blosc's lz4 and lz4hc levels are 1..9
-    if c.compression_level is not None and not 1 <= c.compression_level <= top:
-        e.append(f"cache.compression_level: {c.codec} levels are 1..{top}")
     if not s.models:
         e.append("student.models: give at least one student model")
     if not s.seeds:

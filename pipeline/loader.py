@@ -66,7 +66,7 @@ def read_joined(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -
     columns."""
     cr = reader.chunk_rows
     if all(r.start % cr == 0 and r.stop == min(r.start + cr, reader.shards[r.shard]["rows"]) for r in ranges):
-        rows = reader.read_joined(ranges)
+        rows = reader.read_joined([Chunk(r.shard, r.start // cr, r.start, r.stop) for r in ranges])
     else:
         parts = read_ranges(reader, ranges, False)
         rows = {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}  # parts freed as joined

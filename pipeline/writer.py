@@ -74,9 +74,9 @@ class CacheWriter:
                              "(name/revision of the teacher, a fingerprint of the inputs)")
         if backend not in ("zarr", "parquet"):
             raise ValueError(f"backend={backend!r}: use zarr or parquet")
-        if codec not in fmt.CODECS or (codec != "zstd" and backend != "zarr"):
-            raise ValueError(f"codec={codec!r}: use zstd, or with the zarr backend "
-                             f"{', '.join(c for c in fmt.CODECS if c != 'zstd')}")
+        problems = fmt.codec_problems(codec, compression_level, backend)
+        if problems:
+            raise ValueError(f"CacheWriter {problems[0]}")
         if rows_per_shard < 1 or chunk_rows < 1:
             raise ValueError("rows_per_shard and chunk_rows must be >= 1")
         self.tokens = tokens or seq_len is not None

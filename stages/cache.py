@@ -343,20 +343,26 @@ def _finish(ctx: Context) -> Path:
 def _refuse_other_layout(cfg: Config, ctx: Context) -> None:
     """A partly written cache of the same targets with another shard plan must be finished or deleted
     first: array tasks that disagree on cache.rows_per_shard would otherwise fill two caches. A
-    complete one is only pointed out: its layout (a codec default that changed, say) can be set
-    to reuse it instead of running the teachers again."""
+    complete one is only pointed out, since its layout can be set to reuse it instead of running
+    the teachers again; one whose spec.json cannot be read is another cache's problem, not this one's."""
     mine = fmt.target_id(ctx.spec)
     for spec_file in sorted(cfg.cache_root.glob("*/spec.json")):
         other = spec_file.parent
         if other == ctx.dir:
             continue
-        spec = fmt.read_spec(spec_file)
+        complete = (other / "manifest.json").is_file()
+        try:
+            spec = fmt.read_spec(spec_file)
+        except CacheError:
+            if complete:
+                continue
+            raise
         if fmt.target_id(spec) != mine or spec.get("layout") == ctx.spec["layout"]:
             continue
         lay = spec["layout"]
         settings = (f"rows_per_shard={lay['rows_per_shard']}, chunk_rows={lay['chunk_rows']}, "
                     f"backend={lay['backend']}, codec={lay.get('codec', 'zstd')}")
-        if (other / "manifest.json").is_file():
+        if complete:
             log(f"cache {ctx.dir.name}: {other} holds the same targets complete, with {settings}; set those "
                 "cache settings to use it instead of computing this one")
             continue
