@@ -19,6 +19,7 @@ import torch
 from typing_extensions import Self
 
 from pipeline import cache as fmt
+from pipeline.codecs import layout_codec
 from pipeline.encodings import Encoding
 
 
@@ -64,7 +65,7 @@ def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_sha
     spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "synthetic", "rows": rows},
             "layout": {"backend": backend, "rows_per_shard": rows_per_shard, "chunk_rows": chunk_rows,
-                       **fmt.layout_codec(codec)}}
+                       **layout_codec(codec)}}
     fmt.write_manifest(d, spec, entries, {"backend": backend, "encoding": enc.params(), "num_classes": classes})
     return d
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.codecs import CODECS, codec_problems
 from pipeline.errors import ConfigError
 
 Arch = Literal["mlp", "cnn", "import", "gpt", "hf"]
@@ -473,8 +474,6 @@ def _check_grid_value(key: str, v: Any) -> str | None:
 
 def validate(cfg: Config) -> list[str]:
     """Value checks that types cannot express; returns every problem found."""
-    from pipeline.cache import CODECS, codec_problems  # the codec table lives with the format
-
     e: list[str] = []
     d, t, c, s = cfg.data, cfg.teachers, cfg.cache, cfg.student
     if not 0.0 < d.test_fraction < 1.0:

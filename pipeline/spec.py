@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from pipeline import cache as fmt
+from pipeline.codecs import layout_codec
 from pipeline.config import Config
 from pipeline.data import Splits, load_splits
 from pipeline.encodings import Encoding, encoding_from_config
@@ -79,7 +80,7 @@ def context(cfg: Config) -> Context:
         "compute": {"device": device.type, "precision": precision},  # bf16 targets differ from fp32 ones
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
-    spec["layout"].update(fmt.layout_codec(c.codec))
+    spec["layout"].update(layout_codec(c.codec))
     if cfg.data.task == "lm":
         spec["dataset"].update(seq_len=cfg.data.seq_len, tokens=len(splits.transfer) * cfg.data.seq_len,
                                vocab_fingerprint=splits.vocab)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import cache as fmt
+from pipeline.codecs import codec_problems, layout_codec
 from pipeline.encodings import ENCODINGS, LOGP_FLOOR, Encoding, TopK
 from pipeline.errors import CacheError
 from pipeline.io import atomic_write_json, hash_json
@@ -74,7 +75,7 @@ class CacheWriter:
                              "(name/revision of the teacher, a fingerprint of the inputs)")
         if backend not in ("zarr", "parquet"):
             raise ValueError(f"backend={backend!r}: use zarr or parquet")
-        problems = fmt.codec_problems(codec, compression_level, backend)
+        problems = codec_problems(codec, compression_level, backend)
         if problems:
             raise ValueError(f"CacheWriter {problems[0]}")
         if rows_per_shard < 1 or chunk_rows < 1:
@@ -112,7 +113,7 @@ class CacheWriter:
             "temperature": self.temperature, "encoding": self.encoding.params(),
             "layout": {"backend": self.backend, "rows_per_shard": self.rows_per_shard, "chunk_rows": self.chunk_rows},
         }
-        spec["layout"].update(fmt.layout_codec(self.codec))
+        spec["layout"].update(layout_codec(self.codec))
         if not self.encoding.retemperable:
             spec["sampling_seed"] = self.seed
         return spec

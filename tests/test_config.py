@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
-from conftest import tiny_config, write_config
+from conftest import REPO, tiny_config, write_config
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
@@ -72,3 +74,14 @@ def test_resolved_config_round_trips(tmp_path):
     saved.write_text(dump_yaml(cfg))
     assert load_config(saved) == cfg
     assert isinstance(cfg, Config)
+
+
+def test_loading_a_config_imports_neither_torch_nor_zarr():
+    """`logitcache tokenize` runs in about 60 MB because nothing it loads imports torch (about
+    180 MB more); config validation, which checks the codec, must not pull it in."""
+    code = ("import sys; from pipeline.config import load_config; "
+            "load_config('configs/demo.yaml', ['cache.codec=shuffle-lz4hc', 'cache.compression_level=2']); "
+            "print(sorted(m for m in ('torch', 'zarr') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

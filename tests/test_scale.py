@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO
 from pipeline import cache as fmt
+from pipeline.codecs import layout_codec
 from pipeline.encodings import Dense, Hybrid, Sampled, TopK
 
 
@@ -94,7 +95,7 @@ def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc, codec):
     assert not (d / "shards" / "00000.zarr" / "sample_id" / "c" / "1").exists()
     spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "t", "rows": 700},
-            "layout": {"backend": "zarr", "rows_per_shard": 700, "chunk_rows": 256, **fmt.layout_codec(codec)}}
+            "layout": {"backend": "zarr", "rows_per_shard": 700, "chunk_rows": 256, **layout_codec(codec)}}
     fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, 700)], {})
     r = fmt.CacheReader(d)
     for c in r.chunks():
