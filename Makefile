@@ -25,7 +25,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-# Each script prints one JSON line of figures measured side by side (about 5 minutes on 2 cores).
+# Each script prints one JSON line of figures measured side by side (56 minutes on 2 cores; README "Performance").
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
 	$(PY) bench/student_streaming.py
