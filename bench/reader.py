@@ -56,8 +56,8 @@ LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle_lz4hc": ("zar
 
 
 class MemmapReader:
-    """The reader surface the loader uses (rows, chunks, shards, read_joined, read_many, decode) over
-    mapped .npy columns."""
+    """The reader surface the loader uses (rows, chunks, shards, is_whole_chunk, read_joined,
+    read_many, decode) over mapped .npy columns."""
 
     def __init__(self, like: fmt.CacheReader, columns: dict[str, np.ndarray]) -> None:
         self.rows = like.rows
@@ -65,6 +65,7 @@ class MemmapReader:
         self.manifest, self.shards, self.chunk_rows = like.manifest, like.shards, like.chunk_rows
         self._chunks = like.chunks()
         self._first = [e["first_row"] for e in like.shards]
+        self.is_whole_chunk = like.is_whole_chunk
         self.columns = columns
 
     def chunks(self) -> list[fmt.Chunk]:

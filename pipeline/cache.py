@@ -593,13 +593,17 @@ class CacheReader:
                 col.codec.decode(raw, out=full)
                 out[name][at:at + rows] = full[:rows]
 
+    def is_whole_chunk(self, r: Chunk) -> bool:
+        """Whether rows [r.start, r.stop) of shard r.shard are exactly one of its chunks."""
+        return r.start % self.chunk_rows == 0 and r.stop == min(r.start + self.chunk_rows, self.shards[r.shard]["rows"])
+
     def read_joined(self, chunks: list[Chunk]) -> dict[str, np.ndarray]:
-        """The stored columns of whole chunks (as `chunks()` gives them), joined in order into one
-        array per column: what a shuffle buffer holds. On the fast Zarr path each chunk is decoded
-        straight into its rows: no per-chunk arrays, and no second copy to join them."""
-        if not chunks or any(c.start != c.index * self.chunk_rows or
-                             c.stop != min(c.start + self.chunk_rows, self.shards[c.shard]["rows"]) for c in chunks):
+        """The stored columns of whole chunks, joined in order into one array per column: what a
+        shuffle buffer holds. On the fast Zarr path each chunk is decoded straight into its rows:
+        no per-chunk arrays, and no second copy to join them."""
+        if not chunks or not all(map(self.is_whole_chunk, chunks)):
             raise ValueError("read_joined reads one or more whole chunks; pipeline.loader.read_joined reads ranges")
+        chunks = [Chunk(c.shard, c.start // self.chunk_rows, c.start, c.stop) for c in chunks]  # index from the rows
         shards = sorted({c.shard for c in chunks})
         found = self._map(lambda s: self._fast_layout(s, self.dir / self.shards[s]["path"]) if self.backend == "zarr"
                           else None, shards)  # hashes shards met for the first time, on the read threads

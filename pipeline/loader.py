@@ -64,9 +64,8 @@ def read_joined(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -
     whole chunk (a plain epoch's buffer) the reader decodes them straight into place; otherwise
     the chunks that cover the ranges are read once, cut and joined. decode=False keeps the stored
     columns."""
-    cr = reader.chunk_rows
-    if all(r.start % cr == 0 and r.stop == min(r.start + cr, reader.shards[r.shard]["rows"]) for r in ranges):
-        rows = reader.read_joined([Chunk(r.shard, r.start // cr, r.start, r.stop) for r in ranges])
+    if all(map(reader.is_whole_chunk, ranges)):
+        rows = reader.read_joined(ranges)
     else:
         parts = read_ranges(reader, ranges, False)
         rows = {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}  # parts freed as joined
