@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -25,21 +25,26 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-# Each script prints one JSON line of figures measured side by side (56 minutes on 2 cores; README "Performance").
+# Speed and memory: each script prints one JSON line of figures measured side by side (about 21 minutes
+# on 2 cores; README "Performance").
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
 	$(PY) bench/student_streaming.py
 	$(PY) bench/student_memory.py
 	$(PY) bench/reader.py
-	$(PY) bench/bytes.py
 	$(PY) bench/amortization.py
-	$(PY) bench/kd_gain.py
-	$(PY) bench/lm_students.py
 	$(PY) bench/fanout.py
-	$(PY) bench/views.py
 	$(PY) bench/threads.py
 	$(PY) bench/heap.py
 	$(PY) bench/scale.py --tokenize-words 83000
+
+# What students learn from each encoding and layout at equal bytes, against references (about 34 minutes
+# on 2 cores; README "Performance").
+bench-quality: $(STAMP)
+	$(PY) bench/bytes.py
+	$(PY) bench/kd_gain.py
+	$(PY) bench/views.py
+	$(PY) bench/lm_students.py
 
 clean:
 	rm -rf data/caches data/runs data/teachers data/tokens

@@ -1,7 +1,6 @@
 """The cache stage's peak RSS over repeated identical runs, with glibc's mmap threshold pinned at
-16 MB (the CLI's default, `pipeline.steady_heap`), left to glibc's own adjustment
-(LOGITCACHE_STEADY_HEAP=0), and pinned at 1 MB and at 32 MB, the most glibc's adjustment reaches
-(MALLOC_MMAP_THRESHOLD_).
+8 MB (the CLI's default, `pipeline.steady_heap`), left to glibc's own adjustment
+(LOGITCACHE_STEADY_HEAP=0), and pinned at 1, 4 and 16 MB (MALLOC_MMAP_THRESHOLD_).
 
     .venv/bin/python bench/heap.py [--task classify|lm] [--rows 200000] [--words 200000] [--runs 3]
 
@@ -30,9 +29,10 @@ sys.path.insert(0, str(HERE))
 import scale
 from common import emit, run_stage, workdir
 
-SETTINGS = {"pinned_16mb": {}, "glibc_adjusting": {"LOGITCACHE_STEADY_HEAP": "0"},
+SETTINGS = {"pinned_8mb": {}, "glibc_adjusting": {"LOGITCACHE_STEADY_HEAP": "0"},
             "pinned_1mb": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
-            "pinned_32mb": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}}
+            "pinned_4mb": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)},
+            "pinned_16mb": {"MALLOC_MMAP_THRESHOLD_": str(16 << 20)}}
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from pipeline import losses
 from pipeline.errors import CacheError, ConfigError
 
 LOGP_FLOOR = -1.0e4  # finite stand-in for log(0), representable in float16
+BLOCK_ELEMENTS = 1 << 20  # values per block of rows in the encoders' (rows, C) temporaries
 MAX_DRAWS = 255  # counts are uint8
 _CAST_SLICE = 16384  # elements: under torch's parallel grain (32768), so a cast runs on the calling thread
 
@@ -154,6 +155,16 @@ def _dequantize_logp(q: np.ndarray, logp_range: float) -> np.ndarray:
 def _dequantize_mass(q: np.ndarray, logp_range: float) -> np.ndarray:
     r = np.exp(_dequantize_logp(q, logp_range))
     return np.where(q == 255, np.float32(0), r)  # 255: below e^-logp_range, stored as no tail at all
+
+
+def _mass_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per row of logp (B, C), the probability outside the classes `ids` (B, k): the exp of a
+    logsumexp over the others, exact when tiny (1 - the head's sum is not). Rows go in blocks of
+    about BLOCK_ELEMENTS values, so its temporaries stay a few MB beside a (B, C) logp at any
+    vocabulary (whole, they were three more (B, C) tensors: 1 GB each at 2,048 x 128k)."""
+    step = max(1, BLOCK_ELEMENTS // logp.shape[-1])
+    return torch.cat([torch.logsumexp(logp[r:r + step].scatter(-1, ids[r:r + step], float("-inf")), dim=-1).exp()
+                      for r in range(0, len(logp), step)])
 
 
 def _distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +312,7 @@ class TopK:
     def encode_head(self, logp: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored head from the top-k values and ids (B, k), most probable first."""
         if self.k < logp.shape[-1]:
-            residual = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1).exp()  # exact when tiny
+            residual = _mass_outside(logp, ids)
         else:
             residual = torch.zeros(logp.shape[0], device=logp.device)
         if self.bits == 8:  # quantized on the device: a quarter of the bytes cross to the host
