@@ -24,6 +24,10 @@ process, steadier when other jobs share the cores.
 
     .venv/bin/python bench/reader.py [--rows 200000] [--repeats 5]
 
+`codec_only_rows_per_s`: each Zarr layout's codec alone, decoding every chunk file already in memory
+on one thread; `codec_ceiling`: 1 / (1 + memmap rows/s / that), the ratio a reader that decodes on
+the thread that also does the rest of the epoch (as on this 2-core machine) could reach at best.
+
 One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layout: cache/memmap},
 "goal": 0.5, ...}; then one line of every codec's bytes per row over more encodings (codec_bytes).
 """
@@ -31,6 +35,7 @@ One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layou
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -109,6 +114,29 @@ def stored_memmaps(d: Path, ws: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def codec_only(d: Path, repeats: int) -> float:
+    """Rows/s of the codec alone over a Zarr cache: every chunk file of every column, already in
+    memory, decoded into a preallocated array on one thread, best of `repeats`. No reader that
+    decodes this layout on one thread can beat it; with the rest of an epoch (what the memmap reads
+    do too) on the same thread the ceiling over memmap is 1 / (1 + memmap rows/s / this)."""
+    reader = fmt.CacheReader(d)
+    jobs = []
+    for c in reader.chunks():
+        layout = reader._fast_layout(c.shard, d / reader.shards[c.shard]["path"])
+        assert layout is not None, d
+        for col in layout.values():
+            path = Path(col.prefix + str(c.start // reader.chunk_rows) + col.suffix)
+            if path.exists():  # zarr writes no chunk that is all fill value
+                jobs.append((col.codec, path.read_bytes(), np.empty((reader.chunk_rows, *col.tail), col.dtype)))
+    best = math.inf
+    for _ in range(repeats):
+        with Timer() as t:
+            for codec, raw, out in jobs:
+                codec.decode(raw, out=out)
+        best = min(best, t.seconds)
+    return reader.rows / best
+
+
 def epoch_reader(make: Callable[[], Any]) -> Callable[[int], int]:
     """One epoch of the loader over a fresh reader from `make`; returns the rows read."""
     def run(epoch: int) -> int:
@@ -152,6 +180,8 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
                 best[key] = max(best[key], n / t.seconds)
                 best_cpu[key] = max(best_cpu[key], n / cpu)
 
+        codec = {lay: codec_only(dirs[lay], repeats) for lay, (b, _, _) in LAYOUTS.items() if b == "zarr"}
+
         def over_memmap(key: str, figures: dict[str, float]) -> float:
             layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
             return round(figures[key] / figures[f"memmap_{LAYOUTS[layout][1]}"], 3)
@@ -161,6 +191,8 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
              cpu_ratio={k: over_memmap(k, best_cpu) for k in readers if not k.startswith("memmap")},
              rows_per_s={k: round(v) for k, v in best.items()},
              rows_per_cpu_s={k: round(v) for k, v in best_cpu.items()},
+             codec_only_rows_per_s={k: round(v) for k, v in codec.items()},
+             codec_ceiling={k: round(1 / (1 + best[f"memmap_{LAYOUTS[k][1]}"] / v), 3) for k, v in codec.items()},
              first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
              bytes_per_row={k: fmt.read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
     finally:
