@@ -25,8 +25,9 @@ process, steadier when other jobs share the cores.
     .venv/bin/python bench/reader.py [--rows 200000] [--repeats 5]
 
 `codec_only_rows_per_s`: each Zarr layout's codec alone, decoding every chunk file already in memory
-on one thread; `codec_ceiling`: 1 / (1 + memmap rows/s / that), the ratio a reader that decodes on
-the thread that also does the rest of the epoch (as on this 2-core machine) could reach at best.
+on one thread; `codec_ceiling`: that over memmap's rows/s, the most `ratio` can reach when chunks
+are decoded on one thread (the default with 2 cores or fewer), however well reading overlaps the
+rest of the epoch.
 
 One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layout: cache/memmap},
 "goal": 0.5, ...}; then one line of every codec's bytes per row over more encodings (codec_bytes).
@@ -116,9 +117,8 @@ def stored_memmaps(d: Path, ws: Path) -> dict[str, np.ndarray]:
 
 def codec_only(d: Path, repeats: int) -> float:
     """Rows/s of the codec alone over a Zarr cache: every chunk file of every column, already in
-    memory, decoded into a preallocated array on one thread, best of `repeats`. No reader that
-    decodes this layout on one thread can beat it; with the rest of an epoch (what the memmap reads
-    do too) on the same thread the ceiling over memmap is 1 / (1 + memmap rows/s / this)."""
+    memory, decoded into a preallocated array on one thread, best of `repeats`. A reader that
+    decodes this layout on one thread cannot beat it, however well it overlaps the rest."""
     reader = fmt.CacheReader(d)
     jobs = []
     for c in reader.chunks():
@@ -192,7 +192,7 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
              rows_per_s={k: round(v) for k, v in best.items()},
              rows_per_cpu_s={k: round(v) for k, v in best_cpu.items()},
              codec_only_rows_per_s={k: round(v) for k, v in codec.items()},
-             codec_ceiling={k: round(1 / (1 + best[f"memmap_{LAYOUTS[k][1]}"] / v), 3) for k, v in codec.items()},
+             codec_ceiling={k: round(v / best[f"memmap_{LAYOUTS[k][1]}"], 3) for k, v in codec.items()},
              first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
              bytes_per_row={k: fmt.read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
     finally:
