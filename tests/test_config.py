@@ -27,6 +27,30 @@ def test_defaults_and_overrides(tmp_path):
         cfg.seed = 3  # type: ignore[misc]
 
 
+def test_layout_left_unset_follows_the_task():
+    """rows_per_shard and chunk_rows left unset: 4,096-row chunks (512 dense) and 16-chunk shards
+    for classification; for language models whole sequences of about 32,768 tokens a chunk (1,024
+    dense), so that seq_len 2048 (or 100) needs no layout settings at all; with views a shard is
+    views x a multiple of chunk_rows. Values that are set are kept, and a shard set below a chunk
+    is one chunk."""
+    lm = ["data.task=lm", "data.source=python-docs", "teachers.members=[{name: g, arch: gpt}]",
+          "student.models=[{name: s, arch: gpt}]", "cache.encoding=topk"]
+    views = ["augment.crop=padded", "augment.padding=1"]
+    cases = [([], (512, 8192)), (["cache.encoding=topk"], (4096, 65536)),
+             ([*lm, "data.seq_len=2048"], (32768, 524_288)), ([*lm, "data.seq_len=100"], (32700, 523_200)),
+             ([*lm, "data.seq_len=2048", "cache.encoding=dense", "data.vocab_size=4096"], (2048, 32768)),
+             ([*lm, "data.seq_len=64", "cache.encoding=dense", "data.vocab_size=4096"], (1024, 16384)),
+             ([*lm, "data.seq_len=2048", "cache.chunk_rows=4096"], (4096, 65536)),
+             (["cache.encoding=topk", "cache.views=8", *views], (1024, 16384)),
+             (["cache.encoding=topk", "cache.views=32", *views], (1024, 32768)),
+             (["cache.chunk_rows=1000"], (1000, 16000)), (["cache.rows_per_shard=100"], (100, 100)),
+             (["cache.rows_per_shard=512", "cache.chunk_rows=256"], (256, 512))]
+    for overrides, (chunk, shard) in cases:
+        c = load_config(None, overrides).cache
+        assert (c.chunk_rows, c.rows_per_shard) == (chunk, shard), overrides
+    assert (Config().cache.chunk_rows, Config().cache.rows_per_shard) == (512, 8192)  # dense by default
+
+
 def test_override_into_default_model_list():
     cfg = load_config(None, ["student.models.1.hidden=12"])
     assert [m.hidden for m in cfg.student.models] == [(30,), (12,)]
