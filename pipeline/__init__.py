@@ -31,16 +31,15 @@ MMAP_THRESHOLD = 8 << 20  # bytes
 
 
 def steady_heap() -> None:
-    """Pin glibc's mmap threshold at 4 MB (unless MALLOC_MMAP_THRESHOLD_ is set), so tensors of
-    4 MB and more are mapped afresh and unmapped when freed. On glibc's heap they fragment: each
+    """Pin glibc's mmap threshold at 8 MB (unless MALLOC_MMAP_THRESHOLD_ is set), so tensors of
+    8 MB and more are mapped afresh and unmapped when freed. On glibc's heap they fragment: each
     smaller block placed in a freed hole leaves it too short for the next batch's tensors, and
     the holes stay resident. glibc also raises the threshold to the size of each large block
     freed (up to 32 MB), which moves more of them onto the heap. The classification cache stage
-    of bench/heap.py (16 MB logits per batch) peaked at 463-466 MB left to glibc, 369-447 MB
-    pinned at 16 MB and 375-388 MB at 4 MB, at some cost in speed where tensors of 4-16 MB are
-    most of the work (README "Steady heap"). The CLI calls this; Dask workers it starts get the
-    same through the environment. A no-op where there is no glibc, and with
-    LOGITCACHE_STEADY_HEAP=0."""
+    of bench/heap.py (16 MB logits per batch) peaked at 359-370 MB pinned at 8 MB, 369-474 MB at
+    16 MB and 409-457 MB left to glibc, at some cost in speed where tensors of 8-32 MB are most of
+    the work (README "Steady heap"). The CLI calls this; Dask workers it starts get the same
+    through the environment. A no-op where there is no glibc, and with LOGITCACHE_STEADY_HEAP=0."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("LOGITCACHE_STEADY_HEAP") == "0":
         return
     import ctypes

@@ -105,7 +105,7 @@ class CacheConfig:
     draws: int = 32  # sampled: ids drawn per row from the distribution; hybrid: from its tail (<= 255)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # teacher compute; auto: bf16 on cuda, else fp32
     dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
-    rows_per_shard: int | None = None  # the unit of work and of atomic writes; None: 16 chunks (default_layout)
+    rows_per_shard: int | None = None  # the unit of work and of atomic writes; None: see default_layout
     chunk_rows: int | None = None  # zarr chunk / Parquet row group, the unit of reading; None: default_layout
     batch_size: int | None = None  # teacher forward batch; None: 512 rows, or 8 sequences for lm
     logit_rows: int = 2048  # lm: token rows whose (rows, vocab) logits exist at once (teacher, evaluation)
@@ -206,26 +206,37 @@ class EvaluateConfig:
 
 
 CHUNK_ROWS = 4096  # rows per chunk by default (dense: CHUNK_ROWS // 8); views: a quarter, samples of one view
-CHUNK_TOKENS = 32_768  # language models: tokens per chunk by default (dense: 1,024), in whole sequences
+CHUNK_TOKENS = 8192  # language models: tokens per chunk by default (dense: 1,024), in whole sequences
 SHARD_CHUNKS = 16  # chunks per shard by default
 
 
-def default_layout(task: str, seq_len: int, views: int, encoding: str, chunk_rows: int | None = None) -> tuple[int, int]:
+def default_layout(task: str, seq_len: int, views: int, encoding: str, chunk_rows: int | None = None,
+                   rows_per_shard: int | None = None) -> tuple[int, int]:
     """(chunk_rows, rows_per_shard) for settings left unset. A chunk is 4,096 rows (512 dense) or
-    32,768 tokens (1,024 dense) in whole sequences, a few MB stored: 4.6 MB of top-32 16-bit
-    tokens, 8 MB of dense float16 rows at 8,192 classes. A shard is 16 chunks, a unit of work worth
-    scheduling whose rows the cache stage holds while writing it (tens of MB; a million
-    classification rows are 16 shards). With views a shard is `views` times a multiple of
-    chunk_rows. `chunk_rows`, when set, sizes the shard."""
-    seq_len = seq_len if isinstance(seq_len, int) and seq_len > 0 else 1  # a bad value is reported by validate
-    views = views if isinstance(views, int) and views > 0 else 0
-    chunk_rows = chunk_rows if isinstance(chunk_rows, int) and chunk_rows > 0 else None
+    8,192 tokens (1,024 dense) in whole sequences: a few MB stored at most (1.1 MB of top-32 16-bit
+    tokens, 8 MB of dense float16 rows at 8,192 classes), and a student's shuffle buffer of 32
+    chunks stays tens of MB. A shard is 16 chunks, a unit of work worth scheduling whose rows the
+    cache stage holds while writing it (a million classification rows are 16 shards). With views
+    a shard is `views` times a multiple of chunk_rows. A `chunk_rows` that is set sizes the shard;
+    a `rows_per_shard` set alone that is smaller than a chunk (per view) makes the chunk one it
+    divides. Bad values pass through unchanged for `validate` to report."""
+    def given(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    seq_len, views, chunk_rows, rows_per_shard = given(seq_len) or 1, given(views) or 0, given(chunk_rows), given(rows_per_shard)
     dense = encoding == "dense"
     if task == "lm":
-        tokens = 1024 if dense else CHUNK_TOKENS
-        chunk = chunk_rows or seq_len * max(1, tokens // seq_len)
-        return chunk, chunk * SHARD_CHUNKS
-    chunk = chunk_rows or CHUNK_ROWS // (8 if dense else 1) // (4 if views else 1)
+        chunk = seq_len * max(1, (1024 if dense else CHUNK_TOKENS) // seq_len)
+        if rows_per_shard and rows_per_shard % seq_len == 0:
+            chunk = min(chunk, rows_per_shard)
+    else:
+        chunk = CHUNK_ROWS // (8 if dense else 1) // (4 if views else 1)
+        if rows_per_shard and views and rows_per_shard % views == 0:
+            per_view = rows_per_shard // views
+            chunk = next(c for c in range(min(chunk, per_view), 0, -1) if per_view % c == 0)
+        elif rows_per_shard and not views:
+            chunk = min(chunk, rows_per_shard)
+    chunk = chunk_rows or chunk
     if views:
         return chunk, views * chunk * max(1, SHARD_CHUNKS // views)
     return chunk, chunk * SHARD_CHUNKS
@@ -249,10 +260,9 @@ class Config:
         if not (isinstance(c, CacheConfig) and isinstance(d, DataConfig)):
             return  # a malformed section, reported by _build
         if c.rows_per_shard is None or c.chunk_rows is None:  # the task's defaults, filled in once
-            chunk, shard = default_layout(d.task, d.seq_len, c.views, c.encoding, c.chunk_rows)
-            if isinstance(c.rows_per_shard, int) and c.rows_per_shard > 0 and not c.views:  # a smaller shard: one chunk
-                chunk = min(chunk, c.rows_per_shard)
-            layout = {"chunk_rows": c.chunk_rows or chunk, "rows_per_shard": c.rows_per_shard or shard}
+            chunk, shard = default_layout(d.task, d.seq_len, c.views, c.encoding, c.chunk_rows, c.rows_per_shard)
+            layout = {"chunk_rows": chunk if c.chunk_rows is None else c.chunk_rows,
+                      "rows_per_shard": shard if c.rows_per_shard is None else c.rows_per_shard}
             object.__setattr__(self, "cache", dataclasses.replace(c, **layout))
 
     @property

@@ -161,10 +161,16 @@ def _mass_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per row of logp (B, C), the probability outside the classes `ids` (B, k): the exp of a
     logsumexp over the others, exact when tiny (1 - the head's sum is not). Rows go in blocks of
     about BLOCK_ELEMENTS values, so its temporaries stay a few MB beside a (B, C) logp at any
-    vocabulary (whole, they were three more (B, C) tensors: 1 GB each at 2,048 x 128k)."""
-    step = max(1, BLOCK_ELEMENTS // logp.shape[-1])
-    return torch.cat([torch.logsumexp(logp[r:r + step].scatter(-1, ids[r:r + step], float("-inf")), dim=-1).exp()
-                      for r in range(0, len(logp), step)])
+    vocabulary (over whole rows they were two more (B, C) tensors: 2 GB at 2,048 x 128k). No block
+    is a single row unless B is: torch sums one long row in another order than several."""
+    n = len(logp)
+    step = max(2, BLOCK_ELEMENTS // logp.shape[-1])
+    starts = list(range(0, n, step))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()  # the last row joins the block before it
+    ends = starts[1:] + [n]
+    return torch.cat([torch.logsumexp(logp[a:b].scatter(-1, ids[a:b], float("-inf")), dim=-1).exp()
+                      for a, b in zip(starts, ends)]) if n else logp.new_zeros(0)
 
 
 def _distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,26 +29,35 @@ def test_defaults_and_overrides(tmp_path):
 
 def test_layout_left_unset_follows_the_task():
     """rows_per_shard and chunk_rows left unset: 4,096-row chunks (512 dense) and 16-chunk shards
-    for classification; for language models whole sequences of about 32,768 tokens a chunk (1,024
+    for classification; for language models whole sequences of about 8,192 tokens a chunk (1,024
     dense), so that seq_len 2048 (or 100) needs no layout settings at all; with views a shard is
-    views x a multiple of chunk_rows. Values that are set are kept, and a shard set below a chunk
-    is one chunk."""
+    views x a multiple of chunk_rows. Values that are set are kept; a shard set alone below a chunk
+    gets a chunk that divides it (per view with views); 0 stays 0 and is refused."""
     lm = ["data.task=lm", "data.source=python-docs", "teachers.members=[{name: g, arch: gpt}]",
           "student.models=[{name: s, arch: gpt}]", "cache.encoding=topk"]
-    views = ["augment.crop=padded", "augment.padding=1"]
+    views = ["cache.encoding=topk", "augment.crop=padded", "augment.padding=1"]
     cases = [([], (512, 8192)), (["cache.encoding=topk"], (4096, 65536)),
-             ([*lm, "data.seq_len=2048"], (32768, 524_288)), ([*lm, "data.seq_len=100"], (32700, 523_200)),
+             ([*lm, "data.seq_len=2048"], (8192, 131_072)), ([*lm, "data.seq_len=100"], (8100, 129_600)),
+             ([*lm, "data.seq_len=64"], (8192, 131_072)), ([*lm, "data.seq_len=10000"], (10000, 160_000)),
              ([*lm, "data.seq_len=2048", "cache.encoding=dense", "data.vocab_size=4096"], (2048, 32768)),
              ([*lm, "data.seq_len=64", "cache.encoding=dense", "data.vocab_size=4096"], (1024, 16384)),
              ([*lm, "data.seq_len=2048", "cache.chunk_rows=4096"], (4096, 65536)),
-             (["cache.encoding=topk", "cache.views=8", *views], (1024, 16384)),
-             (["cache.encoding=topk", "cache.views=32", *views], (1024, 32768)),
+             ([*lm, "data.seq_len=64", "cache.rows_per_shard=640"], (640, 640)),
+             (["cache.views=8", *views], (1024, 16384)), (["cache.views=32", *views], (1024, 32768)),
+             (["cache.views=8", "cache.rows_per_shard=4096", *views], (512, 4096)),
+             (["cache.views=8", "cache.rows_per_shard=4800", *views], (600, 4800)),
              (["cache.chunk_rows=1000"], (1000, 16000)), (["cache.rows_per_shard=100"], (100, 100)),
              (["cache.rows_per_shard=512", "cache.chunk_rows=256"], (256, 512))]
     for overrides, (chunk, shard) in cases:
         c = load_config(None, overrides).cache
         assert (c.chunk_rows, c.rows_per_shard) == (chunk, shard), overrides
     assert (Config().cache.chunk_rows, Config().cache.rows_per_shard) == (512, 8192)  # dense by default
+    for bad in ("cache.rows_per_shard=0", "cache.chunk_rows=0"):
+        with pytest.raises(ConfigError, match="rows_per_shard, chunk_rows and batch_size must be >= 1"):
+            load_config(None, [bad])
+    with pytest.raises(ConfigError, match=r"cache.rows_per_shard: 100 must be a multiple of data.seq_len=64") as e:
+        load_config(None, [*lm, "data.seq_len=64", "cache.rows_per_shard=100"])
+    assert "cache.chunk_rows" not in str(e.value)  # the default chunk is not blamed for the shard's value
 
 
 def test_override_into_default_model_list():

@@ -302,7 +302,8 @@ def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits)
     """Top-8 of 512 token rows over a 32k vocabulary (logp: 64 MB): the residual mass outside the
     head is exactly the slow way's (scatter -inf, logsumexp, exp over whole rows), while the
     tensors the encoder allocates beside logp stay under 10 MB. Computed on the whole (B, C) at
-    once, the residual alone took three more 64 MB tensors."""
+    once, the residual alone took two more 64 MB tensors. Blocks never hold a single row of several
+    (torch sums a lone long row in another order): 17 rows at 128k (blocks of 8, 9) give the slow way's bits too."""
     import json
     import tempfile
 
@@ -321,6 +322,12 @@ def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits)
 
     vals, ids = logp.topk(k, -1)
     slow = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1).exp()
+    wide = torch.log_softmax(torch.randn(17, 131_072, generator=torch.Generator().manual_seed(1)) * 3, -1)
+    wide_ids = wide.topk(k, -1)[1]
+    from pipeline.encodings import _mass_outside
+    assert torch.equal(_mass_outside(wide, wide_ids),
+                       torch.logsumexp(wide.scatter(-1, wide_ids, float("-inf")), dim=-1).exp())
+    assert _mass_outside(wide[:0], wide_ids[:0]).shape == (0,)
     if bits == 16:
         assert torch.equal(out["residual"], slow.half())
     else:

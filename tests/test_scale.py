@@ -181,7 +181,7 @@ HEAP_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
 def test_steady_heap_returns_large_freed_blocks_to_the_os():
-    """With the mmap threshold pinned (4 MB) a freed 20 MB array goes back to the OS at once;
+    """With the mmap threshold pinned (8 MB) a freed 20 MB array goes back to the OS at once;
     with glibc's adjusting threshold the second one comes from the heap and stays resident."""
     returned = {}
     for mode in ("pin", "default"):
