@@ -157,20 +157,36 @@ def _dequantize_mass(q: np.ndarray, logp_range: float) -> np.ndarray:
     return np.where(q == 255, np.float32(0), r)  # 255: below e^-logp_range, stored as no tail at all
 
 
-def _mass_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per row of logp (B, C), the probability outside the classes `ids` (B, k): the exp of a
-    logsumexp over the others, exact when tiny (1 - the head's sum is not). Rows go in blocks of
-    about BLOCK_ELEMENTS values, so its temporaries stay a few MB beside a (B, C) logp at any
-    vocabulary (over whole rows they were two more (B, C) tensors: 2 GB at 2,048 x 128k). No block
-    is a single row unless B is: torch sums one long row in another order than several."""
-    n = len(logp)
-    step = max(2, BLOCK_ELEMENTS // logp.shape[-1])
+def _row_blocks(n: int, classes: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of about BLOCK_ELEMENTS values each that cover n rows of `classes`. No
+    block is a single row unless n is: torch sums one long row in another order than several."""
+    step = max(2, BLOCK_ELEMENTS // max(classes, 1))
     starts = list(range(0, n, step))
     if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()  # the last row joins the block before it
-    ends = starts[1:] + [n]
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def _in_blocks(encode: Any, logp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """encode(rows of logp) -> {name: (rows, ...)} over row blocks, joined: its (rows, C)
+    temporaries exist for one block at a time. Every step of the encoders is row by row, draws
+    included (torch's multinomial on the CPU draws row after row from one generator), so the
+    result is the whole tensor's, bit for bit."""
+    if len(logp) == 0:
+        return encode(logp)
+    parts = [encode(logp[a:b]) for a, b in _row_blocks(len(logp), logp.shape[-1])]
+    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _mass_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per row of logp (B, C), the probability outside the classes `ids` (B, k): the exp of a
+    logsumexp over the others, exact when tiny (1 - the head's sum is not). Over row blocks
+    (_row_blocks), so its temporaries stay a few MB beside a (B, C) logp at any vocabulary (over
+    whole rows they were two more (B, C) tensors: 2 GB at 2,048 x 128k)."""
+    if len(logp) == 0:
+        return logp.new_zeros(0)
     return torch.cat([torch.logsumexp(logp[a:b].scatter(-1, ids[a:b], float("-inf")), dim=-1).exp()
-                      for a, b in zip(starts, ends)]) if n else logp.new_zeros(0)
+                      for a, b in _row_blocks(len(logp), logp.shape[-1])])
 
 
 def _distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,6 +408,9 @@ class Sampled:
                 Column("entropy", ("row",), "entropy of the distribution at the cached temperature (float16)")]
 
     def encode(self, logp: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return _in_blocks(lambda rows: self._encode_rows(rows, generator), logp)
+
+    def _encode_rows(self, logp: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         p = logp.float().exp()
         drawn = torch.multinomial(p, self.draws, replacement=True, generator=generator)  # (B, S)
         ids, counts = _distinct_counts(drawn, self.delta)
@@ -472,6 +491,9 @@ class Hybrid:
                 Column("tail_entropy", ("row",), "-sum of p log p over the tail classes (float16)")]
 
     def encode(self, logp: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return _in_blocks(lambda rows: self._encode_rows(rows, generator), logp)
+
+    def _encode_rows(self, logp: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         vals, head_ids = logp.topk(self.k, dim=-1)
         out = self.head.encode_head(logp, vals, head_ids)
         p_tail = logp.float().exp().scatter(-1, head_ids, 0.0)  # (B, C), zero on the head
