@@ -26,16 +26,16 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 # Speed and memory: each script prints one JSON line of figures measured side by side (about 21 minutes
-# on 2 cores; README "Performance").
+# on 2 cores; README "Performance"). bench/heap.py without --settings also pins at 1 and 4 MB.
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
 	$(PY) bench/student_streaming.py
 	$(PY) bench/student_memory.py
-	$(PY) bench/reader.py
+	$(PY) bench/reader.py --repeats 3
 	$(PY) bench/amortization.py
 	$(PY) bench/fanout.py
 	$(PY) bench/threads.py
-	$(PY) bench/heap.py
+	$(PY) bench/heap.py --settings pinned_8mb,pinned_16mb,glibc_adjusting
 	$(PY) bench/scale.py --tokenize-words 83000
 
 # What students learn from each encoding and layout at equal bytes, against references (about 34 minutes

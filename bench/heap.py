@@ -3,6 +3,7 @@
 (LOGITCACHE_STEADY_HEAP=0), and pinned at 1, 4 and 16 MB (MALLOC_MMAP_THRESHOLD_).
 
     .venv/bin/python bench/heap.py [--task classify|lm] [--rows 200000] [--words 200000] [--runs 3]
+                                   [--settings pinned_8mb,glibc_adjusting,...]
 
 classify: `bench/scale.py`'s classification cache stage (128 float32 features, an MLP teacher over
 1,000 classes, top-10 8-bit, 4,096-row teacher batches: 16 MB of logits per batch). lm: its LM
@@ -41,7 +42,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000, help="classify: rows")
     ap.add_argument("--words", type=int, default=200_000, help="lm: words of the cached corpus")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     args = ap.parse_args()
+    unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
+    if unknown:
+        ap.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    chosen = {k: SETTINGS[k] for k in args.settings.split(",")}
     ws = workdir("heap")
     try:
         if args.task == "lm":
@@ -56,10 +62,10 @@ def main() -> None:
             torch.save(scale.mlp().state_dict(), teacher)
             scale.make_inputs(ws / "inputs", args.rows)
             cfg = scale.config(ws, teacher)
-        peaks: dict[str, list[float]] = {k: [] for k in SETTINGS}
-        rates: dict[str, list[float]] = {k: [] for k in SETTINGS}
+        peaks: dict[str, list[float]] = {k: [] for k in chosen}
+        rates: dict[str, list[float]] = {k: [] for k in chosen}
         for _ in range(args.runs):
-            for name, env in SETTINGS.items():
+            for name, env in chosen.items():
                 shutil.rmtree(ws / "caches", ignore_errors=True)
                 r = run_stage(["cache", str(cfg)], env={"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
                                                        **env}, cwd=HERE.parent)
