@@ -99,13 +99,18 @@ def _worker_environ(threads: int) -> Any:
     (pipeline.steady_heap). Thread counts stay pinned."""
     import dask
 
+    n = str(threads)
+    return dask.config.set({"distributed.nanny.pre-spawn-environ": {
+        "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, **_heap_environ()}})
+
+
+def _heap_environ() -> dict[str, str]:
+    """The CLI's heap pin (pipeline.steady_heap) as an environment variable for worker processes
+    it starts, unless the user set the threshold or turned the pin off."""
     from pipeline import MMAP_THRESHOLD
 
-    n = str(threads)
     keep = "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("LOGITCACHE_STEADY_HEAP") == "0"
-    heap = {} if keep else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    return dask.config.set({"distributed.nanny.pre-spawn-environ": {
-        "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, **heap}})
+    return {} if keep else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
 
 
 def slurm_cluster(cluster: ClusterConfig) -> Any:
@@ -116,10 +121,11 @@ def slurm_cluster(cluster: ClusterConfig) -> Any:
         raise ConfigError("cluster.kind: slurm needs dask-jobqueue; pip install 'logitcache[slurm]'") from None
     s = cluster.slurm
     extra = ["--resources", f"GPU={cluster.gpus_per_worker}"] if cluster.gpus_per_worker else []
+    heap = [f"export {k}={v}" for k, v in _heap_environ().items()]  # the job's workers inherit it
     return SLURMCluster(
         cores=s.cores, memory=s.memory, processes=s.processes, walltime=s.walltime, queue=s.queue,
         account=s.account, job_extra_directives=list(s.job_extra_directives),
-        job_script_prologue=list(s.job_script_prologue), worker_extra_args=extra,
+        job_script_prologue=[*heap, *s.job_script_prologue], worker_extra_args=extra,
     )
 
 

@@ -94,6 +94,26 @@ def test_expected_workers_from_config(tmp_path):
     assert expected_workers(load_config(None).cluster) == 1
 
 
+def test_worker_jobs_get_the_heap_pin_unless_it_is_off(tmp_path, monkeypatch):
+    """The job script exports the CLI's mmap threshold for the workers it starts, before the user's
+    prologue; not with LOGITCACHE_STEADY_HEAP=0, nor over a threshold the user set (the job
+    inherits that one)."""
+    from pipeline import MMAP_THRESHOLD
+    from pipeline.fanout import slurm_cluster
+
+    cluster = load_config(_slurm_config(tmp_path), ["cluster.slurm.job_script_prologue=[source env.sh]"]).cluster
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LOGITCACHE_STEADY_HEAP", raising=False)
+    script = slurm_cluster(cluster).job_script()
+    export = f"export MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
+    assert export in script and script.index(export) < script.index("source env.sh")
+    monkeypatch.setenv("LOGITCACHE_STEADY_HEAP", "0")
+    assert "MALLOC_MMAP_THRESHOLD_" not in slurm_cluster(cluster).job_script()
+    monkeypatch.delenv("LOGITCACHE_STEADY_HEAP")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert "MALLOC_MMAP_THRESHOLD_" not in slurm_cluster(cluster).job_script()
+
+
 def test_cache_on_fake_slurm_end_to_end(fake_slurm, cli_run, tmp_path):
     """The real SLURMCluster submits 2 worker jobs through sbatch, the driver waits for both, maps
     the shards over them, and cancels the jobs at the end; the cache equals a serial run's."""
@@ -110,6 +130,7 @@ def test_cache_on_fake_slurm_end_to_end(fake_slurm, cli_run, tmp_path):
     assert "SLURMCluster, 2 jobs x 1 workers" in proc.stderr
     script = next(fake_slurm.glob("*.sh")).read_text()
     assert "#SBATCH" in script and "distributed.cli.dask_worker" in script
+    assert "export MALLOC_MMAP_THRESHOLD_=8388608" in script  # the CLI's heap pin reaches the job's workers
     cancelled = (fake_slurm / "scancel.calls").read_text().split()
     assert sorted(cancelled) == sorted(p.stem for p in fake_slurm.glob("*.pid"))
 
