@@ -114,9 +114,13 @@ def test_worker_jobs_get_the_heap_pin_unless_it_is_off(tmp_path, monkeypatch):
     assert "MALLOC_MMAP_THRESHOLD_" not in slurm_cluster(cluster).job_script()
 
 
-def test_cache_on_fake_slurm_end_to_end(fake_slurm, cli_run, tmp_path):
+def test_cache_on_fake_slurm_end_to_end(fake_slurm, cli_run, tmp_path, monkeypatch):
     """The real SLURMCluster submits 2 worker jobs through sbatch, the driver waits for both, maps
     the shards over them, and cancels the jobs at the end; the cache equals a serial run's."""
+    # distributed's Nanny leaves its pre-spawn environment in the starting process: an earlier
+    # in-process LocalCluster test would otherwise hand the driver a threshold "of the user's"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("LOGITCACHE_STEADY_HEAP", raising=False)
     path = _slurm_config(tmp_path)
     serial_root = tmp_path / "serial"
     cli_run("teachers", str(path), "cluster.kind=none")
