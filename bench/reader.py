@@ -125,7 +125,7 @@ def codec_only(d: Path, repeats: int) -> float:
         layout = reader._fast_layout(c.shard, d / reader.shards[c.shard]["path"])
         assert layout is not None, d
         for col in layout.values():
-            path = Path(col.prefix + str(c.start // reader.chunk_rows) + col.suffix)
+            path = Path(col.file(c.start // reader.chunk_rows))
             if path.exists():  # zarr writes no chunk that is all fill value
                 jobs.append((col.codec, path.read_bytes(), np.empty((reader.chunk_rows, *col.tail), col.dtype)))
     best = math.inf

@@ -367,6 +367,10 @@ class FastColumn:
     codec: Any
     fill: int | float
 
+    def file(self, j: int) -> str:
+        """The path of the column's chunk j."""
+        return f"{self.prefix}{j}{self.suffix}"
+
 
 class HandleLRU:
     """At most `capacity` open shard handles, least recently used dropped first (a dropped handle
@@ -577,11 +581,11 @@ class CacheReader:
     def _decode_into(self, chunk: Chunk, layout: dict[str, FastColumn], out: dict[str, np.ndarray], at: int) -> None:
         """Decode every column of a whole chunk into out[name][at:at + rows], each chunk file with one
         read."""
-        j = str(chunk.start // self.chunk_rows)
+        j = chunk.start // self.chunk_rows
         rows = chunk.stop - chunk.start
         for name, col in layout.items():
             try:
-                with open(col.prefix + j + col.suffix, "rb", buffering=0) as f:
+                with open(col.file(j), "rb", buffering=0) as f:
                     raw = f.read()
             except FileNotFoundError:  # zarr writes no chunk that is all fill value
                 out[name][at:at + rows] = col.fill

@@ -167,26 +167,27 @@ def _row_blocks(n: int, classes: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 
-def _in_blocks(encode: Any, logp: torch.Tensor) -> dict[str, torch.Tensor]:
-    """encode(rows of logp) -> {name: (rows, ...)} over row blocks, joined: its (rows, C)
-    temporaries exist for one block at a time. Every step of the encoders is row by row, draws
-    included (torch's multinomial on the CPU draws row after row from one generator), so the
-    result is the whole tensor's, bit for bit."""
-    if len(logp) == 0:
-        return encode(logp)
-    parts = [encode(logp[a:b]) for a, b in _row_blocks(len(logp), logp.shape[-1])]
-    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def _in_blocks(fn: Any, *rows: torch.Tensor) -> Any:
+    """fn over row blocks of `rows` (tensors of the same rows, the first (B, C)), joined: fn's
+    (rows, C) temporaries exist for one block at a time. fn returns a tensor or {name: tensor}, each
+    with a leading row dimension. Every step of the encoders is row by row, draws included (torch's
+    multinomial on the CPU draws row after row from one generator), so the result is the whole
+    tensor's, bit for bit."""
+    blocks = _row_blocks(len(rows[0]), rows[0].shape[-1]) or [(0, 0)]
+    parts = [fn(*(t[a:b] for t in rows)) for a, b in blocks]
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
 
 
 def _mass_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per row of logp (B, C), the probability outside the classes `ids` (B, k): the exp of a
-    logsumexp over the others, exact when tiny (1 - the head's sum is not). Over row blocks
-    (_row_blocks), so its temporaries stay a few MB beside a (B, C) logp at any vocabulary (over
-    whole rows they were two more (B, C) tensors: 2 GB at 2,048 x 128k)."""
-    if len(logp) == 0:
-        return logp.new_zeros(0)
-    return torch.cat([torch.logsumexp(logp[a:b].scatter(-1, ids[a:b], float("-inf")), dim=-1).exp()
-                      for a, b in _row_blocks(len(logp), logp.shape[-1])])
+    logsumexp over the others, exact when tiny (1 - the head's sum is not). Over row blocks, so its
+    temporaries stay a few MB beside a (B, C) logp at any vocabulary (over whole rows they were two
+    more (B, C) tensors: 2 GB at 2,048 x 128k)."""
+    return _in_blocks(lambda lp, i: torch.logsumexp(lp.scatter(-1, i, float("-inf")), dim=-1).exp(), logp, ids)
 
 
 def _distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:
