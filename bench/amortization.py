@@ -19,10 +19,10 @@ sys.path.insert(0, str(HERE))
 from common import Timer, emit, heavy_workspace
 from heavy_teacher import make
 
-from pipeline import cache as fmt
-from pipeline import losses
-from pipeline.config import load_config
-from pipeline.loader import ChunkShuffleLoader
+from pipeline.core.config import load_config
+from pipeline.format import reader as fmt
+from pipeline.train import losses
+from pipeline.train.loader import ChunkShuffleLoader
 from stages import cache as cache_stage
 
 BATCH, K, T = 256, 32, 2.0

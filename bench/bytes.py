@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, lm_logits, synthetic_logits, workdir
 
-from pipeline import cache as fmt
-from pipeline import losses
-from pipeline.encodings import Dense, Hybrid, Sampled, TopK
+from pipeline.format import kl
+from pipeline.format import shards as fmt
+from pipeline.format.encodings import Dense, Hybrid, Sampled, TopK
 
 BUDGETS = (24, 40, 96)
 
@@ -55,7 +55,7 @@ def candidates(V: int) -> dict[str, list]:
 
 
 def loss_stats(enc, logp: torch.Tensor, logq: torch.Tensor, repeats: int) -> dict[str, float]:
-    exact = losses.divergence(logp, logq, "forward")  # (n,)
+    exact = kl.divergence(logp, logq, "forward")  # (n,)
     g = torch.Generator().manual_seed(1)
     reps = 1 if enc.retemperable else repeats  # top-k is deterministic
     est = []

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from typing_extensions import Self
 
-from pipeline import cache as fmt
-from pipeline.codecs import layout_codec
-from pipeline.encodings import Encoding
+from pipeline.core.codecs import layout_codec
+from pipeline.format import manifest as fmt
+from pipeline.format.encodings import Encoding
+from pipeline.format.shards import shard_entry, shard_name, write_shard
 
 
 def emit(name: str, **fields: Any) -> None:
@@ -60,8 +61,8 @@ def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_sha
         logp = torch.log_softmax(synthetic_logits(n, classes, seed + i), -1)
         arrays = enc.to_host(enc.encode(logp))
         arrays["sample_id"] = np.arange(start, start + n, dtype=np.int64)
-        fmt.write_shard(d / "shards" / fmt.shard_name(i, backend), arrays, {}, enc, chunk_rows, None, codec)
-        entries.append(fmt.shard_entry(d, i, backend, start, n))
+        write_shard(d / "shards" / shard_name(i, backend), arrays, {}, enc, chunk_rows, None, codec)
+        entries.append(shard_entry(d, i, backend, start, n))
     spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "synthetic", "rows": rows},
             "layout": {"backend": backend, "rows_per_shard": rows_per_shard, "chunk_rows": chunk_rows,

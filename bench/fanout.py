@@ -27,8 +27,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPAT
 
 from common import heavy_workspace
 
-from pipeline.config import load_config
-from pipeline.fanout import open_client
+from pipeline.core.config import load_config
+from pipeline.run.fanout import open_client
 from stages import cache as cache_stage
 
 

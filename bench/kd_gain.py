@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, workdir
 from hier_task import HierTask, describe, write
 
-from pipeline.config import load_config
-from pipeline.fanout import open_client
+from pipeline.core.config import load_config
+from pipeline.run.fanout import open_client
 from stages import cache, evaluate, student, teachers
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "kdgain_hier.yaml"

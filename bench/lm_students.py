@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, workdir
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from stages import cache, evaluate, student, teachers
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm.yaml"

@@ -50,9 +50,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, emit, workdir, write_cache
 
-from pipeline import cache as fmt
-from pipeline.encodings import Dense, Encoding, TopK
-from pipeline.loader import ChunkShuffleLoader
+from pipeline.core.codecs import CODECS
+from pipeline.format import reader as fmt
+from pipeline.format.columns import Chunk
+from pipeline.format.encodings import Dense, Encoding, TopK
+from pipeline.format.manifest import read_manifest
+from pipeline.format.shards import recorded_digest, shard_name, write_shard
+from pipeline.train.loader import ChunkShuffleLoader
 
 BATCH, BUFFER_CHUNKS, ROWS_PER_SHARD = 4096, 4, 50_000
 ENCODINGS: dict[str, Encoding] = {"topk32": TopK(1000, 32), "topk32_q8": TopK(1000, 32, bits=8), "dense100": Dense(100)}
@@ -74,19 +78,19 @@ class MemmapReader:
         self.is_whole_chunk = like.is_whole_chunk
         self.columns = columns
 
-    def chunks(self) -> list[fmt.Chunk]:
+    def chunks(self) -> list[Chunk]:
         return self._chunks
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"sample_id": stored["sample_id"], **self.encoding.decode(stored)}
 
-    def read_joined(self, chunks: list[fmt.Chunk]) -> dict[str, np.ndarray]:
+    def read_joined(self, chunks: list[Chunk]) -> dict[str, np.ndarray]:
         """Whole chunks' stored columns joined: one copy out of the mapping, as the cache's fast
         path decodes each chunk straight into its place."""
         spans = [(self._first[c.shard] + c.start, self._first[c.shard] + c.stop) for c in chunks]
         return {k: np.concatenate([v[a:b] for a, b in spans]) for k, v in self.columns.items()}
 
-    def read_many(self, chunks: list[fmt.Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
+    def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         out = []
         for c in chunks:
             a, b = self._first[c.shard] + c.start, self._first[c.shard] + c.stop
@@ -194,7 +198,7 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
              codec_only_rows_per_s={k: round(v) for k, v in codec.items()},
              codec_ceiling={k: round(v / best[f"memmap_{LAYOUTS[k][1]}"], 3) for k, v in codec.items()},
              first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
-             bytes_per_row={k: fmt.read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
+             bytes_per_row={k: read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
     finally:
         shutil.rmtree(ws, ignore_errors=True)
 
@@ -204,9 +208,9 @@ def codec_bytes(rows: int = 8192) -> None:
     demo's dense over 10 classes at 256-row chunks; LM-sized top-k and hybrid; sampled): one JSON
     line, {"bench": "reader_codec_bytes", "bytes_per_row": {"label/chunk_rows": {codec: B/row}}}."""
     import torch
-
     from common import synthetic_logits
-    from pipeline.encodings import Hybrid, Sampled
+
+    from pipeline.format.encodings import Hybrid, Sampled
 
     cases = [(Dense(10), 256), (TopK(10, 3), 256), (TopK(1000, 10, bits=8), 4096), (Sampled(1000, 16), 256),
              (TopK(32_000, 8), 2048), (Hybrid(32_000, 8, 16, 8), 2048)]
@@ -219,10 +223,10 @@ def codec_bytes(rows: int = 8192) -> None:
             arrays = enc.to_host(enc.encode(torch.log_softmax(logits, -1), torch.Generator().manual_seed(1)))
             arrays["sample_id"] = np.arange(rows, dtype=np.int64)
             sizes = {}
-            for codec in fmt.CODECS:
-                shard = ws / f"{enc.label()}-{chunk_rows}-{codec}" / "shards" / fmt.shard_name(0, "zarr")
-                fmt.write_shard(shard, arrays, {}, enc, chunk_rows, None, codec)
-                sizes[codec] = round(fmt.recorded_digest(shard)[1] / rows, 1)
+            for codec in CODECS:
+                shard = ws / f"{enc.label()}-{chunk_rows}-{codec}" / "shards" / shard_name(0, "zarr")
+                write_shard(shard, arrays, {}, enc, chunk_rows, None, codec)
+                sizes[codec] = round(recorded_digest(shard)[1] / rows, 1)
             out[f"{enc.label()}/{chunk_rows}"] = sizes
         emit("reader_codec_bytes", rows=rows, bytes_per_row=out)
     finally:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 from common import emit, workdir
 from scale import FEATURES, config, make_inputs, mlp, stage
 
-from pipeline import cache as fmt
+from pipeline.format import manifest as fmt
 
 
 def run_student(cfg: Path) -> dict[str, float]:

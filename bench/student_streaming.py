@@ -16,10 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, emit, workdir, write_cache
 
-from pipeline import cache as fmt
-from pipeline.encodings import TopK
-from pipeline import losses
-from pipeline.loader import ChunkShuffleLoader
+from pipeline.format import reader as fmt
+from pipeline.format.encodings import TopK
+from pipeline.train import losses
+from pipeline.train.loader import ChunkShuffleLoader
 
 
 def inputs_for(ids: np.ndarray) -> torch.Tensor:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(HERE))
 from common import Timer, emit, heavy_workspace
 from heavy_teacher import make
 
-from pipeline.config import load_config
-from pipeline.models import resolve_device
+from pipeline.core.config import load_config
+from pipeline.models.builders import resolve_device
 from stages import cache as cache_stage
 
 

@@ -1,5 +1,5 @@
 """Torch's OpenMP threads on a shared machine: libgomp's default spin-wait against the short spin
-(GOMP_SPINCOUNT=1000) that `import pipeline` sets, side by side, idle and with one other busy process.
+(GOMP_SPINCOUNT=1000) that the CLI sets (`pipeline.tune_process`), side by side, idle and with one other busy process.
 
     .venv/bin/python bench/threads.py
 
@@ -17,8 +17,8 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -29,13 +29,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, synthetic_logits, workdir
 
-from pipeline import cache as fmt
-from pipeline import losses
-from pipeline import views as vw
-from pipeline.config import AugmentConfig, CacheConfig, load_config
-from pipeline.encodings import encoding_from_config
-from pipeline.loader import ChunkShuffleLoader
-from pipeline.spec import context
+from pipeline.core.config import AugmentConfig, CacheConfig, load_config
+from pipeline.format import reader as fmt
+from pipeline.format.columns import Chunk, view_column_names
+from pipeline.format.encodings import encoding_from_config
+from pipeline.format.kl import divergence
+from pipeline.format.shards import write_shard
+from pipeline.format.views import column_names, view_dtype
+from pipeline.inputs import augment as vw
+from pipeline.run.identity import context
+from pipeline.train import losses
+from pipeline.train.loader import ChunkShuffleLoader
 from stages import cache, student, teachers
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "views.yaml"
@@ -73,13 +77,13 @@ def timed_cache(over: list[str]) -> tuple[Path, float]:
 def view_column_bytes(d: Path) -> float:
     """Bytes on disk of the view columns (view, box, flip, ...) per row of a Zarr views cache."""
     manifest = json.loads((d / "manifest.json").read_text())
-    names = fmt.view_column_names(manifest["spec"])
+    names = view_column_names(manifest["spec"])
     total = sum(f.stat().st_size for s in manifest["shards"] for n in names
                 for f in (d / s["path"] / n).rglob("*") if f.is_file())
     return total / manifest["rows"]
 
 
-def chunk_bytes(d: Path, reader: fmt.CacheReader, chunk: fmt.Chunk) -> int:
+def chunk_bytes(d: Path, reader: fmt.CacheReader, chunk: Chunk) -> int:
     """Bytes on disk of one Zarr chunk of every stored column."""
     total = 0
     for name in reader.names:
@@ -93,10 +97,10 @@ def epoch_reads(d: Path, epochs: int) -> dict[str, Any]:
     chunks, and whether `epochs` (= the view count) epochs train on every (sample, view) once."""
     reader = fmt.CacheReader(d)
     count = reader.manifest["spec"]["views"]["count"]
-    read: list[fmt.Chunk] = []
+    read: list[Chunk] = []
     plain = reader.read
 
-    def counted(chunk: fmt.Chunk, decode: bool = True) -> dict[str, np.ndarray]:
+    def counted(chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         read.append(chunk)
         return plain(chunk, decode)
 
@@ -122,8 +126,8 @@ def online_kd(cfg_over: list[str], seeds: list[int], epochs: int) -> list[float]
     transfer, test = ctx.splits.transfer, ctx.splits.test
     s = cfg.student
     T, alpha = cfg.teachers.temperature, s.alpha
-    from pipeline.ensemble import combine, normalized_weights
-    from pipeline.models import build_model
+    from pipeline.models.builders import build_model
+    from pipeline.models.ensemble import combine, normalized_weights
 
     out = []
     for seed in seeds:
@@ -141,7 +145,7 @@ def online_kd(cfg_over: list[str], seeds: list[int], epochs: int) -> list[float]
                     logp = combine([t(x) for t in teachers_], cfg.teachers.ensemble, normalized_weights(cfg), T)
                 logits = model(x)
                 logq = torch.log_softmax(logits / T, -1)
-                kd = T**2 * losses.divergence(logp, logq, "forward").mean()
+                kd = T**2 * divergence(logp, logq, "forward").mean()
                 loss = losses.mix(kd, losses.hard_ce(logits, torch.from_numpy(transfer.y[idx])), alpha)
                 opt.zero_grad()
                 loss.backward()
@@ -164,19 +168,19 @@ def bytes_1000_classes(ws: Path, samples: int, views: int) -> dict[str, Any]:
     pool = np.arange(1_281_167)  # ImageNet-1k's training set size
     first = 640_000  # a shard from the middle of the transfer set
     ids = np.tile(pool[first:first + samples], views)
-    view = np.repeat(np.arange(views, dtype=vw.view_dtype(views)), samples)
+    view = np.repeat(np.arange(views, dtype=view_dtype(views)), samples)
     out = {}
     for name, aug in {"crop+flip": AugmentConfig(crop="resized", flip=0.5),
                       "crop+flip+mixup/cutmix": AugmentConfig(crop="resized", flip=0.5, mixup_prob=0.4,
                                                               cutmix_prob=0.4)}.items():
         arrays = {"sample_id": ids, "view": view, **vw.draw(aug, 0, ids, view, (224, 224), pool), **targets}
         path = ws / f"b1000-{name.replace('/', '-')}.zarr"
-        fmt.write_shard(path, arrays, {}, enc, 4096, 3)
+        write_shard(path, arrays, {}, enc, 4096, 3)
         columns = {d.name: round(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / rows, 2)
                    for d in sorted(path.iterdir()) if d.is_dir()}
         total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         out[name] = {"bytes_per_view": round(total / rows, 2),
-                     "view_params_bytes_per_view": round(sum(columns[n] for n in vw.column_names(aug)), 2),
+                     "view_params_bytes_per_view": round(sum(columns[n] for n in column_names(aug)), 2),
                      "columns": columns}
     return out
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from pipeline import steady_heap
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, LogitcacheError
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import ConfigError, LogitcacheError
+from pipeline.core.host import tune_process
 
 CONFIG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -63,7 +63,7 @@ def _unexpected(e: Exception) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Offline logit caching for knowledge distillation: run the teachers once, train many students."""
     ctx.meta[DEBUG] = debug
-    steady_heap()
+    tune_process()
 
 
 def _load(config: Path, overrides: tuple[str, ...], scheduler: str | None = None,
@@ -100,7 +100,7 @@ def fanout_options(fn: Any) -> Any:
 @fanout_options
 def run(config: Path, overrides: tuple[str, ...], scheduler: str | None, workers: int | None) -> None:
     """Run teachers -> cache -> student -> evaluate, skipping stages whose output is up to date."""
-    from pipeline.fanout import open_client
+    from pipeline.run.fanout import open_client
     from stages import cache, evaluate, student, teachers
 
     cfg = _load(config, overrides, scheduler, workers)
@@ -123,7 +123,7 @@ def _sharded_command(name: str, help_text: str) -> None:
                 scheduler: str | None, workers: int | None) -> None:
         import importlib
 
-        from pipeline.fanout import open_client
+        from pipeline.run.fanout import open_client
 
         stage = importlib.import_module(f"stages.{name}")
         array_task = shard_index is not None or num_shards is not None
@@ -157,7 +157,7 @@ def evaluate_cmd(config: Path, overrides: tuple[str, ...]) -> None:
 def tokenize_cmd(config: Path, overrides: tuple[str, ...]) -> None:
     """Tokenize data.source (and data.test_source, data.transfer.source) once into flat token files
     under <workspace>/tokens/<id>/; the LM stages map them. Does nothing if they already exist."""
-    from pipeline.tokens import read_manifest, tokenize
+    from pipeline.inputs.tokens import read_manifest, tokenize
 
     cfg = _load(config, overrides)
     path = tokenize(cfg.data, cfg.workspace)
@@ -196,7 +196,7 @@ def _root(root: Path | None, config: Path | None) -> Path:
 @root_options
 def caches_ls(root: Path | None, config: Path | None) -> None:
     """List caches: id, status, rows, encoding, size, bytes per row, configs that produced them."""
-    from pipeline.inspect import list_caches
+    from pipeline.tools.inspect import list_caches
 
     click.echo(list_caches(_root(root, config)))
 
@@ -207,7 +207,7 @@ def caches_ls(root: Path | None, config: Path | None) -> None:
 @click.option("--verify", is_flag=True, help="Recompute every shard's sha256 and compare with the manifest.")
 def caches_inspect(cache_ref: str, root: Path | None, config: Path | None, verify: bool) -> None:
     """Show one cache's manifest (or, for a partial cache, which shards are missing)."""
-    from pipeline.inspect import inspect_cache
+    from pipeline.tools.inspect import inspect_cache
 
     click.echo(json.dumps(inspect_cache(cache_ref, _root(root, config), verify), indent=2))
 
@@ -221,7 +221,7 @@ def caches_inspect(cache_ref: str, root: Path | None, config: Path | None, verif
 def caches_fidelity(cache_ref: str, root: Path | None, config: Path | None, rows: int, out: Path | None) -> None:
     """Re-run the teachers on sampled rows: KL, mass kept, top-1 agreement and loss bias of this cache
     and of every other encoding and k, to choose them from data."""
-    from pipeline.fidelity import fidelity, table
+    from pipeline.tools.fidelity import fidelity, table
 
     if rows < 1:
         raise ConfigError(f"--rows {rows}: give at least 1 row")
@@ -244,7 +244,7 @@ def import_logprobs_cmd(file: Path, tokenizer: Path, root: Path, top_n: int, tea
                         rows_per_shard: int, chunk_rows: int) -> None:
     """Turn served prompt log-probs (vLLM prompt_logprobs or OpenAI completions logprobs, JSONL) into a
     token-level top-k cache; the JSONL schema is in pipeline/importer.py and the README."""
-    from pipeline.importer import import_logprobs
+    from pipeline.tools.importer import import_logprobs
 
     if rows_per_shard < 1 or chunk_rows < 1:
         raise ConfigError("--rows-per-shard and --chunk-rows must be >= 1")
@@ -258,7 +258,7 @@ def import_logprobs_cmd(file: Path, tokenizer: Path, root: Path, top_n: int, tea
 @OVERRIDES
 def job_script(config: Path, overrides: tuple[str, ...]) -> None:
     """Print the #SBATCH script dask-jobqueue would submit for the config's cluster.slurm section."""
-    from pipeline.fanout import slurm_cluster
+    from pipeline.run.fanout import slurm_cluster
 
     cluster = slurm_cluster(_load(config, overrides).cluster)
     try:

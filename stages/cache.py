@@ -29,15 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import cache as fmt
-from pipeline.config import Config, dump_yaml
-from pipeline.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs, token_logits
-from pipeline.errors import CacheError
-from pipeline.fanout import expected_workers, run_all, task_share
-from pipeline.io import atomic_write_json, atomic_write_text, check_writable
-from pipeline.spec import Context, context, record
-from pipeline.progress import bar, log
-from pipeline.views import draw, expand, render_rows, view_dtype
+from pipeline.core.config import Config, dump_yaml
+from pipeline.core.errors import CacheError
+from pipeline.core.io import atomic_write_json, atomic_write_text, check_writable
+from pipeline.core.progress import bar, log
+from pipeline.format import manifest as fmt
+from pipeline.format.shards import recorded_digest, shard_entry, shard_name, write_shard
+from pipeline.format.views import view_dtype
+from pipeline.inputs.augment import draw, expand, render_rows
+from pipeline.models.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs, token_logits
+from pipeline.run.fanout import expected_workers, run_all, task_share
+from pipeline.run.identity import Context, context, record
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:
 
 
 def shard_path(ctx: Context, shard: Shard) -> Path:
-    return ctx.dir / "shards" / fmt.shard_name(shard.index, ctx.cfg.cache.backend)
+    return ctx.dir / "shards" / shard_name(shard.index, ctx.cfg.cache.backend)
 
 
 def _autocast(ctx: Context) -> Any:
@@ -180,7 +182,7 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardRes
         attrs.update(seq_len=cfg.data.seq_len, vocab_fingerprint=ctx.splits.vocab)
     if ctx.views is not None:
         attrs["views"] = ctx.spec["views"]
-    fmt.write_shard(shard_path(ctx, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
+    write_shard(shard_path(ctx, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
                     cfg.cache.compression_level, cfg.cache.codec)
     return ShardResult(shard.index, shard.rows, skipped=False)
 
@@ -211,7 +213,7 @@ def _repair(ctx: Context, manifest: dict[str, Any], lost: list[Shard]) -> None:
     listed = {e["path"]: e["sha256"] for e in manifest["shards"]}
     for s in lost:
         path = shard_path(ctx, s)
-        if fmt.recorded_digest(path)[0] != listed[f"shards/{path.name}"]:
+        if recorded_digest(path)[0] != listed[f"shards/{path.name}"]:
             raise CacheError(f"{path}: recomputed, but its sha256 differs from the manifest's (the teachers' "
                              f"numerics differ from the run that made it); delete {ctx.dir} and rerun "
                              "`logitcache cache CONFIG`")
@@ -220,7 +222,7 @@ def _repair(ctx: Context, manifest: dict[str, Any], lost: list[Shard]) -> None:
 
 def finalize(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
-    entries = [fmt.shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in plan(cfg, ctx)]
+    entries = [shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in plan(cfg, ctx)]
     extra = {
         "backend": cfg.cache.backend, "encoding": ctx.encoding.params(), "num_classes": ctx.encoding.num_classes,
         "temperature": cfg.teachers.temperature, "teachers": [t["name"] for t in ctx.spec["teachers"]],

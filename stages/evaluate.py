@@ -16,26 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import jobs, metrics
-from pipeline.config import Config
-from pipeline.data import load_splits
-from pipeline.ensemble import (
-    load_teacher,
-    normalized_weights,
-    teacher_identity,
-    teacher_refs,
-)
-from pipeline.cache import CacheReader
-from pipeline.errors import CacheError, ModelError
-from pipeline.io import (
-    atomic_write_bytes,
-    check_writable,
-    atomic_write_json,
-    atomic_write_text,
-    hash_json,
-)
-from pipeline.models import build_model, load_state
-from pipeline.progress import log
+from pipeline.core.config import Config
+from pipeline.core.errors import CacheError, ModelError
+from pipeline.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable, hash_json
+from pipeline.core.progress import log
+from pipeline.format.reader import CacheReader
+from pipeline.inputs.splits import load_splits
+from pipeline.models.builders import build_model, load_state
+from pipeline.models.ensemble import load_teacher, normalized_weights, teacher_identity, teacher_refs
+from pipeline.run import jobs
+from pipeline.train import metrics
 
 REPORT_FORMAT = 3  # part of the up-to-date check: a new report layout rewrites old reports
 

@@ -33,14 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import cache as fmt
-from pipeline import losses, metrics
-from pipeline import views as vw
-from pipeline.config import AugmentConfig, Config, dump_yaml
-from pipeline.data import Splits, load_splits
-from pipeline.errors import CacheError, ConfigError, LogitcacheError
-from pipeline.fanout import run_all, task_share
-from pipeline.io import (
+from pipeline.core.config import AugmentConfig, Config, dump_yaml
+from pipeline.core.errors import CacheError, ConfigError, LogitcacheError
+from pipeline.core.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -49,11 +44,19 @@ from pipeline.io import (
     hash_json,
     sha256_bytes,
 )
-from pipeline.jobs import Shard, cache_path, job_name, models, plan, read_done, settings
-from pipeline.lm import hidden_and_head
-from pipeline.loader import ChunkShuffleLoader, epoch_rows
-from pipeline.models import build_model, resolve_device
-from pipeline.progress import bar, log
+from pipeline.core.progress import bar, log
+from pipeline.format import reader as fmt
+from pipeline.format.views import ViewSpec
+from pipeline.inputs import augment as vw
+from pipeline.inputs.arrays import Splits
+from pipeline.inputs.splits import load_splits
+from pipeline.models.builders import build_model, resolve_device
+from pipeline.models.lm import hidden_and_head
+from pipeline.run.fanout import run_all, task_share
+from pipeline.run.jobs import Shard, cache_path, job_name, models, plan, read_done, settings
+from pipeline.train import losses, metrics
+from pipeline.train.loader import ChunkShuffleLoader, epoch_rows
+from pipeline.train.plan import augmentation
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class ShardResult:
     final_accuracy: float
 
 
-def classify_inputs(batch: dict[str, np.ndarray], transfer: Any, cached: vw.ViewSpec | None,
+def classify_inputs(batch: dict[str, np.ndarray], transfer: Any, cached: ViewSpec | None,
                     online: AugmentConfig | None, seed: int, epoch: int, num_classes: int, where: Any,
                     ) -> tuple[dict[str, np.ndarray], torch.Tensor, torch.Tensor | None]:
     """(the batch's rows with every view parameter, their inputs (n, *input_shape), their labels:
@@ -219,7 +222,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
         return m, _optimizer(cfg, m.parameters(), st["lr"])
 
     model, opt = fresh()
-    cached, online = vw.augmentation(cfg, reader.manifest["spec"])
+    cached, online = augmentation(cfg, reader.manifest["spec"])
     if online is not None:
         vw.check_images(splits.input_shape, "augment")
     per_item = cfg.data.seq_len if lm else 1

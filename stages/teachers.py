@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import Config, dump_yaml
-from pipeline.data import Dataset, load_splits
-from pipeline.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
-from pipeline.fanout import run_all, task_share
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
-from pipeline.models import build_model
-from pipeline.progress import log
+from pipeline.core.config import Config, dump_yaml
+from pipeline.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
+from pipeline.core.progress import log
+from pipeline.inputs.arrays import Dataset
+from pipeline.inputs.splits import load_splits
+from pipeline.models.builders import build_model
+from pipeline.models.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
+from pipeline.run.fanout import run_all, task_share
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 import pipeline as lc
-from pipeline import cache as fmt
-from pipeline.api import batch_sizes, rank_layout
-from pipeline.errors import CacheError
-from pipeline.loader import ChunkShuffleLoader
-
-from conftest import REPO
+from pipeline.core.errors import CacheError
+from pipeline.format import reader as fmt
+from pipeline.format.manifest import read_manifest
+from pipeline.format.shards import shard_name
+from pipeline.train.dataset import batch_sizes, rank_layout
+from pipeline.train.loader import ChunkShuffleLoader
 
 C = 12
 SPEC = {"teacher": {"name": "t", "revision": "1"}, "dataset": {"fingerprint": "data-1"}}
@@ -80,7 +81,7 @@ def test_kd_loss_topk_equals_the_reference_with_its_tail_model(tmp_path, tail):
 
 
 def fmt_kd_topk(s, ids, vals, residual, T, tail):
-    from pipeline.losses import kd_topk
+    from pipeline.train.losses import kd_topk
 
     return kd_topk(s, ids, vals, residual, T, tail)
 
@@ -248,7 +249,7 @@ def test_in_process_resume_from_the_dataset_state(dense_cache):
 
 
 def shard_hashes(path):
-    return [e["sha256"] for e in fmt.read_manifest(path)["shards"]]
+    return [e["sha256"] for e in read_manifest(path)["shards"]]
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
@@ -258,12 +259,12 @@ def test_writer_is_byte_identical_resumable_and_read_by_the_cli_reader(tmp_path,
     a = write(tmp_path / "a", t, {"name": "hybrid", "k": 3, "draws": 8}, step=50, **kw)
     b = write(tmp_path / "b", t, {"name": "hybrid", "k": 3, "draws": 8}, step=50, **kw)
     assert a.path.name == b.path.name and shard_hashes(a.path) == shard_hashes(b.path)
-    assert [p.name for p in sorted((a.path / "shards").iterdir())] == [fmt.shard_name(i, backend) for i in range(3)]
+    assert [p.name for p in sorted((a.path / "shards").iterdir())] == [shard_name(i, backend) for i in range(3)]
     # a crash after two shards: the rerun skips them, encodes only the rest, and gives the same bytes
     import shutil
 
-    shutil.rmtree(b.path / "shards" / fmt.shard_name(2, backend)) if backend == "zarr" else \
-        (b.path / "shards" / fmt.shard_name(2, backend)).unlink()
+    shutil.rmtree(b.path / "shards" / shard_name(2, backend)) if backend == "zarr" else \
+        (b.path / "shards" / shard_name(2, backend)).unlink()
     (b.path / "manifest.json").unlink()
     with lc.CacheWriter(tmp_path / "b", spec=SPEC, encoding={"name": "hybrid", "k": 3, "draws": 8},
                         num_classes=C, **kw) as w:

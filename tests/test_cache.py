@@ -13,14 +13,17 @@ import torch
 import zarr
 from conftest import tiny_config, write_config
 
-from pipeline import cache as fmt
-from pipeline import spec
-from pipeline.config import load_config
-from pipeline.data import load_splits
-from pipeline.ensemble import load_teacher, teacher_refs
-from pipeline.encodings import TopK
-from pipeline.errors import CacheError
-from pipeline.io import HOST
+from pipeline.core.codecs import CODECS
+from pipeline.core.config import load_config
+from pipeline.core.errors import CacheError
+from pipeline.core.io import HOST
+from pipeline.format import reader as fmt
+from pipeline.format.encodings import TopK
+from pipeline.format.manifest import read_manifest
+from pipeline.format.shards import recorded_digest, write_shard
+from pipeline.inputs.splits import load_splits
+from pipeline.models.ensemble import load_teacher, teacher_refs
+from pipeline.run import identity as spec
 from stages import cache as cache_stage
 from stages import teachers as teacher_stage
 
@@ -131,10 +134,10 @@ def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, 
                                                         torch.full((8192, 4), 6.0))
     arrays = {"sample_id": np.arange(8192), **enc.to_host(enc.encode(torch.log_softmax(z * 1.5, -1)))}
     sizes = {}
-    for name in fmt.CODECS:
+    for name in CODECS:
         shard = tmp_path / name / "shards" / "00000.zarr"
-        fmt.write_shard(shard, arrays, {}, enc, 4096, None, name)
-        sizes[name] = fmt.recorded_digest(shard)[1]
+        write_shard(shard, arrays, {}, enc, 4096, None, name)
+        sizes[name] = recorded_digest(shard)[1]
     assert sizes["shuffle-zstd"] < 0.95 * sizes["zstd"] and sizes["shuffle-lz4hc"] <= sizes["zstd"], sizes
     assert sizes["shuffle-lz4"] < 1.1 * sizes["zstd"], sizes
 
@@ -201,7 +204,7 @@ def test_bf16_teachers_give_their_own_cache_close_to_fp32(workspace):
     _ws, path = workspace
     _, d32 = build(path, "cache.dtype=float32")
     _, d16 = build(path, "cache.dtype=float32", "cache.precision=bf16")
-    assert d16 != d32 and fmt.read_manifest(d16)["spec"]["compute"] == {"device": "cpu", "precision": "bf16"}
+    assert d16 != d32 and read_manifest(d16)["spec"]["compute"] == {"device": "cpu", "precision": "bf16"}
     a, b = fmt.CacheReader(d32).read_all()["logp"], fmt.CacheReader(d16).read_all()["logp"]
     assert not np.array_equal(a, b) and np.abs(np.exp(a) - np.exp(b)).max() < 0.05
 
@@ -230,7 +233,7 @@ def test_batch_mode_finalizes_when_last_task_finishes(workspace, tmp_path):
     for i in range(3):
         d = cache_stage.main(cfg, shard_index=i, num_shards=4)
         assert not (d / "manifest.json").exists()
-    from pipeline.inspect import inspect_cache
+    from pipeline.tools.inspect import inspect_cache
 
     info = inspect_cache(d.name, tmp_path, verify=False)
     assert info["status"] == "partial" and info["shards_missing"] == ["00003.zarr"]  # 1348 rows / 400

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import REPO, tiny_config, write_config
 
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import ConfigError
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -100,7 +100,7 @@ def test_bad_override_syntax():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    from pipeline.config import dump_yaml
+    from pipeline.core.config import dump_yaml
 
     cfg = load_config(None, ["student.alpha=0.25", "cache.k=3"])
     saved = tmp_path / "resolved.yaml"
@@ -112,7 +112,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_loading_a_config_imports_neither_torch_nor_zarr():
     """`logitcache tokenize` runs in about 60 MB because nothing it loads imports torch (about
     180 MB more); config validation, which checks the codec, must not pull it in."""
-    code = ("import sys; from pipeline.config import load_config; "
+    code = ("import sys; from pipeline.core.config import load_config; "
             "load_config('configs/demo.yaml', ['cache.codec=shuffle-lz4hc', 'cache.compression_level=2']); "
             "print(sorted(m for m in ('torch', 'zarr') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

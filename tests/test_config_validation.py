@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_config, write_config
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.ensemble import training_settings
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
+from pipeline.models.ensemble import training_settings
 
 IMPORT_TEACHER = "teachers.members=[{name: u, arch: import, factory: 'userzoo:mlp', checkpoint: u.pt}]"
 
@@ -161,7 +161,7 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_resolve_device_refuses_missing_cuda(monkeypatch):
     import torch
 
-    from pipeline.models import resolve_device
+    from pipeline.models.builders import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"cache.device: cuda:1 requested but CUDA is not available"):

@@ -16,9 +16,9 @@ import torch
 import userzoo
 from conftest import REPO, TESTS, tiny_config, write_config
 
-from pipeline import cache as fmt
-from pipeline.config import load_config
-from pipeline.errors import CacheError
+from pipeline.core.config import load_config
+from pipeline.core.errors import CacheError
+from pipeline.format import reader as fmt
 from stages import cache as cache_stage
 
 

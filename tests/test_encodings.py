@@ -12,19 +12,14 @@ import pytest
 import torch
 from conftest import slow_divergence
 
-from pipeline import cache as fmt
-from pipeline import losses
-from pipeline.config import load_config
-from pipeline.encodings import (
-    Dense,
-    Hybrid,
-    Sampled,
-    TopK,
-    encoding_from_config,
-    encoding_from_spec,
-    id_store,
-)
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
+from pipeline.format import reader as fmt
+from pipeline.format.encodings import Dense, Hybrid, Sampled, TopK, encoding_from_config, encoding_from_spec, id_store
+from pipeline.format.kl import divergence
+from pipeline.format.manifest import FORMAT_VERSION, read_manifest, write_manifest
+from pipeline.format.shards import shard_entry, shard_name, write_shard
+from pipeline.train import losses
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format1"
 
@@ -39,11 +34,11 @@ def _logp(rows: int = 3000, classes: int = 1000, seed: int = 0) -> torch.Tensor:
 def _write(d: Path, enc, backend: str, logp: torch.Tensor, chunk: int = 1024, seed: int = 0) -> Path:
     arrays = enc.to_host(enc.encode(logp, torch.Generator().manual_seed(seed)))
     arrays["sample_id"] = np.arange(len(logp), dtype=np.int64)
-    fmt.write_shard(d / "shards" / fmt.shard_name(0, backend), arrays, {}, enc, chunk, 3)
-    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params(),
+    write_shard(d / "shards" / shard_name(0, backend), arrays, {}, enc, chunk, 3)
+    spec = {"format_version": FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "t", "rows": len(logp)},
             "layout": {"backend": backend, "rows_per_shard": len(logp), "chunk_rows": chunk}}
-    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, backend, 0, len(logp))], {})
+    write_manifest(d, spec, [shard_entry(d, 0, backend, 0, len(logp))], {})
     return d
 
 
@@ -105,7 +100,7 @@ def test_eight_bit_topk_is_smaller(tmp_path):
     sizes = {}
     for bits in (16, 8):
         _round_trip(tmp_path / str(bits), TopK(1000, 10, bits), "zarr", logp)
-        sizes[bits] = fmt.read_manifest(tmp_path / str(bits) / "zarr")["bytes_per_row"]
+        sizes[bits] = read_manifest(tmp_path / str(bits) / "zarr")["bytes_per_row"]
     assert sizes[8] < 0.7 * sizes[16]
 
 
@@ -145,11 +140,11 @@ def test_bit_packed_ids_round_trip_exactly(tmp_path, backend):
     assert stored["ids"].dtype == np.uint16 and stored["ids_hi"].shape == (rows, 2)  # 6 ids x 2 high bits
     stored["sample_id"] = np.arange(rows, dtype=np.int64)
     d = tmp_path / backend
-    fmt.write_shard(d / "shards" / fmt.shard_name(0, backend), stored, {}, enc, 128, 3)
-    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": V, "encoding": enc.params(), "temperature": 1.0,
+    write_shard(d / "shards" / shard_name(0, backend), stored, {}, enc, 128, 3)
+    spec = {"format_version": FORMAT_VERSION, "num_classes": V, "encoding": enc.params(), "temperature": 1.0,
             "dataset": {"fingerprint": "t", "rows": rows},
             "layout": {"backend": backend, "rows_per_shard": rows, "chunk_rows": 128}}
-    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, backend, 0, rows)], {})
+    write_manifest(d, spec, [shard_entry(d, 0, backend, 0, rows)], {})
     assert np.array_equal(fmt.CacheReader(d).read_all()["ids"], ids)
 
 
@@ -192,7 +187,7 @@ def test_format_1_caches_still_read_to_the_same_rows():
 
 def test_params_round_trip_through_the_spec():
     for enc in (Dense(10, "float32"), TopK(70_000, 5, 8, 12.0), Sampled(300, 40), Hybrid(151_936, 8, 24, 16)):
-        spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params()}
+        spec = {"format_version": FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params()}
         assert encoding_from_spec(spec) == enc
 
 
@@ -233,14 +228,14 @@ def _peaked(rows: int, classes: int, seed: int) -> torch.Tensor:
 def test_hybrid_kl_is_unbiased_and_less_noisy_than_sampled_at_equal_bytes(tmp_path):
     big = _peaked(2048, 500, seed=2)
     hybrid = Hybrid(500, 4, 12)
-    bytes_h = fmt.read_manifest(_write(tmp_path / "h", hybrid, "zarr", big))["bytes_per_row"]
+    bytes_h = read_manifest(_write(tmp_path / "h", hybrid, "zarr", big))["bytes_per_row"]
     for draws in (24, 32, 40, 48, 64, 96):  # the smallest sampled cache at least as large as the hybrid
         sampled = Sampled(500, draws)
-        if fmt.read_manifest(_write(tmp_path / f"s{draws}", sampled, "zarr", big))["bytes_per_row"] >= bytes_h:
+        if read_manifest(_write(tmp_path / f"s{draws}", sampled, "zarr", big))["bytes_per_row"] >= bytes_h:
             break
     logp = big[:64]
     logq = torch.log_softmax(logp + torch.randn(logp.shape, generator=torch.Generator().manual_seed(3)), -1)
-    exact = float(losses.divergence(logp.double(), logq.double(), "forward").mean())
+    exact = float(divergence(logp.double(), logq.double(), "forward").mean())
     est_h = _kl_estimates(hybrid, logp, logq, 300)
     est_s = _kl_estimates(sampled, logp, logq, 300)
     for est in (est_h, est_s):
@@ -252,7 +247,7 @@ def test_hybrid_kl_is_unbiased_and_less_noisy_than_sampled_at_equal_bytes(tmp_pa
 def test_hybrid_gradient_equals_the_full_kl_gradient_in_expectation():
     logp = _logp(8, 60, seed=4)
     student = torch.randn(8, 60, generator=torch.Generator().manual_seed(5), requires_grad=True)
-    full = losses.divergence(logp, torch.log_softmax(student, -1), "forward").sum()
+    full = divergence(logp, torch.log_softmax(student, -1), "forward").sum()
     (g_full,) = torch.autograd.grad(full, student)
     enc, gen = Hybrid(60, 3, 20), torch.Generator().manual_seed(6)
     total = torch.zeros_like(student)
@@ -324,14 +319,14 @@ def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits)
     slow = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1).exp()
     wide = torch.log_softmax(torch.randn(17, 131_072, generator=torch.Generator().manual_seed(1)) * 3, -1)
     wide_ids = wide.topk(k, -1)[1]
-    from pipeline.encodings import _mass_outside
+    from pipeline.format.encodings import _mass_outside
     assert torch.equal(_mass_outside(wide, wide_ids),
                        torch.logsumexp(wide.scatter(-1, wide_ids, float("-inf")), dim=-1).exp())
     assert _mass_outside(wide[:0], wide_ids[:0]).shape == (0,)
     if bits == 16:
         assert torch.equal(out["residual"], slow.half())
     else:
-        from pipeline.encodings import _quantize
+        from pipeline.format.encodings import _quantize
         assert torch.equal(out["residual"], _quantize(-slow.clamp(min=1e-30).log(), enc.logp_range))
 
 

@@ -81,9 +81,9 @@ def test_transfer_set_without_a_class_still_teaches_it(cli_run, tmp_path):
     cli_run("run", str(path))
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.data import load_splits
-    from pipeline.models import build_model, load_state
+    from pipeline.core.config import load_config
+    from pipeline.inputs.splits import load_splits
+    from pipeline.models.builders import build_model, load_state
 
     c = load_config(path)
     splits = load_splits(c)

@@ -15,8 +15,8 @@ import torch
 import userzoo
 from conftest import REPO, TESTS, tiny_config, write_config
 
-from pipeline.config import load_config
-from pipeline.fanout import open_client
+from pipeline.core.config import load_config
+from pipeline.run.fanout import open_client
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage

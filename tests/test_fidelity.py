@@ -52,7 +52,7 @@ def test_fidelity_refuses_a_cache_whose_teachers_changed(cli_run, tmp_path):
 
 
 def test_fidelity_a_few_rows_at_a_time_equals_all_rows_at_once(cli_run, tmp_path):
-    from pipeline.fidelity import fidelity
+    from pipeline.tools.fidelity import fidelity
 
     path = str(write_config(tmp_path / "c.yaml", tiny_config(tmp_path)))
     cli_run("teachers", path)

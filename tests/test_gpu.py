@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_config, write_config
 
-from pipeline import cache as fmt
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.format import reader as fmt
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import io
+from pipeline.core import io
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,8 @@ def test_tree_digest_matches_and_remembers_each_file(tmp_path, monkeypatch):
 
 
 def test_dataset_fingerprint_of_a_mapped_input_is_remembered(tmp_path, monkeypatch):
-    from pipeline.data import Dataset, _dataset, _read_npy_dir
+    from pipeline.inputs.arrays import Dataset
+    from pipeline.inputs.splits import _dataset, _read_npy_dir
 
     src = tmp_path / "npy"
     src.mkdir()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_config, write_config
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 
 def one_line_error(result, *fragments: str) -> str:
@@ -160,7 +160,7 @@ def picky():
 
 
 def test_debug_reraises_known_errors(cli_run, tmp_path):
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         cli_run("--debug", "teachers", str(tmp_path / "nope.yaml"), expect=None)
@@ -418,8 +418,8 @@ def test_cuda_requested_without_cuda(cli_run, tmp_path, key):
 # --- the cache id covers an imported teacher's code -------------------------------------------
 
 def _teacher_id(tmp_path, teacher: dict) -> dict:
-    from pipeline.data import load_splits
-    from pipeline.ensemble import teacher_identity, teacher_refs
+    from pipeline.inputs.splits import load_splits
+    from pipeline.models.ensemble import teacher_identity, teacher_refs
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, teachers={"members": [teacher]})))
     return teacher_identity(teacher_refs(cfg, load_splits(cfg))[0])
@@ -441,7 +441,7 @@ def test_import_teacher_code_and_version_are_in_the_identity(tmp_path, user_modu
 
 
 def test_builtin_teacher_identity_has_no_code_hash(tmp_path):
-    from pipeline.config import ModelSpec
-    from pipeline.ensemble import _spec_dict
+    from pipeline.core.config import ModelSpec
+    from pipeline.models.ensemble import _spec_dict
 
     assert _spec_dict(ModelSpec(name="a")) == {"name": "a"}

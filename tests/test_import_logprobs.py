@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pipeline as lc
-from pipeline.text import Tokenizer, train_tokenizer
+from pipeline.inputs.text import Tokenizer, train_tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "the cat and the dog", "hello world of cats"]
 N = 5

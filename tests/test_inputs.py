@@ -21,9 +21,10 @@ import zarr
 from conftest import REPO, tiny_config, write_config, write_npy_dir
 from test_hostile import _no_outputs, one_line_error
 
-from pipeline.config import DataConfig
-from pipeline.data import Dataset, IdRange, MappedRows, _dataset, _read
-from pipeline.rows import LazyRows, ParquetBlocks, Selection, ZarrBlocks
+from pipeline.core.config import DataConfig
+from pipeline.inputs.arrays import Dataset, IdRange, MappedRows
+from pipeline.inputs.rows import LazyRows, ParquetBlocks, Selection, ZarrBlocks
+from pipeline.inputs.splits import _dataset, _read
 
 N, F, GROUP = 600, 6, 64  # rows, features, rows per Parquet row group / Zarr chunk
 KINDS = ["npy", "parquet-columns", "parquet-list", "zarr"]
@@ -227,8 +228,8 @@ READ_ALL = """
 import re, sys
 from pathlib import Path
 import pyarrow.parquet, zarr  # the readers' own code is not the input's
-from pipeline.config import DataConfig
-from pipeline.data import _dataset, _read
+from pipeline.core.config import DataConfig
+from pipeline.inputs.splits import _dataset, _read
 path, shard = sys.argv[1], int(sys.argv[2])
 # the peak resident size of this process's memory (ru_maxrss would include the parent's at fork)
 kb = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
@@ -321,8 +322,8 @@ def test_gathered_npy_rows_are_read_not_mapped(tmp_path, monkeypatch):
     become resident in the process (a fault on a mapping maps the page's whole folio: about 100 MB
     per batch was measured on a 1 GB input), also through a split of the file; rows and labels
     equal fancy indexing, in any order, with repeats."""
-    from pipeline import data
-    from pipeline.data import mapped_resident
+    from pipeline.inputs import arrays as data
+    from pipeline.inputs.arrays import mapped_resident
 
     n = 65536
     d = tmp_path / "big"

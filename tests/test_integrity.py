@@ -14,9 +14,11 @@ import torch
 from conftest import tiny_config, write_config
 from test_hostile import one_line_error
 
-from pipeline import cache as fmt
-from pipeline.config import load_config
-from pipeline.errors import CacheError
+from pipeline.core.config import load_config
+from pipeline.core.errors import CacheError
+from pipeline.format import reader as fmt
+from pipeline.format.manifest import read_manifest
+from pipeline.format.shards import shard_name
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage
@@ -58,7 +60,7 @@ def _flip(path, offset_fraction=0.5):
 def test_student_refuses_a_flipped_byte_in_any_shard(cli_run, built, tmp_path, backend):
     _ws, path, caches = built
     d = _copy(caches, backend, tmp_path)
-    shard = d / "shards" / fmt.shard_name(2, backend)
+    shard = d / "shards" / shard_name(2, backend)
     victim = max((p for p in shard.rglob("*") if p.is_file() and "logp" in p.parts), key=lambda p: p.stat().st_size) \
         if backend == "zarr" else shard
     _flip(victim)
@@ -69,7 +71,7 @@ def test_student_refuses_a_flipped_byte_in_any_shard(cli_run, built, tmp_path, b
 
 def test_reader_hashes_each_shard_once(built, tmp_path, monkeypatch):
     _ws, _path, caches = built
-    from pipeline import io as pio
+    from pipeline.core import io as pio
 
     monkeypatch.setenv("LOGITCACHE_DIGESTS", str(tmp_path / "store" / "digests.sqlite"))
     calls = []
@@ -78,14 +80,14 @@ def test_reader_hashes_each_shard_once(built, tmp_path, monkeypatch):
     reader = fmt.CacheReader(caches["zarr"])
     for _ in range(2):
         reader.read_all()
-    assert sorted(calls) == sorted(fmt.shard_name(i, "zarr") for i in range(len(reader.shards)))
+    assert sorted(calls) == sorted(shard_name(i, "zarr") for i in range(len(reader.shards)))
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
 def test_a_later_reader_stats_shards_and_rehashes_a_changed_one(built, tmp_path, monkeypatch, backend):
     """The first reader on a machine hashes every shard; a later one only stats them, until a shard's
     file changes (here one byte, same size and inode, as a bad copy-over or an edit would)."""
-    from pipeline import io as pio
+    from pipeline.core import io as pio
 
     _ws, _path, caches = built
     monkeypatch.setenv("LOGITCACHE_DIGESTS", str(tmp_path / "store" / "digests.sqlite"))
@@ -97,14 +99,14 @@ def test_a_later_reader_stats_shards_and_rehashes_a_changed_one(built, tmp_path,
     real = pio.sha256_file
     monkeypatch.setattr(pio, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
     fmt.CacheReader(d, verify=True)
-    files = [f for e in fmt.read_manifest(d)["shards"] for f in [d / e["path"], *(d / e["path"]).rglob("*")]
+    files = [f for e in read_manifest(d)["shards"] for f in [d / e["path"], *(d / e["path"]).rglob("*")]
              if f.is_file()]
     assert sorted(hashed) == sorted(f.name for f in files)
     hashed.clear()
     reader = fmt.CacheReader(d, verify=True)
     assert hashed == []
     assert len(reader.read_all()["sample_id"]) == reader.rows
-    shard = d / "shards" / fmt.shard_name(2, backend)
+    shard = d / "shards" / shard_name(2, backend)
     victim = max((p for p in shard.rglob("*") if p.is_file() and "logp" in p.parts), key=lambda p: p.stat().st_size) \
         if backend == "zarr" else shard
     _flip(victim)
@@ -123,7 +125,7 @@ def test_a_shard_deleted_from_a_complete_cache(cli_run, built, tmp_path, backend
     _ws, path, caches = built
     d = _copy(caches, backend, tmp_path)
     manifest = (d / "manifest.json").read_bytes()
-    gone = d / "shards" / fmt.shard_name(1, backend)
+    gone = d / "shards" / shard_name(1, backend)
     shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
     root = str(d.parent)
     assert "missing 1/4 shards" in cli_run("caches", "ls", "--root", root).output

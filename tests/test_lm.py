@@ -10,10 +10,10 @@ import torch
 import zarr
 from conftest import write_config
 
-from pipeline import cache as fmt
-from pipeline.config import load_config
-from pipeline.data import load_splits
-from pipeline.errors import CacheError, ConfigError, ModelError
+from pipeline.core.config import load_config
+from pipeline.core.errors import CacheError, ConfigError, ModelError
+from pipeline.format import reader as fmt
+from pipeline.inputs.splits import load_splits
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage
@@ -125,7 +125,7 @@ def test_hf_teacher_from_local_directory(lm, tmp_path):
 
     tok_dir = next((ws / "tokenizers").iterdir())
     other = tmp_path / "other-tok"
-    from pipeline.text import python_docs, train_tokenizer
+    from pipeline.inputs.text import python_docs, train_tokenizer
 
     train_tokenizer(python_docs()[:50], 600, other)
     shutil.copy(other / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
@@ -172,7 +172,7 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.text import python_docs
+    from pipeline.inputs.text import python_docs
 
     docs = python_docs()[:300]
     (tmp_path / "c.txt").write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs))
@@ -219,7 +219,7 @@ def test_partial_token_cache_reports_missing_shards(lm, tmp_path, cli_run):
 def test_bundled_corpus_does_not_depend_on_what_else_was_imported(monkeypatch):
     import logging
 
-    from pipeline.text import python_docs
+    from pipeline.inputs.text import python_docs
 
     before = python_docs()
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import slow_divergence
 
-from pipeline import losses
-from pipeline.encodings import Dense, Sampled, TopK
+from pipeline.format.encodings import Dense, Sampled, TopK
+from pipeline.train import losses
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_sampled_encoding_counts_and_unbiased_kl(dists):
     estimates = []
     for _ in range(400):  # the mean over many independent caches converges to the full KL
         targets = enc.targets(enc.decode(enc.to_host(enc.encode(logp, g))), "cpu")
-        estimates.append(float(losses.kd_loss(s, targets, enc, T)))
+        estimates.append(float(losses.encoding_loss(s, targets, enc, T)))
     mean = sum(estimates) / len(estimates)
     sd = (sum((x - mean) ** 2 for x in estimates) / (len(estimates) - 1)) ** 0.5
     assert abs(mean - exact) < 4 * sd / len(estimates) ** 0.5 + 2e-3  # entropy is stored as float16
@@ -98,7 +98,7 @@ def test_a_token_batch_loss_holds_seven_chunks_of_logits_at_most(tmp_path):
 
     from torch.profiler import ProfilerActivity, profile
 
-    from pipeline.config import StudentConfig
+    from pipeline.core.config import StudentConfig
 
     V, n, d, k = 2048, 2048, 32, 8
     chunk = StudentConfig().logit_chunk

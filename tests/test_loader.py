@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import cache as fmt
-from pipeline.encodings import Dense
-from pipeline.loader import ChunkShuffleLoader
+from pipeline.format import reader as fmt
+from pipeline.format.encodings import Dense
+from pipeline.format.manifest import write_manifest
+from pipeline.format.shards import shard_entry, shard_name, write_shard
+from pipeline.train.loader import ChunkShuffleLoader
 
 
 @pytest.fixture
@@ -22,9 +24,9 @@ def reader(tmp_path):
         stop = min(start + 400, 1000)
         ids = np.arange(start, stop, dtype=np.int64)
         logp = np.tile(ids[:, None].astype(np.float32), (1, 4))  # row content = its id
-        fmt.write_shard(d / "shards" / fmt.shard_name(i, "zarr"), {"sample_id": ids, "logp": logp}, {}, enc, 64, 3)
-        entries.append(fmt.shard_entry(d, i, "zarr", start, stop - start))
-    fmt.write_manifest(d, spec, entries, {})
+        write_shard(d / "shards" / shard_name(i, "zarr"), {"sample_id": ids, "logp": logp}, {}, enc, 64, 3)
+        entries.append(shard_entry(d, i, "zarr", start, stop - start))
+    write_manifest(d, spec, entries, {})
     return fmt.CacheReader(d)
 
 
@@ -77,7 +79,7 @@ def test_memory_is_bounded_by_the_shuffle_buffer(reader, monkeypatch):
 def test_batches_mix_classes_across_the_whole_cache(tmp_path):
     """On a transfer set sorted by class (shards and chunks each hold one or two classes), the
     default loader's batches hold within 10% as many distinct classes as a uniform permutation's."""
-    from pipeline.config import StudentConfig
+    from pipeline.core.config import StudentConfig
 
     classes, per_class, chunk, batch = 10, 2048, 256, 64
     enc = Dense(2, "float32")
@@ -89,10 +91,10 @@ def test_batches_mix_classes_across_the_whole_cache(tmp_path):
     entries = []
     for i, start in enumerate(range(0, n, 2048)):
         ids = np.arange(start, start + 2048, dtype=np.int64)
-        fmt.write_shard(d / "shards" / fmt.shard_name(i, "zarr"),
+        write_shard(d / "shards" / shard_name(i, "zarr"),
                         {"sample_id": ids, "logp": np.zeros((2048, 2), np.float32)}, {}, enc, chunk, 1)
-        entries.append(fmt.shard_entry(d, i, "zarr", start, 2048))
-    fmt.write_manifest(d, spec, entries, {})
+        entries.append(shard_entry(d, i, "zarr", start, 2048))
+    write_manifest(d, spec, entries, {})
     loader = ChunkShuffleLoader(fmt.CacheReader(d), batch, seed=0, shuffle_chunks=StudentConfig().shuffle_chunks)
     ours = np.mean([len(np.unique(label[b["sample_id"]])) for e in range(2) for b in loader.batches(e)
                     if len(b["sample_id"]) == batch])
@@ -112,9 +114,9 @@ def test_the_epoch_order_is_drawn_one_buffer_at_a_time(tmp_path):
     d = tmp_path / "big"
     spec = {"layout": {"chunk_rows": chunk, "backend": "zarr", "rows_per_shard": n}, "num_classes": 2,
             "encoding": enc.params(), "temperature": 1.0, "dataset": {"fingerprint": "x", "rows": n}}
-    fmt.write_shard(d / "shards" / fmt.shard_name(0, "zarr"),
+    write_shard(d / "shards" / shard_name(0, "zarr"),
                     {"sample_id": np.arange(n), "logp": np.zeros((n, 2), np.float16)}, {}, enc, chunk, 1)
-    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, n)], {})
+    write_manifest(d, spec, [shard_entry(d, 0, "zarr", 0, n)], {})
     loader = ChunkShuffleLoader(fmt.CacheReader(d), batch_size=1024, seed=0, shuffle_chunks=2)
     for start in (0, 700):  # from the top, and resuming deep into the epoch
         tracemalloc.start()

@@ -10,11 +10,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
-from pipeline import cache as fmt
-from pipeline.codecs import layout_codec
-from pipeline.encodings import Dense, Hybrid, Sampled, TopK
+
+from pipeline.core.codecs import layout_codec
+from pipeline.format import reader as fmt
+from pipeline.format.encodings import Dense, Hybrid, Sampled, TopK
+from pipeline.format.manifest import FORMAT_VERSION, write_manifest
+from pipeline.format.shards import shard_entry, shard_name, write_shard
 
 
 def _many_shard_cache(d, shards: int, rows: int, backend: str = "parquet", distinct: int = 50):
@@ -25,18 +27,18 @@ def _many_shard_cache(d, shards: int, rows: int, backend: str = "parquet", disti
     logp = np.log(np.full((rows, 10), 0.1, dtype=np.float32))
     stored = enc.to_host(enc.encode(torch.from_numpy(logp), None))
     for i in range(shards):
-        path = d / "shards" / fmt.shard_name(i, backend)
+        path = d / "shards" / shard_name(i, backend)
         if i < distinct:
             ids = np.arange(i * rows, (i + 1) * rows, dtype=np.int64)
-            fmt.write_shard(path, {"sample_id": ids, **stored}, {}, enc, rows, 1)
+            write_shard(path, {"sample_id": ids, **stored}, {}, enc, rows, 1)
         else:  # copies of the first shard: writing thousands of real ones is slow and tests nothing more
-            shutil.copyfile(d / "shards" / fmt.shard_name(i % distinct, backend), path)
+            shutil.copyfile(d / "shards" / shard_name(i % distinct, backend), path)
         if i < distinct:
-            entries.append(fmt.shard_entry(d, i, backend, i * rows, rows))
+            entries.append(shard_entry(d, i, backend, i * rows, rows))
         else:  # same bytes as the shard it copies: same digest, readers verify it
-            entries.append({**entries[i % distinct], "index": i, "path": f"shards/{fmt.shard_name(i, backend)}",
+            entries.append({**entries[i % distinct], "index": i, "path": f"shards/{shard_name(i, backend)}",
                             "first_row": i * rows})
-    fmt.write_manifest(d, spec, entries, {})
+    write_manifest(d, spec, entries, {})
     return d
 
 
@@ -46,8 +48,8 @@ def test_a_5000_shard_cache_reads_under_ulimit_256(tmp_path):
         import resource, sys
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
         from pathlib import Path
-        from pipeline.cache import CacheReader
-        from pipeline.loader import ChunkShuffleLoader
+        from pipeline.format.reader import CacheReader
+        from pipeline.train.loader import ChunkShuffleLoader
         r = CacheReader(Path({str(d)!r}))
         n = sum(len(b["sample_id"]) for b in ChunkShuffleLoader(r, 64, 0, 4).batches(0))
         again = sum(len(r.read(c)["sample_id"]) for c in r.chunks()[::-7])
@@ -91,12 +93,12 @@ def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc, codec):
     arrays["sample_id"] = np.arange(700, dtype=np.int64) * 3
     arrays["sample_id"][256:512] = 0  # all fill value: no chunk file
     d = tmp_path / "c"
-    fmt.write_shard(d / "shards" / fmt.shard_name(0, "zarr"), arrays, {}, enc, 256, None, codec)  # last chunk partial
+    write_shard(d / "shards" / shard_name(0, "zarr"), arrays, {}, enc, 256, None, codec)  # last chunk partial
     assert not (d / "shards" / "00000.zarr" / "sample_id" / "c" / "1").exists()
-    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params(),
+    spec = {"format_version": FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "t", "rows": 700},
             "layout": {"backend": "zarr", "rows_per_shard": 700, "chunk_rows": 256, **layout_codec(codec)}}
-    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, 700)], {})
+    write_manifest(d, spec, [shard_entry(d, 0, "zarr", 0, 700)], {})
     r = fmt.CacheReader(d)
     for c in r.chunks():
         assert r._read_chunk_fast(c, r.dir / r.shards[0]["path"]) is not None  # the fast path is taken
@@ -131,10 +133,10 @@ def test_unusual_zarr_layouts_fall_back_to_zarr(tmp_path):
         a = g.create_array(name, shape=data.shape, dtype=data.dtype, shards=(300, *data.shape[1:]),
                            chunks=(100, *data.shape[1:]))
         a[...] = data
-    spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": 50, "encoding": enc.params(),
+    spec = {"format_version": FORMAT_VERSION, "num_classes": 50, "encoding": enc.params(),
             "temperature": 1.0, "dataset": {"fingerprint": "t", "rows": 300},
             "layout": {"backend": "zarr", "rows_per_shard": 300, "chunk_rows": 100}}
-    fmt.write_manifest(d, spec, [fmt.shard_entry(d, 0, "zarr", 0, 300)], {})
+    write_manifest(d, spec, [shard_entry(d, 0, "zarr", 0, 300)], {})
     r = fmt.CacheReader(d)
     assert r._read_chunk_fast(r.chunks()[0], d / "shards" / "00000.zarr") is None
     got = r.read_all()
@@ -145,7 +147,7 @@ def test_unusual_zarr_layouts_fall_back_to_zarr(tmp_path):
 def test_progress_without_a_terminal_prints_lines_at_an_interval(monkeypatch, capsys):
     import time
 
-    from pipeline import progress
+    from pipeline.core import progress
 
     monkeypatch.setenv("LOGITCACHE_PROGRESS_INTERVAL", "0.05")
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
@@ -195,7 +197,7 @@ def test_read_threads_follow_the_cores_and_the_environment(tmp_path, monkeypatch
     """Chunks are decoded on the calling thread with 2 cores or fewer (a pool there costs CPU and
     gains nothing), on up to 4 threads beside it with more; LOGITCACHE_READ_THREADS overrides, and a
     bad value is refused in one line that names it."""
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     for cores, threads in ((1, 0), (2, 0), (3, 2), (5, 4), (64, 4)):
         monkeypatch.setattr(fmt, "usable_cores", lambda cores=cores: cores)

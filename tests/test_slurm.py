@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_subprocess, tiny_config, write_config
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 FAKE_SBATCH = """#!/usr/bin/env bash
 # fake sbatch: copy the job script (dask-jobqueue deletes it), start it in its own session
@@ -86,7 +86,7 @@ def test_array_task_refuses_explicit_fanout(cli_run, tmp_path):
 
 
 def test_expected_workers_from_config(tmp_path):
-    from pipeline.fanout import expected_workers
+    from pipeline.run.fanout import expected_workers
 
     slurm = load_config(_slurm_config(tmp_path, jobs=3), ["cluster.slurm.processes=2"]).cluster
     assert expected_workers(slurm) == 6
@@ -98,8 +98,8 @@ def test_worker_jobs_get_the_heap_pin_unless_it_is_off(tmp_path, monkeypatch):
     """The job script exports the CLI's mmap threshold for the workers it starts, before the user's
     prologue; not with LOGITCACHE_STEADY_HEAP=0, nor over a threshold the user set (the job
     inherits that one)."""
-    from pipeline import MMAP_THRESHOLD
-    from pipeline.fanout import slurm_cluster
+    from pipeline.core.host import MMAP_THRESHOLD
+    from pipeline.run.fanout import slurm_cluster
 
     cluster = load_config(_slurm_config(tmp_path), ["cluster.slurm.job_script_prologue=[source env.sh]"]).cluster
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)

@@ -14,10 +14,10 @@ import time
 import pytest
 from conftest import REPO, TESTS, tiny_config, write_config
 
-from pipeline import cache as fmt
-from pipeline import spec
-from pipeline.config import load_config
-from pipeline.errors import CacheError, ConfigError, ModelError
+from pipeline.core.config import load_config
+from pipeline.core.errors import CacheError, ConfigError, ModelError
+from pipeline.format import manifest as fmt
+from pipeline.run import identity as spec
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teacher_stage

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_config, write_config, write_npy_dir
 
-from pipeline import data
-from pipeline.config import load_config
-from pipeline.data import load_splits
+from pipeline.core.config import load_config
+from pipeline.inputs import arrays as data
+from pipeline.inputs.splits import load_splits
 from stages import teachers as teacher_stage
 
 

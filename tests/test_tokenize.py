@@ -17,12 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, TESTS
 
-from pipeline import text, tokens
-from pipeline.config import load_config
-from pipeline.data import MappedRows, load_splits
-from pipeline.errors import DataError
-from pipeline.io import hash_json
-from pipeline.text import EOS, python_docs, train_tokenizer
+from pipeline.core.config import load_config
+from pipeline.core.errors import DataError
+from pipeline.core.io import hash_json
+from pipeline.inputs import text, tokens
+from pipeline.inputs.arrays import MappedRows
+from pipeline.inputs.splits import load_splits
+from pipeline.inputs.text import EOS, python_docs, train_tokenizer
 
 SEQ = 16
 
@@ -231,8 +232,8 @@ def test_second_call_reuses_the_files(tmp_path, monkeypatch, docs, bpe, cli_run)
 
 KILL_AT_CLOSE = """
 import os, signal, sys
-from pipeline import tokens
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.inputs import tokens
 tokens.TokenFile.close = lambda self: os.kill(os.getpid(), signal.SIGKILL)
 cfg = load_config(None, sys.argv[2:])
 tokens.tokenize(cfg.data, sys.argv[1])
@@ -313,8 +314,8 @@ def test_bad_text_is_refused_in_one_line(tmp_path, cli_run):
 
 MEASURE = """
 import resource, sys
-from pipeline import tokens
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.inputs import tokens
 cfg = load_config(None, sys.argv[1:])
 tokens.tokenize(cfg.data, cfg.workspace)
 print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

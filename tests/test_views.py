@@ -12,12 +12,16 @@ import torch
 import zarr
 from conftest import tiny_config, write_config
 
-from pipeline import cache as fmt
-from pipeline import views as vw
-from pipeline.config import AugmentConfig, load_config
-from pipeline.errors import CacheError, ConfigError
-from pipeline.loader import ChunkShuffleLoader
-from pipeline.spec import context
+from pipeline.core.config import AugmentConfig, load_config
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.format import reader as fmt
+from pipeline.format.columns import Chunk
+from pipeline.format.manifest import resolve
+from pipeline.format.views import ViewSpec, pad_of
+from pipeline.inputs import augment as vw
+from pipeline.run.identity import context
+from pipeline.train.loader import ChunkShuffleLoader
+from pipeline.train.plan import augmentation, epoch_blocks
 from stages import cache as cache_stage
 from stages import student as student_stage
 from stages import teachers as teachers_stage
@@ -36,7 +40,7 @@ def views_config(tmp_path: Path, views: int = 4, **cache) -> Path:
     return write_config(tmp_path / "v.yaml", cfg)
 
 
-SPEC = vw.ViewSpec(8, AUG, 7, (8, 8))
+SPEC = ViewSpec(8, AUG, 7, (8, 8))
 
 
 def test_parameters_depend_only_on_seed_sample_and_view():
@@ -73,14 +77,14 @@ def test_render_is_batch_independent_and_matches_interpolate():
     x, xp = torch.rand(64, 3, 12, 10, generator=g), torch.rand(64, 3, 12, 10, generator=g)
     ids, views = np.arange(64), np.zeros(64, np.int64)
     stored = vw.draw(AUG, 0, ids, views, (12, 10), np.arange(64))
-    p = vw.expand(vw.ViewSpec(1, AUG, 0, (12, 10)), {"sample_id": ids, "view": views, **stored})
+    p = vw.expand(ViewSpec(1, AUG, 0, (12, 10)), {"sample_id": ids, "view": views, **stored})
     whole = vw.render(x, p, AUG, xp)
     parts = [vw.render(x[i:i + 7], {k: v[i:i + 7] for k, v in p.items()}, AUG, xp[i:i + 7]) for i in range(0, 64, 7)]
     assert torch.equal(whole, torch.cat(parts))
     identity = {"box": np.array([[0, 0, 12, 10]], np.uint8), "flip": np.zeros(1, np.uint8)}
     assert torch.equal(vw.render(x[:1], identity, AugmentConfig()), x[:1])
     top, left, h, w = (int(v) for v in p["box"][3])
-    pad = vw.pad_of(AUG)
+    pad = pad_of(AUG)
     crop = torch.nn.functional.pad(x[3:4], (pad,) * 4)[..., top:top + h, left:left + w]
     ref = torch.nn.functional.interpolate(crop, size=(12, 10), mode="bilinear", align_corners=False)
     plain = {"box": p["box"][3:4], "flip": np.zeros(1, np.uint8)}
@@ -90,9 +94,9 @@ def test_render_is_batch_independent_and_matches_interpolate():
 def test_epoch_choice_reads_one_view_per_block_and_every_view_once_per_cycle():
     n, chunk = 8, 16
     shard_rows = [n * 64, n * 64, n * 37]  # the last shard's 37 samples: a tail block of 5
-    spec = vw.ViewSpec(n, AUG, 0, (8, 8))
+    spec = ViewSpec(n, AUG, 0, (8, 8))
     for seed in (0, 1):
-        epochs = [vw.epoch_blocks(spec, shard_rows, chunk, seed, e) for e in range(2 * n)]
+        epochs = [epoch_blocks(spec, shard_rows, chunk, seed, e) for e in range(2 * n)]
         for cycle in (epochs[:n], epochs[n:]):
             covered = [np.zeros(r, int) for r in shard_rows]
             for blocks in cycle:
@@ -107,7 +111,7 @@ def test_epoch_choice_reads_one_view_per_block_and_every_view_once_per_cycle():
             assert all(c.start % chunk == 0 and c.stop - c.start == chunk for c in blocks if c.shard < 2)
         picks = np.array([[c.start // 64 for c in blocks if c.shard == 0] for blocks in epochs])
         assert (picks[:n] != picks[n:]).any() and len(set(picks[0].tolist())) > 1  # new order per cycle; blocks differ
-    assert vw.epoch_blocks(spec, shard_rows, chunk, 0, 3) != vw.epoch_blocks(spec, shard_rows, chunk, 1, 3)
+    assert epoch_blocks(spec, shard_rows, chunk, 0, 3) != epoch_blocks(spec, shard_rows, chunk, 1, 3)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -152,16 +156,16 @@ def built(tmp_path_factory):
     return tmp, path, cfg, cache_stage.main(cfg)
 
 
-def counting(reader: fmt.CacheReader) -> list[fmt.Chunk]:
+def counting(reader: fmt.CacheReader) -> list[Chunk]:
     """The chunks `reader` reads from now on, recorded as they are read."""
-    read: list[fmt.Chunk] = []
+    read: list[Chunk] = []
     plain, plain_joined = reader.read, reader.read_joined
 
-    def read_and_count(chunk: fmt.Chunk, decode: bool = True) -> dict[str, np.ndarray]:
+    def read_and_count(chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         read.append(chunk)
         return plain(chunk, decode)
 
-    def read_joined_and_count(chunks: list[fmt.Chunk]) -> dict[str, np.ndarray]:
+    def read_joined_and_count(chunks: list[Chunk]) -> dict[str, np.ndarray]:
         read.extend(chunks)  # whole chunks of plain Zarr shards: decoded in place, never through read
         return plain_joined(chunks)
 
@@ -201,7 +205,7 @@ def test_views_cache_replays_exact_pixels_and_reruns_byte_identical(built):
     # the student's path: one view per block of samples, chunk-shuffled, replayed from the cache;
     # each epoch reads the chosen views' chunks only, and 4 epochs use every (sample, view) once
     reader = fmt.CacheReader(d)
-    cached, online = vw.augmentation(cfg, reader.manifest["spec"])
+    cached, online = augmentation(cfg, reader.manifest["spec"])
     assert cached is not None and online is None
     loader = ChunkShuffleLoader(reader, 50, seed=3, shuffle_chunks=2)
     read = counting(reader)
@@ -249,7 +253,7 @@ def test_api_yields_view_parameters_and_replays_the_students_pixels(built):
     by_id = np.zeros((int(transfer.ids.max()) + 1, *transfer.x.shape[1:]), np.float32)
     by_id[transfer.ids] = transfer.x  # the user's images, indexed by sample id
     cache = lc.open_cache(d)
-    assert cache.views == vw.augmentation(cfg, cache.manifest["spec"])[0]
+    assert cache.views == augmentation(cfg, cache.manifest["spec"])[0]
     ds = cache.dataset(batch_size=40, seed=1, inputs=by_id)
     read = counting(cache.reader)
     seen = []
@@ -300,7 +304,7 @@ def test_end_to_end_views_run_and_online_augmentation(cli_run, tmp_path):
     assert report
     history = json.loads(next((run / "students").glob("s-kd-*/history.json")).read_text())
     assert len(history["epochs"]) == 2 and np.isfinite(history["losses"]).all()
-    reader = fmt.CacheReader(fmt.resolve(history["settings"]["cache_id"], tmp_path / "ws" / "caches"))
+    reader = fmt.CacheReader(resolve(history["settings"]["cache_id"], tmp_path / "ws" / "caches"))
     assert {"view", "box", "flip", "partner", "lam", "cut_size"} <= set(reader.read(reader.chunks()[0]))
     # fidelity re-runs the teachers on plain inputs: meaningless for views, refused in one line
     result = cli_run("caches", "fidelity", str(reader.dir), expect=1)

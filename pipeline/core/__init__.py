@@ -1,0 +1,4 @@
+"""The ground floor: error types, atomic io and digests, progress lines, typed configuration, the
+codec table, and the process settings a host may opt into. Imports nothing else of pipeline."""
+
+__version__ = "0.1.0"

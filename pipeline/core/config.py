@@ -1,0 +1,737 @@
+"""Typed, frozen configuration: YAML fills the dataclasses, `key=value` overrides on the command line.
+
+    cfg = load_config("configs/demo.yaml", ["student.temperature=2", "cache.encoding=topk"])
+
+Every problem in a config (unknown key, wrong type, invalid value) is collected and reported at
+once, in one line, naming each field. Relative paths are taken from the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.core.codecs import CODECS, codec_problems
+from pipeline.core.errors import ConfigError
+
+Arch = Literal["mlp", "cnn", "import", "gpt", "hf"]
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    source: str | None = None  # None: the labelled training split; else an .npz/.parquet path
+    exclude_classes: tuple[int, ...] = ()  # drop these classes from the transfer set
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: Literal["classify", "lm"] = "classify"  # lm: next-token distributions of language models
+    source: str = "digits"  # classify: "digits" or .npz/.parquet; lm: "python-docs" or .txt/.jsonl/.parquet
+    test_source: str | None = None  # separate test file; else x_test/y_test in the .npz, else a split
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    label_column: str = "label"  # Parquet only
+    feature_columns: tuple[str, ...] | None = None  # Parquet only; None: one list column or all numeric
+    num_classes: int | None = None  # None: inferred as max label + 1
+    transfer: TransferConfig = TransferConfig()
+    # lm only
+    text_field: str = "text"  # .jsonl / Parquet text field
+    tokenizer: str | None = None  # local directory with tokenizer.json; None: train a BPE here
+    vocab_size: int = 8192  # of the BPE trained when tokenizer is None
+    seq_len: int = 64  # tokens a model reads per sequence
+    max_sequences: int | None = None  # cap on training sequences (test: a quarter of it)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in architecture, or a user model given by import path plus checkpoint."""
+
+    name: str
+    arch: Arch = "mlp"
+    hidden: tuple[int, ...] = (256, 256)  # mlp: hidden layer sizes; cnn: width of the head
+    channels: tuple[int, ...] = (32, 64)  # cnn: channels of each conv block
+    dropout: float = 0.0
+    factory: str | None = None  # arch=import: "package.module:function" returning an nn.Module
+    kwargs: dict[str, Any] = field(default_factory=dict)  # arch=import: passed to the factory
+    checkpoint: str | None = None  # arch=import teachers: state_dict file
+    layers: int = 2  # gpt: transformer blocks
+    heads: int = 4  # gpt: attention heads
+    d_model: int = 128  # gpt: width
+    path: str | None = None  # arch=hf: local directory for AutoModelForCausalLM.from_pretrained
+    # training settings; for students, None means "use the student section's value"
+    epochs: int | None = None
+    lr: float | None = None
+    seed: int = 0  # teachers: init/shuffle seed (students use student.seeds)
+    temperature: float | None = None  # students only
+    alpha: float | None = None  # students only
+    version: str | None = None  # arch=import: bump when the model's code changes in ways its source hash misses
+
+
+def _default_teachers() -> tuple[ModelSpec, ...]:
+    return (
+        ModelSpec(name="mlp-wide", arch="mlp", hidden=(1200, 1200), dropout=0.3, seed=0),
+        ModelSpec(name="mlp-deep", arch="mlp", hidden=(512, 512, 512), dropout=0.2, seed=1),
+        ModelSpec(name="cnn", arch="cnn", channels=(32, 64), hidden=(128,), dropout=0.2, seed=2),
+    )
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    members: tuple[ModelSpec, ...] = field(default_factory=_default_teachers)
+    ensemble: Literal["mean_probs", "mean_logprobs"] = "mean_probs"
+    weights: tuple[float, ...] | None = None  # None: equal weights
+    temperature: float = 4.0  # temperature at which the ensemble's targets are cached
+    epochs: int = 30  # built-in teachers: training epochs, unless a member sets its own
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    backend: Literal["zarr", "parquet"] = "zarr"
+    encoding: Literal["dense", "topk", "sampled", "hybrid"] = "dense"
+    dtype: Literal["float16", "float32"] = "float16"  # dense: storage dtype of the log-probs
+    k: int = 5  # topk, hybrid: classes kept exactly per row (the head)
+    bits: Literal[16, 8] = 16  # topk, hybrid: 8 stores log-quantized uint8 log-probs and delta-coded ids
+    logp_range: float = 16.0  # bits=8: log-probs below -logp_range are clipped
+    draws: int = 32  # sampled: ids drawn per row from the distribution; hybrid: from its tail (<= 255)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # teacher compute; auto: bf16 on cuda, else fp32
+    dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
+    rows_per_shard: int | None = None  # the unit of work and of atomic writes; None: see default_layout
+    chunk_rows: int | None = None  # zarr chunk / Parquet row group, the unit of reading; None: default_layout
+    batch_size: int | None = None  # teacher forward batch; None: 512 rows, or 8 sequences for lm
+    logit_rows: int = 2048  # lm: token rows whose (rows, vocab) logits exist at once (teacher, evaluation)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    root: str | None = None  # where caches live; None: <workspace>/caches
+    compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
+    # zarr: shuffle-*: Blosc byte shuffle first (pipeline/cache.py CODECS, README "Codecs")
+    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] = "zstd"
+    views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation of image inputs: the cache's views (cache.views > 0) and, for a cache without
+    views, the student's online augmentation. See pipeline/views.py."""
+
+    crop: Literal["none", "resized", "padded"] = "none"  # resized: RandomResizedCrop; padded: RandomCrop(padding)
+    scale: tuple[float, ...] = (0.08, 1.0)  # resized: range of the box's area over the image's
+    ratio: tuple[float, ...] = (0.75, 4.0 / 3.0)  # resized: range of the box's width / height
+    padding: int = 0  # padded: zero padding on each side (a shift by -padding..padding pixels)
+    translate: int = 0  # any crop: a further shift by -translate..translate pixels on each axis, zero fill
+    flip: float = 0.0  # probability of a horizontal flip
+    mixup_prob: float = 0.0  # probability a view is mixed with a partner sample (needs cache.views > 0)
+    mixup_alpha: float = 0.2  # lambda ~ Beta(alpha, alpha)
+    cutmix_prob: float = 0.0  # probability a view gets a box pasted from a partner (needs cache.views > 0)
+    cutmix_alpha: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        """Whether any pixel changes (an inactive spec gives N copies of the image)."""
+        return self.crop != "none" or self.translate > 0 or self.flip > 0 or self.mixup_prob > 0 or self.cutmix_prob > 0
+
+
+def _default_students() -> tuple[ModelSpec, ...]:
+    return (
+        ModelSpec(name="mlp-30", arch="mlp", hidden=(30,)),
+        ModelSpec(name="mlp-100", arch="mlp", hidden=(100,)),
+    )
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    models: tuple[ModelSpec, ...] = field(default_factory=_default_students)
+    cache: str | None = None  # cache id or directory; None: the cache this config's cache stage makes
+    seeds: tuple[int, ...] = (0,)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # sweep: {temperature: [2, 4], alpha: [0.1, 0.5]}
+    baseline: bool = True  # also train each model on hard labels only (alpha=1), same batches
+    epochs: int = 40
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 3e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    temperature: float | None = None  # None: the cache's temperature (exact); else re-tempered
+    alpha: float = 0.1  # weight of the hard-label cross-entropy; 1 - alpha on the soft targets
+    tail: Literal["uniform", "bucket"] = "uniform"  # topk: how the residual mass is modelled
+    divergence: Literal["forward", "reverse", "jsd"] = "forward"  # forward KL, reverse KL or JSD (sampled: forward only)
+    # lm: token rows whose (rows, vocab) logits are computed at once; the loss of a chunk keeps about
+    # seven (rows, vocab) float32 tensors alive, so 512 rows of a 2,048-token vocabulary peak at 28 MB
+    logit_chunk: int = 512
+    shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
+    checkpoint_every: int = 50  # steps between mid-epoch checkpoints
+    device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """dask-jobqueue SLURMCluster settings; each Slurm job runs `processes` Dask workers."""
+
+    jobs: int = 1
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 8
+    memory: str = "32GB"
+    processes: int = 1
+    walltime: str = "02:00:00"
+    job_extra_directives: tuple[str, ...] = ()  # e.g. ["--gres=gpu:1"]
+    job_script_prologue: tuple[str, ...] = ()  # e.g. ["source .venv/bin/activate"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where stages fan out: in-process, a LocalCluster, an existing scheduler, or Slurm via Dask."""
+
+    kind: Literal["none", "local", "address", "slurm"] = "none"
+    workers: int = 2  # local: worker processes
+    threads_per_worker: int = 1  # Dask threads per worker; torch uses as many intra-op threads
+    address: str | None = None  # kind=address: e.g. tcp://10.0.0.5:8786
+    gpus_per_worker: int = 0  # >0: tasks ask for resources={"GPU": 1}; workers advertise this many
+    retries: int = 2  # a task whose worker dies is rerun this many times
+    worker_timeout: float = 600.0  # seconds to wait for the workers to start (Slurm: to leave the queue)
+    slurm: SlurmConfig = SlurmConfig()
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    ece_bins: int = 15
+
+
+CHUNK_ROWS = 4096  # rows per chunk by default (dense: CHUNK_ROWS // 8); views: a quarter, samples of one view
+
+
+CHUNK_TOKENS = 8192  # language models: tokens per chunk by default (dense: 1,024), in whole sequences
+
+
+SHARD_CHUNKS = 16  # chunks per shard by default
+
+
+def default_layout(task: str, seq_len: int, views: int, encoding: str, chunk_rows: int | None = None,
+                   rows_per_shard: int | None = None) -> tuple[int, int]:
+    """(chunk_rows, rows_per_shard) for settings left unset. A chunk is 4,096 rows (512 dense) or
+    8,192 tokens (1,024 dense) in whole sequences: a few MB stored at most (1.1 MB of top-32 16-bit
+    tokens, 8 MB of dense float16 rows at 8,192 classes), and a student's shuffle buffer of 32
+    chunks stays tens of MB. A shard is 16 chunks, a unit of work worth scheduling whose rows the
+    cache stage holds while writing it (a million classification rows are 16 shards). With views
+    a shard is `views` times a multiple of chunk_rows. A `chunk_rows` that is set sizes the shard;
+    a `rows_per_shard` set alone that is smaller than a chunk (per view) makes the chunk one it
+    divides. Bad values pass through unchanged for `validate` to report."""
+    def given(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    seq_len, views, chunk_rows, rows_per_shard = given(seq_len) or 1, given(views) or 0, given(chunk_rows), given(rows_per_shard)
+    dense = encoding == "dense"
+    if task == "lm":
+        chunk = seq_len * max(1, (1024 if dense else CHUNK_TOKENS) // seq_len)
+        if rows_per_shard and rows_per_shard % seq_len == 0:
+            chunk = min(chunk, rows_per_shard)
+    else:
+        chunk = CHUNK_ROWS // (8 if dense else 1) // (4 if views else 1)
+        if rows_per_shard and views and rows_per_shard % views == 0:
+            per_view = rows_per_shard // views
+            chunk = next(c for c in range(min(chunk, per_view), 0, -1) if per_view % c == 0)
+        elif rows_per_shard and not views:
+            chunk = min(chunk, rows_per_shard)
+    chunk = chunk_rows or chunk
+    if views:
+        return chunk, views * chunk * max(1, SHARD_CHUNKS // views)
+    return chunk, chunk * SHARD_CHUNKS
+
+
+@dataclass(frozen=True)
+class Config:
+    workspace: str = "data"  # root for teachers/, caches/ and runs/
+    run_name: str = "demo"  # run directory: <workspace>/runs/<run_name>
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig = TeachersConfig()
+    cache: CacheConfig = CacheConfig()
+    augment: AugmentConfig = AugmentConfig()
+    student: StudentConfig = StudentConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    def __post_init__(self) -> None:
+        c, d = self.cache, self.data
+        if not (isinstance(c, CacheConfig) and isinstance(d, DataConfig)):
+            return  # a malformed section, reported by _build
+        if c.rows_per_shard is None or c.chunk_rows is None:  # the task's defaults, filled in once
+            chunk, shard = default_layout(d.task, d.seq_len, c.views, c.encoding, c.chunk_rows, c.rows_per_shard)
+            layout = {"chunk_rows": chunk if c.chunk_rows is None else c.chunk_rows,
+                      "rows_per_shard": shard if c.rows_per_shard is None else c.rows_per_shard}
+            object.__setattr__(self, "cache", dataclasses.replace(c, **layout))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workspace) / "runs" / self.run_name
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache.root) if self.cache.root else Path(self.workspace) / "caches"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return Path(self.workspace) / "teachers"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read YAML (or the built-in defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; pass the path of a YAML config")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        try:
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(f"{p}: {e}") from None
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (data:, teachers:, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        errors.extend(validate(cfg))
+    if errors:
+        source = f"{path}: " if path is not None else ""
+        raise ConfigError(source + "; ".join(errors))
+    return cfg
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice in one section (lines {seen[key]} and "
+                                    f"{line}); keep one, the first would be silently dropped")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. student.temperature=4")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty part in key {key!r}; write e.g. student.models.0.hidden=[64]")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(part, key, len(node))]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is a value ({node!r}), not a section or list")
+        if part not in node or node[part] is None:
+            # lists of models need their defaults materialized before an index can be set
+            node[part] = _default_as_raw(parts[: i + 1], key) if parts[i + 1].isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(last, key, len(node))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is a value ({node!r}), not a section or list")
+
+
+def _index(part: str, key: str, length: int) -> int:
+    if not part.isdigit() or int(part) >= length:
+        raise ConfigError(f"override {key}: {part!r} is not an index below {length}")
+    return int(part)
+
+
+def _default_as_raw(path: list[str], key: str) -> Any:
+    node: Any = to_dict(Config())
+    for part in path:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            node = None
+            break
+    if not isinstance(node, list):
+        raise ConfigError(f"override {key}: {'.'.join(path)} is not a list, so it cannot be indexed; "
+                          "check the key's spelling")
+    return node
+
+
+def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem found to `errors`."""
+    if not isinstance(raw, dict):
+        errors.append(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    for key in unknown:
+        errors.append(f"{where}{key}: unknown key; valid keys are {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{where}{name}", errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{where}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required key is missing: already reported
+        return None
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # `hidden: 64` means (64,)
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {type(value).__name__}")
+            return ()
+        return tuple(_coerce(args[0], v, f"{where}.{i}", errors) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{where}.", errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+GRID_KEYS = ("temperature", "alpha", "lr", "epochs")  # ModelSpec fields a student sweep may vary
+
+
+# ModelSpec fields and the architectures they apply to; a field set on any other architecture
+# would be silently ignored, so it is refused. Fields not listed apply to every architecture.
+ARCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "hidden": ("mlp", "cnn"),
+    "channels": ("cnn",),
+    "dropout": ("mlp", "cnn", "gpt"),
+    "factory": ("import",),
+    "kwargs": ("import",),
+    "checkpoint": ("import",),
+    "version": ("import",),
+    "layers": ("gpt",),
+    "heads": ("gpt",),
+    "d_model": ("gpt",),
+    "path": ("hf",),
+}
+
+
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def valid_device(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N: the forms the stages accept."""
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    kind, _, index = name.partition(":")
+    return kind == "cuda" and index.isdigit()
+
+
+def _spec_fields_that_do_not_apply(m: ModelSpec, teacher: bool) -> list[tuple[str, str]]:
+    """(field, why) for every field set to a non-default value that `m`'s architecture ignores."""
+    defaults = ModelSpec(name=m.name)
+    out = []
+    for name, archs in ARCH_FIELDS.items():
+        if m.arch not in archs and getattr(m, name) != getattr(defaults, name):
+            out.append((name, f"applies to arch {' or '.join(archs)}, not {m.arch}"))
+    if teacher:
+        for name in ("temperature", "alpha"):
+            if getattr(m, name) is not None:
+                out.append((name, "applies to students only (teachers.temperature sets the cache's)"))
+        if m.arch in ("import", "hf"):
+            for name in ("epochs", "lr"):
+                if getattr(m, name) is not None:
+                    out.append((name, f"{m.arch} teachers are loaded, not trained here"))
+    else:
+        if m.checkpoint is not None:
+            out.append(("checkpoint", "students are trained from scratch; checkpoints apply to teachers"))
+        if m.seed != defaults.seed:
+            out.append(("seed", "students take their seeds from student.seeds"))
+    return out
+
+
+def _check_grid_value(key: str, v: Any) -> str | None:
+    if key == "epochs":
+        return None if isinstance(v, int) and v >= 1 else "must be integers >= 1"
+    if key == "alpha":
+        return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+    return None if v > 0 else "must be > 0"  # temperature, lr
+
+
+def validate(cfg: Config) -> list[str]:
+    """Value checks that types cannot express; returns every problem found."""
+    e: list[str] = []
+    d, t, c, s = cfg.data, cfg.teachers, cfg.cache, cfg.student
+    if not 0.0 < d.test_fraction < 1.0:
+        e.append(f"data.test_fraction: {d.test_fraction} must be between 0 and 1")
+    if d.num_classes is not None and d.num_classes < 2:
+        e.append("data.num_classes: must be at least 2")
+    bad_excluded = [k for k in d.transfer.exclude_classes
+                    if k < 0 or (d.num_classes is not None and k >= d.num_classes)]
+    if bad_excluded:  # with num_classes unset, the upper bound is checked when the data is loaded
+        bound = f"[0, {d.num_classes})" if d.num_classes is not None else "classes >= 0"
+        e.append(f"data.transfer.exclude_classes: {bad_excluded[0]} is not a class; give {bound}")
+    if d.task == "lm" and d.transfer.exclude_classes:
+        e.append("data.transfer.exclude_classes: applies to data.task classify only")
+    if not t.members:
+        e.append("teachers.members: give at least one teacher")
+    if t.weights is not None:
+        if len(t.weights) != len(t.members):
+            e.append(f"teachers.weights: {len(t.weights)} weights for {len(t.members)} teachers")
+        elif any(w < 0 for w in t.weights) or sum(t.weights) <= 0:
+            e.append("teachers.weights: must be non-negative with a positive sum")
+    if t.temperature <= 0:
+        e.append("teachers.temperature: must be > 0")
+    if t.epochs < 1:
+        e.append(f"teachers.epochs: {t.epochs} must be >= 1")
+    if t.batch_size < 1:
+        e.append(f"teachers.batch_size: {t.batch_size} must be >= 1")
+    if t.lr <= 0:
+        e.append(f"teachers.lr: {t.lr} must be > 0")
+    if t.weight_decay < 0:
+        e.append(f"teachers.weight_decay: {t.weight_decay} must be >= 0")
+    for section, members in (("teachers.members", t.members), ("student.models", s.models)):
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            e.append(f"{section}: names must be unique, got {', '.join(names)}")
+        for i, m in enumerate(members):
+            where = f"{section}.{i}"
+            if m.arch == "import" and not m.factory:
+                e.append(f"{where}.factory: arch=import needs factory: 'package.module:function'")
+            if m.arch == "import" and section == "teachers.members" and not m.checkpoint:
+                e.append(f"{where}.checkpoint: arch=import teachers need a state_dict file")
+            if m.factory and ":" not in m.factory:
+                e.append(f"{where}.factory: {m.factory!r} must look like 'package.module:function'")
+            for name, why in _spec_fields_that_do_not_apply(m, teacher=section == "teachers.members"):
+                e.append(f"{where}.{name}: {why}; remove it")
+            if not 0.0 <= m.dropout < 1.0:
+                e.append(f"{where}.dropout: must be in [0, 1)")
+            if m.alpha is not None and not 0.0 <= m.alpha <= 1.0:
+                e.append(f"{where}.alpha: must be in [0, 1]")
+            if m.temperature is not None and m.temperature <= 0:
+                e.append(f"{where}.temperature: must be > 0")
+            if m.epochs is not None and m.epochs < 1:
+                e.append(f"{where}.epochs: {m.epochs} must be >= 1")
+            if m.lr is not None and m.lr <= 0:
+                e.append(f"{where}.lr: {m.lr} must be > 0")
+            if any(h < 1 for h in m.hidden) or any(ch < 1 for ch in m.channels):
+                e.append(f"{where}: layer sizes must be positive")
+            if m.layers < 1 or m.heads < 1 or m.d_model < 1:
+                e.append(f"{where}: layers, heads and d_model must be >= 1")
+            if "/" in m.name or "\\" in m.name or m.name.startswith(".") or not m.name:
+                e.append(f"{where}.name: {m.name!r} must be non-empty, without '/', and not start with '.'")
+    if c.k < 1:
+        e.append("cache.k: must be >= 1")
+    if c.rows_per_shard < 1 or c.chunk_rows < 1 or (c.batch_size is not None and c.batch_size < 1):
+        e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
+    if c.logit_rows < 1:
+        e.append(f"cache.logit_rows: {c.logit_rows} must be >= 1")
+    if c.codec in CODECS:  # an unknown one is refused with its type
+        e.extend(f"cache.{problem}" for problem in codec_problems(c.codec, c.compression_level, c.backend))
+    if c.logp_range <= 0:
+        e.append("cache.logp_range: must be > 0")
+    if not 1 <= c.draws <= 255:
+        e.append("cache.draws: must be in 1..255 (counts are stored as uint8)")
+    if c.dense_max_classes < 2:
+        e.append("cache.dense_max_classes: must be >= 2")
+    for key, dev in (("cache.device", c.device), ("student.device", s.device)):
+        if not valid_device(dev):
+            e.append(f"{key}: {dev!r} is not a device; use {DEVICE_FORMS}")
+    if d.task == "lm":
+        if d.seq_len < 2:
+            e.append("data.seq_len: must be >= 2")
+        for key in ("rows_per_shard", "chunk_rows"):
+            if d.seq_len >= 1 and getattr(c, key) % d.seq_len:
+                e.append(f"cache.{key}: {getattr(c, key)} must be a multiple of data.seq_len={d.seq_len} "
+                         "(a language-model row is a token; sequences never straddle chunks)")
+        for section, members in (("teachers.members", t.members), ("student.models", s.models)):
+            for i, m in enumerate(members):
+                if m.arch not in ("gpt", "hf"):
+                    e.append(f"{section}.{i}.arch: data.task lm needs arch gpt or hf, got {m.arch}")
+                if m.arch == "hf" and not m.path:
+                    e.append(f"{section}.{i}.path: arch hf needs a local model directory")
+    else:
+        defaults = StudentConfig()
+        for key in ("logit_chunk",):
+            if getattr(s, key) != getattr(defaults, key):
+                e.append(f"student.{key}: applies to data.task lm only; remove it")
+    if s.logit_chunk < 1:
+        e.append("student.logit_chunk: must be >= 1")
+    if c.encoding == "sampled" and s.divergence != "forward":
+        e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
+                 "support forward only, use cache.encoding=hybrid or topk")
+    if not s.models:
+        e.append("student.models: give at least one student model")
+    if not s.seeds:
+        e.append("student.seeds: give at least one seed")
+    for key, values in s.grid.items():
+        if key not in GRID_KEYS:
+            e.append(f"student.grid.{key}: not sweepable; use {', '.join(GRID_KEYS)}")
+        elif not isinstance(values, list) or not values:
+            e.append(f"student.grid.{key}: give a non-empty list of values")
+        elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            e.append(f"student.grid.{key}: values must be numbers")
+        else:
+            bad = [(v, why) for v in values if (why := _check_grid_value(key, v))]
+            if bad:
+                e.append(f"student.grid.{key}: {bad[0][0]!r} is invalid; values {bad[0][1]}")
+    if not 0.0 <= s.alpha <= 1.0:
+        e.append("student.alpha: must be in [0, 1]")
+    if s.temperature is not None and s.temperature <= 0:
+        e.append("student.temperature: must be > 0")
+    if s.epochs < 1 or s.batch_size < 1 or s.shuffle_chunks < 1 or s.checkpoint_every < 1:
+        e.append("student: epochs, batch_size, shuffle_chunks and checkpoint_every must be >= 1")
+    if s.lr <= 0:
+        e.append(f"student.lr: {s.lr} must be > 0")
+    if s.weight_decay < 0 or s.momentum < 0:
+        e.append("student: weight_decay and momentum must be >= 0")
+    e.extend(_validate_views(cfg))
+    k = cfg.cluster
+    if k.kind == "address" and not k.address:
+        e.append("cluster.address: kind=address needs a scheduler address, e.g. tcp://host:8786")
+    if k.workers < 1 or k.threads_per_worker < 1 or k.retries < 0 or k.gpus_per_worker < 0:
+        e.append("cluster: workers and threads_per_worker must be >= 1, retries and gpus_per_worker >= 0")
+    if k.worker_timeout <= 0:
+        e.append("cluster.worker_timeout: must be > 0 seconds")
+    if k.slurm.jobs < 1 or k.slurm.processes < 1 or k.slurm.cores < 1:
+        e.append("cluster.slurm: jobs, processes and cores must be >= 1")
+    if cfg.evaluate.ece_bins < 1:
+        e.append("evaluate.ece_bins: must be >= 1")
+    if not cfg.run_name or cfg.run_name in (".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name:
+        e.append(f"run_name: {cfg.run_name!r} must be a plain directory name (not '.', '..', or with '/')")
+    if not cfg.workspace:
+        e.append("workspace: must be a directory path")
+    return e
+
+
+def _validate_views(cfg: Config) -> list[str]:
+    e: list[str] = []
+    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
+    for key in ("scale", "ratio"):
+        pair = getattr(a, key)
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key == "scale" and pair[1] > 1):
+            bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
+            e.append(f"augment.{key}: {list(pair)} must be two numbers [low, high] with {bound}")
+    if a.padding < 0 or a.translate < 0 or a.padding > 64 or a.translate > 64:
+        e.append("augment: padding and translate must be pixel counts in 0..64")
+    if a.crop == "padded" and a.padding == 0:
+        e.append("augment.padding: crop padded needs padding >= 1 (pixels of shift each way)")
+    for key in ("flip", "mixup_prob", "cutmix_prob"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            e.append(f"augment.{key}: {getattr(a, key)} must be a probability in [0, 1]")
+    if a.mixup_prob + a.cutmix_prob > 1.0:
+        e.append("augment: mixup_prob + cutmix_prob must be <= 1 (a view is mixed one way at most)")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(a, key) <= 0:
+            e.append(f"augment.{key}: must be > 0")
+    if not 0 <= n <= 65535:
+        e.append(f"cache.views: {n} must be in 0..65535 (view indices are stored as uint16)")
+    elif n > 0:
+        if cfg.data.task == "lm":
+            e.append("cache.views: augmented views apply to data.task classify (image inputs)")
+        if not a.active:
+            e.append(f"cache.views: {n} views of an unaugmented image are {n} identical copies; "
+                     "set augment.crop, augment.flip, augment.translate or mixup/cutmix")
+        if c.rows_per_shard % n or (c.rows_per_shard // n) % c.chunk_rows:
+            e.append(f"cache.rows_per_shard: {c.rows_per_shard} must be cache.views={n} times a multiple of "
+                     f"cache.chunk_rows={c.chunk_rows} (rows are view-major in a shard, so that a chunk holds one "
+                     f"view), e.g. {n * c.chunk_rows * max(1, round(c.rows_per_shard / (n * c.chunk_rows)))}")
+    elif a.mixup_prob > 0 or a.cutmix_prob > 0:
+        e.append("augment: mixup/cutmix need cache.views >= 1 (the teachers must see the mixed images; "
+                 "a cache of plain images has no targets for them)")
+    return e
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config (tuples as lists), for YAML/JSON and hashing."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def non_default(spec: Any) -> dict[str, Any]:
+    """Plain-data view of a dataclass with only the fields that differ from their defaults."""
+    out = {}
+    for f in dataclasses.fields(spec):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(spec, f.name)
+        if default is dataclasses.MISSING or value != default:
+            out[f.name] = to_dict(value)
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+

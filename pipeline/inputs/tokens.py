@@ -1,0 +1,266 @@
+"""The one-time tokenize step: a text corpus streamed through the tokenizer into flat token files,
+content-addressed like a cache, and the language-model splits mapped from them.
+
+    logitcache tokenize configs/lm.yaml
+    logitcache tokenize my.yaml data.source=corpus.jsonl data.tokenizer=tok/
+
+Every LM stage calls `load_lm_splits`, which finds the tokenized corpus (or makes it, as this
+command does) and maps it; nothing reads the whole corpus into memory.
+
+<workspace>/tokens/<id>/
+  manifest.json         written last: format, dtype, vocabulary, eos, counts, digests, identity
+  train.bin             token ids of the training documents, each followed by eos (uint16 when the
+                        vocabulary fits 65,536 ids, else uint32; little-endian, no header)
+  train.offsets.npy     int64 (n_docs + 1): document d is train.bin[offsets[d]:offsets[d + 1]], eos included
+  test.bin, test.offsets.npy
+  transfer.bin, transfer.offsets.npy    only with data.transfer.source
+
+The id hashes everything that determines the tokens: each source's content digest (remembered per
+machine), data.text_field, the tokenizer (its file's digest, or the vocabulary size of the BPE
+trained here), the split (data.split_seed and data.test_fraction, or data.test_source) and the
+format version. The split is by document, as it always was: a permutation of the documents by
+data.split_seed, the first round(n * test_fraction) go to test, each split keeps source order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from pipeline.core.config import DataConfig
+from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.io import (
+    atomic_write_json,
+    check_writable,
+    file_digest,
+    fsync_dir,
+    hash_json,
+    publish_dir,
+    read_json,
+    remove_dead_tmp,
+    tmp_name,
+)
+from pipeline.core.progress import bar
+from pipeline.inputs.text import (
+    Tokenizer,
+    count_documents,
+    is_pretokenized,
+    iter_documents,
+    source_identity,
+    tokenizer_file,
+    tokenizer_for,
+)
+
+TOKENS_FORMAT = 1
+
+
+# One encode_batch call holds its documents' Encodings (about 130 bytes a token: ids, offsets, token
+# strings) and their ids as Python lists (about 33 more): 1,000 paragraphs of bench/scale.py's corpus
+# (1 MB of text, 192k tokens) took 30 MB, and 1,000 long documents would take any amount. So a batch
+# ends at BATCH_DOCS documents or BATCH_CHARS characters (token ids when pre-tokenized), whichever
+# comes first (128k characters of that corpus: 25k tokens, about 4 MB); a longer document comes alone.
+# Characters, not bytes: len() costs nothing, and byte-level BPE makes at most 4 tokens a character.
+BATCH_DOCS = 1000
+
+
+BATCH_CHARS = 1 << 17
+
+
+def identity(d: DataConfig) -> dict[str, Any]:
+    """Everything that determines the token files; its hash is the directory's id. Cheap: file
+    digests are remembered per machine, nothing is tokenized."""
+    tokenizer = ({"sha256": file_digest(tokenizer_file(Path(d.tokenizer)))} if d.tokenizer is not None
+                 else {"bpe_vocab_size": d.vocab_size})
+    split = ({"test_source": source_identity(d.test_source, "data.test_source")} if d.test_source is not None
+             else {"split_seed": d.split_seed, "test_fraction": d.test_fraction})
+    transfer = (source_identity(d.transfer.source, "data.transfer.source") if d.transfer.source is not None
+                else None)
+    return {"format_version": TOKENS_FORMAT, "source": source_identity(d.source, "data.source"),
+            "text_field": d.text_field, "tokenizer": tokenizer, "split": split, "transfer": transfer}
+
+
+def tokenize(d: DataConfig, workspace: str) -> Path:
+    """The directory of `d`'s tokenized corpus: reused if complete, else written to a temporary
+    directory and renamed into place (a writer that loses the race keeps the winner's)."""
+    if d.task != "lm":
+        raise ConfigError(f"data.task: tokenize applies to data.task lm, this config has {d.task!r}")
+    ident = identity(d)
+    root = Path(workspace) / "tokens"
+    final = root / hash_json(ident)[:16]
+    if final.exists():
+        read_manifest(final)
+        return final
+    check_writable(root, "workspace")
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead_tmp(root)
+    tmp = tmp_name(final)
+    tmp.mkdir()
+    try:
+        manifest = _write(d, workspace, tmp)
+        atomic_write_json(tmp / "manifest.json", {**manifest, "id": final.name, "identity": ident, "complete": True})
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, final)
+    fsync_dir(root)
+    return final
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """A tokenized corpus's manifest; a directory without a complete one is refused in one line."""
+    path = directory / "manifest.json"
+    fix = f"remove {directory} and rerun `logitcache tokenize`"
+    if not path.is_file():
+        raise DataError(f"{directory}: tokenized corpus without manifest.json; {fix}")
+    manifest = read_json(path, DataError, fix)
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        raise DataError(f"{path}: not a complete tokenized corpus; {fix}")
+    if manifest.get("format_version") != TOKENS_FORMAT:
+        raise DataError(f"{path}: tokens format {manifest.get('format_version')}, this version reads "
+                        f"{TOKENS_FORMAT}; {fix}")
+    return manifest
+
+
+class TokenFile:
+    """Appends documents to <name>.bin, each followed by eos, and their end offsets to
+    <name>.offsets.npy, by buffered file writes: memory holds one batch, whatever the corpus size.
+    The data is hashed as it is written."""
+
+    def __init__(self, directory: Path, name: str, dtype: np.dtype, vocab_size: int, eos: int, source: str) -> None:
+        self.directory, self.name, self.dtype = directory, name, dtype
+        self.vocab_size, self.eos, self.source = vocab_size, eos, source
+        self.tokens: BinaryIO = open(directory / f"{name}.bin", "wb")
+        self.ends: BinaryIO = open(directory / f".{name}.ends", "wb")  # int64 end offsets, raw
+        self.sha256 = hashlib.sha256()
+        self.n_docs = self.n_tokens = 0
+
+    def append(self, docs: Sequence[Sequence[int] | np.ndarray]) -> None:
+        lengths = np.fromiter((len(ids) + 1 for ids in docs), dtype=np.int64, count=len(docs))
+        ends = np.cumsum(lengths)
+        flat = np.full(int(ends[-1]) if len(docs) else 0, self.eos, dtype=np.int64)  # (batch tokens,)
+        for ids, end, n in zip(docs, ends, lengths):
+            flat[end - n:end - 1] = ids
+        if len(flat) and flat.max() >= self.vocab_size:
+            raise DataError(f"{self.source}: token id {int(flat.max())} outside the tokenizer's vocabulary "
+                            f"of {self.vocab_size}; tokenize with the tokenizer in data.tokenizer")
+        data = flat.astype(self.dtype.newbyteorder("<")).tobytes()
+        self.tokens.write(data)
+        self.sha256.update(data)
+        self.ends.write((ends + self.n_tokens).astype("<i8").tobytes())
+        self.n_docs += len(docs)
+        self.n_tokens += len(flat)
+
+    def close(self) -> dict[str, Any]:
+        """Flush and fsync; write the offsets as .npy (a header, then 0 and the streamed ends)."""
+        for f in (self.tokens, self.ends):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        raw = self.directory / f".{self.name}.ends"
+        with open(self.directory / f"{self.name}.offsets.npy", "wb") as out, open(raw, "rb") as src:
+            np.lib.format.write_array_header_1_0(out, {"descr": "<i8", "fortran_order": False,
+                                                       "shape": (self.n_docs + 1,)})
+            out.write(np.zeros(1, dtype="<i8").tobytes())
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        raw.unlink()
+        return {"file": f"{self.name}.bin", "offsets": f"{self.name}.offsets.npy", "n_docs": self.n_docs,
+                "n_tokens": self.n_tokens, "sha256": self.sha256.hexdigest()}
+
+
+def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
+    """Tokenize every split of `d` into `out`; the manifest's entries."""
+    n_docs = count_documents(d.source, "data.source", d.text_field)  # a cheap first pass: nothing tokenized
+    in_test: np.ndarray | None = None  # (n_docs,) bool: held-out documents
+    if d.test_source is None:
+        # a deterministic document-level split keeps held-out text unseen by teachers and students
+        order = np.random.default_rng(d.split_seed).permutation(n_docs)
+        in_test = np.zeros(n_docs, dtype=bool)
+        in_test[order[:max(1, round(n_docs * d.test_fraction))]] = True
+
+    def train_docs() -> Iterator[str]:
+        docs = iter_documents(d.source, "data.source", d.text_field)
+        return docs if in_test is None else (doc for doc, t in zip(docs, in_test) if not t)  # type: ignore[misc]
+
+    pretokenized = is_pretokenized(d.source, "data.source")
+    tok = tokenizer_for(d, workspace, None if pretokenized else train_docs)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    files = {name: TokenFile(out, name, dtype, tok.vocab_size, tok.eos, source)
+             for name, source in (("train", d.source), ("test", d.test_source or d.source),
+                                  ("transfer", d.transfer.source)) if source is not None}
+    written = _stream(d.source, "data.source", d, tok, [files["train"], files["test"]], in_test)
+    if written != n_docs:
+        raise DataError(f"data.source: {d.source} changed while it was tokenized ({n_docs} documents, then "
+                        f"{written}); rerun when it is no longer being written")
+    if d.test_source is not None:
+        _stream(d.test_source, "data.test_source", d, tok, [files["test"]], None)
+    if d.transfer.source is not None:
+        _stream(d.transfer.source, "data.transfer.source", d, tok, [files["transfer"]], None)
+    return {"format_version": TOKENS_FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size,
+            "vocab_fingerprint": tok.fingerprint, "tokenizer": str(tok.path), "eos": tok.eos,
+            "splits": {name: f.close() for name, f in files.items()}}
+
+
+def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[TokenFile], in_test: np.ndarray | None) -> int:
+    """Encode `path`'s documents in batches (`_batches`) into files[0], or files[1] where `in_test`;
+    the number of documents read."""
+    n = 0
+    progress = bar(None, f"tokenize {path}", "tokens")  # a line every LOGITCACHE_PROGRESS_INTERVAL s in job logs
+    for batch in _batches(iter_documents(path, key, d.text_field)):
+        ids = tok.encode(batch) if isinstance(batch[0], str) else batch
+        written = sum(f.n_tokens for f in files)
+        if in_test is None:
+            files[0].append(ids)
+        else:
+            test = in_test[n:n + len(batch)]
+            if len(test) < len(batch):
+                raise DataError(f"{key}: {path} changed while it was tokenized (more documents than counted); "
+                                "rerun when it is no longer being written")
+            files[0].append([x for x, t in zip(ids, test) if not t])
+            files[1].append([x for x, t in zip(ids, test) if t])
+        n += len(batch)
+        progress.update(sum(f.n_tokens for f in files) - written)  # the files count end-of-text tokens too
+    progress.close()
+    return n
+
+
+def _batches(docs: Iterator[Any]) -> Iterator[list[Any]]:
+    """Consecutive documents, at most BATCH_DOCS of them and BATCH_CHARS of their length together,
+    except a longer document, which comes alone."""
+    batch: list[Any] = []
+    size = 0
+    for doc in docs:
+        if batch and size + len(doc) > BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) == BATCH_DOCS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def sequences(directory: Path, manifest: dict[str, Any], split: str, seq_len: int,
+              limit: int | None = None) -> np.ndarray:
+    """(N, seq_len + 1) token ids of `split`, memory-mapped (no copy): the flat token file cut into
+    consecutive sequences, the remainder dropped; at most `limit` sequences."""
+    entry = manifest["splits"][split]
+    n = entry["n_tokens"] // (seq_len + 1)
+    if limit is not None:
+        n = min(n, limit)
+    if n == 0:  # an empty file cannot be mapped
+        return np.zeros((0, seq_len + 1), dtype=manifest["dtype"])
+    flat = np.memmap(directory / entry["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r",
+                     shape=(entry["n_tokens"],))
+    return flat[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+

@@ -1,0 +1,179 @@
+"""The teacher ensemble: where each teacher's weights live, loading them, and combining outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.core.config import Config, ModelSpec
+from pipeline.core.errors import ModelError
+from pipeline.core.io import file_digest, hash_json, tree_digest
+from pipeline.inputs.arrays import Splits
+from pipeline.models.builders import build_model, first_line, import_factory, load_state
+
+TEACHER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    index: int
+    spec: ModelSpec
+    checkpoint: Path
+    trained_here: bool  # built-in teachers are fitted by the `teachers` stage
+
+    @property
+    def where(self) -> str:
+        return f"teachers.members.{self.index}"
+
+
+def teacher_refs(cfg: Config, splits: Splits) -> list[TeacherRef]:
+    refs = []
+    for i, spec in enumerate(cfg.teachers.members):
+        if spec.arch == "import":
+            assert spec.checkpoint is not None
+            refs.append(TeacherRef(i, spec, Path(spec.checkpoint), trained_here=False))
+        elif spec.arch == "hf":
+            assert spec.path is not None
+            refs.append(TeacherRef(i, spec, Path(spec.path), trained_here=False))
+        else:
+            identity = {"format": TEACHER_FORMAT, "spec": _spec_dict(spec), "train": splits.train.fingerprint,
+                        "classes": splits.num_classes, "fit": training_settings(cfg, spec)}
+            if splits.vocab:
+                identity["vocab"] = splits.vocab
+            key = hash_json(identity)[:12]
+            path = cfg.teacher_dir / f"{spec.name}-{key}" / "model.pt"
+            refs.append(TeacherRef(i, spec, path, trained_here=True))
+    return refs
+
+
+def training_settings(cfg: Config, spec: ModelSpec) -> dict:
+    t = cfg.teachers
+    return {"epochs": t.epochs if spec.epochs is None else spec.epochs,
+            "lr": t.lr if spec.lr is None else spec.lr, "batch_size": t.batch_size,
+            "weight_decay": t.weight_decay, "seed": spec.seed}
+
+
+def _spec_dict(spec: ModelSpec) -> dict:
+    """The fields that differ from their defaults: a new config field with a default never
+    changes the identity of an existing teacher, nor the caches made from it."""
+    from pipeline.core.config import non_default
+
+    d = non_default(spec)
+    for k in ("temperature", "alpha"):  # student-only fields never change a teacher
+        d.pop(k, None)
+    return d
+
+
+def load_teacher(ref: TeacherRef, splits: Splits, device: torch.device) -> nn.Module:
+    if ref.trained_here and not ref.checkpoint.is_file():
+        raise ModelError(f"{ref.where} ({ref.spec.name}): not trained yet ({ref.checkpoint} missing); "
+                         "run `logitcache teachers CONFIG` first")
+    if ref.spec.arch == "hf" and splits.vocab and (ref.checkpoint / "tokenizer.json").is_file():
+        from pipeline.inputs.text import Tokenizer
+
+        theirs = Tokenizer(ref.checkpoint).fingerprint
+        if theirs != splits.vocab:
+            raise ModelError(f"{ref.where} ({ref.spec.name}): its tokenizer (vocab {theirs}) differs from "
+                             f"data.tokenizer (vocab {splits.vocab}); an ensemble of language models must "
+                             "share one tokenizer")
+    model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
+    if ref.spec.arch != "hf":  # from_pretrained already loaded the weights
+        load_state(model, ref.checkpoint, ref.where)
+    return model.to(device).eval()
+
+
+def teacher_identity(ref: TeacherRef) -> dict:
+    """What the cache id needs from a teacher: its spec, the hash of its exact weights and, for an
+    imported model, the hash of the source file that defines it (spec.version covers the rest)."""
+    if not ref.checkpoint.exists():
+        field = "path" if ref.spec.arch == "hf" else "checkpoint"
+        if ref.trained_here:
+            raise ModelError(f"{ref.where} ({ref.spec.name}): not trained yet ({ref.checkpoint} missing); "
+                             "run `logitcache teachers CONFIG` first")
+        raise ModelError(f"{ref.where}.{field}: {ref.checkpoint} does not exist; give the teacher's "
+                         + ("model directory" if field == "path" else "state_dict file (torch.save)"))
+    digest = tree_digest(ref.checkpoint)[0] if ref.checkpoint.is_dir() else file_digest(ref.checkpoint)
+    identity = {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest}
+    if ref.spec.arch == "import":
+        identity["code_sha256"] = factory_source_sha256(ref.spec, f"{ref.where}.factory")
+    return identity
+
+
+def factory_source_sha256(spec: ModelSpec, where: str) -> str:
+    """sha256 of the source file of the factory's module, found without running the module when
+    its package is already importable; editing a model's forward changes the cache id."""
+    import importlib.util
+    import inspect
+
+    assert spec.factory is not None
+    module_name = spec.factory.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as e:
+        raise ModelError(f"{where}: cannot import {spec.factory!r} ({e}); check the module is on PYTHONPATH") from None
+    except Exception as e:  # a parent package's __init__ failed
+        raise ModelError(f"{where}: importing {module_name} raised {first_line(e)}") from None
+    if found is None:
+        raise ModelError(f"{where}: cannot import {spec.factory!r} (no module named {module_name!r}); "
+                         "check the module is on PYTHONPATH")
+    source = Path(found.origin) if found.origin and found.has_location else None
+    if source is None or source.suffix != ".py":  # a compiled or namespace module: ask the loaded one
+        fn = import_factory(spec, where)
+        name = inspect.getsourcefile(fn) or getattr(inspect.getmodule(fn), "__file__", None)
+        source = Path(name) if name else None
+    if source is None or not source.is_file():
+        raise ModelError(f"{where}: cannot find the source file of {spec.factory!r} to put in the cache id; "
+                         "define the factory in a .py module")
+    return file_digest(source)
+
+
+def normalized_weights(cfg: Config) -> list[float]:
+    w = cfg.teachers.weights or tuple(1.0 for _ in cfg.teachers.members)
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def combine(logits: list[torch.Tensor], mode: str, weights: list[float], temperature: float) -> torch.Tensor:
+    """Ensemble log-probabilities at `temperature` from each teacher's logits (B, C) -> (B, C).
+
+    mean_probs: log of the weighted mean of softmax(z/T) (Hinton et al.);
+    mean_logprobs: the renormalized weighted geometric mean.
+    """
+    if len(logits) == 1:
+        return torch.log_softmax(logits[0].float() / temperature, dim=-1)
+    logp = torch.stack([torch.log_softmax(z.float() / temperature, dim=-1) for z in logits])  # (M, B, C)
+    w = torch.tensor(weights, dtype=logp.dtype, device=logp.device).view(-1, 1, 1)
+    if mode == "mean_probs":
+        return torch.logsumexp(logp + torch.log(w), dim=0)
+    return torch.log_softmax((logp * w).sum(0), dim=-1)
+
+
+def token_logits(models: list[nn.Module], tokens: torch.Tensor, rows: int) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """Each language model's logits for `tokens` (B, L), `rows` token rows at a time: the trunk runs
+    once per batch, the output projection per chunk, so memory is bounded by rows x vocab, never
+    B x L x vocab. Yields (token rows, sequence-major; each model's logits (rows, V))."""
+    trunks = []
+    for m in models:
+        if callable(getattr(m, "hidden", None)) and isinstance(getattr(m, "head", None), nn.Module):
+            h = m.hidden(tokens)  # (B, L, d)
+            trunks.append((h.reshape(-1, h.shape[-1]), m.head))
+        else:  # no trunk/head split: the whole batch's logits at once (keep its batch small)
+            z = m(tokens)  # (B, L, V)
+            trunks.append((z.reshape(-1, z.shape[-1]), None))
+    n = trunks[0][0].shape[0]
+    for r in range(0, n, rows):
+        yield slice(r, min(r + rows, n)), [h[r:r + rows] if head is None else head(h[r:r + rows]) for h, head in trunks]
+
+
+def check_finite(z: torch.Tensor, name: str, sample_ids: torch.Tensor) -> None:
+    lo, hi = torch.aminmax(z, dim=-1)  # NaN propagates to both; no (rows, C) mask is made
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    if bool(bad.any()):
+        ids = sample_ids[bad.cpu()][:3].tolist()
+        raise ModelError(f"teacher {name}: NaN or infinite outputs for sample ids {ids}; "
+                         "check the checkpoint and inputs (nothing was written for this shard)")
+

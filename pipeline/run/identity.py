@@ -1,0 +1,197 @@
+"""A cache's identity: the spec of everything that determines its targets, and its directory.
+
+    ctx = context(cfg)      # hashes the transfer set and each teacher's checkpoint
+    ctx.dir                 # <cache root>/<cache_id>
+
+Shared by the cache stage (which writes it), the student stage (which reads the cache its config
+makes) and `caches fidelity`. Built fresh on every call and passed explicitly: nothing outlives the
+files it was computed from.
+
+The cache stage also records, under <workspace>/runs/.caches/, which cache it made for a config: the id,
+a hash of the config sections that determine the targets, and the (size, mtime, inode) of every
+teacher file it hashed. `find_cache` serves students from that record without reading teacher
+files, and falls back to hashing them whenever the config or any teacher file present differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core.codecs import layout_codec
+from pipeline.core.config import Config
+from pipeline.core.io import atomic_write_json, hash_json
+from pipeline.core.progress import log
+from pipeline.format import manifest as fmt
+from pipeline.format.encodings import Encoding, encoding_from_config
+from pipeline.format.views import ViewSpec
+from pipeline.inputs.arrays import Splits
+from pipeline.inputs.augment import check_images
+from pipeline.inputs.splits import load_splits
+from pipeline.models.builders import resolve_device
+from pipeline.models.ensemble import TeacherRef, normalized_weights, teacher_identity, teacher_refs
+from pipeline.models.lm import output_width
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything derived from the config and the files it names, built once per call and passed
+    explicitly: nothing outlives the files it was computed from."""
+
+    cfg: Config
+    splits: Splits
+    spec: dict[str, Any]
+    dir: Path
+    encoding: Encoding
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16: the teachers' compute dtype
+    teacher_files: tuple[tuple[str, int, int, int], ...] | None = None  # (path, size, mtime_ns, inode)
+    # of each file hashed into the spec, unchanged while hashing; None if one changed meanwhile
+    views: ViewSpec | None = None  # cache.views > 0: each row is one augmented view
+
+    @property
+    def token_rows(self) -> bool:
+        return self.cfg.data.task == "lm"
+
+
+def context(cfg: Config) -> Context:
+    splits = load_splits(cfg)
+    refs = teacher_refs(cfg, splits)
+    files_before = _file_stats(_teacher_files(refs))
+    c = cfg.cache
+    enc = encoding_from_config(c, splits.num_classes)
+    device = resolve_device(c.device, "cache.device")
+    precision = c.precision if c.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    spec = {
+        "format_version": fmt.FORMAT_VERSION,
+        "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
+                    "input_shape": list(splits.input_shape)},
+        "num_classes": splits.num_classes,
+        "teachers": [_identity(r, splits.num_classes) for r in refs],
+        "ensemble": cfg.teachers.ensemble,
+        "weights": normalized_weights(cfg),
+        "temperature": cfg.teachers.temperature,
+        "encoding": enc.params(),
+        "compute": {"device": device.type, "precision": precision},  # bf16 targets differ from fp32 ones
+        "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
+    }
+    spec["layout"].update(layout_codec(c.codec))
+    if cfg.data.task == "lm":
+        spec["dataset"].update(seq_len=cfg.data.seq_len, tokens=len(splits.transfer) * cfg.data.seq_len,
+                               vocab_fingerprint=splits.vocab)
+    if not enc.retemperable:  # drawn ids: the seed determines the targets
+        spec["sampling_seed"] = cfg.seed
+    views = None
+    if c.views > 0:  # only then: caches without views keep their ids
+        views = ViewSpec(c.views, cfg.augment, cfg.seed, check_images(splits.input_shape, "cache.views"))
+        spec["views"] = views.to_json()
+    files = _file_stats(_teacher_files(refs))
+    return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision,
+                   teacher_files=files if files == files_before else None, views=views)
+
+
+def _identity(ref: TeacherRef, num_classes: int) -> dict[str, Any]:
+    """A teacher's identity; a Hugging Face model whose output layer is padded past the tokenizer
+    also records both sizes (its padded logits are dropped before the softmax)."""
+    identity = teacher_identity(ref)
+    if ref.spec.arch == "hf":
+        width = output_width(ref.checkpoint)
+        if width is not None and width != num_classes:
+            identity["output_width"] = width
+            identity["vocab_size"] = num_classes
+    return identity
+
+
+def cache_dir(cfg: Config) -> Path:
+    return context(cfg).dir
+
+
+# ---------------------------------------------------------------------------------------------
+# The record of which cache a config's cache stage made
+
+
+def targets_hash(cfg: Config) -> str:
+    """Hash of the config sections that determine a cache's targets and where it lives."""
+    sections = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("data", "teachers", "cache")}
+    sections.update(workspace=cfg.workspace, seed=cfg.seed)
+    return hash_json(json.loads(json.dumps(sections, default=str)))
+
+
+def _record_path(cfg: Config) -> Path:
+    """Keyed by the target-determining config sections, so every run name of that config finds it."""
+    return Path(cfg.workspace) / "runs" / ".caches" / f"{targets_hash(cfg)[:16]}.json"
+
+
+def record(ctx: Context) -> None:
+    """Note which cache this config makes, for students without teacher files."""
+    if ctx.teacher_files is None:  # a teacher file changed while it was hashed: record nothing
+        return
+    try:
+        atomic_write_json(_record_path(ctx.cfg), {"cache_id": ctx.dir.name, "cache_dir": str(ctx.dir.resolve()),
+                                                  "targets_hash": targets_hash(ctx.cfg),
+                                                  "teacher_files": [list(f) for f in ctx.teacher_files]})
+    except OSError as e:  # students then hash the teacher files, as without a record
+        log(f"{_record_path(ctx.cfg)}: cannot record the cache for students ({e.strerror})")
+
+
+def find_cache(cfg: Config) -> Path:
+    """The cache this config's cache stage makes: from its record when every teacher file still
+    present is unchanged (absent ones, e.g. teachers kept on another machine, are trusted to the
+    record), else by hashing the teacher files as the cache stage does."""
+    path = _record_path(cfg)
+    try:
+        rec = json.loads(path.read_text()) if path.is_file() else None
+        files = [tuple(f) for f in rec["teacher_files"]] if rec else []
+        if rec and (rec["targets_hash"] != targets_hash(cfg) or not isinstance(rec["cache_dir"], str)):
+            rec = None
+    except (ValueError, OSError, KeyError, TypeError):
+        log(f"{path}: unreadable record of the cache; finding the cache from the teacher files")
+        rec = None
+    if rec is not None:
+        now = _file_stats(Path(f[0]) for f in files)
+        present = {f[0]: f for f in now}
+        if all(present.get(f[0], f) == f for f in files):
+            if len(present) < len(files):
+                log(f"student: {len(files) - len(present)} teacher files absent; using cache {rec['cache_id']}, "
+                    "which the cache stage made for this config")
+            return Path(rec["cache_dir"])
+    return context(cfg).dir
+
+
+def _teacher_files(refs: list[TeacherRef]) -> list[Path]:
+    """Every file hashed into the spec: checkpoints (every file of a model directory) and the
+    source files of imported factories."""
+    out: list[Path] = []
+    for r in refs:
+        if r.checkpoint.is_dir():
+            out.extend(sorted(p for p in r.checkpoint.rglob("*") if p.is_file()))
+        else:
+            out.append(r.checkpoint)
+        if r.spec.arch == "import" and r.spec.factory:
+            try:
+                found = importlib.util.find_spec(r.spec.factory.partition(":")[0])
+            except Exception:  # reported by the identity check itself
+                found = None
+            if found is not None and found.origin and found.has_location:
+                out.append(Path(found.origin))
+    return out
+
+
+def _file_stats(paths: Any) -> tuple[tuple[str, int, int, int], ...]:
+    """(path, size, mtime_ns, inode) of each file that exists."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out.append((str(Path(p).resolve()), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+

@@ -1,0 +1,124 @@
+"""The student jobs of a config: models crossed with the grid and seeds, plus hard-label twins,
+and the settings that determine each job's result.
+
+Shared by the student stage (which trains them) and the evaluate stage (which scores them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import GRID_KEYS, Config, ModelSpec, non_default, to_dict
+from pipeline.core.errors import ModelError
+from pipeline.core.io import read_json, sha256_file
+from pipeline.format import reader as fmt
+from pipeline.format.manifest import resolve
+from pipeline.run.identity import find_cache
+from pipeline.train.plan import augmentation
+
+
+@dataclass(frozen=True)
+class Shard:
+    model: int  # index into student.models
+    seed: int
+    kind: str  # "kd" or "hard"
+
+
+@dataclass(frozen=True)
+class Variant:
+    spec: ModelSpec  # a student model with one grid point applied; the grid values are in its name
+    hard_name: str  # its hard-label twin's name: temperature and alpha do not change that run
+
+
+def variants(cfg: Config) -> list[Variant]:
+    """student.models crossed with student.grid."""
+    grid = cfg.student.grid
+    keys = [k for k in GRID_KEYS if k in grid]
+    out = []
+    for m in cfg.student.models:
+        for values in itertools.product(*(grid[k] for k in keys)):
+            changes = {k: (int(v) if k == "epochs" else float(v)) for k, v in zip(keys, values)}
+            suffix = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items())
+            hard = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items() if k in ("lr", "epochs"))
+            out.append(Variant(dataclasses.replace(m, name=m.name + suffix, **changes), m.name + hard))
+    return out
+
+
+_ABBREV = {"temperature": "T", "alpha": "a", "lr": "lr", "epochs": "ep"}
+
+
+def models(cfg: Config) -> list[ModelSpec]:
+    return [v.spec for v in variants(cfg)]
+
+
+def job_name(cfg: Config, shard: Shard) -> str:
+    v = variants(cfg)[shard.model]
+    return f"{v.spec.name if shard.kind == 'kd' else v.hard_name}-{shard.kind}-s{shard.seed}"
+
+
+def plan(cfg: Config) -> list[Shard]:
+    """A kd job for every model, grid point and seed; one hard-label twin per distinct hard run."""
+    shards, twins = [], set()
+    for i, v in enumerate(variants(cfg)):
+        for seed in cfg.student.seeds:
+            shards.append(Shard(i, seed, "kd"))
+            if cfg.student.baseline and (v.hard_name, seed) not in twins:
+                twins.add((v.hard_name, seed))
+                shards.append(Shard(i, seed, "hard"))
+    return shards
+
+
+def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, Any]:
+    """Everything that determines a job's result; its hash decides whether a rerun is needed.
+
+    A hard-label twin's settings hold nothing of the grid point it was planned from but lr and
+    epochs (temperature and alpha do not change it), so inserting a grid value never retrains it."""
+    s, v = cfg.student, variants(cfg)[shard.model]
+    m = v.spec
+    online = augmentation(cfg, reader.manifest["spec"])[1]
+    common = {"seed": shard.seed, "kind": shard.kind, "cache_id": reader.dir.name,
+              "epochs": s.epochs if m.epochs is None else m.epochs, "lr": s.lr if m.lr is None else m.lr,
+              "batch_size": s.batch_size,
+              "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
+              "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
+              **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
+              **({"augment": to_dict(online)} if online is not None else {})}
+    if shard.kind == "hard":
+        twin = dataclasses.replace(m, name=v.hard_name, temperature=None, alpha=None)
+        return {"model": non_default(twin), **common, "temperature": reader.temperature, "alpha": 1.0}
+    temperature = m.temperature if m.temperature is not None else s.temperature
+    return {"model": non_default(m), **common, "temperature": reader.temperature if temperature is None else temperature,
+            "alpha": m.alpha if m.alpha is not None else s.alpha}
+
+
+def cache_path(cfg: Config) -> Path:
+    """student.cache if given, else the cache this config's cache stage made (see spec.find_cache)."""
+    if cfg.student.cache is not None:
+        return resolve(cfg.student.cache, cfg.cache_root)
+    return find_cache(cfg)
+
+
+def read_done(job_dir: Path) -> dict[str, Any] | None:
+    """A finished job's done.json, None if the job has not finished. done.json is the commit record
+    of the job: it holds the sha256 of the model.pt and history.json it was written with, so a
+    marker never vouches for files another run overwrote. ModelError (one line) if damaged."""
+    path = job_dir / "done.json"
+    if not path.is_file():
+        return None
+    fix = "rerun `logitcache student CONFIG` to retrain it"
+    done = read_json(path, ModelError, fix)
+    if not (isinstance(done, dict) and isinstance(done.get("settings_hash"), str)
+            and isinstance(done.get("final"), dict) and isinstance(done["final"].get("accuracy"), float)
+            and isinstance(done.get("files"), dict)):
+        raise ModelError(f"{path}: not a completion record of this version (no settings_hash, final or files); {fix}")
+    for name in ("model.pt", "history.json"):
+        file = job_dir / name
+        if not file.is_file() or sha256_file(file) != done["files"].get(name):
+            raise ModelError(f"{file}: {'missing' if not file.is_file() else 'differs from the one done.json records'}"
+                             f" (overwritten by a run that did not finish); {fix}")
+    return done
+

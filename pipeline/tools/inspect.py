@@ -1,0 +1,87 @@
+"""`logitcache caches ls / inspect`: what is in a cache root, and one cache's manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import CacheError
+from pipeline.core.io import tree_size
+from pipeline.format import manifest as fmt
+from pipeline.format.encodings import encoding_from_spec
+from pipeline.format.shards import shard_name
+
+
+def _label(spec: dict[str, Any]) -> str:
+    try:
+        return encoding_from_spec(spec).label()
+    except CacheError:
+        return "?"
+
+
+def _spec(d: Path) -> dict[str, Any]:
+    """spec.json, written before the first shard; empty if a cache directory has none yet."""
+    return fmt.read_spec(d / "spec.json") if (d / "spec.json").is_file() else {}
+
+
+def _status(d: Path) -> dict[str, Any]:
+    try:
+        return _read_status(d)
+    except CacheError:  # one damaged cache does not hide the others; inspect says what is wrong
+        return {"id": d.name, "status": "damaged (inspect it)", "rows": 0, "encoding": "?", "backend": "?",
+                "bytes": 0, "bytes_per_row": None, "configs": []}
+
+
+def _read_status(d: Path) -> dict[str, Any]:
+    manifest = fmt.read_manifest(d)
+    configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
+    if manifest is not None and manifest.get("status") == "complete":
+        gone = fmt.shard_problems(d, manifest["shards"], hash_them=False)["missing"]
+        status = f"missing {len(gone)}/{len(manifest['shards'])} shards" if gone else "complete"
+        return {"id": d.name, "status": status, "rows": manifest["rows"],
+                "encoding": _label(manifest.get("spec", {})),
+                "backend": manifest["backend"], "bytes": manifest["bytes"],
+                "bytes_per_row": manifest["bytes_per_row"], "configs": configs}
+    spec = _spec(d)
+    layout = spec.get("layout", {})
+    expected, rows = fmt.planned(spec) if spec else (0, 0)
+    backend = layout.get("backend", "zarr")
+    present = [p for i in range(expected) if (p := d / "shards" / shard_name(i, backend)).exists()]
+    return {"id": d.name, "status": f"partial {len(present)}/{expected} shards", "rows": rows,
+            "encoding": _label(spec), "backend": layout.get("backend", "?"),
+            "bytes": sum(tree_size(p) for p in present), "bytes_per_row": None, "configs": configs}
+
+
+def list_caches(root: Path) -> str:
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+    if not dirs:
+        return f"no caches under {root}"
+    head = f"{'id':<17} {'status':<22} {'rows':>8} {'encoding':<18} {'backend':<8} {'bytes':>10} {'B/row':>7}  configs"
+    lines = [head]
+    for d in dirs:
+        s = _status(d)
+        bpr = f"{s['bytes_per_row']:.1f}" if s["bytes_per_row"] is not None else "-"
+        lines.append(f"{s['id']:<17} {s['status']:<22} {s['rows']:>8} {s['encoding']:<18} {s['backend']:<8} "
+                     f"{s['bytes']:>10} {bpr:>7}  {', '.join(s['configs'])}")
+    return "\n".join(lines)
+
+
+def inspect_cache(ref: str, root: Path, verify: bool) -> dict[str, Any]:
+    d = fmt.resolve(ref, root)
+    manifest = fmt.read_manifest(d)
+    if manifest is not None and manifest.get("status") == "complete":
+        bad = fmt.shard_problems(d, manifest["shards"], hash_them=verify)
+        if verify and (bad["missing"] or bad["corrupt"]):
+            what = "; ".join(f"{kind} {', '.join(paths)}" for kind, paths in bad.items() if paths)
+            raise CacheError(f"{d}: {what} (checksum mismatch for corrupt shards); delete the corrupt shards "
+                             "and rerun `logitcache cache CONFIG` to recompute them")
+        if bad["missing"]:
+            return {**manifest, "status": "damaged", "shards_missing": bad["missing"]}
+        return {**manifest, "verified": True} if verify else manifest
+    spec = _spec(d)
+    layout = spec.get("layout", {})
+    n = fmt.planned(spec)[0] if spec else 0
+    names = [shard_name(i, layout.get("backend", "zarr")) for i in range(n)]
+    missing = [name for name in names if not (d / "shards" / name).exists()]
+    return {"status": "partial", "cache_id": d.name, "shards_expected": n, "shards_missing": missing, "spec": spec}
+

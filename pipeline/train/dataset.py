@@ -1,0 +1,535 @@
+"""The public Python API: read a cache in your own training loop, on one process or many.
+
+    import pipeline as lc
+    cache = lc.open_cache("3f9a2c", root="data/caches")      # id, id prefix or directory
+    ds = cache.dataset(batch_size=64, seed=0, inputs=x)       # a torch IterableDataset of whole batches
+    loader = ds.loader(num_workers=2)                         # a DataLoader that can save its position
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for batch in loader:
+            logits = model(batch["inputs"])
+            loss = lc.kd_loss(logits, batch, temperature=cache.temperature)
+            ...
+            ckpt = {"model": model.state_dict(), "data": loader.state_dict()}
+
+Partitioning (README "Python API"). An epoch's order is a pure function of (seed, epoch): the
+cache's chunks (the unit of reads) in a seeded permutation across all shards, cut into buffers of
+`shuffle_chunks` consecutive chunks, items shuffled inside each buffer by a generator keyed on
+(seed, epoch, buffer). An item is a row, or for token caches one whole sequence. That stream of N
+items is cut into world-size contiguous ranges, one per rank (sizes differ by at most one item),
+and each rank's range into `batches` batches of at most `batch_size` items; rank-local batch b is
+made by DataLoader worker b % num_workers from a contiguous block of the range, so a DataLoader's
+round-robin over its workers hands out batches 0, 1, 2, ... and every worker reads only its own
+block (plus at most the two buffers at its edges). Every item is yielded exactly once per epoch.
+
+Uneven splits: without drop_last every rank yields the same number of batches,
+ceil(ceil(N / world) / batch_size); the final batches of a rank share its remainder evenly (all at
+least one item), so DDP ranks never wait on each other and nothing is repeated. With drop_last each
+rank yields floor(N / (world * batch_size)) full batches and the last items of the epoch's order
+(fewer than world * batch_size, different ones every epoch) are skipped.
+
+Views caches: an epoch's items are one view of each sample, a choice per block of samples that is
+a pure function of (seed, epoch, block) and cycles through all N views every N epochs; the pieces
+are the chosen views' chunks (1/N of the cache). Each batch carries the views' parameters, and
+`replay_views` (used for `inputs` too) rebuilds their pixels exactly as the teachers saw them.
+
+Resume: state_dict() holds (epoch, batches consumed on this rank, seed, world size, workers);
+loading it makes the next iteration yield exactly the remaining batches with the same contents.
+It needs the same world size, num_workers and batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.core.errors import CacheError
+from pipeline.format import reader as fmt
+from pipeline.format.columns import ROW_COLUMNS, Chunk
+from pipeline.format.encodings import Encoding
+from pipeline.format.manifest import resolve
+from pipeline.format.reader import read_joined
+from pipeline.format.views import PARAMS, ViewSpec
+from pipeline.inputs import augment as vw
+from pipeline.train.plan import epoch_blocks
+
+DEFAULT_ROOT = Path("data/caches")
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a cache
+
+
+class Cache:
+    """A complete cache: its manifest, encoding, class count, temperature, teachers and rows."""
+
+    def __init__(self, path: Path, verify: bool = False) -> None:
+        self.reader = fmt.CacheReader(path, verify=verify)
+        self.path = path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.reader.manifest
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.reader.encoding
+
+    @property
+    def num_classes(self) -> int:
+        return self.reader.num_classes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.reader.num_classes
+
+    @property
+    def temperature(self) -> float:
+        return self.reader.temperature
+
+    @property
+    def teachers(self) -> list[str]:
+        names = self.manifest.get("teachers")
+        if names is None:
+            names = [t.get("name", "?") if isinstance(t, dict) else str(t) for t in self.manifest["spec"].get("teachers", [])]
+        return list(names)
+
+    @property
+    def rows(self) -> int:
+        return self.reader.rows
+
+    @property
+    def token_rows(self) -> bool:
+        return self.reader.token_rows
+
+    @property
+    def views(self) -> ViewSpec | None:
+        """A views cache's view count, augmentation, seed and image size (for `replay_views`); else None."""
+        spec = self.manifest["spec"]
+        return ViewSpec.of(spec, self.path) if "views" in spec else None
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256; raises CacheError naming a corrupt shard."""
+        self.reader.verify()
+
+    def dataset(self, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_chunks: int = 4,
+                inputs: Any = None, drop_last: bool = False, temperature: float | None = None,
+                rank: int | None = None, world_size: int | None = None, pad_value: int = 0) -> CacheDataset:
+        """An IterableDataset of whole batches (dicts of tensors); see the module docstring.
+
+        batch_size counts items (rows, or sequences of a token cache); `inputs` is any indexable
+        (array, memmap, tensor, list) looked up by sample_id; `temperature` is the T of the
+        re-tempered `targets` (default: the cache's); rank and world_size default to
+        torch.distributed's when it is initialized."""
+        return CacheDataset(self, batch_size, seed, shuffle, shuffle_chunks, inputs, drop_last, temperature,
+                            rank, world_size, pad_value)
+
+    def __repr__(self) -> str:
+        return (f"Cache({self.id}, {self.encoding.label()}, {self.num_classes} classes, T={self.temperature}, "
+                f"{self.rows} rows)")
+
+
+def open_cache(id_or_path: str | Path, root: str | Path | None = None, verify: bool = False) -> Cache:
+    """A complete cache from its directory, id or unique id prefix under `root` (default data/caches)."""
+    return Cache(resolve(id_or_path, Path(root) if root is not None else DEFAULT_ROOT), verify=verify)
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch plan: pieces (owned rows of a chunk), buffers, rank and worker ranges
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The rows a chunk owns: its rows, or for token caches the sequences that start in it."""
+
+    shard: int
+    start: int  # owned rows [start, stop) within the shard
+    stop: int
+    items: int
+
+
+def _pieces(reader: fmt.CacheReader) -> list[_Piece]:
+    if not reader.token_rows:
+        return [_Piece(c.shard, c.start, c.stop, c.stop - c.start) for c in reader.chunks()]
+    seq_len = reader.manifest["spec"]["dataset"].get("seq_len")
+    out = []
+    for c in reader.chunks():
+        entry = reader.shards[c.shard]
+        if "chunk_items" in entry:  # variable-length sequences may straddle chunks (CacheWriter, imports)
+            ext = entry["chunk_extent"]
+            start = max(c.start, ext[c.index - 1] if c.index else 0)
+            out.append(_Piece(c.shard, start, max(start, ext[c.index]), int(entry["chunk_items"][c.index])))
+        elif seq_len and (c.stop - c.start) % seq_len == 0:
+            out.append(_Piece(c.shard, c.start, c.stop, (c.stop - c.start) // seq_len))
+        else:
+            raise CacheError(f"{reader.dir}: chunk {c.index} of shard {c.shard} does not hold whole sequences of "
+                             f"{seq_len} tokens; rebuild the cache with chunk_rows a multiple of seq_len")
+    return out
+
+
+def batch_sizes(items: int, batches: int, batch_size: int) -> list[int]:
+    """`items` in `batches` batches of at most batch_size: full ones first, the rest shared evenly."""
+    if batches <= 0 or items <= 0:
+        return []
+    if batch_size == 1 or items <= batches:
+        return [1] * min(items, batches)
+    full = min(batches, (items - batches) // (batch_size - 1))
+    q, r = divmod(items - full * batch_size, batches - full) if batches > full else (0, 0)
+    return [batch_size] * full + [q + 1] * r + [q] * (batches - full - r)
+
+
+def rank_layout(n_items: int, batch_size: int, world: int, rank: int, drop_last: bool) -> tuple[int, list[int]]:
+    """(first item of this rank's range in the epoch's stream, its batch sizes)."""
+    if drop_last:
+        per_rank = n_items // (world * batch_size)
+        return rank * per_rank * batch_size, [batch_size] * per_rank
+    if n_items < world:
+        raise CacheError(f"the cache has {n_items} items for {world} ranks; every rank needs at least one "
+                         "(use drop_last=True or fewer ranks)")
+    base, extra = divmod(n_items, world)
+    start = rank * base + min(rank, extra)
+    batches = math.ceil(math.ceil(n_items / world) / batch_size)
+    return start, batch_sizes(base + (rank < extra), batches, batch_size)
+
+
+def worker_layout(rank_start: int, sizes: list[int], worker: int, num_workers: int) -> tuple[int, list[int]]:
+    """Rank-local batches worker, worker + K, ...: a contiguous block of the rank's range."""
+    before = sum(sum(sizes[v::num_workers]) for v in range(worker))
+    return rank_start + before, sizes[worker::num_workers]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+
+
+def _dist_default() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class CacheDataset(IterableDataset):
+    """Whole batches of a cache, split by torch.distributed rank and DataLoader worker.
+
+    Each batch is a dict: `sample_id` (rows,) int64; for token caches `position` (rows,), `sequence`
+    (rows,) the row's sequence within the batch and `sequence_id` (sequences,); the decoded targets
+    in the encoding's natural form (dense `logp`; top-k `ids`, `logp`, `residual`; sampled `ids`,
+    `counts`, `entropy`; hybrid adds `tail_*`); `targets`, the same re-tempered to `temperature` by
+    `encoding.targets` (what `kd_loss` uses); `inputs` (items, ...) looked up by sample_id when
+    given (ragged 1-D inputs right-padded with pad_value, lengths in `input_lengths`); and
+    `encoding` and `temperature` (not tensors). A views cache's rows are views, one per sample per
+    epoch: the batch adds `view`, `box`, `flip` and with mixup/cutmix `partner` (int64, -1 when
+    none), `lam` (float16) and `cut` (views.expand), and `inputs` are the views' pixels
+    (`replay_views`), not the source images. Use with DataLoader(ds, batch_size=None) or
+    `ds.loader()`."""
+
+    def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
+                 drop_last: bool, temperature: float | None, rank: int | None, world_size: int | None,
+                 pad_value: int) -> None:
+        if batch_size < 1 or shuffle_chunks < 1:
+            raise ValueError(f"batch_size={batch_size}, shuffle_chunks={shuffle_chunks}: both must be >= 1")
+        enc = cache.encoding
+        self.temperature = float(temperature) if temperature is not None else cache.temperature
+        if not enc.retemperable and self.temperature != cache.temperature:
+            raise ValueError(f"temperature={self.temperature}: {enc.label()} targets are draws at the cache's "
+                             f"T={cache.temperature} and cannot be re-tempered; leave temperature unset")
+        self.path, self.encoding, self.token_rows = cache.path, enc, cache.token_rows
+        self.cache_temperature = cache.temperature
+        self._reader: fmt.CacheReader | None = cache.reader
+        self._pid = os.getpid()
+        self.batch_size, self.seed, self.shuffle, self.shuffle_chunks = batch_size, seed, shuffle, shuffle_chunks
+        self.inputs, self.drop_last, self.pad_value = inputs, drop_last, pad_value
+        self._explicit = (rank, world_size)
+        self.rank, self.world_size = self._resolve_dist()
+        self.views = cache.views
+        self.pieces = _pieces(cache.reader) if self.views is None else []
+        self.items = sum(p.items for p in self._epoch_pieces(0))
+        self.epoch = 0
+        self._start = 0  # rank-local batches of this epoch already consumed (resume)
+        self._yielded = 0  # batches this object handed out in this process (num_workers=0)
+        self._resume_workers: int | None = None
+
+    def _resolve_dist(self) -> tuple[int, int]:
+        rank, world = _dist_default()
+        r, w = self._explicit
+        rank, world = (r if r is not None else rank), (w if w is not None else world)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank={rank}, world_size={world}: need 0 <= rank < world_size")
+        return rank, world
+
+    @property
+    def reader(self) -> fmt.CacheReader:
+        """This process's reader: a DataLoader worker opens its own (a forked copy of the parent's
+        would hold the parent's thread pool and file handles)."""
+        if self._reader is None or self._pid != os.getpid():
+            self._reader, self._pid = fmt.CacheReader(self.path), os.getpid()
+        return self._reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}  # spawn-started workers reopen the cache
+
+    # -- epochs and resume ---------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch (call before iterating each epoch, as with DistributedSampler)."""
+        if epoch != self.epoch:
+            self.epoch, self._start, self._yielded = epoch, 0, 0
+        self.rank, self.world_size = self._resolve_dist()
+
+    def state_dict(self, batches: int | None = None) -> dict[str, Any]:
+        """Position in the epoch: `batches` consumed on this rank (default: those this object yielded
+        in this process; with DataLoader workers use `ds.loader()` or pass the count)."""
+        done = self._start + self._yielded if batches is None else int(batches)
+        epoch = self.epoch
+        if done >= len(self):  # the epoch is finished: the next position is the next epoch's start
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches": done, "seed": self.seed, "world_size": self.world_size,
+                "rank": self.rank, "batch_size": self.batch_size, "num_workers": self._resume_workers,
+                "items": self.items}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields exactly the batches after state["batches"] of its epoch."""
+        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("items", self.items)):
+            if state[key] != mine:
+                raise ValueError(f"load_state_dict: the state has {key}={state[key]} but this dataset {mine}; "
+                                 "resume with the settings and cache that saved it")
+        self.rank, self.world_size = self._resolve_dist()
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"load_state_dict: saved with world_size={state['world_size']}, now {self.world_size}; "
+                             "resume on as many ranks as saved it")
+        self.epoch, self._start, self._yielded = int(state["epoch"]), int(state["batches"]), 0
+        saved = state.get("num_workers")
+        self._resume_workers = max(int(saved), 1) if saved is not None else None
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        return len(rank_layout(self.items, self.batch_size, self.world_size, self.rank, self.drop_last)[1])
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is None:
+            self.rank, self.world_size = self._resolve_dist()
+        if self._start and self._resume_workers is not None and self._resume_workers != workers:
+            raise ValueError(f"resuming a position saved with num_workers={self._resume_workers} on {workers} "
+                             "workers; use the same num_workers to get the same batches")
+        in_process = info is None
+        self._yielded = 0
+        for batch in self.worker_batches(self.epoch, self.rank, self.world_size, worker, workers, self._start):
+            if in_process:
+                self._yielded += 1
+            yield batch
+        if in_process:  # the epoch is done; iterating again without set_epoch replays it from the start
+            self._start, self._yielded = 0, len(self)
+
+    def worker_batches(self, epoch: int, rank: int, world: int, worker: int, workers: int,
+                       start: int = 0) -> Iterator[dict[str, Any]]:
+        """Batches of one (rank, worker) slot, skipping the first `start` batches of the rank.
+
+        A DataLoader's round-robin starts at worker 0, so after skipping `start` batches worker w
+        plays the part of worker (w + start) % workers: the output continues at batch `start`."""
+        rank_start, sizes = rank_layout(self.items, self.batch_size, world, rank, self.drop_last)
+        role = (worker + start) % workers
+        first, mine = worker_layout(rank_start, sizes, role, workers)
+        skip = len(range(role, start, workers))
+        lo = first + sum(mine[:skip])
+        mine = mine[skip:]
+        stream = self._item_stream(epoch, lo, lo + sum(mine))
+        pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        have = 0
+        for size in mine:
+            while have < size:
+                part = next(stream)
+                pending.append(part)
+                have += len(part[1])
+            rows, lengths = _concat(pending)
+            cut = int(lengths[:size].sum())
+            yield self._batch({k: v[:cut] for k, v in rows.items()}, lengths[:size])
+            pending = [({k: v[cut:] for k, v in rows.items()}, lengths[size:])] if have > size else []
+            have -= size
+
+    def _epoch_pieces(self, epoch: int) -> list[_Piece]:
+        """The pieces of `epoch`: every chunk's, or of a views cache the chosen view of each block."""
+        if self.views is None:
+            return self.pieces
+        reader = self.reader
+        blocks = epoch_blocks(self.views, [e["rows"] for e in reader.shards], reader.chunk_rows, self.seed, epoch)
+        return [_Piece(c.shard, c.start, c.stop, c.stop - c.start) for c in blocks]
+
+    def _order(self, epoch: int) -> list[list[_Piece]]:
+        pieces = self._epoch_pieces(epoch)
+        idx = np.arange(len(pieces))
+        if self.shuffle:
+            idx = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
+        order = [pieces[int(i)] for i in idx]
+        n = self.shuffle_chunks
+        return [order[i:i + n] for i in range(0, len(order), n)]
+
+    def _item_stream(self, epoch: int, lo: int, hi: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Items [lo, hi) of the epoch's stream as (rows, item lengths), reading only the buffers
+        that hold them."""
+        seen = 0
+        for b, buffer in enumerate(self._order(epoch)):
+            n = sum(p.items for p in buffer)
+            if seen + n <= lo or n == 0:
+                seen += n
+                continue
+            if seen >= hi:
+                return
+            rows, starts = self._read_buffer(buffer)  # starts (n + 1,): first row of each item
+            perm = np.random.default_rng([self.seed, epoch, b]).permutation(n) if self.shuffle else np.arange(n)
+            sel = perm[max(lo - seen, 0):min(hi - seen, n)]
+            lengths = starts[sel + 1] - starts[sel]
+            offs = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+            take = offs + np.arange(int(lengths.sum()))
+            yield {k: v[take] for k, v in rows.items()}, lengths
+            seen += n
+
+    def _read_buffer(self, buffer: list[_Piece]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        reader = self.reader
+        owned = [p for p in buffer if p.items]
+        rows = read_joined(reader, [Chunk(p.shard, p.start // reader.chunk_rows, p.start, p.stop) for p in owned])
+        n = len(rows["sample_id"])
+        if reader.token_rows:
+            starts = np.flatnonzero(rows["position"] == 0)
+            if len(starts) != sum(p.items for p in buffer) or (len(starts) and starts[0] != 0):
+                raise CacheError(f"{reader.dir}: token rows do not form whole sequences; the cache is corrupt")
+        else:
+            starts = np.arange(n)
+        return rows, np.append(starts, n)
+
+    def _batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, Any]:
+        enc = self.encoding
+        if self.views is not None:
+            rows = vw.expand(self.views, rows, self.path)
+        sample_id = rows["sample_id"].astype(np.int64)
+        decoded = {k: v for k, v in rows.items() if k not in ROW_COLUMNS}
+        out: dict[str, Any] = {"sample_id": torch.from_numpy(sample_id)}
+        keys = sample_id
+        if self.token_rows:
+            first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            keys = sample_id[first]
+            out["position"] = torch.from_numpy(rows["position"].astype(np.int64))
+            out["sequence"] = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
+            out["sequence_id"] = torch.from_numpy(keys)
+        out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in decoded.items()})
+        out["targets"] = enc.targets(decoded, "cpu", self.temperature / self.cache_temperature)
+        if self.inputs is not None and self.views is not None:
+            out["inputs"] = vw.render_rows(_lookup(self.inputs), rows, self.views.augment)
+        elif self.inputs is not None:
+            out.update(_join(self.inputs, keys, self.pad_value))
+        out["encoding"] = enc
+        out["temperature"] = self.temperature
+        return out
+
+    def loader(self, num_workers: int = 0, **kwargs: Any) -> CacheLoader:
+        """A DataLoader over this dataset (batch_size=None) that counts consumed batches, so its
+        state_dict() resumes exactly, with workers too."""
+        return CacheLoader(self, num_workers=num_workers, **kwargs)
+
+
+def _concat(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return ({k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]},
+            np.concatenate([p[1] for p in parts]))
+
+
+def _join(inputs: Any, keys: np.ndarray, pad_value: int) -> dict[str, torch.Tensor]:
+    """inputs[sample_id] for each item, stacked (ragged 1-D ones right-padded)."""
+    try:
+        if isinstance(inputs, torch.Tensor):
+            return {"inputs": inputs[torch.from_numpy(keys)]}
+        if isinstance(inputs, np.ndarray):
+            return {"inputs": torch.from_numpy(np.ascontiguousarray(inputs[keys]))}
+        items = [np.asarray(inputs[int(k)]) for k in keys]
+    except (IndexError, KeyError) as e:
+        raise KeyError(f"inputs has no entry for a sample_id of this batch ({type(e).__name__}: {e}); inputs must "
+                       "be indexable by the cache's sample ids") from None
+    if all(a.shape == items[0].shape for a in items):
+        return {"inputs": torch.from_numpy(np.stack(items))}
+    lengths = np.array([len(a) for a in items])
+    padded = np.full((len(items), int(lengths.max())), pad_value, dtype=items[0].dtype)
+    for i, a in enumerate(items):
+        padded[i, :len(a)] = a
+    return {"inputs": torch.from_numpy(padded), "input_lengths": torch.from_numpy(lengths)}
+
+
+def _lookup(inputs: Any) -> Callable[[np.ndarray], torch.Tensor]:
+    """Images by sample id, from `inputs` as `Cache.dataset` takes them."""
+    return lambda ids: _join(inputs, ids, 0)["inputs"]
+
+
+def replay_views(batch: dict[str, Any], inputs: Any, views: ViewSpec) -> torch.Tensor:
+    """Pixels (B, C, H, W) float32 of a views cache batch's rows, rebuilt from their parameters
+    exactly as the cache stage rendered them for the teachers (the function the student stage
+    replays them with): `inputs` the source images (B', C, H, W) indexable by sample id, as for
+    `Cache.dataset(inputs=...)`; `views` the cache's `Cache.views`. `batch` needs sample_id, view and
+    the parameters a views batch carries (box, flip; partner, lam, cut with mixup/cutmix)."""
+    params = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in batch.items()
+              if k in ("sample_id", "view", *PARAMS)}
+    return vw.render_rows(_lookup(inputs), params, views.augment)
+
+
+class CacheLoader(DataLoader):
+    """DataLoader(ds, batch_size=None) that counts the batches it hands out: state_dict() is the
+    dataset's position, load_state_dict() resumes there (same world size and num_workers)."""
+
+    def __init__(self, dataset: CacheDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers=True keeps each worker's copy of the dataset, so set_epoch and "
+                             "load_state_dict would not reach it; leave it off")
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+        self._consumed = 0
+        self._epoch = dataset.epoch
+
+    def _sync(self) -> None:
+        if self.dataset.epoch != self._epoch:  # set_epoch was called
+            self._epoch, self._consumed = self.dataset.epoch, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._sync()
+        ds: CacheDataset = self.dataset
+        ds._resume_workers = max(self.num_workers, 1) if ds._start else None
+        self._consumed = ds._start
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+        ds._start = 0  # iterating again without set_epoch replays the epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        self._sync()
+        state = self.dataset.state_dict(batches=self._consumed)
+        return {**state, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_workers") is not None and state["num_workers"] != self.num_workers:
+            raise ValueError(f"load_state_dict: saved with num_workers={state['num_workers']}, this loader has "
+                             f"{self.num_workers}; resume with the same num_workers to get the same batches")
+        self.dataset.load_state_dict(state)
+        self._epoch, self._consumed = self.dataset.epoch, self.dataset._start
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Move every tensor of a batch (nested dicts too) to `device`; other values are kept."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+__all__ = ["Cache", "CacheDataset", "CacheLoader", "open_cache", "replay_views", "to_device",
+           "batch_sizes", "rank_layout", "worker_layout"]
+

@@ -1,0 +1,157 @@
+"""Distillation losses as plain functions over student logits and decoded cache targets.
+
+Conventions: student logits (B, C); dense teacher log-probs (B, C); top-k teacher ids and
+log-probs (B, k) with the residual mass outside the top k (B,). Teacher targets are at the
+student's temperature T already (see `retemper_*`). Every KD term is multiplied by T**2 so its
+gradient scale does not change with T (Hinton et al. 2015), and reduced by the batch mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.format.encodings import Encoding
+
+
+def kd_dense(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p_teacher || q_student) at temperature T, with the full teacher distribution."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    p = teacher_logp.exp()
+    kl = (torch.xlogy(p, p) - p * logq).sum(-1)  # (B,)
+    return temperature**2 * kl.mean()
+
+
+def kd_topk(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
+            residual: torch.Tensor, temperature: float, tail: str = "uniform") -> torch.Tensor:
+    """T^2 * KL from top-k targets; the residual mass is modelled, never dropped.
+
+    tail="uniform": the residual is spread evenly over the C-k classes outside the top k.
+    tail="bucket": the C-k classes form one extra bucket whose student mass is their sum.
+    """
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    num_classes, k = logq.shape[-1], ids.shape[-1]
+    ids = ids.long()
+    p = teacher_logp.float().exp()  # (B, k)
+    r = residual.float()  # (B,)
+    logq_top = logq.gather(-1, ids)  # (B, k)
+    kl = (torch.xlogy(p, p) - p * logq_top).sum(-1)  # (B,)
+    if k < num_classes:
+        if tail == "uniform":
+            u = r / (num_classes - k)  # each tail class's teacher probability
+            logq_tail_sum = logq.sum(-1) - logq_top.sum(-1)  # sum of log q over the tail classes
+            kl = kl + (num_classes - k) * torch.xlogy(u, u) - u * logq_tail_sum
+        elif tail == "bucket":
+            logq_tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), dim=-1)  # log Q_tail
+            kl = kl + torch.xlogy(r, r) - r * logq_tail
+        else:
+            raise ValueError(f"tail={tail!r}: use 'uniform' or 'bucket'")
+    return temperature**2 * kl.mean()
+
+
+def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(student_logits.float(), labels)
+
+
+def mix(kd: torch.Tensor, ce: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """alpha * CE(hard labels) + (1 - alpha) * KD; without labels alpha must be 0."""
+    if alpha == 0.0 or ce is None:
+        return kd
+    if alpha == 1.0:
+        return ce
+    return alpha * ce + (1.0 - alpha) * kd
+
+
+def encoding_loss(student_logits: torch.Tensor, targets: dict[str, torch.Tensor], encoding: Encoding,
+                  temperature: float, divergence: str = "forward", tail: str = "uniform") -> torch.Tensor:
+    """T^2 * mean over rows of D(teacher || student) for targets of any encoding (see
+    `Encoding.targets`); student logits (n, C)."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, C)
+    return temperature**2 * encoding.divergence(logq, targets, divergence, tail).mean()
+
+
+def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: torch.Tensor | None,
+               settings: dict, encoding: Encoding) -> torch.Tensor:
+    """Summed loss of a chunk of rows (student logits (n, V)): alpha * CE + (1 - alpha) * T^2 * D."""
+    alpha, T = settings["alpha"], settings["temperature"]
+    total = logits.new_zeros(())
+    if labels is not None and alpha > 0:
+        total = total + alpha * F.cross_entropy(logits.float(), labels, reduction="sum")
+    if alpha == 1.0:
+        return total
+    logq = F.log_softmax(logits.float() / T, dim=-1)
+    kd = T**2 * encoding.divergence(logq, targets, settings["divergence"], settings["tail"]).sum()
+    return total + (1.0 - alpha) * kd
+
+
+def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict[str, torch.Tensor],
+                 labels: torch.Tensor | None, settings: dict, encoding: Encoding, chunk: int) -> torch.Tensor:
+    """Mean loss over rows of hidden states (n, d), computing (chunk, V) logits at a time.
+
+    Each chunk is checkpointed, so the (n, V) logits are never held for the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = hidden.shape[0]
+    total = hidden.new_zeros(())
+    for s in range(0, n, chunk):
+        part = {k: v[s:s + chunk] for k, v in targets.items()}
+        lab = labels[s:s + chunk] if labels is not None else None
+
+        def f(h: torch.Tensor, part=part, lab=lab) -> torch.Tensor:
+            return row_losses(head(h), part, lab, settings, encoding)
+
+        total = total + (checkpoint(f, hidden[s:s + chunk], use_reentrant=False) if hidden.requires_grad
+                         else f(hidden[s:s + chunk]))
+    return total / n
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: float, alpha: float = 0.0,
+            labels: torch.Tensor | None = None, divergence: str = "forward", tail: str = "uniform",
+            encoding: Encoding | None = None) -> torch.Tensor:
+    """alpha * CE(labels) + (1 - alpha) * T^2 * mean D(teacher || student) over the batch's rows.
+
+    Works for every encoding (dense; top-k with tail "uniform" or "bucket"; sampled and hybrid,
+    forward KL only for sampled). Classification: logits (B, C). Token caches: logits (rows, V) in
+    the batch's row order, or (B, L, V) for the batch's B sequences, read at (sequence, position);
+    labels likewise (rows,) or (B, L)."""
+    enc = encoding if encoding is not None else batch.get("encoding")
+    if enc is None:
+        raise ValueError("kd_loss: the batch has no 'encoding'; pass encoding=cache.encoding")
+    rows = int(batch["sample_id"].shape[0])
+    logits = student_logits
+    if logits.dim() == 3:
+        if "sequence" not in batch:
+            raise ValueError(f"kd_loss: logits {tuple(logits.shape)} are (B, L, V) but this is not a token cache; "
+                             "pass (B, C) logits")
+        seq, pos = batch["sequence"].to(logits.device), batch["position"].to(logits.device)
+        n_seq = int(batch["sequence_id"].shape[0])
+        if logits.shape[0] != n_seq or int(pos.max()) >= logits.shape[1]:
+            raise ValueError(f"kd_loss: logits {tuple(logits.shape)} but the batch has {n_seq} sequences with "
+                             f"positions up to {int(pos.max())}; pass (B, L, V) with B={n_seq}, L > {int(pos.max())}")
+        logits = logits[seq, pos]  # (rows, V)
+        if labels is not None and labels.dim() == 2:
+            labels = labels.to(logits.device)[seq, pos]
+    elif logits.dim() != 2 or logits.shape[0] != rows:
+        raise ValueError(f"kd_loss: logits {tuple(logits.shape)} but the batch has {rows} rows; pass ({rows}, "
+                         f"{enc.num_classes})" + (" or (sequences, length, vocab)" if "sequence" in batch else ""))
+    if logits.shape[-1] != enc.num_classes:
+        raise ValueError(f"kd_loss: logits have {logits.shape[-1]} classes, the cache {enc.num_classes}; "
+                         "slice a padded output layer to the cache's classes (logits[..., :C])")
+    if alpha > 0 and labels is None:
+        raise ValueError(f"kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
+    ce = F.cross_entropy(logits.float(), labels.to(logits.device).long()) if alpha > 0 else None
+    if alpha == 1.0:
+        return ce
+    if float(batch.get("temperature", temperature)) != float(temperature):
+        raise ValueError(f"kd_loss: the batch's targets are at T={batch['temperature']}, not {temperature}; build "
+                         f"the dataset with temperature={temperature} or pass temperature={batch['temperature']}")
+    targets = {k: v.to(logits.device) for k, v in batch["targets"].items()}
+    kd = encoding_loss(logits, targets, enc, temperature, divergence, tail)
+    return mix(kd, ce, alpha)
+
