@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench bench-quality clean
+.PHONY: setup demo test test-all bench bench-quality performance clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 # Speed and memory: each script prints one JSON line of figures measured side by side (about 21 minutes
-# on 2 cores; README "Performance"). bench/heap.py without --settings also pins at 1 and 4 MB.
+# on 2 cores) and keeps it, stamped, in bench/results/; docs/performance.md is rendered from there.
+# bench/heap.py without --settings also pins at 1 and 4 MB.
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
 	$(PY) bench/student_streaming.py
@@ -37,14 +38,20 @@ bench: $(STAMP)
 	$(PY) bench/threads.py
 	$(PY) bench/heap.py --settings pinned_8mb,pinned_16mb,glibc_adjusting
 	$(PY) bench/scale.py --tokenize-words 83000
+	$(PY) bench/render.py
 
 # What students learn from each encoding and layout at equal bytes, against references (about 34 minutes
-# on 2 cores; README "Performance").
+# on 2 cores); results and page as for bench.
 bench-quality: $(STAMP)
 	$(PY) bench/bytes.py
 	$(PY) bench/kd_gain.py
 	$(PY) bench/views.py
 	$(PY) bench/lm_students.py
+	$(PY) bench/render.py
+
+# docs/performance.md from bench/results/*.json (generated: edit bench/render.py, not the page).
+performance: $(STAMP)
+	$(PY) bench/render.py
 
 clean:
 	rm -rf data/caches data/runs data/teachers data/tokens

@@ -16,13 +16,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import Timer, emit, heavy_workspace
+from common import Timer, epoch_batches, heavy_workspace, line, record
 from heavy_teacher import make
 
 from pipeline.core.config import load_config
 from pipeline.format import reader as fmt
 from pipeline.train import losses
-from pipeline.train.loader import ChunkShuffleLoader
 from stages import cache as cache_stage
 
 BATCH, K, T = 256, 32, 2.0
@@ -58,9 +57,9 @@ def main() -> None:
     with Timer() as t_students:
         for s in range(args.students):
             m, opt = student(s)
-            loader = ChunkShuffleLoader(fmt.CacheReader(d), BATCH, seed=s, shuffle_chunks=4)
+            reader = fmt.CacheReader(d)
             for epoch in range(args.epochs):
-                for b in loader.batches(epoch):
+                for b in epoch_batches(reader, BATCH, s, 4, epoch):
                     step(m, opt, xt[torch.from_numpy(b["sample_id"])], torch.from_numpy(b["ids"].astype(np.int64)),
                          torch.from_numpy(b["logp"]).float(), torch.from_numpy(b["residual"]).float())
     with Timer() as t_online:
@@ -78,10 +77,10 @@ def main() -> None:
     per_cached = t_students.seconds / args.students
     per_online = t_online.seconds / args.students
     break_even = t_cache.seconds / (per_online - per_cached) if per_online > per_cached else None
-    emit("amortization", rows=args.rows, epochs=args.epochs, students=args.students,
+    record("amortization", line("amortization", rows=args.rows, epochs=args.epochs, students=args.students,
          cache_stage_s=round(t_cache.seconds, 2), cached_students_s=round(t_students.seconds, 2),
          online_students_s=round(t_online.seconds, 2), ratio=round(cached_total / t_online.seconds, 3),
-         break_even_students=round(break_even, 2) if break_even else None)
+         break_even_students=round(break_even, 2) if break_even else None))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, lm_logits, synthetic_logits, workdir
+from common import line, lm_logits, record, synthetic_logits, workdir
 
 from pipeline.format import kl
 from pipeline.format import shards as fmt
@@ -135,9 +135,9 @@ def main() -> None:
     for vocab, rows in ((32_000, args.rows), (151_936, args.rows // 4)):
         logp = torch.log_softmax(lm_logits(rows, vocab, seed=1), -1)
         results[f"{vocab}_vocab"] = compare(vocab, logp, ws, args.repeats)
-    emit("bytes", rows=args.rows, repeats=args.repeats, results=results, goals_met=goals(results),
+    record("bytes", line("bytes", rows=args.rows, repeats=args.repeats, results=results, goals_met=goals(results),
          goals={"hybrid_bias_rel_at_40B": 0.01, "hybrid_variance": "below sampled at the same budget",
-                "1000_classes_bytes_per_view": 32})
+                "1000_classes_bytes_per_view": 32}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: synthetic caches and one-line JSON output."""
+"""Shared helpers for the benchmark scripts: synthetic caches, and each run's figures printed as one
+JSON line and kept, stamped, under bench/results/ (`record`)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,79 @@ from pipeline.core.codecs import layout_codec
 from pipeline.format import manifest as fmt
 from pipeline.format.encodings import Encoding
 from pipeline.format.shards import shard_entry, shard_name, write_shard
+from pipeline.train.dataset import Cache, CacheDataset
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"  # LOGITCACHE_BENCH_RESULTS points elsewhere (the tests use it)
 
 
-def emit(name: str, **fields: Any) -> None:
-    print(json.dumps({"bench": name, "cores": os.cpu_count(), "machine": platform.machine(), **fields}), flush=True)
+def line(bench: str, **fields: Any) -> dict[str, Any]:
+    """A benchmark's figures as its one JSON line prints them: {"bench": NAME, "cores", "machine", ...}."""
+    return {"bench": bench, "cores": os.cpu_count(), "machine": platform.machine(), **fields}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _commit() -> str:
+    """HEAD, with "-dirty" when the tree has changes (bench/results/ left out: a run writes there)."""
+    try:
+        head = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    memory_gib = None
+    try:
+        cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    try:
+        kib = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE).group(1)
+        memory_gib = round(int(kib) / 2**20, 1)
+    except (OSError, AttributeError):
+        pass
+    return {"hostname": platform.node(), "cpu": cpu, "cores": len(os.sched_getaffinity(0)),
+            "memory_gib": memory_gib, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def stamp() -> dict[str, Any]:
+    """Which code ran where and when: commit, UTC time, the machine, and the command line."""
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
+    return {"commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": _machine(), "command": " ".join([shown, *sys.argv[1:]])}
+
+
+def record(name: str, figures: dict[str, Any], results: Path | None = None) -> Path:
+    """Print `figures` as the benchmark's one JSON line and keep it, stamped, as RESULTS/NAME.json
+    (written whole to a temporary file, then renamed over the old one). `name` is the results file:
+    the script's name, or SCRIPT-PART for a script that prints several lines. bench/render.py turns
+    bench/results/ into docs/performance.md."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"results name {name!r}: letters, digits, '_', '.' and '-' only")
+    print(json.dumps(figures), flush=True)
+    d = Path(results or os.environ.get("LOGITCACHE_BENCH_RESULTS") or RESULTS)
+    d.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"name": name, "stamp": stamp(), "figures": figures}, indent=1) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would follow the file through the rename
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / f"{name}.json")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return d / f"{name}.json"
 
 
 def workdir(prefix: str) -> Path:
@@ -156,3 +226,26 @@ def run_stage(args: list[str], env: dict[str, str] | None = None, cwd: Path | No
         value, scale = rates[-1]
         rate = float(value) * {"": 1, "k": 1e3, "M": 1e6}[scale]
     return StageRun(seconds, int(peak[-1]) / 1024, peaks["RssAnon"] / 1024, peaks["RssFile"] / 1024, rate, out)
+
+
+def epoch_batches(reader: Any, batch_size: int, seed: int, shuffle_chunks: int, epoch: int) -> Any:
+    """One epoch's batches as the student stage reads them (pipeline.train.dataset, world size 1),
+    over `reader`: a cache's CacheReader, or any object with its surface (a memmap stand-in). Each
+    batch a dict of numpy columns: sample_id, the decoded targets, view parameters."""
+    views = "views" in reader.manifest["spec"]
+    shell = Cache(reader.dir) if views else _ReaderCache(reader)
+    shell.reader = reader
+    ds = CacheDataset(shell, batch_size, seed, True, shuffle_chunks, None, False, None, 0, 1, 0)
+    ds._reader = reader
+    ds.set_epoch(epoch)
+    for b in ds:
+        yield {k: v.numpy() for k, v in b.items() if isinstance(v, torch.Tensor)}
+
+
+class _ReaderCache:
+    """What CacheDataset takes from a Cache, over any reader."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader, self.path, self.encoding = reader, reader.dir, reader.encoding
+        self.temperature, self.token_rows, self.views = reader.temperature, reader.token_rows, None
+

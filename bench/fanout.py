@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
 
-from common import heavy_workspace
+from common import heavy_workspace, record
 
 from pipeline.core.config import load_config
 from pipeline.run.fanout import open_client
@@ -75,7 +75,7 @@ def main() -> None:
         json.loads((ws / r / next(iter(ids)) / "manifest.json").read_text())["shards"]
         == json.loads((ws / "serial1" / next(iter(ids)) / "manifest.json").read_text())["shards"]
         for r in ("serial_all", "dask"))
-    print(json.dumps({
+    record("fanout", {
         "bench": "fanout", "rows": args.rows, "shards": shards, "cores": os.cpu_count(),
         "serial_1thread_s": round(t_serial, 3), f"serial_{threads}threads_s": round(t_serial_all, 3),
         "dask_2workers_s": round(t_dask, 3), "cluster_startup_s": round(startup, 3),
@@ -83,7 +83,7 @@ def main() -> None:
         "speedup_vs_serial_all_threads": round(t_serial_all / t_dask, 3),
         "overhead_s_per_task": round((2 * t_dask - t_serial) / shards, 4),
         "caches_identical": same,
-    }))
+    })
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import scale
-from common import emit, run_stage, workdir
+from common import line, record, run_stage, workdir
 
 SETTINGS = {"pinned_8mb": {}, "glibc_adjusting": {"LOGITCACHE_STEADY_HEAP": "0"},
             "pinned_1mb": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
@@ -74,8 +74,8 @@ def main() -> None:
     finally:
         shutil.rmtree(ws, ignore_errors=True)
     size = {"words": args.words} if args.task == "lm" else {"rows": args.rows}
-    emit("heap", task=args.task, **size, peak_mb=peaks, rows_per_s=rates,
-         spread_mb={k: round(max(v) - min(v), 1) for k, v in peaks.items()})
+    record(f"heap-{args.task}", line("heap", task=args.task, **size, peak_mb=peaks, rows_per_s=rates,
+         spread_mb={k: round(max(v) - min(v), 1) for k, v in peaks.items()}))
 
 
 if __name__ == "__main__":

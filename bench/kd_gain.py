@@ -35,7 +35,7 @@ import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, workdir
+from common import line, record, workdir
 from hier_task import HierTask, describe, write
 
 from pipeline.core.config import load_config
@@ -181,12 +181,13 @@ def main() -> None:
             "gain_kept_ci_above_goal": bool(kept_ci[0] >= GOAL["gain_kept"]),
         })
     met = [n for n, r in results.items() if r.get("meets_goal") and n != REFERENCE]
-    emit("kd_gain", setting=(f"{TASK.num_classes} classes ({TASK.superclasses} superclasses x {TASK.subclasses}), "
-                             f"transfer set {TASK.transfer_per_class}/class, teachers' data {TASK.train_per_class}/class"),
+    record("kd_gain", line(
+        "kd_gain", setting=(f"{TASK.num_classes} classes ({TASK.superclasses} superclasses x {TASK.subclasses}), "
+                            f"transfer set {TASK.transfer_per_class}/class, teachers' data {TASK.train_per_class}/class"),
          task=describe(TASK), seeds=len(order), hard_accuracy=round(float(np.mean([hard[s]["accuracy"] for s in order])), 4),
          goal=GOAL, goal_met_by=met, goal_met=bool(met), results=results,
          intervals="gain and ECE difference: paired t over seeds; gain_kept: ratio of means, delta method, t quantile",
-         seconds=round(time.perf_counter() - start, 1))
+         seconds=round(time.perf_counter() - start, 1)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, workdir
+from common import line, record, workdir
 
 from pipeline.core.config import load_config
 from stages import cache, evaluate, student, teachers
@@ -62,10 +62,11 @@ def main() -> None:
     within = {k: v for k, v in results.items() if v["bytes_per_token"] <= BUDGET * 1.1}  # the comparison's budget
     best_other = min((v["student_nll"] for k, v in within.items() if not k.startswith("hybrid")), default=None)
     best_hybrid = min((v["student_nll"] for k, v in within.items() if k.startswith("hybrid")), default=None)
-    emit("lm_students", setting="configs/lm.yaml, vocab 8192, alpha 0, forward KL", seeds=args.seeds,
+    record("lm_students", line("lm_students", setting="configs/lm.yaml, vocab 8192, alpha 0, forward KL",
+                               seeds=args.seeds,
          results=results, hard_label_nll=hard, teacher_nll=teacher,
          goal=f"within {BUDGET} B/token (+10%): the hybrid student at least as good as the best of top-k and sampled",
-         goal_met=None if None in (best_hybrid, best_other) else bool(best_hybrid <= best_other))
+         goal_met=None if None in (best_hybrid, best_other) else bool(best_hybrid <= best_other)))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
 layout (Zarr 4,096- and 16,384-row chunks with the default codec, zstd, and with `cache.codec`
 shuffle-lz4hc; Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
-rows/s of one epoch of the ChunkShuffleLoader (batches of 4,096 rows, buffers of 4 chunks, rows
+rows/s of one epoch of the student's dataset (batches of 4,096 rows, buffers of 4 chunks, rows
 shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
     every shard against the manifest's sha256; the digest is remembered per machine while the
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, emit, workdir, write_cache
+from common import Timer, epoch_batches, line, record, workdir, write_cache
 
 from pipeline.core.codecs import CODECS
 from pipeline.format import reader as fmt
@@ -56,7 +56,6 @@ from pipeline.format.columns import Chunk
 from pipeline.format.encodings import Dense, Encoding, TopK
 from pipeline.format.manifest import read_manifest
 from pipeline.format.shards import recorded_digest, shard_name, write_shard
-from pipeline.train.loader import ChunkShuffleLoader
 
 BATCH, BUFFER_CHUNKS, ROWS_PER_SHARD = 4096, 4, 50_000
 ENCODINGS: dict[str, Encoding] = {"topk32": TopK(1000, 32), "topk32_q8": TopK(1000, 32, bits=8), "dense100": Dense(100)}
@@ -70,8 +69,8 @@ class MemmapReader:
     read_many, decode) over mapped .npy columns."""
 
     def __init__(self, like: fmt.CacheReader, columns: dict[str, np.ndarray]) -> None:
-        self.rows = like.rows
-        self.encoding = like.encoding
+        self.rows, self.dir, self.token_rows = like.rows, like.dir, like.token_rows
+        self.encoding, self.temperature = like.encoding, like.temperature
         self.manifest, self.shards, self.chunk_rows = like.manifest, like.shards, like.chunk_rows
         self._chunks = like.chunks()
         self._first = [e["first_row"] for e in like.shards]
@@ -144,8 +143,7 @@ def codec_only(d: Path, repeats: int) -> float:
 def epoch_reader(make: Callable[[], Any]) -> Callable[[int], int]:
     """One epoch of the loader over a fresh reader from `make`; returns the rows read."""
     def run(epoch: int) -> int:
-        loader = ChunkShuffleLoader(make(), batch_size=BATCH, seed=0, shuffle_chunks=BUFFER_CHUNKS)
-        return sum(len(b["sample_id"]) for b in loader.batches(epoch))
+        return sum(len(b["sample_id"]) for b in epoch_batches(make(), BATCH, 0, BUFFER_CHUNKS, epoch))
     return run
 
 
@@ -190,7 +188,8 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
             layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
             return round(figures[key] / figures[f"memmap_{LAYOUTS[layout][1]}"], 3)
 
-        emit("reader", encoding=name, label=enc.label(), classes=enc.num_classes, rows=rows, batch=BATCH,
+        record(f"reader-{name}", line("reader", encoding=name, label=enc.label(), classes=enc.num_classes, rows=rows,
+                                       batch=BATCH,
              goal=0.5, ratio={k: over_memmap(k, best) for k in readers if not k.startswith("memmap")},
              cpu_ratio={k: over_memmap(k, best_cpu) for k in readers if not k.startswith("memmap")},
              rows_per_s={k: round(v) for k, v in best.items()},
@@ -198,7 +197,7 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
              codec_only_rows_per_s={k: round(v) for k, v in codec.items()},
              codec_ceiling={k: round(v / best[f"memmap_{LAYOUTS[k][1]}"], 3) for k, v in codec.items()},
              first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
-             bytes_per_row={k: read_manifest(d)["bytes_per_row"] for k, d in dirs.items()})
+             bytes_per_row={k: read_manifest(d)["bytes_per_row"] for k, d in dirs.items()}))
     finally:
         shutil.rmtree(ws, ignore_errors=True)
 
@@ -228,7 +227,7 @@ def codec_bytes(rows: int = 8192) -> None:
                 write_shard(shard, arrays, {}, enc, chunk_rows, None, codec)
                 sizes[codec] = round(recorded_digest(shard)[1] / rows, 1)
             out[f"{enc.label()}/{chunk_rows}"] = sizes
-        emit("reader_codec_bytes", rows=rows, bytes_per_row=out)
+        record("reader-codec_bytes", line("reader_codec_bytes", rows=rows, bytes_per_row=out))
     finally:
         shutil.rmtree(ws, ignore_errors=True)
 

@@ -70,7 +70,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import StageRun, emit, run_stage, workdir
+from common import StageRun, line, record, run_stage, workdir
 
 FEATURES, CLASSES = 128, 1000
 LM_WORDS, LM_SOURCE_WORDS, LM_SEQ = 1000, 20_000, 64
@@ -213,10 +213,11 @@ def report(task: str, figures: dict[str, dict[str, dict[str, float]]], sizes: li
         key = "per_s" if f[hi]["per_s"] and f[lo]["per_s"] else "raw_per_s"  # tokenize reports no loop rate
         speed_ratio = f[hi][key] / f[lo][key]
         unmet = [k for k, ok in (("rss_ratio", rss_ratio <= 1.25), ("speed_ratio", speed_ratio >= 0.9)) if not ok]
-        emit("scale", task=task, stage=name, unit=unit, rss_ratio=round(rss_ratio, 3), anon_ratio=round(anon_ratio, 3),
+        record(f"scale-{task}-{name}", line("scale", task=task, stage=name, unit=unit, rss_ratio=round(rss_ratio, 3),
+                                            anon_ratio=round(anon_ratio, 3),
              speed_ratio=round(speed_ratio, 3),
              raw_speed_ratio=round(f[hi]["raw_per_s"] / f[lo]["raw_per_s"], 3), speed_from=key,
-             goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet, **extra, sizes=f)
+             goals={"rss_ratio": "<= 1.25", "speed_ratio": ">= 0.9"}, unmet=unmet, **extra, sizes=f))
 
 
 def main() -> None:

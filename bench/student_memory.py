@@ -26,7 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import emit, workdir
+from common import line, record, workdir
 from scale import FEATURES, config, make_inputs, mlp, stage
 
 from pipeline.format import manifest as fmt
@@ -65,10 +65,11 @@ def main() -> None:
     big = figures[f"{args.scale}x"]
     small = figures["1x"]
     ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
-    emit("student_memory", stage="student", ratio=round(ratio, 3), goal=1.10, met=ratio <= 1.10,
+    record("student_memory", line("student_memory", stage="student", ratio=round(ratio, 3), goal=1.10,
+                                  met=ratio <= 1.10,
          anon_ratio=round(big["peak_anon_mb"] / small["peak_anon_mb"], 3),
          growth_mb={k: round(big[k] - small[k], 1) for k in ("peak_rss_mb", "peak_anon_mb", "peak_file_mb")},
-         sizes=figures)
+         sizes=figures))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, emit, workdir, write_cache
+from common import Timer, epoch_batches, line, record, workdir, write_cache
 
 from pipeline.format import reader as fmt
 from pipeline.format.encodings import TopK
 from pipeline.train import losses
-from pipeline.train.loader import ChunkShuffleLoader
 
 
 def inputs_for(ids: np.ndarray) -> torch.Tensor:
@@ -48,8 +47,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     d = write_cache(workdir("streaming"), args.rows, 1000, TopK(1000, 32), 25_000, 4096)
-    loader = ChunkShuffleLoader(fmt.CacheReader(d), args.batch, seed=0, shuffle_chunks=4)
-    in_ram = [dict(b) for b in loader.batches(0)]  # the same batches, decoded once
+    reader = fmt.CacheReader(d)
+    in_ram = list(epoch_batches(reader, args.batch, 0, 4, 0))  # the same batches, decoded once
 
     def student() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
@@ -61,11 +60,12 @@ def main() -> None:
         for name in ("disk", "ram"):
             m, opt = student()
             with Timer() as t:
-                steps = train(loader.batches(0) if name == "disk" else in_ram, m, opt)
+                steps = train(epoch_batches(reader, args.batch, 0, 4, 0) if name == "disk" else in_ram, m, opt)
             best[name] = max(best[name], steps / t.seconds)
-    emit("student_streaming", rows=args.rows, batch=args.batch, encoding="topk32", classes=1000,
+    record("student_streaming", line("student_streaming", rows=args.rows, batch=args.batch, encoding="topk32",
+                                     classes=1000,
          disk_steps_per_s=round(best["disk"], 2), ram_steps_per_s=round(best["ram"], 2),
-         ratio=round(best["disk"] / best["ram"], 3), goal=0.95)
+         ratio=round(best["disk"] / best["ram"], 3), goal=0.95))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import Timer, emit, heavy_workspace
+from common import Timer, heavy_workspace, line, record
 from heavy_teacher import make
 
 from pipeline.core.config import load_config
@@ -51,9 +51,10 @@ def main() -> None:
         with Timer() as t:
             cache_stage.main(cfg)
         best["cache"] = max(best["cache"], args.rows / t.seconds)
-    emit("teacher_overhead", device=str(device), rows=args.rows, encoding="topk32", classes=1000,
+    record(f"teacher_overhead-{device.type}", line("teacher_overhead", device=str(device), rows=args.rows,
+                                                  encoding="topk32", classes=1000,
          bare_rows_per_s=round(best["bare"]), cache_rows_per_s=round(best["cache"]),
-         ratio=round(best["cache"] / best["bare"], 3), goal=0.97)
+         ratio=round(best["cache"] / best["bare"], 3), goal=0.97))
 
 
 if __name__ == "__main__":

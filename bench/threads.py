@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit
+from common import line, record
 
 WORK = r"""
 import json, sys, time, torch
@@ -84,7 +84,7 @@ def main() -> None:
     idle = compare()
     with busy():
         loaded = compare()
-    emit("threads", torch_threads=os.cpu_count(), idle=idle, busy=loaded)
+    record("threads", line("threads", torch_threads=os.cpu_count(), idle=idle, busy=loaded))
 
 
 if __name__ == "__main__":

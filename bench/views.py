@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, synthetic_logits, workdir
+from common import epoch_batches, line, record, synthetic_logits, workdir
 
 from pipeline.core.config import AugmentConfig, CacheConfig, load_config
 from pipeline.format import reader as fmt
@@ -39,7 +39,6 @@ from pipeline.format.views import column_names, view_dtype
 from pipeline.inputs import augment as vw
 from pipeline.run.identity import context
 from pipeline.train import losses
-from pipeline.train.loader import ChunkShuffleLoader
 from stages import cache, student, teachers
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "views.yaml"
@@ -104,13 +103,18 @@ def epoch_reads(d: Path, epochs: int) -> dict[str, Any]:
         read.append(chunk)
         return plain(chunk, decode)
 
+    def counted_joined(chunks: list[Chunk]) -> dict[str, np.ndarray]:
+        read.extend(chunks)  # whole chunks of plain Zarr shards are decoded in place, not through read
+        return plain_joined(chunks)
+
+    plain_joined = reader.read_joined
     reader.read = counted  # type: ignore[method-assign]
+    reader.read_joined = counted_joined  # type: ignore[method-assign]
     everything = sum(chunk_bytes(d, reader, c) for c in reader.chunks())
-    loader = ChunkShuffleLoader(reader, 64, seed=0, shuffle_chunks=4)
     fractions, used = [], []
     for epoch in range(epochs):
         read.clear()
-        for batch in loader.batches(epoch):
+        for batch in epoch_batches(reader, 64, 0, 4, epoch):
             used += zip(batch["sample_id"].tolist(), batch["view"].tolist())
         fractions.append(sum(chunk_bytes(d, reader, c) for c in read) / everything)
     return {"views": count, "epochs": epochs, "chunk_bytes_read_per_epoch_over_all": [round(f, 4) for f in fractions],
@@ -214,9 +218,9 @@ def main() -> None:
     teachers.main(load_config(CONFIG, common))
     if args.only == "bytes":
         sizes = bytes_and_reads(ws, common)
-        emit("views", **sizes, goals_met={"bytes_per_view_1000_classes_topk10_8bit": all(
+        record("views-bytes", line("views", **sizes, goals_met={"bytes_per_view_1000_classes_topk10_8bit": all(
             v["bytes_per_view"] <= 32.0 for v in sizes["bytes_per_view_1000_classes_topk10_8bit"].values())},
-             seconds=round(time.perf_counter() - started, 1))
+             seconds=round(time.perf_counter() - started, 1)))
         return
 
     # cache write time: plain images vs views, same teachers and encoding, side by side
@@ -247,13 +251,13 @@ def main() -> None:
         "bytes_per_view_1000_classes_topk10_8bit": all(v["bytes_per_view"] <= 32.0 for v in b1000.values()),
         "write_time_per_view_over_per_image": all(write[f"views={n}"]["us_per_row"] <= per_image for n in (1, 8, 32)),
     }
-    emit("views", seeds=args.seeds, epochs=args.epochs, transfer_rows=write["views=0"]["rows"],
+    record("views", line("views", seeds=args.seeds, epochs=args.epochs, transfer_rows=write["views=0"]["rows"],
          accuracy=summary, accuracy_per_seed={k: [round(a, 4) for a in v] for k, v in accuracy.items()},
          write_time=write, write_time_per_view_over_per_image={
              n: round(write[n]["us_per_row"] / per_image, 3) for n in ("views=1", "views=8", "views=32")},
          **sizes,
          goals=GOALS, goals_met=goals_met, unmet=[k for k, v in goals_met.items() if not v],
-         seconds=round(time.perf_counter() - started, 1))
+         seconds=round(time.perf_counter() - started, 1)))
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def caches_fidelity(cache_ref: str, root: Path | None, config: Path | None, rows
 def import_logprobs_cmd(file: Path, tokenizer: Path, root: Path, top_n: int, teacher: str, backend: str,
                         rows_per_shard: int, chunk_rows: int) -> None:
     """Turn served prompt log-probs (vLLM prompt_logprobs or OpenAI completions logprobs, JSONL) into a
-    token-level top-k cache; the JSONL schema is in pipeline/importer.py and the README."""
+    token-level top-k cache; the JSONL schema is in pipeline/tools/importer.py and docs/language-models.md."""
     from pipeline.tools.importer import import_logprobs
 
     if rows_per_shard < 1 or chunk_rows < 1:

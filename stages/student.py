@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.core.config import AugmentConfig, Config, dump_yaml
+from pipeline.core.config import Config, dump_yaml
 from pipeline.core.errors import CacheError, ConfigError, LogitcacheError
 from pipeline.core.io import (
     atomic_write_bytes,
@@ -46,16 +46,16 @@ from pipeline.core.io import (
 )
 from pipeline.core.progress import bar, log
 from pipeline.format import reader as fmt
-from pipeline.format.views import ViewSpec
-from pipeline.inputs import augment as vw
 from pipeline.inputs.arrays import Splits
+from pipeline.inputs.augment import check_images
 from pipeline.inputs.splits import load_splits
 from pipeline.models.builders import build_model, resolve_device
 from pipeline.models.lm import hidden_and_head
 from pipeline.run.fanout import run_all, task_share
 from pipeline.run.jobs import Shard, cache_path, job_name, models, plan, read_done, settings
-from pipeline.train import losses, metrics
-from pipeline.train.loader import ChunkShuffleLoader, epoch_rows
+from pipeline.train import metrics
+from pipeline.train.dataset import Cache, CacheDataset
+from pipeline.train.losses import chunked_kd_loss, kd_loss
 from pipeline.train.plan import augmentation
 
 
@@ -64,35 +64,6 @@ class ShardResult:
     job: str
     skipped: bool
     final_accuracy: float
-
-
-def classify_inputs(batch: dict[str, np.ndarray], transfer: Any, cached: ViewSpec | None,
-                    online: AugmentConfig | None, seed: int, epoch: int, num_classes: int, where: Any,
-                    ) -> tuple[dict[str, np.ndarray], torch.Tensor, torch.Tensor | None]:
-    """(the batch's rows with every view parameter, their inputs (n, *input_shape), their labels:
-    (n,) class ids, (n, C) distributions for mixed views, or None without labels).
-
-    A views cache's rows are views: each one's pixels are rebuilt from its stored parameters."""
-
-    def images(ids: np.ndarray) -> np.ndarray:
-        return transfer.x[transfer.positions(ids)]
-
-    if cached is not None:
-        batch = vw.expand(cached, batch, where)
-        x = vw.render_rows(images, batch, cached.augment)
-        mixed = vw.soft_labels(batch, transfer, num_classes, "cpu")
-        if mixed is not None:
-            return batch, x, mixed
-    elif online is not None:
-        ids = batch["sample_id"]
-        params = vw.draw(online, seed, ids, np.full(len(ids), epoch), transfer.x.shape[2:])
-        x = vw.render_rows(images, {"sample_id": ids, **params}, online)
-    else:
-        x_rows, y_rows = transfer.rows(transfer.positions(batch["sample_id"]))  # gathered by sample id
-        labels = torch.from_numpy(y_rows) if y_rows is not None else None
-        return batch, torch.from_numpy(x_rows), labels
-    labels = torch.from_numpy(transfer.y[transfer.positions(batch["sample_id"])]) if transfer.y is not None else None
-    return batch, x, labels
 
 
 def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
@@ -121,37 +92,37 @@ def _optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay)
 
 
-def batch_targets(batch: dict[str, np.ndarray], st: dict[str, Any], reader: fmt.CacheReader,
-                  device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch's cached targets as tensors at the student's temperature."""
-    return reader.encoding.targets(batch, device, st["temperature"] / reader.temperature)
+def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> CacheDataset:
+    """The job's batches: the public API's dataset over the config's cache (one process, world
+    size 1), joined to the transfer set's inputs (and labels) by sample id. A views cache's views
+    are replayed from their stored parameters; with an `augment:` section and a cache of plain
+    images, a view of each image is drawn per (seed, sample, epoch)."""
+    cache = Cache(cache_path(cfg))
+    cached, online = augmentation(cfg, cache.manifest["spec"])
+    if online is not None:
+        check_images(splits.input_shape, "augment")
+    lm = cfg.data.task == "lm"
+    labels = splits.transfer if not lm and splits.transfer.y is not None else None
+    return cache.dataset(st["batch_size"], seed=shard.seed, shuffle_chunks=st["shuffle_chunks"],
+                         inputs=splits.transfer, labels=labels, augment=online, temperature=st["temperature"],
+                         rank=0, world_size=1)
 
 
-def batch_loss(logits: torch.Tensor, batch: dict[str, np.ndarray], labels: torch.Tensor | None,
-               st: dict[str, Any], reader: fmt.CacheReader) -> torch.Tensor:
-    """Loss of one batch: alpha * CE + (1 - alpha) * T^2 D(teacher || student), targets at T."""
-    alpha = st["alpha"]
-    if alpha == 1.0:
-        assert labels is not None
-        return losses.hard_ce(logits, labels)
-    targets = batch_targets(batch, st, reader, logits.device)
-    return losses.row_losses(logits, targets, labels, st, reader.encoding) / len(logits)
-
-
-def lm_batch_loss(model: torch.nn.Module, batch: dict[str, np.ndarray], tokens: np.ndarray, st: dict[str, Any],
-                  reader: fmt.CacheReader, seq_len: int) -> torch.Tensor:
-    """Loss of a batch of whole sequences; the (rows, vocab) logits are computed in chunks."""
-    rows = len(batch["sample_id"])
-    seq_ids = batch["sample_id"].reshape(-1, seq_len)
-    if (seq_ids != seq_ids[:, :1]).any() or (batch["position"].reshape(-1, seq_len) != np.arange(seq_len)).any():
-        raise CacheError(f"{reader.dir}: token rows are not whole sequences in order; the cache is corrupt, rebuild it")
-    dev = next(model.parameters()).device
-    seq = torch.from_numpy(tokens).to(dev)  # (B, seq_len + 1)
-    labels = seq[:, 1:].reshape(-1)  # (B * L,)
-    hidden, head = hidden_and_head(model, seq[:, :-1])  # (B, L, d)
-    targets = batch_targets(batch, st, reader, dev) if st["alpha"] < 1 else {}
-    return losses.chunked_loss(hidden.reshape(rows, -1), head, targets, labels, st, reader.encoding,
-                               st["logit_chunk"])
+def batch_loss(model: torch.nn.Module, batch: dict[str, Any], st: dict[str, Any], lm: bool,
+               dev: torch.device) -> torch.Tensor:
+    """One batch's loss through the public loss: alpha * CE + (1 - alpha) * T^2 D(teacher || student).
+    A token batch's (rows, vocab) logits are computed in chunks from the hidden states."""
+    kw = {"temperature": st["temperature"], "alpha": st["alpha"], "divergence": st["divergence"],
+          "tail": st["tail"]}
+    x = batch["inputs"].to(dev, non_blocking=True)
+    if not lm:
+        labels = batch.get("labels")
+        return kd_loss(model(x), batch, labels=labels.to(dev) if labels is not None else None, **kw)
+    # x (B, L + 1): each sequence's tokens and the next one; the batch's rows are (sequence, position)
+    seq, pos = batch["sequence"].to(dev), batch["position"].to(dev)
+    hidden, head = hidden_and_head(model, x[:, :-1])  # (B, L, d)
+    return chunked_kd_loss(hidden[seq, pos], head, batch, labels=x[:, 1:][seq, pos], logit_chunk=st["logit_chunk"],
+                           **kw)
 
 
 def held_out(model: torch.nn.Module, splits: Splits, lm: bool) -> dict[str, float]:
@@ -222,12 +193,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
         return m, _optimizer(cfg, m.parameters(), st["lr"])
 
     model, opt = fresh()
-    cached, online = augmentation(cfg, reader.manifest["spec"])
-    if online is not None:
-        vw.check_images(splits.input_shape, "augment")
-    per_item = cfg.data.seq_len if lm else 1
-    loader = ChunkShuffleLoader(reader, st["batch_size"], shard.seed, st["shuffle_chunks"], per_item)
-    transfer = splits.transfer
+    ds = dataset(cfg, shard, st, splits)
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
     ckpt, losses_file = out / "checkpoint.pt", out / "losses.f64"
     saved = _resume(ckpt, losses_file, key, name)
@@ -239,6 +205,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
             if saved.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state_all(saved["cuda_rng"])
             state = saved["state"]
+            ds.seek(state["epoch"], state["batch"])
             log(f"student {name}: resuming at epoch {state['epoch']} batch {state['batch']}")
         except Exception as e:
             log(f"student {name}: {ckpt} does not fit this model ({type(e).__name__}); starting this job over")
@@ -275,21 +242,20 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     model.train()
     unit = "tokens" if lm else "rows"
     while state["epoch"] < st["epochs"]:
+        ds.set_epoch(state["epoch"])
         # a line every LOGITCACHE_PROGRESS_INTERVAL seconds in a batch job's log (a bar on a terminal)
-        progress = bar(epoch_rows(reader), f"student {name} epoch {state['epoch'] + 1}/{st['epochs']}", unit)
-        progress.update(min(state["batch"] * loader.batch_size, epoch_rows(reader)))  # resumed: not in the rate
-        for batch in loader.batches(state["epoch"], start=state["batch"]):
-            if lm:
-                xb, _ = transfer.rows(transfer.positions(batch["sample_id"][::per_item]))  # mapped inputs
-                loss = lm_batch_loss(model, batch, xb, st, reader, per_item)
-            else:
-                batch, x, labels = classify_inputs(batch, transfer, cached, online, shard.seed, state["epoch"],
-                                                   reader.num_classes, reader.dir)
-                loss = batch_loss(model(x.to(dev)), batch, labels.to(dev) if labels is not None else None, st, reader)
+        progress = bar(ds.epoch_rows, f"student {name} epoch {state['epoch'] + 1}/{st['epochs']}", unit)
+        done_rows = 0
+        for batch in ds:
+            if done_rows == 0 and state["batch"]:  # resumed: the epoch's first batches are not in the rate
+                progress.update(min(state["batch"] * st["batch_size"] * (cfg.data.seq_len if lm else 1),
+                                    ds.epoch_rows))
+            loss = batch_loss(model, batch, st, lm, dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             pending.append(float(loss.detach()))
+            done_rows += len(batch["sample_id"])
             progress.update(len(batch["sample_id"]))
             state["batch"] += 1
             state["step"] += 1

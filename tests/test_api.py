@@ -18,8 +18,7 @@ from pipeline.core.errors import CacheError
 from pipeline.format import reader as fmt
 from pipeline.format.manifest import read_manifest
 from pipeline.format.shards import shard_name
-from pipeline.train.dataset import batch_sizes, rank_layout
-from pipeline.train.loader import ChunkShuffleLoader
+from pipeline.train.plan import batch_sizes, rank_layout
 
 C = 12
 SPEC = {"teacher": {"name": "t", "revision": "1"}, "dataset": {"fingerprint": "data-1"}}
@@ -275,7 +274,7 @@ def test_writer_is_byte_identical_resumable_and_read_by_the_cli_reader(tmp_path,
     assert shard_hashes(b.path) == shard_hashes(a.path)
     reader = fmt.CacheReader(a.path, verify=True)  # what `logitcache student` opens
     assert reader.rows == 700 and reader.temperature == 2.0 and reader.encoding.label() == "hybrid-k3-n8"
-    ids = np.concatenate([bt["sample_id"] for bt in ChunkShuffleLoader(reader, 100, 0, 2).batches(0)])
+    ids = np.concatenate([bt["sample_id"] for bt in lc.open_cache(a.path).dataset(100, seed=0, shuffle_chunks=2)])
     assert sorted(ids.tolist()) == list(range(700))
     head = reader.read_all()
     vals, top = F.log_softmax(t / 2.0, -1).topk(3, -1)

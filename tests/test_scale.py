@@ -49,9 +49,10 @@ def test_a_5000_shard_cache_reads_under_ulimit_256(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
         from pathlib import Path
         from pipeline.format.reader import CacheReader
-        from pipeline.train.loader import ChunkShuffleLoader
-        r = CacheReader(Path({str(d)!r}))
-        n = sum(len(b["sample_id"]) for b in ChunkShuffleLoader(r, 64, 0, 4).batches(0))
+        from pipeline.train.dataset import Cache
+        cache = Cache(Path({str(d)!r}))
+        r = cache.reader
+        n = sum(len(b["sample_id"]) for b in cache.dataset(64, seed=0, shuffle_chunks=4))
         again = sum(len(r.read(c)["sample_id"]) for c in r.chunks()[::-7])
         assert len(r._handles) <= 64, len(r._handles)
         print(n, again)

@@ -140,3 +140,42 @@ def test_reverse_kl_and_jsd_with_a_bucket_tail_train_classifiers(built, kind):
     (result,) = student_stage.main(cfg)
     history = json.loads((ws / "runs" / kind / "students" / "s-kd-s0" / "history.json").read_text())
     assert history["settings"]["divergence"] == kind and result.final_accuracy > 0.8
+
+
+def test_the_stage_trains_on_the_apis_batches(built, monkeypatch):
+    """One data path: `logitcache student` trains on exactly the batches a user's loop gets from
+    `open_cache(...).dataset(...)` for the same seed and epoch, inputs and labels joined alike."""
+    import numpy as np
+    import torch
+
+    import pipeline as lc
+    from pipeline.inputs.splits import load_splits
+    from pipeline.run.jobs import Shard
+
+    ws, path = built
+    cfg = load_config(path, ["run_name=same-batches", "student.epochs=2", "student.seeds=[4]"])
+    seen: list[dict] = []
+    real = student_stage.batch_loss
+
+    def spy(model, batch, st, lm, dev):
+        seen.append({k: batch[k].clone() for k in ("sample_id", "inputs", "labels")})
+        return real(model, batch, st, lm, dev)
+
+    monkeypatch.setattr(student_stage, "batch_loss", spy)
+    student_stage.run_shard(cfg, Shard(model=0, seed=4, kind="kd"))
+    transfer = load_splits(cfg).transfer
+    cache = lc.open_cache(spec.find_cache(cfg))
+    by_id = np.zeros((int(transfer.ids.max()) + 1, *transfer.x.shape[1:]), np.float32)
+    by_id[transfer.ids] = transfer.x
+    labels = np.zeros(len(by_id), np.int64)
+    labels[transfer.ids] = transfer.y
+    ds = cache.dataset(batch_size=100, seed=4, shuffle_chunks=cfg.student.shuffle_chunks, inputs=by_id,
+                       labels=labels)  # a user's loop, plain arrays
+    expected = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        expected += list(ds)
+    assert len(seen) == len(expected) == 2 * 14
+    for got, want in zip(seen, expected):
+        assert torch.equal(got["sample_id"], want["sample_id"])
+        assert torch.equal(got["inputs"], want["inputs"]) and torch.equal(got["labels"], want["labels"])

@@ -29,7 +29,7 @@ class Codec:
         return BloscCodec(cname=self.blosc, clevel=level, shuffle="shuffle", typesize=itemsize)
 
 
-# On top-k columns at 4,096-row chunks (bench/reader.py, README "Codecs") shuffle-lz4hc at level 1
+# On top-k columns at 4,096-row chunks (bench/reader.py, docs/cache-format.md "Codecs") shuffle-lz4hc at level 1
 # takes no more bytes than zstd at 3 and decodes 2-3x faster; shuffle-zstd is the smallest. Parquet
 # caches use zstd on byte-stream-split pages.
 CODECS: dict[str, Codec] = {"zstd": Codec(3, 22), "shuffle-zstd": Codec(3, 9, "zstd"),

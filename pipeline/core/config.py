@@ -112,7 +112,7 @@ class CacheConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
-    # zarr: shuffle-*: Blosc byte shuffle first (pipeline/cache.py CODECS, README "Codecs")
+    # zarr: shuffle-*: Blosc byte shuffle first (pipeline/core/codecs.py, docs/cache-format.md "Codecs")
     codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] = "zstd"
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
 

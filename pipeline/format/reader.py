@@ -1,6 +1,6 @@
 """The soft-target cache: encodings, shard writers and readers for Zarr v3 and Parquet, the manifest.
 
-Layout (see README "Cache format"):
+Layout (docs/cache-format.md):
 
     <root>/<cache_id>/
       spec.json           what determines the targets (written first)
@@ -297,7 +297,7 @@ class CacheReader:
         shuffle buffer holds. On the fast Zarr path each chunk is decoded straight into its rows:
         no per-chunk arrays, and no second copy to join them."""
         if not chunks or not all(map(self.is_whole_chunk, chunks)):
-            raise ValueError("read_joined reads one or more whole chunks; read_joined (module function) reads ranges")
+            raise ValueError("read_joined reads one or more whole chunks; read_rows reads any ranges")
         chunks = [Chunk(c.shard, c.start // self.chunk_rows, c.start, c.stop) for c in chunks]  # index from the rows
         shards = sorted({c.shard for c in chunks})
         found = self._map(lambda s: self._fast_layout(s, self.dir / self.shards[s]["path"]) if self.backend == "zarr"
@@ -429,7 +429,7 @@ def read_ranges(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -
     return out
 
 
-def read_joined(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -> dict[str, np.ndarray]:
+def read_rows(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -> dict[str, np.ndarray]:
     """The rows of the ranges, joined in order into one array per column. When every range is a
     whole chunk (a plain epoch's buffer) the reader decodes them straight into place; otherwise
     the chunks that cover the ranges are read once, cut and joined. decode=False keeps the stored

@@ -305,16 +305,16 @@ def render_rows(images: Callable[[np.ndarray], Any], params: dict[str, np.ndarra
     return render(x, params, aug, partners)
 
 
-def soft_labels(params: dict[str, np.ndarray], dataset: Any, num_classes: int,
-                device: torch.device | str) -> torch.Tensor | None:
-    """Label distributions (n, C) of mixed views: lam on the sample's label, 1 - lam on the
-    partner's; None when no row has a partner (plain integer labels apply)."""
-    if "partner" not in params or not (params["partner"] >= 0).any() or dataset.y is None:
+def soft_labels(params: dict[str, np.ndarray], label_of: Callable[[np.ndarray], np.ndarray],
+                num_classes: int) -> torch.Tensor | None:
+    """Label distributions (n, C) float32 of mixed views: lam on the sample's label, 1 - lam on the
+    partner's (`label_of(ids)` gives class ids by sample id); None when no row has a partner (plain
+    integer labels apply)."""
+    if "partner" not in params or not (params["partner"] >= 0).any():
         return None
-    y = torch.from_numpy(dataset.y[dataset.positions(params["sample_id"])])
+    y = torch.from_numpy(np.asarray(label_of(params["sample_id"]), np.int64))
     pid = params["partner"]
-    yp = torch.from_numpy(dataset.y[dataset.positions(np.where(pid >= 0, pid, params["sample_id"]))])
+    yp = torch.from_numpy(np.asarray(label_of(np.where(pid >= 0, pid, params["sample_id"])), np.int64))
     lam = torch.from_numpy(params["lam"].astype(np.float32))[:, None]
     eye = torch.eye(num_classes)
-    return (eye[y] * lam + eye[yp] * (1.0 - lam)).to(device)
-
+    return eye[y] * lam + eye[yp] * (1.0 - lam)

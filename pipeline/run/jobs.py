@@ -20,6 +20,10 @@ from pipeline.format.manifest import resolve
 from pipeline.run.identity import find_cache
 from pipeline.train.plan import augmentation
 
+# The epoch planner's version: students trained before pipeline/train/plan.py read their batches in
+# another order, so their results are not this version's and are retrained.
+EPOCH_ORDER = 2
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -85,6 +89,7 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
               "batch_size": s.batch_size,
               "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
               "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
+              "epoch_order": EPOCH_ORDER,
               **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
               **({"augment": to_dict(online)} if online is not None else {})}
     if shard.kind == "hard":

@@ -12,7 +12,7 @@
             ...
             ckpt = {"model": model.state_dict(), "data": loader.state_dict()}
 
-Partitioning (README "Python API"). An epoch's order is a pure function of (seed, epoch): the
+Partitioning (docs/python-api.md; the order comes from pipeline/train/plan.py). An epoch's order is a pure function of (seed, epoch): the
 cache's chunks (the unit of reads) in a seeded permutation across all shards, cut into buffers of
 `shuffle_chunks` consecutive chunks, items shuffled inside each buffer by a generator keyed on
 (seed, epoch, buffer). An item is a row, or for token caches one whole sequence. That stream of N
@@ -40,10 +40,9 @@ It needs the same world size, num_workers and batch size.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +50,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.core.config import AugmentConfig
 from pipeline.core.errors import CacheError
 from pipeline.format import reader as fmt
-from pipeline.format.columns import ROW_COLUMNS, Chunk
+from pipeline.format.columns import ROW_COLUMNS
 from pipeline.format.encodings import Encoding
 from pipeline.format.manifest import resolve
-from pipeline.format.reader import read_joined
+from pipeline.format.reader import read_rows
 from pipeline.format.views import PARAMS, ViewSpec
 from pipeline.inputs import augment as vw
-from pipeline.train.plan import epoch_blocks
+from pipeline.inputs.arrays import Dataset
+from pipeline.inputs.augment import check_images
+from pipeline.train import plan
 
 DEFAULT_ROOT = Path("data/caches")
 
@@ -126,15 +128,19 @@ class Cache:
 
     def dataset(self, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_chunks: int = 4,
                 inputs: Any = None, drop_last: bool = False, temperature: float | None = None,
-                rank: int | None = None, world_size: int | None = None, pad_value: int = 0) -> CacheDataset:
+                rank: int | None = None, world_size: int | None = None, pad_value: int = 0,
+                labels: Any = None, augment: AugmentConfig | None = None) -> CacheDataset:
         """An IterableDataset of whole batches (dicts of tensors); see the module docstring.
 
         batch_size counts items (rows, or sequences of a token cache); `inputs` is any indexable
-        (array, memmap, tensor, list) looked up by sample_id; `temperature` is the T of the
-        re-tempered `targets` (default: the cache's); rank and world_size default to
-        torch.distributed's when it is initialized."""
+        (array, memmap, tensor, list) looked up by sample_id, or a pipeline Dataset (its rows are
+        gathered by sample id); `labels` likewise, joined as batch["labels"] (a views cache's mixed
+        views get label distributions (B, C)); `augment` draws a view of each plain image per
+        (seed, sample, epoch) for `inputs`; `temperature` is the T of the re-tempered `targets`
+        (default: the cache's); rank and world_size default to torch.distributed's when it is
+        initialized."""
         return CacheDataset(self, batch_size, seed, shuffle, shuffle_chunks, inputs, drop_last, temperature,
-                            rank, world_size, pad_value)
+                            rank, world_size, pad_value, labels, augment)
 
     def __repr__(self) -> str:
         return (f"Cache({self.id}, {self.encoding.label()}, {self.num_classes} classes, T={self.temperature}, "
@@ -144,70 +150,6 @@ class Cache:
 def open_cache(id_or_path: str | Path, root: str | Path | None = None, verify: bool = False) -> Cache:
     """A complete cache from its directory, id or unique id prefix under `root` (default data/caches)."""
     return Cache(resolve(id_or_path, Path(root) if root is not None else DEFAULT_ROOT), verify=verify)
-
-
-# ---------------------------------------------------------------------------------------------
-# The epoch plan: pieces (owned rows of a chunk), buffers, rank and worker ranges
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """The rows a chunk owns: its rows, or for token caches the sequences that start in it."""
-
-    shard: int
-    start: int  # owned rows [start, stop) within the shard
-    stop: int
-    items: int
-
-
-def _pieces(reader: fmt.CacheReader) -> list[_Piece]:
-    if not reader.token_rows:
-        return [_Piece(c.shard, c.start, c.stop, c.stop - c.start) for c in reader.chunks()]
-    seq_len = reader.manifest["spec"]["dataset"].get("seq_len")
-    out = []
-    for c in reader.chunks():
-        entry = reader.shards[c.shard]
-        if "chunk_items" in entry:  # variable-length sequences may straddle chunks (CacheWriter, imports)
-            ext = entry["chunk_extent"]
-            start = max(c.start, ext[c.index - 1] if c.index else 0)
-            out.append(_Piece(c.shard, start, max(start, ext[c.index]), int(entry["chunk_items"][c.index])))
-        elif seq_len and (c.stop - c.start) % seq_len == 0:
-            out.append(_Piece(c.shard, c.start, c.stop, (c.stop - c.start) // seq_len))
-        else:
-            raise CacheError(f"{reader.dir}: chunk {c.index} of shard {c.shard} does not hold whole sequences of "
-                             f"{seq_len} tokens; rebuild the cache with chunk_rows a multiple of seq_len")
-    return out
-
-
-def batch_sizes(items: int, batches: int, batch_size: int) -> list[int]:
-    """`items` in `batches` batches of at most batch_size: full ones first, the rest shared evenly."""
-    if batches <= 0 or items <= 0:
-        return []
-    if batch_size == 1 or items <= batches:
-        return [1] * min(items, batches)
-    full = min(batches, (items - batches) // (batch_size - 1))
-    q, r = divmod(items - full * batch_size, batches - full) if batches > full else (0, 0)
-    return [batch_size] * full + [q + 1] * r + [q] * (batches - full - r)
-
-
-def rank_layout(n_items: int, batch_size: int, world: int, rank: int, drop_last: bool) -> tuple[int, list[int]]:
-    """(first item of this rank's range in the epoch's stream, its batch sizes)."""
-    if drop_last:
-        per_rank = n_items // (world * batch_size)
-        return rank * per_rank * batch_size, [batch_size] * per_rank
-    if n_items < world:
-        raise CacheError(f"the cache has {n_items} items for {world} ranks; every rank needs at least one "
-                         "(use drop_last=True or fewer ranks)")
-    base, extra = divmod(n_items, world)
-    start = rank * base + min(rank, extra)
-    batches = math.ceil(math.ceil(n_items / world) / batch_size)
-    return start, batch_sizes(base + (rank < extra), batches, batch_size)
-
-
-def worker_layout(rank_start: int, sizes: list[int], worker: int, num_workers: int) -> tuple[int, list[int]]:
-    """Rank-local batches worker, worker + K, ...: a contiguous block of the rank's range."""
-    before = sum(sum(sizes[v::num_workers]) for v in range(worker))
-    return rank_start + before, sizes[worker::num_workers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +179,7 @@ class CacheDataset(IterableDataset):
 
     def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
                  drop_last: bool, temperature: float | None, rank: int | None, world_size: int | None,
-                 pad_value: int) -> None:
+                 pad_value: int, labels: Any = None, augment: AugmentConfig | None = None) -> None:
         if batch_size < 1 or shuffle_chunks < 1:
             raise ValueError(f"batch_size={batch_size}, shuffle_chunks={shuffle_chunks}: both must be >= 1")
         enc = cache.encoding
@@ -253,8 +195,13 @@ class CacheDataset(IterableDataset):
         self.inputs, self.drop_last, self.pad_value = inputs, drop_last, pad_value
         self._explicit = (rank, world_size)
         self.rank, self.world_size = self._resolve_dist()
+        self.labels, self.augment = labels, augment if augment is not None and augment.active else None
         self.views = cache.views
-        self.pieces = _pieces(cache.reader) if self.views is None else []
+        if self.views is not None and self.augment is not None:
+            raise ValueError("augment: a views cache replays the views its teachers saw; leave augment unset")
+        if self.augment is not None and inputs is None:
+            raise ValueError("augment draws views of the inputs; pass inputs= too")
+        self.pieces = plan.pieces(cache.reader) if self.views is None else []
         self.items = sum(p.items for p in self._epoch_pieces(0))
         self.epoch = 0
         self._start = 0  # rank-local batches of this epoch already consumed (resume)
@@ -309,13 +256,18 @@ class CacheDataset(IterableDataset):
         if state["world_size"] != self.world_size:
             raise ValueError(f"load_state_dict: saved with world_size={state['world_size']}, now {self.world_size}; "
                              "resume on as many ranks as saved it")
-        self.epoch, self._start, self._yielded = int(state["epoch"]), int(state["batches"]), 0
+        self.seek(state["epoch"], state["batches"])
         saved = state.get("num_workers")
         self._resume_workers = max(int(saved), 1) if saved is not None else None
 
+    def seek(self, epoch: int, batches: int) -> None:
+        """Make the next iteration start at rank-local batch `batches` of `epoch` (a position the
+        caller saved itself; `load_state_dict` checks a saved state and comes here)."""
+        self.epoch, self._start, self._yielded = int(epoch), int(batches), 0
+
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
-        return len(rank_layout(self.items, self.batch_size, self.world_size, self.rank, self.drop_last)[1])
+        return len(plan.rank_layout(self.items, self.batch_size, self.world_size, self.rank, self.drop_last)[1])
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -342,9 +294,9 @@ class CacheDataset(IterableDataset):
 
         A DataLoader's round-robin starts at worker 0, so after skipping `start` batches worker w
         plays the part of worker (w + start) % workers: the output continues at batch `start`."""
-        rank_start, sizes = rank_layout(self.items, self.batch_size, world, rank, self.drop_last)
+        rank_start, sizes = plan.rank_layout(self.items, self.batch_size, world, rank, self.drop_last)
         role = (worker + start) % workers
-        first, mine = worker_layout(rank_start, sizes, role, workers)
+        first, mine = plan.worker_layout(rank_start, sizes, role, workers)
         skip = len(range(role, start, workers))
         lo = first + sum(mine[:skip])
         mine = mine[skip:]
@@ -358,51 +310,55 @@ class CacheDataset(IterableDataset):
                 have += len(part[1])
             rows, lengths = _concat(pending)
             cut = int(lengths[:size].sum())
-            yield self._batch({k: v[:cut] for k, v in rows.items()}, lengths[:size])
+            yield self._batch({k: v[:cut] for k, v in rows.items()}, lengths[:size], epoch)
             pending = [({k: v[cut:] for k, v in rows.items()}, lengths[size:])] if have > size else []
             have -= size
 
-    def _epoch_pieces(self, epoch: int) -> list[_Piece]:
-        """The pieces of `epoch`: every chunk's, or of a views cache the chosen view of each block."""
-        if self.views is None:
-            return self.pieces
-        reader = self.reader
-        blocks = epoch_blocks(self.views, [e["rows"] for e in reader.shards], reader.chunk_rows, self.seed, epoch)
-        return [_Piece(c.shard, c.start, c.stop, c.stop - c.start) for c in blocks]
+    @property
+    def epoch_rows(self) -> int:
+        """Rows an epoch reads: all of the cache's, or one view of each sample of a views cache."""
+        return sum(p.stop - p.start for p in self._epoch_pieces(self.epoch))
 
-    def _order(self, epoch: int) -> list[list[_Piece]]:
-        pieces = self._epoch_pieces(epoch)
-        idx = np.arange(len(pieces))
-        if self.shuffle:
-            idx = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
-        order = [pieces[int(i)] for i in idx]
-        n = self.shuffle_chunks
-        return [order[i:i + n] for i in range(0, len(order), n)]
+    def _epoch_pieces(self, epoch: int) -> list[plan.Piece]:
+        return plan.epoch_pieces(self.reader, self.views, self.seed, epoch, self.pieces)
 
     def _item_stream(self, epoch: int, lo: int, hi: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-        """Items [lo, hi) of the epoch's stream as (rows, item lengths), reading only the buffers
-        that hold them."""
-        seen = 0
-        for b, buffer in enumerate(self._order(epoch)):
-            n = sum(p.items for p in buffer)
-            if seen + n <= lo or n == 0:
-                seen += n
-                continue
-            if seen >= hi:
-                return
-            rows, starts = self._read_buffer(buffer)  # starts (n + 1,): first row of each item
-            perm = np.random.default_rng([self.seed, epoch, b]).permutation(n) if self.shuffle else np.arange(n)
-            sel = perm[max(lo - seen, 0):min(hi - seen, n)]
-            lengths = starts[sel + 1] - starts[sel]
-            offs = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-            take = offs + np.arange(int(lengths.sum()))
-            yield {k: v[take] for k, v in rows.items()}, lengths
-            seen += n
+        """Items [lo, hi) of the epoch's stream as (stored rows, item lengths), reading only the
+        buffers that hold them.
 
-    def _read_buffer(self, buffer: list[_Piece]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        Buffers are read on one background thread while the consumer works through the previous
+        one, so storage costs overlap the training step; every read happens on that thread, so a
+        Parquet file is never read by two threads at once. Buffers hold the stored (narrow)
+        columns and each batch is decoded as it is made: a buffer of 8-bit top-10 rows takes
+        ~16 B/row, not the ~130 B/row of int64 ids and float32 log-probs. Memory: the buffer being
+        consumed plus the one being read."""
+        wanted, seen = [], 0
+        for b, buffer in enumerate(plan.buffers(self._epoch_pieces(epoch), self.seed, epoch, self.shuffle,
+                                                self.shuffle_chunks)):
+            n = sum(p.items for p in buffer)
+            if seen >= hi:
+                break
+            if seen + n > lo and n:
+                wanted.append((b, buffer, seen, n))
+            seen += n
+        if not wanted:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-prefetch") as ahead:
+            pending: Future | None = ahead.submit(self._read_buffer, wanted[0][1])
+            for i, (b, _, seen, n) in enumerate(wanted):
+                rows, starts = pending.result()  # starts (n + 1,): first row of each item
+                pending = ahead.submit(self._read_buffer, wanted[i + 1][1]) if i + 1 < len(wanted) else None
+                sel = plan.item_order(self.seed, epoch, b, n, self.shuffle)[max(lo - seen, 0):min(hi - seen, n)]
+                lengths = starts[sel + 1] - starts[sel]
+                offs = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+                take = offs + np.arange(int(lengths.sum()))
+                # take() copies whole rows: several times faster than fancy indexing on (rows, k) columns
+                yield {k: np.take(v, take, axis=0) for k, v in rows.items()}, lengths
+                del rows
+
+    def _read_buffer(self, buffer: list[plan.Piece]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         reader = self.reader
-        owned = [p for p in buffer if p.items]
-        rows = read_joined(reader, [Chunk(p.shard, p.start // reader.chunk_rows, p.start, p.stop) for p in owned])
+        rows = read_rows(reader, [p.chunk(reader.chunk_rows) for p in buffer if p.items], decode=False)
         n = len(rows["sample_id"])
         if reader.token_rows:
             starts = np.flatnonzero(rows["position"] == 0)
@@ -412,8 +368,9 @@ class CacheDataset(IterableDataset):
             starts = np.arange(n)
         return rows, np.append(starts, n)
 
-    def _batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, Any]:
+    def _batch(self, stored: dict[str, np.ndarray], lengths: np.ndarray, epoch: int) -> dict[str, Any]:
         enc = self.encoding
+        rows = self.reader.decode(stored)
         if self.views is not None:
             rows = vw.expand(self.views, rows, self.path)
         sample_id = rows["sample_id"].astype(np.int64)
@@ -430,8 +387,15 @@ class CacheDataset(IterableDataset):
         out["targets"] = enc.targets(decoded, "cpu", self.temperature / self.cache_temperature)
         if self.inputs is not None and self.views is not None:
             out["inputs"] = vw.render_rows(_lookup(self.inputs), rows, self.views.augment)
+        elif self.augment is not None:
+            drawn = vw.draw(self.augment, self.seed, keys, np.full(len(keys), epoch), _image_hw(self.inputs))
+            out["inputs"] = vw.render_rows(_lookup(self.inputs), {"sample_id": keys, **drawn}, self.augment)
         elif self.inputs is not None:
             out.update(_join(self.inputs, keys, self.pad_value))
+        if self.labels is not None:
+            label_of = _label_lookup(self.labels)
+            mixed = vw.soft_labels(rows, label_of, enc.num_classes) if self.views is not None else None
+            out["labels"] = mixed if mixed is not None else torch.from_numpy(label_of(keys))
         out["encoding"] = enc
         out["temperature"] = self.temperature
         return out
@@ -452,6 +416,8 @@ def _concat(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> tuple[dict
 def _join(inputs: Any, keys: np.ndarray, pad_value: int) -> dict[str, torch.Tensor]:
     """inputs[sample_id] for each item, stacked (ragged 1-D ones right-padded)."""
     try:
+        if isinstance(inputs, Dataset):  # mapped or lazily read rows, gathered page-budgeted
+            return {"inputs": torch.from_numpy(inputs.rows(inputs.positions(keys))[0])}
         if isinstance(inputs, torch.Tensor):
             return {"inputs": inputs[torch.from_numpy(keys)]}
         if isinstance(inputs, np.ndarray):
@@ -472,6 +438,23 @@ def _join(inputs: Any, keys: np.ndarray, pad_value: int) -> dict[str, torch.Tens
 def _lookup(inputs: Any) -> Callable[[np.ndarray], torch.Tensor]:
     """Images by sample id, from `inputs` as `Cache.dataset` takes them."""
     return lambda ids: _join(inputs, ids, 0)["inputs"]
+
+
+def _image_hw(inputs: Any) -> tuple[int, int]:
+    shape = inputs.x.shape if isinstance(inputs, Dataset) else np.shape(inputs)
+    return check_images(tuple(shape[1:]), "augment")
+
+
+def _label_lookup(labels: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """Labels by sample id: a Dataset's y, or any indexable by sample id."""
+    if isinstance(labels, Dataset):
+        if labels.y is None:
+            raise ValueError(f"labels: {labels.source} has no labels; leave labels unset")
+        return lambda ids: np.asarray(labels.y[labels.positions(ids)])
+    if isinstance(labels, torch.Tensor):
+        return lambda ids: labels[torch.from_numpy(ids)].numpy()
+    return lambda ids: np.asarray(labels[ids]) if isinstance(labels, np.ndarray) \
+        else np.asarray([labels[int(i)] for i in ids])
 
 
 def replay_views(batch: dict[str, Any], inputs: Any, views: ViewSpec) -> torch.Tensor:
@@ -530,6 +513,5 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
             for k, v in batch.items()}
 
 
-__all__ = ["Cache", "CacheDataset", "CacheLoader", "open_cache", "replay_views", "to_device",
-           "batch_sizes", "rank_layout", "worker_layout"]
+__all__ = ["Cache", "CacheDataset", "CacheLoader", "open_cache", "replay_views", "to_device"]
 

@@ -135,7 +135,7 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
             raise ValueError(f"kd_loss: logits {tuple(logits.shape)} but the batch has {n_seq} sequences with "
                              f"positions up to {int(pos.max())}; pass (B, L, V) with B={n_seq}, L > {int(pos.max())}")
         logits = logits[seq, pos]  # (rows, V)
-        if labels is not None and labels.dim() == 2:
+        if labels is not None and labels.dim() == 2 and labels.shape[0] == n_seq and not labels.is_floating_point():
             labels = labels.to(logits.device)[seq, pos]
     elif logits.dim() != 2 or logits.shape[0] != rows:
         raise ValueError(f"kd_loss: logits {tuple(logits.shape)} but the batch has {rows} rows; pass ({rows}, "
@@ -145,13 +145,43 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
                          "slice a padded output layer to the cache's classes (logits[..., :C])")
     if alpha > 0 and labels is None:
         raise ValueError(f"kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
-    ce = F.cross_entropy(logits.float(), labels.to(logits.device).long()) if alpha > 0 else None
+    return row_losses(logits, _targets(batch, temperature, alpha, logits.device), _labels(labels, logits.device),
+                      _settings(temperature, alpha, divergence, tail), enc) / rows
+
+
+def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, Any], temperature: float,
+                    alpha: float = 0.0, labels: torch.Tensor | None = None, divergence: str = "forward",
+                    tail: str = "uniform", logit_chunk: int = 1024) -> torch.Tensor:
+    """`kd_loss` from a token batch's hidden states (rows, d) in the batch's row order and the
+    output layer `head`: (logit_chunk, V) logits at a time, each chunk checkpointed, so the
+    (rows, V) logits are never held (a 128k vocabulary at 16k rows would be 8 GB)."""
+    enc = batch["encoding"]
+    if hidden.dim() != 2 or hidden.shape[0] != int(batch["sample_id"].shape[0]):
+        raise ValueError(f"chunked_kd_loss: hidden {tuple(hidden.shape)} but the batch has "
+                         f"{int(batch['sample_id'].shape[0])} rows; pass (rows, d) in the batch's row order")
+    if alpha > 0 and labels is None:
+        raise ValueError(f"chunked_kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
+    return chunked_loss(hidden, head, _targets(batch, temperature, alpha, hidden.device),
+                        _labels(labels, hidden.device), _settings(temperature, alpha, divergence, tail), enc,
+                        logit_chunk)
+
+
+def _settings(temperature: float, alpha: float, divergence: str, tail: str) -> dict[str, Any]:
+    return {"alpha": alpha, "temperature": temperature, "divergence": divergence, "tail": tail}
+
+
+def _labels(labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Class ids (n,) as int64, or label distributions (n, C) as float32, on `device`."""
+    if labels is None:
+        return None
+    return labels.to(device).long() if labels.dim() == 1 else labels.to(device).float()
+
+
+def _targets(batch: dict[str, Any], temperature: float, alpha: float, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's re-tempered targets on `device` (none for a hard-label loss)."""
     if alpha == 1.0:
-        return ce
+        return {}
     if float(batch.get("temperature", temperature)) != float(temperature):
         raise ValueError(f"kd_loss: the batch's targets are at T={batch['temperature']}, not {temperature}; build "
                          f"the dataset with temperature={temperature} or pass temperature={batch['temperature']}")
-    targets = {k: v.to(logits.device) for k, v in batch["targets"].items()}
-    kd = encoding_loss(logits, targets, enc, temperature, divergence, tail)
-    return mix(kd, ce, alpha)
-
+    return {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}

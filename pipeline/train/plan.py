@@ -1,16 +1,119 @@
-"""The epoch planner: which rows an epoch reads, in which order, and which view of each sample.
+"""The epoch planner: which rows an epoch reads, in which order, and which rows each rank and
+DataLoader worker takes. Every order is a pure function of (seed, epoch); the student stage and a
+user's loop (`Cache.dataset`) both read through it.
+
+An epoch's order: the cache's pieces (the rows a chunk owns, the unit of reads) in a seeded
+permutation across all shards, cut into buffers of `shuffle_chunks` consecutive pieces, items (a
+row, or a token cache's whole sequence) shuffled inside each buffer by a generator keyed on
+(seed, epoch, buffer). That stream of N items is cut into world-size contiguous ranges, one per
+rank, and each rank's range into batches; rank-local batch b is made by DataLoader worker
+b % num_workers from a contiguous block of the range (docs/python-api.md, "Partitioning").
+
+A views cache is read one view per block of samples per epoch (`epoch_blocks`): the pieces are
+those blocks' chunks, 1/N of the cache, and an item is one sample's view.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.core.config import AugmentConfig
+from pipeline.core.errors import CacheError
 from pipeline.format.columns import Chunk
+from pipeline.format.reader import CacheReader
 from pipeline.format.views import ViewSpec
 from pipeline.inputs.augment import hash_keys
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The rows a chunk owns: its rows, or for token caches the sequences that start in it."""
+
+    shard: int
+    start: int  # owned rows [start, stop) within the shard
+    stop: int
+    items: int
+
+    def chunk(self, chunk_rows: int) -> Chunk:
+        return Chunk(self.shard, self.start // chunk_rows, self.start, self.stop)
+
+
+def pieces(reader: CacheReader) -> list[Piece]:
+    """Every chunk's owned rows, in cache order (a plain or token cache; views caches use epoch_pieces)."""
+    if not reader.token_rows:
+        return [Piece(c.shard, c.start, c.stop, c.stop - c.start) for c in reader.chunks()]
+    seq_len = reader.manifest["spec"]["dataset"].get("seq_len")
+    out = []
+    for c in reader.chunks():
+        entry = reader.shards[c.shard]
+        if "chunk_items" in entry:  # variable-length sequences may straddle chunks (CacheWriter, imports)
+            ext = entry["chunk_extent"]
+            start = max(c.start, ext[c.index - 1] if c.index else 0)
+            out.append(Piece(c.shard, start, max(start, ext[c.index]), int(entry["chunk_items"][c.index])))
+        elif seq_len and (c.stop - c.start) % seq_len == 0:
+            out.append(Piece(c.shard, c.start, c.stop, (c.stop - c.start) // seq_len))
+        else:
+            raise CacheError(f"{reader.dir}: chunk {c.index} of shard {c.shard} does not hold whole sequences of "
+                             f"{seq_len} tokens; rebuild the cache with chunk_rows a multiple of seq_len")
+    return out
+
+
+def epoch_pieces(reader: CacheReader, views: ViewSpec | None, seed: int, epoch: int,
+                 plain: list[Piece]) -> list[Piece]:
+    """The pieces of `epoch`: every chunk's (`plain`), or of a views cache the chosen view of each block."""
+    if views is None:
+        return plain
+    blocks = epoch_blocks(views, [e["rows"] for e in reader.shards], reader.chunk_rows, seed, epoch)
+    return [Piece(c.shard, c.start, c.stop, c.stop - c.start) for c in blocks]
+
+
+def buffers(epoch_pieces: list[Piece], seed: int, epoch: int, shuffle: bool, shuffle_chunks: int) -> list[list[Piece]]:
+    """The epoch's pieces in their seeded order, cut into buffers of `shuffle_chunks`."""
+    idx = np.random.default_rng([seed, epoch]).permutation(len(epoch_pieces)) if shuffle \
+        else np.arange(len(epoch_pieces))
+    order = [epoch_pieces[int(i)] for i in idx]
+    return [order[i:i + shuffle_chunks] for i in range(0, len(order), shuffle_chunks)]
+
+
+def item_order(seed: int, epoch: int, buffer: int, items: int, shuffle: bool) -> np.ndarray:
+    """The order of a buffer's items: a permutation keyed on (seed, epoch, buffer)."""
+    return np.random.default_rng([seed, epoch, buffer]).permutation(items) if shuffle else np.arange(items)
+
+
+def batch_sizes(items: int, batches: int, batch_size: int) -> list[int]:
+    """`items` in `batches` batches of at most batch_size: full ones first, the rest shared evenly."""
+    if batches <= 0 or items <= 0:
+        return []
+    if batch_size == 1 or items <= batches:
+        return [1] * min(items, batches)
+    full = min(batches, (items - batches) // (batch_size - 1))
+    q, r = divmod(items - full * batch_size, batches - full) if batches > full else (0, 0)
+    return [batch_size] * full + [q + 1] * r + [q] * (batches - full - r)
+
+
+def rank_layout(n_items: int, batch_size: int, world: int, rank: int, drop_last: bool) -> tuple[int, list[int]]:
+    """(first item of this rank's range in the epoch's stream, its batch sizes)."""
+    if drop_last:
+        per_rank = n_items // (world * batch_size)
+        return rank * per_rank * batch_size, [batch_size] * per_rank
+    if n_items < world:
+        raise CacheError(f"the cache has {n_items} items for {world} ranks; every rank needs at least one "
+                         "(use drop_last=True or fewer ranks)")
+    base, extra = divmod(n_items, world)
+    start = rank * base + min(rank, extra)
+    batches = math.ceil(math.ceil(n_items / world) / batch_size)
+    return start, batch_sizes(base + (rank < extra), batches, batch_size)
+
+
+def worker_layout(rank_start: int, sizes: list[int], worker: int, num_workers: int) -> tuple[int, list[int]]:
+    """Rank-local batches worker, worker + K, ...: a contiguous block of the rank's range."""
+    before = sum(sum(sizes[v::num_workers]) for v in range(worker))
+    return rank_start + before, sizes[worker::num_workers]
+
 
 # ---------------------------------------------------------------------------------------------
 # The student's choice of view
@@ -52,4 +155,3 @@ def augmentation(cfg: Any, spec: dict[str, Any]) -> tuple[ViewSpec | None, Augme
     if cfg.data.task == "classify" and cfg.augment.active:
         return None, cfg.augment
     return None, None
-

@@ -1,0 +1,313 @@
+"""Render bench/results/*.json into docs/performance.md: for each benchmark what it measures and the
+command that records it, then per results file the run's stamp and one row per figure, with the goal
+from GOALS below and whether the figure meets it. A benchmark the Makefile runs that has no results
+file yet gets a row saying so. Same results in, same bytes out.
+
+    .venv/bin/python bench/render.py [--results bench/results] [--out docs/performance.md]
+
+`make performance` runs it, and `make bench` and `make bench-quality` after their scripts. It reads
+JSON and measures nothing (standard library only). A results file is what `record` in
+bench/common.py writes: {"name": SCRIPT or SCRIPT-PART, "stamp": {...}, "figures": {the printed line}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+Goal = tuple[str, Any, str]  # (comparison, threshold, a short text: what, and where the goal is stated)
+
+_READER_LAYOUTS = ("zarr_4096", "zarr_4096_shuffle_lz4hc", "zarr_4096_shuffle_zstd", "zarr_16384",
+                   "zarr_16384_shuffle_lz4hc", "parquet_4096")
+_VIEW_BYTES = {f"bytes_per_view_1000_classes_topk10_8bit.{aug}.bytes_per_view":
+               ("<=", 32.0, f"B/view, 1,000 classes, top-10 8-bit, {aug}")
+               for aug in ("crop+flip", "crop+flip+mixup/cutmix")}
+_ENCODING_SETTINGS = ("1000_classes", "32000_vocab", "151936_vocab")
+
+# The goals, in one place. Keys: a benchmark (the script's name), or one results file (SCRIPT-PART),
+# whose entry then replaces the script's for that file. Figures are key paths into the printed line,
+# levels joined by "." ("ratio.zarr_4096"). Comparisons: <=, >=, <, >, == and abs< (|figure| <
+# threshold); a threshold "@PATH" is another figure of the same run. A goal whose figure a run lacks
+# is not judged for that run. Where each goal was stated: "README" is the README's "Performance"
+# section and the sections it pointed to (Encodings, Language models, Views) before the README was
+# split into docs/ (commit 751a228); after that, docs/performance.md, which this script now writes.
+GOALS: dict[str, dict[str, Goal]] = {
+    # README; the script's goal=0.97; docstring: "Writing must hide behind compute"
+    "teacher_overhead": {"ratio": (">=", 0.97, "cache stage over a bare teacher loop")},
+    # README; the script's goal=0.95
+    "student_streaming": {"ratio": (">=", 0.95, "steps/s from disk over all in RAM")},
+    # README; docstring "goal ratio <= 1.10"; the script's goal=1.10
+    "student_memory": {"ratio": ("<=", 1.10, "peak RSS, 10x the cache over 1x")},
+    # README (>= 0.5 for every layout; none for the first reader); docstring; the script's goal=0.5
+    "reader": {f"ratio.{layout}": (">=", 0.5, "of memmap's rows/s") for layout in _READER_LAYOUTS},
+    # README only: the script states no goal
+    "fanout": {"speedup": (">=", 1.6, "2 Dask workers over 1 process, 1 thread"),
+               "caches_identical": ("==", True, "serial and Dask caches byte-identical")},
+    # README; docstring; the script's goals and unmet
+    "scale": {"rss_ratio": ("<=", 1.25, "peak RSS at 100x over 1x"),
+              "speed_ratio": (">=", 0.9, "loop rate at 100x over 1x")},
+    # README Encodings: hybrid at <= 40 B, |bias| < 1% of the exact KL and variance below sampled, at
+    # 1,000 classes, 32k and 152k (the script's goals() checks the two vocabularies only)
+    "bytes": {
+        **{f"results.{setting}.hybrid@{budget}.bias_rel": ("abs<", 0.01, "hybrid: bias, relative to the exact KL")
+           for setting in _ENCODING_SETTINGS for budget in (24, 40)},
+        **{f"results.{setting}.hybrid@{budget}.var_rel": ("<", f"@results.{setting}.sampled@{budget}.var_rel",
+                                                          "hybrid: variance below sampled's at the same budget")
+           for setting in _ENCODING_SETTINGS for budget in (24, 40)}},
+    # README Encodings; the script's GOAL (gain_kept >= 0.95 at <= 40 B/row, ECE no worse than dense)
+    "kd_gain": {"goal_met": ("==", True, "a cache at <= 40 B/row keeps >= 95% of the gain, ECE no worse")},
+    # README Language models; the script's goal
+    "lm_students": {"goal_met": ("==", True, "at <= 40 B/token (+10%) the hybrid student is the best")},
+    # README Views; the script's GOALS (bytes, write time, the two accuracy checks it computes)
+    "views": {
+        **_VIEW_BYTES,
+        **{f"write_time_per_view_over_per_image.views={n}": ("<=", 1.0, "write time per row over plain images")
+           for n in (1, 8, 32)},
+        "goals_met.views_reach_online": ("==", True, "N-view student within 1 sd of online KD"),
+        "goals_met.views_beat_one_view": ("==", True, "N-view student above the 1-view cache's"),
+        "seconds": ("<=", 300, "wall time of the 3-seed default run")},  # README Views only
+    "views-bytes": dict(_VIEW_BYTES),  # bench/views.py --only bytes
+}
+
+# What each benchmark measures, in one line.
+DESCRIPTIONS = {
+    "amortization": "Wall time of 4 students trained from one cache (teacher run once) over 4 online "
+                    "distillations, and the break-even number of students.",
+    "bytes": "Bytes per row of each encoding at 24, 40 and 96 B budgets, and the bias and variance of the "
+             "student's loss it gives, at 1,000 classes and 32k and 152k vocabularies.",
+    "fanout": "The cache stage on 2 Dask workers over one process (one torch thread, and all threads); "
+              "whether the caches are byte-identical.",
+    "heap": "The cache stage's peak RSS and rows/s over repeated runs under each glibc mmap-threshold setting.",
+    "kd_gain": "The share of a dense float32 cache's distillation gain that compact caches keep at about 24 "
+               "and 40 B/row, and their ECE (128-class hierarchical task).",
+    "lm_students": "Held-out NLL of GPT students distilled from top-k, sampled and hybrid caches at about "
+                   "40 B/token, beside the hard-label student and the teacher.",
+    "reader": "Cache reader rows/s over a numpy memmap of the same stored columns, read through the same "
+              "loader and decode, per encoding and layout; bytes per row of every codec.",
+    "scale": "Each stage as a fresh process at 1x, 10x and 100x the data: peak RSS and loop rate, and "
+             "their ratios from the first size to the last.",
+    "student_memory": "Peak RSS of the student stage streaming a 10x larger cache over the 1x cache.",
+    "student_streaming": "Student steps/s reading targets from the cache on disk over all targets in RAM.",
+    "teacher_overhead": "Cache stage rows/s over a bare teacher forward loop (same model, batch, device).",
+    "threads": "ms per training step and per teacher batch with the short OpenMP spin over libgomp's "
+               "default, idle and beside one busy process.",
+    "views": "Students from plain, 1-, 8- and 32-view caches and online KD under augmentation; bytes per "
+             "view; cache write time per view over per image.",
+}
+
+# Sections of the page, in order (their titles are the anchors other docs link to). A benchmark in
+# no section goes under "Other benchmarks".
+SECTIONS: list[tuple[str, list[str]]] = [
+    ("Cache stage", ["teacher_overhead"]),
+    ("Reading the cache", ["reader"]),
+    ("Students", ["student_streaming", "student_memory"]),
+    ("Scale", ["scale"]),
+    ("Threads", ["threads"]),
+    ("Heap", ["heap"]),
+    ("Fan-out", ["fanout"]),
+    ("Amortization", ["amortization"]),
+    ("Encodings", ["bytes", "kd_gain"]),
+    ("Language-model students", ["lm_students"]),
+    ("Views", ["views"]),
+]
+PART_TITLES = {"reader-codec_bytes": "Codecs"}  # a results file's heading, where not its name
+
+# Keys of the printed line that are no figures: the script's name, cores and machine (the stamp has
+# them), and the script's own statement of its goals (GOALS above is what the page judges by).
+NOT_FIGURES = {"bench", "cores", "machine", "goal", "goals"}
+
+COMPARE: dict[str, tuple[str, Callable[[Any, Any], bool]]] = {
+    "<=": ("≤", operator.le), ">=": ("≥", operator.ge), "<": ("<", operator.lt), ">": (">", operator.gt),
+    "==": ("=", operator.eq), "abs<": ("\\|x\\| <", lambda v, t: abs(v) < t),
+}
+MISSING = object()
+
+
+def script_of(stem: str) -> str:
+    """The script a results file comes from: NAME.json and NAME-PART.json are bench/NAME.py's."""
+    return stem.split("-", 1)[0]
+
+
+def goals_for(stem: str) -> dict[str, Goal]:
+    return GOALS[stem] if stem in GOALS else GOALS.get(script_of(stem), {})
+
+
+def makefile_benchmarks(makefile: Path) -> dict[str, tuple[str, str]]:
+    """{script: (make target, command)} for every `$(PY) bench/NAME.py ...` recipe line but render's."""
+    out: dict[str, tuple[str, str]] = {}
+    target = None
+    for text in makefile.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", text)
+        if m:
+            target = m.group(1)
+            continue
+        m = re.match(r"^\t\$\(PY\) (bench/(\w+)\.py.*?)\s*$", text)
+        if m and target and m.group(2) != "render" and m.group(2) not in out:
+            out[m.group(2)] = (target, f".venv/bin/python {m.group(1)}")
+    return out
+
+
+def load_results(results: Path) -> dict[str, dict[str, Any]]:
+    """{stem: results file} for every bench/results/*.json, sorted by stem."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(key path, leaf) in the order the script wrote them; a list is one leaf."""
+    if isinstance(value, dict) and value:
+        out = []
+        for k, v in value.items():
+            out.extend(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return [(prefix, value)]
+
+
+def lookup(figures: dict[str, Any], path: str) -> Any:
+    """The figure at a key path, or MISSING."""
+    for key, value in flatten(figures):
+        if key == path:
+            return value
+    return MISSING
+
+
+def shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return cell(text)
+
+
+def cell(text: str) -> str:
+    return text.replace("\n", " ").replace("|", "\\|")
+
+
+def judge(goal: Goal, value: Any, figures: dict[str, Any]) -> tuple[str, str]:
+    """(goal cell, met cell): "yes", "**no**", or "—" where the value cannot be judged."""
+    comparison, threshold, text = goal
+    symbol, compare = COMPARE[comparison]
+    if isinstance(threshold, str) and threshold.startswith("@"):
+        ref = lookup(figures, threshold[1:])
+        target = f"`{cell(threshold[1:])}` ({'not in this run' if ref is MISSING else shown(ref)})"
+        threshold = ref
+    else:
+        target = shown(threshold)
+    goal_cell = f"{symbol} {target}: {cell(text)}"
+    if threshold is MISSING or value is None:
+        return goal_cell, "—"
+    if isinstance(threshold, bool) or isinstance(value, bool):
+        ok = isinstance(threshold, bool) and isinstance(value, bool) and compare(value, threshold)
+    elif isinstance(value, (int, float)) and isinstance(threshold, (int, float)):
+        ok = compare(value, threshold)
+    else:
+        return goal_cell, "—"
+    return goal_cell, "yes" if ok else "**no**"
+
+
+def stamp_line(result: dict[str, Any]) -> str:
+    s = result.get("stamp", {})
+    m = s.get("machine", {})
+    commit = str(s.get("commit", "unknown"))
+    dirty = commit.endswith("-dirty")
+    commit = commit.removesuffix("-dirty")[:12] + (" (with uncommitted changes)" if dirty else "")
+    machine = ", ".join(str(x) for x in (
+        m.get("hostname"), m.get("cpu"), f"{m.get('cores')} cores", f"{m.get('memory_gib')} GiB",
+        f"torch {m.get('torch')}", f"GPU {m['gpu']}" if m.get("gpu") else "no GPU"))
+    return (f"Run: `{cell(str(s.get('command', '?')))}` at commit `{commit}`, {s.get('date', '?')}, "
+            f"on {cell(machine)}.")
+
+
+def part(stem: str, result: dict[str, Any], level: str | None) -> list[str]:
+    figures = result.get("figures", {})
+    goals = goals_for(stem)
+    out = [f"{level} {PART_TITLES.get(stem, stem)}", ""] if level else []
+    out += [stamp_line(result), "", "| figure | value | goal | met? |", "|---|---|---|---|"]
+    top = {k: v for k, v in figures.items() if k not in NOT_FIGURES}
+    for key, value in flatten(top) if top else []:
+        goal, met = judge(goals[key], value, figures) if key in goals else ("—", "—")
+        out.append(f"| `{cell(key)}` | {shown(value)} | {goal} | {met} |")
+    return [*out, ""]
+
+
+def benchmark(script: str, stems: list[str], results: dict[str, dict[str, Any]],
+              make: tuple[str, str] | None) -> list[str]:
+    out = [f"### bench/{script}.py", ""]
+    what = DESCRIPTIONS.get(script, "")
+    how = f"Recorded by `make {make[0]}`: `{make[1]}`." if make else "Not run by `make bench` or `make bench-quality`."
+    out += [f"{what} {how}".strip(), ""]
+    if not stems:
+        target = f"`make {make[0]}`" if make else f"`.venv/bin/python bench/{script}.py`"
+        return [*out, "| figure | value | goal | met? |", "|---|---|---|---|",
+                f"| not recorded yet: {target} records it | — | — | — |", ""]
+    single = stems == [script]
+    for stem in stems:
+        out += part(stem, results[stem], None if single else "####")
+    judged = {path for stem in stems for path in goals_for(stem)}
+    absent = sorted(p for p in judged if all(lookup(results[s]["figures"], p) is MISSING for s in stems))
+    if absent:
+        out += ["Goals with no figure in the recorded runs: " + ", ".join(f"`{cell(p)}`" for p in absent) + ".", ""]
+    return out
+
+
+def render(results_dir: Path, makefile: Path) -> str:
+    results = load_results(results_dir)
+    made = makefile_benchmarks(makefile)
+    scripts = sorted({*made, *(script_of(s) for s in results)})
+    placed = {s for _, names in SECTIONS for s in names}
+    sections = [(t, [s for s in names if s in scripts]) for t, names in SECTIONS]
+    sections.append(("Other benchmarks", [s for s in scripts if s not in placed]))
+    out = [
+        "# Performance",
+        "",
+        ("Generated by `make performance` (`bench/render.py`) from `bench/results/*.json`: do not edit by "
+         "hand. To update a benchmark, run the command under its heading, then `make performance`."),
+        "",
+        ("Each results file holds the last run of a script (or one part of it) and its stamp: the commit, "
+         "the UTC time and the machine. The tables list every figure of that run; the goals and the met? "
+         "column come from `GOALS` in `bench/render.py` (\"—\": no goal, or nothing to judge). How each "
+         "script measures: [benchmarks.md](benchmarks.md). Compare ratios within one run: they are "
+         "measured side by side on machines that other jobs may share."),
+        "",
+    ]
+    for title, names in sections:
+        if not names:
+            continue
+        out += [f"## {title}", ""]
+        for script in names:
+            stems = [s for s in results if script_of(s) == script]
+            out += benchmark(script, stems, results, made.get(script))
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
+    ap.add_argument("--makefile", type=Path, default=REPO / "Makefile")
+    args = ap.parse_args(argv)
+    write_atomic(args.out, render(args.results, args.makefile))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
