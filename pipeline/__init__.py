@@ -11,10 +11,10 @@ The public Python API (docs/python-api.md):
 
 The package is layered; each subpackage imports only from those before it:
 
-    core     errors, atomic io and digests, progress, configuration, codecs, process settings
+    core     errors, atomic io and digests, progress, configuration, model specs, codecs, process settings
     format   the cache: columns, encodings, shards, manifest, reader, writer
     inputs   input arrays and tables, text and token files, splits, augmentation
-    models   architectures and the teacher ensemble
+    models   one module per architecture, their table (builders.py), the teacher ensemble
     train    the epoch planner, the dataset, losses, the training loop, metrics
     run      a cache's identity, student jobs, Dask fan-out
     tools    inspect, fidelity, import of served log-probs

@@ -70,7 +70,7 @@ def main(cfg: Config) -> dict[str, Any]:
         done.append((shard, name, marker))
     refs = teacher_refs(cfg, splits)
     inputs = hash_json({"students": [d[2] for d in done], "test": splits.test.fingerprint, "bins": bins,
-                        "teachers": [teacher_identity(r)["checkpoint_sha256"] for r in refs], "ensemble": cfg.teachers.ensemble,
+                        "teachers": [teacher_identity(r, splits.num_classes)["checkpoint_sha256"] for r in refs], "ensemble": cfg.teachers.ensemble,
                         "weights": normalized_weights(cfg), "format": REPORT_FORMAT,
                         "excluded": list(cfg.data.transfer.exclude_classes)})
     report_path = cfg.run_dir / "report.json"

@@ -11,6 +11,7 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError
 from pipeline.models.ensemble import training_settings
 
+GPT_TEACHER = "data.task=lm", "teachers.members=[{name: g, arch: gpt}]", "student.models=[{name: s, arch: gpt}]"
 IMPORT_TEACHER = "teachers.members=[{name: u, arch: import, factory: 'userzoo:mlp', checkpoint: u.pt}]"
 
 # (overrides, fragment the single-line message must contain)
@@ -68,6 +69,13 @@ REFUSED = [
     (["student.models=[{name: s, arch: import, factory: 'userzoo:mlp', checkpoint: s.pt}]"],
      "student.models.0.checkpoint: students are trained from scratch"),
     (["student.logit_chunk=128"], "student.logit_chunk: applies to data.task lm only"),
+    # each architecture's own spec refuses the keys of the others
+    ([*GPT_TEACHER, "teachers.members.0.channels=[8]"], "teachers.members.0.channels: applies to arch cnn, not gpt"),
+    ([*GPT_TEACHER, "teachers.members.0.hidden=[8]"], "teachers.members.0.hidden: applies to arch mlp or cnn, not gpt"),
+    ([*GPT_TEACHER, "teachers.members.0.heads=3"], "teachers.members.0.d_model: 128 is not a multiple of heads=3"),
+    (["teachers.members.0.arch=resnet"], "teachers.members.0.arch: 'resnet' is not one of mlp, cnn, import, gpt, hf"),
+    (["teachers.members.0.colour=red"], "teachers.members.0.colour: unknown key; valid keys are name, arch"),
+    (["teachers.members=[{name: g, arch: gpt}]"], "teachers.members.0.arch: data.task classify needs arch mlp, cnn or import, got gpt"),
     (["cache.backend=parquet", "cache.codec=shuffle-zstd"], "cache.codec: shuffle-zstd is for the zarr backend"),
     (["cache.codec=blosc"], "cache.codec"),
     (["cache.codec=shuffle-zstd", "cache.compression_level=12"],
@@ -108,6 +116,14 @@ def test_refused(overrides, fragment):
 ])
 def test_accepted(overrides):
     load_config(None, overrides)
+
+
+def test_every_spec_class_has_an_architecture():
+    from pipeline.core.specs import SPECS
+    from pipeline.models.builders import ARCHITECTURES
+
+    assert set(SPECS.values()) == set(ARCHITECTURES)
+    assert all(cls.arch == name for name, cls in SPECS.items())  # the Literal default names its table key
 
 
 def test_shipped_configs_still_load():

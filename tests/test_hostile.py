@@ -422,7 +422,8 @@ def _teacher_id(tmp_path, teacher: dict) -> dict:
     from pipeline.models.ensemble import teacher_identity, teacher_refs
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, teachers={"members": [teacher]})))
-    return teacher_identity(teacher_refs(cfg, load_splits(cfg))[0])
+    splits = load_splits(cfg)
+    return teacher_identity(teacher_refs(cfg, splits)[0], splits.num_classes)
 
 
 def test_import_teacher_code_and_version_are_in_the_identity(tmp_path, user_module):
@@ -441,7 +442,8 @@ def test_import_teacher_code_and_version_are_in_the_identity(tmp_path, user_modu
 
 
 def test_builtin_teacher_identity_has_no_code_hash(tmp_path):
-    from pipeline.core.config import ModelSpec
+    from pipeline.core.specs import CNNSpec, MLPSpec
     from pipeline.models.ensemble import _spec_dict
 
-    assert _spec_dict(ModelSpec(name="a")) == {"name": "a"}
+    assert _spec_dict(MLPSpec(name="a")) == {"name": "a"}
+    assert _spec_dict(CNNSpec(name="c", hidden=(8,))) == {"name": "c", "arch": "cnn", "hidden": [8]}

@@ -20,8 +20,7 @@ import yaml
 
 from pipeline.core.codecs import CODECS, codec_problems
 from pipeline.core.errors import ConfigError
-
-Arch = Literal["mlp", "cnn", "import", "gpt", "hf"]
+from pipeline.core.specs import SPECS, CNNSpec, MLPSpec, ModelSpec, foreign_field, spec_class
 
 
 @dataclass(frozen=True)
@@ -49,36 +48,11 @@ class DataConfig:
     max_sequences: int | None = None  # cap on training sequences (test: a quarter of it)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A built-in architecture, or a user model given by import path plus checkpoint."""
-
-    name: str
-    arch: Arch = "mlp"
-    hidden: tuple[int, ...] = (256, 256)  # mlp: hidden layer sizes; cnn: width of the head
-    channels: tuple[int, ...] = (32, 64)  # cnn: channels of each conv block
-    dropout: float = 0.0
-    factory: str | None = None  # arch=import: "package.module:function" returning an nn.Module
-    kwargs: dict[str, Any] = field(default_factory=dict)  # arch=import: passed to the factory
-    checkpoint: str | None = None  # arch=import teachers: state_dict file
-    layers: int = 2  # gpt: transformer blocks
-    heads: int = 4  # gpt: attention heads
-    d_model: int = 128  # gpt: width
-    path: str | None = None  # arch=hf: local directory for AutoModelForCausalLM.from_pretrained
-    # training settings; for students, None means "use the student section's value"
-    epochs: int | None = None
-    lr: float | None = None
-    seed: int = 0  # teachers: init/shuffle seed (students use student.seeds)
-    temperature: float | None = None  # students only
-    alpha: float | None = None  # students only
-    version: str | None = None  # arch=import: bump when the model's code changes in ways its source hash misses
-
-
 def _default_teachers() -> tuple[ModelSpec, ...]:
     return (
-        ModelSpec(name="mlp-wide", arch="mlp", hidden=(1200, 1200), dropout=0.3, seed=0),
-        ModelSpec(name="mlp-deep", arch="mlp", hidden=(512, 512, 512), dropout=0.2, seed=1),
-        ModelSpec(name="cnn", arch="cnn", channels=(32, 64), hidden=(128,), dropout=0.2, seed=2),
+        MLPSpec(name="mlp-wide", hidden=(1200, 1200), dropout=0.3, seed=0),
+        MLPSpec(name="mlp-deep", hidden=(512, 512, 512), dropout=0.2, seed=1),
+        CNNSpec(name="cnn", channels=(32, 64), hidden=(128,), dropout=0.2, seed=2),
     )
 
 
@@ -141,8 +115,8 @@ class AugmentConfig:
 
 def _default_students() -> tuple[ModelSpec, ...]:
     return (
-        ModelSpec(name="mlp-30", arch="mlp", hidden=(30,)),
-        ModelSpec(name="mlp-100", arch="mlp", hidden=(100,)),
+        MLPSpec(name="mlp-30", hidden=(30,)),
+        MLPSpec(name="mlp-100", hidden=(100,)),
     )
 
 
@@ -400,7 +374,8 @@ def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     for key in unknown:
-        errors.append(f"{where}{key}: unknown key; valid keys are {', '.join(fields)}")
+        other_arch = foreign_field(key, raw.get("arch", "mlp")) if issubclass(cls, ModelSpec) else None
+        errors.append(f"{where}{key}: {other_arch or 'unknown key; valid keys are ' + ', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
@@ -440,6 +415,15 @@ def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a mapping, got {type(value).__name__}")
             return {}
         return dict(value)
+    if tp is ModelSpec:  # the member's `arch` picks its spec class
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {type(value).__name__}")
+            return None
+        try:
+            tp = spec_class(value.get("arch", "mlp"), where)
+        except ConfigError as e:
+            errors.append(str(e))
+            return None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, f"{where}.", errors)
     if tp is bool:
@@ -467,23 +451,6 @@ def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
 GRID_KEYS = ("temperature", "alpha", "lr", "epochs")  # ModelSpec fields a student sweep may vary
 
 
-# ModelSpec fields and the architectures they apply to; a field set on any other architecture
-# would be silently ignored, so it is refused. Fields not listed apply to every architecture.
-ARCH_FIELDS: dict[str, tuple[str, ...]] = {
-    "hidden": ("mlp", "cnn"),
-    "channels": ("cnn",),
-    "dropout": ("mlp", "cnn", "gpt"),
-    "factory": ("import",),
-    "kwargs": ("import",),
-    "checkpoint": ("import",),
-    "version": ("import",),
-    "layers": ("gpt",),
-    "heads": ("gpt",),
-    "d_model": ("gpt",),
-    "path": ("hf",),
-}
-
-
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
@@ -493,29 +460,6 @@ def valid_device(name: str) -> bool:
         return True
     kind, _, index = name.partition(":")
     return kind == "cuda" and index.isdigit()
-
-
-def _spec_fields_that_do_not_apply(m: ModelSpec, teacher: bool) -> list[tuple[str, str]]:
-    """(field, why) for every field set to a non-default value that `m`'s architecture ignores."""
-    defaults = ModelSpec(name=m.name)
-    out = []
-    for name, archs in ARCH_FIELDS.items():
-        if m.arch not in archs and getattr(m, name) != getattr(defaults, name):
-            out.append((name, f"applies to arch {' or '.join(archs)}, not {m.arch}"))
-    if teacher:
-        for name in ("temperature", "alpha"):
-            if getattr(m, name) is not None:
-                out.append((name, "applies to students only (teachers.temperature sets the cache's)"))
-        if m.arch in ("import", "hf"):
-            for name in ("epochs", "lr"):
-                if getattr(m, name) is not None:
-                    out.append((name, f"{m.arch} teachers are loaded, not trained here"))
-    else:
-        if m.checkpoint is not None:
-            out.append(("checkpoint", "students are trained from scratch; checkpoints apply to teachers"))
-        if m.seed != defaults.seed:
-            out.append(("seed", "students take their seeds from student.seeds"))
-    return out
 
 
 def _check_grid_value(key: str, v: Any) -> str | None:
@@ -564,30 +508,11 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"{section}: names must be unique, got {', '.join(names)}")
         for i, m in enumerate(members):
             where = f"{section}.{i}"
-            if m.arch == "import" and not m.factory:
-                e.append(f"{where}.factory: arch=import needs factory: 'package.module:function'")
-            if m.arch == "import" and section == "teachers.members" and not m.checkpoint:
-                e.append(f"{where}.checkpoint: arch=import teachers need a state_dict file")
-            if m.factory and ":" not in m.factory:
-                e.append(f"{where}.factory: {m.factory!r} must look like 'package.module:function'")
-            for name, why in _spec_fields_that_do_not_apply(m, teacher=section == "teachers.members"):
-                e.append(f"{where}.{name}: {why}; remove it")
-            if not 0.0 <= m.dropout < 1.0:
-                e.append(f"{where}.dropout: must be in [0, 1)")
-            if m.alpha is not None and not 0.0 <= m.alpha <= 1.0:
-                e.append(f"{where}.alpha: must be in [0, 1]")
-            if m.temperature is not None and m.temperature <= 0:
-                e.append(f"{where}.temperature: must be > 0")
-            if m.epochs is not None and m.epochs < 1:
-                e.append(f"{where}.epochs: {m.epochs} must be >= 1")
-            if m.lr is not None and m.lr <= 0:
-                e.append(f"{where}.lr: {m.lr} must be > 0")
-            if any(h < 1 for h in m.hidden) or any(ch < 1 for ch in m.channels):
-                e.append(f"{where}: layer sizes must be positive")
-            if m.layers < 1 or m.heads < 1 or m.d_model < 1:
-                e.append(f"{where}: layers, heads and d_model must be >= 1")
-            if "/" in m.name or "\\" in m.name or m.name.startswith(".") or not m.name:
-                e.append(f"{where}.name: {m.name!r} must be non-empty, without '/', and not start with '.'")
+            e.extend(m.problems(where, teacher=section == "teachers.members"))
+            if m.task != d.task:
+                archs = [a for a, cls in SPECS.items() if cls.task == d.task]
+                archs = ", ".join(archs[:-1]) + " or " + archs[-1] if len(archs) > 1 else archs[0]
+                e.append(f"{where}.arch: data.task {d.task} needs arch {archs}, got {m.arch}")
     if c.k < 1:
         e.append("cache.k: must be >= 1")
     if c.rows_per_shard < 1 or c.chunk_rows < 1 or (c.batch_size is not None and c.batch_size < 1):
@@ -612,12 +537,6 @@ def validate(cfg: Config) -> list[str]:
             if d.seq_len >= 1 and getattr(c, key) % d.seq_len:
                 e.append(f"cache.{key}: {getattr(c, key)} must be a multiple of data.seq_len={d.seq_len} "
                          "(a language-model row is a token; sequences never straddle chunks)")
-        for section, members in (("teachers.members", t.members), ("student.models", s.models)):
-            for i, m in enumerate(members):
-                if m.arch not in ("gpt", "hf"):
-                    e.append(f"{section}.{i}.arch: data.task lm needs arch gpt or hf, got {m.arch}")
-                if m.arch == "hf" and not m.path:
-                    e.append(f"{section}.{i}.path: arch hf needs a local model directory")
     else:
         defaults = StudentConfig()
         for key in ("logit_chunk",):
@@ -719,17 +638,6 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
-
-
-def non_default(spec: Any) -> dict[str, Any]:
-    """Plain-data view of a dataclass with only the fields that differ from their defaults."""
-    out = {}
-    for f in dataclasses.fields(spec):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        value = getattr(spec, f.name)
-        if default is dataclasses.MISSING or value != default:
-            out[f.name] = to_dict(value)
-    return out
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,2 +1,3 @@
-"""Architectures (built from their specs), checkpoints, and the teacher ensemble's identity and
-combined outputs. Imports pipeline.core, format and inputs."""
+"""Architectures, one module each (mlp, cnn, imported, gpt, hf) and their table in builders.py,
+checkpoints, and the teacher ensemble's identity and combined outputs. Imports pipeline.core,
+format and inputs."""

@@ -1,134 +1,71 @@
-"""Models: built-in MLP and small CNN, or a user model given as `package.module:function`.
+"""The architecture table: each spec class of pipeline/core/specs.py and what the pipeline needs
+from it, looked up once by `architecture(spec)`.
 
-Teachers and students share these builders; a model's output width is checked against the class
-count before it is used, so a mismatch fails with a clear message instead of a shape error.
+    model = build_model(spec, input_shape, num_classes, "student.models.0")
+
+Adding an architecture is a spec class in pipeline/core/specs.py, a module here with its `build`,
+and one entry in ARCHITECTURES.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.core.config import DEVICE_FORMS, ModelSpec, valid_device
+from pipeline.core.config import DEVICE_FORMS, valid_device
 from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.specs import CNNSpec, GPTSpec, HFSpec, ImportSpec, MLPSpec, ModelSpec
+from pipeline.models import cnn, gpt, hf, imported, mlp
+
+
+def _no_identity(spec: Any, weights: Path, num_classes: int, where: str) -> dict[str, Any]:
+    return {}
+
+
+def _no_files(spec: Any) -> list[Path]:
+    return []
+
+
+def _no_check(spec: Any, weights: Path, vocab: str | None, where: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    # (spec, input_shape without the batch dim, classes or vocabulary size, config field) -> model;
+    # language models get input_shape (seq_len + 1,)
+    build: Callable[[Any, tuple[int, ...], int, str], nn.Module]
+    builds_weights: bool = False  # build reads the teacher's weights itself (from_pretrained)
+    # (spec, weights path, classes, field) -> what a loaded teacher's identity holds beyond its
+    # spec and the hash of its weights
+    identity: Callable[[Any, Path, int, str], dict[str, Any]] = _no_identity
+    code_files: Callable[[Any], list[Path]] = _no_files  # source files the identity depends on
+    check_weights: Callable[[Any, Path, str | None, str], None] = _no_check  # (spec, weights, vocab, field)
+
+
+ARCHITECTURES: dict[type[ModelSpec], Architecture] = {
+    MLPSpec: Architecture(mlp.build),
+    CNNSpec: Architecture(cnn.build),
+    ImportSpec: Architecture(imported.build, identity=imported.identity, code_files=imported.code_files),
+    GPTSpec: Architecture(gpt.build),
+    HFSpec: Architecture(hf.build, builds_weights=True, identity=hf.identity, check_weights=hf.check_tokenizer),
+}
+
+
+def architecture(spec: ModelSpec) -> Architecture:
+    return ARCHITECTURES[type(spec)]
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
     """Build `spec` for inputs of `input_shape` (no batch dim) and `num_classes` outputs.
 
     Language models (gpt, hf) get input_shape (seq_len + 1,) and the vocabulary size."""
-    if spec.arch in ("gpt", "hf"):
-        from pipeline.models.lm import build_lm
-
-        return build_lm(spec, num_classes, input_shape[0] - 1, where)
-    if spec.arch == "mlp":
-        model = _mlp(spec, input_shape, num_classes)
-    elif spec.arch == "cnn":
-        model = _cnn(spec, input_shape, num_classes, where)
-    else:
-        model = _imported(spec, where)
-    check_output_width(model, input_shape, num_classes, where, spec.name)
-    return model
-
-
-def _mlp(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    width = 1
-    for d in input_shape:
-        width *= d
-    return nn.Sequential(nn.Flatten(), *_head(spec, width, num_classes))
-
-
-def _head(spec: ModelSpec, width: int, num_classes: int) -> list[nn.Module]:
-    """Hidden Linear-ReLU(-Dropout) layers of sizes spec.hidden, then the output layer."""
-    layers: list[nn.Module] = []
-    for h in spec.hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        if spec.dropout > 0:
-            layers.append(nn.Dropout(spec.dropout))
-        width = h
-    return [*layers, nn.Linear(width, num_classes)]
-
-
-def _cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
-    if len(input_shape) != 3:
-        raise ModelError(f"{where}.arch: cnn needs image inputs (channels, height, width), "
-                         f"the data has shape {input_shape}; use arch: mlp")
-    in_ch, size = input_shape[0], min(input_shape[1:])
-    layers: list[nn.Module] = []
-    for ch in spec.channels:
-        layers += [nn.Conv2d(in_ch, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU()]
-        if size >= 4:  # pool while the feature map is big enough to keep some layout
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-        in_ch = ch
-    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten()]
-    return nn.Sequential(*layers, *_head(spec, in_ch * 4, num_classes))
-
-
-def import_factory(spec: ModelSpec, where: str) -> Callable[..., Any]:
-    """The function named by spec.factory; any failure of the user's module is one ModelError."""
-    assert spec.factory is not None
-    module_name, _, fn_name = spec.factory.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ModelError(f"{where}: cannot import {spec.factory!r} ({e}); "
-                         "check the module is on PYTHONPATH") from None
-    except SyntaxError as e:
-        raise ModelError(f"{where}: {e.filename}:{e.lineno}: SyntaxError in {module_name}: {e.msg}") from None
-    except Exception as e:  # the module itself raised while being imported
-        raise ModelError(f"{where}: importing {module_name} raised {first_line(e)}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ModelError(f"{where}: module {module_name} has no function {fn_name!r}; "
-                         "give 'package.module:function'")
-    return fn
-
-
-def first_line(e: BaseException) -> str:
-    """`TypeName: first line of the message`, for one-line errors about user code."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-def _imported(spec: ModelSpec, where: str) -> nn.Module:
-    fn = import_factory(spec, f"{where}.factory")
-    try:
-        model = fn(**spec.kwargs)
-    except TypeError as e:
-        if "argument" in str(e):  # unexpected / missing keyword arguments
-            raise ModelError(f"{where}.kwargs: {spec.factory}(**{spec.kwargs}) failed: {first_line(e)}; "
-                             "pass only the factory's parameters") from None
-        raise ModelError(f"{where}.factory: {spec.factory} raised {first_line(e)}") from None
-    except Exception as e:
-        raise ModelError(f"{where}.factory: {spec.factory} raised {first_line(e)}") from None
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"{where}.factory: {spec.factory} returned {type(model).__name__}, not a torch nn.Module")
-    return model
-
-
-def check_output_width(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
-                       where: str, name: str) -> None:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        try:
-            out = model(torch.zeros((2, *input_shape)))
-        except Exception as e:  # user forwards raise anything: shape, type or their own errors
-            raise ModelError(f"{where} ({name}): forward pass on inputs of shape {input_shape} failed: "
-                             f"{first_line(e)}") from None
-    model.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"{where} ({name}): forward returned {type(out).__name__}; the model must return "
-                         f"a (batch, {num_classes}) logits tensor")
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise ModelError(f"{where} ({name}): output width {tuple(out.shape[1:])} but the data has "
-                         f"{num_classes} classes; the model must return (batch, {num_classes}) logits")
+    return architecture(spec).build(spec, input_shape, num_classes, where)
 
 
 def load_state(model: nn.Module, path: Path, where: str) -> None:

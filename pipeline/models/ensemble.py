@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.core.config import Config, ModelSpec
+from pipeline.core import specs
+from pipeline.core.config import Config
 from pipeline.core.errors import ModelError
 from pipeline.core.io import file_digest, hash_json, tree_digest
+from pipeline.core.specs import ModelSpec
 from pipeline.inputs.arrays import Splits
-from pipeline.models.builders import build_model, first_line, import_factory, load_state
+from pipeline.models.builders import architecture, build_model, load_state
 
 TEACHER_FORMAT = 1
 
@@ -33,12 +35,9 @@ class TeacherRef:
 def teacher_refs(cfg: Config, splits: Splits) -> list[TeacherRef]:
     refs = []
     for i, spec in enumerate(cfg.teachers.members):
-        if spec.arch == "import":
-            assert spec.checkpoint is not None
-            refs.append(TeacherRef(i, spec, Path(spec.checkpoint), trained_here=False))
-        elif spec.arch == "hf":
-            assert spec.path is not None
-            refs.append(TeacherRef(i, spec, Path(spec.path), trained_here=False))
+        if not spec.trained_here:
+            assert spec.weights is not None  # validated with the config
+            refs.append(TeacherRef(i, spec, Path(spec.weights), trained_here=False))
         else:
             identity = {"format": TEACHER_FORMAT, "spec": _spec_dict(spec), "train": splits.train.fingerprint,
                         "classes": splits.num_classes, "fit": training_settings(cfg, spec)}
@@ -58,11 +57,8 @@ def training_settings(cfg: Config, spec: ModelSpec) -> dict:
 
 
 def _spec_dict(spec: ModelSpec) -> dict:
-    """The fields that differ from their defaults: a new config field with a default never
-    changes the identity of an existing teacher, nor the caches made from it."""
-    from pipeline.core.config import non_default
-
-    d = non_default(spec)
+    """The spec's identity without the student-only fields."""
+    d = specs.identity(spec)
     for k in ("temperature", "alpha"):  # student-only fields never change a teacher
         d.pop(k, None)
     return d
@@ -72,63 +68,28 @@ def load_teacher(ref: TeacherRef, splits: Splits, device: torch.device) -> nn.Mo
     if ref.trained_here and not ref.checkpoint.is_file():
         raise ModelError(f"{ref.where} ({ref.spec.name}): not trained yet ({ref.checkpoint} missing); "
                          "run `logitcache teachers CONFIG` first")
-    if ref.spec.arch == "hf" and splits.vocab and (ref.checkpoint / "tokenizer.json").is_file():
-        from pipeline.inputs.text import Tokenizer
-
-        theirs = Tokenizer(ref.checkpoint).fingerprint
-        if theirs != splits.vocab:
-            raise ModelError(f"{ref.where} ({ref.spec.name}): its tokenizer (vocab {theirs}) differs from "
-                             f"data.tokenizer (vocab {splits.vocab}); an ensemble of language models must "
-                             "share one tokenizer")
+    arch = architecture(ref.spec)
+    if not ref.trained_here:
+        arch.check_weights(ref.spec, ref.checkpoint, splits.vocab, ref.where)
     model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
-    if ref.spec.arch != "hf":  # from_pretrained already loaded the weights
+    if not arch.builds_weights:
         load_state(model, ref.checkpoint, ref.where)
     return model.to(device).eval()
 
 
-def teacher_identity(ref: TeacherRef) -> dict:
-    """What the cache id needs from a teacher: its spec, the hash of its exact weights and, for an
-    imported model, the hash of the source file that defines it (spec.version covers the rest)."""
+def teacher_identity(ref: TeacherRef, num_classes: int) -> dict:
+    """What the cache id needs from a teacher: its spec, the hash of its exact weights and what its
+    architecture adds (an imported model's source hash, a padded output layer's width)."""
     if not ref.checkpoint.exists():
-        field = "path" if ref.spec.arch == "hf" else "checkpoint"
+        field = ref.spec.weights_field or "checkpoint"
         if ref.trained_here:
             raise ModelError(f"{ref.where} ({ref.spec.name}): not trained yet ({ref.checkpoint} missing); "
                              "run `logitcache teachers CONFIG` first")
         raise ModelError(f"{ref.where}.{field}: {ref.checkpoint} does not exist; give the teacher's "
                          + ("model directory" if field == "path" else "state_dict file (torch.save)"))
     digest = tree_digest(ref.checkpoint)[0] if ref.checkpoint.is_dir() else file_digest(ref.checkpoint)
-    identity = {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest}
-    if ref.spec.arch == "import":
-        identity["code_sha256"] = factory_source_sha256(ref.spec, f"{ref.where}.factory")
-    return identity
-
-
-def factory_source_sha256(spec: ModelSpec, where: str) -> str:
-    """sha256 of the source file of the factory's module, found without running the module when
-    its package is already importable; editing a model's forward changes the cache id."""
-    import importlib.util
-    import inspect
-
-    assert spec.factory is not None
-    module_name = spec.factory.partition(":")[0]
-    try:
-        found = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError) as e:
-        raise ModelError(f"{where}: cannot import {spec.factory!r} ({e}); check the module is on PYTHONPATH") from None
-    except Exception as e:  # a parent package's __init__ failed
-        raise ModelError(f"{where}: importing {module_name} raised {first_line(e)}") from None
-    if found is None:
-        raise ModelError(f"{where}: cannot import {spec.factory!r} (no module named {module_name!r}); "
-                         "check the module is on PYTHONPATH")
-    source = Path(found.origin) if found.origin and found.has_location else None
-    if source is None or source.suffix != ".py":  # a compiled or namespace module: ask the loaded one
-        fn = import_factory(spec, where)
-        name = inspect.getsourcefile(fn) or getattr(inspect.getmodule(fn), "__file__", None)
-        source = Path(name) if name else None
-    if source is None or not source.is_file():
-        raise ModelError(f"{where}: cannot find the source file of {spec.factory!r} to put in the cache id; "
-                         "define the factory in a .py module")
-    return file_digest(source)
+    return {"name": ref.spec.name, "spec": _spec_dict(ref.spec), "checkpoint_sha256": digest,
+            **architecture(ref.spec).identity(ref.spec, ref.checkpoint, num_classes, ref.where)}
 
 
 def normalized_weights(cfg: Config) -> list[float]:

@@ -16,7 +16,6 @@ files, and falls back to hashing them whenever the config or any teacher file pr
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -35,9 +34,8 @@ from pipeline.format.views import ViewSpec
 from pipeline.inputs.arrays import Splits
 from pipeline.inputs.augment import check_images
 from pipeline.inputs.splits import load_splits
-from pipeline.models.builders import resolve_device
+from pipeline.models.builders import architecture, resolve_device
 from pipeline.models.ensemble import TeacherRef, normalized_weights, teacher_identity, teacher_refs
-from pipeline.models.lm import output_width
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ def context(cfg: Config) -> Context:
         "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
                     "input_shape": list(splits.input_shape)},
         "num_classes": splits.num_classes,
-        "teachers": [_identity(r, splits.num_classes) for r in refs],
+        "teachers": [teacher_identity(r, splits.num_classes) for r in refs],
         "ensemble": cfg.teachers.ensemble,
         "weights": normalized_weights(cfg),
         "temperature": cfg.teachers.temperature,
@@ -95,18 +93,6 @@ def context(cfg: Config) -> Context:
     files = _file_stats(_teacher_files(refs))
     return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision,
                    teacher_files=files if files == files_before else None, views=views)
-
-
-def _identity(ref: TeacherRef, num_classes: int) -> dict[str, Any]:
-    """A teacher's identity; a Hugging Face model whose output layer is padded past the tokenizer
-    also records both sizes (its padded logits are dropped before the softmax)."""
-    identity = teacher_identity(ref)
-    if ref.spec.arch == "hf":
-        width = output_width(ref.checkpoint)
-        if width is not None and width != num_classes:
-            identity["output_width"] = width
-            identity["vocab_size"] = num_classes
-    return identity
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -174,13 +160,7 @@ def _teacher_files(refs: list[TeacherRef]) -> list[Path]:
             out.extend(sorted(p for p in r.checkpoint.rglob("*") if p.is_file()))
         else:
             out.append(r.checkpoint)
-        if r.spec.arch == "import" and r.spec.factory:
-            try:
-                found = importlib.util.find_spec(r.spec.factory.partition(":")[0])
-            except Exception:  # reported by the identity check itself
-                found = None
-            if found is not None and found.origin and found.has_location:
-                out.append(Path(found.origin))
+        out.extend(architecture(r.spec).code_files(r.spec))
     return out
 
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import GRID_KEYS, Config, ModelSpec, non_default, to_dict
+from pipeline.core import specs
+from pipeline.core.config import GRID_KEYS, Config, to_dict
 from pipeline.core.errors import ModelError
 from pipeline.core.io import read_json, sha256_file
+from pipeline.core.specs import ModelSpec
 from pipeline.format import reader as fmt
 from pipeline.format.manifest import resolve
 from pipeline.run.identity import find_cache
@@ -94,9 +96,9 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
               **({"augment": to_dict(online)} if online is not None else {})}
     if shard.kind == "hard":
         twin = dataclasses.replace(m, name=v.hard_name, temperature=None, alpha=None)
-        return {"model": non_default(twin), **common, "temperature": reader.temperature, "alpha": 1.0}
+        return {"model": specs.identity(twin), **common, "temperature": reader.temperature, "alpha": 1.0}
     temperature = m.temperature if m.temperature is not None else s.temperature
-    return {"model": non_default(m), **common, "temperature": reader.temperature if temperature is None else temperature,
+    return {"model": specs.identity(m), **common, "temperature": reader.temperature if temperature is None else temperature,
             "alpha": m.alpha if m.alpha is not None else s.alpha}
 
 

@@ -1,0 +1,92 @@
+"""A Hugging Face causal LM from a local directory (`save_pretrained`), behind the same
+tokens -> logits interface as the built-in GPT, over the tokenizer's tokens even when its output
+layer is padded wider (Pythia: 50,304 outputs for 50,277 tokens)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.core.errors import ModelError
+from pipeline.core.specs import HFSpec
+
+
+class Sliced(nn.Module):
+    """An output layer padded past the tokenizer (Pythia 50,304 for 50,277 tokens): keep the first
+    `vocab` logits, so the padded ones never enter a softmax."""
+
+    def __init__(self, head: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.inner, self.vocab = head, vocab
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.inner(hidden)[..., :self.vocab]
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind the same tokens -> logits interface, over the tokenizer's
+    `vocab` tokens even when its output layer is padded wider."""
+
+    def __init__(self, model: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.model, self.vocab = model, vocab
+        self.output_width = model.get_output_embeddings().weight.shape[0]
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.base_model(input_ids=tokens).last_hidden_state
+
+    @property
+    def head(self) -> nn.Module:
+        head = self.model.get_output_embeddings()
+        return head if self.output_width == self.vocab else Sliced(head, self.vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits[..., :self.vocab]
+
+
+def build(spec: HFSpec, input_shape: tuple[int, ...], num_classes: int, where: str) -> nn.Module:
+    """The model in spec.path with its weights (from_pretrained loads them)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(spec.path or "")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{where}.path: {spec.path} is not a local model directory with config.json; "
+                         "save one with model.save_pretrained(dir)")
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < num_classes:
+        raise ModelError(f"{where} ({spec.name}): output width {width} but the tokenizer has {num_classes} "
+                         "tokens; every model must use the tokenizer in data.tokenizer")
+    return HFCausalLM(model, num_classes)  # a wider output layer is padding: sliced off
+
+
+def output_width(path: str | Path) -> int | None:
+    """The output width a Hugging Face model directory declares (vocab_size in config.json)."""
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def identity(spec: HFSpec, weights: Path, num_classes: int, where: str) -> dict[str, Any]:
+    """An output layer padded past the tokenizer records both sizes (its padded logits are dropped
+    before the softmax)."""
+    width = output_width(weights)
+    return {"output_width": width, "vocab_size": num_classes} if width is not None and width != num_classes else {}
+
+
+def check_tokenizer(spec: HFSpec, weights: Path, vocab: str | None, where: str) -> None:
+    """A teacher that ships its own tokenizer must share data.tokenizer's vocabulary."""
+    if not vocab or not (weights / "tokenizer.json").is_file():
+        return
+    from pipeline.inputs.text import Tokenizer
+
+    theirs = Tokenizer(weights).fingerprint
+    if theirs != vocab:
+        raise ModelError(f"{where} ({spec.name}): its tokenizer (vocab {theirs}) differs from "
+                         f"data.tokenizer (vocab {vocab}); an ensemble of language models must "
+                         "share one tokenizer")
