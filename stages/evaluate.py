@@ -26,6 +26,7 @@ from pipeline.models.builders import build_model, load_state
 from pipeline.models.ensemble import load_teacher, normalized_weights, teacher_identity, teacher_refs
 from pipeline.run import jobs
 from pipeline.train import metrics
+from pipeline.train.tasks import task_of
 
 REPORT_FORMAT = 3  # part of the up-to-date check: a new report layout rewrites old reports
 
@@ -46,12 +47,9 @@ def _read_report(path: Path) -> dict[str, Any] | None:
 def main(cfg: Config) -> dict[str, Any]:
     check_writable(cfg.run_dir, "workspace")  # before anything is scored
     splits = load_splits(cfg)
-    lm = cfg.data.task == "lm"
-    if lm:  # next-token prediction on held-out sequences
-        x, y, batch = splits.test.x[:, :-1], splits.test.x[:, 1:], 16
-    else:
-        x, y, batch = splits.test.x, splits.test.y, 512
-    assert y is not None
+    task = task_of(cfg)
+    x, y = task.held_out(splits)  # language models: next-token prediction on held-out sequences
+    batch = task.eval_batch
     bins = cfg.evaluate.ece_bins
     cpu = torch.device("cpu")
 
@@ -82,13 +80,12 @@ def main(cfg: Config) -> dict[str, Any]:
             print(summary_table(report["summary"]))
         return report
 
-    excluded = np.isin(y.reshape(-1), cfg.data.transfer.exclude_classes) if not lm else np.zeros(0, bool)
+    exclude = cfg.data.transfer.exclude_classes  # classification only (the config refuses it for lm)
+    excluded = np.isin(y, exclude) if exclude else None
 
     def score(sm: metrics.Summary, reference: metrics.Summary) -> dict[str, float]:
-        out = metrics.all_metrics(sm, y, reference, bins)
-        if lm:
-            out["perplexity"] = float(np.exp(out["nll"]))
-        if excluded.any():  # classes the students never saw in the transfer set
+        out = task.report_metrics(metrics.all_metrics(sm, y, reference, bins))
+        if excluded is not None and excluded.any():  # classes the students never saw in the transfer set
             out["excluded_accuracy"] = float((sm.pred[excluded] == y[excluded]).mean())
         return out
 

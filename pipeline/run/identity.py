@@ -36,6 +36,7 @@ from pipeline.inputs.augment import check_images
 from pipeline.inputs.splits import load_splits
 from pipeline.models.builders import architecture, resolve_device
 from pipeline.models.ensemble import TeacherRef, normalized_weights, teacher_identity, teacher_refs
+from pipeline.train.tasks import task_of
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,7 @@ def context(cfg: Config) -> Context:
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
     spec["layout"].update(layout_codec(c.codec))
-    if cfg.data.task == "lm":
-        spec["dataset"].update(seq_len=cfg.data.seq_len, tokens=len(splits.transfer) * cfg.data.seq_len,
-                               vocab_fingerprint=splits.vocab)
+    spec["dataset"].update(task_of(cfg).dataset_identity(cfg, splits))
     if not enc.retemperable:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
     views = None

@@ -21,6 +21,7 @@ from pipeline.format import reader as fmt
 from pipeline.format.manifest import resolve
 from pipeline.run.identity import find_cache
 from pipeline.train.plan import augmentation
+from pipeline.train.tasks import task_of
 
 # The epoch planner's version: students trained before pipeline/train/plan.py read their batches in
 # another order, so their results are not this version's and are retrained.
@@ -92,7 +93,7 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
               "optimizer": s.optimizer, "momentum": s.momentum, "weight_decay": s.weight_decay,
               "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
               "epoch_order": EPOCH_ORDER,
-              **({"logit_chunk": s.logit_chunk} if cfg.data.task == "lm" else {}),
+              **task_of(cfg).student_settings(cfg),
               **({"augment": to_dict(online)} if online is not None else {})}
     if shard.kind == "hard":
         twin = dataclasses.replace(m, name=v.hard_name, temperature=None, alpha=None)

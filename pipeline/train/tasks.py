@@ -1,0 +1,143 @@
+"""Tasks: what differs between classifying examples and predicting next tokens, in one object each.
+
+    task = task_of(cfg)                     # TASKS[cfg.data.task], looked up once
+    x, y = task.examples(splits.train, rows)
+    loss = task.student_loss(model, batch, dev, **settings)
+
+A classification row is one example with one label; a token row is one position of a sequence,
+whose label is the next token, and whose logits are computed from hidden states a chunk of rows at
+a time, never as (batch, seq, vocab). Adding a task is one class here and one entry in TASKS (its
+config checks live with the rest in pipeline/core/config.py, and its inputs in
+pipeline/inputs/splits.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.core.config import Config
+from pipeline.inputs.arrays import Dataset, Splits
+from pipeline.models.ensemble import token_logits
+from pipeline.models.lm import hidden_and_head
+from pipeline.train.losses import chunked_kd_loss, kd_loss
+
+
+class Task(Protocol):
+    name: str
+    eval_batch: int  # examples (sequences) scored at once by held-out metrics
+
+    def rows_per_example(self, cfg: Config) -> int: ...
+    def cache_batch(self, cfg: Config) -> int: ...
+    def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]: ...
+    def examples(self, data: Dataset, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def held_out(self, splits: Splits) -> tuple[np.ndarray, np.ndarray]: ...
+    def report_metrics(self, metrics: dict[str, float]) -> dict[str, float]: ...
+    def teacher_logits(self, models: list[nn.Module], x: torch.Tensor,
+                       logit_rows: int) -> Any: ...
+    def student_labels(self, splits: Splits) -> Dataset | None: ...
+    def student_settings(self, cfg: Config) -> dict[str, Any]: ...
+    def student_loss(self, model: nn.Module, batch: dict[str, Any], dev: torch.device,
+                     **settings: Any) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Classification:
+    name: str = "classify"
+    eval_batch: int = 512
+
+    def rows_per_example(self, cfg: Config) -> int:
+        return 1
+
+    def cache_batch(self, cfg: Config) -> int:
+        return cfg.cache.batch_size or 512
+
+    def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]:
+        return {}
+
+    def examples(self, data: Dataset, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of the rows at positions `index` (any order: the batch keeps it)."""
+        x, y = data.rows(index)
+        assert y is not None  # load_splits refuses unlabelled training data
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def held_out(self, splits: Splits) -> tuple[np.ndarray, np.ndarray]:
+        assert splits.test.y is not None
+        return splits.test.x, splits.test.y
+
+    def report_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
+
+    def teacher_logits(self, models: list[nn.Module], x: torch.Tensor, logit_rows: int) -> Any:
+        """(rows, each model's logits (B, C)) for the whole batch at once."""
+        return iter([(slice(0, len(x)), [m(x) for m in models])])
+
+    def student_labels(self, splits: Splits) -> Dataset | None:
+        return splits.transfer if splits.transfer.y is not None else None
+
+    def student_settings(self, cfg: Config) -> dict[str, Any]:
+        return {}
+
+    def student_loss(self, model: nn.Module, batch: dict[str, Any], dev: torch.device,
+                     **settings: Any) -> torch.Tensor:
+        x = batch["inputs"].to(dev, non_blocking=True)
+        labels = batch.get("labels")
+        return kd_loss(model(x), batch, labels=labels.to(dev) if labels is not None else None, **settings)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    name: str = "lm"
+    eval_batch: int = 16
+
+    def rows_per_example(self, cfg: Config) -> int:
+        return cfg.data.seq_len  # a row is a token; shards and chunks hold whole sequences
+
+    def cache_batch(self, cfg: Config) -> int:
+        return cfg.cache.batch_size or 8
+
+    def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]:
+        return {"seq_len": cfg.data.seq_len, "tokens": len(splits.transfer) * cfg.data.seq_len,
+                "vocab_fingerprint": splits.vocab}
+
+    def examples(self, data: Dataset, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token prediction: read tokens[:-1], predict tokens[1:]."""
+        seq = torch.from_numpy(data.rows(index)[0])  # (B, seq_len + 1)
+        return seq[:, :-1], seq[:, 1:]
+
+    def held_out(self, splits: Splits) -> tuple[np.ndarray, np.ndarray]:
+        return splits.test.x[:, :-1], splits.test.x[:, 1:]
+
+    def report_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {**metrics, "perplexity": float(np.exp(metrics["nll"]))}
+
+    def teacher_logits(self, models: list[nn.Module], x: torch.Tensor, logit_rows: int) -> Any:
+        """(token rows, each model's logits (rows, V)), `logit_rows` rows at a time."""
+        return token_logits(models, x, logit_rows)
+
+    def student_labels(self, splits: Splits) -> Dataset | None:
+        return None  # the label of a token is the next token of its sequence
+
+    def student_settings(self, cfg: Config) -> dict[str, Any]:
+        return {"logit_chunk": cfg.student.logit_chunk}
+
+    def student_loss(self, model: nn.Module, batch: dict[str, Any], dev: torch.device,
+                     logit_chunk: int = 512, **settings: Any) -> torch.Tensor:
+        """The batch's rows are (sequence, position); their (rows, V) logits are computed in chunks
+        from the hidden states."""
+        x = batch["inputs"].to(dev, non_blocking=True)  # (B, L + 1)
+        seq, pos = batch["sequence"].to(dev), batch["position"].to(dev)
+        hidden, head = hidden_and_head(model, x[:, :-1])  # (B, L, d)
+        return chunked_kd_loss(hidden[seq, pos], head, batch, labels=x[:, 1:][seq, pos], logit_chunk=logit_chunk,
+                               **settings)
+
+
+TASKS: dict[str, Task] = {"classify": Classification(), "lm": Tokens()}
+
+
+def task_of(cfg: Config) -> Task:
+    return TASKS[cfg.data.task]
