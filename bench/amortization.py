@@ -7,6 +7,10 @@ of students above which caching wins.
 
 from __future__ import annotations
 
+from pipeline.core.host import tune_process
+
+tune_process()  # the process settings the CLI's stages run under; before torch loads (libgomp reads them then)
+
 import argparse
 import sys
 from pathlib import Path

@@ -35,6 +35,10 @@ One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layou
 
 from __future__ import annotations
 
+from pipeline.core.host import tune_process
+
+tune_process()  # the process settings the CLI's stages run under; before torch loads (libgomp reads them then)
+
 import argparse
 import math
 import os

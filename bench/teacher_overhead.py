@@ -6,6 +6,10 @@ written), side by side. Writing must hide behind compute.
 
 from __future__ import annotations
 
+from pipeline.core.host import tune_process
+
+tune_process()  # the process settings the CLI's stages run under; before torch loads (libgomp reads them then)
+
 import argparse
 import sys
 from pathlib import Path
