@@ -26,6 +26,7 @@ from pipeline.models.builders import build_model, load_state
 from pipeline.models.ensemble import load_teacher, normalized_weights, teacher_identity, teacher_refs
 from pipeline.run import jobs
 from pipeline.train import metrics
+from pipeline.train.loop import read_done
 from pipeline.train.tasks import task_of
 
 REPORT_FORMAT = 3  # part of the up-to-date check: a new report layout rewrites old reports
@@ -58,7 +59,7 @@ def main(cfg: Config) -> dict[str, Any]:
     done = []
     for shard in planned:
         name = jobs.job_name(cfg, shard)
-        marker = jobs.read_done(cfg.run_dir / "students" / name)  # checks the model and history it names
+        marker = read_done(cfg.run_dir / "students" / name)  # checks the model and history it names
         if marker is None:
             raise CacheError(f"{cfg.run_dir / 'students' / name}: student {name} has not finished; "
                              "run `logitcache student CONFIG`")

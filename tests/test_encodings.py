@@ -191,6 +191,48 @@ def test_params_round_trip_through_the_spec():
         assert encoding_from_spec(spec) == enc
 
 
+CONFIG_ENCODINGS = [["cache.encoding=dense", "cache.dtype=float32"], ["cache.encoding=topk", "cache.k=3"],
+                    ["cache.encoding=topk", "cache.k=4", "cache.bits=8", "cache.logp_range=12"],
+                    ["cache.encoding=sampled", "cache.draws=9"],
+                    ["cache.encoding=hybrid", "cache.k=2", "cache.draws=5", "cache.bits=8"]]
+
+
+@pytest.mark.parametrize("overrides", CONFIG_ENCODINGS, ids=[" ".join(o) for o in CONFIG_ENCODINGS])
+def test_one_construction_path(overrides):
+    """Config, stored parameters, a writer's name or dict, and an object all give the same encoding,
+    which encodes a fixed input to the same bytes."""
+    from pipeline.format.encodings import encoding_from_params
+    from pipeline.format.writer import _encoding_arg
+
+    enc = encoding_from_config(load_config(None, overrides).cache, 10)
+    rebuilt = encoding_from_params(enc.params(), 10)
+    user = {k: v for k, v in enc.params().items() if k != "ids"}  # as a user writes it: ids take their default
+    assert rebuilt == enc == _encoding_arg(user, 10) == _encoding_arg(enc, 10)
+    logp = torch.log_softmax(torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), -1)
+    a = enc.to_host(enc.encode(logp, torch.Generator().manual_seed(1)))
+    b = rebuilt.to_host(rebuilt.encode(logp, torch.Generator().manual_seed(1)))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    if enc.name == "dense":
+        assert _encoding_arg("dense", 10) == Dense(10)
+
+
+@pytest.mark.parametrize("given,message", [
+    ("topK", "encoding name: 'topK' is not one of dense, topk, sampled, hybrid"),
+    ({"name": "topk", "k": 4, "width": 2}, "encoding width: not a parameter of topk; give bits, ids, k, logp_range"),
+    ({"name": "topk"}, "encoding k: topk needs it"),
+    ({"name": "topk", "k": 11}, "encoding k: 11 but the data has 10 classes; use k <= 10"),
+    ({"name": "topk", "k": 4, "bits": 12}, "encoding bits: 12 is not 16 or 8"),
+    ({"name": "sampled", "draws": 300}, "encoding draws: 300 must be in 1..255"),
+    ({"name": "hybrid", "k": 10, "draws": 4}, "hybrid needs a tail to sample"),
+])
+def test_writer_refuses_bad_encodings(given, message):
+    from pipeline.format.writer import _encoding_arg
+
+    with pytest.raises(ValueError) as e:
+        _encoding_arg(given, 10)
+    assert message in str(e.value)
+
+
 def test_config_refuses_settings_that_do_not_apply(tmp_path):
     cfg = load_config(None, ["cache.encoding=topk", "cache.k=11"])
     with pytest.raises(ConfigError, match="cache.k: 11 but the data has 10 classes"):
@@ -319,14 +361,14 @@ def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits)
     slow = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1).exp()
     wide = torch.log_softmax(torch.randn(17, 131_072, generator=torch.Generator().manual_seed(1)) * 3, -1)
     wide_ids = wide.topk(k, -1)[1]
-    from pipeline.format.encodings import _mass_outside
+    from pipeline.format.encodings.base import mass_outside as _mass_outside
     assert torch.equal(_mass_outside(wide, wide_ids),
                        torch.logsumexp(wide.scatter(-1, wide_ids, float("-inf")), dim=-1).exp())
     assert _mass_outside(wide[:0], wide_ids[:0]).shape == (0,)
     if bits == 16:
         assert torch.equal(out["residual"], slow.half())
     else:
-        from pipeline.format.encodings import _quantize
+        from pipeline.format.encodings.base import quantize as _quantize
         assert torch.equal(out["residual"], _quantize(-slow.clamp(min=1e-30).log(), enc.logp_range))
 
 

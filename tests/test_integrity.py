@@ -158,14 +158,16 @@ def test_rerun_killed_while_publishing_leaves_no_marker_for_the_new_model(cli_ru
     done = json.loads((job / "done.json").read_text())
     assert _report_accuracy(cli_run, path, run) == pytest.approx(done["final"]["accuracy"])
 
-    real = student_stage.atomic_write_text
+    from pipeline.train import loop
 
-    def dies_after_the_model(p, text):  # the moment the old code left a stale marker beside a new model
+    real = loop.atomic_write_bytes
+
+    def dies_after_the_model(p, data):  # the moment the old code left a stale marker beside a new model
         if p.name == "history.json":
             raise KeyboardInterrupt("killed")
-        return real(p, text)
+        return real(p, data)
 
-    monkeypatch.setattr(student_stage, "atomic_write_text", dies_after_the_model)
+    monkeypatch.setattr(loop, "atomic_write_bytes", dies_after_the_model)
     killed = cli_run("student", str(path), f"run_name={run}", "student.lr=0.05", "student.alpha=0.9", expect=None)
     assert killed.exit_code != 0 and "Aborted" in killed.output
     monkeypatch.undo()
@@ -216,15 +218,17 @@ def test_checkpoints_do_not_carry_the_loss_list(built, monkeypatch):
     _ws, path, _ = built
     import io as _io
 
+    from pipeline.train import loop
+
     states = []
-    real = student_stage.atomic_write_bytes
+    real = loop.atomic_write_bytes
 
     def capture(p, data):
         if p.name == "checkpoint.pt":
             states.append(torch.load(_io.BytesIO(data), weights_only=False)["state"])
         return real(p, data)
 
-    monkeypatch.setattr(student_stage, "atomic_write_bytes", capture)
+    monkeypatch.setattr(loop, "atomic_write_bytes", capture)
     student_stage.main(load_config(path, ["run_name=ckpt", "student.epochs=3", "student.checkpoint_every=2"]))
     assert len(states) > 3
     assert all(set(s) == {"epoch", "batch", "step", "history"} for s in states)

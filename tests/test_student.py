@@ -151,17 +151,18 @@ def test_the_stage_trains_on_the_apis_batches(built, monkeypatch):
     import pipeline as lc
     from pipeline.inputs.splits import load_splits
     from pipeline.run.jobs import Shard
+    from pipeline.train.tasks import Classification
 
     ws, path = built
     cfg = load_config(path, ["run_name=same-batches", "student.epochs=2", "student.seeds=[4]"])
     seen: list[dict] = []
-    real = student_stage.batch_loss
+    real = Classification.student_loss
 
-    def spy(model, batch, st, lm, dev):
+    def spy(self, model, batch, dev, **settings):
         seen.append({k: batch[k].clone() for k in ("sample_id", "inputs", "labels")})
-        return real(model, batch, st, lm, dev)
+        return real(self, model, batch, dev, **settings)
 
-    monkeypatch.setattr(student_stage, "batch_loss", spy)
+    monkeypatch.setattr(Classification, "student_loss", spy)
     student_stage.run_shard(cfg, Shard(model=0, seed=4, kind="kd"))
     transfer = load_splits(cfg).transfer
     cache = lc.open_cache(spec.find_cache(cfg))

@@ -34,23 +34,20 @@ from pipeline.core.codecs import codec_problems, layout_codec
 from pipeline.core.errors import CacheError
 from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.format import manifest as fmt
-from pipeline.format.encodings import ENCODINGS, LOGP_FLOOR, Encoding, TopK
+from pipeline.format.encodings import LOGP_FLOOR, Encoding, TopK, encoding_from_params
 from pipeline.format.shards import shard_entry, shard_name, write_shard
 
 
-def make_encoding(encoding: Encoding | str | dict[str, Any], num_classes: int) -> Encoding:
+def _encoding_arg(encoding: Encoding | str | dict[str, Any], num_classes: int) -> Encoding:
     """An encoding object from itself, a name ("dense") or parameters ({"name": "topk", "k": 8})."""
-    if isinstance(encoding, str):
-        encoding = {"name": encoding}
-    if isinstance(encoding, dict):
-        params = dict(encoding)
-        name = params.pop("name", None)
-        if name not in ENCODINGS:
-            raise ValueError(f"encoding {name!r}: use one of {', '.join(ENCODINGS)}")
-        encoding = ENCODINGS[name](num_classes, **params)
-    if encoding.num_classes != num_classes:
-        raise ValueError(f"encoding has {encoding.num_classes} classes but num_classes={num_classes}")
-    return encoding
+    if not isinstance(encoding, (str, dict)):
+        if encoding.num_classes != num_classes:
+            raise ValueError(f"encoding has {encoding.num_classes} classes but num_classes={num_classes}")
+        return encoding
+    try:
+        return encoding_from_params({"name": encoding} if isinstance(encoding, str) else encoding, num_classes)
+    except ValueError as e:
+        raise ValueError(f"encoding {e}") from None
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -85,7 +82,7 @@ class CacheWriter:
         if seq_len is not None and (rows_per_shard % seq_len or chunk_rows % seq_len):
             raise ValueError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
                              f"seq_len={seq_len} (sequences never straddle chunks)")
-        self.encoding = make_encoding(encoding, num_classes)
+        self.encoding = _encoding_arg(encoding, num_classes)
         self.seq_len, self.backend, self.seed = seq_len, backend, seed
         self.rows_per_shard, self.chunk_rows, self.level = rows_per_shard, chunk_rows, compression_level
         self.codec = codec

@@ -14,8 +14,6 @@ from typing import Any
 
 from pipeline.core import specs
 from pipeline.core.config import GRID_KEYS, Config, to_dict
-from pipeline.core.errors import ModelError
-from pipeline.core.io import read_json, sha256_file
 from pipeline.core.specs import ModelSpec
 from pipeline.format import reader as fmt
 from pipeline.format.manifest import resolve
@@ -108,25 +106,3 @@ def cache_path(cfg: Config) -> Path:
     if cfg.student.cache is not None:
         return resolve(cfg.student.cache, cfg.cache_root)
     return find_cache(cfg)
-
-
-def read_done(job_dir: Path) -> dict[str, Any] | None:
-    """A finished job's done.json, None if the job has not finished. done.json is the commit record
-    of the job: it holds the sha256 of the model.pt and history.json it was written with, so a
-    marker never vouches for files another run overwrote. ModelError (one line) if damaged."""
-    path = job_dir / "done.json"
-    if not path.is_file():
-        return None
-    fix = "rerun `logitcache student CONFIG` to retrain it"
-    done = read_json(path, ModelError, fix)
-    if not (isinstance(done, dict) and isinstance(done.get("settings_hash"), str)
-            and isinstance(done.get("final"), dict) and isinstance(done["final"].get("accuracy"), float)
-            and isinstance(done.get("files"), dict)):
-        raise ModelError(f"{path}: not a completion record of this version (no settings_hash, final or files); {fix}")
-    for name in ("model.pt", "history.json"):
-        file = job_dir / name
-        if not file.is_file() or sha256_file(file) != done["files"].get(name):
-            raise ModelError(f"{file}: {'missing' if not file.is_file() else 'differs from the one done.json records'}"
-                             f" (overwritten by a run that did not finish); {fix}")
-    return done
-

@@ -28,7 +28,7 @@ from pipeline.core.io import atomic_write_bytes, atomic_write_json
 from pipeline.core.progress import log
 from pipeline.format import kl
 from pipeline.format import reader as fmt
-from pipeline.format.encodings import Encoding, Hybrid, Sampled, TopK
+from pipeline.format.encodings import Encoding, encoding_from_params
 from pipeline.format.manifest import resolve
 from pipeline.run import identity as spec
 
@@ -152,17 +152,11 @@ class _Meter:
 
 
 def _sweep(C: int) -> list[tuple[Encoding, dict[str, Any]]]:
-    """Every other way of encoding the same distributions, with the fields that name each."""
-    out: list[tuple[Encoding, dict[str, Any]]] = []
-    for k in (k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < C):
-        for bits in (16, 8):
-            out.append((TopK(C, k, bits), {"k": k, "bits": bits}))
-    for draws in (8, 16, 32, 64):
-        out.append((Sampled(C, draws), {"draws": draws}))
-    for k, draws in ((4, 16), (8, 16), (16, 32)):
-        if k < C:
-            out.append((Hybrid(C, k, draws), {"k": k, "draws": draws}))
-    return out
+    """Every other way of encoding the same distributions, with the parameters that name each."""
+    grid = [{"name": "topk", "k": k, "bits": bits} for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < C for bits in (16, 8)]
+    grid += [{"name": "sampled", "draws": draws} for draws in (8, 16, 32, 64)]
+    grid += [{"name": "hybrid", "k": k, "draws": draws} for k, draws in ((4, 16), (8, 16), (16, 32)) if k < C]
+    return [(encoding_from_params(p, C), {k: v for k, v in p.items() if k != "name"}) for p in grid]
 
 
 def fidelity(ref: str, root: Path, rows: int, out: Path | None, logit_rows: int | None = None) -> dict[str, Any]:

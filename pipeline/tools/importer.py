@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import DataError
-from pipeline.format.encodings import TopK
 from pipeline.format.writer import CacheWriter
 from pipeline.inputs.text import Tokenizer
 
@@ -75,7 +74,7 @@ def import_logprobs(file: Path, tokenizer: Path, root: Path, top_n: int, teacher
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
     spec = {"teacher": {"name": teacher, "served": True}, "dataset": {"fingerprint": digest[:16], "source": file.name},
             "vocab_fingerprint": tok.fingerprint, "top_n": top_n, "importer": "import-logprobs/1"}
-    writer = CacheWriter(root, spec=spec, encoding=TopK(tok.vocab_size, top_n), num_classes=tok.vocab_size,
+    writer = CacheWriter(root, spec=spec, encoding={"name": "topk", "k": top_n}, num_classes=tok.vocab_size,
                          backend=backend, rows_per_shard=rows_per_shard, chunk_rows=chunk_rows, temperature=1.0,
                          tokens=True)
     with writer as w, open(file, encoding="utf-8") as f:

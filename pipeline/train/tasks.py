@@ -29,7 +29,9 @@ from pipeline.train.losses import chunked_kd_loss, kd_loss
 
 class Task(Protocol):
     name: str
+    row_unit: str  # what a cache row is, in progress lines
     eval_batch: int  # examples (sequences) scored at once by held-out metrics
+    labels_in_inputs: bool  # a row's label comes with its inputs (the next token), not from a label column
 
     def rows_per_example(self, cfg: Config) -> int: ...
     def cache_batch(self, cfg: Config) -> int: ...
@@ -48,7 +50,9 @@ class Task(Protocol):
 @dataclass(frozen=True)
 class Classification:
     name: str = "classify"
+    row_unit: str = "rows"
     eval_batch: int = 512
+    labels_in_inputs: bool = False
 
     def rows_per_example(self, cfg: Config) -> int:
         return 1
@@ -92,7 +96,9 @@ class Classification:
 @dataclass(frozen=True)
 class Tokens:
     name: str = "lm"
+    row_unit: str = "tokens"
     eval_batch: int = 16
+    labels_in_inputs: bool = True
 
     def rows_per_example(self, cfg: Config) -> int:
         return cfg.data.seq_len  # a row is a token; shards and chunks hold whole sequences

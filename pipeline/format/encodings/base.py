@@ -1,0 +1,260 @@
+"""What every encoding shares: the Column and Encoding types, class ids stored at the
+vocabulary's width, 8-bit log quantization, row blocks that bound the encoders' temporaries, and
+the top-k head's targets and divergence (used by topk and hybrid)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from pipeline.core.errors import ConfigError
+from pipeline.format import kl
+
+LOGP_FLOOR = -1.0e4  # finite stand-in for log(0), representable in float16
+
+
+BLOCK_ELEMENTS = 1 << 20  # values per block of rows in the encoders' (rows, C) temporaries
+
+
+MAX_DRAWS = 255  # counts are uint8
+
+
+_CAST_SLICE = 16384  # elements: under torch's parallel grain (32768), so a cast runs on the calling thread
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dims: tuple[str, ...]  # ("row",) or ("row", <second axis>)
+    description: str
+
+
+class Encoding(Protocol):
+    name: ClassVar[str]
+    num_classes: int
+
+    def columns(self) -> list[Column]: ...
+    def encode(self, logp: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]: ...
+    def to_host(self, encoded: dict[str, torch.Tensor]) -> dict[str, np.ndarray]: ...
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
+                tau: float = 1.0) -> dict[str, torch.Tensor]: ...
+    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+                   tail: str) -> torch.Tensor: ...
+    def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]: ...
+    def raw_bytes_per_row(self) -> float: ...
+    def params(self) -> dict[str, Any]: ...
+    def label(self) -> str: ...
+
+    @property
+    def retemperable(self) -> bool: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Class ids at the vocabulary's width
+
+
+def id_bits(num_classes: int) -> int:
+    return max(1, (num_classes - 1).bit_length())
+
+
+def legacy_ids(num_classes: int) -> str:
+    """Format 1's id storage: uint16, or int32 above 65,535 classes."""
+    return "u16" if num_classes <= 65535 else "i32"
+
+
+def id_store(num_classes: int) -> str:
+    """How ids of a `num_classes` vocabulary are stored: u8, u16, or u16+h<n> (n high bits packed)."""
+    bits = id_bits(num_classes)
+    return "u8" if bits <= 8 else "u16" if bits <= 16 else f"u16+h{bits - 16}"
+
+
+def pack_ids(ids: np.ndarray, store: str, name: str) -> dict[str, np.ndarray]:
+    """ids (n, m) int -> the stored columns `name` (and `name`_hi for vocabularies above 65,536)."""
+    if store == "u8":
+        return {name: ids.astype(np.uint8)}
+    if store == "i32":
+        return {name: ids.astype(np.int32)}
+    out = {name: (ids & 0xFFFF).astype(np.uint16)}
+    if store.startswith("u16+h"):
+        hb = int(store[5:])
+        hi = (ids.astype(np.int64) >> 16)[..., None] >> np.arange(hb)  # (n, m, hb) bit planes
+        out[f"{name}_hi"] = np.packbits((hi & 1).astype(np.uint8).reshape(len(ids), -1), axis=-1, bitorder="little")
+    return out
+
+
+def unpack_ids(stored: dict[str, np.ndarray], store: str, name: str) -> np.ndarray:
+    ids = stored[name].astype(np.int64)  # (n, m)
+    if store.startswith("u16+h"):
+        hb = int(store[5:])
+        n, m = ids.shape
+        bits = np.unpackbits(stored[f"{name}_hi"], axis=-1, count=m * hb, bitorder="little").reshape(n, m, hb)
+        ids |= (bits.astype(np.int64) << np.arange(hb)).sum(-1) << 16
+    return ids
+
+
+def float32(a: np.ndarray) -> np.ndarray:
+    """Stored float16 values as float32, cast by torch in slices below its parallel grain: ~2x
+    numpy's float16 cast on a 4096 x 32 chunk, and never an OpenMP region, which on the main
+    thread costs 10x the cast itself (measured)."""
+    out = np.empty(a.shape, np.float32)
+    if not a.flags.writeable:  # zero-copy Parquet pages are read-only; torch shares only writable memory
+        a = a.copy()
+    src, dst = torch.from_numpy(a).reshape(-1), torch.from_numpy(out).reshape(-1)
+    for i in range(0, len(src), _CAST_SLICE):
+        dst[i:i + _CAST_SLICE].copy_(src[i:i + _CAST_SLICE])
+    return out
+
+
+def id_columns(store: str, name: str, m_dim: str, description: str) -> list[Column]:
+    cols = [Column(name, ("row", m_dim), description)]
+    if store.startswith("u16+h"):
+        cols.append(Column(f"{name}_hi", ("row", "byte"),
+                           f"bits 16 and up of {name}, {store[5:]} per id, packed little-endian per row"))
+    return cols
+
+
+def id_bytes(store: str, m: int) -> float:
+    if store.startswith("u16+h"):
+        return 2 * m + math.ceil(m * int(store[5:]) / 8)
+    return m * {"u8": 1, "u16": 2, "i32": 4}[store]
+
+
+def delta_code(ids: torch.Tensor) -> torch.Tensor:
+    """Ascending ids (B, m) -> first id, then differences: small numbers that compress."""
+    return torch.cat([ids[:, :1], ids[:, 1:] - ids[:, :-1]], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces: 8-bit log quantization, distinct draws with counts, head + tail targets
+
+
+def quantize(neg_log: torch.Tensor, logp_range: float) -> torch.Tensor:
+    """-log p in [0, logp_range] -> uint8 steps of logp_range / 255 (half a step of error at most)."""
+    return (neg_log.clamp(0, logp_range) / (logp_range / 255.0)).round().to(torch.uint8)
+
+
+def dequantize_logp(q: np.ndarray, logp_range: float) -> np.ndarray:
+    return -np.float32(logp_range / 255.0) * q.astype(np.float32)
+
+
+def dequantize_mass(q: np.ndarray, logp_range: float) -> np.ndarray:
+    r = np.exp(dequantize_logp(q, logp_range))
+    return np.where(q == 255, np.float32(0), r)  # 255: below e^-logp_range, stored as no tail at all
+
+
+def row_blocks(n: int, classes: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of about BLOCK_ELEMENTS values each that cover n rows of `classes`. No
+    block is a single row unless n is: torch sums one long row in another order than several."""
+    step = max(2, BLOCK_ELEMENTS // max(classes, 1))
+    starts = list(range(0, n, step))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()  # the last row joins the block before it
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def in_blocks(fn: Any, *rows: torch.Tensor) -> Any:
+    """fn over row blocks of `rows` (tensors of the same rows, the first (B, C)), joined: fn's
+    (rows, C) temporaries exist for one block at a time. fn returns a tensor or {name: tensor}, each
+    with a leading row dimension. Every step of the encoders is row by row, draws included (torch's
+    multinomial on the CPU draws row after row from one generator), so the result is the whole
+    tensor's, bit for bit."""
+    blocks = row_blocks(len(rows[0]), rows[0].shape[-1]) or [(0, 0)]
+    parts = [fn(*(t[a:b] for t in rows)) for a, b in blocks]
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def mass_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per row of logp (B, C), the probability outside the classes `ids` (B, k): the exp of a
+    logsumexp over the others, exact when tiny (1 - the head's sum is not). Over row blocks, so its
+    temporaries stay a few MB beside a (B, C) logp at any vocabulary (over whole rows they were two
+    more (B, C) tensors: 2 GB at 2,048 x 128k)."""
+    return in_blocks(lambda lp, i: torch.logsumexp(lp.scatter(-1, i, float("-inf")), dim=-1).exp(), logp, ids)
+
+
+def distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws (B, S) -> distinct ids in ascending order with their counts, (B, S) each.
+
+    Padding after the distinct ids has count 0 and repeats the last id (delta-coded: zeros), or
+    is 0 when `delta` is False (format 1)."""
+    ids, _ = drawn.sort(dim=-1)
+    S = ids.shape[-1]
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    pos = torch.arange(S, device=ids.device).expand_as(ids)
+    run_start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=-1).values
+    counts = torch.zeros_like(ids).scatter_add_(1, run_start, torch.ones_like(ids))  # at run starts
+    order = (~first).to(torch.int8).argsort(dim=-1, stable=True)  # distinct ids first, in id order
+    ids, counts = ids.gather(-1, order), counts.gather(-1, order)
+    if delta:
+        last = ids.gather(-1, ((counts > 0).sum(-1, keepdim=True) - 1).clamp(min=0))
+        ids = delta_code(torch.where(counts > 0, ids, last))
+    else:
+        ids = torch.where(counts > 0, ids, torch.zeros_like(ids))
+    return ids, counts
+
+
+def head_targets(decoded: dict[str, np.ndarray], num_classes: int, device: torch.device | str,
+                  tau: float) -> dict[str, torch.Tensor]:
+    """Top-k head as tensors, re-tempered and renormalized with the residual (uniform-tail model)."""
+    logp = torch.from_numpy(decoded["logp"]).to(device)
+    residual = torch.from_numpy(decoded["residual"]).to(device)
+    logp, residual = kl.retemper_topk(logp, residual, num_classes, tau)
+    return {"ids": torch.from_numpy(decoded["ids"]).to(device), "logp": logp, "residual": residual}
+
+
+def head_divergence(logq: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail: str) -> torch.Tensor:
+    """D(teacher, student) per row (n,) from an exact top-k head and the tail mass.
+
+    tail="uniform": the residual is spread evenly over the classes outside the head (a full
+    (n, C) teacher, the size of the student's logits); tail="bucket": those classes form one
+    outcome whose student mass is their sum, a (k + 1)-outcome divergence."""
+    ids, logp, residual = t["ids"], t["logp"], t["residual"]
+    C, k = logq.shape[-1], ids.shape[-1]
+    if k >= C:
+        return kl.divergence(logq.new_full(logq.shape, float("-inf")).scatter(-1, ids, logp), logq, kind)
+    if tail == "uniform":
+        return kl.divergence(kl.topk_full_logp(ids, logp, residual, C), logq, kind)
+    if tail == "bucket":
+        logq_tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)  # (n, 1)
+        teacher = torch.cat([logp, residual.clamp(min=0).log()[:, None]], dim=-1)  # (n, k + 1)
+        return kl.divergence(teacher, torch.cat([logq.gather(-1, ids), logq_tail], dim=-1), kind)
+    raise ConfigError(f"student.tail: {tail!r} is not one of uniform, bucket")
+
+
+def need_t1(enc: Encoding, tau: float) -> None:
+    if tau != 1.0:
+        raise ConfigError(f"student.temperature: {enc.label()} targets are draws at the cache's temperature and "
+                          "cannot be re-tempered; train at the cache's temperature (student.temperature unset)")
+
+
+def forward_only(enc: Encoding, kind: str) -> None:
+    if kind != "forward":
+        raise ConfigError(f"student.divergence: {kind} needs teacher probabilities for every class; "
+                          f"{enc.label()} caches support forward only, use encoding hybrid or topk")
+
+
+def head_problems(k: int, bits: int, logp_range: float, num_classes: int, limit: int) -> list[str]:
+    """What is wrong with a top-k head's parameters, as `field: why; what to do` messages."""
+    e = []
+    if k < 1:
+        e.append(f"k: {k} must be >= 1")
+    elif k > limit:
+        e.append(f"k: {k} but the data has {num_classes} classes; use k <= {limit}")
+    if bits not in (8, 16):
+        e.append(f"bits: {bits} is not 16 or 8")
+    if logp_range <= 0:
+        e.append(f"logp_range: {logp_range} must be > 0")
+    return e
+
+
+def draws_problems(draws: int) -> list[str]:
+    return [] if 1 <= draws <= MAX_DRAWS else [f"draws: {draws} must be in 1..{MAX_DRAWS} (counts are uint8)"]

@@ -1,0 +1,120 @@
+"""TopK: the k most probable classes exactly, plus the mass outside them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from pipeline.format import kl
+from pipeline.format.encodings.base import (
+    LOGP_FLOOR,
+    Column,
+    delta_code,
+    dequantize_logp,
+    dequantize_mass,
+    float32,
+    head_divergence,
+    head_problems,
+    head_targets,
+    id_bytes,
+    id_columns,
+    id_store,
+    legacy_ids,
+    mass_outside,
+    pack_ids,
+    quantize,
+    unpack_ids,
+)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k most probable classes exactly, plus the mass outside them; the student models the tail.
+
+    bits=16: ids most probable first, float16 log-probs and residual. bits=8: ids ascending and
+    delta-coded, log-probs and the residual's log as uint8 steps of logp_range / 255 below zero."""
+
+    name: ClassVar[str] = "topk"
+    num_classes: int
+    k: int
+    bits: int = 16
+    logp_range: float = 16.0
+    ids: str = ""  # id storage; "" means the vocabulary's width (id_store)
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            object.__setattr__(self, "ids", id_store(self.num_classes))
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any], num_classes: int, version: int) -> TopK:
+        ids = legacy_ids(num_classes) if version == 1 else p.get("ids", "")
+        return cls(num_classes, int(p["k"]), int(p.get("bits", 16)), float(p.get("logp_range", 16.0)), ids)
+
+    def problems(self) -> list[str]:
+        return head_problems(self.k, self.bits, self.logp_range, self.num_classes, self.num_classes)
+
+    def columns(self) -> list[Column]:
+        order = "ascending, delta-coded" if self.bits == 8 else "most probable first"
+        logp = "uint8 q, logp = -q * logp_range / 255" if self.bits == 8 else "float16"
+        return [*id_columns(self.ids, "ids", "rank", f"class ids of the k most probable classes, {order}, (rows, k)"),
+                Column("logp", ("row", "rank"), f"log-probabilities of those classes at the cached temperature ({logp})"),
+                Column("residual", ("row",), "probability mass outside the top k (the tail), (rows,)"
+                       + (" as uint8 q, mass = exp(-q * logp_range / 255), 255 = none" if self.bits == 8 else ""))]
+
+    def encode(self, logp: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return self.encode_head(logp, *logp.topk(self.k, dim=-1))
+
+    def encode_head(self, logp: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored head from the top-k values and ids (B, k), most probable first."""
+        if self.k < logp.shape[-1]:
+            residual = mass_outside(logp, ids)
+        else:
+            residual = torch.zeros(logp.shape[0], device=logp.device)
+        if self.bits == 8:  # quantized on the device: a quarter of the bytes cross to the host
+            ids, order = ids.sort(dim=-1)
+            vals = vals.gather(-1, order)
+            return {"ids": delta_code(ids), "logp": quantize(-vals, self.logp_range),
+                    "residual": quantize(-residual.clamp(min=1e-30).log(), self.logp_range)}
+        return {"ids": ids, "logp": vals.clamp(min=LOGP_FLOOR).half(), "residual": residual.half()}
+
+    def to_host(self, encoded: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = {k: v.cpu().numpy() for k, v in encoded.items() if k != "ids"}
+        return {**pack_ids(encoded["ids"].cpu().numpy(), self.ids, "ids"), **out}
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = unpack_ids(stored, self.ids, "ids")
+        if self.bits != 8:
+            return {"ids": ids, "logp": float32(stored["logp"]), "residual": float32(stored["residual"])}
+        return {"ids": np.cumsum(ids, axis=-1), "logp": dequantize_logp(stored["logp"], self.logp_range),
+                "residual": dequantize_mass(stored["residual"], self.logp_range)}
+
+    def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
+                tau: float = 1.0) -> dict[str, torch.Tensor]:
+        return head_targets(decoded, self.num_classes, device, tau)
+
+    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+                   tail: str) -> torch.Tensor:
+        return head_divergence(logq, targets, kind, tail)
+
+    def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        ids = targets["ids"]
+        cached = kl.topk_full_logp(ids, targets["logp"], targets["residual"], self.num_classes)
+        return {"kl": kl.divergence(full, cached, "forward"), "mass_kept": full.exp().gather(-1, ids).sum(-1),
+                "top1": ids.gather(-1, targets["logp"].argmax(-1, keepdim=True)).squeeze(-1)}
+
+    def raw_bytes_per_row(self) -> float:
+        return id_bytes(self.ids, self.k) + (self.k + 1) * (1 if self.bits == 8 else 2)
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"name": self.name, "k": self.k, "bits": self.bits, "ids": self.ids}
+        return {**p, "logp_range": self.logp_range} if self.bits == 8 else p
+
+    def label(self) -> str:
+        return f"topk-k{self.k}" + ("-q8" if self.bits == 8 else "")
+
+    @property
+    def retemperable(self) -> bool:
+        return True
