@@ -15,7 +15,7 @@ The package is layered; each subpackage imports only from those before it:
     format   the cache: columns, encodings, shards, manifest, reader, writer
     inputs   input arrays and tables, text and token files, splits, augmentation
     models   one module per architecture, their table (builders.py), the teacher ensemble
-    train    the epoch planner, the dataset, losses, the training loop, metrics
+    train    the epoch planner, the dataset, losses, tasks, the training loop, teacher fitting, metrics
     run      a cache's identity, student jobs, Dask fan-out
     tools    inspect, fidelity, import of served log-probs
 

@@ -8,9 +8,9 @@ directory named by the hash of its spec, training settings and training data, so
 trains a new teacher and an unchanged one is never trained twice. Teachers given by import path
 and checkpoint are only checked here.
 
-Training (a seeded permutation of the training rows, in batches of teachers.batch_size) and the
-train-accuracy pass gather each batch's rows from the mapped or lazily read inputs
-(`Dataset.rows`), as students do: the training set is never loaded whole.
+Fitting runs the students' loop (pipeline/train/teachers.py): progress lines, a checkpoint every
+teachers.checkpoint_every steps beside the teacher's model.pt, so a killed
+fit resumes where it was and ends with the same weights. model.pt is written last.
 """
 
 from __future__ import annotations
@@ -19,18 +19,16 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from pipeline.core.config import Config, dump_yaml
 from pipeline.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
 from pipeline.core.progress import log
-from pipeline.inputs.arrays import Dataset
 from pipeline.inputs.splits import load_splits
-from pipeline.models.builders import build_model
-from pipeline.models.ensemble import TeacherRef, load_teacher, teacher_refs, training_settings
+from pipeline.models.ensemble import TeacherRef, load_teacher, teacher_refs
 from pipeline.run.fanout import run_all, task_share
+from pipeline.train.loop import discard
+from pipeline.train.teachers import fit_teacher, teacher_job
 
 
 @dataclass(frozen=True)
@@ -54,51 +52,16 @@ def pending(cfg: Config) -> list[Shard]:
     return [s for s in plan(cfg) if not refs[s.index].checkpoint.is_file()]
 
 
-def _batch(train: Dataset, index: np.ndarray, lm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets of the training rows at positions `index` (any order: the batch keeps it)."""
-    x, y = train.rows(index)
-    if lm:  # next-token prediction: read tokens[:-1], predict tokens[1:]
-        seq = torch.from_numpy(x)  # (B, seq_len + 1)
-        return seq[:, :-1], seq[:, 1:]
-    assert y is not None  # load_splits refuses unlabelled training data
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     splits = load_splits(cfg)
     ref = teacher_refs(cfg, splits)[shard.index]
-    fit = training_settings(cfg, ref.spec)
-    torch.manual_seed(fit["seed"])
-    model = build_model(ref.spec, splits.input_shape, splits.num_classes, ref.where)
-    opt = torch.optim.Adam(model.parameters(), lr=fit["lr"], weight_decay=fit["weight_decay"])
-    train, lm = splits.train, cfg.data.task == "lm"
-    gen = torch.Generator().manual_seed(fit["seed"])
-    model.train()
-    for _ in range(fit["epochs"]):
-        for idx in torch.randperm(len(train), generator=gen).split(fit["batch_size"]):
-            x, y = _batch(train, idx.numpy(), lm)
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    correct, count = 0.0, 0
-    # scored in batches whose (rows, classes) logits stay bounded: for LMs cache.logit_rows tokens
-    per_batch = max(1, cfg.cache.logit_rows // cfg.data.seq_len) if lm else 256
-    with torch.no_grad():
-        for idx in torch.arange(len(train)).split(per_batch):
-            x, y = _batch(train, idx.numpy(), lm)
-            correct += float((model(x).argmax(-1) == y).float().sum())
-            count += y.numel()
-    acc = correct / count
+    model, report = fit_teacher(cfg, ref, splits)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    out = ref.checkpoint.parent
-    atomic_write_json(out / "teacher.json", {"name": ref.spec.name, "fit": fit, "train_accuracy": acc,
-                                             "train_fingerprint": splits.train.fingerprint})
+    atomic_write_json(ref.checkpoint.parent / "teacher.json", report)
     atomic_write_bytes(ref.checkpoint, buf.getvalue())  # last: its presence means "trained"
-    return ShardResult(shard.index, ref.spec.name, acc)
+    discard(teacher_job(cfg, ref))
+    return ShardResult(shard.index, ref.spec.name, report["train_accuracy"])
 
 
 def main(cfg: Config, client: Any = None, shard_index: int | None = None,

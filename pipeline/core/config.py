@@ -66,6 +66,7 @@ class TeachersConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
+    checkpoint_every: int = 200  # built-in teachers: steps between mid-epoch checkpoints
 
 
 @dataclass(frozen=True)
@@ -502,6 +503,8 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"teachers.lr: {t.lr} must be > 0")
     if t.weight_decay < 0:
         e.append(f"teachers.weight_decay: {t.weight_decay} must be >= 0")
+    if t.checkpoint_every < 1:
+        e.append(f"teachers.checkpoint_every: {t.checkpoint_every} must be >= 1")
     for section, members in (("teachers.members", t.members), ("student.models", s.models)):
         names = [m.name for m in members]
         if len(set(names)) != len(names):

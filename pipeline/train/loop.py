@@ -51,6 +51,9 @@ class Job:
     checkpoint_every: int  # steps between mid-epoch checkpoints
     unit: str = "rows"  # of the progress lines
     rows_per_batch: int = 1  # rows of a full batch: how far a resumed epoch's progress starts
+    # also a checkpoint at each epoch's end (students: it holds the epoch's held-out scores); a big
+    # model's checkpoint is tens of MB, so teachers checkpoint every `checkpoint_every` steps only
+    epoch_checkpoints: bool = True
 
     @property
     def checkpoint(self) -> Path:
@@ -121,7 +124,7 @@ def fit(job: Job, fresh: Callable[[], tuple[nn.Module, torch.optim.Optimizer]], 
         flushed = state["step"] - len(pending)
         on_disk = np.fromfile(job.losses_file, np.float64, count=flushed - first, offset=8 * first) \
             if flushed > first else np.zeros(0)
-        return np.concatenate([on_disk, np.asarray(pending, np.float64)])
+        return np.concatenate([on_disk, np.asarray(pending[max(0, first - flushed):], np.float64)])
 
     model.train()
     while state["epoch"] < job.epochs:
@@ -150,7 +153,8 @@ def fit(job: Job, fresh: Callable[[], tuple[nn.Module, torch.optim.Optimizer]], 
         state["history"].append(record)
         state["epoch"] += 1
         state["batch"] = 0
-        save_checkpoint()
+        if job.epoch_checkpoints:
+            save_checkpoint()
     flush_losses()
     losses = np.fromfile(job.losses_file, np.float64, count=state["step"]).tolist()
     return Fitted(model, losses, state["history"])

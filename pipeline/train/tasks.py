@@ -35,6 +35,7 @@ class Task(Protocol):
 
     def rows_per_example(self, cfg: Config) -> int: ...
     def cache_batch(self, cfg: Config) -> int: ...
+    def score_batch(self, cfg: Config) -> int: ...
     def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]: ...
     def examples(self, data: Dataset, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
     def held_out(self, splits: Splits) -> tuple[np.ndarray, np.ndarray]: ...
@@ -59,6 +60,9 @@ class Classification:
 
     def cache_batch(self, cfg: Config) -> int:
         return cfg.cache.batch_size or 512
+
+    def score_batch(self, cfg: Config) -> int:
+        return 256
 
     def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]:
         return {}
@@ -105,6 +109,10 @@ class Tokens:
 
     def cache_batch(self, cfg: Config) -> int:
         return cfg.cache.batch_size or 8
+
+    def score_batch(self, cfg: Config) -> int:
+        """Sequences whose (tokens, vocab) logits stay within cache.logit_rows rows."""
+        return max(1, cfg.cache.logit_rows // cfg.data.seq_len)
 
     def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]:
         return {"seq_len": cfg.data.seq_len, "tokens": len(splits.transfer) * cfg.data.seq_len,
