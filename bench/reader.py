@@ -129,7 +129,7 @@ def codec_only(d: Path, repeats: int) -> float:
     reader = fmt.CacheReader(d)
     jobs = []
     for c in reader.chunks():
-        layout = reader._fast_layout(c.shard, d / reader.shards[c.shard]["path"])
+        layout = reader._reads.layout(c.shard)
         assert layout is not None, d
         for col in layout.values():
             path = Path(col.file(c.start // reader.chunk_rows))

@@ -12,11 +12,11 @@ The public Python API (docs/python-api.md):
 The package is layered; each subpackage imports only from those before it:
 
     core     errors, atomic io and digests, progress, configuration, model specs, codecs, process settings
-    format   the cache: columns, encodings, shards, manifest, reader, writer
+    format   the cache: columns, encodings, shard backends (Zarr, Parquet), shards, manifest, reader, writer
     inputs   input arrays and tables, text and token files, splits, augmentation
     models   one module per architecture, their table (builders.py), the teacher ensemble
     train    the epoch planner, the dataset, losses, tasks, the training loop, teacher fitting, metrics
-    run      a cache's identity, student jobs, Dask fan-out
+    run      a cache's identity, computing its targets, student jobs, Dask fan-out
     tools    inspect, fidelity, import of served log-probs
 
 Names are imported on first use, so `import pipeline` (and the CLI) stays fast, and importing it

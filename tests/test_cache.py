@@ -103,6 +103,20 @@ def test_zarr_and_parquet_hold_the_same_targets(workspace):
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
+def test_a_cache_of_an_unknown_shard_backend_is_refused_naming_its_manifest(workspace, tmp_path):
+    _, path = workspace
+    _, d = build(path)
+    copy = tmp_path / d.name
+    shutil.copytree(d, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["spec"]["layout"]["backend"] = "hdf5"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError) as err:
+        fmt.CacheReader(copy)
+    assert str(err.value) == (f"{copy / 'manifest.json'}: shard backend 'hdf5' is not one of zarr, parquet; "
+                              "the cache was written by another program or version")
+
+
 @pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"])
 def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, codec):
     """cache.codec shuffle-*: the same decoded targets as zstd, read by the fast path (no zarr call)
@@ -122,7 +136,7 @@ def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, 
         assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
         expected = fmt.CacheReader(dz).read_all()
         plain = zarr.open_group(str(ds / "shards" / "00000.zarr"), mode="r")
-        assert np.array_equal(plain["logp"][:], fmt.CacheReader(dz)._handle(0, dz / "shards" / "00000.zarr")["logp"][:])
+        assert np.array_equal(plain["logp"][:], fmt.CacheReader(dz).handle(0)["logp"][:])
         with monkeypatch.context() as m:
             m.setattr(zarr, "open_group", lambda *a, **k: pytest.fail("the fast path fell back to zarr"))
             got = fmt.CacheReader(ds).read_all()

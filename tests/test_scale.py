@@ -77,7 +77,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "format1"
 
 def _zarr_read(reader, chunk):
     """The same chunk read through zarr's own API."""
-    arrays = reader._handle(chunk.shard, reader.dir / reader.shards[chunk.shard]["path"])
+    arrays = reader.handle(chunk.shard)
     return reader.decode({name: arrays[name][chunk.start:chunk.stop] for name in reader.names})
 
 
@@ -102,7 +102,7 @@ def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc, codec):
     write_manifest(d, spec, [shard_entry(d, 0, "zarr", 0, 700)], {})
     r = fmt.CacheReader(d)
     for c in r.chunks():
-        assert r._read_chunk_fast(c, r.dir / r.shards[0]["path"]) is not None  # the fast path is taken
+        assert r._reads.layout(0) is not None  # the fast path is taken
         fast, slow = r.read(c), _zarr_read(r, c)
         assert fast.keys() == slow.keys()
         for k in fast:
@@ -139,7 +139,7 @@ def test_unusual_zarr_layouts_fall_back_to_zarr(tmp_path):
             "layout": {"backend": "zarr", "rows_per_shard": 300, "chunk_rows": 100}}
     write_manifest(d, spec, [shard_entry(d, 0, "zarr", 0, 300)], {})
     r = fmt.CacheReader(d)
-    assert r._read_chunk_fast(r.chunks()[0], d / "shards" / "00000.zarr") is None
+    assert r._reads.layout(0) is None
     got = r.read_all()
     assert np.array_equal(got["sample_id"], np.arange(300))
     assert np.array_equal(got["ids"], enc.decode(arrays)["ids"])

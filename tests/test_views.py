@@ -19,6 +19,7 @@ from pipeline.format.columns import Chunk
 from pipeline.format.manifest import resolve
 from pipeline.format.views import ViewSpec, pad_of
 from pipeline.inputs import augment as vw
+from pipeline.run import targets
 from pipeline.run.identity import context
 from pipeline.train.plan import augmentation, epoch_blocks
 from stages import cache as cache_stage
@@ -157,18 +158,21 @@ def built(tmp_path_factory):
 def counting(reader: fmt.CacheReader) -> list[Chunk]:
     """The chunks `reader` reads from now on, recorded as they are read."""
     read: list[Chunk] = []
-    plain, plain_joined = reader.read, reader.read_joined
+    plain, plain_many, plain_joined = reader.read, reader.read_many, reader.read_joined
 
     def read_and_count(chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         read.append(chunk)
         return plain(chunk, decode)
 
+    def read_many_and_count(chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
+        read.extend(chunks)
+        return plain_many(chunks, decode)
+
     def read_joined_and_count(chunks: list[Chunk]) -> dict[str, np.ndarray]:
-        read.extend(chunks)  # whole chunks of plain Zarr shards: decoded in place, never through read
+        read.extend(chunks)  # whole chunks of plain Zarr shards: decoded in place, never through read_many
         return plain_joined(chunks)
 
-    reader.read = read_and_count  # read_many goes through read too
-    reader.read_joined = read_joined_and_count
+    reader.read, reader.read_many, reader.read_joined = read_and_count, read_many_and_count, read_joined_and_count
     return read
 
 
@@ -196,9 +200,9 @@ def test_views_cache_replays_exact_pixels_and_reruns_byte_identical(built):
 
     # what the teachers saw, per (sample_id, view), in the cache stage's own batches
     seen: list[torch.Tensor] = []
-    models = [Recorder(m, seen) for m in cache_stage.load_models(ctx)][:1] + cache_stage.load_models(ctx)[1:]
+    models = [Recorder(m, seen) for m in targets.load_models(ctx)][:1] + targets.load_models(ctx)[1:]
     shard = cache_stage.plan(cfg, ctx)[1]
-    rows = cache_stage.compute_shard(ctx, shard, models)
+    rows = targets.compute_shard(ctx, shard, models)
     shown = torch.cat(seen)
     key = {(int(s), int(v)): i for i, (s, v) in enumerate(zip(rows["sample_id"], rows["view"]))}
 

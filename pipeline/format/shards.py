@@ -1,4 +1,4 @@
-"""Writing one shard atomically (Zarr v3 group or Parquet file) and recording its digest beside it.
+"""Writing one shard atomically through its backend and recording its digest beside it.
 """
 
 from __future__ import annotations
@@ -10,23 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.codecs import CODECS, codec_problems
+from pipeline.core.codecs import codec_problems
 from pipeline.core.errors import CacheError
-from pipeline.core.io import (
-    atomic_write_json,
-    fsync_dir,
-    publish_dir,
-    publish_file,
-    sha256_tree,
-    tmp_name,
-    tree_size,
-)
-from pipeline.format.columns import OFFSETS, VIEW_COLUMNS, stored_columns
-from pipeline.format.encodings import Column, Encoding
+from pipeline.core.io import atomic_write_json, fsync_dir, sha256_tree, tmp_name, tree_size
+from pipeline.format.backends import shard_backend, shard_name
+from pipeline.format.columns import VIEW_COLUMNS, stored_columns
+from pipeline.format.encodings import Encoding
 
-
-def shard_name(index: int, backend: str) -> str:
-    return f"{index:05d}.{'zarr' if backend == 'zarr' else 'parquet'}"
+__all__ = ["digest_path", "recorded_digest", "shard_entry", "shard_name", "write_shard"]
 
 
 def digest_path(shard: Path) -> Path:
@@ -43,20 +34,19 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
 
     `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
     encoding's columns as `enc.to_host` returns them. `codec`: one of CODECS (Zarr; Parquet takes
-    zstd), at `level` (None: the codec's default)."""
-    problems = codec_problems(codec, level, "zarr" if path.suffix == ".zarr" else "parquet")
+    zstd), at `level` (None: the codec's default). The backend is the one that names its shards
+    with `path`'s suffix."""
+    store = shard_backend(path)
+    problems = codec_problems(codec, level, store.name)
     if problems:
         raise ValueError(f"{path}: {problems[0]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays])
     tmp = tmp_name(path)
     try:
-        if path.suffix == ".zarr":
-            _write_zarr(tmp, arrays, attrs, columns, chunk_rows, level, codec)
-        else:
-            _write_parquet(tmp, arrays, attrs, columns, chunk_rows, level or CODECS["zstd"].default_level)
+        store.write(tmp, arrays, attrs, columns, chunk_rows, level, codec)
         digest, nbytes = sha256_tree(tmp, fsync=True)  # read back from the page cache
-        published = publish_dir(tmp, path) if path.suffix == ".zarr" else publish_file(tmp, path)
+        published = store.publish(tmp, path)
         if published:
             fsync_dir(path.parent)
             atomic_write_json(digest_path(path), {"sha256": digest, "bytes": nbytes})
@@ -64,48 +54,6 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-
-
-def _write_zarr(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], columns: list[Column],
-                chunk_rows: int, level: int | None, codec: str) -> None:
-    import zarr
-
-    spec = CODECS[codec]
-    level = spec.default_level if level is None else level
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes={"logitcache": attrs})
-    for col in columns + ([OFFSETS] if "offsets" in arrays else []):
-        data = arrays[col.name]
-        arr = group.create_array(
-            col.name, shape=data.shape, dtype=data.dtype, chunks=(chunk_rows, *data.shape[1:]),
-            compressors=spec.compressor(data.dtype.itemsize, level), dimension_names=col.dims,
-            attributes={"description": col.description},
-        )
-        arr[...] = data
-
-
-def _write_parquet(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], columns: list[Column],
-                   chunk_rows: int, level: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols, fields, encodings = [], [], {}
-    for c in columns:
-        name, data = c.name, arrays[c.name]
-        if data.ndim == 2:
-            col = pa.FixedSizeListArray.from_arrays(pa.array(data.ravel()), data.shape[1])
-            encodings[name] = "BYTE_STREAM_SPLIT" if data.dtype.kind == "f" else "PLAIN"
-        else:
-            col = pa.array(data)
-            encodings[name] = "DELTA_BINARY_PACKED" if data.dtype.kind in "iu" else "BYTE_STREAM_SPLIT"
-        cols.append(col)
-        fields.append(pa.field(name, col.type, nullable=False, metadata={"description": c.description}))
-    if "offsets" in arrays:  # per sequence, not per row: kept in the metadata
-        attrs = {**attrs, "offsets": arrays["offsets"].tolist()}
-    schema = pa.schema(fields, metadata={"logitcache": json.dumps(attrs, sort_keys=True)})
-    table = pa.Table.from_arrays(cols, schema=schema)
-    # dictionary encoding halves read speed on float data (measured); statistics are useless here
-    pq.write_table(table, tmp, row_group_size=chunk_rows, compression="zstd", compression_level=level,
-                   use_dictionary=False, column_encoding=encodings, write_statistics=False)
 
 
 def shard_entry(cache_dir: Path, index: int, backend: str, first_row: int, rows: int) -> dict[str, Any]:

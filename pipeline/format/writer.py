@@ -34,6 +34,7 @@ from pipeline.core.codecs import codec_problems, layout_codec
 from pipeline.core.errors import CacheError
 from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.format import manifest as fmt
+from pipeline.format.backends import BACKENDS
 from pipeline.format.encodings import LOGP_FLOOR, Encoding, TopK, encoding_from_params
 from pipeline.format.shards import shard_entry, shard_name, write_shard
 
@@ -71,8 +72,8 @@ class CacheWriter:
         if not isinstance(spec, dict) or not ({"teacher", "teachers"} & spec.keys()) or "dataset" not in spec:
             raise ValueError("spec: declare what determines the targets, at least {'teacher': ..., 'dataset': ...} "
                              "(name/revision of the teacher, a fingerprint of the inputs)")
-        if backend not in ("zarr", "parquet"):
-            raise ValueError(f"backend={backend!r}: use zarr or parquet")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
         problems = codec_problems(codec, compression_level, backend)
         if problems:
             raise ValueError(f"CacheWriter {problems[0]}")
@@ -167,7 +168,7 @@ class CacheWriter:
         """Samples (sequences for token caches) at the start that shards on disk already hold."""
         n, i = 0, 0
         while self._shard_path(i).exists():
-            ids = _stored_sample_ids(self._shard_path(i))
+            ids = BACKENDS[self.backend].sample_ids(self._shard_path(i))
             n += int((np.diff(ids) != 0).sum() + 1) if self.tokens and len(ids) else len(ids)
             i += 1
         return n
@@ -276,7 +277,7 @@ class CacheWriter:
         lengths = np.concatenate(self._lengths)
         path, rows = self._shard_path(self._index), self._rows
         if self._exists:
-            stored = _stored_sample_ids(path)
+            stored = BACKENDS[self.backend].sample_ids(path)
             if not np.array_equal(stored, arrays["sample_id"]):
                 raise CacheError(f"{path}: this shard on disk holds sample ids {_span(stored)} but this run's rows for "
                                  f"it are {_span(arrays['sample_id'])}; rows must arrive in the same order as in the "
@@ -333,14 +334,3 @@ def _chunk_ownership(lengths: np.ndarray, chunk_rows: int) -> dict[str, list[int
         items.append(int(mine.sum()))
         extent.append(prev)
     return {"chunk_items": items, "chunk_extent": extent}
-
-
-def _stored_sample_ids(path: Path) -> np.ndarray:
-    if path.suffix == ".zarr":
-        import zarr
-
-        return np.asarray(zarr.open_group(str(path), mode="r")["sample_id"][...])
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path, columns=["sample_id"]).column(0).to_numpy()
-
