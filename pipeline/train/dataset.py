@@ -18,24 +18,33 @@ cache's chunks (the unit of reads) in a seeded permutation across all shards, cu
 (seed, epoch, buffer). An item is a row, or for token caches one whole sequence. That stream of N
 items is cut into world-size contiguous ranges, one per rank (sizes differ by at most one item),
 and each rank's range into `batches` batches of at most `batch_size` items; rank-local batch b is
-made by DataLoader worker b % num_workers from a contiguous block of the range, so a DataLoader's
-round-robin over its workers hands out batches 0, 1, 2, ... and every worker reads only its own
-block (plus at most the two buffers at its edges). Every item is yielded exactly once per epoch.
+made by DataLoader worker b % num_workers, so a DataLoader's round-robin over its workers hands out
+batches 0, 1, 2, ..., the same batches for any num_workers. Every worker reads the buffers that
+hold its batches: with buffers larger than num_workers batches, that is every buffer of the rank's
+range. Every item is yielded exactly once per epoch.
 
 Uneven splits: without drop_last every rank yields the same number of batches,
-ceil(ceil(N / world) / batch_size); the final batches of a rank share its remainder evenly (all at
-least one item), so DDP ranks never wait on each other and nothing is repeated. With drop_last each
-rank yields floor(N / (world * batch_size)) full batches and the last items of the epoch's order
-(fewer than world * batch_size, different ones every epoch) are skipped.
+ceil(ceil(N / world) / batch_size); the final batches of a rank share its remainder evenly, so DDP
+ranks never wait on each other and nothing is repeated. Where a rank has fewer items than batches
+(batch_size 1 on an uneven split) its last batch is padding: one item again, with
+batch["padding"] True, which kd_loss weighs 0 (its gradient is zero and the all-reduce still
+runs). With drop_last each rank yields floor(N / (world * batch_size)) full batches and the last
+items of the epoch's order (fewer than world * batch_size, different ones every epoch) are skipped.
+Rank and world size are resolved when iteration starts, in the process and in every DataLoader
+worker (explicit rank/world_size, else torch.distributed's).
 
 Views caches: an epoch's items are one view of each sample, a choice per block of samples that is
 a pure function of (seed, epoch, block) and cycles through all N views every N epochs; the pieces
 are the chosen views' chunks (1/N of the cache). Each batch carries the views' parameters, and
 `replay_views` (used for `inputs` too) rebuilds their pixels exactly as the teachers saw them.
 
-Resume: state_dict() holds (epoch, batches consumed on this rank, seed, world size, workers);
-loading it makes the next iteration yield exactly the remaining batches with the same contents.
-It needs the same world size, num_workers and batch size.
+Resume: state_dict() holds the position (epoch, batches consumed per rank, the part of the epoch
+the layout covers) and everything that shapes the order (seed, shuffle, shuffle_chunks, drop_last,
+batch size, world size, the cache's id); load_state_dict() refuses a state of another cache or
+order. On the same world size and batch size the next iteration yields exactly the remaining
+batches with the same contents, for any num_workers. On another world size or batch size the
+items the epoch has not yet seen are laid out afresh over the new ranks: none is seen twice,
+none is missed (plan.remaining).
 """
 
 from __future__ import annotations
@@ -64,6 +73,14 @@ from pipeline.inputs.augment import check_images
 from pipeline.train import plan
 
 DEFAULT_ROOT = Path("data/caches")
+ORDER_VERSION = 1  # of the epoch order (pipeline/train/plan.py): a saved position means nothing under another
+
+
+def _shared_flag() -> Any:
+    """A flag DataLoader workers (forked or spawned) can set and the parent read."""
+    import multiprocessing
+
+    return multiprocessing.RawValue("b", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +212,7 @@ class CacheDataset(IterableDataset):
         self.inputs, self.drop_last, self.pad_value = inputs, drop_last, pad_value
         self._explicit = (rank, world_size)
         self.rank, self.world_size = self._resolve_dist()
+        self.cache_id = cache.id
         self.labels, self.augment = labels, augment if augment is not None and augment.active else None
         self.views = cache.views
         if self.views is not None and self.augment is not None:
@@ -204,9 +222,10 @@ class CacheDataset(IterableDataset):
         self.pieces = plan.pieces(cache.reader) if self.views is None else []
         self.items = sum(p.items for p in self._epoch_pieces(0))
         self.epoch = 0
-        self._start = 0  # rank-local batches of this epoch already consumed (resume)
+        self._spans: plan.Spans | None = None  # the part of the epoch laid out over the ranks; None: all of it
+        self._start = 0  # rank-local batches of that layout already consumed (resume)
         self._yielded = 0  # batches this object handed out in this process (num_workers=0)
-        self._resume_workers: int | None = None
+        self._in_workers = _shared_flag()  # set by DataLoader workers that iterate this dataset
 
     def _resolve_dist(self) -> tuple[int, int]:
         rank, world = _dist_default()
@@ -225,60 +244,89 @@ class CacheDataset(IterableDataset):
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_reader": None}  # spawn-started workers reopen the cache
+        """Spawn-started workers reopen the cache and get the rank resolved now, in the parent (a
+        spawned worker cannot see the parent's process group)."""
+        from multiprocessing.context import get_spawning_popen
+
+        state = {**self.__dict__, "_reader": None}
+        if get_spawning_popen() is None:  # pickled for another purpose than starting a worker
+            state["_in_workers"] = None
+        else:
+            state["rank"], state["world_size"] = self._resolve_dist()
+        return state
 
     # -- epochs and resume ---------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch (call before iterating each epoch, as with DistributedSampler)."""
         if epoch != self.epoch:
-            self.epoch, self._start, self._yielded = epoch, 0, 0
+            self.epoch, self._spans, self._start, self._yielded = epoch, None, 0, 0
+            if self._in_workers is not None:
+                self._in_workers.value = 0
         self.rank, self.world_size = self._resolve_dist()
 
     def state_dict(self, batches: int | None = None) -> dict[str, Any]:
         """Position in the epoch: `batches` consumed on this rank (default: those this object yielded
         in this process; with DataLoader workers use `ds.loader()` or pass the count)."""
+        if batches is None and self._in_workers is not None and self._in_workers.value:
+            raise ValueError("state_dict: DataLoader workers iterate this dataset, so it cannot know how many batches "
+                             "your loop consumed; use ds.loader() and its state_dict(), or pass "
+                             "state_dict(batches=N)")
         done = self._start + self._yielded if batches is None else int(batches)
-        epoch = self.epoch
+        epoch, spans = self.epoch, self._spans
         if done >= len(self):  # the epoch is finished: the next position is the next epoch's start
-            epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "batches": done, "seed": self.seed, "world_size": self.world_size,
-                "rank": self.rank, "batch_size": self.batch_size, "num_workers": self._resume_workers,
-                "items": self.items}
+            epoch, done, spans = epoch + 1, 0, None
+        return {"epoch": epoch, "batches": done, "spans": None if spans is None else [list(s) for s in spans],
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "drop_last": self.drop_last, "seed": self.seed, "shuffle": self.shuffle,
+                "shuffle_chunks": self.shuffle_chunks, "items": self.items, "cache": self.cache_id,
+                "order": ORDER_VERSION}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration yields exactly the batches after state["batches"] of its epoch."""
-        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("items", self.items)):
-            if state[key] != mine:
-                raise ValueError(f"load_state_dict: the state has {key}={state[key]} but this dataset {mine}; "
-                                 "resume with the settings and cache that saved it")
+        """Resume where `state` (any rank's: the position is global) left off: on the same world size
+        and batch size the next iteration yields exactly the batches after state["batches"];
+        otherwise what the epoch has not seen is laid out afresh over this world size."""
+        mine = {"cache": self.cache_id, "order": ORDER_VERSION, "items": self.items, "seed": self.seed,
+                "shuffle": self.shuffle, "shuffle_chunks": self.shuffle_chunks}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r} but this dataset "
+                                 f"{value!r}; resume with the cache and order settings that saved it")
         self.rank, self.world_size = self._resolve_dist()
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"load_state_dict: saved with world_size={state['world_size']}, now {self.world_size}; "
-                             "resume on as many ranks as saved it")
-        self.seek(state["epoch"], state["batches"])
-        saved = state.get("num_workers")
-        self._resume_workers = max(int(saved), 1) if saved is not None else None
+        spans = None if state["spans"] is None else [(int(a), int(b)) for a, b in state["spans"]]
+        self.epoch, self._yielded = int(state["epoch"]), 0
+        if (state["world_size"], state["batch_size"], state["drop_last"]) == (self.world_size, self.batch_size,
+                                                                             self.drop_last):
+            self._spans, self._start = spans, int(state["batches"])
+        else:
+            spans = spans if spans is not None else [(0, self.items)]
+            self._spans = plan.remaining(spans, state["batch_size"], state["world_size"], state["drop_last"],
+                                         int(state["batches"]))
+            self._start = 0
 
     def seek(self, epoch: int, batches: int) -> None:
         """Make the next iteration start at rank-local batch `batches` of `epoch` (a position the
         caller saved itself; `load_state_dict` checks a saved state and comes here)."""
-        self.epoch, self._start, self._yielded = int(epoch), int(batches), 0
+        self.epoch, self._spans, self._start, self._yielded = int(epoch), None, int(batches), 0
+
+    @property
+    def _layout_items(self) -> int:
+        return self.items if self._spans is None else plan.span_items(self._spans)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
-        return len(plan.rank_layout(self.items, self.batch_size, self.world_size, self.rank, self.drop_last)[1])
+        return len(plan.rank_layout(self._layout_items, self.batch_size, self.world_size, self.rank,
+                                    self.drop_last)[1])
 
     # -- iteration ---------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is None:
-            self.rank, self.world_size = self._resolve_dist()
-        if self._start and self._resume_workers is not None and self._resume_workers != workers:
-            raise ValueError(f"resuming a position saved with num_workers={self._resume_workers} on {workers} "
-                             "workers; use the same num_workers to get the same batches")
+        if info is None or torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank, self.world_size = self._resolve_dist()  # a forked worker sees the parent's group
+        if info is not None and self._in_workers is not None:
+            self._in_workers.value = 1
         in_process = info is None
         self._yielded = 0
         for batch in self.worker_batches(self.epoch, self.rank, self.world_size, worker, workers, self._start):
@@ -290,20 +338,24 @@ class CacheDataset(IterableDataset):
 
     def worker_batches(self, epoch: int, rank: int, world: int, worker: int, workers: int,
                        start: int = 0) -> Iterator[dict[str, Any]]:
-        """Batches of one (rank, worker) slot, skipping the first `start` batches of the rank.
-
-        A DataLoader's round-robin starts at worker 0, so after skipping `start` batches worker w
-        plays the part of worker (w + start) % workers: the output continues at batch `start`."""
-        rank_start, sizes = plan.rank_layout(self.items, self.batch_size, world, rank, self.drop_last)
-        role = (worker + start) % workers
-        first, mine = plan.worker_layout(rank_start, sizes, role, workers)
-        skip = len(range(role, start, workers))
-        lo = first + sum(mine[:skip])
-        mine = mine[skip:]
-        stream = self._item_stream(epoch, lo, lo + sum(mine))
+        """The batches of one (rank, worker) slot once the rank has consumed `start` batches:
+        rank-local batches start + worker, start + worker + workers, ... Their items are the same
+        for any worker count; each worker reads only the buffers that hold its batches."""
+        n = self._layout_items
+        rank_start, sizes = plan.rank_layout(n, self.batch_size, world, rank, self.drop_last)
+        at = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]) + rank_start
+        mine = plan.worker_batches(start, len(sizes), worker, workers)
+        spans = self._spans if self._spans is not None else [(0, self.items)]
+        stream = self._item_stream(epoch, plan.merged([s for b in mine for s in plan.take(spans, at[b], at[b + 1])]))
         pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
         have = 0
-        for size in mine:
+        for b in mine:
+            size = sizes[b]
+            if size == 0:  # padding: this rank has fewer items than batches; one item again, weighed 0
+                item = plan.take(spans, min(rank_start, n - 1), min(rank_start, n - 1) + 1)
+                rows, lengths = next(self._item_stream(epoch, item))
+                yield {**self._batch(rows, lengths, epoch), "padding": True}
+                continue
             while have < size:
                 part = next(stream)
                 pending.append(part)
@@ -322,9 +374,9 @@ class CacheDataset(IterableDataset):
     def _epoch_pieces(self, epoch: int) -> list[plan.Piece]:
         return plan.epoch_pieces(self.reader, self.views, self.seed, epoch, self.pieces)
 
-    def _item_stream(self, epoch: int, lo: int, hi: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-        """Items [lo, hi) of the epoch's stream as (stored rows, item lengths), reading only the
-        buffers that hold them.
+    def _item_stream(self, epoch: int, spans: plan.Spans) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """The items of the epoch's stream in `spans` (sorted, disjoint), in order, as (stored rows,
+        item lengths) per buffer, reading only the buffers that hold them.
 
         Buffers are read on one background thread while the consumer works through the previous
         one, so storage costs overlap the training step; every read happens on that thread, so a
@@ -336,19 +388,23 @@ class CacheDataset(IterableDataset):
         for b, buffer in enumerate(plan.buffers(self._epoch_pieces(epoch), self.seed, epoch, self.shuffle,
                                                 self.shuffle_chunks)):
             n = sum(p.items for p in buffer)
-            if seen >= hi:
-                break
-            if seen + n > lo and n:
-                wanted.append((b, buffer, seen, n))
+            parts = [(max(lo, seen) - seen, min(hi, seen + n) - seen) for lo, hi in spans
+                     if lo < seen + n and hi > seen]
+            if parts and n:
+                wanted.append((b, buffer, n, parts))
             seen += n
+            if not spans or seen >= spans[-1][1]:
+                break
         if not wanted:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-prefetch") as ahead:
             pending: Future | None = ahead.submit(self._read_buffer, wanted[0][1])
-            for i, (b, _, seen, n) in enumerate(wanted):
+            for i, (b, _, n, parts) in enumerate(wanted):
                 rows, starts = pending.result()  # starts (n + 1,): first row of each item
                 pending = ahead.submit(self._read_buffer, wanted[i + 1][1]) if i + 1 < len(wanted) else None
-                sel = plan.item_order(self.seed, epoch, b, n, self.shuffle)[max(lo - seen, 0):min(hi - seen, n)]
+                order = plan.item_order(self.seed, epoch, b, n, self.shuffle)
+                sel = order[parts[0][0]:parts[0][1]] if len(parts) == 1 else \
+                    np.concatenate([order[lo:hi] for lo, hi in parts])
                 lengths = starts[sel + 1] - starts[sel]
                 offs = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
                 take = offs + np.arange(int(lengths.sum()))
@@ -398,6 +454,7 @@ class CacheDataset(IterableDataset):
             out["labels"] = mixed if mixed is not None else torch.from_numpy(label_of(keys))
         out["encoding"] = enc
         out["temperature"] = self.temperature
+        out["padding"] = False
         return out
 
     def loader(self, num_workers: int = 0, **kwargs: Any) -> CacheLoader:
@@ -470,7 +527,8 @@ def replay_views(batch: dict[str, Any], inputs: Any, views: ViewSpec) -> torch.T
 
 class CacheLoader(DataLoader):
     """DataLoader(ds, batch_size=None) that counts the batches it hands out: state_dict() is the
-    dataset's position, load_state_dict() resumes there (same world size and num_workers)."""
+    dataset's position, load_state_dict() resumes there (any num_workers; see the module docstring
+    for another world size)."""
 
     def __init__(self, dataset: CacheDataset, num_workers: int = 0, **kwargs: Any) -> None:
         if kwargs.get("persistent_workers"):
@@ -487,7 +545,7 @@ class CacheLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._sync()
         ds: CacheDataset = self.dataset
-        ds._resume_workers = max(self.num_workers, 1) if ds._start else None
+        ds.rank, ds.world_size = ds._resolve_dist()  # in the parent, before workers start
         self._consumed = ds._start
         for batch in super().__iter__():
             self._consumed += 1
@@ -496,13 +554,9 @@ class CacheLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         self._sync()
-        state = self.dataset.state_dict(batches=self._consumed)
-        return {**state, "num_workers": self.num_workers}
+        return self.dataset.state_dict(batches=self._consumed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("num_workers") is not None and state["num_workers"] != self.num_workers:
-            raise ValueError(f"load_state_dict: saved with num_workers={state['num_workers']}, this loader has "
-                             f"{self.num_workers}; resume with the same num_workers to get the same batches")
         self.dataset.load_state_dict(state)
         self._epoch, self._consumed = self.dataset.epoch, self.dataset._start
 

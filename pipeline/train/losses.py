@@ -119,7 +119,7 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
     Works for every encoding (dense; top-k with tail "uniform" or "bucket"; sampled and hybrid,
     forward KL only for sampled). Classification: logits (B, C). Token caches: logits (rows, V) in
     the batch's row order, or (B, L, V) for the batch's B sequences, read at (sequence, position);
-    labels likewise (rows,) or (B, L)."""
+    labels likewise (rows,) or (B, L). A padding batch (batch["padding"]) weighs 0."""
     enc = encoding if encoding is not None else batch.get("encoding")
     if enc is None:
         raise ValueError("kd_loss: the batch has no 'encoding'; pass encoding=cache.encoding")
@@ -146,7 +146,7 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
     if alpha > 0 and labels is None:
         raise ValueError(f"kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
     return row_losses(logits, _targets(batch, temperature, alpha, logits.device), _labels(labels, logits.device),
-                      _settings(temperature, alpha, divergence, tail), enc) / rows
+                      _settings(temperature, alpha, divergence, tail), enc) * (_weight(batch) / rows)
 
 
 def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, Any], temperature: float,
@@ -163,7 +163,13 @@ def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str
         raise ValueError(f"chunked_kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
     return chunked_loss(hidden, head, _targets(batch, temperature, alpha, hidden.device),
                         _labels(labels, hidden.device), _settings(temperature, alpha, divergence, tail), enc,
-                        logit_chunk)
+                        logit_chunk) * _weight(batch)
+
+
+def _weight(batch: dict[str, Any]) -> float:
+    """0 for a padding batch (an item again, so every DDP rank steps together), else 1: the loss
+    keeps its graph, so backward still runs and all-reduces a zero gradient."""
+    return 0.0 if batch.get("padding") else 1.0
 
 
 def _settings(temperature: float, alpha: float, divergence: str, tail: str) -> dict[str, Any]:

@@ -7,7 +7,10 @@ permutation across all shards, cut into buffers of `shuffle_chunks` consecutive 
 row, or a token cache's whole sequence) shuffled inside each buffer by a generator keyed on
 (seed, epoch, buffer). That stream of N items is cut into world-size contiguous ranges, one per
 rank, and each rank's range into batches; rank-local batch b is made by DataLoader worker
-b % num_workers from a contiguous block of the range (docs/python-api.md, "Partitioning").
+b % num_workers (docs/python-api.md, "Partitioning"). The stream does not depend on the world size
+or the worker count (concatenating the ranks' items in rank order gives it back), and a rank's
+batches do not depend on the worker count. A run resumed on another world size lays out what the epoch has not
+yet seen (`remaining`, a list of stream intervals) over its ranks.
 
 A views cache is read one view per block of samples per epoch (`epoch_blocks`): the pieces are
 those blocks' chunks, 1/N of the cache, and an item is one sample's view.
@@ -85,34 +88,81 @@ def item_order(seed: int, epoch: int, buffer: int, items: int, shuffle: bool) ->
 
 
 def batch_sizes(items: int, batches: int, batch_size: int) -> list[int]:
-    """`items` in `batches` batches of at most batch_size: full ones first, the rest shared evenly."""
+    """`items` in `batches` batches of at most batch_size: full ones first, the rest shared evenly.
+    With fewer items than batches (batch_size 1 on an uneven split) the last batches are 0: the
+    dataset yields them as padding, so every rank steps as often as the others."""
     if batches <= 0 or items <= 0:
-        return []
+        return [0] * max(batches, 0)
     if batch_size == 1 or items <= batches:
-        return [1] * min(items, batches)
+        return [1] * min(items, batches) + [0] * (batches - items)
     full = min(batches, (items - batches) // (batch_size - 1))
     q, r = divmod(items - full * batch_size, batches - full) if batches > full else (0, 0)
     return [batch_size] * full + [q + 1] * r + [q] * (batches - full - r)
 
 
 def rank_layout(n_items: int, batch_size: int, world: int, rank: int, drop_last: bool) -> tuple[int, list[int]]:
-    """(first item of this rank's range in the epoch's stream, its batch sizes)."""
+    """(first item of this rank's range in the epoch's stream, its batch sizes). Without drop_last
+    every rank has the same number of batches; a batch of size 0 (batch_size 1 on an uneven split,
+    or fewer items than ranks) is yielded as padding."""
     if drop_last:
         per_rank = n_items // (world * batch_size)
         return rank * per_rank * batch_size, [batch_size] * per_rank
-    if n_items < world:
-        raise CacheError(f"the cache has {n_items} items for {world} ranks; every rank needs at least one "
-                         "(use drop_last=True or fewer ranks)")
+    if n_items == 0:
+        return 0, []
     base, extra = divmod(n_items, world)
     start = rank * base + min(rank, extra)
     batches = math.ceil(math.ceil(n_items / world) / batch_size)
     return start, batch_sizes(base + (rank < extra), batches, batch_size)
 
 
-def worker_layout(rank_start: int, sizes: list[int], worker: int, num_workers: int) -> tuple[int, list[int]]:
-    """Rank-local batches worker, worker + K, ...: a contiguous block of the rank's range."""
-    before = sum(sum(sizes[v::num_workers]) for v in range(worker))
-    return rank_start + before, sizes[worker::num_workers]
+Spans = list[tuple[int, int]]  # intervals [lo, hi) of an epoch's stream of items, in stream order
+
+
+def span_items(spans: Spans) -> int:
+    return sum(hi - lo for lo, hi in spans)
+
+
+def take(spans: Spans, lo: int, hi: int) -> Spans:
+    """The stream intervals that hold items [lo, hi) of the sequence `spans` lists, in order."""
+    out, seen = [], 0
+    for a, b in spans:
+        n = b - a
+        if seen + n > lo and seen < hi:
+            out.append((a + max(lo - seen, 0), a + min(hi - seen, n)))
+        seen += n
+        if seen >= hi:
+            break
+    return out
+
+
+def remaining(spans: Spans, batch_size: int, world: int, drop_last: bool, batches: int) -> Spans:
+    """What an epoch has not yet seen once every rank of `world` consumed `batches` batches of the
+    layout over `spans`: each rank's range minus the prefix it read, as stream intervals. Items a
+    drop_last layout skips stay skipped. Resuming on another world size (or batch size) lays these
+    out afresh (`rank_layout` over their count), so no item is seen twice and none is missed."""
+    n, out = span_items(spans), []
+    for r in range(world):
+        start, sizes = rank_layout(n, batch_size, world, r, drop_last)
+        out += take(spans, start + sum(sizes[:batches]), start + sum(sizes))
+    return merged(out)
+
+
+def worker_batches(start: int, batches: int, worker: int, num_workers: int) -> range:
+    """The rank-local batches DataLoader worker `worker` makes when the rank resumes at batch `start`:
+    start + worker, start + worker + K, ... (a DataLoader's round-robin begins at worker 0, so it
+    hands them out in order). A batch's items do not depend on K."""
+    return range(start + worker, batches, num_workers)
+
+
+def merged(spans: Spans) -> Spans:
+    """Sorted, disjoint intervals joined where they touch."""
+    out: Spans = []
+    for a, b in sorted(spans):
+        if out and out[-1][1] >= a:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        elif b > a:
+            out.append((a, b))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
