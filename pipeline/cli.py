@@ -179,14 +179,17 @@ DEFAULT_ROOT = Path("data/caches")
 def root_options(fn: Any) -> Any:
     fn = click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
                       help="Take the cache root from this config (cache.root, else <workspace>/caches).")(fn)
-    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-                        help=f"Directory that holds the caches [default: {DEFAULT_ROOT}, or the --config's].")(fn)
+    return click.option("--root", type=str, default=None,
+                        help=f"Directory or URL (s3://bucket/caches) that holds the caches [default: {DEFAULT_ROOT}, "
+                             "or the --config's].")(fn)
 
 
-def _root(root: Path | None, config: Path | None) -> Path:
-    """--root if given, else the config's cache root, else data/caches."""
+def _root(root: str | None, config: Path | None) -> Any:
+    """--root if given (a Path, or a URL kept as text), else the config's cache root, else data/caches."""
+    from pipeline.format.remote import is_url, local_path
+
     if root is not None:
-        return root
+        return root.rstrip("/") if is_url(root) else local_path(root)
     if config is not None:
         return load_config(config).cache_root
     return DEFAULT_ROOT
@@ -210,6 +213,21 @@ def caches_inspect(cache_ref: str, root: Path | None, config: Path | None, verif
     from pipeline.tools.inspect import inspect_cache
 
     click.echo(json.dumps(inspect_cache(cache_ref, _root(root, config), verify), indent=2))
+
+
+@caches.command("push")
+@click.argument("cache_ref", metavar="ID_OR_PATH")
+@click.argument("url", metavar="ROOT_URL")
+@root_options
+def caches_push(cache_ref: str, url: str, root: str | None, config: Path | None) -> None:
+    """Publish a complete local cache to object storage under ROOT_URL (s3://bucket/caches): each
+    object created only if absent, manifest.json last; rerun to finish an interrupted push."""
+    from pipeline.format.manifest import resolve
+    from pipeline.format.remote import is_url, push
+
+    if not is_url(url):
+        raise ConfigError(f"ROOT_URL {url}: give an object store URL such as s3://bucket/caches")
+    click.echo(push(resolve(cache_ref, _root(root, config)), url.rstrip("/")))
 
 
 @caches.command("fidelity")

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.core.config import Config, dump_yaml
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.core.io import atomic_write_text, check_writable, hash_json
+from pipeline.core.io import atomic_write_text, check_writable, hash_json, remove_dead_tmp
 from pipeline.core.progress import log
 from pipeline.format import reader as fmt
 from pipeline.inputs.arrays import Splits
@@ -153,6 +153,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 def main(cfg: Config, client: Any = None, shard_index: int | None = None,
          num_shards: int | None = None) -> list[ShardResult]:
     check_writable(cfg.run_dir, "workspace")  # before anything is trained
+    remove_dead_tmp(cfg.run_dir, recursive=True)  # left by killed writers of earlier runs
     splits = load_splits(cfg)
     reader = open_cache(cfg, splits)
     jobs = task_share(plan(cfg), shard_index, num_shards)

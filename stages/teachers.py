@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from pipeline.core.config import Config, dump_yaml
-from pipeline.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable
+from pipeline.core.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    remove_dead_tmp,
+)
 from pipeline.core.progress import log
 from pipeline.inputs.splits import load_splits
 from pipeline.models.ensemble import TeacherRef, load_teacher, teacher_refs
@@ -67,6 +73,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 def main(cfg: Config, client: Any = None, shard_index: int | None = None,
          num_shards: int | None = None) -> list[TeacherRef]:
     check_writable(cfg.teacher_dir, "workspace")  # before any data is read or teacher trained
+    remove_dead_tmp(cfg.teacher_dir, recursive=True)  # left by killed writers of earlier runs
     splits = load_splits(cfg)
     refs = teacher_refs(cfg, splits)
     for ref in refs:  # user checkpoints are loaded once here so a bad one fails before caching

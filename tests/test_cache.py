@@ -16,7 +16,7 @@ from conftest import tiny_config, write_config
 from pipeline.core.codecs import CODECS
 from pipeline.core.config import load_config
 from pipeline.core.errors import CacheError
-from pipeline.core.io import HOST
+from pipeline.core.io import OWNER
 from pipeline.format import reader as fmt
 from pipeline.format.encodings import TopK
 from pipeline.format.manifest import read_manifest
@@ -77,7 +77,7 @@ def test_crash_leftovers_are_redone_identically(workspace):
     shutil.rmtree(d / "shards" / "00001.zarr")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    leftover = d / "shards" / f".tmp-00001.zarr-{HOST}-{dead.pid}-deadbeef"  # a writer killed mid-shard
+    leftover = d / "shards" / f".tmp-00001.zarr-{OWNER}-{dead.pid}.1-deadbeef"  # a writer killed mid-shard
     leftover.mkdir()
     (leftover / "zarr.json").write_text("{")
     with pytest.raises(Exception, match="incomplete"):

@@ -131,6 +131,7 @@ def test_gather_decodes_each_block_once(tmp_path, kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fingerprint_equals_in_memory_and_is_remembered(tmp_path, kind, monkeypatch):
+    monkeypatch.setattr("pipeline.core.io.RACY_NS", 0)  # _age sets the mtime back; nothing sets a ctime back
     x, y = _data()
     ids = np.arange(N, dtype=np.int64)[::-1] * 3  # explicit sample ids are part of the fingerprint
     path = _write(kind, tmp_path / f"d{_suffix(kind)}", x, y, ids=ids)

@@ -91,6 +91,7 @@ def test_a_later_reader_stats_shards_and_rehashes_a_changed_one(built, tmp_path,
 
     _ws, _path, caches = built
     monkeypatch.setenv("LOGITCACHE_DIGESTS", str(tmp_path / "store" / "digests.sqlite"))
+    monkeypatch.setattr(pio, "RACY_NS", 0)  # the files' mtimes are set back below; nothing sets a ctime back
     d = _copy(caches, backend, tmp_path)
     old = time.time() - 60  # files written within the last 2 s are never remembered
     for f in d.rglob("*"):

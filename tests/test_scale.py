@@ -13,6 +13,7 @@ import torch
 from conftest import REPO
 
 from pipeline.core.codecs import layout_codec
+from pipeline.core.errors import CacheError
 from pipeline.format import reader as fmt
 from pipeline.format.encodings import Dense, Hybrid, Sampled, TopK
 from pipeline.format.manifest import FORMAT_VERSION, write_manifest
@@ -111,6 +112,9 @@ def test_fast_chunk_reads_equal_zarrs_exactly(tmp_path, enc, codec):
     joined = r.decode(r.read_joined(order))
     for k, v in joined.items():
         assert np.array_equal(v, np.concatenate([_zarr_read(r, c)[k] for c in order])), k
+    shutil.rmtree(d / "shards" / "00000.zarr")  # removed under the reader (an evicted download, a deleted cache)
+    with pytest.raises(CacheError, match="00000.zarr: the shard was removed while being read"):
+        r.read(r.chunks()[0])  # never its missing chunk files taken for fill values
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.iterdir() if p.name.endswith("-zarr")))

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -23,31 +24,99 @@ from typing import Any
 HOST = socket.gethostname().replace("-", "_")
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace: containers that share a hostname have their own, so a pid
+    means the same process only within one (host, namespace)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+OWNER = f"{HOST}.{_pid_namespace()}"  # whose process table a temp name's pid belongs to
+
+
+def process_start_time(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), so a pid reused
+    by a later process is not taken for the writer; "" where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+_PROCS: dict[int, str] = {}  # by pid: a forked child is another writer
+
+
 def tmp_name(path: Path) -> Path:
-    """A unique temporary sibling of `path`; names starting with '.tmp-' are never read as data."""
-    return path.with_name(f".tmp-{path.name}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A unique temporary sibling of `path`; names starting with '.tmp-' are never read as data. The
+    name says which process wrote it: (host, pid namespace) and (pid, start time)."""
+    pid = os.getpid()
+    if pid not in _PROCS:
+        _PROCS[pid] = f"{pid}.{process_start_time(pid)}"
+    return path.with_name(f".tmp-{path.name}-{OWNER}-{_PROCS[pid]}-{uuid.uuid4().hex[:8]}")
 
 
-def remove_dead_tmp(directory: Path) -> int:
-    """Remove '.tmp-' entries left by dead writers on this host; a live writer's are kept."""
-    removed = 0
-    for p in directory.glob(".tmp-*"):
-        parts = p.name.rsplit("-", 3)
-        if len(parts) != 4 or parts[1] != HOST or not parts[2].isdigit() or _alive(int(parts[2])):
+def tmp_grace() -> float:
+    """Seconds after its last change a temporary entry of a writer this host cannot check (another
+    host or container) is taken for dead: LOGITCACHE_TMP_GRACE, default an hour."""
+    value = os.environ.get("LOGITCACHE_TMP_GRACE", "").strip()
+    try:
+        return float(value) if value else 3600.0
+    except ValueError:
+        from pipeline.core.errors import ConfigError
+
+        raise ConfigError(f"LOGITCACHE_TMP_GRACE={value!r}: set it to a number of seconds, or unset it") from None
+
+
+def remove_dead_tmp(directory: Path, recursive: bool = False) -> int:
+    """Remove '.tmp-' entries left by dead writers (under every subdirectory too with `recursive`).
+
+    A writer in this host's pid namespace is asked directly: its pid must be running and have
+    started when the name says. One on another host or in another container (a shared filesystem;
+    containers often share a hostname) cannot be asked, so its entry is removed only once nothing in
+    it changed for tmp_grace() seconds."""
+    removed, grace = 0, None
+    found = directory.rglob(".tmp-*") if recursive else directory.glob(".tmp-*")
+    for p in sorted(found, key=lambda q: len(q.parts)):
+        if not p.exists() and not p.is_symlink():  # inside one removed before
             continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        parts = p.name.rsplit("-", 3)
+        pid, _, started = parts[2].partition(".") if len(parts) == 4 else ("", "", "")
+        if len(parts) == 4 and parts[1] == OWNER and pid.isdigit():
+            if process_alive(int(pid), started):
+                continue
+        else:
+            grace = tmp_grace() if grace is None else grace
+            if time.time() - _last_change(p) < grace:
+                continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         removed += 1
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _last_change(path: Path) -> float:
+    """The newest mtime of a file, or of a directory and everything in it."""
+    try:
+        newest = path.lstat().st_mtime
+        if path.is_dir() and not path.is_symlink():
+            for top, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    newest = max(newest, os.lstat(os.path.join(top, name)).st_mtime)
+        return newest
+    except OSError:
+        return time.time()  # changing under us: someone is writing it
+
+
+def process_alive(pid: int, started: str = "") -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not started or process_start_time(pid) in ("", started)
 
 
 def check_writable(directory: Path, field: str) -> None:
@@ -81,11 +150,15 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: nothing half-written is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -189,21 +262,67 @@ def tree_size(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # Digests remembered per machine: a 10 GB input or a multi-GB checkpoint directory is read once,
 # not once per stage and Dask worker. An entry is keyed by (path, what) and valid only while the
-# file's (size, mtime_ns, inode) are unchanged, so a memo never outlives the file it was made from.
-# The store is one SQLite file (LOGITCACHE_DIGESTS, default ~/.cache/logitcache/digests.sqlite):
-# atomic updates, safe for concurrent processes.
+# file's stamp (size, mtime_ns, inode, ctime_ns) is unchanged, so a memo never outlives the file it
+# was made from: `cp -p` or a restored mtime still moves ctime, which no user call can set. The
+# store is one SQLite file per machine on a local disk (digest_db), each row sealed by a checksum;
+# a store that fails is reported once and the digest computed, never guessed.
 
 _DB_LOCK = threading.Lock()
+_WARNED: set[str] = set()
+RACY_NS = 2_000_000_000  # a file changed this recently is not remembered: a rewrite in the same tick could go unseen
+# filesystems whose POSIX locks SQLite cannot rely on, and which several machines may share
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                       "fuse.glusterfs", "9p", "afs", "panfs", "wekafs", "orangefs", "fuse.sshfs", "fuse.s3fs",
+                       "fuse.gcsfuse", "fuse.juicefs", "fuse.cephfs", "fuse.lustre"}
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"logitcache: {message}", file=sys.stderr, flush=True)
+
+
+def mount_type(path: Path) -> str:
+    """The filesystem type of the mount holding `path` (its nearest existing ancestor), from
+    /proc/mounts; "" where that cannot be read."""
+    try:
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        real = os.path.realpath(existing)
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except (OSError, StopIteration):
+        return ""
+    best, kind = "", ""
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
 
 
 def digest_db() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "digests.sqlite"
-    return Path(os.environ.get("LOGITCACHE_DIGESTS", default))
+    """LOGITCACHE_DIGESTS, else ~/.cache/logitcache/digests.sqlite (XDG_CACHE_HOME respected) where
+    that is a local disk, else /var/tmp/logitcache-<uid>/digests.sqlite: a home directory on NFS or
+    Lustre is one file for every node of a cluster, and SQLite's locks there are unreliable."""
+    if os.environ.get("LOGITCACHE_DIGESTS"):
+        db = Path(os.environ["LOGITCACHE_DIGESTS"])
+        if mount_type(db.parent) in NETWORK_FILESYSTEMS:
+            _warn_once("network", f"LOGITCACHE_DIGESTS={db} is on a {mount_type(db.parent)} filesystem, where "
+                                  "SQLite's locks are unreliable; point it at a node-local disk")
+        return db
+    db = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "digests.sqlite"
+    if mount_type(db.parent) in NETWORK_FILESYSTEMS:
+        return Path("/var/tmp") / f"logitcache-{os.getuid() if hasattr(os, 'getuid') else 0}" / "digests.sqlite"
+    return db
 
 
-def _stamp(path: str | Path) -> tuple[int, int, int]:
+def _stamp(path: str | Path) -> tuple[int, int, int, int]:
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def _seal(*fields: Any) -> str:
+    return hash_json([str(f) for f in fields])[:16]
 
 
 def _connect() -> sqlite3.Connection | None:
@@ -211,16 +330,25 @@ def _connect() -> sqlite3.Connection | None:
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(db, timeout=30, isolation_level=None)
-        con.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, what TEXT, size INTEGER, mtime_ns INTEGER, "
-                    "inode INTEGER, digest TEXT, PRIMARY KEY (path, what))")
+        con.execute("CREATE TABLE IF NOT EXISTS memo (path TEXT, what TEXT, size INTEGER, mtime_ns INTEGER, "
+                    "inode INTEGER, ctime_ns INTEGER, digest TEXT, seal TEXT, PRIMARY KEY (path, what))")
         return con
-    except (OSError, sqlite3.Error):  # a read-only home: hash every time rather than fail
+    except (OSError, sqlite3.Error) as e:
+        _store_failed(db, e)
         return None
 
 
-def remembered(files: list[Path] | list[str], what: str, compute: Callable[[], str]) -> str:
-    """`compute()`, remembered under `what` while every file in `files` keeps its size, mtime and
-    inode. `what` names the value (e.g. "sha256", or a fingerprint of selected rows)."""
+def _store_failed(db: Path, e: Exception) -> None:
+    _warn_once("store", f"{db}: the digest memo cannot be used ({type(e).__name__}: {e}); digests are computed "
+                        "each time, which is slow for large inputs. Set LOGITCACHE_DIGESTS to a writable file "
+                        "on a local disk")
+
+
+def remembered(files: list[Path] | list[str], what: str, compute: Callable[[], str], written_here: bool = False) -> str:
+    """`compute()`, remembered under `what` while every file in `files` keeps its size, mtime, inode
+    and ctime. `what` names the value (e.g. "sha256", or a fingerprint of selected rows).
+    `written_here`: this process has just written the files and checked the value, so their
+    freshness proves nothing against it (the shard cache's downloads)."""
     names = [os.fspath(f) for f in files]
     parents: dict[str, str] = {}  # a tree's files share a few directories: resolve each once
     for f in names:
@@ -229,34 +357,41 @@ def remembered(files: list[Path] | list[str], what: str, compute: Callable[[], s
             parents[parent] = os.path.realpath(parent)
     key_path = "\0".join(os.path.join(parents[os.path.dirname(f)], os.path.basename(f)) for f in names)
     stamps = [_stamp(f) for f in names]
-    size, mtime, inode = (sum(s[0] for s in stamps), hash_json([s[1] for s in stamps]),
-                          hash_json([s[2] for s in stamps])) if len(files) != 1 else stamps[0]
+    if any(s[2] == 0 or s[3] == 0 for s in stamps):  # a filesystem without inodes or ctimes: cannot tell
+        return compute()
+    stamp = stamps[0] if len(files) == 1 else (sum(s[0] for s in stamps), *(hash_json([s[i] for s in stamps])
+                                                                          for i in (1, 2, 3)))
     with _DB_LOCK:
         con = _connect()
         if con is not None:
+            row = None
             try:
-                row = con.execute("SELECT size, mtime_ns, inode, digest FROM digests WHERE path = ? AND what = ?",
-                                  (key_path, what)).fetchone()
-            except sqlite3.Error:
-                row = None
+                row = con.execute("SELECT size, mtime_ns, inode, ctime_ns, digest, seal FROM memo WHERE path = ? AND "
+                                  "what = ?", (key_path, what)).fetchone()
+            except sqlite3.Error as e:
+                _store_failed(digest_db(), e)
             finally:
                 con.close()
-            if row is not None and tuple(row[:3]) == (size, mtime, inode):
-                return str(row[3])
+            if row is not None and row[5] != _seal(key_path, what, *row[:5]):
+                _warn_once("seal", f"{digest_db()}: a remembered digest does not match its seal; it is ignored "
+                                   "and recomputed (delete the file if this repeats)")
+            elif row is not None and tuple(row[:4]) == tuple(stamp):
+                return str(row[4])
     value = compute()
     # not remembered if a file changed while being read, or so recently that a rewrite within the
     # same mtime tick could go unseen (git's "racy clean" problem)
-    if [_stamp(f) for f in names] != stamps or any(
-            time.time_ns() - os.stat(f).st_mtime_ns < 2_000_000_000 for f in names):
+    now = time.time_ns()
+    if [_stamp(f) for f in names] != stamps or not written_here and any(now - max(s[1], s[3]) < RACY_NS
+                                                                         for s in stamps):
         return value
     with _DB_LOCK:
         con = _connect()
         if con is not None:
             try:
-                con.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
-                            (key_path, what, size, mtime, inode, value))
-            except sqlite3.Error:
-                pass
+                con.execute("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (key_path, what, *stamp, value, _seal(key_path, what, *stamp, value)))
+            except sqlite3.Error as e:
+                _store_failed(digest_db(), e)
             finally:
                 con.close()
     return value
@@ -281,6 +416,15 @@ def whole_tree_digest(path: Path) -> str:
         return file_digest(path)
     files = sorted(os.path.join(top, f) for top, _dirs, names in os.walk(path) for f in names)
     return remembered(files, "sha256-tree", lambda: sha256_tree(path)[0])
+
+
+def record_tree_digest(path: Path, digest: str) -> None:
+    """Remember `digest` as `whole_tree_digest(path)`: for a file or directory this process has just
+    written and checked against it."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(os.path.join(top, f) for top, _d, names in os.walk(path)
+                                                 for f in names)
+    remembered(files, "sha256" if path.is_file() else "sha256-tree", lambda: digest, written_here=True)
 
 
 def hash_json(obj: Any) -> str:

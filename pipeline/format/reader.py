@@ -76,7 +76,7 @@ class CacheReader:
     2 cores)."""
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
-                 max_open: int | None = None, read_threads: int | None = None) -> None:
+                 max_open: int | None = None, read_threads: int | None = None, remote: Any = None) -> None:
         manifest = read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
@@ -102,7 +102,8 @@ class CacheReader:
         self._checksums = checksums
         self._verified: set[int] = set()
         self._verifying: dict[int, threading.Lock] = {}
-        gone = shard_problems(cache_dir, self.shards, hash_them=False)["missing"]
+        self.remote = remote  # a cache in object storage: its ShardCache (pipeline/format/remote.py)
+        gone = [] if remote is not None else shard_problems(cache_dir, self.shards, hash_them=False)["missing"]
         if gone:
             raise CacheError(f"{cache_dir / gone[0]}: shard listed in the manifest is missing ({len(gone)} of "
                              f"{len(self.shards)} missing); rerun `logitcache cache CONFIG` to recompute it")
@@ -136,8 +137,19 @@ class CacheReader:
 
     def verify_shard(self, i: int) -> None:
         """Check shard i before it is first read, unless the reader was opened with checksums=False."""
+        self._present([i])
         if self._checksums:
             self._verify_once(i)
+
+    def _present(self, shards: Any, read: bool = False) -> None:
+        """A remote cache's shards on the local disk and pinned (kept from eviction) until the next
+        read starts; a shard just downloaded was checked on the way."""
+        if self.remote is not None:
+            if read:
+                self.remote.release()
+            for i in sorted(set(shards)):
+                if self.remote.fetch(i):
+                    self._verified.add(i)
 
     def _verify_once(self, i: int) -> None:
         """Check shard i against the manifest's sha256, once per reader. The digest is remembered per
@@ -174,11 +186,13 @@ class CacheReader:
     def read(self, chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         """One chunk's rows: sample_id (position) and the targets decoded to the encoding's natural
         form, or with decode=False the stored columns as stored (narrow; `decode` them later)."""
+        self._present([chunk.shard], read=True)
         return self._reads.read_many([chunk], decode)[0]
 
     def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         """Several chunks in order, on the read threads when there are (zstd and pyarrow's decoding
         release the GIL); how they are split between threads is the backend's."""
+        self._present((c.shard for c in chunks), read=True)
         return self._reads.read_many(chunks, decode)
 
     def is_whole_chunk(self, r: Chunk) -> bool:
@@ -192,6 +206,7 @@ class CacheReader:
         if not chunks or not all(map(self.is_whole_chunk, chunks)):
             raise ValueError("read_joined reads one or more whole chunks; read_rows reads any ranges")
         chunks = [Chunk(c.shard, c.start // self.chunk_rows, c.start, c.stop) for c in chunks]  # index from the rows
+        self._present((c.shard for c in chunks), read=True)
         joined = self._reads.read_joined(chunks)
         if joined is not None:
             return joined

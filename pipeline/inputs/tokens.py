@@ -46,6 +46,7 @@ from pipeline.core.io import (
     remove_dead_tmp,
     tmp_name,
 )
+from pipeline.core.lock import build_lock
 from pipeline.core.progress import bar
 from pipeline.inputs.text import (
     Tokenizer,
@@ -87,7 +88,8 @@ def identity(d: DataConfig) -> dict[str, Any]:
 
 def tokenize(d: DataConfig, workspace: str) -> Path:
     """The directory of `d`'s tokenized corpus: reused if complete, else written to a temporary
-    directory and renamed into place (a writer that loses the race keeps the winner's)."""
+    directory and renamed into place. Processes that need it at once (array tasks) take a lock
+    (pipeline/core/lock.py): one tokenizes, the others wait and reuse it."""
     if d.task != "lm":
         raise ConfigError(f"data.task: tokenize applies to data.task lm, this config has {d.task!r}")
     ident = identity(d)
@@ -98,18 +100,23 @@ def tokenize(d: DataConfig, workspace: str) -> Path:
         return final
     check_writable(root, "workspace")
     root.mkdir(parents=True, exist_ok=True)
-    remove_dead_tmp(root)
-    tmp = tmp_name(final)
-    tmp.mkdir()
-    try:
-        manifest = _write(d, workspace, tmp)
-        atomic_write_json(tmp / "manifest.json", {**manifest, "id": final.name, "identity": ident, "complete": True})
-        fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, final)
-    fsync_dir(root)
+    with build_lock(root / f".lock-{final.name}", f"tokens {final.name}"):  # one process tokenizes, the rest wait
+        if final.exists():  # tokenized by another process while this one waited
+            read_manifest(final)
+            return final
+        remove_dead_tmp(root)
+        tmp = tmp_name(final)
+        tmp.mkdir()
+        try:
+            manifest = _write(d, workspace, tmp)
+            atomic_write_json(tmp / "manifest.json",
+                              {**manifest, "id": final.name, "identity": ident, "complete": True})
+            fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_dir(tmp, final)
+        fsync_dir(root)
     return final
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from pipeline.core.errors import CacheError
 from pipeline.core.io import tree_size
 from pipeline.format import manifest as fmt
+from pipeline.format import remote
 from pipeline.format.encodings import encoding_from_spec
 from pipeline.format.shards import shard_name
 
@@ -52,21 +53,54 @@ def _read_status(d: Path) -> dict[str, Any]:
             "bytes": sum(tree_size(p) for p in present), "bytes_per_row": None, "configs": configs}
 
 
-def list_caches(root: Path) -> str:
-    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
-    if not dirs:
+def _remote_status(url: str) -> dict[str, Any]:
+    """A cache in object storage: complete once its manifest is there, else partly published."""
+    fs, base = remote.filesystem(url)
+    name = url.rsplit("/", 1)[-1]
+    if not fs.exists(remote.join(base, "manifest.json")):
+        return {"id": name, "status": "partly published", "rows": 0, "encoding": "?", "backend": "?", "bytes": 0,
+                "bytes_per_row": None, "configs": []}
+    try:
+        m = remote.remote_manifest(url)
+    except CacheError:
+        return {"id": name, "status": "damaged (inspect it)", "rows": 0, "encoding": "?", "backend": "?",
+                "bytes": 0, "bytes_per_row": None, "configs": []}
+    configs = [p.rsplit("/", 1)[-1].removesuffix(".yaml") for p in fs.glob(remote.join(base, "configs", "*.yaml"))]
+    return {"id": name, "status": "complete", "rows": m["rows"], "encoding": _label(m.get("spec", {})),
+            "backend": m["backend"], "bytes": m["bytes"], "bytes_per_row": m["bytes_per_row"],
+            "configs": sorted(configs)}
+
+
+def list_caches(root: Path | str) -> str:
+    if remote.is_url(root):
+        fs, base = remote.filesystem(str(root))
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)) if fs.exists(base) else []
+        statuses = [_remote_status(remote.join(str(root), n)) for n in names if not n.startswith(".")]
+    else:
+        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+        statuses = [_status(d) for d in dirs]
+    if not statuses:
         return f"no caches under {root}"
     head = f"{'id':<17} {'status':<22} {'rows':>8} {'encoding':<18} {'backend':<8} {'bytes':>10} {'B/row':>7}  configs"
     lines = [head]
-    for d in dirs:
-        s = _status(d)
+    for s in statuses:
         bpr = f"{s['bytes_per_row']:.1f}" if s["bytes_per_row"] is not None else "-"
         lines.append(f"{s['id']:<17} {s['status']:<22} {s['rows']:>8} {s['encoding']:<18} {s['backend']:<8} "
                      f"{s['bytes']:>10} {bpr:>7}  {', '.join(s['configs'])}")
     return "\n".join(lines)
 
 
-def inspect_cache(ref: str, root: Path, verify: bool) -> dict[str, Any]:
+def inspect_cache(ref: str, root: Path | str, verify: bool) -> dict[str, Any]:
+    if remote.is_url(ref) or remote.is_url(root):
+        url = remote.resolve_remote(ref, str(root) if remote.is_url(root) else None)
+        manifest = remote.remote_manifest(url)
+        if not verify:
+            return manifest
+        bad = remote.verify_remote(url)
+        if bad["missing"] or bad["corrupt"]:
+            what = "; ".join(f"{kind} {', '.join(paths)}" for kind, paths in bad.items() if paths)
+            raise CacheError(f"{url}: {what}; publish the cache again (`logitcache caches push`)")
+        return {**manifest, "verified": True}
     d = fmt.resolve(ref, root)
     manifest = fmt.read_manifest(d)
     if manifest is not None and manifest.get("status") == "complete":

@@ -66,6 +66,7 @@ from pipeline.format.columns import ROW_COLUMNS
 from pipeline.format.encodings import Encoding
 from pipeline.format.manifest import resolve
 from pipeline.format.reader import read_rows
+from pipeline.format.remote import is_url, open_reader, resolve_remote
 from pipeline.format.views import PARAMS, ViewSpec
 from pipeline.inputs import augment as vw
 from pipeline.inputs.arrays import Dataset
@@ -88,11 +89,14 @@ def _shared_flag() -> Any:
 
 
 class Cache:
-    """A complete cache: its manifest, encoding, class count, temperature, teachers and rows."""
+    """A complete cache: its manifest, encoding, class count, temperature, teachers and rows. A
+    cache in object storage (`source` a URL) is read through a local shard cache: `path` is its
+    local copy (pipeline/format/remote.py)."""
 
-    def __init__(self, path: Path, verify: bool = False) -> None:
-        self.reader = fmt.CacheReader(path, verify=verify)
-        self.path = path
+    def __init__(self, source: str | Path, verify: bool = False) -> None:
+        self.reader = open_reader(source, verify=verify)
+        self.source = source
+        self.path = self.reader.dir
 
     @property
     def id(self) -> str:
@@ -165,7 +169,11 @@ class Cache:
 
 
 def open_cache(id_or_path: str | Path, root: str | Path | None = None, verify: bool = False) -> Cache:
-    """A complete cache from its directory, id or unique id prefix under `root` (default data/caches)."""
+    """A complete cache from its directory or URL, or its id or unique id prefix under `root`
+    (default data/caches; a URL such as s3://bucket/caches too)."""
+    if is_url(id_or_path) or (root is not None and is_url(root)):
+        return Cache(resolve_remote(os.fspath(id_or_path), os.fspath(root) if root is not None else None),
+                     verify=verify)
     return Cache(resolve(id_or_path, Path(root) if root is not None else DEFAULT_ROOT), verify=verify)
 
 
@@ -204,7 +212,7 @@ class CacheDataset(IterableDataset):
         if not enc.retemperable and self.temperature != cache.temperature:
             raise ValueError(f"temperature={self.temperature}: {enc.label()} targets are draws at the cache's "
                              f"T={cache.temperature} and cannot be re-tempered; leave temperature unset")
-        self.path, self.encoding, self.token_rows = cache.path, enc, cache.token_rows
+        self.path, self.source, self.encoding, self.token_rows = cache.path, cache.source, enc, cache.token_rows
         self.cache_temperature = cache.temperature
         self._reader: fmt.CacheReader | None = cache.reader
         self._pid = os.getpid()
@@ -240,7 +248,7 @@ class CacheDataset(IterableDataset):
         """This process's reader: a DataLoader worker opens its own (a forked copy of the parent's
         would hold the parent's thread pool and file handles)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader, self._pid = fmt.CacheReader(self.path), os.getpid()
+            self._reader, self._pid = open_reader(self.source), os.getpid()
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.core.codecs import CODECS
+from pipeline.core.errors import CacheError
 from pipeline.core.io import publish_dir
 from pipeline.format.columns import OFFSETS, Chunk
 from pipeline.format.encodings import Column
@@ -138,6 +140,10 @@ class ZarrReads:
                 with open(col.file(j), "rb", buffering=0) as f:
                     raw = f.read()
             except FileNotFoundError:  # zarr writes no chunk that is all fill value
+                column = col.prefix.rsplit("/c", 1)[0]
+                if not os.path.isfile(os.path.join(column, "zarr.json")):  # not that: the shard itself is gone
+                    raise CacheError(f"{os.path.dirname(column)}: the shard was removed while being read; rerun "
+                                     "(a shard cache evicted it, or the cache was deleted)") from None
                 out[name][at:at + rows] = col.fill
                 continue
             if rows == chunk_rows:

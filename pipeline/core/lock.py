@@ -1,0 +1,132 @@
+"""One builder, the others wait: a lease lock that works across processes, containers and the nodes
+of a shared filesystem.
+
+    with build_lock(root / f".lock-{name}", f"tokens {name}"):
+        if (root / name).exists():   # built by another process while this one waited
+            return root / name
+        ...build into a temporary name and publish it...
+
+The lock is a file created with O_EXCL, holding who took it. Its holder touches it every quarter
+lease (a heartbeat thread), so a waiter knows a live holder from a dead one without asking a process
+table it may not see (another node, another container): a lock not touched for a lease
+(LOGITCACHE_LOCK_LEASE seconds, default 60) is stale and taken over, and one whose holder is a dead
+process of this host's pid namespace is taken over at once. The lock only saves work: what it guards
+is still published atomically and never replaced, so two builders (a holder frozen longer than a
+lease) waste time but cannot corrupt anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.core.io import OWNER, process_alive, process_start_time
+from pipeline.core.progress import log
+
+
+def lease_seconds() -> float:
+    value = os.environ.get("LOGITCACHE_LOCK_LEASE", "").strip()
+    try:
+        lease = float(value) if value else 60.0
+    except ValueError:
+        lease = -1.0
+    if lease <= 0:
+        from pipeline.core.errors import ConfigError
+
+        raise ConfigError(f"LOGITCACHE_LOCK_LEASE={value!r}: set it to a number of seconds > 0, or unset it")
+    return lease
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, what: str, poll: float = 0.2) -> Iterator[None]:
+    """Hold the lock file `path` while building `what`; wait while another live process holds it."""
+    lease = lease_seconds()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ino = _acquire(path, what, lease, poll)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, ino, lease / 4, stop), daemon=True,
+                            name="logitcache-lock")
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == ino:  # still ours, not taken over after a freeze
+                path.unlink()
+
+
+def _acquire(path: Path, what: str, lease: float, poll: float) -> int:
+    me = {"owner": OWNER, "pid": os.getpid(), "started": process_start_time(os.getpid()), "what": what}
+    waited = False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _take_over_if_stale(path, lease):
+                continue
+            if not waited:
+                log(f"{what}: another process is building it ({_holder(path)}); waiting for it")
+                waited = True
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return os.stat(path).st_ino
+
+
+def _holder(path: Path) -> str:
+    try:
+        held = json.loads(path.read_text())
+        return f"{held['owner']} pid {held['pid']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _take_over_if_stale(path: Path, lease: float) -> bool:
+    """Remove the lock at `path` if its holder is dead or silent for a lease; True if removed (by
+    this process or another one that got there first)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    stale = time.time() - st.st_mtime > lease
+    if not stale:
+        try:
+            held = json.loads(path.read_text())
+            stale = held["owner"] == OWNER and not process_alive(int(held["pid"]), str(held.get("started", "")))
+        except (OSError, ValueError, KeyError, TypeError):  # being written, or not ours to judge
+            return False
+    if not stale:
+        return False
+    aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)  # one taker wins the rename; the others find the lock gone
+    except FileNotFoundError:
+        return True
+    if os.stat(aside).st_ino != st.st_ino:  # a fresh lock was taken meanwhile: put it back if still free
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    else:
+        log(f"{path}: taking over a lock whose holder is gone ({_holder(aside)})")
+    aside.unlink(missing_ok=True)
+    return True
+
+
+def _heartbeat(path: Path, ino: int, every: float, stop: threading.Event) -> None:
+    while not stop.wait(every):
+        try:
+            if os.stat(path).st_ino != ino:
+                return
+            os.utime(path)
+        except OSError:
+            return

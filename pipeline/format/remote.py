@@ -1,0 +1,294 @@
+"""Caches in object storage (s3://, gs://, az://, or any fsspec URL): published object by object
+with conditional puts, read through a bounded local shard cache.
+
+Publishing (`push`): a complete local cache is uploaded to <root>/<cache_id>/ shard by shard, each
+object with a conditional put (create only, never replace; S3's If-None-Match), spec.json and the
+digest sidecars with it, manifest.json last. An object store shows an object whole or not at all,
+so a kill -9 mid-upload leaves shards that are complete or absent and no manifest: no reader takes
+the cache as complete, and rerunning the push uploads what is missing. An object already there
+from an earlier push is kept: shard bytes are deterministic, and its sha256 is checked by every
+reader that downloads it.
+
+Reading (`open_reader`): the manifest is fetched, then each shard the first time it is needed,
+into a local shard cache (LOGITCACHE_SHARD_CACHE, default ~/.cache/logitcache/shards, at most
+LOGITCACHE_SHARD_CACHE_BYTES, default 20 GB): downloaded to a temporary name, checked against the
+manifest's sha256, then published. The least recently used shards are evicted to stay under the
+limit; a shard read in the last minute is kept (another process may be reading it). Credentials
+and endpoints come from the environment as the store's own tools read them (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, ...; s3fs for s3://, gcsfs for gs://, adlfs for az://).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import CacheError
+from pipeline.core.io import (
+    atomic_write_bytes,
+    publish_dir,
+    publish_file,
+    record_tree_digest,
+    remove_dead_tmp,
+    tmp_name,
+)
+from pipeline.format.manifest import READABLE_VERSIONS
+
+
+def is_url(ref: str | Path) -> bool:
+    """A URL of an object store (anything with a scheme but file://)."""
+    text = os.fspath(ref)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(ref: str | Path) -> Path:
+    text = os.fspath(ref)
+    return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of `url`; a missing driver is one CacheError naming it."""
+    try:
+        from fsspec.core import url_to_fs
+
+        return url_to_fs(url)
+    except ImportError as e:
+        raise CacheError(f"{url}: reading it needs {e.name or 'its fsspec driver'} (pip install "
+                         "'logitcache[s3]' for s3://, gcsfs for gs://, adlfs for az://)") from None
+    except ValueError as e:
+        raise CacheError(f"{url}: not a storage URL fsspec knows ({e})") from None
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+def push(cache_dir: Path, root_url: str) -> str:
+    """Upload the complete cache at `cache_dir` to <root_url>/<cache id>; its URL. Objects already
+    there are kept; manifest.json goes last."""
+    from pipeline.format.manifest import read_manifest
+
+    manifest = read_manifest(cache_dir)
+    if manifest is None or manifest.get("status") != "complete":
+        raise CacheError(f"{cache_dir}: only a complete cache is published; rerun `logitcache cache CONFIG` "
+                         "to finish it")
+    fs, root = filesystem(root_url)
+    url = join(root_url, cache_dir.name)
+    base = join(root, cache_dir.name)
+    if fs.exists(join(base, "manifest.json")):
+        return url
+    files = [p for p in sorted(cache_dir.rglob("*")) if p.is_file() and not p.name.startswith(".tmp-")
+             and p.name != "manifest.json"]
+    for p in files:
+        _put_new(fs, p, join(base, p.relative_to(cache_dir).as_posix()))
+    _put_new(fs, cache_dir / "manifest.json", join(base, "manifest.json"))
+    return url
+
+
+def _put_new(fs: Any, local: Path, remote: str) -> None:
+    """Create `remote` from `local` unless it exists (a conditional put where the store has them)."""
+    try:
+        with open(local, "rb") as src, fs.open(remote, "xb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    except FileExistsError:
+        pass
+    except NotImplementedError:  # a store without conditional puts: check, then put (a narrow race)
+        if not fs.exists(remote):
+            fs.put_file(os.fspath(local), remote)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_remote_json(url: str) -> Any:
+    fs, path = filesystem(url)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise CacheError(f"{url}: no such object") from None
+    except ValueError:
+        raise CacheError(f"{url}: not valid JSON; the cache is damaged, publish it again") from None
+
+
+def remote_manifest(url: str) -> dict[str, Any]:
+    """The manifest of the cache at `url`, which must be complete and of a readable version."""
+    fs, base = filesystem(url)
+    if not fs.exists(join(base, "manifest.json")):
+        raise CacheError(f"{url}: cache is incomplete (no manifest.json); finish publishing it "
+                         "(`logitcache caches push`, or rerun `logitcache cache CONFIG`)")
+    manifest = read_remote_json(join(url, "manifest.json"))
+    if not isinstance(manifest, dict) or manifest.get("status") != "complete":
+        raise CacheError(f"{url}/manifest.json: not a complete cache manifest")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise CacheError(f"{url}: cache format {manifest.get('format_version')} is not one of {READABLE_VERSIONS}; "
+                         "rebuild it with this version of logitcache")
+    return manifest
+
+
+def remote_tree_digest(fs: Any, path: str) -> tuple[str, int]:
+    """`sha256_tree` of an object or of every object under a prefix, streamed from the store."""
+    def digest(obj: str) -> str:
+        h = hashlib.sha256()
+        with fs.open(obj, "rb", block_size=1 << 22) as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if fs.isfile(path):
+        return digest(path), int(fs.size(path))
+    h, total = hashlib.sha256(), 0
+    for obj, info in sorted(fs.find(path, detail=True).items()):
+        rel = obj[len(path.rstrip("/")) + 1:]
+        h.update(rel.encode() + b"\0" + digest(obj).encode() + b"\n")
+        total += int(info["size"])
+    return h.hexdigest(), total
+
+
+def verify_remote(url: str) -> dict[str, list[str]]:
+    """Every shard of the cache at `url` hashed where it lies: {"missing": [...], "corrupt": [...]}."""
+    manifest = remote_manifest(url)
+    fs, base = filesystem(url)
+    bad: dict[str, list[str]] = {"missing": [], "corrupt": []}
+    for e in manifest["shards"]:
+        path = join(base, e["path"])
+        if not fs.exists(path):
+            bad["missing"].append(e["path"])
+        elif remote_tree_digest(fs, path)[0] != e["sha256"]:
+            bad["corrupt"].append(e["path"])
+    return bad
+
+
+def shard_cache_dir() -> Path:
+    return Path(os.environ.get("LOGITCACHE_SHARD_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "shards")
+
+
+def shard_cache_limit() -> int:
+    value = os.environ.get("LOGITCACHE_SHARD_CACHE_BYTES", "").strip()
+    if not value:
+        return 20 << 30
+    if not value.isdigit() or int(value) < 1:
+        raise CacheError(f"LOGITCACHE_SHARD_CACHE_BYTES={value!r}: set it to a number of bytes >= 1, or unset it")
+    return int(value)
+
+
+class ShardCache:
+    """Local copies of a remote cache's shards under <dir>/<cache id>/, verified on download and
+    kept under `limit` bytes across every cache in <dir> (least recently used evicted first)."""
+
+    RECENT_S = 60.0  # a shard used this recently is never evicted
+
+    def __init__(self, url: str, manifest: dict[str, Any], directory: Path | None = None,
+                 limit: int | None = None) -> None:
+        self.url, self.manifest = url, manifest
+        self.root = directory if directory is not None else shard_cache_dir()
+        self.limit = limit if limit is not None else shard_cache_limit()
+        self.dir = self.root / url.rstrip("/").rsplit("/", 1)[-1]
+        self.fs, self.base = filesystem(url)
+        self._lock = threading.Lock()
+        self._pinned: set[Path] = set()  # shards a read of this process is using: never evicted
+        self.downloads = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest_file = self.dir / "manifest.json"
+        if not manifest_file.is_file() or json.loads(manifest_file.read_text()) != manifest:
+            atomic_write_bytes(manifest_file, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def fetch(self, i: int) -> bool:
+        """Shard i on the local disk, marked used; True if it was just downloaded (and so checked)."""
+        e = self.manifest["shards"][i]
+        local = self.dir / e["path"]
+        with self._lock:
+            self._pinned.add(local)
+            fresh = not local.exists()
+            if fresh:
+                self._download(e, local)
+            os.utime(local)  # most recently used
+        return fresh
+
+    def release(self) -> None:
+        """Unpin every shard: the read that used them is done."""
+        with self._lock:
+            self._pinned.clear()
+
+    def _download(self, e: dict[str, Any], local: Path) -> None:
+        from pipeline.core.io import sha256_tree
+
+        local.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_tmp(local.parent)
+        self._make_room(int(e["bytes"]))
+        remote = join(self.base, e["path"])
+        tmp = tmp_name(local)
+        try:
+            if self.fs.isdir(remote):
+                self.fs.get(remote.rstrip("/") + "/", os.fspath(tmp), recursive=True)
+            else:
+                self.fs.get_file(remote, os.fspath(tmp))
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            raise CacheError(f"{join(self.url, e['path'])}: shard listed in the manifest is missing from the store; "
+                             "publish the cache again") from None
+        try:
+            if sha256_tree(tmp)[0] != e["sha256"]:
+                raise CacheError(f"{join(self.url, e['path'])}: checksum mismatch after download, the stored shard "
+                                 "is corrupt; delete it from the store and publish the cache again")
+            (publish_dir if tmp.is_dir() else publish_file)(tmp, local)
+            record_tree_digest(local, e["sha256"])  # checked just now: later readers on this machine only stat it
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        self.downloads += 1
+
+    def _make_room(self, need: int) -> None:
+        """Evict least recently used shards of every cache here until `need` more bytes fit."""
+        from pipeline.core.io import tree_size
+
+        shards = [p for d in self.root.iterdir() if d.is_dir() for p in (d / "shards").glob("[0-9]*")]
+        sizes = {p: tree_size(p) for p in shards}
+        total = sum(sizes.values())
+        now = time.time()
+        for p in sorted(shards, key=lambda q: q.stat().st_mtime):
+            if total + need <= self.limit:
+                break
+            # in use here, or recently by another process: over the limit rather than pull it from a reader
+            if p in self._pinned or now - p.stat().st_mtime < self.RECENT_S:
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            total -= sizes[p]
+
+
+def open_reader(ref: str | Path, verify: bool = False, **kw: Any) -> Any:
+    """A CacheReader of a local cache directory or of a cache URL (through a ShardCache)."""
+    from pipeline.format.reader import CacheReader
+
+    if not is_url(ref):
+        return CacheReader(local_path(ref), verify=verify, **kw)
+    url = os.fspath(ref).rstrip("/")
+    shards = ShardCache(url, remote_manifest(url))
+    return CacheReader(shards.dir, verify=verify, remote=shards, **kw)
+
+
+def resolve_remote(ref: str, root_url: str | None) -> str:
+    """A cache URL from a URL, or from an id or unique id prefix under the root URL `root_url`."""
+    if is_url(ref):
+        return ref.rstrip("/")
+    if root_url is None or "/" in ref:
+        raise CacheError(f"cache {ref}: give a cache URL, or an id under a root URL")
+    fs, root = filesystem(root_url)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if fs.exists(root) else []
+    matches = [n for n in names if n == ref] or [n for n in names if n.startswith(ref)]
+    if len(matches) == 1:
+        return join(root_url, matches[0])
+    if len(matches) > 1:
+        raise CacheError(f"cache {ref!r} matches {len(matches)} caches under {root_url}; give more of the id")
+    raise CacheError(f"cache {ref!r}: no such cache under {root_url}; list caches with `logitcache caches ls`")
