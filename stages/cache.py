@@ -27,6 +27,7 @@ from pipeline.core.errors import CacheError
 from pipeline.core.io import atomic_write_json, atomic_write_text, check_writable
 from pipeline.core.progress import bar, log
 from pipeline.format import manifest as fmt
+from pipeline.format import remote
 from pipeline.format.shards import recorded_digest, shard_entry
 from pipeline.run.fanout import expected_workers, run_all, task_share
 from pipeline.run.identity import Context, context, record
@@ -71,9 +72,16 @@ def _repair(ctx: Context, manifest: dict[str, Any], lost: list[Shard]) -> None:
     log(f"cache {ctx.dir.name}: {len(lost)} shards recomputed, identical to the manifest's")
 
 
-def finalize(ctx: Context) -> dict[str, Any]:
+def finalize(ctx: Context, url: str | None = None) -> dict[str, Any]:
+    """The manifest, from the sidecars of the shards here, or with `url` of those in the store: there
+    it is published (and written here too when every shard is also here)."""
     cfg = ctx.cfg
-    entries = [shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in plan(cfg, ctx)]
+    planned = plan(cfg, ctx)
+    if url is None:
+        entries = [shard_entry(ctx.dir, s.index, cfg.cache.backend, s.first_row, s.rows) for s in planned]
+    else:
+        entries = [remote.published_entry(url, s.index, shard_path(ctx, s).name, s.first_row, s.rows)
+                   for s in planned]
     extra = {
         "backend": cfg.cache.backend, "encoding": ctx.encoding.params(), "num_classes": ctx.encoding.num_classes,
         "temperature": cfg.teachers.temperature, "teachers": [t["name"] for t in ctx.spec["teachers"]],
@@ -84,7 +92,13 @@ def finalize(ctx: Context) -> dict[str, Any]:
         extra["bytes_per_view"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
     if ctx.token_rows:  # a row is a token
         extra["bytes_per_token"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
-    return fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
+    if url is None or not missing(ctx):
+        manifest = fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
+    else:
+        manifest = fmt.manifest_of(ctx.dir.name, ctx.spec, entries, extra)
+    if url is not None:
+        remote.publish_manifest(ctx.dir, url, manifest)
+    return manifest
 
 
 def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_shards: int | None = None) -> Path:
@@ -94,18 +108,26 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     shards are mapped over the workers in groups that carry this call's cache id: a worker that
     finds other inputs (a checkpoint overwritten meanwhile) refuses instead of writing into it."""
     task_share([], shard_index, num_shards)  # reject a bad --shard-index before any work
-    check_writable(cfg.cache_root, "cache.root" if cfg.cache.root else "workspace")
+    check_writable(cfg.cache_root, "cache.root" if cfg.cache.root and not cfg.cache_url else "workspace")
     ctx = context(cfg)
+    url = remote.join(cfg.cache_url, ctx.dir.name) if cfg.cache_url else None
+    if url is not None and remote.complete(url):
+        _record_config(cfg, ctx.dir)
+        record(ctx)
+        log(f"cache {ctx.dir.name}: complete in {url}, nothing to do")
+        return ctx.dir
     manifest = fmt.read_manifest(ctx.dir)
     if manifest is not None and manifest.get("status") == "complete":
         _record_config(cfg, ctx.dir)
         record(ctx)
         lost = _lost(ctx, manifest)
-        if not lost:
+        if lost:
+            log(f"cache {ctx.dir.name}: {len(lost)} shards listed in the manifest are missing; recomputing them")
+            _repair(ctx, manifest, lost)
+        else:
             log(f"cache {ctx.dir.name}: complete ({manifest['rows']} rows), nothing to do")
-            return ctx.dir
-        log(f"cache {ctx.dir.name}: {len(lost)} shards listed in the manifest are missing; recomputing them")
-        _repair(ctx, manifest, lost)
+        if url is not None:  # a run killed while publishing it
+            log(f"cache {ctx.dir.name}: published to {remote.push(ctx.dir, cfg.cache_url)}")
         return ctx.dir
     _refuse_other_layout(cfg, ctx)
     _record_config(cfg, ctx.dir)
@@ -113,7 +135,14 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     atomic_write_json(ctx.dir / "spec.json", ctx.spec)
     planned = plan(cfg, ctx)
     shards = task_share(planned, shard_index, num_shards)
-    todo = [s for s in shards if not shard_path(ctx, s).exists()]
+    in_store = remote.published(url) if url is not None else set()
+    if url is not None:
+        for s in shards:  # staged here by a run killed before it published them
+            name = shard_path(ctx, s).name
+            if name not in in_store and shard_path(ctx, s).exists():
+                remote.publish_shard(ctx.dir, name, url)
+                in_store.add(name)
+    todo = [s for s in shards if not shard_path(ctx, s).exists() and shard_path(ctx, s).name not in in_store]
     done_rows = sum(s.rows for s in shards) - sum(s.rows for s in todo)
     log(f"cache {ctx.dir.name}: {len(todo)} of {len(planned)} shards to compute "
         f"({ctx.encoding.label()}, {cfg.cache.backend}, device {ctx.device}, {ctx.precision})")
@@ -157,14 +186,19 @@ def run_group(cfg: Config, group: Group) -> list[ShardResult]:
 
 
 def _finish(ctx: Context) -> Path:
-    still_missing = missing(ctx)
+    url = remote.join(ctx.cfg.cache_url, ctx.dir.name) if ctx.cfg.cache_url else None
+    if url is None:
+        still_missing = missing(ctx)
+    else:
+        in_store = remote.published(url)
+        still_missing = [s for s in plan(ctx.cfg, ctx) if shard_path(ctx, s).name not in in_store]
     if still_missing:
-        log(f"cache {ctx.dir.name}: {len(still_missing)} shards still missing; the manifest is "
-            "written by the call that finds every shard present")
+        log(f"cache {ctx.dir.name}: {len(still_missing)} shards still missing{' in the store' if url else ''}; "
+            "the manifest is written by the call that finds every shard present")
         return ctx.dir
-    manifest = finalize(ctx)
+    manifest = finalize(ctx, url)
     log(f"cache {ctx.dir.name}: complete, {manifest['rows']} rows, {manifest['bytes']} bytes "
-        f"({manifest['bytes_per_row']} B/row)")
+        f"({manifest['bytes_per_row']} B/row)" + (f", published to {url}" if url else ""))
     return ctx.dir
 
 

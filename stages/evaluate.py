@@ -20,7 +20,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import CacheError, ModelError
 from pipeline.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable, hash_json
 from pipeline.core.progress import log
-from pipeline.format.reader import CacheReader
+from pipeline.format.remote import open_reader
 from pipeline.inputs.splits import load_splits
 from pipeline.models.builders import build_model, load_state
 from pipeline.models.ensemble import load_teacher, normalized_weights, teacher_identity, teacher_refs
@@ -55,7 +55,7 @@ def main(cfg: Config) -> dict[str, Any]:
     cpu = torch.device("cpu")
 
     planned = jobs.plan(cfg)
-    cache = CacheReader(jobs.cache_path(cfg))
+    cache = open_reader(jobs.cache_path(cfg))
     done = []
     for shard in planned:
         name = jobs.job_name(cfg, shard)

@@ -35,6 +35,7 @@ from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.io import atomic_write_text, check_writable, hash_json, remove_dead_tmp
 from pipeline.core.progress import log
 from pipeline.format import reader as fmt
+from pipeline.format.remote import open_reader
 from pipeline.inputs.arrays import Splits
 from pipeline.inputs.augment import check_images
 from pipeline.inputs.splits import load_splits
@@ -57,7 +58,7 @@ class ShardResult:
 
 def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
     path = cache_path(cfg)
-    reader = fmt.CacheReader(path)
+    reader = open_reader(path)
     if reader.dataset_fingerprint != splits.transfer.fingerprint:
         raise CacheError(f"{path}: cache was made for dataset {reader.dataset_fingerprint}, but this "
                          f"config's transfer set is {splits.transfer.fingerprint}; point student.cache "

@@ -109,25 +109,28 @@ def test_a_corrupt_object_is_refused_on_download(s3, local, shard_cache, tmp_pat
     assert bad == {"missing": [], "corrupt": [shard]}
 
 
-KILL_MID_UPLOAD = """
+KILLED_AT_PUT = """
 import os, signal, sys
 from pathlib import Path
+from pipeline.core.config import load_config
 from pipeline.format import remote
+from stages import cache as cache_stage
 real, n = remote._put_new, [0]
-def put_then_die(fs, local, target):
+def put_then_die(fs, local, target):  # SIGKILL before the Nth object is put
     n[0] += 1
-    if n[0] == int(sys.argv[3]):
+    if n[0] == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
     real(fs, local, target)
 remote._put_new = put_then_die
-remote.push(Path(sys.argv[1]), sys.argv[2])
 """
+KILL_MID_UPLOAD = KILLED_AT_PUT + "remote.push(Path(sys.argv[2]), sys.argv[3])\n"  # N, CACHE_DIR, ROOT_URL
+KILL_MID_PUBLISH = KILLED_AT_PUT + "cache_stage.main(load_config(sys.argv[2], sys.argv[3:]))\n"  # N, CONFIG, OVERRIDES
 
 
 def test_a_kill_mid_upload_leaves_no_complete_cache_and_a_rerun_completes_it(s3, local, shard_cache):
     env = {**os.environ, **s3, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
     root = "s3://bucket/killed"
-    p = subprocess.run([sys.executable, "-c", KILL_MID_UPLOAD, str(local), root, "5"], env=env, cwd=REPO,
+    p = subprocess.run([sys.executable, "-c", KILL_MID_UPLOAD, "5", str(local), root], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     url = f"{root}/{local.name}"
@@ -162,3 +165,67 @@ def test_the_cli_publishes_a_cache(s3, local, cli_run):
     assert f"s3://bucket/pushed/{local.name}" in out
     assert np.array_equal(lc.open_cache(f"s3://bucket/pushed/{local.name}").reader.read_all()["sample_id"],
                           lc.open_cache(local).reader.read_all()["sample_id"])
+
+
+@pytest.mark.parametrize("kill_at", [4, 25])  # inside the first shard; after a shard and its sidecar
+def test_the_stages_run_with_the_cache_root_in_a_bucket(s3, shard_cache, tmp_path, kill_at):
+    """cache.root=s3://...: the cache stage stages shards here and publishes each as it is whole; killed
+    while publishing it leaves no complete cache in the store, and a rerun completes it with the bytes
+    of a local run. A student on a machine without the staged copy trains from the bucket."""
+    from conftest import tiny_config, write_config
+
+    from pipeline.core.config import load_config
+    from stages import cache as cache_stage
+    from stages import evaluate as evaluate_stage
+    from stages import student as student_stage
+    from stages import teachers as teachers_stage
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "ws"))
+    in_bucket = [f"cache.root=s3://bucket/stages{kill_at}"]
+    teachers_stage.main(load_config(path))
+    staged = cache_stage.main(load_config(path, ["cache.root=" + str(tmp_path / "plain")]))  # a local run
+    url = f"s3://bucket/stages{kill_at}/{staged.name}"
+    env = {**os.environ, **s3, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    p = subprocess.run([sys.executable, "-c", KILL_MID_PUBLISH, str(kill_at), str(path), *in_bucket], env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert bool(remote.published(url)) == (kill_at == 25)  # killed mid-shard, or after one was whole
+    with pytest.raises(CacheError, match="cache is incomplete"):
+        lc.open_cache(url)
+    cache_stage.main(load_config(path, in_bucket))  # the rerun publishes what is missing, the manifest last
+    theirs = remote.remote_manifest(url)
+    assert [e["sha256"] for e in theirs["shards"]] == [e["sha256"] for e in lc.open_cache(staged).manifest["shards"]]
+    assert remote.verify_remote(url) == {"missing": [], "corrupt": []}
+    import shutil
+
+    shutil.rmtree(tmp_path / "ws" / "caches")  # another machine: no staged copy, only the bucket
+    cfg = load_config(path, in_bucket)
+    student_stage.main(cfg)
+    report = evaluate_stage.main(cfg)
+    assert (shard_cache / staged.name / "shards").is_dir() and report is not None
+
+
+def test_an_input_at_a_url_gives_the_cache_of_the_same_local_file(s3, shard_cache, tmp_path):
+    from conftest import tiny_config, write_config
+    from sklearn.datasets import load_digits
+
+    from pipeline.core.config import load_config
+    from stages import cache as cache_stage
+    from stages import teachers as teachers_stage
+
+    x, y = load_digits(return_X_y=True)
+    np.savez(tmp_path / "digits.npz", x=x.astype(np.float32), y=y.astype(np.int64))
+    fs, _ = remote.filesystem("s3://bucket")
+    fs.put_file(str(tmp_path / "digits.npz"), "bucket/inputs/digits.npz")
+    ids = []
+    for source in (str(tmp_path / "digits.npz"), "s3://bucket/inputs/digits.npz"):
+        path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "ws", data={"source": source}))
+        teachers_stage.main(load_config(path))
+        ids.append(cache_stage.main(load_config(path)).name)
+    assert ids[0] == ids[1]  # the same bytes: the same teachers' inputs, the same cache
+    copies = list((shard_cache.parent / "inputs").rglob("digits.npz"))
+    assert len(copies) == 1 and copies[0].read_bytes() == (tmp_path / "digits.npz").read_bytes()
+    with pytest.raises(Exception, match="data.source: s3://bucket/inputs/nope.npz does not exist"):
+        from pipeline.inputs.splits import load_splits
+
+        load_splits(load_config(path, ["data.source=s3://bucket/inputs/nope.npz"]))

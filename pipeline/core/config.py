@@ -20,6 +20,7 @@ import yaml
 
 from pipeline.core.codecs import CODECS, codec_problems
 from pipeline.core.errors import ConfigError
+from pipeline.core.io import is_url
 from pipeline.core.specs import SPECS, CNNSpec, MLPSpec, ModelSpec, foreign_field, spec_class
 
 
@@ -250,7 +251,16 @@ class Config:
 
     @property
     def cache_root(self) -> Path:
-        return Path(self.cache.root) if self.cache.root else Path(self.workspace) / "caches"
+        """Where this machine writes and finds caches: cache.root, or <workspace>/caches (also where
+        shards are staged when cache.root is a URL)."""
+        if self.cache.root and not is_url(self.cache.root):
+            return Path(self.cache.root)
+        return Path(self.workspace) / "caches"
+
+    @property
+    def cache_url(self) -> str | None:
+        """cache.root when it is an object store URL (s3://bucket/caches), else None."""
+        return self.cache.root.rstrip("/") if self.cache.root and is_url(self.cache.root) else None
 
     @property
     def teacher_dir(self) -> Path:

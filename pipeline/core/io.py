@@ -58,6 +58,12 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".tmp-{path.name}-{OWNER}-{_PROCS[pid]}-{uuid.uuid4().hex[:8]}")
 
 
+def is_url(ref: str | Path) -> bool:
+    """A URL of an object store (anything with a scheme but file://): pipeline/format/remote.py."""
+    text = os.fspath(ref)
+    return "://" in text and not text.startswith("file://")
+
+
 def tmp_grace() -> float:
     """Seconds after its last change a temporary entry of a writer this host cannot check (another
     host or container) is taken for dead: LOGITCACHE_TMP_GRACE, default an hour."""

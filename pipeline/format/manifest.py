@@ -50,6 +50,17 @@ def planned(spec: dict[str, Any]) -> tuple[int, int]:
 
 
 def write_manifest(cache_dir: Path, spec: dict[str, Any], entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict:
+    manifest = manifest_of(cache_dir.name, spec, entries, extra)
+    remove_dead_tmp(cache_dir / "shards")  # from killed writers; never read as data
+    if (cache_dir / "digests").is_dir():
+        remove_dead_tmp(cache_dir / "digests")
+    fsync_dir(cache_dir)  # shards were fsynced when published; now the entries above them
+    atomic_write_json(cache_dir / "manifest.json", manifest)  # fsynced, and its directory entry
+    return manifest
+
+
+def manifest_of(cache_id: str, spec: dict[str, Any], entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict:
+    """The manifest of a cache whose shards are all written: `entries` in shard order."""
     import datetime
 
     rows = sum(e["rows"] for e in entries)
@@ -57,7 +68,7 @@ def write_manifest(cache_dir: Path, spec: dict[str, Any], entries: list[dict[str
     manifest = {
         "status": "complete",
         "format_version": FORMAT_VERSION,
-        "cache_id": cache_dir.name,
+        "cache_id": cache_id,
         "target_id": target_id(spec),
         "created_by": f"logitcache {__version__}",
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -68,11 +79,6 @@ def write_manifest(cache_dir: Path, spec: dict[str, Any], entries: list[dict[str
         "spec": spec,
         **extra,
     }
-    remove_dead_tmp(cache_dir / "shards")  # from killed writers; never read as data
-    if (cache_dir / "digests").is_dir():
-        remove_dead_tmp(cache_dir / "digests")
-    fsync_dir(cache_dir)  # shards were fsynced when published; now the entries above them
-    atomic_write_json(cache_dir / "manifest.json", manifest)  # fsynced, and its directory entry
     return manifest
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from pipeline.core.errors import CacheError
 from pipeline.core.io import (
     atomic_write_bytes,
+    is_url,
     publish_dir,
     publish_file,
     record_tree_digest,
@@ -39,12 +40,6 @@ from pipeline.core.io import (
     tmp_name,
 )
 from pipeline.format.manifest import READABLE_VERSIONS
-
-
-def is_url(ref: str | Path) -> bool:
-    """A URL of an object store (anything with a scheme but file://)."""
-    text = os.fspath(ref)
-    return "://" in text and not text.startswith("file://")
 
 
 def local_path(ref: str | Path) -> Path:
@@ -57,7 +52,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         from fsspec.core import url_to_fs
 
-        return url_to_fs(url)
+        return url_to_fs(url, use_listings_cache=False)  # other processes write here too
     except ImportError as e:
         raise CacheError(f"{url}: reading it needs {e.name or 'its fsspec driver'} (pip install "
                          "'logitcache[s3]' for s3://, gcsfs for gs://, adlfs for az://)") from None
@@ -82,17 +77,64 @@ def push(cache_dir: Path, root_url: str) -> str:
     if manifest is None or manifest.get("status") != "complete":
         raise CacheError(f"{cache_dir}: only a complete cache is published; rerun `logitcache cache CONFIG` "
                          "to finish it")
-    fs, root = filesystem(root_url)
     url = join(root_url, cache_dir.name)
-    base = join(root, cache_dir.name)
+    fs, base = filesystem(url)
     if fs.exists(join(base, "manifest.json")):
         return url
-    files = [p for p in sorted(cache_dir.rglob("*")) if p.is_file() and not p.name.startswith(".tmp-")
-             and p.name != "manifest.json"]
+    done = published(url)
+    for e in manifest["shards"]:
+        name = e["path"].rsplit("/", 1)[-1]
+        if name not in done:
+            publish_shard(cache_dir, name, url)
+    publish_manifest(cache_dir, url, manifest)
+    return url
+
+
+def publish_shard(cache_dir: Path, name: str, url: str) -> None:
+    """Upload shard `name` (every object of it), then its digest sidecar: the sidecar in the store
+    says the shard is there whole."""
+    fs, base = filesystem(url)
+    shard = cache_dir / "shards" / name
+    files = [shard] if shard.is_file() else sorted(p for p in shard.rglob("*") if p.is_file())
     for p in files:
         _put_new(fs, p, join(base, p.relative_to(cache_dir).as_posix()))
-    _put_new(fs, cache_dir / "manifest.json", join(base, "manifest.json"))
-    return url
+    _put_new(fs, cache_dir / "digests" / f"{name}.json", join(base, "digests", f"{name}.json"))
+
+
+def published(url: str) -> set[str]:
+    """Names of the shards whose every object is in the store (their sidecars are)."""
+    fs, base = filesystem(url)
+    side = join(base, "digests")
+    try:
+        return {p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.ls(side, detail=False) if p.endswith(".json")}
+    except FileNotFoundError:
+        return set()
+
+
+def published_entry(url: str, index: int, name: str, first_row: int, rows: int) -> dict[str, Any]:
+    """A shard's manifest entry from the sidecar its writer published."""
+    side = read_remote_json(join(url, "digests", f"{name}.json"))
+    return {"index": index, "path": f"shards/{name}", "first_row": first_row, "rows": rows,
+            "sha256": side["sha256"], "bytes": side["bytes"]}
+
+
+def publish_manifest(cache_dir: Path, url: str, manifest: dict[str, Any]) -> None:
+    """spec.json and the configs that made or used the cache, then manifest.json: the cache is
+    complete in the store from then on."""
+    fs, base = filesystem(url)
+    for p in [cache_dir / "spec.json", *sorted((cache_dir / "configs").glob("*.yaml"))]:
+        if p.is_file():
+            _put_new(fs, p, join(base, p.relative_to(cache_dir).as_posix()))
+    try:
+        with fs.open(join(base, "manifest.json"), "xb") as f:
+            f.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    except FileExistsError:
+        pass
+
+
+def complete(url: str) -> bool:
+    fs, base = filesystem(url)
+    return bool(fs.exists(join(base, "manifest.json")))
 
 
 def _put_new(fs: Any, local: Path, remote: str) -> None:
@@ -292,3 +334,49 @@ def resolve_remote(ref: str, root_url: str | None) -> str:
     if len(matches) > 1:
         raise CacheError(f"cache {ref!r} matches {len(matches)} caches under {root_url}; give more of the id")
     raise CacheError(f"cache {ref!r}: no such cache under {root_url}; list caches with `logitcache caches ls`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def input_cache_dir() -> Path:
+    """Local copies of inputs given as URLs: beside the shard cache (LOGITCACHE_SHARD_CACHE/../inputs)."""
+    return shard_cache_dir().parent / "inputs"
+
+
+def fetch_input(url: str, key: str, what: str) -> Path:
+    """A local copy of the input object at `url`, downloaded again only when the object changed (its
+    size, ETag or modification time): every stage maps and hashes the local copy as it would a local
+    file, so the cache id is the same as for that file. No size limit: an input is what a run needs."""
+    from pipeline.core.errors import DataError
+
+    fs, path = filesystem(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DataError(f"{key}: {url} does not exist; give {what}") from None
+    if info.get("type") != "file":
+        raise DataError(f"{key}: {url} is not an object (a prefix?); give {what} (a Zarr group or a directory of "
+                        ".npy arrays is read from a local path only)")
+    version = {"url": url, "size": info.get("size"),
+               "version": str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified"))}
+    home = input_cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16]
+    local, stamp = home / path.rstrip("/").rsplit("/", 1)[-1], home / ".source.json"
+    try:
+        if local.is_file() and json.loads(stamp.read_text()) == version and local.stat().st_size == version["size"]:
+            return local
+    except (OSError, ValueError):
+        pass
+    home.mkdir(parents=True, exist_ok=True)
+    remove_dead_tmp(home)
+    tmp = tmp_name(local)
+    try:
+        fs.get_file(path, os.fspath(tmp))
+        if tmp.stat().st_size != version["size"]:
+            raise DataError(f"{key}: {url} changed while it was downloaded; rerun")
+        os.replace(tmp, local)  # a reader of the old copy keeps its file until it closes it
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(stamp, json.dumps(version).encode())
+    return local

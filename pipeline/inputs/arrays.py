@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import DataError
-from pipeline.core.io import remembered
+from pipeline.core.io import is_url, remembered
 from pipeline.inputs.rows import Selection, index_rows
 
 PAGE_BUDGET = 16 << 20  # bytes of mapped input made resident before its pages are released
@@ -311,7 +311,12 @@ class Splits:
 
 
 def check_file(path: str, key: str, what: str) -> Path:
-    """`path` as a Path if it is a readable file; else one DataError naming `key` and the problem."""
+    """`path` as a Path if it is a readable file; else one DataError naming `key` and the problem. A
+    URL (s3://bucket/x.parquet) is fetched to a local copy, which is returned (format/remote.py)."""
+    if is_url(path):
+        from pipeline.format.remote import fetch_input
+
+        return fetch_input(path, key, what)
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{key}: {path} is a directory; give {what}")

@@ -16,7 +16,8 @@ from pipeline.core import specs
 from pipeline.core.config import GRID_KEYS, Config, to_dict
 from pipeline.core.specs import ModelSpec
 from pipeline.format import reader as fmt
-from pipeline.format.manifest import resolve
+from pipeline.format.manifest import read_manifest, resolve
+from pipeline.format.remote import join, resolve_remote
 from pipeline.run.identity import find_cache
 from pipeline.train.plan import augmentation
 from pipeline.train.tasks import task_of
@@ -101,8 +102,15 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
             "alpha": m.alpha if m.alpha is not None else s.alpha}
 
 
-def cache_path(cfg: Config) -> Path:
-    """student.cache if given, else the cache this config's cache stage made (see spec.find_cache)."""
+def cache_path(cfg: Config) -> Path | str:
+    """student.cache if given, else the cache this config's cache stage made (see spec.find_cache).
+    With cache.root a URL: the cache in the store, or its staged copy here when that is complete."""
+    if cfg.cache_url is not None:
+        if cfg.student.cache is not None:
+            return resolve_remote(cfg.student.cache, cfg.cache_url)
+        local = find_cache(cfg)
+        whole = (local / "manifest.json").is_file() and read_manifest(local).get("status") == "complete"
+        return local if whole else join(cfg.cache_url, local.name)
     if cfg.student.cache is not None:
         return resolve(cfg.student.cache, cfg.cache_root)
     return find_cache(cfg)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.format import manifest as fmt
+from pipeline.format.remote import join, publish_shard
 from pipeline.format.shards import shard_name, write_shard
 from pipeline.format.views import view_dtype
 from pipeline.inputs.augment import draw, expand, render_rows
@@ -163,8 +164,10 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardRes
         attrs.update(seq_len=cfg.data.seq_len, vocab_fingerprint=ctx.splits.vocab)
     if ctx.views is not None:
         attrs["views"] = ctx.spec["views"]
-    write_shard(shard_path(ctx, shard), arrays, attrs, ctx.encoding, cfg.cache.chunk_rows,
-                    cfg.cache.compression_level, cfg.cache.codec)
+    path = shard_path(ctx, shard)
+    write_shard(path, arrays, attrs, ctx.encoding, cfg.cache.chunk_rows, cfg.cache.compression_level, cfg.cache.codec)
+    if cfg.cache_url is not None:  # staged here, published to the store as soon as it is whole
+        publish_shard(ctx.dir, path.name, join(cfg.cache_url, ctx.dir.name))
     return ShardResult(shard.index, shard.rows, skipped=False)
 
 
