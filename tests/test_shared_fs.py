@@ -147,3 +147,45 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         io.atomic_write_json(tmp_path / "runs" / "x.json", {"a": 1})
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+CONCURRENT_CACHE = """
+import os, sys, time
+from pipeline.core.config import load_config
+from pipeline.run import targets
+from stages import cache as cache_stage
+real = targets.compute_shard
+def counted(ctx, shard, models):  # slow enough that the three processes overlap
+    with open(sys.argv[2], "a") as f:
+        f.write(f"{shard.index}\\n")
+    time.sleep(0.5)
+    return real(ctx, shard, models)
+targets.compute_shard = counted
+print(cache_stage.main(load_config(sys.argv[1])))
+"""
+
+
+def test_three_processes_that_need_the_same_cache_compute_each_shard_once(tmp_path):
+    from conftest import tiny_config, write_config
+
+    from pipeline.core.config import load_config
+    from pipeline.format.manifest import read_manifest
+    from stages import cache as cache_stage
+    from stages import teachers as teachers_stage
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "ws", cache={"rows_per_shard": 256,
+                                                                              "chunk_rows": 128}))
+    teachers_stage.main(load_config(path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    computed = tmp_path / "computed.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_CACHE, str(path), str(computed)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    (d,) = {Path(out.strip()) for out, _ in outs}
+    manifest = read_manifest(d)
+    indices = [int(i) for i in computed.read_text().split()]
+    assert sorted(indices) == list(range(len(manifest["shards"])))  # every shard computed once, by one of them
+    assert len(manifest["shards"]) >= 4 and not list((d / ".locks").iterdir())
+    serial = cache_stage.main(load_config(path, [f"cache.root={tmp_path / 'serial'}"]))
+    assert [e["sha256"] for e in manifest["shards"]] == [e["sha256"] for e in read_manifest(serial)["shards"]]

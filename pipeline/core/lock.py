@@ -43,27 +43,51 @@ def lease_seconds() -> float:
     return lease
 
 
+class LeaseLock:
+    """The lock file `path`, held while building `what`: `acquire()` waits for it (or with
+    wait=False returns False when a live process holds it); `release()` lets it go."""
+
+    def __init__(self, path: Path, what: str, poll: float = 0.2) -> None:
+        self.path, self.what, self.poll = path, what, poll
+        self._stop: threading.Event | None = None
+        self._beat: threading.Thread | None = None
+        self._ino = 0
+
+    def acquire(self, wait: bool = True) -> bool:
+        lease = lease_seconds()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ino = _acquire(self.path, self.what, lease, self.poll, wait)
+        if ino is None:
+            return False
+        self._ino, self._stop = ino, threading.Event()
+        self._beat = threading.Thread(target=_heartbeat, args=(self.path, ino, lease / 4, self._stop), daemon=True,
+                                      name="logitcache-lock")
+        self._beat.start()
+        return True
+
+    def release(self) -> None:
+        if self._stop is None or self._beat is None:
+            return
+        self._stop.set()
+        self._beat.join()
+        self._stop = self._beat = None
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._ino:  # still ours, not taken over after a freeze
+                self.path.unlink()
+
+
 @contextlib.contextmanager
 def build_lock(path: Path, what: str, poll: float = 0.2) -> Iterator[None]:
     """Hold the lock file `path` while building `what`; wait while another live process holds it."""
-    lease = lease_seconds()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ino = _acquire(path, what, lease, poll)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(path, ino, lease / 4, stop), daemon=True,
-                            name="logitcache-lock")
-    beat.start()
+    lock = LeaseLock(path, what, poll)
+    lock.acquire()
     try:
         yield
     finally:
-        stop.set()
-        beat.join()
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == ino:  # still ours, not taken over after a freeze
-                path.unlink()
+        lock.release()
 
 
-def _acquire(path: Path, what: str, lease: float, poll: float) -> int:
+def _acquire(path: Path, what: str, lease: float, poll: float, wait: bool = True) -> int | None:
     me = {"owner": OWNER, "pid": os.getpid(), "started": process_start_time(os.getpid()), "what": what}
     waited = False
     while True:
@@ -72,6 +96,8 @@ def _acquire(path: Path, what: str, lease: float, poll: float) -> int:
         except FileExistsError:
             if _take_over_if_stale(path, lease):
                 continue
+            if not wait:
+                return None
             if not waited:
                 log(f"{what}: another process is building it ({_holder(path)}); waiting for it")
                 waited = True

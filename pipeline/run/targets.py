@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core.lock import LeaseLock
 from pipeline.format import manifest as fmt
 from pipeline.format.remote import join, publish_shard
 from pipeline.format.shards import shard_name, write_shard
@@ -173,24 +174,54 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardRes
 
 def run_shards(ctx: Context, shards: Sequence[Shard], models: list[torch.nn.Module],
                on_done: Callable[[Shard], Any] | None = None) -> list[ShardResult]:
-    """Compute and write shards in order; writing one shard overlaps computing the next."""
-    results = []
+    """Compute and write shards in order; writing one shard overlaps computing the next.
+
+    Each shard is computed under a lock (<cache>/.locks/, pipeline/core/lock.py), so processes that
+    run the same shards at once (a stage started twice, array tasks without --shard-index) share
+    them out: a shard another live process is computing is passed over, and waited for at the end
+    (computed here after all if that process died)."""
+    results: list[ShardResult] = []
+    later: list[Shard] = []
     with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: list[tuple[Shard, Future]] = []
+        pending: list[tuple[Shard, Future, LeaseLock]] = []
 
         def drain(keep: int) -> None:
             while len(pending) > keep:  # bound host memory: at most two shards waiting to be written
-                shard, future = pending.pop(0)
-                results.append(future.result())
+                shard, future, lock = pending.pop(0)
+                try:
+                    results.append(future.result())
+                finally:
+                    lock.release()
                 if on_done:
                     on_done(shard)
 
-        for shard in shards:
+        def run(shard: Shard, wait: bool) -> bool:
+            """Compute and write `shard` unless it is there; False if another process holds it (wait=False)."""
             if shard_path(ctx, shard).exists():  # another task or process finished it
                 results.append(ShardResult(shard.index, shard.rows, skipped=True))
-                continue
-            arrays = compute_shard(ctx, shard, models)
-            drain(1)
-            pending.append((shard, writer.submit(write, ctx, shard, arrays)))
+                return True
+            lock = LeaseLock(ctx.dir / ".locks" / f"{shard_path(ctx, shard).name}.lock",
+                             f"cache {ctx.dir.name[:8]} shard {shard.index}")
+            if not lock.acquire(wait=wait):
+                return False
+            if shard_path(ctx, shard).exists():  # finished while this process waited for the lock
+                lock.release()
+                results.append(ShardResult(shard.index, shard.rows, skipped=True))
+                return True
+            try:
+                arrays = compute_shard(ctx, shard, models)
+                drain(1)
+            except BaseException:
+                lock.release()
+                raise
+            pending.append((shard, writer.submit(write, ctx, shard, arrays), lock))
+            return True
+
+        for shard in shards:
+            if not run(shard, wait=False):
+                later.append(shard)
         drain(0)
-    return results
+        for shard in later:  # computed by another process meanwhile, or here if it died
+            run(shard, wait=True)
+            drain(0)
+    return sorted(results, key=lambda r: r.index)
