@@ -191,7 +191,8 @@ def _root(root: str | None, config: Path | None) -> Any:
     if root is not None:
         return root.rstrip("/") if is_url(root) else local_path(root)
     if config is not None:
-        return load_config(config).cache_root
+        cfg = load_config(config)
+        return cfg.cache_url or cfg.cache_root
     return DEFAULT_ROOT
 
 

@@ -101,6 +101,11 @@ def test_batch_size_one_on_an_uneven_split_pads_so_every_rank_steps_together(tmp
         loss = lc.kd_loss(s, b, temperature=1.0)
         loss.backward()
         assert loss.item() == 0.0 and s.grad is not None and not s.grad.any()
+    if pads:  # even from a student whose output overflowed
+        bad = torch.full((1, C), float("inf"), requires_grad=True)
+        loss = lc.kd_loss(bad, pads[0], temperature=1.0)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(bad.grad, torch.zeros(1, C))
 
 
 def test_remaining_is_exactly_what_no_rank_consumed():

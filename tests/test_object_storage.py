@@ -229,3 +229,13 @@ def test_an_input_at_a_url_gives_the_cache_of_the_same_local_file(s3, shard_cach
         from pipeline.inputs.splits import load_splits
 
         load_splits(load_config(path, ["data.source=s3://bucket/inputs/nope.npz"]))
+
+
+def test_verifying_a_cache_in_the_store_downloads_and_checks_each_shard(s3, local, shard_cache, cli_run, tmp_path):
+    url = remote.push(local, "s3://bucket/verified")
+    cache = lc.open_cache(url, verify=True)  # every shard fetched and checked, none mistaken for missing
+    assert cache.reader.remote.downloads == 4
+    cache.verify()  # again: from the shard cache, each checked against the manifest
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("cache:\n  root: s3://bucket/verified\n")
+    assert local.name in cli_run("caches", "ls", "--config", str(cfg)).output  # the config's root is the bucket

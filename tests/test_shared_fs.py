@@ -189,3 +189,32 @@ def test_three_processes_that_need_the_same_cache_compute_each_shard_once(tmp_pa
     assert len(manifest["shards"]) >= 4 and not list((d / ".locks").iterdir())
     serial = cache_stage.main(load_config(path, [f"cache.root={tmp_path / 'serial'}"]))
     assert [e["sha256"] for e in manifest["shards"]] == [e["sha256"] for e in read_manifest(serial)["shards"]]
+
+
+def test_a_failed_shard_leaves_no_lock_held(tmp_path, monkeypatch):
+    from conftest import tiny_config, write_config
+
+    from pipeline.core.config import load_config
+    from pipeline.run import targets
+    from stages import cache as cache_stage
+    from stages import teachers as teachers_stage
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "ws", cache={"rows_per_shard": 256,
+                                                                              "chunk_rows": 128}))
+    teachers_stage.main(load_config(path))
+    real, calls = targets.compute_shard, []
+
+    def second_fails(ctx, shard, models):
+        calls.append(shard.index)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(ctx, shard, models)
+
+    monkeypatch.setattr(targets, "compute_shard", second_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache_stage.main(load_config(path))
+    (d,) = (tmp_path / "ws" / "caches").iterdir()
+    assert list((d / ".locks").iterdir()) == []  # the written shard's lock and the failed one's: released
+    assert not any(t.name == "logitcache-lock" for t in threading.enumerate())
+    monkeypatch.undo()
+    cache_stage.main(load_config(path))  # and the next run is not kept waiting

@@ -51,17 +51,17 @@ class LeaseLock:
         self.path, self.what, self.poll = path, what, poll
         self._stop: threading.Event | None = None
         self._beat: threading.Thread | None = None
-        self._ino = 0
+        self._token = ""
 
     def acquire(self, wait: bool = True) -> bool:
         lease = lease_seconds()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        ino = _acquire(self.path, self.what, lease, self.poll, wait)
-        if ino is None:
+        token = _acquire(self.path, self.what, lease, self.poll, wait)
+        if token is None:
             return False
-        self._ino, self._stop = ino, threading.Event()
-        self._beat = threading.Thread(target=_heartbeat, args=(self.path, ino, lease / 4, self._stop), daemon=True,
-                                      name="logitcache-lock")
+        self._token, self._stop = token, threading.Event()
+        self._beat = threading.Thread(target=_heartbeat, args=(self.path, token, lease / 4, self._stop),
+                                      daemon=True, name="logitcache-lock")
         self._beat.start()
         return True
 
@@ -71,8 +71,8 @@ class LeaseLock:
         self._stop.set()
         self._beat.join()
         self._stop = self._beat = None
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._ino:  # still ours, not taken over after a freeze
+        if _token(self.path) == self._token:  # still ours, not taken over after a freeze
+            with contextlib.suppress(OSError):
                 self.path.unlink()
 
 
@@ -87,8 +87,17 @@ def build_lock(path: Path, what: str, poll: float = 0.2) -> Iterator[None]:
         lock.release()
 
 
-def _acquire(path: Path, what: str, lease: float, poll: float, wait: bool = True) -> int | None:
-    me = {"owner": OWNER, "pid": os.getpid(), "started": process_start_time(os.getpid()), "what": what}
+def _token(path: Path) -> str | None:
+    """The token of the lock file at `path` (one per acquisition: inode numbers are reused), or None."""
+    try:
+        return str(json.loads(path.read_text())["token"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _acquire(path: Path, what: str, lease: float, poll: float, wait: bool = True) -> str | None:
+    me = {"owner": OWNER, "pid": os.getpid(), "started": process_start_time(os.getpid()), "what": what,
+          "token": uuid.uuid4().hex}
     waited = False
     while True:
         try:
@@ -107,7 +116,7 @@ def _acquire(path: Path, what: str, lease: float, poll: float, wait: bool = True
             json.dump(me, f)
             f.flush()
             os.fsync(f.fileno())
-        return os.stat(path).st_ino
+        return me["token"]
 
 
 def _holder(path: Path) -> str:
@@ -125,6 +134,7 @@ def _take_over_if_stale(path: Path, lease: float) -> bool:
         st = os.stat(path)
     except FileNotFoundError:
         return True
+    seen = _token(path)
     stale = time.time() - st.st_mtime > lease
     if not stale:
         try:
@@ -139,7 +149,7 @@ def _take_over_if_stale(path: Path, lease: float) -> bool:
         os.rename(path, aside)  # one taker wins the rename; the others find the lock gone
     except FileNotFoundError:
         return True
-    if os.stat(aside).st_ino != st.st_ino:  # a fresh lock was taken meanwhile: put it back if still free
+    if _token(aside) != seen:  # a fresh lock was taken meanwhile: put it back if still free
         with contextlib.suppress(FileExistsError):
             os.link(aside, path)
     else:
@@ -148,10 +158,10 @@ def _take_over_if_stale(path: Path, lease: float) -> bool:
     return True
 
 
-def _heartbeat(path: Path, ino: int, every: float, stop: threading.Event) -> None:
+def _heartbeat(path: Path, token: str, every: float, stop: threading.Event) -> None:
     while not stop.wait(every):
         try:
-            if os.stat(path).st_ino != ino:
+            if _token(path) != token:  # taken over after a freeze: not ours to keep alive
                 return
             os.utime(path)
         except OSError:

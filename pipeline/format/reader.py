@@ -132,7 +132,14 @@ class CacheReader:
 
     def verify(self) -> None:
         """Check every shard now (on the read threads: hashing releases the GIL); the first problem
-        in manifest order is raised."""
+        in manifest order is raised. A cache in object storage is checked shard by shard as each is
+        downloaded, so the shard cache's size limit holds."""
+        if self.remote is not None:
+            for i in range(len(self.shards)):
+                self._present([i], read=True)
+                self._verify_once(i)
+            self.remote.release()
+            return
         self.map(self._verify_once, list(range(len(self.shards))), min(4, usable_cores()))
 
     def verify_shard(self, i: int) -> None:
@@ -166,6 +173,9 @@ class CacheReader:
 
     def _verify(self, i: int) -> None:
         path = self.shard_path(i)
+        if not path.exists():
+            raise CacheError(f"{path}: shard listed in the manifest is missing; rerun `logitcache cache CONFIG` "
+                             "to recompute it")
         try:
             digest = whole_tree_digest(path)
         except OSError as err:

@@ -38,6 +38,7 @@ from pipeline.core.io import (
     record_tree_digest,
     remove_dead_tmp,
     tmp_name,
+    tree_size,
 )
 from pipeline.format.manifest import READABLE_VERSIONS
 
@@ -292,21 +293,33 @@ class ShardCache:
         self.downloads += 1
 
     def _make_room(self, need: int) -> None:
-        """Evict least recently used shards of every cache here until `need` more bytes fit."""
-        from pipeline.core.io import tree_size
+        """Evict least recently used shards of every cache here until `need` more bytes fit. Other
+        processes share the directory and evict too: a shard gone meanwhile is simply skipped."""
+        def stat(p: Path) -> tuple[float, int] | None:
+            try:
+                return p.stat().st_mtime, tree_size(p)
+            except FileNotFoundError:
+                return None
 
-        shards = [p for d in self.root.iterdir() if d.is_dir() for p in (d / "shards").glob("[0-9]*")]
-        sizes = {p: tree_size(p) for p in shards}
-        total = sum(sizes.values())
-        now = time.time()
-        for p in sorted(shards, key=lambda q: q.stat().st_mtime):
+        found = {p: st for d in self.root.iterdir() if d.is_dir() for p in (d / "shards").glob("[0-9]*")
+                 if (st := stat(p)) is not None}
+        total = sum(size for _, size in found.values())
+        for p in sorted(found, key=lambda q: found[q][0]):
             if total + need <= self.limit:
                 break
             # in use here, or recently by another process: over the limit rather than pull it from a reader
-            if p in self._pinned or now - p.stat().st_mtime < self.RECENT_S:
+            if p in self._pinned or time.time() - found[p][0] < self.RECENT_S:
                 continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            total -= sizes[p]
+            aside = tmp_name(p)
+            try:
+                if time.time() - p.stat().st_mtime < self.RECENT_S:  # touched by a reader since it was listed
+                    continue
+                os.rename(p, aside)  # atomic: a reader finds the whole shard or none of it, never part
+            except FileNotFoundError:  # evicted by another process meanwhile
+                total -= found[p][1]
+                continue
+            shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
+            total -= found[p][1]
 
 
 def open_reader(ref: str | Path, verify: bool = False, **kw: Any) -> Any:

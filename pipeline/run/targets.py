@@ -22,7 +22,7 @@ import torch
 
 from pipeline.core.lock import LeaseLock
 from pipeline.format import manifest as fmt
-from pipeline.format.remote import join, publish_shard
+from pipeline.format.remote import join, publish_shard, published
 from pipeline.format.shards import shard_name, write_shard
 from pipeline.format.views import view_dtype
 from pipeline.inputs.augment import draw, expand, render_rows
@@ -182,6 +182,11 @@ def run_shards(ctx: Context, shards: Sequence[Shard], models: list[torch.nn.Modu
     (computed here after all if that process died)."""
     results: list[ShardResult] = []
     later: list[Shard] = []
+    url = join(ctx.cfg.cache_url, ctx.dir.name) if ctx.cfg.cache_url else None
+
+    def in_store(shard: Shard) -> bool:  # published by a machine that does not share this staging directory
+        return url is not None and shard_path(ctx, shard).name in published(url)
+
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: list[tuple[Shard, Future, LeaseLock]] = []
 
@@ -197,7 +202,7 @@ def run_shards(ctx: Context, shards: Sequence[Shard], models: list[torch.nn.Modu
 
         def run(shard: Shard, wait: bool) -> bool:
             """Compute and write `shard` unless it is there; False if another process holds it (wait=False)."""
-            if shard_path(ctx, shard).exists():  # another task or process finished it
+            if shard_path(ctx, shard).exists() or in_store(shard):  # another task or process finished it
                 results.append(ShardResult(shard.index, shard.rows, skipped=True))
                 return True
             lock = LeaseLock(ctx.dir / ".locks" / f"{shard_path(ctx, shard).name}.lock",
@@ -217,11 +222,18 @@ def run_shards(ctx: Context, shards: Sequence[Shard], models: list[torch.nn.Modu
             pending.append((shard, writer.submit(write, ctx, shard, arrays), lock))
             return True
 
-        for shard in shards:
-            if not run(shard, wait=False):
-                later.append(shard)
-        drain(0)
-        for shard in later:  # computed by another process meanwhile, or here if it died
-            run(shard, wait=True)
+        try:
+            for shard in shards:
+                if not run(shard, wait=False):
+                    later.append(shard)
             drain(0)
+            for shard in later:  # computed by another process meanwhile, or here if it died
+                run(shard, wait=True)
+                drain(0)
+        finally:  # a failed compute or write: no lock may outlive this call (its heartbeat would hold it)
+            for _, future, lock in pending:
+                future.cancel()
+                with contextlib.suppress(BaseException):
+                    future.result()
+                lock.release()
     return sorted(results, key=lambda r: r.index)

@@ -145,8 +145,10 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
                          "slice a padded output layer to the cache's classes (logits[..., :C])")
     if alpha > 0 and labels is None:
         raise ValueError(f"kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
+    if batch.get("padding"):
+        return _nothing(logits)
     return row_losses(logits, _targets(batch, temperature, alpha, logits.device), _labels(labels, logits.device),
-                      _settings(temperature, alpha, divergence, tail), enc) * (_weight(batch) / rows)
+                      _settings(temperature, alpha, divergence, tail), enc) / rows
 
 
 def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, Any], temperature: float,
@@ -161,15 +163,18 @@ def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str
                          f"{int(batch['sample_id'].shape[0])} rows; pass (rows, d) in the batch's row order")
     if alpha > 0 and labels is None:
         raise ValueError(f"chunked_kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
+    if batch.get("padding"):
+        return _nothing(hidden)
     return chunked_loss(hidden, head, _targets(batch, temperature, alpha, hidden.device),
                         _labels(labels, hidden.device), _settings(temperature, alpha, divergence, tail), enc,
-                        logit_chunk) * _weight(batch)
+                        logit_chunk)
 
 
-def _weight(batch: dict[str, Any]) -> float:
-    """0 for a padding batch (an item again, so every DDP rank steps together), else 1: the loss
-    keeps its graph, so backward still runs and all-reduces a zero gradient."""
-    return 0.0 if batch.get("padding") else 1.0
+def _nothing(out: torch.Tensor) -> torch.Tensor:
+    """The loss of a padding batch (an item again, so every DDP rank steps together): 0, joined to
+    the model's output so backward runs and all-reduces a zero gradient; 0 even when the output is
+    not finite (a loss times 0 would be NaN)."""
+    return torch.where(torch.isfinite(out), out, torch.zeros_like(out)).sum() * 0.0
 
 
 def _settings(temperature: float, alpha: float, divergence: str, tail: str) -> dict[str, Any]:

@@ -139,7 +139,9 @@ def remaining(spans: Spans, batch_size: int, world: int, drop_last: bool, batche
     """What an epoch has not yet seen once every rank of `world` consumed `batches` batches of the
     layout over `spans`: each rank's range minus the prefix it read, as stream intervals. Items a
     drop_last layout skips stay skipped. Resuming on another world size (or batch size) lays these
-    out afresh (`rank_layout` over their count), so no item is seen twice and none is missed."""
+    out afresh (`rank_layout` over their count), so no item is seen twice and none is missed; with
+    drop_last the new layout again makes only full batches and skips up to world * batch_size - 1
+    more of them."""
     n, out = span_items(spans), []
     for r in range(world):
         start, sizes = rank_layout(n, batch_size, world, r, drop_last)
