@@ -115,3 +115,28 @@ def test_a_token_batch_loss_holds_seven_chunks_of_logits_at_most(tmp_path):
     peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")  # bytes since start
     assert peak <= 7 * chunk * V * 4 + (1 << 20)  # before: 2,048-row chunks, eight tensors: 128 MB
     assert peak <= 29 << 20
+
+
+def test_a_language_model_teacher_fits_on_chunks_of_logits_never_batch_by_seq_by_vocab():
+    """The fit loss of a built-in GPT teacher equals cross-entropy over full (B, L, V) logits, value
+    and gradients, while its output layer only ever sees logit_rows rows at a time."""
+    from pipeline.core.specs import GPTSpec
+    from pipeline.models.builders import build_model
+    from pipeline.train.tasks import TASKS
+
+    torch.manual_seed(0)
+    model = build_model(GPTSpec(name="g", arch="gpt", d_model=32, layers=1, heads=2), (17,), 50, "t")
+    x, y = torch.randint(0, 50, (6, 16)), torch.randint(0, 50, (6, 16))
+    seen = []
+    hook = model.head.register_forward_hook(lambda m, inp, out: seen.append(out.shape[0] if out.dim() == 2
+                                                                            else out.shape[0] * out.shape[1]))
+    loss = TASKS["lm"].fit_loss(model, x, y, logit_rows=40)
+    loss.backward()
+    hook.remove()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert max(seen) <= 40 and sum(seen) >= 6 * 16  # chunks (and their recompute in backward), never all 96 rows
+    model.zero_grad()
+    full = torch.nn.functional.cross_entropy(model(x).reshape(-1, 50), y.reshape(-1))
+    full.backward()
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))

@@ -107,6 +107,23 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict[str,
     return total / n
 
 
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                          chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of rows of hidden states (n, d) against class ids (n,), computing
+    (chunk, V) logits at a time, each chunk checkpointed: the (n, V) logits are never held."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = hidden.shape[0]
+    total = hidden.new_zeros(())
+    for s in range(0, n, chunk):
+        def f(h: torch.Tensor, y: torch.Tensor = labels[s:s + chunk]) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+        total = total + (checkpoint(f, hidden[s:s + chunk], use_reentrant=False) if hidden.requires_grad
+                         else f(hidden[s:s + chunk]))
+    return total / n
+
+
 # ---------------------------------------------------------------------------------------------
 # The loss
 

@@ -24,7 +24,7 @@ from pipeline.core.config import Config
 from pipeline.inputs.arrays import Dataset, Splits
 from pipeline.models.ensemble import token_logits
 from pipeline.models.lm import hidden_and_head
-from pipeline.train.losses import chunked_kd_loss, kd_loss
+from pipeline.train.losses import chunked_cross_entropy, chunked_kd_loss, kd_loss
 
 
 class Task(Protocol):
@@ -42,6 +42,7 @@ class Task(Protocol):
     def report_metrics(self, metrics: dict[str, float]) -> dict[str, float]: ...
     def teacher_logits(self, models: list[nn.Module], x: torch.Tensor,
                        logit_rows: int) -> Any: ...
+    def fit_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logit_rows: int) -> torch.Tensor: ...
     def student_labels(self, splits: Splits) -> Dataset | None: ...
     def student_settings(self, cfg: Config) -> dict[str, Any]: ...
     def student_loss(self, model: nn.Module, batch: dict[str, Any], dev: torch.device,
@@ -83,6 +84,10 @@ class Classification:
     def teacher_logits(self, models: list[nn.Module], x: torch.Tensor, logit_rows: int) -> Any:
         """(rows, each model's logits (B, C)) for the whole batch at once."""
         return iter([(slice(0, len(x)), [m(x) for m in models])])
+
+    def fit_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logit_rows: int) -> torch.Tensor:
+        """A built-in teacher's training loss: cross-entropy of its (B, C) logits."""
+        return nn.functional.cross_entropy(model(x), y)
 
     def student_labels(self, splits: Splits) -> Dataset | None:
         return splits.transfer if splits.transfer.y is not None else None
@@ -132,6 +137,11 @@ class Tokens:
     def teacher_logits(self, models: list[nn.Module], x: torch.Tensor, logit_rows: int) -> Any:
         """(token rows, each model's logits (rows, V)), `logit_rows` rows at a time."""
         return token_logits(models, x, logit_rows)
+
+    def fit_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logit_rows: int) -> torch.Tensor:
+        """Cross-entropy of the next token, `logit_rows` (rows, V) logits at a time: never (B, L, V)."""
+        hidden, head = hidden_and_head(model, x)
+        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, y.reshape(-1), logit_rows)
 
     def student_labels(self, splits: Splits) -> Dataset | None:
         return None  # the label of a token is the next token of its sequence

@@ -5,7 +5,7 @@ checkpoints beside its model.pt, and a resume that gives the same weights as an 
 
 Each epoch is a permutation of the training rows drawn from a generator seeded with the fit seed
 (one permutation per epoch, in sequence), in batches of teachers.batch_size, with Adam on the
-cross-entropy of the next token or the label. The rows of a batch are gathered from the mapped or
+cross-entropy of the next token (cache.logit_rows logits at a time) or the label. The rows of a batch are gathered from the mapped or
 lazily read inputs (`Dataset.rows`): the training set is never loaded whole.
 """
 
@@ -67,9 +67,7 @@ def fit_teacher(cfg: Config, ref: TeacherRef, splits: Splits) -> tuple[nn.Module
         return model, torch.optim.Adam(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
 
     def step_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        logits = model(x)  # (B, C), or (B, L, V) for language models
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return task.fit_loss(model, *batch, cfg.cache.logit_rows)
 
     job = teacher_job(cfg, ref)
     batches = Permutations(splits.train, task, settings["batch_size"], settings["seed"])
