@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -115,13 +116,13 @@ from pathlib import Path
 from pipeline.core.config import load_config
 from pipeline.format import remote
 from stages import cache as cache_stage
-real, n = remote._put_new, [0]
-def put_then_die(fs, local, target):  # SIGKILL before the Nth object is put
+real, n = remote._put, [0]
+def put_then_die(fs, local, target, replace=False):  # SIGKILL before the Nth object is put
     n[0] += 1
     if n[0] == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
-    real(fs, local, target)
-remote._put_new = put_then_die
+    real(fs, local, target, replace)
+remote._put = put_then_die
 """
 KILL_MID_UPLOAD = KILLED_AT_PUT + "remote.push(Path(sys.argv[2]), sys.argv[3])\n"  # N, CACHE_DIR, ROOT_URL
 KILL_MID_PUBLISH = KILLED_AT_PUT + "cache_stage.main(load_config(sys.argv[2], sys.argv[3:]))\n"  # N, CONFIG, OVERRIDES
@@ -239,3 +240,45 @@ def test_verifying_a_cache_in_the_store_downloads_and_checks_each_shard(s3, loca
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cache:\n  root: s3://bucket/verified\n")
     assert local.name in cli_run("caches", "ls", "--config", str(cfg)).output  # the config's root is the bucket
+
+
+def test_two_writers_of_one_shard_with_different_bytes_never_mix_it(s3, tmp_path, monkeypatch):
+    """Two machines whose teachers' numerics differ publish the same shard at once: one claims it and
+    uploads it, the other leaves it; the store's shard is whole and matches its sidecar."""
+    import threading
+
+    a = write(tmp_path / "a", teacher_logits(300, seed=1), lc.Dense(C, "float32"), rows_per_shard=300, chunk_rows=32)
+    b = write(tmp_path / "b", teacher_logits(300, seed=2), lc.Dense(C, "float32"), rows_per_shard=300, chunk_rows=32)
+    assert a.path.name == b.path.name  # the same targets' id, other bytes
+    url = f"s3://bucket/mixed/{a.path.name}"
+    real = remote._put
+
+    def slow(fs, local, target, replace=False):  # long enough that the two uploads overlap
+        time.sleep(0.02)
+        real(fs, local, target, replace)
+
+    monkeypatch.setattr(remote, "_put", slow)
+    won = []
+    threads = [threading.Thread(target=lambda d=d: won.append(remote.publish_shard(d, "00000.zarr", url)))
+               for d in (a.path, b.path)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fs, base = remote.filesystem(url)
+    side = json.loads(fs.cat_file(f"{base}/digests/00000.zarr.json"))
+    assert sorted(won) == [False, True]
+    assert remote.remote_tree_digest(fs, f"{base}/shards/00000.zarr")[0] == side["sha256"]
+    assert not fs.exists(f"{base}/claims/00000.zarr.json")
+
+
+def test_a_claim_not_renewed_for_a_lease_is_taken_over(s3, local, monkeypatch):
+    monkeypatch.setenv("LOGITCACHE_LOCK_LEASE", "1")
+    url = f"s3://bucket/abandoned/{local.name}"
+    fs, base = remote.filesystem(url)
+    fs.pipe_file(f"{base}/claims/00000.zarr.json", json.dumps({"token": "x", "writer": "elsewhere.1", "pid": 1,
+                                                                "time": time.time()}).encode())
+    assert remote.publish_shard(local, "00000.zarr", url) is False  # a live writer elsewhere holds it
+    time.sleep(1.5)  # its writer renewed nothing for a lease: gone
+    assert remote.publish_shard(local, "00000.zarr", url) is True
+    assert "00000.zarr" in remote.published(url)

@@ -20,19 +20,24 @@ AWS_ACCESS_KEY_ID, ...; s3fs for s3://, gcsfs for gs://, adlfs for az://).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import CacheError
 from pipeline.core.io import (
+    OWNER,
     atomic_write_bytes,
     is_url,
+    process_alive,
+    process_start_time,
     publish_dir,
     publish_file,
     record_tree_digest,
@@ -82,24 +87,112 @@ def push(cache_dir: Path, root_url: str) -> str:
     fs, base = filesystem(url)
     if fs.exists(join(base, "manifest.json")):
         return url
+    names = [e["path"].rsplit("/", 1)[-1] for e in manifest["shards"]]
     done = published(url)
-    for e in manifest["shards"]:
-        name = e["path"].rsplit("/", 1)[-1]
+    for name in names:
         if name not in done:
             publish_shard(cache_dir, name, url)
+    busy = sorted(set(names) - published(url))
+    if busy:
+        raise CacheError(f"{url}: another writer is publishing {len(busy)} of its shards ({busy[0]}, ...); rerun "
+                         "`logitcache caches push` once it has finished")
     publish_manifest(cache_dir, url, manifest)
     return url
 
 
-def publish_shard(cache_dir: Path, name: str, url: str) -> None:
-    """Upload shard `name` (every object of it), then its digest sidecar: the sidecar in the store
-    says the shard is there whole."""
+def publish_shard(cache_dir: Path, name: str, url: str) -> bool:
+    """Upload shard `name` (every object of it), then its digest sidecar, which says in the store
+    that the shard is there whole. False if the shard is already there or another live writer is
+    uploading it.
+
+    A writer first claims the shard (a create-only put of claims/<name>.json, renewed every quarter
+    lease while it uploads); only the claimer uploads, so the objects of a shard never mix two
+    writers' bytes (two machines whose teachers' numerics differ). A claim not renewed for a lease
+    (LOGITCACHE_LOCK_LEASE) is taken over, and the taker overwrites what the dead claimer left."""
+    from pipeline.core.lock import lease_seconds
+
     fs, base = filesystem(url)
-    shard = cache_dir / "shards" / name
-    files = [shard] if shard.is_file() else sorted(p for p in shard.rglob("*") if p.is_file())
-    for p in files:
-        _put_new(fs, p, join(base, p.relative_to(cache_dir).as_posix()))
-    _put_new(fs, cache_dir / "digests" / f"{name}.json", join(base, "digests", f"{name}.json"))
+    if fs.exists(join(base, "digests", f"{name}.json")):
+        return False
+    claim, lease, token = join(base, "claims", f"{name}.json"), lease_seconds(), uuid.uuid4().hex
+
+    def body() -> bytes:
+        return json.dumps({"token": token, "writer": OWNER, "pid": os.getpid(),
+                           "started": process_start_time(os.getpid()), "time": time.time()}).encode()
+
+    def ours() -> bool:
+        try:
+            return bool(json.loads(fs.cat_file(claim)).get("token") == token)
+        except (FileNotFoundError, ValueError):
+            return False
+
+    if not _claim(fs, claim, body(), lease):
+        return False
+    try:
+        shard = cache_dir / "shards" / name
+        files = [shard] if shard.is_file() else sorted(p for p in shard.rglob("*") if p.is_file())
+        renewed = time.monotonic()
+        for p in files:
+            _put(fs, p, join(base, p.relative_to(cache_dir).as_posix()), replace=True)  # claimed: ours to overwrite
+            if time.monotonic() - renewed > lease / 4:
+                if not ours():
+                    raise CacheError(f"{join(url, 'shards', name)}: another writer took over the upload after this "
+                                     "one stalled for a lease; rerun to check the store")
+                fs.pipe_file(claim, body())
+                renewed = time.monotonic()
+        if not ours():  # taken over while this one stalled: the taker publishes it
+            return False
+        _put(fs, cache_dir / "digests" / f"{name}.json", join(base, "digests", f"{name}.json"))
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if ours():
+                fs.rm_file(claim)
+
+
+def _claim(fs: Any, claim: str, body: bytes, lease: float) -> bool:
+    """Create the claim object, or take over one that was not renewed for a lease; False if a live
+    writer holds it."""
+    for _ in range(3):
+        try:
+            with fs.open(claim, "xb") as f:
+                f.write(body)
+            return True
+        except FileExistsError:
+            try:
+                if _age(fs, claim) < lease and not _dead_here(fs, claim):
+                    return False
+                fs.rm_file(claim)  # stale: its writer died; the next create-only put decides the taker
+            except FileNotFoundError:
+                pass
+    return False
+
+
+def _dead_here(fs: Any, claim: str) -> bool:
+    """Whether the claim's writer is a dead process of this host's pid namespace (no need to wait a lease)."""
+    try:
+        held = json.loads(fs.cat_file(claim))
+        return bool(held["writer"] == OWNER and not process_alive(int(held["pid"]), str(held.get("started", ""))))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _age(fs: Any, path: str) -> float:
+    """Seconds since the claim at `path` was last written: by the store's clock where it says, else
+    by the time its writer put in it."""
+    import datetime
+
+    info = fs.info(path)
+    when = info.get("LastModified") or info.get("last_modified") or info.get("mtime")
+    if isinstance(when, datetime.datetime):
+        now = datetime.datetime.now(when.tzinfo or datetime.timezone.utc)
+        return (now - when).total_seconds()
+    if isinstance(when, (int, float)):
+        return time.time() - float(when)
+    try:
+        return time.time() - float(json.loads(fs.cat_file(path))["time"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # unreadable: its writer died mid-put
 
 
 def published(url: str) -> set[str]:
@@ -125,7 +218,7 @@ def publish_manifest(cache_dir: Path, url: str, manifest: dict[str, Any]) -> Non
     fs, base = filesystem(url)
     for p in [cache_dir / "spec.json", *sorted((cache_dir / "configs").glob("*.yaml"))]:
         if p.is_file():
-            _put_new(fs, p, join(base, p.relative_to(cache_dir).as_posix()))
+            _put(fs, p, join(base, p.relative_to(cache_dir).as_posix()))
     try:
         with fs.open(join(base, "manifest.json"), "xb") as f:
             f.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
@@ -138,8 +231,12 @@ def complete(url: str) -> bool:
     return bool(fs.exists(join(base, "manifest.json")))
 
 
-def _put_new(fs: Any, local: Path, remote: str) -> None:
-    """Create `remote` from `local` unless it exists (a conditional put where the store has them)."""
+def _put(fs: Any, local: Path, remote: str, replace: bool = False) -> None:
+    """Upload `local` to `remote`: created only if absent (a conditional put where the store has
+    them), or with `replace` over whatever is there."""
+    if replace:
+        fs.put_file(os.fspath(local), remote)
+        return
     try:
         with open(local, "rb") as src, fs.open(remote, "xb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
