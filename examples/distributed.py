@@ -21,6 +21,7 @@ import collections
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, batches, temperature: fl
 
 
 def rank_main(rank: int, world: int, workdir: str, job: str) -> None:
-    cache = lc.open_cache(open(f"{workdir}/cache-{ROWS}.path").read())
+    cache = lc.open_cache(Path(f"{workdir}/cache-{ROWS}.path").read_text())
     x = np.load(f"{workdir}/x-{ROWS}.npy")
     early = cache.dataset(batch_size=BATCH, seed=SEED, inputs=x)  # before the process group exists
     dist.init_process_group("gloo", init_method=f"file://{workdir}/init-{job}", rank=rank, world_size=world)
@@ -82,7 +83,7 @@ def rank_main(rank: int, world: int, workdir: str, job: str) -> None:
         if rank == 0:
             with open(f"{workdir}/state.json", "w") as f:
                 json.dump(state, f)
-        uneven = lc.open_cache(open(f"{workdir}/cache-{UNEVEN}.path").read())
+        uneven = lc.open_cache(Path(f"{workdir}/cache-{UNEVEN}.path").read_text())
         xu = np.load(f"{workdir}/x-{UNEVEN}.npy")
         out["uneven"] = train(model, opt, uneven.dataset(batch_size=1, seed=SEED, inputs=xu).loader(**fork),
                               cache.temperature)
@@ -112,7 +113,7 @@ def main(workdir: str) -> None:
         with open(f"{workdir}/cache-{rows}.path", "w") as f:
             f.write(make_cache(workdir, rows))
     mp.spawn(rank_main, args=(4, workdir, "start"), nprocs=4, join=True)
-    start = json.load(open(f"{workdir}/start.json"))
+    start = json.loads(Path(f"{workdir}/start.json").read_text())
     for epoch in range(2):
         per_rank = [len(r["epochs"][epoch]) for r in start]
         print(f"epoch {epoch} on 4 ranks: {coverage([b for r in start for b in r['epochs'][epoch]], ROWS)}, "
@@ -121,7 +122,7 @@ def main(workdir: str) -> None:
     head = [b for r in start for b in r["head"]]
     for world in (2, 3):
         mp.spawn(rank_main, args=(world, workdir, f"resume{world}"), nprocs=world, join=True)
-        tail = json.load(open(f"{workdir}/resume{world}.json"))
+        tail = json.loads(Path(f"{workdir}/resume{world}.json").read_text())
         print(f"epoch 1 stopped after {STOP} batches on 4 ranks, resumed on {world} ranks: "
               f"{coverage(head + [b for r in tail for b in r['tail']], ROWS)}, "
               f"batches per rank {[len(r['tail']) for r in tail]}")

@@ -110,7 +110,7 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     task_share([], shard_index, num_shards)  # reject a bad --shard-index before any work
     check_writable(cfg.cache_root, "cache.root" if cfg.cache.root and not cfg.cache_url else "workspace")
     ctx = context(cfg)
-    url = remote.join(cfg.cache_url, ctx.dir.name) if cfg.cache_url else None
+    url = ctx.url
     if url is not None and remote.complete(url):
         _record_config(cfg, ctx.dir)
         record(ctx)
@@ -136,13 +136,12 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     planned = plan(cfg, ctx)
     shards = task_share(planned, shard_index, num_shards)
     in_store = remote.published(url) if url is not None else set()
+    staged = {s.index for s in shards if shard_path(ctx, s).exists()}
     if url is not None:
         for s in shards:  # staged here by a run killed before it published them
-            name = shard_path(ctx, s).name
-            if name not in in_store and shard_path(ctx, s).exists():
-                remote.publish_shard(ctx.dir, name, url)
-                in_store.add(name)
-    todo = [s for s in shards if not shard_path(ctx, s).exists() and shard_path(ctx, s).name not in in_store]
+            if s.index in staged and shard_path(ctx, s).name not in in_store:
+                remote.publish_shard(ctx.dir, shard_path(ctx, s).name, url)
+    todo = [s for s in shards if s.index not in staged and shard_path(ctx, s).name not in in_store]
     done_rows = sum(s.rows for s in shards) - sum(s.rows for s in todo)
     log(f"cache {ctx.dir.name}: {len(todo)} of {len(planned)} shards to compute "
         f"({ctx.encoding.label()}, {cfg.cache.backend}, device {ctx.device}, {ctx.precision})")
@@ -186,7 +185,7 @@ def run_group(cfg: Config, group: Group) -> list[ShardResult]:
 
 
 def _finish(ctx: Context) -> Path:
-    url = remote.join(ctx.cfg.cache_url, ctx.dir.name) if ctx.cfg.cache_url else None
+    url = ctx.url
     if url is None:
         still_missing = missing(ctx)
     else:

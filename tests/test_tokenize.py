@@ -332,8 +332,7 @@ def _corpus(path: Path, n_tokens: int, n_words: int) -> None:
     ends = np.cumsum(lengths)
     block = "\n\n".join(" ".join(words[e - n:e]) for e, n in zip(ends, lengths)) + "\n\n"
     with open(path, "w") as f:
-        for _ in range(-(-n_tokens // int(ends[-1] + len(lengths)))):
-            f.write(block)
+        f.writelines(block for _ in range(-(-n_tokens // int(ends[-1] + len(lengths)))))
 
 
 @pytest.mark.slow
@@ -368,8 +367,7 @@ def test_a_batch_of_long_documents_is_bounded_by_characters(tmp_path):
     for n in (4, 40):
         source = tmp_path / f"c{n}.txt"
         with open(source, "w") as f:
-            for _ in range(n):
-                f.write(doc + "\n\n")
+            f.writelines(doc + "\n\n" for _ in range(n))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
         p = subprocess.run([sys.executable, "-c", MEASURE, "data.task=lm", f"data.source={source}",
                             f"data.tokenizer={tok_dir}", f"workspace={tmp_path / str(n)}", *GPT],

@@ -115,6 +115,12 @@ def _last_change(path: Path) -> float:
         return time.time()  # changing under us: someone is writing it
 
 
+def dead_here(owner: str, pid: Any, started: Any = "") -> bool:
+    """Whether a lock or claim taken by process `pid` of `owner` (host and pid namespace, OWNER of
+    the taker) is held by a dead process this host can see: no need to wait out its lease."""
+    return owner == OWNER and not process_alive(int(pid), str(started or ""))
+
+
 def process_alive(pid: int, started: str = "") -> bool:
     try:
         os.kill(pid, 0)

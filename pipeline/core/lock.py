@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.core.io import OWNER, process_alive, process_start_time
+from pipeline.core.io import OWNER, dead_here, process_start_time
 from pipeline.core.progress import log
 
 
@@ -139,7 +139,7 @@ def _take_over_if_stale(path: Path, lease: float) -> bool:
     if not stale:
         try:
             held = json.loads(path.read_text())
-            stale = held["owner"] == OWNER and not process_alive(int(held["pid"]), str(held.get("started", "")))
+            stale = dead_here(held["owner"], held["pid"], held.get("started"))
         except (OSError, ValueError, KeyError, TypeError):  # being written, or not ours to judge
             return False
     if not stale:

@@ -1,13 +1,12 @@
-"""Caches in object storage (s3://, gs://, az://, or any fsspec URL): published object by object
-with conditional puts, read through a bounded local shard cache.
+"""Caches in object storage (s3://, gs://, az://, or any fsspec URL): published shard by shard,
+read through a bounded local shard cache.
 
-Publishing (`push`): a complete local cache is uploaded to <root>/<cache_id>/ shard by shard, each
-object with a conditional put (create only, never replace; S3's If-None-Match), spec.json and the
-digest sidecars with it, manifest.json last. An object store shows an object whole or not at all,
-so a kill -9 mid-upload leaves shards that are complete or absent and no manifest: no reader takes
-the cache as complete, and rerunning the push uploads what is missing. An object already there
-from an earlier push is kept: shard bytes are deterministic, and its sha256 is checked by every
-reader that downloads it.
+Publishing (`push`, and the cache stage with cache.root a URL): a cache is uploaded to
+<root>/<cache_id>/ shard by shard. A writer claims a shard with a conditional put (create only;
+S3's If-None-Match) of claims/<shard>.json, uploads its objects, then its digest sidecar, which
+says the shard is whole; spec.json and the configs follow, manifest.json last. A kill -9 mid-upload
+leaves no manifest, so no reader takes the cache as complete, and a rerun uploads what is missing
+(taking over the dead writer's claim). Every reader checks a shard's sha256 as it downloads it.
 
 Reading (`open_reader`): the manifest is fetched, then each shard the first time it is needed,
 into a local shard cache (LOGITCACHE_SHARD_CACHE, default ~/.cache/logitcache/shards, at most
@@ -35,15 +34,14 @@ from pipeline.core.errors import CacheError
 from pipeline.core.io import (
     OWNER,
     atomic_write_bytes,
+    dead_here,
     is_url,
-    process_alive,
     process_start_time,
     publish_dir,
     publish_file,
     record_tree_digest,
     remove_dead_tmp,
     tmp_name,
-    tree_size,
 )
 from pipeline.format.manifest import READABLE_VERSIONS
 
@@ -84,8 +82,7 @@ def push(cache_dir: Path, root_url: str) -> str:
         raise CacheError(f"{cache_dir}: only a complete cache is published; rerun `logitcache cache CONFIG` "
                          "to finish it")
     url = join(root_url, cache_dir.name)
-    fs, base = filesystem(url)
-    if fs.exists(join(base, "manifest.json")):
+    if complete(url):
         return url
     names = [e["path"].rsplit("/", 1)[-1] for e in manifest["shards"]]
     done = published(url)
@@ -111,9 +108,9 @@ def publish_shard(cache_dir: Path, name: str, url: str) -> bool:
     (LOGITCACHE_LOCK_LEASE) is taken over, and the taker overwrites what the dead claimer left."""
     from pipeline.core.lock import lease_seconds
 
-    fs, base = filesystem(url)
-    if fs.exists(join(base, "digests", f"{name}.json")):
+    if is_published(url, name):
         return False
+    fs, base = filesystem(url)
     claim, lease, token = join(base, "claims", f"{name}.json"), lease_seconds(), uuid.uuid4().hex
 
     def body() -> bytes:
@@ -172,7 +169,7 @@ def _dead_here(fs: Any, claim: str) -> bool:
     """Whether the claim's writer is a dead process of this host's pid namespace (no need to wait a lease)."""
     try:
         held = json.loads(fs.cat_file(claim))
-        return bool(held["writer"] == OWNER and not process_alive(int(held["pid"]), str(held.get("started", ""))))
+        return dead_here(held["writer"], held["pid"], held.get("started"))
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return False
 
@@ -193,6 +190,12 @@ def _age(fs: Any, path: str) -> float:
         return time.time() - float(json.loads(fs.cat_file(path))["time"])
     except (ValueError, KeyError, TypeError):
         return float("inf")  # unreadable: its writer died mid-put
+
+
+def is_published(url: str, name: str) -> bool:
+    """Whether shard `name` is whole in the store (its sidecar is): one request."""
+    fs, base = filesystem(url)
+    return bool(fs.exists(join(base, "digests", f"{name}.json")))
 
 
 def published(url: str) -> set[str]:
@@ -263,8 +266,7 @@ def read_remote_json(url: str) -> Any:
 
 def remote_manifest(url: str) -> dict[str, Any]:
     """The manifest of the cache at `url`, which must be complete and of a readable version."""
-    fs, base = filesystem(url)
-    if not fs.exists(join(base, "manifest.json")):
+    if not complete(url):
         raise CacheError(f"{url}: cache is incomplete (no manifest.json); finish publishing it "
                          "(`logitcache caches push`, or rerun `logitcache cache CONFIG`)")
     manifest = read_remote_json(join(url, "manifest.json"))
@@ -390,16 +392,18 @@ class ShardCache:
         self.downloads += 1
 
     def _make_room(self, need: int) -> None:
-        """Evict least recently used shards of every cache here until `need` more bytes fit. Other
-        processes share the directory and evict too: a shard gone meanwhile is simply skipped."""
-        def stat(p: Path) -> tuple[float, int] | None:
+        """Evict least recently used shards of every cache here until `need` more bytes fit: one stat
+        per shard, sizes from each cache's manifest. Other processes share the directory and evict
+        too: a shard gone meanwhile is simply skipped."""
+        found: dict[Path, tuple[float, int]] = {}
+        for d in self.root.iterdir():
             try:
-                return p.stat().st_mtime, tree_size(p)
-            except FileNotFoundError:
-                return None
-
-        found = {p: st for d in self.root.iterdir() if d.is_dir() for p in (d / "shards").glob("[0-9]*")
-                 if (st := stat(p)) is not None}
+                shards = json.loads((d / "manifest.json").read_text())["shards"]
+            except (OSError, ValueError, KeyError, TypeError):  # not a cache copy (or being written)
+                continue
+            for e in shards:
+                with contextlib.suppress(OSError, KeyError, TypeError):
+                    found[d / e["path"]] = ((d / e["path"]).stat().st_mtime, int(e["bytes"]))
         total = sum(size for _, size in found.values())
         for p in sorted(found, key=lambda q: found[q][0]):
             if total + need <= self.limit:

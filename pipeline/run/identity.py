@@ -30,6 +30,7 @@ from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.core.progress import log
 from pipeline.format import manifest as fmt
 from pipeline.format.encodings import Encoding, encoding_from_config
+from pipeline.format.remote import join
 from pipeline.format.views import ViewSpec
 from pipeline.inputs.arrays import Splits
 from pipeline.inputs.augment import check_images
@@ -58,6 +59,12 @@ class Context:
     @property
     def token_rows(self) -> bool:
         return self.cfg.data.task == "lm"
+
+    @property
+    def url(self) -> str | None:
+        """Where the cache is published when cache.root is an object store URL; else None (`dir` is
+        then where it lives, not a staging copy)."""
+        return join(self.cfg.cache_url, self.dir.name) if self.cfg.cache_url else None
 
 
 def context(cfg: Config) -> Context:

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.core.lock import LeaseLock
 from pipeline.format import manifest as fmt
-from pipeline.format.remote import join, publish_shard, published
+from pipeline.format.remote import is_published, publish_shard
 from pipeline.format.shards import shard_name, write_shard
 from pipeline.format.views import view_dtype
 from pipeline.inputs.augment import draw, expand, render_rows
@@ -167,8 +167,8 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardRes
         attrs["views"] = ctx.spec["views"]
     path = shard_path(ctx, shard)
     write_shard(path, arrays, attrs, ctx.encoding, cfg.cache.chunk_rows, cfg.cache.compression_level, cfg.cache.codec)
-    if cfg.cache_url is not None:  # staged here, published to the store as soon as it is whole
-        publish_shard(ctx.dir, path.name, join(cfg.cache_url, ctx.dir.name))
+    if ctx.url is not None:  # staged here, published to the store as soon as it is whole
+        publish_shard(ctx.dir, path.name, ctx.url)
     return ShardResult(shard.index, shard.rows, skipped=False)
 
 
@@ -182,10 +182,9 @@ def run_shards(ctx: Context, shards: Sequence[Shard], models: list[torch.nn.Modu
     (computed here after all if that process died)."""
     results: list[ShardResult] = []
     later: list[Shard] = []
-    url = join(ctx.cfg.cache_url, ctx.dir.name) if ctx.cfg.cache_url else None
 
     def in_store(shard: Shard) -> bool:  # published by a machine that does not share this staging directory
-        return url is not None and shard_path(ctx, shard).name in published(url)
+        return ctx.url is not None and is_published(ctx.url, shard_path(ctx, shard).name)
 
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending: list[tuple[Shard, Future, LeaseLock]] = []

@@ -392,17 +392,22 @@ class CacheDataset(IterableDataset):
         columns and each batch is decoded as it is made: a buffer of 8-bit top-10 rows takes
         ~16 B/row, not the ~130 B/row of int64 ids and float32 log-probs. Memory: the buffer being
         consumed plus the one being read."""
-        wanted, seen = [], 0
+        wanted, seen, j = [], 0, 0  # spans[j:] end after `seen`: buffers and spans are walked once, in step
         for b, buffer in enumerate(plan.buffers(self._epoch_pieces(epoch), self.seed, epoch, self.shuffle,
                                                 self.shuffle_chunks)):
+            if j == len(spans):
+                break
             n = sum(p.items for p in buffer)
-            parts = [(max(lo, seen) - seen, min(hi, seen + n) - seen) for lo, hi in spans
-                     if lo < seen + n and hi > seen]
+            parts, k = [], j
+            while k < len(spans) and spans[k][0] < seen + n:
+                lo, hi = spans[k]
+                parts.append((max(lo, seen) - seen, min(hi, seen + n) - seen))
+                k += 1
             if parts and n:
                 wanted.append((b, buffer, n, parts))
             seen += n
-            if not spans or seen >= spans[-1][1]:
-                break
+            while j < len(spans) and spans[j][1] <= seen:
+                j += 1
         if not wanted:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-prefetch") as ahead:
