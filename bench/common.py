@@ -211,7 +211,7 @@ def run_stage(args: list[str], env: dict[str, str] | None = None, cwd: Path | No
                 status = Path(f"/proc/{p.pid}/status").read_text()
             except OSError:
                 status = ""
-            for key, value in re.findall(r"^(RssAnon|RssFile):\s+(\d+) kB", status, re.M):
+            for key, value in re.findall(r"^(RssAnon|RssFile):\s+(\d+) kB", status, re.MULTILINE):
                 peaks[key] = max(peaks[key], int(value))
             time.sleep(0.05)
         seconds = time.perf_counter() - start
@@ -246,6 +246,7 @@ class _ReaderCache:
     """What CacheDataset takes from a Cache, over any reader."""
 
     def __init__(self, reader: Any) -> None:
-        self.reader, self.path, self.encoding = reader, reader.dir, reader.encoding
+        self.reader, self.path, self.source, self.encoding = reader, reader.dir, reader.dir, reader.encoding
+        self.id = reader.dir.name
         self.temperature, self.token_rows, self.views = reader.temperature, reader.token_rows, None
 

@@ -38,6 +38,13 @@ def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int,
     return a - log_z[:, None], (b - log_z).exp()
 
 
+def student_logq(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The student's log-probs at temperature T, (n, C) float32; at T = 1 without the division's
+    extra (n, C) copy."""
+    z = logits.float()
+    return F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Any encoding: reverse KL and JSD, losses of a chunk of rows, chunked logits for vocabularies
 
@@ -53,6 +60,51 @@ def topk_full_logp(ids: torch.Tensor, logp: torch.Tensor, residual: torch.Tensor
         u = torch.full_like(residual.float(), float("-inf"))
     full = u[:, None].expand(-1, num_classes).clone()
     return full.scatter_(-1, ids.long(), logp.float())  # in place: one (n, C) tensor, not two
+
+
+def uniform_tail_divergence(logq: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, residual: torch.Tensor,
+                            kind: str) -> torch.Tensor:
+    """Per-row D(teacher, student) (n,) for a teacher that is exact on the head `ids` (n, k) with
+    log-probs `logp` (n, k) and spreads `residual` (n,) evenly over the other C - k classes, from the
+    student's logq (n, C): equal to `divergence(topk_full_logp(...), logq, kind)` without building
+    that (n, C) teacher. The tail's teacher log-prob is one number per row (log u), so a sum over the
+    tail is the student-side sum over all classes minus the head's:
+
+        forward  sum_H p (log p - log q) + (C-k) u log u - u (sum_C log q - sum_H log q)
+        reverse  sum_C q log q - sum_H q log p - log u (sum_C q - sum_H q)
+        jsd      1/2 [sum_H p log p + (C-k) u log u + sum_C q log q
+                      - 2 sum_C m~ log m~ + 2 sum_H m~ log m~ - 2 sum_H m log m]
+    with m = (p + q) / 2 on the head and m~ = (u + q) / 2 (the tail model's mixture, taken over all
+    C classes, then its head terms swapped for the exact ones). Student-side (n, C) tensors only:
+    log q itself, and for reverse and JSD q (and m~)."""
+    C, k = logq.shape[-1], ids.shape[-1]
+    logu = (residual.float().clamp(min=0) / max(C - k, 1)).clamp(min=1e-30).log()  # (n,) as topk_full_logp
+    u = logu.exp()
+    logq_head = logq.gather(-1, ids)  # (n, k)
+    logp = logp.float()
+    p = logp.exp()
+    if kind == "forward":
+        head = (torch.xlogy(p, p) - p * logq_head).sum(-1)
+        return head + (C - k) * u * logu - u * (logq.sum(-1) - logq_head.sum(-1))
+    q = logq.exp()  # (n, C)
+    q_head = logq_head.exp()
+    if kind == "reverse":
+        q_tail = (q.sum(-1) - q_head.sum(-1)).clamp(min=0)
+        return _rowdot(q, logq) - (q_head * logp).sum(-1) - logu * q_tail
+    if kind == "jsd":
+        m_tilde = 0.5 * (q + u[:, None])  # (n, C)
+        m_tilde_head = 0.5 * (q_head + u[:, None])
+        m_head = 0.5 * (q_head + p)
+        tail_part = (C - k) * u * logu + _rowdot(q, logq) - 2 * _rowdot(m_tilde, m_tilde.log())
+        head_part = (torch.xlogy(p, p) + 2 * torch.xlogy(m_tilde_head, m_tilde_head)
+                     - 2 * torch.xlogy(m_head, m_head)).sum(-1)
+        return 0.5 * (tail_part + head_part)
+    raise ValueError(f"divergence {kind!r}: use forward, reverse or jsd")
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) of (n, C) tensors as a batched dot product: no (n, C) product, before or in backward."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
 def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: str) -> torch.Tensor:

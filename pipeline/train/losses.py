@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.format import kl
 from pipeline.format.encodings import Encoding
 
 
@@ -68,7 +69,7 @@ def encoding_loss(student_logits: torch.Tensor, targets: dict[str, torch.Tensor]
                   temperature: float, divergence: str = "forward", tail: str = "uniform") -> torch.Tensor:
     """T^2 * mean over rows of D(teacher || student) for targets of any encoding (see
     `Encoding.targets`); student logits (n, C)."""
-    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, C)
+    logq = kl.student_logq(student_logits, temperature)  # (n, C)
     return temperature**2 * encoding.divergence(logq, targets, divergence, tail).mean()
 
 
@@ -81,7 +82,7 @@ def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: t
         total = total + alpha * F.cross_entropy(logits.float(), labels, reduction="sum")
     if alpha == 1.0:
         return total
-    logq = F.log_softmax(logits.float() / T, dim=-1)
+    logq = kl.student_logq(logits, T)
     kd = T**2 * encoding.divergence(logq, targets, settings["divergence"], settings["tail"]).sum()
     return total + (1.0 - alpha) * kd
 

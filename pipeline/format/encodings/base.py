@@ -212,20 +212,21 @@ def head_targets(decoded: dict[str, np.ndarray], num_classes: int, device: torch
 
 
 def head_divergence(logq: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail: str) -> torch.Tensor:
-    """D(teacher, student) per row (n,) from an exact top-k head and the tail mass.
+    """D(teacher, student) per row (n,) from an exact top-k head and the tail mass, from the student's
+    logq (n, C) and the compact targets: no (n, C) teacher is built.
 
-    tail="uniform": the residual is spread evenly over the classes outside the head (a full
-    (n, C) teacher, the size of the student's logits); tail="bucket": those classes form one
-    outcome whose student mass is their sum, a (k + 1)-outcome divergence."""
-    ids, logp, residual = t["ids"], t["logp"], t["residual"]
+    tail="uniform": the residual is spread evenly over the classes outside the head, a teacher
+    log-prob that is one number per row (`kl.uniform_tail_divergence`); tail="bucket": those
+    classes form one outcome whose student mass is their sum, a (k + 1)-outcome divergence."""
+    ids, logp, residual = t["ids"].long(), t["logp"], t["residual"]
     C, k = logq.shape[-1], ids.shape[-1]
-    if k >= C:
-        return kl.divergence(logq.new_full(logq.shape, float("-inf")).scatter(-1, ids, logp), logq, kind)
+    if k >= C:  # the head is every class
+        return kl.divergence(logp.float(), logq.gather(-1, ids), kind)
     if tail == "uniform":
-        return kl.divergence(kl.topk_full_logp(ids, logp, residual, C), logq, kind)
+        return kl.uniform_tail_divergence(logq, ids, logp, residual, kind)
     if tail == "bucket":
         logq_tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)  # (n, 1)
-        teacher = torch.cat([logp, residual.clamp(min=0).log()[:, None]], dim=-1)  # (n, k + 1)
+        teacher = torch.cat([logp.float(), residual.float().clamp(min=0).log()[:, None]], dim=-1)  # (n, k + 1)
         return kl.divergence(teacher, torch.cat([logq.gather(-1, ids), logq_tail], dim=-1), kind)
     raise ConfigError(f"student.tail: {tail!r} is not one of uniform, bucket")
 
