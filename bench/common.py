@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from typing_extensions import Self
 
-from pipeline.core.codecs import layout_codec
+from pipeline.core.codecs import default_codec, layout_codec
 from pipeline.format import manifest as fmt
 from pipeline.format.encodings import Encoding
 from pipeline.format.shards import shard_entry, shard_name, write_shard
@@ -122,8 +122,10 @@ def lm_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_shard: int, chunk_rows: int,
-                backend: str = "zarr", seed: int = 0, codec: str = "zstd") -> Path:
-    """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage."""
+                backend: str = "zarr", seed: int = 0, codec: str | None = None) -> Path:
+    """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage (codec
+    None: the encoding's default, as the cache stage has it)."""
+    codec = default_codec(enc.name, backend) if codec is None else codec
     d = root / f"synthetic-{enc.name}-{rows}"
     entries = []
     for i, start in enumerate(range(0, rows, rows_per_shard)):

@@ -36,6 +36,17 @@ CODECS: dict[str, Codec] = {"zstd": Codec(3, 22), "shuffle-zstd": Codec(3, 9, "z
                             "shuffle-lz4": Codec(3, 9, "lz4"), "shuffle-lz4hc": Codec(1, 9, "lz4hc")}
 
 
+# The codec of a Zarr cache that leaves `cache.codec` unset, by encoding (bench/reader.py; docs/cache-format.md
+# "Codecs"): on top-k and hybrid columns shuffle-zstd takes 2-15% fewer bytes than zstd and reads faster; on
+# dense and sampled ones it saves nothing. Parquet caches use zstd on byte-stream-split pages.
+DEFAULT_CODECS: dict[str, str] = {"topk": "shuffle-zstd", "hybrid": "shuffle-zstd"}
+
+
+def default_codec(encoding: str, backend: str) -> str:
+    """The codec a cache of `encoding` (its name) and `backend` is written with when none is given."""
+    return DEFAULT_CODECS.get(encoding, "zstd") if backend == "zarr" else "zstd"
+
+
 def codec_problems(codec: str, level: int | None, backend: str) -> list[str]:
     """What is wrong with writing `backend` shards with `codec` at compression `level` (None: the
     codec's default), each message opening with the setting it is about."""
