@@ -69,8 +69,8 @@ def encoding_loss(student_logits: torch.Tensor, targets: dict[str, torch.Tensor]
                   temperature: float, divergence: str = "forward", tail: str = "uniform") -> torch.Tensor:
     """T^2 * mean over rows of D(teacher || student) for targets of any encoding (see
     `Encoding.targets`); student logits (n, C)."""
-    logq = kl.student_logq(student_logits, temperature)  # (n, C)
-    return temperature**2 * encoding.divergence(logq, targets, divergence, tail).mean()
+    z = kl.tempered(student_logits, temperature)  # (n, C)
+    return temperature**2 * encoding.divergence(z, targets, divergence, tail).mean()
 
 
 def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: torch.Tensor | None,
@@ -82,8 +82,8 @@ def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: t
         total = total + alpha * F.cross_entropy(logits.float(), labels, reduction="sum")
     if alpha == 1.0:
         return total
-    logq = kl.student_logq(logits, T)
-    kd = T**2 * encoding.divergence(logq, targets, settings["divergence"], settings["tail"]).sum()
+    z = kl.tempered(logits, T)
+    kd = T**2 * encoding.divergence(z, targets, settings["divergence"], settings["tail"]).sum()
     return total + (1.0 - alpha) * kd
 
 
@@ -152,7 +152,7 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
         if logits.shape[0] != n_seq or int(pos.max()) >= logits.shape[1]:
             raise ValueError(f"kd_loss: logits {tuple(logits.shape)} but the batch has {n_seq} sequences with "
                              f"positions up to {int(pos.max())}; pass (B, L, V) with B={n_seq}, L > {int(pos.max())}")
-        logits = logits[seq, pos]  # (rows, V)
+        logits = _token_rows(logits, seq, pos)  # (rows, V)
         if labels is not None and labels.dim() == 2 and labels.shape[0] == n_seq and not labels.is_floating_point():
             labels = labels.to(logits.device)[seq, pos]
     elif logits.dim() != 2 or logits.shape[0] != rows:
@@ -186,6 +186,17 @@ def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str
     return chunked_loss(hidden, head, _targets(batch, temperature, alpha, hidden.device),
                         _labels(labels, hidden.device), _settings(temperature, alpha, divergence, tail), enc,
                         logit_chunk)
+
+
+def _token_rows(logits: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """logits (B, L, V) at the batch's rows (sequence, position): a view when the rows are every
+    position of every sequence in order (a plain token batch), else a gathered copy. The copy and
+    its backward (a (B, L, V) zero tensor scattered into) cost as much as the loss itself."""
+    B, L = logits.shape[:2]
+    if len(seq) == B * L and bool((pos.view(B, L) == torch.arange(L, device=pos.device)).all()) \
+            and bool((seq.view(B, L) == torch.arange(B, device=seq.device)[:, None]).all()):
+        return logits.reshape(B * L, -1)
+    return logits[seq, pos]
 
 
 def _nothing(out: torch.Tensor) -> torch.Tensor:

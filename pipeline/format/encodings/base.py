@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.core.errors import ConfigError
 from pipeline.format import kl
@@ -43,7 +44,7 @@ class Encoding(Protocol):
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]: ...
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor: ...
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]: ...
     def raw_bytes_per_row(self) -> float: ...
@@ -211,20 +212,21 @@ def head_targets(decoded: dict[str, np.ndarray], num_classes: int, device: torch
     return {"ids": torch.from_numpy(decoded["ids"]).to(device), "logp": logp, "residual": residual}
 
 
-def head_divergence(logq: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail: str) -> torch.Tensor:
+def head_divergence(z: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail: str) -> torch.Tensor:
     """D(teacher, student) per row (n,) from an exact top-k head and the tail mass, from the student's
-    logq (n, C) and the compact targets: no (n, C) teacher is built.
+    logits z (n, C) at the loss's temperature and the compact targets: no (n, C) teacher is built.
 
     tail="uniform": the residual is spread evenly over the classes outside the head, a teacher
     log-prob that is one number per row (`kl.uniform_tail_divergence`); tail="bucket": those
     classes form one outcome whose student mass is their sum, a (k + 1)-outcome divergence."""
     ids, logp, residual = t["ids"].long(), t["logp"], t["residual"]
-    C, k = logq.shape[-1], ids.shape[-1]
+    C, k = z.shape[-1], ids.shape[-1]
     if k >= C:  # the head is every class
-        return kl.divergence(logp.float(), logq.gather(-1, ids), kind)
+        return kl.divergence(logp.float(), F.log_softmax(z.float(), dim=-1).gather(-1, ids), kind)
     if tail == "uniform":
-        return kl.uniform_tail_divergence(logq, ids, logp, residual, kind)
+        return kl.uniform_tail_divergence(z, ids, logp, residual, kind)
     if tail == "bucket":
+        logq = F.log_softmax(z.float(), dim=-1)
         logq_tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)  # (n, 1)
         teacher = torch.cat([logp.float(), residual.float().clamp(min=0).log()[:, None]], dim=-1)  # (n, k + 1)
         return kl.divergence(teacher, torch.cat([logq.gather(-1, ids), logq_tail], dim=-1), kind)

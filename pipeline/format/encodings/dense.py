@@ -44,9 +44,9 @@ class Dense:
         logp = torch.from_numpy(decoded["logp"]).to(device)
         return {"logp": kl.retemper_dense(logp, tau)}
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
-        return kl.divergence(targets["logp"], logq, kind)
+        return kl.divergence(targets["logp"], torch.log_softmax(z.float(), dim=-1), kind)
 
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         return {"kl": kl.divergence(full, targets["logp"], "forward"), "mass_kept": torch.ones(len(full)),

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from pipeline.format import kl
 from pipeline.format.encodings.base import (
     Column,
     distinct_counts,
@@ -111,14 +112,15 @@ class Hybrid:
                 "tail_weights": t["residual"][:, None] * counts / self.draws,
                 "tail_entropy": torch.from_numpy(decoded["tail_entropy"]).to(device)}
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
         if kind != "forward":
-            return head_divergence(logq, targets, kind, tail)
-        p = targets["logp"].exp()
-        head = (p * (targets["logp"] - logq.gather(-1, targets["ids"]))).sum(-1)
-        cross = -(targets["tail_weights"] * logq.gather(-1, targets["tail_ids"])).sum(-1)
-        return head + cross - targets["tail_entropy"]
+            return head_divergence(z, targets, kind, tail)
+        logp = targets["logp"].float()
+        p = logp.exp()
+        ids = torch.cat([targets["ids"].long(), targets["tail_ids"].long()], dim=-1)  # disjoint: tail ids are drawn
+        cross = kl.sparse_cross_entropy(z, ids, torch.cat([p, targets["tail_weights"]], dim=-1))  # off the head
+        return (p * logp).sum(-1) + cross - targets["tail_entropy"]
 
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         head = self.head.fidelity(full, targets)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from pipeline.format import kl
 from pipeline.format.encodings.base import (
     Column,
     distinct_counts,
@@ -82,10 +83,10 @@ class Sampled:
                 "weights": torch.from_numpy(decoded["counts"]).to(device).float() / self.draws,
                 "entropy": torch.from_numpy(decoded["entropy"]).to(device)}
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
         forward_only(self, kind)
-        return -(targets["weights"] * logq.gather(-1, targets["ids"])).sum(-1) - targets["entropy"]
+        return kl.sparse_cross_entropy(z, targets["ids"], targets["weights"]) - targets["entropy"]
 
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         ids, w = targets["ids"], targets["weights"]

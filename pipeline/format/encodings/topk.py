@@ -95,9 +95,9 @@ class TopK:
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
         return head_targets(decoded, self.num_classes, device, tau)
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
-        return head_divergence(logq, targets, kind, tail)
+        return head_divergence(z, targets, kind, tail)
 
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         ids = targets["ids"]
