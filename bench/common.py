@@ -143,22 +143,25 @@ def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_sha
     return d
 
 
-def heavy_workspace(prefix: str, rows: int, cache: dict[str, Any], temperature: float = 1.0) -> tuple[Path, np.ndarray]:
+def heavy_workspace(prefix: str, rows: int, cache: dict[str, Any], temperature: float = 1.0, classes: int = 1000,
+                    teacher: dict[str, Any] | None = None) -> tuple[Path, np.ndarray]:
     """A workspace with `rows` random inputs (all in the transfer set), the compute-heavy teacher of
-    heavy_teacher.py saved as a checkpoint, and c.yaml caching its top-k targets."""
+    heavy_teacher.py (`classes` outputs, `teacher` its other factory arguments) saved as a
+    checkpoint, and c.yaml caching its top-k targets."""
     import yaml
     from heavy_teacher import make
 
     ws = workdir(prefix)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, 64)).astype(np.float32)
-    np.savez(ws / "d.npz", x=x, y=rng.integers(0, 1000, rows), x_test=x[:10], y_test=np.arange(10))
+    np.savez(ws / "d.npz", x=x, y=rng.integers(0, classes, rows), x_test=x[:10], y_test=np.arange(10))
+    kwargs = {"classes": classes, **(teacher or {})} if classes != 1000 or teacher else {}
     torch.manual_seed(0)
-    torch.save(make().state_dict(), ws / "teacher.pt")
+    torch.save(make(**kwargs).state_dict(), ws / "teacher.pt")
+    member = {"name": "heavy", "arch": "import", "factory": "heavy_teacher:make", "checkpoint": str(ws / "teacher.pt")}
     (ws / "c.yaml").write_text(yaml.safe_dump({
-        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
-        "teachers": {"temperature": temperature, "members": [{"name": "heavy", "arch": "import",
-                     "factory": "heavy_teacher:make", "checkpoint": str(ws / "teacher.pt")}]},
+        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": classes},
+        "teachers": {"temperature": temperature, "members": [{**member, "kwargs": kwargs} if kwargs else member]},
         "cache": {"encoding": "topk", "k": 32, **cache},
     }))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
