@@ -1,8 +1,10 @@
 """Cache reader throughput over a numpy memmap of the same stored columns, read the same way.
 
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
-layout (Zarr 4,096- and 16,384-row chunks with the default codec, zstd, and with `cache.codec`
-shuffle-lz4hc; Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
+layout (`default`: what the cache stage writes when the layout and codec are left unset, Zarr
+4,096-row chunks with the encoding's default codec, shuffle-zstd for top-k and zstd for dense;
+Zarr 4,096- and 16,384-row chunks with zstd and with shuffle-lz4hc; Zarr 4,096-row chunks with
+shuffle-zstd; Parquet 4,096-row row groups),
 rows/s of one epoch of the student's dataset (batches of 4,096 rows, buffers of 4 chunks, rows
 shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
@@ -63,7 +65,7 @@ from pipeline.format.shards import recorded_digest, shard_name, write_shard
 
 BATCH, BUFFER_CHUNKS, ROWS_PER_SHARD = 4096, 4, 50_000
 ENCODINGS: dict[str, Encoding] = {"topk32": TopK(1000, 32), "topk32_q8": TopK(1000, 32, bits=8), "dense100": Dense(100)}
-LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle_lz4hc": ("zarr", 4096, "shuffle-lz4hc"),
+LAYOUTS = {"default": ("zarr", 4096, None), "zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle_lz4hc": ("zarr", 4096, "shuffle-lz4hc"),
            "zarr_4096_shuffle_zstd": ("zarr", 4096, "shuffle-zstd"), "zarr_16384": ("zarr", 16384, "zstd"),
            "zarr_16384_shuffle_lz4hc": ("zarr", 16384, "shuffle-lz4hc"), "parquet_4096": ("parquet", 4096, "zstd")}
 

@@ -63,7 +63,7 @@ from pipeline.core.config import AugmentConfig
 from pipeline.core.errors import CacheError
 from pipeline.format import reader as fmt
 from pipeline.format.columns import ROW_COLUMNS
-from pipeline.format.encodings import Encoding
+from pipeline.format.encodings import Encoding, Targets
 from pipeline.format.manifest import resolve
 from pipeline.format.reader import read_rows
 from pipeline.format.remote import is_url, open_reader, resolve_remote
@@ -194,7 +194,8 @@ class CacheDataset(IterableDataset):
     (rows,) the row's sequence within the batch and `sequence_id` (sequences,); the decoded targets
     in the encoding's natural form (dense `logp`; top-k `ids`, `logp`, `residual`; sampled `ids`,
     `counts`, `entropy`; hybrid adds `tail_*`); `targets`, the same re-tempered to `temperature` by
-    `encoding.targets` (what `kd_loss` uses); `inputs` (items, ...) looked up by sample_id when
+    `encoding.targets` (what `kd_loss` uses; a `Targets` made when first read, on the device the
+    loss moves it to); `inputs` (items, ...) looked up by sample_id when
     given (ragged 1-D inputs right-padded with pad_value, lengths in `input_lengths`); and
     `encoding` and `temperature` (not tensors). A views cache's rows are views, one per sample per
     epoch: the batch adds `view`, `box`, `flip` and with mixup/cutmix `partner` (int64, -1 when
@@ -453,7 +454,7 @@ class CacheDataset(IterableDataset):
             out["sequence"] = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
             out["sequence_id"] = torch.from_numpy(keys)
         out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in decoded.items()})
-        out["targets"] = enc.targets(decoded, "cpu", self.temperature / self.cache_temperature)
+        out["targets"] = Targets(enc, decoded, self.temperature / self.cache_temperature)  # made where the loss is
         if self.inputs is not None and self.views is not None:
             out["inputs"] = vw.render_rows(_lookup(self.inputs), rows, self.views.augment)
         elif self.augment is not None:
@@ -576,8 +577,8 @@ class CacheLoader(DataLoader):
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Move every tensor of a batch (nested dicts too) to `device`; other values are kept."""
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device)
+            if isinstance(v, (torch.Tensor, Targets)) else v for k, v in batch.items()}
 
 
 __all__ = ["Cache", "CacheDataset", "CacheLoader", "open_cache", "replay_views", "to_device"]

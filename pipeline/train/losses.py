@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.format import kl
-from pipeline.format.encodings import Encoding
+from pipeline.format.encodings import Encoding, Targets
 
 
 def kd_dense(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -224,4 +224,7 @@ def _targets(batch: dict[str, Any], temperature: float, alpha: float, device: to
     if float(batch.get("temperature", temperature)) != float(temperature):
         raise ValueError(f"kd_loss: the batch's targets are at T={batch['temperature']}, not {temperature}; build "
                          f"the dataset with temperature={temperature} or pass temperature={batch['temperature']}")
-    return {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
+    targets = batch["targets"]
+    if isinstance(targets, Targets):  # made now, on the loss's device
+        return targets.to(device).made()
+    return {k: v.to(device, non_blocking=True) for k, v in targets.items()}

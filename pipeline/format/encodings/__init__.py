@@ -32,14 +32,14 @@ import dataclasses
 from typing import Any
 
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.format.encodings.base import LOGP_FLOOR, MAX_DRAWS, Column, Encoding, id_bits, id_store
+from pipeline.format.encodings.base import LOGP_FLOOR, MAX_DRAWS, Column, Encoding, Targets, id_bits, id_store
 from pipeline.format.encodings.dense import Dense
 from pipeline.format.encodings.hybrid import Hybrid
 from pipeline.format.encodings.sampled import Sampled
 from pipeline.format.encodings.topk import TopK
 from pipeline.format.manifest import FORMAT_VERSION
 
-__all__ = ["ENCODINGS", "LOGP_FLOOR", "MAX_DRAWS", "Column", "Dense", "Encoding", "Hybrid", "Sampled", "TopK",
+__all__ = ["ENCODINGS", "LOGP_FLOOR", "MAX_DRAWS", "Column", "Dense", "Encoding", "Hybrid", "Sampled", "Targets", "TopK",
            "encoding_from_config", "encoding_from_params", "encoding_from_spec", "id_bits", "id_store"]
 
 ENCODINGS: dict[str, type] = {"dense": Dense, "topk": TopK, "sampled": Sampled, "hybrid": Hybrid}

@@ -55,6 +55,56 @@ class Encoding(Protocol):
     def retemperable(self) -> bool: ...
 
 
+class Targets:
+    """A batch's targets, made when the loss first reads them: `enc.targets(decoded, device, tau)`
+    runs on the device `.to(device)` names (the CPU by default), so a loader only decodes and the
+    re-tempering and renormalization run where the loss does (on a GPU student's GPU). Read like a
+    dict of tensors (`t["logp"]`, `t.items()`); not a Mapping, so a DataLoader passes it through
+    unconverted (collation of a Mapping would make it in the worker)."""
+
+    def __init__(self, enc: Encoding, decoded: dict[str, np.ndarray], tau: float,
+                 device: torch.device | str = "cpu") -> None:
+        self.encoding, self.decoded, self.tau, self.device = enc, decoded, tau, torch.device(device)
+        self._made: dict[str, torch.Tensor] | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
+        device = torch.device(device)
+        return self if device == self.device else Targets(self.encoding, self.decoded, self.tau, device)
+
+    def pin_memory(self) -> Targets:
+        return self
+
+    def made(self) -> dict[str, torch.Tensor]:
+        if self._made is None:
+            self._made = self.encoding.targets(self.decoded, self.device, self.tau)
+        return self._made
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.made()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self.made())
+
+    def __len__(self) -> int:
+        return len(self.made())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.made()
+
+    def keys(self) -> Any:
+        return self.made().keys()
+
+    def values(self) -> Any:
+        return self.made().values()
+
+    def items(self) -> Any:
+        return self.made().items()
+
+    def __repr__(self) -> str:
+        state = "made" if self._made is not None else "not made yet"
+        return f"Targets({self.encoding.label()}, tau={self.tau}, {self.device}, {state})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Class ids at the vocabulary's width
 
