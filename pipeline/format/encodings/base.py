@@ -24,9 +24,6 @@ BLOCK_ELEMENTS = 1 << 20  # values per block of rows in the encoders' (rows, C) 
 MAX_DRAWS = 255  # counts are uint8
 
 
-_CAST_SLICE = 16384  # elements: under torch's parallel grain (32768), so a cast runs on the calling thread
-
-
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -138,27 +135,22 @@ def pack_ids(ids: np.ndarray, store: str, name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def unpack_ids(stored: dict[str, np.ndarray], store: str, name: str) -> np.ndarray:
-    ids = stored[name].astype(np.int64)  # (n, m)
+def unpack_ids(stored: dict[str, np.ndarray], store: str, name: str, delta: bool = False) -> np.ndarray:
+    """Stored ids (n, m) as int32 (every vocabulary fits; gather takes int32, the loss widens on
+    its device), delta-coded ones summed back in the same pass: half the bytes of int64 ids."""
+    ids = stored[name]
     if store.startswith("u16+h"):
         hb = int(store[5:])
         n, m = ids.shape
         bits = np.unpackbits(stored[f"{name}_hi"], axis=-1, count=m * hb, bitorder="little").reshape(n, m, hb)
-        ids |= (bits.astype(np.int64) << np.arange(hb)).sum(-1) << 16
-    return ids
+        ids = ids.astype(np.int32) | ((bits.astype(np.int32) << np.arange(hb, dtype=np.int32)).sum(-1) << 16)
+    return np.cumsum(ids, axis=-1, dtype=np.int32) if delta else ids.astype(np.int32)
 
 
-def float32(a: np.ndarray) -> np.ndarray:
-    """Stored float16 values as float32, cast by torch in slices below its parallel grain: ~2x
-    numpy's float16 cast on a 4096 x 32 chunk, and never an OpenMP region, which on the main
-    thread costs 10x the cast itself (measured)."""
-    out = np.empty(a.shape, np.float32)
-    if not a.flags.writeable:  # zero-copy Parquet pages are read-only; torch shares only writable memory
-        a = a.copy()
-    src, dst = torch.from_numpy(a).reshape(-1), torch.from_numpy(out).reshape(-1)
-    for i in range(0, len(src), _CAST_SLICE):
-        dst[i:i + _CAST_SLICE].copy_(src[i:i + _CAST_SLICE])
-    return out
+def tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A decoded column on `device`: shared with numpy on the CPU (zero-copy Parquet pages, which
+    are read-only, are copied first: torch shares only writable memory)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
 
 
 def id_columns(store: str, name: str, m_dim: str, description: str) -> list[Column]:
@@ -256,10 +248,9 @@ def distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, tor
 def head_targets(decoded: dict[str, np.ndarray], num_classes: int, device: torch.device | str,
                   tau: float) -> dict[str, torch.Tensor]:
     """Top-k head as tensors, re-tempered and renormalized with the residual (uniform-tail model)."""
-    logp = torch.from_numpy(decoded["logp"]).to(device)
-    residual = torch.from_numpy(decoded["residual"]).to(device)
-    logp, residual = kl.retemper_topk(logp, residual, num_classes, tau)
-    return {"ids": torch.from_numpy(decoded["ids"]).to(device), "logp": logp, "residual": residual}
+    logp, residual = kl.retemper_topk(tensor(decoded["logp"], device), tensor(decoded["residual"], device),
+                                      num_classes, tau)  # float32 from here
+    return {"ids": tensor(decoded["ids"], device), "logp": logp, "residual": residual}
 
 
 def head_divergence(z: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail: str) -> torch.Tensor:

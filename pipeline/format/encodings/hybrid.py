@@ -13,7 +13,6 @@ from pipeline.format.encodings.base import (
     Column,
     distinct_counts,
     draws_problems,
-    float32,
     head_divergence,
     head_problems,
     head_targets,
@@ -23,6 +22,7 @@ from pipeline.format.encodings.base import (
     in_blocks,
     need_t1,
     pack_ids,
+    tensor,
     unpack_ids,
 )
 from pipeline.format.encodings.topk import TopK
@@ -98,19 +98,18 @@ class Hybrid:
                 "tail_entropy": encoded["tail_entropy"].cpu().numpy()}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        residual = float32(stored["residual"])
+        residual = stored["residual"]  # float16 at any bits
         head = self.head.decode({**stored, "residual": np.zeros(len(residual), np.uint8)})
-        return {**head, "residual": residual, "tail_ids": np.cumsum(unpack_ids(stored, self.ids, "tail_ids"), axis=-1),
-                "tail_counts": stored["tail_counts"], "tail_entropy": float32(stored["tail_entropy"])}
+        return {**head, "residual": residual, "tail_ids": unpack_ids(stored, self.ids, "tail_ids", delta=True),
+                "tail_counts": stored["tail_counts"], "tail_entropy": stored["tail_entropy"]}
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
         need_t1(self, tau)
         t = head_targets(decoded, self.num_classes, device, 1.0)
-        counts = torch.from_numpy(decoded["tail_counts"]).to(device).float()
-        return {**t, "tail_ids": torch.from_numpy(decoded["tail_ids"]).to(device),
-                "tail_weights": t["residual"][:, None] * counts / self.draws,
-                "tail_entropy": torch.from_numpy(decoded["tail_entropy"]).to(device)}
+        counts = tensor(decoded["tail_counts"], device).float()
+        return {**t, "tail_ids": tensor(decoded["tail_ids"], device), "tail_weights": t["residual"][:, None] * counts / self.draws,
+                "tail_entropy": tensor(decoded["tail_entropy"], device).float()}
 
     def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:

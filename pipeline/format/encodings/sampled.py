@@ -13,7 +13,6 @@ from pipeline.format.encodings.base import (
     Column,
     distinct_counts,
     draws_problems,
-    float32,
     forward_only,
     id_bytes,
     id_columns,
@@ -22,6 +21,7 @@ from pipeline.format.encodings.base import (
     legacy_ids,
     need_t1,
     pack_ids,
+    tensor,
     unpack_ids,
 )
 
@@ -72,16 +72,14 @@ class Sampled:
                 "counts": encoded["counts"].cpu().numpy(), "entropy": encoded["entropy"].cpu().numpy()}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = unpack_ids(stored, self.ids, "ids")
-        return {"ids": np.cumsum(ids, axis=-1) if self.delta else ids, "counts": stored["counts"],
-                "entropy": float32(stored["entropy"])}
+        return {"ids": unpack_ids(stored, self.ids, "ids", delta=self.delta), "counts": stored["counts"],
+                "entropy": stored["entropy"]}
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
         need_t1(self, tau)
-        return {"ids": torch.from_numpy(decoded["ids"]).to(device),
-                "weights": torch.from_numpy(decoded["counts"]).to(device).float() / self.draws,
-                "entropy": torch.from_numpy(decoded["entropy"]).to(device)}
+        return {"ids": tensor(decoded["ids"], device), "weights": tensor(decoded["counts"], device).float() / self.draws,
+                "entropy": tensor(decoded["entropy"], device).float()}
 
     def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:

@@ -15,7 +15,6 @@ from pipeline.format.encodings.base import (
     delta_code,
     dequantize_logp,
     dequantize_mass,
-    float32,
     head_divergence,
     head_problems,
     head_targets,
@@ -85,10 +84,12 @@ class TopK:
         return {**pack_ids(encoded["ids"].cpu().numpy(), self.ids, "ids"), **out}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = unpack_ids(stored, self.ids, "ids")
+        """ids int32; 16-bit values as stored (float16: `targets` widens them where the loss runs),
+        8-bit ones dequantized to float32."""
+        ids = unpack_ids(stored, self.ids, "ids", delta=self.bits == 8)
         if self.bits != 8:
-            return {"ids": ids, "logp": float32(stored["logp"]), "residual": float32(stored["residual"])}
-        return {"ids": np.cumsum(ids, axis=-1), "logp": dequantize_logp(stored["logp"], self.logp_range),
+            return {"ids": ids, "logp": stored["logp"], "residual": stored["residual"]}
+        return {"ids": ids, "logp": dequantize_logp(stored["logp"], self.logp_range),
                 "residual": dequantize_mass(stored["residual"], self.logp_range)}
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
