@@ -96,7 +96,7 @@ def test_head_round_trip_error_bounds(tmp_path, backend, bits, kind):
 
 
 def test_eight_bit_topk_is_smaller(tmp_path):
-    """Top-10 of 1,000 classes at the default codec (shuffle-zstd): 8-bit takes 30% fewer bytes
+    """Top-10 of 1,000 classes at the default codec (shuffle-lz4hc): 8-bit takes 30% fewer bytes
     (35% at zstd, which stores the 16-bit columns less tightly)."""
     logp = _logp(8192)
     sizes = {}
