@@ -31,7 +31,7 @@ from pipeline.format import remote
 from pipeline.format.shards import recorded_digest, shard_entry
 from pipeline.run.fanout import expected_workers, run_all, task_share
 from pipeline.run.identity import Context, context, record
-from pipeline.run.targets import Shard, ShardResult, load_models, run_shards, shard_path
+from pipeline.run.targets import Shard, ShardResult, kept_models, load_models, run_shards, shard_path
 
 
 def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:
@@ -181,7 +181,7 @@ def run_group(cfg: Config, group: Group) -> list[ShardResult]:
         raise CacheError(f"cache {group.cache_id}: this worker computes id {ctx.dir.name} from the same config, so "
                          "the data or a teacher checkpoint changed while the cache was being written; rerun "
                          "`logitcache cache CONFIG` once the files are final")
-    return run_shards(ctx, group.shards, load_models(ctx))
+    return run_shards(ctx, group.shards, kept_models(ctx))
 
 
 def _finish(ctx: Context) -> Path:
