@@ -17,9 +17,11 @@ reported separately and not counted.
     the CPU seconds of the run between the workers, their nannies, and this process (which runs
     LocalCluster's scheduler).
   - `tasks`, `task_s`: the Dask tasks (groups of shards) and the seconds their compute took, from
-    the task stream; `setup_s_per_task`: what each task spends before its first shard (the
-    context from the files, the teachers loaded), timed in a worker; `idle_worker_s`: worker-seconds
-    of the run with no task computing (scheduling, start and tail imbalance), 2 * t_dask - task_s.
+    the task stream; `teacher_setup_s`: the context from the files and the teachers loaded, timed
+    in a worker (a worker now loads the teachers once per stage, not once per task);
+    `idle_worker_s`: worker-seconds of the run with no task computing (scheduling, start and tail
+    imbalance), 2 * t_dask - task_s. `task_s` well above the workers' CPU seconds means the workers
+    waited for a core: other processes had them.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def main() -> None:
         "caches_identical": same,
         "breakdown": {"serial_cores_used": round(serial_cpu / t_serial, 3),
                       "dask_cores_used": round(dask_cpu["workers"] / t_dask, 3), "dask_cpu_s": dask_cpu,
-                      "tasks": tasks, "task_s": round(task_s, 2), "setup_s_per_task": round(setup, 3),
+                      "tasks": tasks, "task_s": round(task_s, 2), "teacher_setup_s": round(setup, 3),
                       "idle_worker_s": round(2 * t_dask - task_s, 2)},
     })
 
