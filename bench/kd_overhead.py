@@ -1,14 +1,14 @@
 """The student's training step from a cache over the same student and batches with plain
 cross-entropy, side by side in one run: what distillation costs a user every epoch.
 
-    .venv/bin/python bench/kd_overhead.py [--repeats 3] [--steps 6] [--only lm,classify] [--device cpu]
+    .venv/bin/python bench/kd_overhead.py [--repeats 3] [--steps 4] [--only lm,classify] [--device cpu]
 
 Tasks and sizes (a tiny student, so that the loss is a large share of its step; a real student's
 layers only add the same cost to both sides):
   - lm: token caches (CacheWriter, sequences of 64 tokens) of next-token-like teacher distributions
     at 32k and 128k vocabularies in four encodings: top-32 16-bit, top-8 8-bit, sampled-32 and
     hybrid (top-8 + 16 tail draws, 8-bit head); the student is an embedding and a linear head of the
-    vocabulary (d=64), batches of 4 sequences (256 token rows), plain SGD.
+    vocabulary (d=64), batches of 4 sequences (256 token rows) at 32k and 2 at 128k, plain SGD.
   - classify: 1,000 classes, dense float16 and top-10 8-bit; an MLP (128-256-1000) on mapped
     features, batches of 512 rows.
 Each through two paths:
@@ -65,7 +65,12 @@ from pipeline.format.encodings import Dense, Encoding, Hybrid, Sampled, TopK
 from pipeline.train.losses import chunked_cross_entropy, chunked_kd_loss
 from pipeline.train.tasks import TASKS
 
-SEQ_LEN, SEQS_PER_BATCH, D_MODEL, LOGIT_CHUNK = 64, 4, 64, 512
+SEQ_LEN, D_MODEL, LOGIT_CHUNK = 64, 64, 512
+
+
+def seqs_per_batch(vocab: int) -> int:
+    """Sequences per batch: 4 (256 token rows) at 32k, 2 at 128k; the logits stay 8-16M values."""
+    return max(2, 4 * 32_000 // vocab)
 CLASSES, FEATURES, CLASSIFY_BATCH = 1000, 128, 512
 GOAL = 1.10
 GOAL_ENCODINGS = ("topk32", "topk8_q8", "hybrid_k8_n16_q8", "topk10_q8")  # top-k and hybrid
@@ -314,13 +319,13 @@ def measure(case: Case, ds: Any, repeats: int, device: torch.device) -> dict[str
 
 def lm_rows(vocabs: list[int], repeats: int, steps: int, device: torch.device, ws: Path) -> list[dict[str, Any]]:
     rows = []
-    sequences = steps * SEQS_PER_BATCH
     for vocab in vocabs:
+        sequences = steps * seqs_per_batch(vocab)
         tokens = np.random.default_rng(0).integers(0, vocab, (sequences, SEQ_LEN + 1))
         for name, enc in lm_encodings(vocab).items():
             cache = lc.open_cache(token_cache(ws / "caches", vocab, enc, sequences))
             for path in ("stage", "api"):
-                ds = cache.dataset(SEQS_PER_BATCH, seed=0, shuffle_chunks=2, inputs=tokens)
+                ds = cache.dataset(seqs_per_batch(vocab), seed=0, shuffle_chunks=2, inputs=tokens)
                 got = measure(lm_case(vocab, path, device), ds, repeats, device)
                 rows.append({"task": "lm", "vocab": vocab, "encoding": name, "path": path, **got})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -359,7 +364,7 @@ def run(repeats: int, steps: int, tasks: list[str], vocabs: list[int], device: t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=6, help="steps per epoch")
+    ap.add_argument("--steps", type=int, default=4, help="steps per epoch")
     ap.add_argument("--only", default="lm,classify", help="comma-separated: lm, classify")
     ap.add_argument("--vocabs", default="32000,128000")
     ap.add_argument("--device", default="cpu")
