@@ -184,12 +184,12 @@ def test_a_complete_cache_of_the_same_targets_in_another_layout_is_pointed_out(w
     without saying so: the log names it and the settings that reuse it."""
     _, path = workspace
     root = f"cache.root={tmp_path}"
-    _, old = build(path, root, "cache.codec=shuffle-lz4hc", "cache.encoding=topk", "cache.k=3")
+    _, old = build(path, root, "cache.codec=zstd", "cache.encoding=topk", "cache.k=3")  # top-k's default before
     capsys.readouterr()
     _, new = build(path, root, "cache.encoding=topk", "cache.k=3")
     assert new != old
     assert (f"{old} holds the same targets complete, with rows_per_shard=400, chunk_rows=128, backend=zarr, "
-            "codec=shuffle-lz4hc; set those cache settings to use it") in capsys.readouterr().err
+            "codec=zstd; set those cache settings to use it") in capsys.readouterr().err
 
 
 def test_any_input_change_gives_a_new_id(workspace):
