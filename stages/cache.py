@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.core.config import Config, dump_yaml
 from pipeline.core.errors import CacheError
 from pipeline.core.io import atomic_write_json, atomic_write_text, check_writable
@@ -35,11 +37,21 @@ from pipeline.run.targets import Shard, ShardResult, load_models, run_shards, sh
 
 
 def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:
-    """Fixed ranges of cache.rows_per_shard rows (for language models: whole sequences; with views:
-    whole samples, each with all its views)."""
+    """Fixed ranges of cache.rows_per_shard rows (with views: whole samples, each with all its
+    views; for language models a row is a trained position, and a shard the positions of its
+    rows)."""
     ctx = ctx or context(cfg)
-    per_item = cfg.data.seq_len if ctx.token_rows else ctx.views.count if ctx.views else 1
-    n, step = len(ctx.splits.transfer), cfg.cache.rows_per_shard // per_item
+    step = cfg.cache.rows_per_shard
+    if ctx.token_rows:
+        corpus = ctx.splits.corpus
+        rows = int(corpus.rows_before(np.array([corpus.n_tokens]))[0])
+        firsts = np.arange(0, rows, step)
+        starts = corpus.positions_of_rows(firsts)
+        stops = np.append(starts[1:], corpus.n_tokens)
+        return [Shard(i, int(a), int(b), count=min(step, rows - int(r)), first=int(r))
+                for i, (a, b, r) in enumerate(zip(starts, stops, firsts))]
+    per_item = ctx.views.count if ctx.views else 1
+    n, step = len(ctx.splits.transfer), step // per_item
     return [Shard(i, start, min(start + step, n), per_item) for i, start in enumerate(range(0, n, step))]
 
 

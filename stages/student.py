@@ -59,9 +59,10 @@ class ShardResult:
 def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
     path = cache_path(cfg)
     reader = open_reader(path)
-    if reader.dataset_fingerprint != splits.transfer.fingerprint:
+    mine = task_of(cfg).transfer_fingerprint(splits)
+    if reader.dataset_fingerprint != mine:
         raise CacheError(f"{path}: cache was made for dataset {reader.dataset_fingerprint}, but this "
-                         f"config's transfer set is {splits.transfer.fingerprint}; point student.cache "
+                         f"config's transfer set is {mine}; point student.cache "
                          "at a cache of this data or run `logitcache cache CONFIG`")
     theirs = reader.manifest["spec"]["dataset"].get("vocab_fingerprint")
     if splits.vocab and theirs != splits.vocab:
@@ -91,9 +92,9 @@ def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> Ca
     online = augmentation(cfg, cache.manifest["spec"])[1]
     if online is not None:
         check_images(splits.input_shape, "augment")
-    return cache.dataset(st["batch_size"], seed=shard.seed, shuffle_chunks=st["shuffle_chunks"],
-                         inputs=splits.transfer, labels=task_of(cfg).student_labels(splits), augment=online,
-                         temperature=st["temperature"], rank=0, world_size=1)
+    return cache.dataset(st["batch_size"], seed=shard.seed, shuffle_chunks=st["shuffle_chunks"], augment=online,
+                         temperature=st["temperature"], rank=0, world_size=1,
+                         **task_of(cfg).student_data(cfg, splits))
 
 
 def held_out(model: torch.nn.Module, splits: Splits, task: Task) -> dict[str, float]:
@@ -129,7 +130,8 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
     def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(shard.seed)
-        m = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}").to(dev)
+        m = build_model(spec, task.student_shape(cfg, splits), reader.num_classes,
+                        f"student.models.{shard.model}").to(dev)
         return m, _optimizer(cfg, m.parameters(), st["lr"])
 
     loss_settings = {"temperature": st["temperature"], "alpha": st["alpha"], "divergence": st["divergence"],

@@ -85,6 +85,8 @@ class CacheConfig:
     chunk_rows: int | None = None  # zarr chunk / Parquet row group, the unit of reading; None: default_layout
     batch_size: int | None = None  # teacher forward batch; None: 512 rows, or 8 sequences for lm
     logit_rows: int = 2048  # lm: token rows whose (rows, vocab) logits exist at once (teacher, evaluation)
+    context: int | None = None  # lm: tokens the teachers read at once; None: data.seq_len
+    stride: int | None = None  # lm: a longer document is read in windows every stride tokens; None: context // 2
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
@@ -142,6 +144,8 @@ class StudentConfig:
     # lm: token rows whose (rows, vocab) logits are computed at once; the loss of a chunk keeps about
     # seven (rows, vocab) float32 tensors alive, so 512 rows of a 2,048-token vocabulary peak at 28 MB
     logit_chunk: int = 512
+    seq_len: int | None = None  # lm: input tokens per student row; None: data.seq_len
+    packing: Literal["concat", "pad"] = "concat"  # lm: documents back to back, or each in its own padded rows
     shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
@@ -546,13 +550,15 @@ def validate(cfg: Config) -> list[str]:
     if d.task == "lm":
         if d.seq_len < 2:
             e.append("data.seq_len: must be >= 2")
-        for key in ("rows_per_shard", "chunk_rows"):
-            if d.seq_len >= 1 and getattr(c, key) % d.seq_len:
-                e.append(f"cache.{key}: {getattr(c, key)} must be a multiple of data.seq_len={d.seq_len} "
-                         "(a language-model row is a token; sequences never straddle chunks)")
+        if c.context is not None and c.context < 2:
+            e.append("cache.context: must be >= 2 tokens")
+        if c.stride is not None and not 1 <= c.stride <= (c.context or d.seq_len):
+            e.append(f"cache.stride: must be in 1..cache.context ({c.context or d.seq_len})")
+        if s.seq_len is not None and s.seq_len < 1:
+            e.append("student.seq_len: must be >= 1")
     else:
         defaults = StudentConfig()
-        for key in ("logit_chunk",):
+        for key in ("logit_chunk", "seq_len", "packing"):
             if getattr(s, key) != getattr(defaults, key):
                 e.append(f"student.{key}: applies to data.task lm only; remove it")
     if s.logit_chunk < 1:

@@ -43,7 +43,11 @@ def target_id(spec: dict[str, Any]) -> str:
 
 
 def planned(spec: dict[str, Any]) -> tuple[int, int]:
-    """(shards, rows) of a cache's plan; language-model rows are tokens, shards hold whole sequences."""
+    """(shards, rows) of a cache's plan; language-model rows are tokens, shards hold whole sequences
+    (or, keyed by document, rows_per_shard trained positions)."""
+    if spec["dataset"].get("keyed") == "document":
+        rows = spec["dataset"]["rows"]
+        return -(-rows // spec["layout"]["rows_per_shard"]), rows
     per_item = spec["dataset"].get("seq_len") or spec.get("views", {}).get("count", 1)
     items, per_shard = spec["dataset"]["rows"], spec["layout"]["rows_per_shard"] // per_item
     return -(-items // per_shard), items * per_item

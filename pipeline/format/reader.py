@@ -88,7 +88,8 @@ class CacheReader:
         self.manifest = manifest
         spec = manifest["spec"]
         self.encoding: Encoding = encoding_from_spec(spec)
-        self.token_rows = "seq_len" in spec["dataset"]
+        self.token_rows = "seq_len" in spec["dataset"] or spec["dataset"].get("keyed") == "document"
+        self.keyed_by_document = spec["dataset"].get("keyed") == "document"
         views = view_column_names(spec, cache_dir)
         self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, views)]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
@@ -288,3 +289,18 @@ def read_rows(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -> 
         rows = {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}  # parts freed as joined
     return reader.decode(rows) if decode else rows
 
+
+
+def read_global(reader: CacheReader, ranges: list[tuple[int, int]], decode: bool = True) -> dict[str, np.ndarray]:
+    """Rows [lo, hi) of the whole cache (rows numbered across shards in shard order) for each
+    range, joined in order; a range may span shards."""
+    firsts = np.cumsum([0] + [e["rows"] for e in reader.shards])
+    chunks = []
+    for lo, hi in ranges:
+        s = int(np.searchsorted(firsts, lo, side="right")) - 1
+        while lo < hi:
+            end = min(hi, int(firsts[s + 1]))
+            a = lo - int(firsts[s])
+            chunks.append(Chunk(s, a // reader.chunk_rows, a, end - int(firsts[s])))
+            lo, s = end, s + 1
+    return read_rows(reader, chunks, decode)

@@ -304,6 +304,7 @@ class Splits:
     transfer: Dataset  # inputs the teachers label with soft targets; students train on it
     num_classes: int  # classes, or the vocabulary size for language models
     vocab: str | None = None  # language models: fingerprint of the tokenizer's vocabulary
+    corpus: Any = None  # language models: the transfer split as documents (inputs/documents.Corpus)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import DataError
 from pipeline.inputs.arrays import Dataset, IdRange, MappedRows, Splits, check_file, release
 from pipeline.inputs.rows import LazyRows, is_zarr_group, open_parquet, open_zarr
+from pipeline.inputs.documents import open_corpus
 from pipeline.inputs.tokens import read_manifest, sequences, tokenize
 
 
@@ -232,6 +233,10 @@ def load_lm_splits(d: DataConfig, workspace: str, stamps: tuple) -> Splits:
             raise DataError(f"data.source: too little text for one {name} sequence of "
                             f"data.seq_len={d.seq_len} tokens; give more text or a shorter seq_len")
     transfer = train if d.transfer.source is None else dataset("transfer", None, d.transfer.source)
+    # the cache's targets: the transfer split's documents (the training split's first max_sequences
+    # sequences' worth of tokens when it is the transfer set and capped)
+    cap = limit * (d.seq_len + 1) if d.transfer.source is None and limit is not None else None
+    corpus = open_corpus(directory, manifest, "train" if d.transfer.source is None else "transfer", cap)
     return Splits(train=train, test=test, transfer=transfer, num_classes=manifest["vocab_size"],
-                  vocab=manifest["vocab_fingerprint"])
+                  vocab=manifest["vocab_fingerprint"], corpus=corpus)
 

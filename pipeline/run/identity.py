@@ -77,8 +77,7 @@ def context(cfg: Config) -> Context:
     precision = c.precision if c.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     spec = {
         "format_version": fmt.FORMAT_VERSION,
-        "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
-                    "input_shape": list(splits.input_shape)},
+        "dataset": task_of(cfg).dataset_identity(cfg, splits),
         "num_classes": splits.num_classes,
         "teachers": [teacher_identity(r, splits.num_classes) for r in refs],
         "ensemble": cfg.teachers.ensemble,
@@ -89,7 +88,6 @@ def context(cfg: Config) -> Context:
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
     spec["layout"].update(layout_codec(c.codec))
-    spec["dataset"].update(task_of(cfg).dataset_identity(cfg, splits))
     if not enc.retemperable:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
     views = None

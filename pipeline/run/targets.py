@@ -26,6 +26,7 @@ from pipeline.format.remote import is_published, publish_shard
 from pipeline.format.shards import shard_name, write_shard
 from pipeline.format.views import view_dtype
 from pipeline.inputs.augment import draw, expand, render_rows
+from pipeline.inputs.documents import context_window
 from pipeline.models.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs, token_logits
 from pipeline.run.identity import Context
 
@@ -33,17 +34,19 @@ from pipeline.run.identity import Context
 @dataclass(frozen=True)
 class Shard:
     index: int
-    start: int  # first item (sample or sequence) of the transfer set
+    start: int  # first item (sample) of the transfer set; language models: first position
     stop: int
-    rows_per_item: int = 1  # language models: tokens per sequence
+    rows_per_item: int = 1  # views: views per sample
+    count: int | None = None  # language models: the trained positions in [start, stop)
+    first: int | None = None  # language models: cache rows before start
 
     @property
     def rows(self) -> int:
-        return (self.stop - self.start) * self.rows_per_item
+        return self.count if self.count is not None else (self.stop - self.start) * self.rows_per_item
 
     @property
     def first_row(self) -> int:
-        return self.start * self.rows_per_item
+        return self.first if self.first is not None else self.start * self.rows_per_item
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def compute_shard(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> 
     and encoding run cache.logit_rows token rows at a time: memory never holds batch x seq x vocab."""
     if ctx.views is not None:
         return _compute_views(ctx, shard, models)
+    if ctx.token_rows:
+        return _compute_documents(ctx, shard, models)
     transfer = ctx.splits.transfer
     ids = transfer.ids[shard.start:shard.stop]
     b = _batch_size(ctx)
@@ -82,18 +87,43 @@ def compute_shard(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> 
     def batches() -> Any:
         for i in range(shard.start, shard.stop, b):
             x, _ = transfer.rows(slice(i, min(i + b, shard.stop)))
-            if ctx.token_rows:
-                x = x[:, :-1]  # read seq_len tokens, predict the next at each position
-            yield torch.from_numpy(x), ids[i - shard.start:i - shard.start + len(x)]
+            yield torch.from_numpy(x), ids[i - shard.start:i - shard.start + len(x)], None
+
+    return {**_encode(ctx, shard, models, batches()), "sample_id": ids}
+
+
+def _compute_documents(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
+    """The targets of the trained positions in [shard.start, shard.stop): each document read in
+    windows of cache.context tokens (pipeline/inputs/documents.py), a batch of windows right-padded
+    (the teachers are causal: padding after a position never changes its logits), and only the
+    kept positions projected to the vocabulary. Rows are (document, offset), in position order."""
+    corpus = ctx.splits.corpus
+    context, stride = context_window(ctx.cfg.cache.context, ctx.cfg.cache.stride, ctx.cfg.data.seq_len)
+    keep: list[tuple[Any, np.ndarray]] = []
+    for w in corpus.windows(shard.start, shard.stop, context, stride):
+        p = w.keep_lo + np.flatnonzero(corpus.trained(w.keep_lo, w.keep_hi))  # flat positions
+        if len(p):
+            keep.append((w, p))
+    b = _batch_size(ctx)
+    docs = np.concatenate([np.full(len(p), w.document, dtype=np.int64) for w, p in keep])
+    positions = np.concatenate([p for _, p in keep])
+
+    def batches() -> Any:
+        for i in range(0, len(keep), b):
+            group = keep[i:i + b]
+            width = max(w.stop - w.start for w, _ in group)
+            x = np.full((len(group), width), corpus.eos, dtype=np.int64)  # (windows, width)
+            select = []
+            for j, (w, p) in enumerate(group):
+                x[j, :w.stop - w.start] = corpus.tokens[w.start:w.stop]
+                select.append(j * width + p - w.start)
+            yield (torch.from_numpy(x), np.concatenate([np.full(len(p), w.document) for w, p in group]),
+                   torch.from_numpy(np.concatenate(select)))
 
     out = _encode(ctx, shard, models, batches())
-    if ctx.token_rows:
-        L, n = ctx.cfg.data.seq_len, len(ids)
-        out["sample_id"] = np.repeat(ids, L)
-        out["position"] = np.tile(np.arange(L, dtype=np.int16), n)
-        out["offsets"] = np.arange(0, (n + 1) * L, L, dtype=np.int64)
-    else:
-        out["sample_id"] = ids
+    out["sample_id"] = docs
+    out["position"] = (positions - corpus.offsets[docs]).astype(np.int32)
+    out["offsets"] = np.append(np.flatnonzero(np.diff(docs, prepend=-1)), len(docs)).astype(np.int64)
     return out
 
 
@@ -119,13 +149,14 @@ def _compute_views(ctx: Context, shard: Shard, models: list[torch.nn.Module]) ->
     def batches() -> Any:
         for i in range(0, len(rows["sample_id"]), b):
             part = expand(v, {k: a[i:i + b] for k, a in rows.items()})
-            yield render_rows(images, part, v.augment), part["sample_id"]
+            yield render_rows(images, part, v.augment), part["sample_id"], None
 
     return {**rows, **_encode(ctx, shard, models, batches())}
 
 
 def _encode(ctx: Context, shard: Shard, models: list[torch.nn.Module], batches: Any) -> dict[str, np.ndarray]:
-    """The encoded ensemble targets of (inputs, sample ids) batches, concatenated on the host."""
+    """The encoded ensemble targets of (inputs, row ids, select) batches, concatenated on the host;
+    for language models `select` picks the token rows (of inputs' B x L) that get targets."""
     cfg = ctx.cfg
     names = [m.name for m in cfg.teachers.members]
     weights = normalized_weights(cfg)
@@ -134,11 +165,11 @@ def _encode(ctx: Context, shard: Shard, models: list[torch.nn.Module], batches: 
         gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + shard.index)
     parts: list[dict[str, np.ndarray]] = []
     with torch.inference_mode():
-        for xb, ids in batches:
+        for xb, ids, select in batches:
             xb = xb.to(ctx.device, non_blocking=True)
-            row_ids = torch.from_numpy(np.repeat(ids, xb.shape[1] if ctx.token_rows else 1))
+            row_ids = torch.from_numpy(np.asarray(ids))
             with _autocast(ctx):
-                chunks = (token_logits(models, xb, cfg.cache.logit_rows) if ctx.token_rows
+                chunks = (token_logits(models, xb, cfg.cache.logit_rows, select.to(ctx.device)) if ctx.token_rows
                           else iter([(slice(0, len(xb)), [m(xb) for m in models])]))  # each (rows, C)
             while True:
                 with _autocast(ctx):  # the teachers' projection under autocast; ensemble and encoding in fp32
@@ -162,7 +193,7 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray]) -> ShardRes
         "teachers": [t["name"] for t in ctx.spec["teachers"]], "ensemble": cfg.teachers.ensemble,
     }
     if ctx.token_rows:
-        attrs.update(seq_len=cfg.data.seq_len, vocab_fingerprint=ctx.splits.vocab)
+        attrs.update(keyed="document", vocab_fingerprint=ctx.splits.vocab)
     if ctx.views is not None:
         attrs["views"] = ctx.spec["views"]
     path = shard_path(ctx, shard)

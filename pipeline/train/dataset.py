@@ -65,12 +65,14 @@ from pipeline.format import reader as fmt
 from pipeline.format.columns import ROW_COLUMNS
 from pipeline.format.encodings import Encoding
 from pipeline.format.manifest import resolve
-from pipeline.format.reader import read_rows
+from pipeline.format.reader import read_global, read_rows
 from pipeline.format.remote import is_url, open_reader, resolve_remote
 from pipeline.format.views import PARAMS, ViewSpec
 from pipeline.inputs import augment as vw
 from pipeline.inputs.arrays import Dataset
 from pipeline.inputs.augment import check_images
+from pipeline.inputs.documents import Corpus, Layout, layout_rows, open_corpus
+from pipeline.inputs.tokens import read_manifest as read_token_manifest
 from pipeline.train import plan
 
 DEFAULT_ROOT = Path("data/caches")
@@ -150,7 +152,8 @@ class Cache:
     def dataset(self, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_chunks: int = 4,
                 inputs: Any = None, drop_last: bool = False, temperature: float | None = None,
                 rank: int | None = None, world_size: int | None = None, pad_value: int = 0,
-                labels: Any = None, augment: AugmentConfig | None = None) -> CacheDataset:
+                labels: Any = None, augment: AugmentConfig | None = None, layout: Layout | None = None,
+                tokens: str | Path | Corpus | None = None) -> CacheDataset:
         """An IterableDataset of whole batches (dicts of tensors); see the module docstring.
 
         batch_size counts items (rows, or sequences of a token cache); `inputs` is any indexable
@@ -159,9 +162,31 @@ class Cache:
         views get label distributions (B, C)); `augment` draws a view of each plain image per
         (seed, sample, epoch) for `inputs`; `temperature` is the T of the re-tempered `targets`
         (default: the cache's); rank and world_size default to torch.distributed's when it is
-        initialized."""
+        initialized.
+
+        A token cache keyed by document (`logitcache cache` of a language model) is read in the
+        student's own `layout` (seq_len and packing; default: the teachers' context, packed) over
+        `tokens`, the tokenized corpus directory it was made from (or its Corpus): each batch row
+        is seq_len + 1 tokens of that corpus, its targets gathered by (document, offset)."""
+        corpus = self.corpus(tokens) if self.reader.keyed_by_document else None
+        if layout is None and corpus is not None:
+            layout = Layout(self.manifest["spec"]["dataset"]["context"])
         return CacheDataset(self, batch_size, seed, shuffle, shuffle_chunks, inputs, drop_last, temperature,
-                            rank, world_size, pad_value, labels, augment)
+                            rank, world_size, pad_value, labels, augment, layout, corpus)
+
+    def corpus(self, tokens: str | Path | Corpus | None) -> Corpus:
+        """The documents this cache's targets belong to, from the tokenized corpus directory
+        `tokens`; refused unless its tokens are the cache's."""
+        d = self.manifest["spec"]["dataset"]
+        if tokens is None:
+            raise ValueError(f"cache {self.id} is keyed by (document, offset) of tokenized corpus {d['tokens']}; "
+                             f"pass tokens=<workspace>/tokens/{d['tokens']} (its directory)")
+        corpus = tokens if isinstance(tokens, Corpus) else \
+            open_corpus(Path(tokens), read_token_manifest(Path(tokens)), d["split"], d["positions"])
+        if corpus.fingerprint != d["fingerprint"] or corpus.n_tokens != d["positions"]:
+            raise CacheError(f"{corpus.directory}: its {corpus.split} tokens ({corpus.fingerprint}) are not those cache "
+                             f"{self.id} was made from ({d['fingerprint']}); pass the tokenized corpus {d['tokens']}")
+        return corpus
 
     def __repr__(self) -> str:
         return (f"Cache({self.id}, {self.encoding.label()}, {self.num_classes} classes, T={self.temperature}, "
@@ -204,7 +229,8 @@ class CacheDataset(IterableDataset):
 
     def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
                  drop_last: bool, temperature: float | None, rank: int | None, world_size: int | None,
-                 pad_value: int, labels: Any = None, augment: AugmentConfig | None = None) -> None:
+                 pad_value: int, labels: Any = None, augment: AugmentConfig | None = None,
+                 layout: Layout | None = None, corpus: Corpus | None = None) -> None:
         if batch_size < 1 or shuffle_chunks < 1:
             raise ValueError(f"batch_size={batch_size}, shuffle_chunks={shuffle_chunks}: both must be >= 1")
         enc = cache.encoding
@@ -227,7 +253,17 @@ class CacheDataset(IterableDataset):
             raise ValueError("augment: a views cache replays the views its teachers saw; leave augment unset")
         if self.augment is not None and inputs is None:
             raise ValueError("augment draws views of the inputs; pass inputs= too")
-        self.pieces = plan.pieces(cache.reader) if self.views is None else []
+        self.layout, self.corpus, self.layout_rows = layout, corpus, None
+        if corpus is not None:  # the student's rows over the documents, and the cache rows each owns
+            assert layout is not None
+            self.layout_rows = layout_rows(corpus, layout)
+            if cache.rows != int(corpus.rows_before(np.array([corpus.n_tokens]))[0]):
+                raise CacheError(f"{cache.path}: {cache.rows} rows, but its corpus has "
+                                 f"{int(corpus.rows_before(np.array([corpus.n_tokens]))[0])} trained positions; "
+                                 "the cache is damaged: rebuild it")
+            self.pieces = plan.layout_pieces(self.layout_rows.lo, self.layout_rows.hi, cache.reader.chunk_rows)
+        else:
+            self.pieces = plan.pieces(cache.reader) if self.views is None else []
         self.items = sum(p.items for p in self._epoch_pieces(0))
         self.epoch = 0
         self._spans: plan.Spans | None = None  # the part of the epoch laid out over the ranks; None: all of it
@@ -427,6 +463,13 @@ class CacheDataset(IterableDataset):
 
     def _read_buffer(self, buffer: list[plan.Piece]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         reader = self.reader
+        if self.layout_rows is not None:  # pieces are runs of whole layout rows, by cache row
+            rows = read_global(reader, [(p.start, p.stop) for p in buffer], decode=False)
+            lo, at, parts = self.layout_rows.lo, 0, []
+            for p in buffer:
+                parts.append(lo[p.first_item:p.first_item + p.items] - p.start + at)
+                at += p.stop - p.start
+            return rows, np.append(np.concatenate(parts), at)
         rows = read_rows(reader, [p.chunk(reader.chunk_rows) for p in buffer if p.items], decode=False)
         n = len(rows["sample_id"])
         if reader.token_rows:
@@ -446,7 +489,9 @@ class CacheDataset(IterableDataset):
         decoded = {k: v for k, v in rows.items() if k not in ROW_COLUMNS}
         out: dict[str, Any] = {"sample_id": torch.from_numpy(sample_id)}
         keys = sample_id
-        if self.token_rows:
+        if self.layout_rows is not None:
+            out.update(self._layout_batch(rows, lengths))
+        elif self.token_rows:
             first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             keys = sample_id[first]
             out["position"] = torch.from_numpy(rows["position"].astype(np.int64))
@@ -459,7 +504,7 @@ class CacheDataset(IterableDataset):
         elif self.augment is not None:
             drawn = vw.draw(self.augment, self.seed, keys, np.full(len(keys), epoch), _image_hw(self.inputs))
             out["inputs"] = vw.render_rows(_lookup(self.inputs), {"sample_id": keys, **drawn}, self.augment)
-        elif self.inputs is not None:
+        elif self.inputs is not None and self.layout_rows is None:
             out.update(_join(self.inputs, keys, self.pad_value))
         if self.labels is not None:
             label_of = _label_lookup(self.labels)
@@ -469,6 +514,35 @@ class CacheDataset(IterableDataset):
         out["temperature"] = self.temperature
         out["padding"] = False
         return out
+
+    def _layout_batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch's layout rows: `inputs` (B, seq_len + 1) tokens of the corpus (right-padded with
+        pad_value), `segments` (B, seq_len + 1) each token's document within its row (-1: padding),
+        `input_lengths`; per target row its `document` and `offset` (the cache's key), `sequence`
+        (its batch row) and `position` (its input position in that row)."""
+        corpus, lay, L = self.corpus, self.layout_rows, self.layout.seq_len
+        doc = rows["sample_id"].astype(np.int64)
+        p = corpus.offsets[doc] + rows["position"].astype(np.int64)  # (rows,) flat positions
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        item = np.searchsorted(lay.start, p[first], side="right") - 1
+        start, stop = lay.start[item], lay.stop[item]
+        pos = p - np.repeat(start, lengths)
+        if len(pos) and (pos.min() < 0 or pos.max() >= L):
+            raise CacheError(f"{self.path}: cache rows fall outside the student rows that own them; the cache "
+                             f"does not match tokenized corpus {corpus.directory}: rebuild it")
+        width = stop - start
+        at = start[:, None] + np.arange(L + 1)  # (B, L + 1) flat positions
+        valid = np.arange(L + 1) < width[:, None]
+        x = np.full((len(item), L + 1), self.pad_value, dtype=np.int64)
+        x[valid] = corpus.tokens[at[valid]]
+        seg = np.full((len(item), L + 1), -1, dtype=np.int64)
+        seg[valid] = np.searchsorted(corpus.offsets, at[valid], side="right") - 1
+        seg[valid] -= np.repeat(seg[:, 0], valid.sum(1))  # documents numbered from 0 in each row
+        return {"inputs": torch.from_numpy(x), "segments": torch.from_numpy(seg),
+                "input_lengths": torch.from_numpy(width), "document": torch.from_numpy(doc),
+                "offset": torch.from_numpy(rows["position"].astype(np.int64)),
+                "sequence": torch.from_numpy(np.repeat(np.arange(len(item)), lengths)),
+                "position": torch.from_numpy(pos), "sequence_id": torch.from_numpy(item.astype(np.int64))}
 
     def loader(self, num_workers: int = 0, **kwargs: Any) -> CacheLoader:
         """A DataLoader over this dataset (batch_size=None) that counts consumed batches, so its
