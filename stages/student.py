@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,8 @@ from pipeline.run.fanout import run_all, task_share
 from pipeline.run.jobs import Shard, cache_path, job_name, models, plan, settings
 from pipeline.train import metrics
 from pipeline.train.dataset import Cache, CacheDataset
+from pipeline.train.dataset import open_cache as open_api_cache
+from pipeline.train.mixture import Mixture, mixture
 from pipeline.train.loop import Job, commit, discard, finished, fit
 from pipeline.train.plan import augmentation
 from pipeline.train.tasks import Task, task_of
@@ -83,7 +86,7 @@ def _optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay)
 
 
-def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> CacheDataset:
+def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> CacheDataset | Mixture:
     """The job's batches: the public API's dataset over the config's cache (one process, world
     size 1), joined to the transfer set's inputs (and labels) by sample id. A views cache's views
     are replayed from their stored parameters; with an `augment:` section and a cache of plain
@@ -92,9 +95,26 @@ def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> Ca
     online = augmentation(cfg, cache.manifest["spec"])[1]
     if online is not None:
         check_images(splits.input_shape, "augment")
-    return cache.dataset(st["batch_size"], seed=shard.seed, shuffle_chunks=st["shuffle_chunks"], augment=online,
-                         temperature=st["temperature"], rank=0, world_size=1,
-                         **task_of(cfg).student_data(cfg, splits))
+    data = task_of(cfg).student_data(cfg, splits)
+
+    def of(c: Cache, **where: Any) -> CacheDataset:
+        return c.dataset(st["batch_size"], seed=shard.seed, shuffle_chunks=st["shuffle_chunks"], augment=online,
+                         temperature=st["temperature"], rank=0, world_size=1, **{**data, **where})
+
+    if not cfg.student.mixture:
+        return of(cache)
+    parts = []
+    for i, m in enumerate(cfg.student.mixture):
+        if m.cache == "self":
+            parts.append(of(cache))
+            continue
+        other = open_api_cache(m.cache, root=cfg.cache_root)
+        tokens = m.tokens or Path(cfg.workspace) / "tokens" / other.manifest["spec"]["dataset"].get("tokens", "?")
+        if other.num_classes != cache.num_classes:
+            raise ConfigError(f"student.mixture.{i}.cache: {other.path} has {other.num_classes} classes, this "
+                              f"config's cache {cache.num_classes}; mix caches of one vocabulary")
+        parts.append(of(other, tokens=tokens))
+    return mixture(parts, [m.weight for m in cfg.student.mixture], seed=shard.seed)
 
 
 def held_out(model: torch.nn.Module, splits: Splits, task: Task) -> dict[str, float]:

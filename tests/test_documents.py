@@ -5,6 +5,7 @@ the teacher at its (document, offset)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,71 @@ def test_a_cache_is_refused_with_other_tokens(doc_cache, tmp_path):
         lc.open_cache(d).dataset(batch_size=2, tokens=other)
     with pytest.raises(ValueError, match="pass tokens="):
         lc.open_cache(d).dataset(batch_size=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A mixture of two corpora and their caches
+
+
+@pytest.fixture(scope="module")
+def two_caches(doc_cache, tmp_path_factory):
+    """doc_cache, and a second cache of another corpus tokenized with the same tokenizer."""
+    config, d = doc_cache
+    ws = config.workspace
+    text = tmp_path_factory.mktemp("b") / "b.txt"
+    words = ["alpha", "beta", "gamma", "delta", "return", "value", "the", "of", "list"]
+    rng = np.random.default_rng(5)
+    text.write_text("\n\n".join(" ".join(rng.choice(words, rng.integers(5, 60))) for _ in range(80)))
+    tokenizer = load_splits(config).corpus.directory  # its manifest names the BPE it used
+    import json
+
+    bpe = str(Path(json.loads((tokenizer / "manifest.json").read_text())["tokenizer"]).parent)
+    over = {"data": {**config_dict(config)["data"], "source": str(text), "tokenizer": bpe}}
+    cfg_b = load_config(write_config(Path(ws) / "b.yaml", {**config_dict(config), **over, "run_name": "b"}))
+    teacher_stage.main(cfg_b)
+    return config, d, cfg_b, cache_stage.main(cfg_b)
+
+
+def config_dict(config) -> dict:
+    import yaml
+
+    from pipeline.core.config import dump_yaml
+
+    return yaml.safe_load(dump_yaml(config))
+
+
+def test_a_mixture_takes_each_source_by_weight_with_unique_documents(two_caches):
+    config, d_a, cfg_b, d_b = two_caches
+    corpora = [load_splits(config).corpus, load_splits(cfg_b).corpus]
+    caches = [lc.open_cache(d_a), lc.open_cache(d_b)]
+    parts = [c.dataset(batch_size=4, seed=0, layout=Layout(32), tokens=k.directory) for c, k in zip(caches, corpora)]
+    mix = lc.mixture(parts, weights=[1, 3], seed=2)
+    n = len(parts[0]) + len(parts[1])
+    batches = list(mix)
+    sources = [int(b["source"][0]) for b in batches]
+    assert len(batches) == n and sources.count(1) == round(n * 0.75) and sources.count(0) == n - round(n * 0.75)
+    base = corpora[0].n_docs
+    for b in batches:
+        s = int(b["source"][0])
+        doc = b["document"].numpy() - (base if s else 0)
+        assert ((b["document"].numpy() >= base) == bool(s)).all()  # ids unique across the mixture
+        corpus = corpora[s]
+        p = corpus.offsets[doc] + b["offset"].numpy()
+        x = b["inputs"]
+        assert (x[b["sequence"], b["position"]].numpy() == corpus.tokens[p]).all()
+    # resumed mid-epoch: the same remaining batches
+    mix.seek(0, 5)
+    again = list(mix)
+    assert len(again) == n - 5
+    for x, y in zip(again, batches[5:]):
+        assert torch.equal(x["document"], y["document"]) and torch.equal(x["logp"], y["logp"])
+
+
+def test_the_student_stage_trains_on_a_mixture(two_caches):
+    config, d_a, cfg_b, d_b = two_caches
+    from pipeline.core.config import MixtureSource
+
+    student = dataclasses.replace(config.student, baseline=False, epochs=1,
+                                  mixture=(MixtureSource("self", 1.0), MixtureSource(str(d_b), 2.0)))
+    results = student_stage.main(dataclasses.replace(config, student=student, run_name="mix"))
+    assert [r.skipped for r in results] == [False]

@@ -117,6 +117,15 @@ class AugmentConfig:
         return self.crop != "none" or self.translate > 0 or self.flip > 0 or self.mixup_prob > 0 or self.cutmix_prob > 0
 
 
+@dataclass(frozen=True)
+class MixtureSource:
+    """One source of a student's mixture (lm): a token cache and how often its batches come."""
+
+    cache: str = "self"  # a cache id, id prefix or directory; "self": the cache this config's cache stage makes
+    weight: float = 1.0
+    tokens: str | None = None  # its tokenized corpus directory; None: <workspace>/tokens/<the cache's>
+
+
 def _default_students() -> tuple[ModelSpec, ...]:
     return (
         MLPSpec(name="mlp-30", hidden=(30,)),
@@ -146,6 +155,7 @@ class StudentConfig:
     logit_chunk: int = 512
     seq_len: int | None = None  # lm: input tokens per student row; None: data.seq_len
     packing: Literal["concat", "pad"] = "concat"  # lm: documents back to back, or each in its own padded rows
+    mixture: tuple[MixtureSource, ...] = ()  # lm: train on several token caches with weights; (): this config's
     shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
@@ -559,9 +569,12 @@ def validate(cfg: Config) -> list[str]:
             e.append(f"cache.stride: must be in 1..cache.context ({c.context or d.seq_len})")
         if s.seq_len is not None and s.seq_len < 1:
             e.append("student.seq_len: must be >= 1")
+        for i, m in enumerate(s.mixture):
+            if not m.weight > 0:
+                e.append(f"student.mixture.{i}.weight: {m.weight} must be > 0")
     else:
         defaults = StudentConfig()
-        for key in ("logit_chunk", "seq_len", "packing"):
+        for key in ("logit_chunk", "seq_len", "packing", "mixture"):
             if getattr(s, key) != getattr(defaults, key):
                 e.append(f"student.{key}: applies to data.task lm only; remove it")
     if s.logit_chunk < 1:

@@ -93,7 +93,8 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
               "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
               "epoch_order": EPOCH_ORDER,
               **task_of(cfg).student_settings(cfg),
-              **({"augment": to_dict(online)} if online is not None else {})}
+              **({"augment": to_dict(online)} if online is not None else {}),
+              **({"mixture": [to_dict(m) for m in s.mixture]} if s.mixture else {})}
     if shard.kind == "hard":
         twin = dataclasses.replace(m, name=v.hard_name, temperature=None, alpha=None)
         return {"model": specs.identity(twin), **common, "temperature": reader.temperature, "alpha": 1.0}

@@ -50,7 +50,7 @@ none is missed (plan.remaining).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -385,10 +385,14 @@ class CacheDataset(IterableDataset):
         """The batches of one (rank, worker) slot once the rank has consumed `start` batches:
         rank-local batches start + worker, start + worker + workers, ... Their items are the same
         for any worker count; each worker reads only the buffers that hold its batches."""
+        n_batches = len(plan.rank_layout(self._layout_items, self.batch_size, world, rank, self.drop_last)[1])
+        return self.batches_at(epoch, rank, world, plan.worker_batches(start, n_batches, worker, workers))
+
+    def batches_at(self, epoch: int, rank: int, world: int, mine: Sequence[int]) -> Iterator[dict[str, Any]]:
+        """Rank-local batches `mine` (ascending) of `epoch`, reading only the buffers that hold them."""
         n = self._layout_items
         rank_start, sizes = plan.rank_layout(n, self.batch_size, world, rank, self.drop_last)
         at = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]) + rank_start
-        mine = plan.worker_batches(start, len(sizes), worker, workers)
         spans = self._spans if self._spans is not None else [(0, self.items)]
         stream = self._item_stream(epoch, plan.merged([s for b in mine for s in plan.take(spans, at[b], at[b + 1])]))
         pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
