@@ -22,6 +22,7 @@ target has at least that much left context (or the whole document before it).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ class Corpus:
     def identity(self) -> dict[str, Any]:
         return {"tokens": self.directory.name, "split": self.split, "documents": self.n_docs,
                 "positions": self.n_tokens, "masked": self.mask is not None, "fingerprint": self.fingerprint}
+
+    def document_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, positions, side="right") - 1
 
     def trained(self, lo: int, hi: int) -> np.ndarray:
         """(hi - lo,) bool: which positions p in [lo, hi) have a target."""
@@ -134,6 +138,27 @@ class Corpus:
                 if keep_hi > keep_lo:
                     out.append(Window(d, a + k * stride, a + keep_hi, a + keep_lo, a + keep_hi))
         return out
+
+
+def window_batches(corpus: Corpus, lo: int, hi: int, context: int, stride: int,
+                   batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The teacher's inputs for the targets of positions [lo, hi), `batch` windows at a time:
+    (tokens (windows, width) right-padded with eos, flat positions of the kept targets in order,
+    their indices into tokens' windows x width). The teachers are causal, so padding after a
+    position never changes its logits."""
+    keep = []
+    for w in corpus.windows(lo, hi, context, stride):
+        p = w.keep_lo + np.flatnonzero(corpus.trained(w.keep_lo, w.keep_hi))
+        if len(p):
+            keep.append((w, p))
+    for i in range(0, len(keep), batch):
+        group = keep[i:i + batch]
+        width = max(w.stop - w.start for w, _ in group)
+        x = np.full((len(group), width), corpus.eos, dtype=np.int64)
+        for j, (w, _) in enumerate(group):
+            x[j, :w.stop - w.start] = corpus.tokens[w.start:w.stop]
+        yield (x, np.concatenate([p for _, p in group]),
+               np.concatenate([j * width + p - w.start for j, (w, p) in enumerate(group)]))
 
 
 @dataclass(frozen=True)

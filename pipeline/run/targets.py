@@ -26,7 +26,7 @@ from pipeline.format.remote import is_published, publish_shard
 from pipeline.format.shards import shard_name, write_shard
 from pipeline.format.views import view_dtype
 from pipeline.inputs.augment import draw, expand, render_rows
-from pipeline.inputs.documents import context_window
+from pipeline.inputs.documents import context_window, window_batches
 from pipeline.models.ensemble import check_finite, combine, load_teacher, normalized_weights, teacher_refs, token_logits
 from pipeline.run.identity import Context
 
@@ -94,35 +94,22 @@ def compute_shard(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> 
 
 def _compute_documents(ctx: Context, shard: Shard, models: list[torch.nn.Module]) -> dict[str, np.ndarray]:
     """The targets of the trained positions in [shard.start, shard.stop): each document read in
-    windows of cache.context tokens (pipeline/inputs/documents.py), a batch of windows right-padded
-    (the teachers are causal: padding after a position never changes its logits), and only the
-    kept positions projected to the vocabulary. Rows are (document, offset), in position order."""
+    windows of cache.context tokens (pipeline/inputs/documents.py), and only the kept positions
+    projected to the vocabulary. Rows are (document, offset), in position order."""
     corpus = ctx.splits.corpus
     context, stride = context_window(ctx.cfg.cache.context, ctx.cfg.cache.stride, ctx.cfg.data.seq_len)
-    keep: list[tuple[Any, np.ndarray]] = []
-    for w in corpus.windows(shard.start, shard.stop, context, stride):
-        p = w.keep_lo + np.flatnonzero(corpus.trained(w.keep_lo, w.keep_hi))  # flat positions
-        if len(p):
-            keep.append((w, p))
-    b = _batch_size(ctx)
-    docs = np.concatenate([np.full(len(p), w.document, dtype=np.int64) for w, p in keep])
-    positions = np.concatenate([p for _, p in keep])
+    positions: list[np.ndarray] = []
 
     def batches() -> Any:
-        for i in range(0, len(keep), b):
-            group = keep[i:i + b]
-            width = max(w.stop - w.start for w, _ in group)
-            x = np.full((len(group), width), corpus.eos, dtype=np.int64)  # (windows, width)
-            select = []
-            for j, (w, p) in enumerate(group):
-                x[j, :w.stop - w.start] = corpus.tokens[w.start:w.stop]
-                select.append(j * width + p - w.start)
-            yield (torch.from_numpy(x), np.concatenate([np.full(len(p), w.document) for w, p in group]),
-                   torch.from_numpy(np.concatenate(select)))
+        for x, p, select in window_batches(corpus, shard.start, shard.stop, context, stride, _batch_size(ctx)):
+            positions.append(p)
+            yield torch.from_numpy(x), corpus.document_of(p), torch.from_numpy(select)
 
     out = _encode(ctx, shard, models, batches())
+    p = np.concatenate(positions)
+    docs = corpus.document_of(p)
     out["sample_id"] = docs
-    out["position"] = (positions - corpus.offsets[docs]).astype(np.int32)
+    out["position"] = (p - corpus.offsets[docs]).astype(np.int32)
     out["offsets"] = np.append(np.flatnonzero(np.diff(docs, prepend=-1)), len(docs)).astype(np.int64)
     return out
 

@@ -55,6 +55,7 @@ def _sample(cfg: Any, reader: fmt.CacheReader, rows: int, seed: int,
     Classifier teachers run on `logit_rows` inputs at a time (default 1024); language-model trunks
     on 64 sequences and their vocabulary projection on `logit_rows` token rows (default
     cache.logit_rows), so no (rows, C) tensor of the whole sample ever exists."""
+    from pipeline.inputs.documents import context_window, window_batches
     from pipeline.inputs.splits import load_splits
     from pipeline.models.ensemble import combine, load_teacher, normalized_weights, teacher_refs, token_logits
 
@@ -72,11 +73,26 @@ def _sample(cfg: Any, reader: fmt.CacheReader, rows: int, seed: int,
     splits = load_splits(cfg)
     teachers = [load_teacher(r, splits, torch.device("cpu")) for r in teacher_refs(cfg, splits)]
     lm = reader.token_rows
+    at_once = logit_rows or (cfg.cache.logit_rows if lm else 1024)
+    mode, weights, temperature = cfg.teachers.ensemble, normalized_weights(cfg), cfg.teachers.temperature
+    if reader.keyed_by_document:  # each chunk's rows are every trained position of a range: read as cached
+        corpus = splits.corpus
+        context, stride = context_window(cfg.cache.context, cfg.cache.stride, cfg.data.seq_len)
+        sizes = [c.stop - c.start for c in picked]
+        p = corpus.offsets[rows_only["sample_id"]] + rows_only["position"]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+
+        def document_logp() -> Iterator[torch.Tensor]:
+            with torch.no_grad():
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    for x, _, select in window_batches(corpus, int(p[a]), int(p[b - 1]) + 1, context, stride, 8):
+                        for _, logits in token_logits(teachers, torch.from_numpy(x), at_once, torch.from_numpy(select)):
+                            yield combine(logits, mode, weights, temperature)  # (<= at_once, V)
+
+        return document_logp(), cached
     per_item = cfg.data.seq_len if lm else 1
     pos = splits.transfer.positions(rows_only["sample_id"][::per_item])
     x = splits.transfer.x[pos][:, :-1] if lm else splits.transfer.x[pos]
-    at_once = logit_rows or (cfg.cache.logit_rows if lm else 1024)
-    mode, weights, temperature = cfg.teachers.ensemble, normalized_weights(cfg), cfg.teachers.temperature
 
     def full_logp() -> Iterator[torch.Tensor]:
         with torch.no_grad():
