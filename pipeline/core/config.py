@@ -221,7 +221,7 @@ def default_layout(task: str, seq_len: int, views: int, encoding: str, chunk_row
     dense = encoding == "dense"
     if task == "lm":
         chunk = seq_len * max(1, (1024 if dense else CHUNK_TOKENS) // seq_len)
-        if rows_per_shard and rows_per_shard % seq_len == 0:
+        if rows_per_shard:
             chunk = min(chunk, rows_per_shard)
     else:
         chunk = CHUNK_ROWS // (8 if dense else 1) // (4 if views else 1)
