@@ -102,8 +102,12 @@ def finalize(ctx: Context, url: str | None = None) -> dict[str, Any]:
     if ctx.views is not None:  # a row is a view
         extra["views"] = ctx.spec["views"]
         extra["bytes_per_view"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
-    if ctx.token_rows:  # a row is a token
-        extra["bytes_per_token"] = round(sum(e["bytes"] for e in entries) / max(sum(e["rows"] for e in entries), 1), 2)
+    if ctx.token_rows:  # a row is a trained token; the other positions are context, not stored
+        nbytes, positions = sum(e["bytes"] for e in entries), ctx.spec["dataset"]["positions"]
+        extra["bytes_per_token"] = round(nbytes / max(sum(e["rows"] for e in entries), 1), 2)
+        extra["trained_tokens"] = sum(e["rows"] for e in entries)
+        extra["positions"] = positions
+        extra["bytes_per_position"] = round(nbytes / max(positions, 1), 2)
     if url is None or not missing(ctx):
         manifest = fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
     else:

@@ -236,3 +236,19 @@ def test_the_student_stage_trains_on_a_mixture(two_caches):
                                   mixture=(MixtureSource("self", 1.0), MixtureSource(str(d_b), 2.0)))
     results = student_stage.main(dataclasses.replace(config, student=student, run_name="mix"))
     assert [r.skipped for r in results] == [False]
+
+
+def test_a_mixture_state_resumes_and_refuses_another_shape(two_caches):
+    config, d_a, cfg_b, d_b = two_caches
+    corpora = [load_splits(config).corpus, load_splits(cfg_b).corpus]
+    parts = [lc.open_cache(d).dataset(batch_size=4, layout=Layout(32), tokens=k.directory)
+             for d, k in zip((d_a, d_b), corpora)]
+    mix = lc.mixture(parts, weights=[1, 1], seed=3)
+    mix.set_epoch(1)
+    state = mix.state_dict(batches=2)
+    full = list(mix)
+    other = lc.mixture(parts, weights=[1, 1], seed=3)
+    other.load_state_dict(state)
+    assert [b["document"].tolist() for b in other] == [b["document"].tolist() for b in full[2:]]
+    with pytest.raises(ValueError, match="the state has weights"):
+        lc.mixture(parts, weights=[2, 1], seed=3).load_state_dict(state)

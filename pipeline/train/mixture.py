@@ -68,12 +68,17 @@ class Mixture(IterableDataset):
     def seek(self, epoch: int, batches: int) -> None:
         self.epoch, self._start = int(epoch), int(batches)
 
+    def _shape(self) -> dict[str, Any]:
+        """What the schedule depends on: a saved position means nothing under another."""
+        return {"seed": self.seed, "weights": self.weights.tolist(), "sources": [ds.cache_id for ds in self.sources],
+                "world_size": self.sources[0]._resolve_dist()[1], "batches_per_source": [len(ds) for ds in self.sources]}
+
     def state_dict(self, batches: int) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": int(batches), "seed": self.seed,
-                "weights": self.weights.tolist(), "sources": [ds.cache_id for ds in self.sources]}
+        """The position after `batches` batches of the current epoch (count them in your loop)."""
+        return {"epoch": self.epoch, "batches": int(batches), **self._shape()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = {"seed": self.seed, "weights": self.weights.tolist(), "sources": [ds.cache_id for ds in self.sources]}
+        mine = self._shape()
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r} but this mixture "
