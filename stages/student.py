@@ -46,8 +46,8 @@ from pipeline.run.jobs import Shard, cache_path, job_name, models, plan, setting
 from pipeline.train import metrics
 from pipeline.train.dataset import Cache, CacheDataset
 from pipeline.train.dataset import open_cache as open_api_cache
-from pipeline.train.mixture import Mixture, mixture
 from pipeline.train.loop import Job, commit, discard, finished, fit
+from pipeline.train.mixture import Mixture, mixture
 from pipeline.train.plan import augmentation
 from pipeline.train.tasks import Task, task_of
 

@@ -229,7 +229,7 @@ def test_a_mixture_takes_each_source_by_weight_with_unique_documents(two_caches)
 
 
 def test_the_student_stage_trains_on_a_mixture(two_caches):
-    config, d_a, cfg_b, d_b = two_caches
+    config, _d_a, _cfg_b, d_b = two_caches
     from pipeline.core.config import MixtureSource
 
     student = dataclasses.replace(config.student, baseline=False, epochs=1,

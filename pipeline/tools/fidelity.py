@@ -15,6 +15,7 @@ sampled rows' cached targets are held, at their stored width).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def _sample(cfg: Any, reader: fmt.CacheReader, rows: int, seed: int,
 
         def document_logp() -> Iterator[torch.Tensor]:
             with torch.no_grad():
-                for a, b in zip(bounds[:-1], bounds[1:]):
+                for a, b in itertools.pairwise(bounds):
                     for x, _, select in window_batches(corpus, int(p[a]), int(p[b - 1]) + 1, context, stride, 8):
                         for _, logits in token_logits(teachers, torch.from_numpy(x), at_once, torch.from_numpy(select)):
                             yield combine(logits, mode, weights, temperature)  # (<= at_once, V)
