@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.core.errors import ConfigError, DataError
 from pipeline.core.io import hash_json
 
-BLOCK = 1 << 24  # positions counted at once when a mask must be summed (16 MB of mask)
+BLOCK = 1 << 22  # positions counted at once when a mask must be summed (4 MB of mask, a few times that in sums)
 PACKINGS = ("concat", "pad")
 
 
@@ -70,10 +70,11 @@ class Corpus:
         return np.searchsorted(self.offsets, positions, side="right") - 1
 
     def trained(self, lo: int, hi: int) -> np.ndarray:
-        """(hi - lo,) bool: which positions p in [lo, hi) have a target."""
+        """(hi - lo,) bool: which positions p in [lo, hi) have a target (a byte each, nothing wider)."""
         n = self.n_tokens
-        nxt = np.arange(lo + 1, hi + 1, dtype=np.int64)
-        ok = nxt < n
+        ok = np.ones(hi - lo, dtype=bool)
+        if hi >= n:  # the last position predicts nothing
+            ok[max(n - 1 - lo, 0):] = False
         starts = self.offsets[np.searchsorted(self.offsets, lo + 1):np.searchsorted(self.offsets, hi, side="right")]
         ok[starts - lo - 1] = False  # the next token opens another document
         if self.mask is not None:
