@@ -52,6 +52,7 @@ class ChatTemplate:
 
     def __init__(self, directory: Path) -> None:
         try:
+            import jinja2  # noqa: F401  transformers renders templates with it but does not require it
             from transformers import AutoTokenizer
         except ImportError:
             raise DataError("data.source: chat messages are rendered by transformers' chat templates; install "
