@@ -67,19 +67,20 @@ def reference_files(docs: list[tuple[list[int], list[int]]], eos: int, seed: int
     split by permutation, eos after each document with its last token's flag, first tokens 0."""
     order = np.random.default_rng(seed).permutation(len(docs))
     held_out = set(order[:max(1, round(len(docs) * test_fraction))].tolist())
-    out = {}
-    for name, test in (("train", False), ("test", True)):
-        flat: list[int] = []
-        flags: list[int] = []
-        for i, (ids, mask) in enumerate(docs):
-            if (i in held_out) != test:
-                continue
-            doc_flags = [*mask, mask[-1] if mask else 0]
-            doc_flags[0] = 0
-            flat += [*ids, eos]
-            flags += doc_flags
-        out[name] = (np.asarray(flat), np.asarray(flags, dtype=np.uint8))
-    return out
+    return {name: concatenated([doc for i, doc in enumerate(docs) if (i in held_out) == test], eos)
+            for name, test in (("train", False), ("test", True))}
+
+
+def concatenated(docs: list[tuple[list[int], list[int]]], eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' tokens, each followed by eos, and the mask file's flags."""
+    flat: list[int] = []
+    flags: list[int] = []
+    for ids, mask in docs:
+        doc_flags = [*mask, mask[-1] if mask else 0]
+        doc_flags[0] = 0
+        flat += [*ids, eos]
+        flags += doc_flags
+    return np.asarray(flat), np.asarray(flags, dtype=np.uint8)
 
 
 def read_split(d: Path, split: str) -> tuple[dict, np.ndarray, np.ndarray | None]:
@@ -245,6 +246,17 @@ def test_bad_labels_masks_and_messages_are_refused_in_one_line(tmp_path, cli_run
     (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
     refused("notemplate.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n',
             f"data.tokenizer: {bare} has no chat_template", extra=(f"data.tokenizer={bare}",))
+    strict = tmp_path / "strict-tok"
+    shutil.copytree(EXAMPLE / "tokenizer", strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{%- for m in messages -%}{%- if m['role'] == 'tool' -%}"
+                               "{{- raise_exception('tool messages are not supported') -}}{%- endif -%}{%- endfor -%}"
+                               + config["chat_template"])
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    ok = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    tool = json.dumps({"messages": [{"role": "tool", "content": "{}"}]})
+    refused("tool.jsonl", "".join(f"{c}\n" for c in (ok, ok, ok, tool, ok)), "tool.jsonl: conversation 4: the chat template",
+            "tool messages are not supported", extra=(f"data.tokenizer={strict}",))
     assert not list((tmp_path / "tokens").glob("*/manifest.json"))
 
 
@@ -317,3 +329,25 @@ def test_a_missing_or_unknown_eos_is_refused_in_one_line(tmp_path, cli_run):
         for f in fragments:
             assert f in lines[0], lines[0]
     assert not list((tmp_path / "tokens").glob("*/manifest.json"))
+
+
+def test_each_split_has_the_mask_of_its_own_source(tmp_path):
+    """data.source chat, data.test_source text, data.transfer.source labels: masks for train and
+    transfer only."""
+    source = tmp_path / "chat.jsonl"
+    convs = conversations(EXAMPLE / "chat.jsonl")[:40]
+    source.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": m["content"]}) + "\n" for c in convs for m in c))
+    ids, labels = _ids_with_labels(25, 2048, seed=1)
+    pq.write_table(pa.table({"input_ids": ids, "labels": labels}), tmp_path / "transfer.parquet")
+    cfg = lm_cfg(tmp_path, source, f"data.tokenizer={EXAMPLE / 'tokenizer'}", f"data.test_source={tmp_path / 'test.jsonl'}",
+                 f"data.transfer.source={tmp_path / 'transfer.parquet'}")
+    d = tokens.tokenize(cfg.data, str(tmp_path))
+    m = tokens.read_manifest(d)
+    assert {name: "mask" in e for name, e in m["splits"].items()} == {"train": True, "test": False, "transfer": True}
+    masks = [[int(x != -100) for x in doc] for doc in labels]
+    for name, docs in (("train", reference_chat(convs, EXAMPLE / "tokenizer")), ("transfer", list(zip(ids, masks)))):
+        _, flat, mask = read_split(d, name)
+        ref_flat, ref_mask = concatenated(docs, eos=0)
+        assert np.array_equal(flat, ref_flat) and np.array_equal(mask, ref_mask), name
+    assert m["splits"]["transfer"]["trained_tokens"] == 249
