@@ -41,9 +41,6 @@ from pipeline.inputs.arrays import check_file
 EOS = "<|endoftext|>"  # the end-of-sequence token of the BPE trained here
 
 
-KINDS = ("text", "input_ids", "labels", "loss_mask", "messages")  # what a source's records hold
-
-
 MASKED = ("labels", "loss_mask", "messages")  # kinds that say which tokens are trained
 
 
@@ -121,8 +118,9 @@ def docs_digest(docs: Iterable[str]) -> str:
 
 
 def source_kind(path: str, key: str, text_field: str) -> str:
-    """One of KINDS: `input_ids` (`labels` or `loss_mask` when either is there too), else
-    `messages`, else text; from the Parquet schema or the first JSONL record."""
+    """What a source's records hold: "labels" or "loss_mask" (`input_ids` with that field),
+    "input_ids", "messages" or "text", by the first field found in that order; from the Parquet
+    schema or the first JSONL record."""
     if path == "python-docs":
         return "text"
     p = source_file(path, key)
