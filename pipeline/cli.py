@@ -164,6 +164,7 @@ def tokenize_cmd(config: Path, overrides: tuple[str, ...]) -> None:
     manifest = read_manifest(path)
     splits = manifest["splits"]
     counts = ", ".join(f"{name} {splits[name]['n_docs']} docs {splits[name]['n_tokens']} tokens"
+                       + (f" ({splits[name]['trained_tokens']} trained)" if "mask" in splits[name] else "")
                        for name in ("train", "test", "transfer") if name in splits)
     click.echo(f"tokens {path.name}: {counts}; {manifest['dtype']}, vocabulary {manifest['vocab_size']}, {path}")
 

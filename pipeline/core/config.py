@@ -45,6 +45,8 @@ class DataConfig:
     text_field: str = "text"  # .jsonl / Parquet text field
     tokenizer: str | None = None  # local directory with tokenizer.json; None: train a BPE here
     vocab_size: int = 8192  # of the BPE trained when tokenizer is None
+    eos_token: str | None = None  # token appended to each document; None: the tokenizer's declared eos_token
+    train_on: Literal["assistant", "all"] = "assistant"  # chat, labels, loss_mask sources: all ignores their masks
     seq_len: int = 64  # tokens a model reads per sequence
     max_sequences: int | None = None  # cap on training sequences (test: a quarter of it)
 
