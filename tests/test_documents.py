@@ -252,3 +252,43 @@ def test_a_mixture_state_resumes_and_refuses_another_shape(two_caches):
     assert [b["document"].tolist() for b in other] == [b["document"].tolist() for b in full[2:]]
     with pytest.raises(ValueError, match="the state has weights"):
         lc.mixture(parts, weights=[2, 1], seed=3).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat data: only the assistant's tokens are cached and distilled
+
+
+def test_chat_prompt_tokens_are_never_cached_nor_distilled(tmp_path):
+    cfg = lm_config(tmp_path, data={"source": "examples/chat/chat.jsonl", "tokenizer": "examples/chat/tokenizer",
+                                    "train_on": "assistant", "seq_len": 32, "max_sequences": 40},
+                    cache={"encoding": "topk", "k": 4, "rows_per_shard": 256, "chunk_rows": 64, "batch_size": 8})
+    cfg["teachers"]["epochs"] = 1
+    config = load_config(write_config(tmp_path / "chat.yaml", cfg))
+    teacher_stage.main(config)
+    d = cache_stage.main(config)
+    corpus = load_splits(config).corpus
+    assert corpus.mask is not None
+    # the slow way: a position is trained when the next token is the assistant's, in the same document
+    trained, prompt = [], 0
+    for doc in range(corpus.n_docs):
+        a, b = int(corpus.offsets[doc]), int(corpus.offsets[doc + 1])
+        for p in range(a, min(b, corpus.n_tokens) - 1):
+            if corpus.mask[p + 1]:
+                trained.append(p)
+            else:
+                prompt += 1
+    assert prompt > len(trained) / 3  # the example has many prompt tokens
+    rows = lc.open_cache(d).reader.read_all()
+    cached = corpus.offsets[rows["sample_id"]] + rows["position"]
+    assert cached.tolist() == trained  # every assistant token once, no prompt token
+    manifest = lc.open_cache(d).manifest
+    assert manifest["trained_tokens"] == len(trained) and manifest["positions"] == corpus.n_tokens
+    ds = lc.open_cache(d).dataset(batch_size=4, layout=Layout(32), tokens=corpus.directory)
+    distilled = 0
+    for batch in ds:  # each loss row's label is an assistant token
+        p = corpus.offsets[batch["document"].numpy()] + batch["offset"].numpy()
+        assert corpus.mask[p + 1].all()
+        distilled += len(p)
+    assert distilled == len(trained)
+    student = dataclasses.replace(config.student, baseline=False, epochs=1)
+    assert [r.skipped for r in student_stage.main(dataclasses.replace(config, student=student))] == [False]
