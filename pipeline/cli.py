@@ -19,6 +19,7 @@ import click
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import ConfigError, LogitcacheError
 from pipeline.core.host import tune_process
+from pipeline.core.validate import check_environment
 
 CONFIG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -63,6 +64,7 @@ def _unexpected(e: Exception) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Offline logit caching for knowledge distillation: run the teachers once, train many students."""
     ctx.meta[DEBUG] = debug
+    check_environment()  # every LOGITCACHE_ variable, before any command writes anything
     tune_process()
 
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.validate import env
+
 HOST = socket.gethostname().replace("-", "_")
 
 
@@ -67,13 +69,7 @@ def is_url(ref: str | Path) -> bool:
 def tmp_grace() -> float:
     """Seconds after its last change a temporary entry of a writer this host cannot check (another
     host or container) is taken for dead: LOGITCACHE_TMP_GRACE, default an hour."""
-    value = os.environ.get("LOGITCACHE_TMP_GRACE", "").strip()
-    try:
-        return float(value) if value else 3600.0
-    except ValueError:
-        from pipeline.core.errors import ConfigError
-
-        raise ConfigError(f"LOGITCACHE_TMP_GRACE={value!r}: set it to a number of seconds, or unset it") from None
+    return float(env("LOGITCACHE_TMP_GRACE"))
 
 
 def remove_dead_tmp(directory: Path, recursive: bool = False) -> int:
@@ -316,8 +312,8 @@ def digest_db() -> Path:
     """LOGITCACHE_DIGESTS, else ~/.cache/logitcache/digests.sqlite (XDG_CACHE_HOME respected) where
     that is a local disk, else /var/tmp/logitcache-<uid>/digests.sqlite: a home directory on NFS or
     Lustre is one file for every node of a cluster, and SQLite's locks there are unreliable."""
-    if os.environ.get("LOGITCACHE_DIGESTS"):
-        db = Path(os.environ["LOGITCACHE_DIGESTS"])
+    db = env("LOGITCACHE_DIGESTS")
+    if db is not None:
         if mount_type(db.parent) in NETWORK_FILESYSTEMS:
             _warn_once("network", f"LOGITCACHE_DIGESTS={db} is on a {mount_type(db.parent)} filesystem, where "
                                   "SQLite's locks are unreliable; point it at a node-local disk")

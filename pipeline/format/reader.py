@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.errors import CacheError
 from pipeline.core.io import whole_tree_digest
+from pipeline.core.validate import env
 from pipeline.format.backends import Backend, Reads, backend
 from pipeline.format.columns import ROW_COLUMNS, VIEW_COLUMNS, Chunk, stored_columns, view_column_names
 from pipeline.format.encodings import Encoding, encoding_from_spec
@@ -35,18 +36,8 @@ from pipeline.format.lru import HandleLRU
 from pipeline.format.manifest import READABLE_VERSIONS, read_manifest, shard_problems
 
 
-def env_count(name: str, default: int) -> int:
-    """A whole number >= 0 from the environment variable `name`, or `default` when it is unset."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ConfigError(f"{name}={value!r}: set it to a whole number >= 0, or unset it")
-    return int(value)
-
-
 def default_max_open() -> int:
-    return env_count("LOGITCACHE_MAX_OPEN_SHARDS", 64)
+    return int(env("LOGITCACHE_MAX_OPEN_SHARDS"))
 
 
 def usable_cores() -> int:
@@ -62,7 +53,8 @@ def default_read_threads() -> int:
     cost more CPU for the same chunks than reading on the loader's background thread, and the epoch
     was no faster (bench/reader.py, `read_threads_4`). LOGITCACHE_READ_THREADS overrides it."""
     spare = min(4, usable_cores() - 1)
-    return env_count("LOGITCACHE_READ_THREADS", spare if spare >= 2 else 0)
+    threads = env("LOGITCACHE_READ_THREADS")
+    return int(threads) if threads is not None else spare if spare >= 2 else 0
 
 
 class CacheReader:

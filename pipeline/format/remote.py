@@ -43,6 +43,7 @@ from pipeline.core.io import (
     remove_dead_tmp,
     tmp_name,
 )
+from pipeline.core.validate import env
 from pipeline.format.manifest import READABLE_VERSIONS
 
 
@@ -312,17 +313,12 @@ def verify_remote(url: str) -> dict[str, list[str]]:
 
 
 def shard_cache_dir() -> Path:
-    return Path(os.environ.get("LOGITCACHE_SHARD_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "shards")
+    return env("LOGITCACHE_SHARD_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "shards"
 
 
 def shard_cache_limit() -> int:
-    value = os.environ.get("LOGITCACHE_SHARD_CACHE_BYTES", "").strip()
-    if not value:
-        return 20 << 30
-    if not value.isdigit() or int(value) < 1:
-        raise CacheError(f"LOGITCACHE_SHARD_CACHE_BYTES={value!r}: set it to a number of bytes >= 1, or unset it")
-    return int(value)
+    return int(env("LOGITCACHE_SHARD_CACHE_BYTES"))
 
 
 class ShardCache:
