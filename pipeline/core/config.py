@@ -570,9 +570,14 @@ def _feature_problems(d: DataConfig) -> list[str]:
     return e
 
 
-def _validate_views(cfg: Config) -> list[str]:
+def augment_problems(a: AugmentConfig) -> list[str]:
+    """What is wrong with an augmentation on its own: its fields' rules and the ties between them
+    (`Cache.dataset(augment=...)` checks a user's AugmentConfig with this)."""
+    return field_problems(a, "augment.") or _augment_ties(a)
+
+
+def _augment_ties(a: AugmentConfig) -> list[str]:
     e: list[str] = []
-    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
     for key in ("scale", "ratio"):
         pair = getattr(a, key)
         if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key == "scale" and pair[1] > 1):
@@ -582,6 +587,12 @@ def _validate_views(cfg: Config) -> list[str]:
         e.append("augment.padding: crop padded needs padding >= 1 (pixels of shift each way)")
     if a.mixup_prob + a.cutmix_prob > 1.0:
         e.append("augment: mixup_prob + cutmix_prob must be <= 1 (a view is mixed one way at most)")
+    return e
+
+
+def _validate_views(cfg: Config) -> list[str]:
+    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
+    e = _augment_ties(a)
     if n > 65535 or c.chunk_rows < 1 or c.rows_per_shard < 1:
         pass  # reported by their rules
     elif n > 0:

@@ -166,12 +166,15 @@ FIELDS: dict[str, Rule] = {
 }
 
 
-def field_problems(cfg: Any) -> list[str]:
-    """Every config field in FIELDS that breaks its rule (unset optional fields have none to break)."""
+def field_problems(cfg: Any, section: str = "") -> list[str]:
+    """Every field in FIELDS that breaks its rule (unset optional fields have none to break): of a
+    whole config, or with `section` ("augment.") of that section's dataclass alone."""
     out = []
     for path, rule in FIELDS.items():
+        if not path.startswith(section):
+            continue
         value: Any = cfg
-        for part in path.split("."):
+        for part in path[len(section):].split("."):
             value = getattr(value, part)
         values = value if isinstance(value, tuple) else (value,)
         for v in values:
