@@ -115,6 +115,7 @@ class CacheWriter:
         self.path = Path(root) / fmt.cache_id(self.spec)
         self.shards_dir = self.path / "shards"
         self._entries: list[dict[str, Any]] = []
+        self._seen = SeenIds()
         self._reset_buffer(0, 0)
         self._open = False
 
@@ -201,7 +202,15 @@ class CacheWriter:
         """Add B samples (classification rows, or sequences of a token cache), in a fixed order."""
         if not self._open:
             raise RuntimeError("CacheWriter.add: use the writer as a context manager (with CacheWriter(...) as w)")
-        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        try:
+            ids = np.asarray(sample_ids).reshape(-1)
+        except ValueError:
+            ids = np.asarray([None])
+        if ids.dtype.kind not in "iu":
+            raise ArgumentError(f"add: sample_ids must be integers, got {ids.dtype} ({_span(ids)})")
+        if ids.dtype.kind == "u" and len(ids) and ids.max() > np.iinfo(np.int64).max:
+            raise ArgumentError(f"add: sample id {ids.max()} does not fit int64")
+        ids = ids.astype(np.int64)
         given = [x for x in (logits, logprobs, topk) if x is not None]
         if len(given) > 1:
             raise ValueError("add: pass one of logits, logprobs, topk")
@@ -222,6 +231,10 @@ class CacheWriter:
                 raise ValueError(f"add: outputs {tuple(lead.shape)} for {len(ids)} sample ids; pass {shape} with B = "
                                  "the number of sample ids")
         seq_lengths = self._item_lengths(ids, lead, lengths)
+        repeated = self._seen.add(ids)
+        if repeated is not None:
+            raise ArgumentError(f"add: sample id {repeated} was already added to this cache; sample ids key every row, "
+                                "so each sample (sequence) may be added once")
         i = 0
         while i < len(ids):
             room = self.rows_per_shard - self._rows
@@ -323,6 +336,31 @@ class CacheWriter:
         if self.tokens:
             attrs["seq_len"] = self.seq_len
         return attrs
+
+
+class SeenIds:
+    """The sample ids added so far, as sorted runs merged like the digits of a binary counter: a
+    batch is checked with one binary search per run (a logarithmic number of them), at 8 bytes an id."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []  # sorted, disjoint, each at least twice the size of the next
+
+    def add(self, ids: np.ndarray) -> int | None:
+        """Add `ids`; or, when one repeats (within them or an earlier call), add none and return it."""
+        new, counts = np.unique(ids, return_counts=True)
+        if not len(new):
+            return None
+        if (counts > 1).any():
+            return int(new[counts > 1][0])
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, new), len(run) - 1)
+            hit = run[at] == new
+            if hit.any():
+                return int(new[hit][0])
+        while self.runs and len(self.runs[-1]) <= 2 * len(new):
+            new = np.union1d(self.runs.pop(), new)
+        self.runs.append(new)
+        return None
 
 
 def _slice(values: Any, i: int, j: int) -> Any:
