@@ -127,6 +127,24 @@ def process_alive(pid: int, started: str = "") -> bool:
     return not started or process_start_time(pid) in ("", started)
 
 
+def out_of_handles(err: BaseException) -> str | None:
+    """What an error says when it means this process or the system ran out of file handles, else
+    None: not a damaged file, and not fixed by recomputing one."""
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code == errno.EMFILE or "Too many open files" in text and "system" not in text:
+        try:
+            import resource
+
+            limit = f" (the limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, `ulimit -n`)"
+        except (ImportError, OSError, ValueError):
+            limit = ""
+        return f"this process has too many open files (EMFILE){limit}"
+    if code == errno.ENFILE or "Too many open files in system" in text:
+        return "the system's table of open files is full (ENFILE)"
+    return None
+
+
 def check_writable(directory: Path, field: str) -> None:
     """Make sure `directory` is, or could be made as, a directory this process can write, before any
     work whose result would be lost; a ConfigError naming `field` otherwise. Creates nothing: the

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.errors import CacheError
-from pipeline.core.io import whole_tree_digest
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.io import out_of_handles, whole_tree_digest
 from pipeline.core.validate import env
 from pipeline.format.backends import Backend, Reads, backend
 from pipeline.format.columns import ROW_COLUMNS, VIEW_COLUMNS, Chunk, stored_columns, view_column_names
@@ -171,6 +171,7 @@ class CacheReader:
         try:
             digest = whole_tree_digest(path)
         except OSError as err:
+            self._refuse_out_of_handles(err, path)
             raise CacheError(f"{path}: cannot read the shard ({err.strerror}); rerun `logitcache cache CONFIG` "
                              "to recompute it") from None
         if digest != self.shards[i]["sha256"]:
@@ -188,14 +189,17 @@ class CacheReader:
     def read(self, chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         """One chunk's rows: sample_id (position) and the targets decoded to the encoding's natural
         form, or with decode=False the stored columns as stored (narrow; `decode` them later)."""
-        self._present([chunk.shard], read=True)
-        return self._reads.read_many([chunk], decode)[0]
+        return self.read_many([chunk], decode)[0]
 
     def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         """Several chunks in order, on the read threads when there are (zstd and pyarrow's decoding
         release the GIL); how they are split between threads is the backend's."""
         self._present((c.shard for c in chunks), read=True)
-        return self._reads.read_many(chunks, decode)
+        try:
+            return self._reads.read_many(chunks, decode)
+        except OSError as err:
+            self._refuse_out_of_handles(err, self.shard_path(chunks[0].shard))
+            raise
 
     def is_whole_chunk(self, r: Chunk) -> bool:
         """Whether rows [r.start, r.stop) of shard r.shard are exactly one of its chunks."""
@@ -209,7 +213,11 @@ class CacheReader:
             raise ValueError("read_joined reads one or more whole chunks; read_rows reads any ranges")
         chunks = [Chunk(c.shard, c.start // self.chunk_rows, c.start, c.stop) for c in chunks]  # index from the rows
         self._present((c.shard for c in chunks), read=True)
-        joined = self._reads.read_joined(chunks)
+        try:
+            joined = self._reads.read_joined(chunks)
+        except OSError as err:
+            self._refuse_out_of_handles(err, self.shard_path(chunks[0].shard))
+            raise
         if joined is not None:
             return joined
         parts = self.read_many(chunks, decode=False)
@@ -238,6 +246,14 @@ class CacheReader:
     def read_all(self) -> dict[str, np.ndarray]:
         parts = self.read_many(self.chunks())
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _refuse_out_of_handles(self, err: OSError, path: Path) -> None:
+        """Running out of file handles is said as such: the shard is not damaged, recomputing it helps nothing."""
+        why = out_of_handles(err)
+        if why is not None:
+            raise ConfigError(f"{path}: cannot open the shard: {why}; this reader keeps up to {self._handles.capacity} "
+                              "shard files open, so lower LOGITCACHE_MAX_OPEN_SHARDS or raise the limit (ulimit -n); "
+                              "the shard itself is fine") from None
 
     def handle(self, i: int) -> Any:
         """Shard i opened by its backend (checked first), kept among the `max_open` most recent."""
