@@ -34,6 +34,7 @@ from pipeline.format.columns import ROW_COLUMNS, VIEW_COLUMNS, Chunk, stored_col
 from pipeline.format.encodings import Encoding, encoding_from_spec
 from pipeline.format.lru import HandleLRU
 from pipeline.format.manifest import READABLE_VERSIONS, read_manifest, shard_problems
+from pipeline.format.shards import mismatch
 
 
 def default_max_open() -> int:
@@ -175,8 +176,7 @@ class CacheReader:
             raise CacheError(f"{path}: cannot read the shard ({err.strerror}); rerun `logitcache cache CONFIG` "
                              "to recompute it") from None
         if digest != self.shards[i]["sha256"]:
-            raise CacheError(f"{path}: checksum mismatch, the shard is corrupt; delete it and rerun "
-                             "`logitcache cache CONFIG`")
+            raise CacheError(mismatch(path, self.shards[i]["sha256"], digest))
         self._verified.add(i)
 
     def chunks(self) -> list[Chunk]:
