@@ -163,13 +163,14 @@ def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bo
     lazy = isinstance(x, (np.memmap, LazyRows))  # read by blocks: checked by the fingerprint's pass
     x = x if lazy else np.asarray(x)
     if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{source}: {xk!r} must be a numeric array of shape (N, features...), got {x.dtype} {x.shape}")
+        raise DataError(f"{source}: {name(xk)} must be a numeric array of shape (N, features...), got {x.dtype} "
+                        f"{x.shape}")
     if int(np.prod(x.shape)) == 0:
-        raise DataError(f"{source}: {xk!r} is empty (shape {x.shape}); give at least one row of features")
+        raise DataError(f"{source}: {name(xk)}: no values (shape {x.shape}); give at least one row of features")
     if x.dtype != np.float32:  # a mapped file of another dtype is converted as it is read
         x = MappedRows(x, np.float32) if lazy else x.astype(np.float32)
     if not lazy and not np.isfinite(x).all():
-        raise DataError(f"{source}: {xk!r} holds NaN or infinite values; clean the inputs")
+        raise DataError(f"{source}: {name(xk)} holds NaN or infinite values; clean the inputs")
     y = None
     if yk in arrays:
         y_raw = arrays[yk] if isinstance(arrays[yk], np.memmap) else np.asarray(arrays[yk])

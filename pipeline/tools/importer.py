@@ -113,8 +113,8 @@ def _parse(line: str, where: str, tok: Tokenizer, vocab: _Vocab, top_n: int,
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise DataError(f"{where}: expected an object with the prompt's 'text' (see `logitcache import-logprobs --help`)")
     sample_id = obj.get("id", index)
-    if not isinstance(sample_id, int) or isinstance(sample_id, bool):
-        raise DataError(f"{where}: 'id' must be an integer sample id, got {sample_id!r}")
+    if not isinstance(sample_id, int) or isinstance(sample_id, bool) or not -2**63 <= sample_id < 2**63:
+        raise DataError(f"{where}: 'id' must be an integer sample id (int64), got {sample_id!r}")
     tokens = tok.hf.encode(obj["text"]).ids
     if "prompt_logprobs" in obj:
         entries = _vllm(obj, where, tokens)

@@ -140,7 +140,7 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
     the batch's row order, or (B, L, V) for the batch's B sequences, read at (sequence, position);
     labels likewise (rows,) or (B, L), or label distributions (rows, C) float (a views cache's
     mixed views: batch["labels"]). A padding batch (batch["padding"]) weighs 0."""
-    _check_arguments(batch, temperature, alpha, divergence, tail)
+    _check_arguments(batch, temperature, alpha, divergence, tail, student_logits, "student_logits")
     enc = encoding if encoding is not None else batch.get("encoding")
     if enc is None:
         raise ValueError("kd_loss: the batch has no 'encoding'; pass encoding=cache.encoding")
@@ -179,7 +179,7 @@ def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str
     """`kd_loss` from a token batch's hidden states (rows, d) in the batch's row order and the
     output layer `head`: (logit_chunk, V) logits at a time, each chunk checkpointed, so the
     (rows, V) logits are never held (a 128k vocabulary at 16k rows would be 8 GB)."""
-    _check_arguments(batch, temperature, alpha, divergence, tail)
+    _check_arguments(batch, temperature, alpha, divergence, tail, hidden, "hidden")
     argument("logit_chunk", logit_chunk, FIELDS["student.logit_chunk"])
     enc = batch["encoding"]
     if hidden.dim() != 2 or hidden.shape[0] != int(batch["sample_id"].shape[0]):
@@ -201,8 +201,12 @@ DIVERGENCES = ("forward", "reverse", "jsd")
 TAILS = ("uniform", "bucket")
 
 
-def _check_arguments(batch: Any, temperature: Any, alpha: Any, divergence: Any, tail: Any) -> None:
+def _check_arguments(batch: Any, temperature: Any, alpha: Any, divergence: Any, tail: Any, out: Any,
+                     out_name: str) -> None:
     """The loss's settings, by the rules of the config fields they mirror (student.temperature, ...)."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise ArgumentError(f"{out_name}: expected a float tensor, got "
+                            f"{out.dtype if isinstance(out, torch.Tensor) else type(out).__name__}")
     if not isinstance(batch, dict) or "sample_id" not in batch:
         raise ArgumentError(f"batch: expected a batch dict of Cache.dataset, got {type(batch).__name__}")
     argument("temperature", temperature, FIELDS["student.temperature"])
