@@ -166,7 +166,7 @@ def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bo
         raise DataError(f"{source}: {name(xk)} must be a numeric array of shape (N, features...), got {x.dtype} "
                         f"{x.shape}")
     if int(np.prod(x.shape)) == 0:
-        raise DataError(f"{source}: {name(xk)}: no values (shape {x.shape}); give at least one row of features")
+        raise DataError(f"{source}: {name(xk)} is empty (shape {x.shape}); give at least one row of features")
     if x.dtype != np.float32:  # a mapped file of another dtype is converted as it is read
         x = MappedRows(x, np.float32) if lazy else x.astype(np.float32)
     if not lazy and not np.isfinite(x).all():
