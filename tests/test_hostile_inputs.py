@@ -85,7 +85,8 @@ def test_bad_environment_variable_stops_every_command_before_any_work(cli_run, t
         env(name)
 
 
-@pytest.mark.parametrize("name,kind", [("LOGITCACHE_DIGESTS", "dir"), ("LOGITCACHE_SHARD_CACHE", "file")])
+@pytest.mark.parametrize("name,kind", [("LOGITCACHE_DIGESTS", "dir"), ("LOGITCACHE_SHARD_CACHE", "file"),
+                                       ("XDG_CACHE_HOME", "file")])
 def test_path_variables_must_name_the_right_kind_of_path(cli_run, tmp_path, monkeypatch, name, kind):
     target = tmp_path / "target"
     target.mkdir() if kind == "dir" else target.write_text("x")
@@ -95,12 +96,17 @@ def test_path_variables_must_name_the_right_kind_of_path(cli_run, tmp_path, monk
 
 
 def test_every_variable_read_is_in_the_table_and_the_docs():
-    """grep the code for LOGITCACHE_ names: each is in ENV (read through env()) and in docs/runtime.md."""
+    """grep the code for LOGITCACHE_ names and os.environ reads: each is in ENV (read through env())
+    and in docs/runtime.md; only the OpenMP and malloc variables the CLI leaves to the user, whose
+    presence alone is looked at, are not parsed here."""
     read = set()
     for folder in ("pipeline", "stages"):
         for f in (REPO / folder).rglob("*.py"):
-            read |= set(re.findall(r"LOGITCACHE_[A-Z_]+[A-Z]", f.read_text()))
-    assert read <= set(ENV), read - set(ENV)
+            text = f.read_text()
+            read |= set(re.findall(r"LOGITCACHE_[A-Z_]+[A-Z]", text))
+            read |= set(re.findall(r"os\.environ(?:\.get\(|\[)\"([A-Z_]+)\"", text))
+    presence_only = {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_"}
+    assert read - presence_only <= set(ENV), read - presence_only - set(ENV)
     docs = (REPO / "docs" / "runtime.md").read_text()
     assert all(f"`{name}`" in docs for name in ENV)
 
@@ -576,6 +582,22 @@ def test_damaged_token_files_are_rebuilt_never_used(cli_run, lm_ws, damage):
     assert tokens.token_problem(d) is None
     assert {f.name: sha256_file(f) for f in d.iterdir() if f.suffix in (".bin", ".npy")} == good
     assert [p.name for p in (ws / "tokens").iterdir()] == [d.name]  # the damaged copy is gone, no temp left
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n"])
+def test_an_empty_corpus_is_not_tokenized(cli_run, lm_ws, text):
+    ws, path = lm_ws
+    (ws / "corpus.txt").write_text(text)
+    one_line_error(cli_run("tokenize", path, expect=None), "data.source", "corpus.txt holds no documents")
+    assert not (ws / "tokens").exists() or not [p for p in (ws / "tokens").iterdir() if not p.name.startswith(".")]
+
+
+def test_a_split_that_leaves_no_training_text_blames_test_fraction(cli_run, lm_ws):
+    ws, path = lm_ws
+    one_line_error(cli_run("teachers", path, "data.test_fraction=0.99", expect=None),
+                   "too little text for one training sequence", "data.test_fraction=0.99 is held out",
+                   "a smaller test_fraction")
+    assert not (ws / "teachers").exists()
 
 
 def test_a_truncated_token_file_never_reaches_a_stage(cli_run, lm_ws):

@@ -336,7 +336,7 @@ def digest_db() -> Path:
             _warn_once("network", f"LOGITCACHE_DIGESTS={db} is on a {mount_type(db.parent)} filesystem, where "
                                   "SQLite's locks are unreliable; point it at a node-local disk")
         return db
-    db = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "digests.sqlite"
+    db = (env("XDG_CACHE_HOME") or Path.home() / ".cache") / "logitcache" / "digests.sqlite"
     if mount_type(db.parent) in NETWORK_FILESYSTEMS:
         return Path("/var/tmp") / f"logitcache-{os.getuid() if hasattr(os, 'getuid') else 0}" / "digests.sqlite"
     return db

@@ -243,6 +243,7 @@ ENV: dict[str, EnvVar] = {
     "LOGITCACHE_PROGRESS_INTERVAL": EnvVar(_number(POSITIVE, "a number of seconds"), 30.0,
                                            "seconds between progress lines without a terminal"),
     "LOGITCACHE_STEADY_HEAP": EnvVar(_switch, True, "the CLI's mmap-threshold pin"),
+    "XDG_CACHE_HOME": EnvVar(_path("directory"), None, "where per-user caches go (default ~/.cache)"),
 }
 
 

@@ -321,8 +321,7 @@ def verify_remote(url: str) -> dict[str, list[str]]:
 
 
 def shard_cache_dir() -> Path:
-    return env("LOGITCACHE_SHARD_CACHE") or \
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "shards"
+    return env("LOGITCACHE_SHARD_CACHE") or (env("XDG_CACHE_HOME") or Path.home() / ".cache") / "logitcache" / "shards"
 
 
 def shard_cache_limit() -> int:

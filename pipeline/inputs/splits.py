@@ -252,8 +252,10 @@ def load_lm_splits(d: DataConfig, workspace: str, stamps: tuple) -> Splits:
     test = dataset("test", None if limit is None else max(1, limit // 4), f"{d.source} (test)")
     for name, ds in (("training", train), ("test", test)):
         if len(ds) == 0:
-            raise DataError(f"data.source: too little text for one {name} sequence of "
-                            f"data.seq_len={d.seq_len} tokens; give more text or a shorter seq_len")
+            held_out = f" after data.test_fraction={d.test_fraction} is held out" if d.test_source is None else ""
+            raise DataError(f"data.source: too little text for one {name} sequence of data.seq_len={d.seq_len} "
+                            f"tokens{held_out}; give more text, a shorter seq_len"
+                            + (" or a smaller test_fraction" if held_out and name == "training" else ""))
     transfer = train if d.transfer.source is None else dataset("transfer", None, d.transfer.source)
     return Splits(train=train, test=test, transfer=transfer, num_classes=manifest["vocab_size"],
                   vocab=manifest["vocab_fingerprint"])

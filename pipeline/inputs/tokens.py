@@ -244,6 +244,8 @@ class TokenFile:
 def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
     """Tokenize every split of `d` into `out`; the manifest's entries."""
     n_docs = count_documents(d.source, "data.source", d.text_field)  # a cheap first pass: nothing tokenized
+    if n_docs == 0:
+        raise DataError(f"data.source: {d.source} holds no documents (empty, or only blank lines); give a corpus")
     in_test: np.ndarray | None = None  # (n_docs,) bool: held-out documents
     if d.test_source is None:
         # a deterministic document-level split keeps held-out text unseen by teachers and students
