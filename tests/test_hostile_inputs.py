@@ -202,7 +202,7 @@ BAD_LOSS = [
     ({"divergence": "kl"}, "divergence: 'kl' is not one of forward, reverse, jsd"),
     ({"tail": "flat"}, "tail: 'flat' is not one of uniform, bucket"),
     ({"alpha": 0.5, "labels": "float ids"}, "labels: float labels (96,) are label distributions"),
-    ({"alpha": 0.5, "labels": "out of range"}, "labels: class id 6 outside [0, 6)"),
+    ({"alpha": 0.5, "labels": "out of range"}, "labels: class id 6 outside [0, 6) (and not the ignored -100)"),
     ({"alpha": 0.5, "labels": "not a distribution"}, "labels: label distributions must be finite, >= 0, and sum"),
     ({"alpha": 0.5, "labels": "numpy"}, "labels: expected a tensor, got ndarray"),
     ({"logits": "numpy"}, "student_logits: expected a float tensor, got ndarray"),

@@ -47,14 +47,13 @@ class Rule:
             return f"{'>' if self.low_open else '>='} {lo}"
         if hi is not None:
             return f"{'<' if self.high_open else '<='} {hi}"
-        return "finite"
+        return ""
 
     def why(self, value: Any) -> str | None:
         """What is wrong with `value` ('must be > 0'), or None when it follows the rule."""
         kind = "a whole number" if self.integer else "a number"
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.integer else numbers.Real):
-            return f"must be {kind} {self.bounds()}" if self.low is not None or self.high is not None \
-                else f"must be {kind}"
+            return f"must be {kind} {self.bounds()}".rstrip()
         if not math.isfinite(value):
             return f"must be a finite number {self.bounds()}".rstrip()
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)

@@ -201,6 +201,9 @@ DIVERGENCES = ("forward", "reverse", "jsd")
 TAILS = ("uniform", "bucket")
 
 
+IGNORE_INDEX = -100  # cross-entropy's label for rows it leaves out (F.cross_entropy's default)
+
+
 def _check_arguments(batch: Any, temperature: Any, alpha: Any, divergence: Any, tail: Any, out: Any,
                      out_name: str) -> None:
     """The loss's settings, by the rules of the config fields they mirror (student.temperature, ...)."""
@@ -216,7 +219,8 @@ def _check_arguments(batch: Any, temperature: Any, alpha: Any, divergence: Any, 
 
 
 def _check_labels(labels: Any, batch: dict[str, Any], rows: int, num_classes: int) -> None:
-    """Class ids (rows,) in [0, C), or label distributions (rows, C): finite, >= 0, each summing to 1.
+    """Class ids (rows,) in [0, C) (or -100, left out), or label distributions (rows, C): finite, >= 0,
+    each summing to 1.
     A batch of mixed views (mixup/cutmix: a partner per row) has no single class per row, so class
     ids are refused there: its labels are batch["labels"], the lambda-mixed distributions."""
     if labels is None:
@@ -235,9 +239,10 @@ def _check_labels(labels: Any, batch: dict[str, Any], rows: int, num_classes: in
     if labels.dtype == torch.bool or tuple(labels.shape) != (rows,):
         raise ArgumentError(f"labels: {labels.dtype} {tuple(labels.shape)}; give class ids ({rows},) as an integer "
                             f"tensor, or label distributions ({rows}, {num_classes}) as floats")
-    if rows and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ArgumentError(f"labels: class id {int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())} "
-                            f"outside [0, {num_classes})")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ArgumentError(f"labels: class id {int(labels[bad][0])} outside [0, {num_classes}) (and not the ignored "
+                            f"{IGNORE_INDEX})")
     partner = batch.get("partner")
     if isinstance(partner, torch.Tensor) and bool((partner >= 0).any()):
         raise ArgumentError("labels: this batch holds mixed views (mixup/cutmix) whose labels are lambda-mixed "
