@@ -59,9 +59,9 @@ def _no_manifest(root) -> None:
 # The environment: every LOGITCACHE_ variable is checked like a config field, before any work.
 
 BAD_ENV = [
-    ("LOGITCACHE_PROGRESS_INTERVAL", "30s", "a number of seconds > 0"),
-    ("LOGITCACHE_PROGRESS_INTERVAL", "0", "a number of seconds > 0"),
-    ("LOGITCACHE_PROGRESS_INTERVAL", "nan", "a number of seconds > 0"),
+    ("LOGITCACHE_PROGRESS_INTERVAL", "30s", "a number of seconds >= 0"),
+    ("LOGITCACHE_PROGRESS_INTERVAL", "-1", "a number of seconds >= 0"),
+    ("LOGITCACHE_PROGRESS_INTERVAL", "nan", "a number of seconds >= 0"),
     ("LOGITCACHE_MAX_OPEN_SHARDS", "0", "a whole number >= 1"),
     ("LOGITCACHE_MAX_OPEN_SHARDS", "many", "a whole number >= 1"),
     ("LOGITCACHE_READ_THREADS", "-1", "a whole number >= 0"),

@@ -239,8 +239,8 @@ ENV: dict[str, EnvVar] = {
     "LOGITCACHE_MAX_OPEN_SHARDS": EnvVar(_number(COUNT, "a whole number"), 64, "shard files a reader keeps open"),
     "LOGITCACHE_READ_THREADS": EnvVar(_number(NONNEGATIVE_INT, "a whole number"), None,
                                       "threads that decode chunks (unset: by the cores)"),
-    "LOGITCACHE_PROGRESS_INTERVAL": EnvVar(_number(POSITIVE, "a number of seconds"), 30.0,
-                                           "seconds between progress lines without a terminal"),
+    "LOGITCACHE_PROGRESS_INTERVAL": EnvVar(_number(NONNEGATIVE, "a number of seconds"), 30.0,
+                                           "seconds between progress lines without a terminal (0: every update)"),
     "LOGITCACHE_STEADY_HEAP": EnvVar(_switch, True, "the CLI's mmap-threshold pin"),
     "XDG_CACHE_HOME": EnvVar(_path("directory"), None, "where per-user caches go (default ~/.cache)"),
 }

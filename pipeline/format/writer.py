@@ -95,8 +95,7 @@ class CacheWriter:
             argument("seq_len", seq_len, COUNT)
         flag("tokens", tokens)
         argument("seed", seed, SEED)
-        if codec not in CODECS:
-            choice("codec", codec, CODECS)
+        choice("codec", codec, CODECS)
         if compression_level is not None:
             argument("compression_level", compression_level, Rule(integer=True))
         problems = codec_problems(codec, compression_level, backend)
@@ -105,7 +104,7 @@ class CacheWriter:
         self.tokens = tokens or seq_len is not None
         if seq_len is not None and (rows_per_shard % seq_len or chunk_rows % seq_len):
             raise ArgumentError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
-                             f"seq_len={seq_len} (sequences never straddle chunks)")
+                                f"seq_len={seq_len} (sequences never straddle chunks)")
         self.encoding = _encoding_arg(encoding, num_classes)
         self.seq_len, self.backend, self.seed = seq_len, backend, seed
         self.rows_per_shard, self.chunk_rows, self.level = rows_per_shard, chunk_rows, compression_level
@@ -206,6 +205,8 @@ class CacheWriter:
             ids = np.asarray(sample_ids).reshape(-1)
         except ValueError:
             ids = np.asarray([None])
+        if ids.size == 0:
+            ids = ids.astype(np.int64)
         if ids.dtype.kind not in "iu":
             raise ArgumentError(f"add: sample_ids must be integers, got {ids.dtype} ({_span(ids)})")
         if ids.dtype.kind == "u" and len(ids) and ids.max() > np.iinfo(np.int64).max:
