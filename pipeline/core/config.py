@@ -9,6 +9,7 @@ once, in one line, naming each field. Relative paths are taken from the current 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -22,6 +23,7 @@ from pipeline.core.codecs import CODECS, codec_problems
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import is_url
 from pipeline.core.specs import SPECS, CNNSpec, MLPSpec, ModelSpec, foreign_field, spec_class
+from pipeline.core.validate import FIELDS, field_problems
 
 
 @dataclass(frozen=True)
@@ -489,22 +491,12 @@ def valid_device(name: str) -> bool:
     return kind == "cuda" and index.isdigit()
 
 
-def _check_grid_value(key: str, v: Any) -> str | None:
-    if key == "epochs":
-        return None if isinstance(v, int) and v >= 1 else "must be integers >= 1"
-    if key == "alpha":
-        return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
-    return None if v > 0 else "must be > 0"  # temperature, lr
-
-
 def validate(cfg: Config) -> list[str]:
-    """Value checks that types cannot express; returns every problem found."""
-    e: list[str] = []
+    """Value checks that types cannot express; returns every problem found. A field's own rule
+    lives in pipeline/core/validate.py (FIELDS), shared with the Python API; the rules here tie
+    fields together."""
+    e: list[str] = field_problems(cfg)
     d, t, c, s = cfg.data, cfg.teachers, cfg.cache, cfg.student
-    if not 0.0 < d.test_fraction < 1.0:
-        e.append(f"data.test_fraction: {d.test_fraction} must be between 0 and 1")
-    if d.num_classes is not None and d.num_classes < 2:
-        e.append("data.num_classes: must be at least 2")
     bad_excluded = [k for k in d.transfer.exclude_classes
                     if k < 0 or (d.num_classes is not None and k >= d.num_classes)]
     if bad_excluded:  # with num_classes unset, the upper bound is checked when the data is loaded
@@ -512,25 +504,14 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"data.transfer.exclude_classes: {bad_excluded[0]} is not a class; give {bound}")
     if d.task == "lm" and d.transfer.exclude_classes:
         e.append("data.transfer.exclude_classes: applies to data.task classify only")
+    e.extend(_feature_problems(d))
     if not t.members:
         e.append("teachers.members: give at least one teacher")
     if t.weights is not None:
         if len(t.weights) != len(t.members):
             e.append(f"teachers.weights: {len(t.weights)} weights for {len(t.members)} teachers")
-        elif any(w < 0 for w in t.weights) or sum(t.weights) <= 0:
-            e.append("teachers.weights: must be non-negative with a positive sum")
-    if t.temperature <= 0:
-        e.append("teachers.temperature: must be > 0")
-    if t.epochs < 1:
-        e.append(f"teachers.epochs: {t.epochs} must be >= 1")
-    if t.batch_size < 1:
-        e.append(f"teachers.batch_size: {t.batch_size} must be >= 1")
-    if t.lr <= 0:
-        e.append(f"teachers.lr: {t.lr} must be > 0")
-    if t.weight_decay < 0:
-        e.append(f"teachers.weight_decay: {t.weight_decay} must be >= 0")
-    if t.checkpoint_every < 1:
-        e.append(f"teachers.checkpoint_every: {t.checkpoint_every} must be >= 1")
+        elif any(not math.isfinite(w) or w < 0 for w in t.weights) or not 0 < sum(t.weights) < math.inf:
+            e.append("teachers.weights: must be finite, non-negative, with a positive sum")
     for section, members in (("teachers.members", t.members), ("student.models", s.models)):
         names = [m.name for m in members]
         if len(set(names)) != len(names):
@@ -542,20 +523,8 @@ def validate(cfg: Config) -> list[str]:
                 archs = [a for a, cls in SPECS.items() if cls.task == d.task]
                 archs = ", ".join(archs[:-1]) + " or " + archs[-1] if len(archs) > 1 else archs[0]
                 e.append(f"{where}.arch: data.task {d.task} needs arch {archs}, got {m.arch}")
-    if c.k < 1:
-        e.append("cache.k: must be >= 1")
-    if c.rows_per_shard < 1 or c.chunk_rows < 1 or (c.batch_size is not None and c.batch_size < 1):
-        e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
-    if c.logit_rows < 1:
-        e.append(f"cache.logit_rows: {c.logit_rows} must be >= 1")
     if c.codec in CODECS:  # an unknown one is refused with its type
         e.extend(f"cache.{problem}" for problem in codec_problems(c.codec, c.compression_level, c.backend))
-    if c.logp_range <= 0:
-        e.append("cache.logp_range: must be > 0")
-    if not 1 <= c.draws <= 255:
-        e.append("cache.draws: must be in 1..255 (counts are stored as uint8)")
-    if c.dense_max_classes < 2:
-        e.append("cache.dense_max_classes: must be >= 2")
     for key, dev in (("cache.device", c.device), ("student.device", s.device)):
         if not valid_device(dev):
             e.append(f"{key}: {dev!r} is not a device; use {DEVICE_FORMS}")
@@ -579,8 +548,6 @@ def validate(cfg: Config) -> list[str]:
         for key in ("logit_chunk", "seq_len", "packing", "mixture"):
             if getattr(s, key) != getattr(defaults, key):
                 e.append(f"student.{key}: applies to data.task lm only; remove it")
-    if s.logit_chunk < 1:
-        e.append("student.logit_chunk: must be >= 1")
     if c.encoding == "sampled" and s.divergence != "forward":
         e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
                  "support forward only, use cache.encoding=hybrid or topk")
@@ -596,31 +563,13 @@ def validate(cfg: Config) -> list[str]:
         elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             e.append(f"student.grid.{key}: values must be numbers")
         else:
-            bad = [(v, why) for v in values if (why := _check_grid_value(key, v))]
+            bad = [(v, why) for v in values if (why := FIELDS[f"student.{key}"].why(v))]
             if bad:
                 e.append(f"student.grid.{key}: {bad[0][0]!r} is invalid; values {bad[0][1]}")
-    if not 0.0 <= s.alpha <= 1.0:
-        e.append("student.alpha: must be in [0, 1]")
-    if s.temperature is not None and s.temperature <= 0:
-        e.append("student.temperature: must be > 0")
-    if s.epochs < 1 or s.batch_size < 1 or s.shuffle_chunks < 1 or s.checkpoint_every < 1:
-        e.append("student: epochs, batch_size, shuffle_chunks and checkpoint_every must be >= 1")
-    if s.lr <= 0:
-        e.append(f"student.lr: {s.lr} must be > 0")
-    if s.weight_decay < 0 or s.momentum < 0:
-        e.append("student: weight_decay and momentum must be >= 0")
     e.extend(_validate_views(cfg))
     k = cfg.cluster
     if k.kind == "address" and not k.address:
         e.append("cluster.address: kind=address needs a scheduler address, e.g. tcp://host:8786")
-    if k.workers < 1 or k.threads_per_worker < 1 or k.retries < 0 or k.gpus_per_worker < 0:
-        e.append("cluster: workers and threads_per_worker must be >= 1, retries and gpus_per_worker >= 0")
-    if k.worker_timeout <= 0:
-        e.append("cluster.worker_timeout: must be > 0 seconds")
-    if k.slurm.jobs < 1 or k.slurm.processes < 1 or k.slurm.cores < 1:
-        e.append("cluster.slurm: jobs, processes and cores must be >= 1")
-    if cfg.evaluate.ece_bins < 1:
-        e.append("evaluate.ece_bins: must be >= 1")
     if not cfg.run_name or cfg.run_name in (".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name:
         e.append(f"run_name: {cfg.run_name!r} must be a plain directory name (not '.', '..', or with '/')")
     if not cfg.workspace:
@@ -628,28 +577,50 @@ def validate(cfg: Config) -> list[str]:
     return e
 
 
-def _validate_views(cfg: Config) -> list[str]:
+def _feature_problems(d: DataConfig) -> list[str]:
+    """data.feature_columns may name neither the labels nor the sample ids: a label among the
+    features is a label leak (a model that reads its answer), ids are keys, not inputs."""
+    if d.feature_columns is None:
+        return []
+    if not d.feature_columns:
+        return [("data.feature_columns: an empty list; name the feature columns, or unset it to take every "
+                 "numeric column")]
+    e = []
+    for col, what in ((d.label_column, "data.label_column, the labels: a feature would leak them"),
+                      ("sample_id", "the sample id column, a key and not an input")):
+        if col in d.feature_columns:
+            e.append(f"data.feature_columns: {col!r} is {what}; remove it from data.feature_columns")
+    dup = sorted({c for c in d.feature_columns if d.feature_columns.count(c) > 1})
+    if dup:
+        e.append(f"data.feature_columns: {dup[0]!r} is listed twice; list each column once")
+    return e
+
+
+def augment_problems(a: AugmentConfig) -> list[str]:
+    """What is wrong with an augmentation on its own: its fields' rules and the ties between them
+    (`Cache.dataset(augment=...)` checks a user's AugmentConfig with this)."""
+    return field_problems(a, "augment.") or _augment_ties(a)
+
+
+def _augment_ties(a: AugmentConfig) -> list[str]:
     e: list[str] = []
-    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
     for key in ("scale", "ratio"):
         pair = getattr(a, key)
         if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key == "scale" and pair[1] > 1):
             bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
             e.append(f"augment.{key}: {list(pair)} must be two numbers [low, high] with {bound}")
-    if a.padding < 0 or a.translate < 0 or a.padding > 64 or a.translate > 64:
-        e.append("augment: padding and translate must be pixel counts in 0..64")
     if a.crop == "padded" and a.padding == 0:
         e.append("augment.padding: crop padded needs padding >= 1 (pixels of shift each way)")
-    for key in ("flip", "mixup_prob", "cutmix_prob"):
-        if not 0.0 <= getattr(a, key) <= 1.0:
-            e.append(f"augment.{key}: {getattr(a, key)} must be a probability in [0, 1]")
     if a.mixup_prob + a.cutmix_prob > 1.0:
         e.append("augment: mixup_prob + cutmix_prob must be <= 1 (a view is mixed one way at most)")
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        if getattr(a, key) <= 0:
-            e.append(f"augment.{key}: must be > 0")
-    if not 0 <= n <= 65535:
-        e.append(f"cache.views: {n} must be in 0..65535 (view indices are stored as uint16)")
+    return e
+
+
+def _validate_views(cfg: Config) -> list[str]:
+    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
+    e = _augment_ties(a)
+    if n > 65535 or c.chunk_rows < 1 or c.rows_per_shard < 1:
+        pass  # reported by their rules
     elif n > 0:
         if cfg.data.task == "lm":
             e.append("cache.views: augmented views apply to data.task classify (image inputs)")

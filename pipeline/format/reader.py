@@ -27,26 +27,18 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.core.io import whole_tree_digest
+from pipeline.core.io import out_of_handles, whole_tree_digest
+from pipeline.core.validate import env
 from pipeline.format.backends import Backend, Reads, backend
 from pipeline.format.columns import ROW_COLUMNS, VIEW_COLUMNS, Chunk, stored_columns, view_column_names
 from pipeline.format.encodings import Encoding, encoding_from_spec
 from pipeline.format.lru import HandleLRU
 from pipeline.format.manifest import READABLE_VERSIONS, read_manifest, shard_problems
-
-
-def env_count(name: str, default: int) -> int:
-    """A whole number >= 0 from the environment variable `name`, or `default` when it is unset."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ConfigError(f"{name}={value!r}: set it to a whole number >= 0, or unset it")
-    return int(value)
+from pipeline.format.shards import mismatch
 
 
 def default_max_open() -> int:
-    return env_count("LOGITCACHE_MAX_OPEN_SHARDS", 64)
+    return int(env("LOGITCACHE_MAX_OPEN_SHARDS"))
 
 
 def usable_cores() -> int:
@@ -62,7 +54,8 @@ def default_read_threads() -> int:
     cost more CPU for the same chunks than reading on the loader's background thread, and the epoch
     was no faster (bench/reader.py, `read_threads_4`). LOGITCACHE_READ_THREADS overrides it."""
     spare = min(4, usable_cores() - 1)
-    return env_count("LOGITCACHE_READ_THREADS", spare if spare >= 2 else 0)
+    threads = env("LOGITCACHE_READ_THREADS")
+    return int(threads) if threads is not None else spare if spare >= 2 else 0
 
 
 class CacheReader:
@@ -180,11 +173,11 @@ class CacheReader:
         try:
             digest = whole_tree_digest(path)
         except OSError as err:
+            self._refuse_out_of_handles(err, path)
             raise CacheError(f"{path}: cannot read the shard ({err.strerror}); rerun `logitcache cache CONFIG` "
                              "to recompute it") from None
         if digest != self.shards[i]["sha256"]:
-            raise CacheError(f"{path}: checksum mismatch, the shard is corrupt; delete it and rerun "
-                             "`logitcache cache CONFIG`")
+            raise CacheError(mismatch(path, self.shards[i]["sha256"], digest))
         self._verified.add(i)
 
     def chunks(self) -> list[Chunk]:
@@ -197,14 +190,17 @@ class CacheReader:
     def read(self, chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         """One chunk's rows: sample_id (position) and the targets decoded to the encoding's natural
         form, or with decode=False the stored columns as stored (narrow; `decode` them later)."""
-        self._present([chunk.shard], read=True)
-        return self._reads.read_many([chunk], decode)[0]
+        return self.read_many([chunk], decode)[0]
 
     def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         """Several chunks in order, on the read threads when there are (zstd and pyarrow's decoding
         release the GIL); how they are split between threads is the backend's."""
         self._present((c.shard for c in chunks), read=True)
-        return self._reads.read_many(chunks, decode)
+        try:
+            return self._reads.read_many(chunks, decode)
+        except OSError as err:
+            self._refuse_out_of_handles(err, self.shard_path(chunks[0].shard))
+            raise
 
     def is_whole_chunk(self, r: Chunk) -> bool:
         """Whether rows [r.start, r.stop) of shard r.shard are exactly one of its chunks."""
@@ -218,7 +214,11 @@ class CacheReader:
             raise ValueError("read_joined reads one or more whole chunks; read_rows reads any ranges")
         chunks = [Chunk(c.shard, c.start // self.chunk_rows, c.start, c.stop) for c in chunks]  # index from the rows
         self._present((c.shard for c in chunks), read=True)
-        joined = self._reads.read_joined(chunks)
+        try:
+            joined = self._reads.read_joined(chunks)
+        except OSError as err:
+            self._refuse_out_of_handles(err, self.shard_path(chunks[0].shard))
+            raise
         if joined is not None:
             return joined
         parts = self.read_many(chunks, decode=False)
@@ -247,6 +247,14 @@ class CacheReader:
     def read_all(self) -> dict[str, np.ndarray]:
         parts = self.read_many(self.chunks())
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _refuse_out_of_handles(self, err: OSError, path: Path) -> None:
+        """Running out of file handles is said as such: the shard is not damaged, recomputing it helps nothing."""
+        why = out_of_handles(err)
+        if why is not None:
+            raise ConfigError(f"{path}: cannot open the shard: {why}; this reader keeps up to {self._handles.capacity} "
+                              "shard files open, so lower LOGITCACHE_MAX_OPEN_SHARDS or raise the limit (ulimit -n); "
+                              "the shard itself is fine") from None
 
     def handle(self, i: int) -> Any:
         """Shard i opened by its backend (checked first), kept among the `max_open` most recent."""

@@ -398,11 +398,12 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def tokenizer_file(path: Path) -> Path:
-    """The tokenizer.json of data.tokenizer (a directory or the file itself)."""
+def tokenizer_file(path: Path, key: str = "data.tokenizer") -> Path:
+    """The tokenizer.json of data.tokenizer (a directory or the file itself); `key` names where the
+    path came from in messages."""
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise DataError(f"data.tokenizer: {path} has no tokenizer.json; save one with "
+        raise DataError(f"{key}: {path} has no tokenizer.json; save one with "
                         "tokenizer.save_pretrained(dir) or tokenizers' Tokenizer.save")
     return file
 
@@ -455,16 +456,18 @@ def eos_id(d: DataConfig, tok: Tokenizer) -> int:
 class Tokenizer:
     """A `tokenizers.Tokenizer` with its vocabulary fingerprint."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: str = "data.tokenizer") -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        file = tokenizer_file(path)
+        file = tokenizer_file(path, key)
         try:
             self.hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises its own Exception type for malformed files
-            raise DataError(f"data.tokenizer: {file} is not a valid tokenizer.json ({_first_line(e)})") from None
+            raise DataError(f"{key}: {file} is not a valid tokenizer.json ({_first_line(e)})") from None
         self.path = file
         vocab = self.hf.get_vocab()
+        if not vocab:
+            raise DataError(f"{key}: {file} has an empty vocabulary; give the tokenizer the data was tokenized with")
         self.vocab_size = max(vocab.values()) + 1
         self.fingerprint = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 

@@ -50,11 +50,13 @@ from pipeline.core.io import (
     hash_json,
     publish_dir,
     read_json,
+    record_tree_digest,
     remove_dead_tmp,
+    sha256_file,
     tmp_name,
 )
 from pipeline.core.lock import build_lock
-from pipeline.core.progress import bar
+from pipeline.core.progress import bar, log
 from pipeline.inputs.chat import ChatTemplate, template_identity
 from pipeline.inputs.text import (
     EOS,
@@ -132,14 +134,19 @@ def tokenize(d: DataConfig, workspace: str) -> Path:
     root = Path(workspace) / "tokens"
     final = root / hash_json(ident)[:16]
     if final.exists():
-        read_manifest(final)
-        return final
+        problem = token_problem(final)
+        if problem is None:
+            return final
+        log(f"tokens {final.name}: {problem}; tokenizing again")
     check_writable(root, "workspace")
     root.mkdir(parents=True, exist_ok=True)
     with build_lock(root / f".lock-{final.name}", f"tokens {final.name}"):  # one process tokenizes, the rest wait
-        if final.exists():  # tokenized by another process while this one waited
-            read_manifest(final)
-            return final
+        if final.exists():  # tokenized by another process while this one waited, or damaged
+            if token_problem(final) is None:
+                return final
+            aside = tmp_name(final)
+            os.rename(final, aside)  # then removed: a process that maps its files keeps them until it unmaps
+            shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
         remove_dead_tmp(root)
         tmp = tmp_name(final)
         tmp.mkdir()
@@ -153,7 +160,63 @@ def tokenize(d: DataConfig, workspace: str) -> Path:
             raise
         publish_dir(tmp, final)
         fsync_dir(root)
+        for entry in manifest["splits"].values():  # hashed as written: this machine need not read them again
+            record_tree_digest(final / entry["file"], entry["sha256"])
+            record_tree_digest(final / entry["offsets"], entry["offsets_sha256"])
     return final
+
+
+def token_problem(directory: Path) -> str | None:
+    """What is wrong with a tokenized corpus, or None: a complete manifest, and each split's token
+    file of the size and sha256 it records, its offsets file of the sha256 it records (or, in a
+    manifest from before offsets were hashed, of the shape and ends). Digests are remembered per
+    machine (pipeline/core/io.py): an unchanged file is read once per machine, and one flipped byte,
+    a truncation or a lost file is found before any stage maps it."""
+    try:
+        manifest = read_manifest(directory)
+    except DataError as e:
+        return str(e).split("; ")[0]
+    where = directory / "manifest.json"
+    try:
+        dtype = np.dtype(manifest["dtype"])
+        splits = [manifest["splits"][name] for name in ("train", "test", "transfer")
+                  if name in manifest["splits"] or name != "transfer"]
+        for e in splits:
+            if not (all(isinstance(e[k], str) and Path(e[k]).name == e[k] for k in ("file", "offsets", "sha256"))
+                    and isinstance(e["n_docs"], int) and isinstance(e["n_tokens"], int)):
+                raise TypeError
+    except (KeyError, TypeError, ValueError):
+        return f"{where}: a split lacks file, offsets, n_docs, n_tokens or sha256, or dtype is not a dtype"
+    for e in splits:
+        tokens_file, offsets_file = directory / e["file"], directory / e["offsets"]
+        for f in (tokens_file, offsets_file):
+            if not f.is_file():
+                return f"{f}: missing"
+        size, expected = tokens_file.stat().st_size, e["n_tokens"] * dtype.itemsize
+        if size != expected:
+            return (f"{tokens_file}: {size} bytes, but the manifest records {e['n_tokens']} {dtype.name} tokens "
+                    f"({expected} bytes); the file was truncated or overwritten")
+        if file_digest(tokens_file) != e["sha256"]:
+            return f"{tokens_file}: its sha256 differs from the manifest's; the file was modified or damaged"
+        if e.get("mask"):
+            mask_file = directory / str(e["mask"])
+            if not mask_file.is_file():
+                return f"{mask_file}: missing"
+            if mask_file.stat().st_size != e["n_tokens"] or file_digest(mask_file) != e.get("mask_sha256"):
+                return f"{mask_file}: its size or sha256 differs from the manifest's; the file was modified or damaged"
+        if e.get("offsets_sha256") is not None:
+            if file_digest(offsets_file) != e["offsets_sha256"]:
+                return f"{offsets_file}: its sha256 differs from the manifest's; the file was modified or damaged"
+            continue
+        try:
+            offsets = np.load(offsets_file, mmap_mode="r", allow_pickle=False)
+            ok = offsets.shape == (e["n_docs"] + 1,) and offsets.dtype == np.int64 and \
+                int(offsets[0]) == 0 and int(offsets[-1]) == e["n_tokens"]
+        except (ValueError, OSError, IndexError):
+            ok = False
+        if not ok:
+            return f"{offsets_file}: not {e['n_docs'] + 1} int64 offsets from 0 to {e['n_tokens']}"
+    return None
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -234,7 +297,8 @@ class TokenFile:
             os.fsync(out.fileno())
         raw.unlink()
         entry = {"file": f"{self.name}.bin", "offsets": f"{self.name}.offsets.npy", "n_docs": self.n_docs,
-                 "n_tokens": self.n_tokens, "sha256": self.sha256.hexdigest()}
+                 "n_tokens": self.n_tokens, "sha256": self.sha256.hexdigest(),
+                 "offsets_sha256": sha256_file(self.directory / f"{self.name}.offsets.npy")}
         if self.masks is not None:
             entry.update(mask=f"{self.name}.mask.bin", mask_sha256=self.mask_sha256.hexdigest(),
                          trained_tokens=self.n_trained)
@@ -244,6 +308,8 @@ class TokenFile:
 def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
     """Tokenize every split of `d` into `out`; the manifest's entries."""
     n_docs = count_documents(d.source, "data.source", d.text_field)  # a cheap first pass: nothing tokenized
+    if n_docs == 0:
+        raise DataError(f"data.source: {d.source} holds no documents (empty, or only blank lines); give a corpus")
     in_test: np.ndarray | None = None  # (n_docs,) bool: held-out documents
     if d.test_source is None:
         # a deterministic document-level split keeps held-out text unseen by teachers and students
@@ -347,8 +413,12 @@ def sequences(directory: Path, manifest: dict[str, Any], split: str, seq_len: in
         n = min(n, limit)
     if n == 0:  # an empty file cannot be mapped
         return np.zeros((0, seq_len + 1), dtype=manifest["dtype"])
-    flat = np.memmap(directory / entry["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r",
-                     shape=(entry["n_tokens"],))
+    try:
+        flat = np.memmap(directory / entry["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r",
+                         shape=(entry["n_tokens"],))
+    except (ValueError, OSError) as e:  # changed since tokenize checked it
+        raise DataError(f"{directory / entry['file']}: cannot map {entry['n_tokens']} tokens ({e}); rerun "
+                        "`logitcache tokenize CONFIG` to check and rebuild it") from None
     return flat[: n * (seq_len + 1)].reshape(n, seq_len + 1)
 
 

@@ -148,16 +148,17 @@ def find_cache(cfg: Config) -> Path:
         now = _file_stats(Path(f[0]) for f in files)
         present = {f[0]: f for f in now}
         if all(present.get(f[0], f) == f for f in files):
-            if len(present) < len(files):
-                log(f"student: {len(files) - len(present)} teacher files absent; using cache {rec['cache_id']}, "
+            absent = len({f[0] for f in files} - present.keys())
+            if absent:
+                log(f"student: {absent} teacher file{'s' * (absent > 1)} absent; using cache {rec['cache_id']}, "
                     "which the cache stage made for this config")
             return Path(rec["cache_dir"])
     return context(cfg).dir
 
 
 def _teacher_files(refs: list[TeacherRef]) -> list[Path]:
-    """Every file hashed into the spec: checkpoints (every file of a model directory) and the
-    source files of imported factories."""
+    """Every file hashed into the spec, once: checkpoints (every file of a model directory) and the
+    source files of imported factories (one module may serve several members)."""
     out: list[Path] = []
     for r in refs:
         if r.checkpoint.is_dir():
@@ -165,7 +166,7 @@ def _teacher_files(refs: list[TeacherRef]) -> list[Path]:
         else:
             out.append(r.checkpoint)
         out.extend(architecture(r.spec).code_files(r.spec))
-    return out
+    return list(dict.fromkeys(Path(p).resolve() for p in out))
 
 
 def _file_stats(paths: Any) -> tuple[tuple[str, int, int, int], ...]:

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import CacheError
-from pipeline.core.io import tree_size
+from pipeline.core.io import sha256_tree, tree_size
 from pipeline.format import manifest as fmt
 from pipeline.format import remote
 from pipeline.format.encodings import encoding_from_spec
-from pipeline.format.shards import shard_name
+from pipeline.format.shards import mismatch, shard_name
 
 
 def _label(spec: dict[str, Any]) -> str:
@@ -105,10 +105,14 @@ def inspect_cache(ref: str, root: Path | str, verify: bool) -> dict[str, Any]:
     manifest = fmt.read_manifest(d)
     if manifest is not None and manifest.get("status") == "complete":
         bad = fmt.shard_problems(d, manifest["shards"], hash_them=verify)
-        if verify and (bad["missing"] or bad["corrupt"]):
+        if verify and bad["corrupt"] and not bad["missing"]:
+            listed = {e["path"]: e["sha256"] for e in manifest["shards"]}
+            first = bad["corrupt"][0]
+            more = f" ({len(bad['corrupt'])} shards differ: {', '.join(bad['corrupt'])})" if len(bad["corrupt"]) > 1 else ""
+            raise CacheError(mismatch(d / first, listed[first], sha256_tree(d / first)[0]) + more)
+        if verify and bad["missing"]:
             what = "; ".join(f"{kind} {', '.join(paths)}" for kind, paths in bad.items() if paths)
-            raise CacheError(f"{d}: {what} (checksum mismatch for corrupt shards); delete the corrupt shards "
-                             "and rerun `logitcache cache CONFIG` to recompute them")
+            raise CacheError(f"{d}: {what}; rerun `logitcache cache CONFIG` to recompute the missing shards")
         if bad["missing"]:
             return {**manifest, "status": "damaged", "shards_missing": bad["missing"]}
         return {**manifest, "verified": True} if verify else manifest

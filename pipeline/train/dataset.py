@@ -59,15 +59,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.core.config import AugmentConfig
-from pipeline.core.errors import CacheError
+from pipeline.core.config import AugmentConfig, augment_problems
+from pipeline.core.errors import ArgumentError, CacheError
+from pipeline.core.validate import COUNT, FIELDS, NONNEGATIVE_INT, SEED, Rule, argument, flag
 from pipeline.format import reader as fmt
 from pipeline.format.columns import ROW_COLUMNS
 from pipeline.format.encodings import Encoding
 from pipeline.format.manifest import resolve
 from pipeline.format.reader import read_global, read_rows
 from pipeline.format.remote import is_url, open_reader, resolve_remote
-from pipeline.format.views import PARAMS, ViewSpec
+from pipeline.format.views import PARAMS, ViewSpec, mixes
 from pipeline.inputs import augment as vw
 from pipeline.inputs.arrays import Dataset
 from pipeline.inputs.augment import check_images
@@ -196,6 +197,11 @@ class Cache:
 def open_cache(id_or_path: str | Path, root: str | Path | None = None, verify: bool = False) -> Cache:
     """A complete cache from its directory or URL, or its id or unique id prefix under `root`
     (default data/caches; a URL such as s3://bucket/caches too)."""
+    for name, value in (("id_or_path", id_or_path), ("root", root)):
+        if (value is not None or name == "id_or_path") and (not isinstance(value, (str, os.PathLike))
+                                                            or not os.fspath(value)):
+            raise ArgumentError(f"{name}: {value!r} is not a cache id, directory or URL; give a non-empty str or Path")
+    flag("verify", verify)
     if is_url(id_or_path) or (root is not None and is_url(root)):
         return Cache(resolve_remote(os.fspath(id_or_path), os.fspath(root) if root is not None else None),
                      verify=verify)
@@ -231,8 +237,8 @@ class CacheDataset(IterableDataset):
                  drop_last: bool, temperature: float | None, rank: int | None, world_size: int | None,
                  pad_value: int, labels: Any = None, augment: AugmentConfig | None = None,
                  layout: Layout | None = None, corpus: Corpus | None = None) -> None:
-        if batch_size < 1 or shuffle_chunks < 1:
-            raise ValueError(f"batch_size={batch_size}, shuffle_chunks={shuffle_chunks}: both must be >= 1")
+        _check_arguments(batch_size, seed, shuffle, shuffle_chunks, drop_last, temperature, rank, world_size,
+                         pad_value, augment)
         enc = cache.encoding
         self.temperature = float(temperature) if temperature is not None else cache.temperature
         if not enc.retemperable and self.temperature != cache.temperature:
@@ -303,6 +309,7 @@ class CacheDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch (call before iterating each epoch, as with DistributedSampler)."""
+        argument("epoch", epoch, NONNEGATIVE_INT)
         if epoch != self.epoch:
             self.epoch, self._spans, self._start, self._yielded = epoch, None, 0, 0
             if self._in_workers is not None:
@@ -312,6 +319,8 @@ class CacheDataset(IterableDataset):
     def state_dict(self, batches: int | None = None) -> dict[str, Any]:
         """Position in the epoch: `batches` consumed on this rank (default: those this object yielded
         in this process; with DataLoader workers use `ds.loader()` or pass the count)."""
+        if batches is not None:
+            argument("batches", batches, NONNEGATIVE_INT)
         if batches is None and self._in_workers is not None and self._in_workers.value:
             raise ValueError("state_dict: DataLoader workers iterate this dataset, so it cannot know how many batches "
                              "your loop consumed; use ds.loader() and its state_dict(), or pass "
@@ -330,6 +339,7 @@ class CacheDataset(IterableDataset):
         """Resume where `state` (any rank's: the position is global) left off: on the same world size
         and batch size the next iteration yields exactly the batches after state["batches"];
         otherwise what the epoch has not seen is laid out afresh over this world size."""
+        _check_state(state)
         mine = {"cache": self.cache_id, "order": ORDER_VERSION, "items": self.items, "seed": self.seed,
                 "shuffle": self.shuffle, "shuffle_chunks": self.shuffle_chunks}
         for key, value in mine.items():
@@ -351,6 +361,8 @@ class CacheDataset(IterableDataset):
     def seek(self, epoch: int, batches: int) -> None:
         """Make the next iteration start at rank-local batch `batches` of `epoch` (a position the
         caller saved itself; `load_state_dict` checks a saved state and comes here)."""
+        argument("epoch", epoch, NONNEGATIVE_INT)
+        argument("batches", batches, NONNEGATIVE_INT)
         self.epoch, self._spans, self._start, self._yielded = int(epoch), None, int(batches), 0
 
     @property
@@ -554,6 +566,51 @@ class CacheDataset(IterableDataset):
         return CacheLoader(self, num_workers=num_workers, **kwargs)
 
 
+def _check_arguments(batch_size: Any, seed: Any, shuffle: Any, shuffle_chunks: Any, drop_last: Any,
+                     temperature: Any, rank: Any, world_size: Any, pad_value: Any, augment: Any) -> None:
+    """`Cache.dataset`'s arguments, by the rules of the config fields they mirror (student.batch_size,
+    student.temperature, ...): one ArgumentError naming the first that breaks its rule."""
+    argument("batch_size", batch_size, COUNT)
+    argument("seed", seed, SEED)
+    flag("shuffle", shuffle)
+    argument("shuffle_chunks", shuffle_chunks, COUNT)
+    flag("drop_last", drop_last)
+    if temperature is not None:
+        argument("temperature", temperature, FIELDS["student.temperature"])
+    if rank is not None:
+        argument("rank", rank, NONNEGATIVE_INT)
+    if world_size is not None:
+        argument("world_size", world_size, COUNT)
+    argument("pad_value", pad_value, Rule(integer=True))
+    if augment is not None:
+        if not isinstance(augment, AugmentConfig):
+            raise ArgumentError(f"augment: expected an AugmentConfig (pipeline.core.config), got {type(augment).__name__}")
+        problems = augment_problems(augment)
+        if problems:
+            raise ArgumentError(problems[0])
+
+
+STATE_FIELDS = {"epoch": NONNEGATIVE_INT, "batches": NONNEGATIVE_INT, "world_size": COUNT, "batch_size": COUNT}
+
+
+def _check_state(state: Any) -> None:
+    """A saved position, as `state_dict` writes it: a dict with its numbers and flags in range."""
+    if not isinstance(state, dict):
+        raise ArgumentError(f"state: expected the dict state_dict() returned, got {type(state).__name__}")
+    missing = [k for k in ("spans", "drop_last", *STATE_FIELDS) if k not in state]
+    if missing:
+        raise ArgumentError(f"state: no {missing[0]!r}; pass the dict state_dict() returned, unchanged")
+    for key, rule in STATE_FIELDS.items():
+        argument(f"state[{key!r}]", state[key], rule)
+    flag("state['drop_last']", state["drop_last"])
+    spans = state["spans"]
+    if spans is not None and not (isinstance(spans, (list, tuple)) and all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v >= 0 for v in s)
+            and s[0] <= s[1] for s in spans)):
+        raise ArgumentError("state['spans']: expected None or a list of [start, stop] item ranges; pass the dict "
+                            "state_dict() returned, unchanged")
+
+
 def _concat(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     if len(parts) == 1:
         return parts[0]
@@ -611,6 +668,16 @@ def replay_views(batch: dict[str, Any], inputs: Any, views: ViewSpec) -> torch.T
     replays them with): `inputs` the source images (B', C, H, W) indexable by sample id, as for
     `Cache.dataset(inputs=...)`; `views` the cache's `Cache.views`. `batch` needs sample_id, view and
     the parameters a views batch carries (box, flip; partner, lam, cut with mixup/cutmix)."""
+    if not isinstance(views, ViewSpec):
+        raise ArgumentError(f"views: expected the cache's views (cache.views), got {views!r}; replay_views needs a "
+                            "views cache")
+    if not isinstance(batch, dict):
+        raise ArgumentError(f"batch: expected a batch dict of a views cache, got {type(batch).__name__}")
+    needed = ["sample_id", "view", "box", "flip", *(["partner"] if mixes(views.augment) else [])]
+    missing = [k for k in needed if k not in batch]
+    if missing:
+        raise ArgumentError(f"batch: no {missing[0]!r}; pass a batch of this views cache's dataset (it carries "
+                            f"{', '.join(needed)})")
     params = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in batch.items()
               if k in ("sample_id", "view", *PARAMS)}
     return vw.render_rows(_lookup(inputs), params, views.augment)
@@ -622,6 +689,7 @@ class CacheLoader(DataLoader):
     for another world size)."""
 
     def __init__(self, dataset: CacheDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        argument("num_workers", num_workers, NONNEGATIVE_INT)
         if kwargs.get("persistent_workers"):
             raise ValueError("persistent_workers=True keeps each worker's copy of the dataset, so set_epoch and "
                              "load_state_dict would not reach it; leave it off")
@@ -654,6 +722,11 @@ class CacheLoader(DataLoader):
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Move every tensor of a batch (nested dicts too) to `device`; other values are kept."""
+    if not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ArgumentError(f"device: {device!r} is not a device; use cpu, cuda, cuda:N or a torch.device") from None
     return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
 
