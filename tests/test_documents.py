@@ -292,3 +292,18 @@ def test_chat_prompt_tokens_are_never_cached_nor_distilled(tmp_path):
     assert distilled == len(trained)
     student = dataclasses.replace(config.student, baseline=False, epochs=1)
     assert [r.skipped for r in student_stage.main(dataclasses.replace(config, student=student))] == [False]
+
+
+def test_a_damaged_loss_mask_is_found_and_rebuilt(tmp_path):
+    from pipeline.inputs.tokens import tokenize
+
+    cfg = lm_config(tmp_path, data={"source": "examples/chat/chat.jsonl", "tokenizer": "examples/chat/tokenizer",
+                                    "train_on": "assistant", "seq_len": 32})
+    d = load_config(write_config(tmp_path / "chat.yaml", cfg)).data
+    directory = tokenize(d, str(tmp_path))
+    mask = directory / "train.mask.bin"
+    good = mask.read_bytes()
+    damaged = bytearray(good)
+    damaged[100] ^= 1
+    mask.write_bytes(bytes(damaged))
+    assert tokenize(d, str(tmp_path)) == directory and mask.read_bytes() == good  # found, rebuilt, never used
