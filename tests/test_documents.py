@@ -86,9 +86,9 @@ def test_layout_rows_own_each_target_once(packing, seq_len):
 
 
 def test_a_layout_refuses_nonsense():
-    with pytest.raises(Exception, match="layout.packing"):
+    with pytest.raises(ValueError, match="packing: 'zigzag' is not one of concat, pad"):
         Layout(8, "zigzag")
-    with pytest.raises(Exception, match="layout.seq_len"):
+    with pytest.raises(ValueError, match="seq_len: 0 must be in 1..1048576"):
         Layout(0)
 
 

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.errors import ConfigError, DataError
+from pipeline.core.errors import DataError
 from pipeline.core.io import hash_json
+from pipeline.core.validate import FIELDS, argument, choice
 
 BLOCK = 1 << 22  # positions counted at once when a mask must be summed (4 MB of mask, a few times that in sums)
 PACKINGS = ("concat", "pad")
@@ -233,11 +234,9 @@ class Layout:
     seq_len: int
     packing: str = "concat"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 1:
-            raise ConfigError(f"layout.seq_len: {self.seq_len!r}; give a positive number of tokens")
-        if self.packing not in PACKINGS:
-            raise ConfigError(f"layout.packing: {self.packing!r}; use one of {', '.join(PACKINGS)}")
+    def __post_init__(self) -> None:  # the rules of student.seq_len and student.packing
+        argument("seq_len", self.seq_len, FIELDS["student.seq_len"])
+        choice("packing", self.packing, PACKINGS)
 
 
 @dataclass(frozen=True)
