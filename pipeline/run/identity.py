@@ -90,7 +90,7 @@ def context(cfg: Config) -> Context:
     }
     spec["layout"].update(layout_codec(c.codec))
     spec["dataset"].update(task_of(cfg).dataset_identity(cfg, splits))
-    if not enc.retemperable:  # drawn ids: the seed determines the targets
+    if enc.stochastic:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
     views = None
     if c.views > 0:  # only then: caches without views keep their ids

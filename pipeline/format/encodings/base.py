@@ -51,7 +51,10 @@ class Encoding(Protocol):
     def label(self) -> str: ...
 
     @property
-    def retemperable(self) -> bool: ...
+    def retemperable(self) -> bool: ...  # targets() serves any temperature
+
+    @property
+    def stochastic(self) -> bool: ...  # encode draws at random: the seed is part of the targets
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,3 +138,7 @@ class Hybrid:
     @property
     def retemperable(self) -> bool:
         return False
+
+    @property
+    def stochastic(self) -> bool:
+        return True

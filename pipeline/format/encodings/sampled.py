@@ -104,3 +104,7 @@ class Sampled:
     @property
     def retemperable(self) -> bool:
         return False
+
+    @property
+    def stochastic(self) -> bool:
+        return True

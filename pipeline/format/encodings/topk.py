@@ -118,3 +118,7 @@ class TopK:
     @property
     def retemperable(self) -> bool:
         return True
+
+    @property
+    def stochastic(self) -> bool:
+        return False
