@@ -124,7 +124,8 @@ def test_sampled_round_trip_for_classes(tmp_path, backend):
                                                      (262145, "u16+h3", 2.375)])
 def test_ids_take_the_vocabularys_width(classes, store, id_bytes):
     assert id_store(classes) == store
-    assert TopK(classes, 8).raw_bytes_per_row() == pytest.approx(8 * id_bytes + 9 * 2)
+    assert TopK(classes, 8).raw_bytes_per_row() == pytest.approx(8 * id_bytes + 9 * 2 + 2)  # + tail mean
+    assert TopK(classes, 8, tail_mean=False).raw_bytes_per_row() == pytest.approx(8 * id_bytes + 9 * 2)
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
@@ -330,14 +331,16 @@ def test_sampled_refuses_divergences_it_cannot_estimate():
     t = enc.targets(enc.decode(enc.to_host(enc.encode(logp))), "cpu")
     with pytest.raises(ConfigError, match="student.divergence: reverse .* forward only"):
         enc.divergence(logp, t, "reverse", "uniform")
-    with pytest.raises(ConfigError, match="cannot be re-tempered"):
-        enc.targets(enc.decode(enc.to_host(enc.encode(logp))), "cpu", tau=2.0)
+    old = Sampled(40, 8, draw_logp=False)  # format 2: draws without their log-probs
+    with pytest.raises(ConfigError, match="cannot be re-tempered.*rebuild it"):
+        old.targets(old.decode(old.to_host(old.encode(logp))), "cpu", tau=2.0)
 
 
 @pytest.mark.parametrize("bits", [16, 8])
 def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits):
     """Top-8 of 512 token rows over a 32k vocabulary (logp: 64 MB): the residual mass outside the
-    head is exactly the slow way's (scatter -inf, logsumexp, exp over whole rows), while the
+    head is exactly the slow way's (scatter -inf, logsumexp, exp over whole rows), and the tail's
+    mean log-prob equal to it to float16, while the
     tensors the encoder allocates beside logp stay under 10 MB. Computed on the whole (B, C) at
     once, the residual alone took two more 64 MB tensors. Blocks never hold a single row of several
     (torch sums a lone long row in another order): 17 rows at 128k (blocks of 8, 9) give the slow way's bits too."""
@@ -361,10 +364,13 @@ def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits)
     slow = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1).exp()
     wide = torch.log_softmax(torch.randn(17, 131_072, generator=torch.Generator().manual_seed(1)) * 3, -1)
     wide_ids = wide.topk(k, -1)[1]
-    from pipeline.format.encodings.base import mass_outside as _mass_outside
-    assert torch.equal(_mass_outside(wide, wide_ids),
+    from pipeline.format.encodings.base import tail_summary
+    assert torch.equal(tail_summary(wide, wide_ids)[0],
                        torch.logsumexp(wide.scatter(-1, wide_ids, float("-inf")), dim=-1).exp())
-    assert _mass_outside(wide[:0], wide_ids[:0]).shape == (0,)
+    assert tail_summary(wide[:0], wide_ids[:0])[0].shape == (0,)
+    tail = logp.scatter(-1, ids, float("-inf"))
+    slow_mean = (tail.exp() * tail.nan_to_num(neginf=0.0)).sum(-1) / slow  # sum p log p / R
+    torch.testing.assert_close(out["tail_mean_logp"].float(), slow_mean, rtol=1e-3, atol=0)
     if bits == 16:
         assert torch.equal(out["residual"], slow.half())
     else:
