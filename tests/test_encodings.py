@@ -186,8 +186,37 @@ def test_format_1_caches_still_read_to_the_same_rows():
             assert np.allclose(got[col].astype(np.float64), want.astype(np.float64)), key
 
 
+def test_format_2_caches_read_at_their_own_temperature_and_refuse_others_saying_how_to_rebuild():
+    """Caches written by format 2 (tests/fixtures/format2/make.py at 3e5839d: no tail mean, draws
+    without log-probs) decode unchanged; top-k re-tempers under the uniform-tail model as format 2
+    did; sampled and hybrid serve their own temperature and refuse another in one line."""
+    import pipeline as lc
+    from pipeline.format.kl import retemper_topk
+
+    root = FIXTURES.parent / "format2"
+    expected = np.load(root / "decoded.npz")
+    for name in sorted({k.split("/")[0] for k in expected.files}):
+        reader = fmt.CacheReader(root / name, verify=True)
+        assert reader.manifest["format_version"] == 2
+        got = reader.read_all()
+        for key in [k for k in expected.files if k.startswith(name + "/")]:
+            assert np.array_equal(got[key.split("/")[1]], expected[key]), key
+        cache = lc.open_cache(root / name)
+        batch = next(iter(cache.dataset(batch_size=40, shuffle=False)))
+        assert torch.isfinite(lc.kd_loss(torch.zeros(40, 300), batch, 1.0))
+        if name.startswith("topk"):
+            t = next(iter(cache.dataset(batch_size=40, shuffle=False, temperature=2.0)))["targets"]
+            want = retemper_topk(batch["logp"], batch["residual"], 300, 2.0)  # the uniform tail
+            assert torch.equal(t["logp"], want[0]) and torch.equal(t["residual"], want[1])
+        else:
+            with pytest.raises(ValueError, match=r"format 2\) holds draws .* without their log-probs and cannot be "
+                                                 r"re-tempered; .* rebuild it with this logitcache"):
+                cache.dataset(batch_size=8, temperature=2.0)
+
+
 def test_params_round_trip_through_the_spec():
-    for enc in (Dense(10, "float32"), TopK(70_000, 5, 8, 12.0), Sampled(300, 40), Hybrid(151_936, 8, 24, 16)):
+    for enc in (Dense(10, "float32"), TopK(70_000, 5, 8, 12.0), Sampled(300, 40), Hybrid(151_936, 8, 24, 16),
+                TopK(300, 5, tail_mean=False), Sampled(300, 40, draw_logp=False), Hybrid(300, 4, 8, draw_logp=False)):
         spec = {"format_version": FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params()}
         assert encoding_from_spec(spec) == enc
 
