@@ -128,8 +128,43 @@ def test_students_learn_from_sampled_and_hybrid_class_caches(built, over):
     (drawn,) = student_stage.main(cfg)
     (exact,) = student_stage.main(load_config(path, ["run_name=exact-topk", *common]))
     assert drawn.final_accuracy > 0.8 and drawn.final_accuracy > exact.final_accuracy - 0.05
-    with pytest.raises(ConfigError, match="cannot be re-tempered"):
-        student_stage.main(load_config(path, [f"run_name={name}-T", *common, *over, "student.temperature=5"]))
+    old = load_config(path, [f"run_name={name}-T", *common, *over, "cache.draw_logp=false", "student.temperature=5"])
+    cache_stage.main(old)  # draws without their log-probs, as format 2 stored them
+    with pytest.raises(ConfigError, match="without their log-probs .* cannot be re-tempered; .* rebuild the cache"):
+        student_stage.main(old)
+
+
+@pytest.fixture(scope="module")
+def dense_at_T2(built):
+    """The first-step loss of a student from a dense cache written at T = 2 (mean_logprobs ensemble)."""
+    ws, path = built
+    cfg = load_config(path, ["run_name=dense-T2", *AT_T2, "cache.encoding=dense", "teachers.temperature=2"])
+    cache_stage.main(cfg)
+    student_stage.main(cfg)
+    return _losses(ws, "dense-T2")[0]
+
+
+# a mean_logprobs ensemble tempered to T is its cache at another temperature re-tempered, exactly
+AT_T2 = ["teachers.ensemble=mean_logprobs", "student.baseline=false", "student.alpha=0", "student.epochs=4",
+         "student.temperature=2"]
+
+
+@pytest.mark.parametrize("over,rel", [(["cache.encoding=dense"], 2e-3), (["cache.encoding=topk", "cache.k=3"], 0.05),
+                                      (["cache.encoding=topk", "cache.k=3", "cache.bits=8"], 0.05),
+                                      (["cache.encoding=sampled", "cache.draws=32"], 0.1),
+                                      (["cache.encoding=hybrid", "cache.k=2", "cache.draws=8"], 0.1)],
+                         ids=["dense", "topk", "topk-8bit", "sampled", "hybrid"])
+def test_a_student_at_T2_trains_from_a_cache_written_at_T1_in_every_encoding(built, dense_at_T2, over, rel):
+    """student.temperature=2 from caches written at teachers.temperature=1: the first step (same
+    student, same batch) has the loss of a dense cache written at T = 2, to float16 for dense and
+    within the tail model or the draws' noise for the others; and the student learns."""
+    ws, path = built
+    name = "-".join(o.split("=")[1] for o in over) + "-T1"
+    cfg = load_config(path, [f"run_name={name}", *AT_T2, *over, "teachers.temperature=1"])
+    assert fmt.read_manifest(cache_stage.main(cfg))["spec"]["temperature"] == 1.0
+    (result,) = student_stage.main(cfg)
+    assert _losses(ws, name)[0] == pytest.approx(dense_at_T2, rel=rel)
+    assert result.final_accuracy > 0.8
 
 
 @pytest.mark.parametrize("kind", ["reverse", "jsd"])
