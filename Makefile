@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(PY) bench/scale.py --tokenize-words 83000
 	$(PY) bench/render.py
 
-# What students learn from each encoding and layout at equal bytes, against references (about 34 minutes
+# What students learn from each encoding and layout at equal bytes, against references (about 37 minutes
 # on 2 cores); results and page as for bench.
 bench-quality: $(STAMP)
 	$(PY) bench/bytes.py

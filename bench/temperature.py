@@ -17,7 +17,9 @@ Over rows and seeds:
   - grad_var_rel = sum_r E|g^_r - E[g^_r]|^2 / sum_r |g_r|^2: its relative variance per row;
   - bias_se: the standard error of bias_rel from the finite seeds (0 for deterministic encodings).
 E and Var are over the seeds. One JSON line per encoding; `topk-k32-uniform-tail` is top-k as
-format 2 stored it (no tail mean: the uniform-tail model at other temperatures).
+format 2 stored it (no tail mean: the uniform-tail model at other temperatures). `bytes_per_row`:
+the compressed chunk bytes per row of the rows written as one Zarr shard (zstd, as bytes.py
+measures), in format 3 and without what it adds for re-tempering (format 2's columns).
 
     .venv/bin/python bench/temperature.py [--rows 256] [--seeds 8]
 """
@@ -25,13 +27,16 @@ format 2 stored it (no tail mean: the uniform-tail model at other temperatures).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import line, lm_logits, record
+from bytes import stored_bytes
+from common import line, lm_logits, record, workdir
 
 from pipeline.format.encodings import Dense, Hybrid, Sampled, TopK
 
@@ -87,6 +92,13 @@ def measure(enc, logp: torch.Tensor, student: torch.Tensor, exact: dict[float, t
     return [{k: v if k == "T" else float(f"{v:.4g}") for k, v in r.items()} for r in rows]
 
 
+def format2(enc):
+    """The encoding without the columns format 3 added for re-tempering."""
+    if isinstance(enc, TopK):
+        return dataclasses.replace(enc, tail_mean=False)
+    return dataclasses.replace(enc, draw_logp=False) if isinstance(enc, (Sampled, Hybrid)) else enc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=256, help="teacher distributions (token rows)")
@@ -97,11 +109,15 @@ def main() -> None:
     student = logp + torch.randn(logp.shape, generator=torch.Generator().manual_seed(99))
     exact = {T: loss_and_grad(Dense(VOCAB, "float32"), {"logp": torch.log_softmax(z / T, -1)}, student, T)
              for T in TEMPERATURES}  # the full distribution at T
+    d = workdir("temperature")
     for label, enc in encodings().items():
         rows = measure(enc, logp, student, exact, args.seeds)
-        record(f"temperature-{label}", line("temperature", encoding=label, bytes_per_row=enc.raw_bytes_per_row(),
-                                            rows_cached=args.rows, seeds=args.seeds if enc.stochastic else 1,
-                                            rows=rows))
+        stored = {"format3": round(stored_bytes(enc, logp, d / "shards" / f"{label}-3.zarr"), 1),
+                  "format2": round(stored_bytes(format2(enc), logp, d / "shards" / f"{label}-2.zarr"), 1)}
+        shutil.rmtree(d)
+        record(f"temperature-{label}", line("temperature", encoding=label, bytes_per_row=stored,
+                                            raw_bytes_per_row=enc.raw_bytes_per_row(), rows_cached=args.rows,
+                                            seeds=args.seeds if enc.stochastic else 1, rows=rows))
 
 
 if __name__ == "__main__":
