@@ -103,6 +103,9 @@ DESCRIPTIONS = {
     "student_memory": "Peak RSS of the student stage streaming a 10x larger cache over the 1x cache.",
     "student_streaming": "Student steps/s reading targets from the cache on disk over all targets in RAM.",
     "teacher_overhead": "Cache stage rows/s over a bare teacher forward loop (same model, batch, device).",
+    "temperature": "Each encoding cached at T = 1 and served to a student at T = 0.5, 1, 2 and 4 (32k "
+                   "vocabulary, next-token-like rows): relative bias and variance of the KD loss and of its "
+                   "gradient against the full distribution at that T.",
     "threads": "ms per training step and per teacher batch with the short OpenMP spin over libgomp's "
                "default, idle and beside one busy process.",
     "views": "Students from plain, 1-, 8- and 32-view caches and online KD under augmentation; bytes per "
@@ -120,7 +123,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("Heap", ["heap"]),
     ("Fan-out", ["fanout"]),
     ("Amortization", ["amortization"]),
-    ("Encodings", ["bytes", "kd_gain"]),
+    ("Encodings", ["bytes", "kd_gain", "temperature"]),
     ("Language-model students", ["lm_students"]),
     ("Views", ["views"]),
 ]
@@ -228,16 +231,33 @@ def stamp_line(result: dict[str, Any]) -> str:
             f"on {cell(machine)}.")
 
 
+def is_table(value: Any) -> bool:
+    """A figure that is a list of rows (dicts), such as one row per temperature: shown as a table."""
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
+
+
+def table(key: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A list-of-rows figure as its own table, one column per key of its rows in first-seen order."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [f"`{cell(key)}`:", "", "| " + " | ".join(cell(c) for c in columns) + " |",
+            "|" + "---|" * len(columns),
+            *("| " + " | ".join(shown(r[c]) if c in r else "—" for c in columns) + " |" for r in rows), ""]
+
+
 def part(stem: str, result: dict[str, Any], level: str | None) -> list[str]:
     figures = result.get("figures", {})
     goals = goals_for(stem)
     out = [f"{level} {PART_TITLES.get(stem, stem)}", ""] if level else []
     out += [stamp_line(result), "", "| figure | value | goal | met? |", "|---|---|---|---|"]
     top = {k: v for k, v in figures.items() if k not in NOT_FIGURES}
+    tables = []
     for key, value in flatten(top) if top else []:
+        if is_table(value):
+            tables += table(key, value)
+            continue
         goal, met = judge(goals[key], value, figures) if key in goals else ("—", "—")
         out.append(f"| `{cell(key)}` | {shown(value)} | {goal} | {met} |")
-    return [*out, ""]
+    return [*out, "", *tables]
 
 
 def benchmark(script: str, stems: list[str], results: dict[str, dict[str, Any]],

@@ -139,8 +139,9 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     task = task_of(cfg)
     if not reader.encoding.retemperable and st["temperature"] != reader.temperature and st["alpha"] < 1:
         raise ConfigError(f"student.temperature: {st['temperature']} differs from the cache's {reader.temperature}; "
-                          f"{reader.encoding.label()} targets are draws and cannot be re-tempered, train at the "
-                          "cache's temperature")
+                          f"this {reader.encoding.label()} cache holds draws without their log-probs (format "
+                          f"{reader.manifest['format_version']}, or cache.draw_logp false) and cannot be re-tempered; "
+                          "train at the cache's temperature, or rebuild the cache with cache.draw_logp true")
     if st["alpha"] > 0 and task.student_labels(splits) is None and not task.labels_in_inputs:
         raise ConfigError(f"student.alpha: {st['alpha']} needs labels, but the transfer set "
                           f"{splits.transfer.source} has none; set student.alpha=0 and student.baseline=false")

@@ -83,6 +83,7 @@ class CacheConfig:
     bits: Literal[16, 8] = 16  # topk, hybrid: 8 stores log-quantized uint8 log-probs and delta-coded ids
     logp_range: float = 16.0  # bits=8: log-probs below -logp_range are clipped
     draws: int = 32  # sampled: ids drawn per row from the distribution; hybrid: from its tail (<= 255)
+    draw_logp: bool = True  # sampled, hybrid: keep each draw's log-prob (2 B): students at any temperature
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # teacher compute; auto: bf16 on cuda, else fp32
     dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
     rows_per_shard: int | None = None  # the unit of work and of atomic writes; None: see default_layout

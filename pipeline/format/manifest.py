@@ -19,10 +19,12 @@ from pipeline.core.io import (
     sha256_tree,
 )
 
-FORMAT_VERSION = 2  # 2: encoding objects, ids at the vocabulary's width, hybrid; 1 is still read
+FORMAT_VERSION = 3  # 3: what re-tempering needs (top-k's tail mean log-prob, the draws' log-probs)
+# 2: encoding objects, ids at the vocabulary's width, hybrid; 1 and 2 are still read, at their own
+# temperature where they lack those columns
 
 
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------

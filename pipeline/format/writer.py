@@ -136,7 +136,7 @@ class CacheWriter:
             "layout": {"backend": self.backend, "rows_per_shard": self.rows_per_shard, "chunk_rows": self.chunk_rows},
         }
         spec["layout"].update(layout_codec(self.codec))
-        if not self.encoding.retemperable:
+        if self.encoding.stochastic:
             spec["sampling_seed"] = self.seed
         return spec
 
@@ -298,7 +298,7 @@ class CacheWriter:
         x = self._rows_of(values, lengths).float()  # (rows, C)
         logp = F.log_softmax(x / self.temperature if are_logits else x, dim=-1)
         _check_finite(logp, ids)
-        if self._gen is None and not enc.retemperable:  # seeded per shard, like the cache stage
+        if self._gen is None and enc.stochastic:  # seeded per shard, like the cache stage
             self._gen = torch.Generator(device=logp.device).manual_seed(self.seed * 1_000_003 + self._index)
         return enc.to_host(enc.encode(logp, self._gen))
 

@@ -88,7 +88,7 @@ def context(cfg: Config) -> Context:
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
     spec["layout"].update(layout_codec(c.codec))
-    if not enc.retemperable:  # drawn ids: the seed determines the targets
+    if enc.stochastic:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
     views = None
     if c.views > 0:  # only then: caches without views keep their ids

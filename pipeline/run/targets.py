@@ -148,7 +148,7 @@ def _encode(ctx: Context, shard: Shard, models: list[torch.nn.Module], batches: 
     names = [m.name for m in cfg.teachers.members]
     weights = normalized_weights(cfg)
     gen = None
-    if not ctx.encoding.retemperable:  # seeded per shard: reruns draw the same ids, byte for byte
+    if ctx.encoding.stochastic:  # seeded per shard: reruns draw the same ids, byte for byte
         gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + shard.index)
     parts: list[dict[str, np.ndarray]] = []
     with torch.inference_mode():

@@ -242,8 +242,10 @@ class CacheDataset(IterableDataset):
         enc = cache.encoding
         self.temperature = float(temperature) if temperature is not None else cache.temperature
         if not enc.retemperable and self.temperature != cache.temperature:
-            raise ValueError(f"temperature={self.temperature}: {enc.label()} targets are draws at the cache's "
-                             f"T={cache.temperature} and cannot be re-tempered; leave temperature unset")
+            raise ValueError(f"temperature={self.temperature}: this {enc.label()} cache (format "
+                             f"{cache.manifest['format_version']}) holds draws at T={cache.temperature} without "
+                             "their log-probs and cannot be re-tempered; leave temperature unset, or rebuild it with "
+                             "this logitcache (`logitcache cache CONFIG`, cache.draw_logp true)")
         self.path, self.source, self.encoding, self.token_rows = cache.path, cache.source, enc, cache.token_rows
         self.cache_temperature = cache.temperature
         self._reader: fmt.CacheReader | None = cache.reader

@@ -64,3 +64,7 @@ class Dense:
     @property
     def retemperable(self) -> bool:
         return True
+
+    @property
+    def stochastic(self) -> bool:
+        return False
