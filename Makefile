@@ -48,6 +48,7 @@ bench-quality: $(STAMP)
 	$(PY) bench/kd_gain.py
 	$(PY) bench/views.py
 	$(PY) bench/lm_students.py
+	$(PY) bench/grow.py
 	$(PY) bench/render.py
 
 # docs/performance.md from bench/results/*.json (generated: edit bench/render.py, not the page).
