@@ -147,8 +147,8 @@ def _finalize_members(ctx: Context, planned: list[Shard]) -> dict[str, Any]:
             entries.append({"index": s.index, "path": f"shards/{path.name}", "first_row": s.first_row, "rows": s.rows,
                             "sha256": digest, "bytes": nbytes})
         nbytes, rows = sum(e["bytes"] for e in entries), sum(e["rows"] for e in entries)
-        units.append({"name": u.name, "kind": members.ENSEMBLE if u.name == members.ENSEMBLE and len(u.teachers) > 1
-                      else "member", "store": u.store, "teachers": [ctx.spec["teachers"][t]["name"] for t in u.teachers],
+        units.append({"name": u.name, "kind": u.spec["store"], "store": u.store,
+                      "teachers": [ctx.spec["teachers"][t]["name"] for t in u.teachers],
                       "encoding": ctx.encoding.params(), "rows": rows, "bytes": nbytes,
                       "bytes_per_row": round(nbytes / max(rows, 1), 2), "shards": entries})
     rows = units[0]["rows"]

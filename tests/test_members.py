@@ -5,6 +5,7 @@ computing only what is new, byte-identical to a cache made in one go."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -238,3 +239,18 @@ def test_refusals(workspace, tmp_path):
         assert inspect_cache(d.name, d.parent, verify=False)["status"] == "damaged"
     finally:
         moved.rename(shard)
+
+
+def test_a_deleted_member_shard_is_recomputed_identically(workspace, tmp_path, capsys):
+    _, path = workspace
+    root = f"cache.root={tmp_path}"
+    d = build(path, root)
+    manifest = read_manifest(d)
+    unit = manifest["units"][2]
+    shard = tmp_path / mb.STORES / unit["store"] / unit["shards"][1]["path"]
+    shutil.rmtree(shard)
+    capsys.readouterr()
+    assert build(path, root) == d
+    assert "1 shards listed in the manifest are missing; recomputing them" in capsys.readouterr().err
+    assert read_manifest(d)["units"] == manifest["units"]
+    lc.open_cache(d, verify=True)
