@@ -3,6 +3,7 @@
     logitcache cache configs/demo.yaml
     logitcache cache configs/demo.yaml cache.encoding=topk cache.k=3 cache.backend=parquet
     logitcache cache configs/demo.yaml --shard-index $SLURM_ARRAY_TASK_ID --num-shards 8
+    logitcache cache configs/demo.yaml cache.members=separate         # each teacher's targets, kept apart
 
 The cache directory is named by a hash of everything that determines the targets (dataset
 fingerprint, each teacher's spec and checkpoint hash, ensemble mode and weights, temperature,

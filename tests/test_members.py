@@ -132,9 +132,8 @@ def test_students_from_members_match_the_combined_cache_and_a_cache_without_the_
 def test_the_grid_sweeps_members_and_combinations(workspace):
     _, path = workspace
     build(path)
-    results = student_stage.main(load_config(path, ["run_name=grid", "student.seeds=[0]", "student.epochs=1",
-                                                    "student.grid={members: [[a, b, c], [a]], combine: [mean_probs, "
-                                                    "per_member]}"]))
+    grid = "student.grid={members: [[a, b, c], [a]], combine: [mean_probs, per_member]}"
+    results = student_stage.main(load_config(path, ["run_name=grid", "student.seeds=[0]", "student.epochs=1", grid]))
     names = [r.job for r in results]
     assert names == ["s-ma+b+c-cmean_probs-kd-s0", "s-ma+b+c-cper_member-kd-s0", "s-ma-cmean_probs-kd-s0",
                      "s-ma-cper_member-kd-s0"]
