@@ -49,6 +49,8 @@ bench-quality: $(STAMP)
 	$(PY) bench/views.py
 	$(PY) bench/lm_students.py
 	$(PY) bench/temperature.py
+	$(PY) bench/grow.py
+	$(PY) bench/grow.py --students
 	$(PY) bench/render.py
 
 # docs/performance.md from bench/results/*.json (generated: edit bench/render.py, not the page).

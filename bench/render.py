@@ -79,6 +79,13 @@ GOALS: dict[str, dict[str, Goal]] = {
         "goals_met.views_beat_one_view": ("==", True, "N-view student above the 1-view cache's"),
         "seconds": ("<=", 300, "wall time of the 3-seed default run")},  # README Views only
     "views-bytes": dict(_VIEW_BYTES),  # bench/views.py --only bytes
+    # issue 23 (a cache that grows): with four equal teachers, growth costs only the new work
+    "grow": {"add_teacher_ratio": ("<=", 0.35, "t(add a 4th teacher) / t(all 4 from scratch)"),
+             "add_rows_ratio": ("<=", 0.2, "t(add 10% rows) / t(110% from scratch)")},
+    # issue 23: per-member targets give the combined cache's student; a dropped member, a fresh cache's
+    "grow-students": {f"{enc}.{key}": ("==", True, text) for enc in ("dense",) for key, text in (
+        ("within_seed_noise", "members' student within 1 sd of the combined cache's"),
+        ("dropped_equals_fresh", "a member dropped: the student of a cache made without it"))},
 }
 
 # What each benchmark measures, in one line.
@@ -89,6 +96,9 @@ DESCRIPTIONS = {
              "student's loss it gives, at 1,000 classes and 32k and 152k vocabularies.",
     "fanout": "The cache stage on 2 Dask workers over one process (one torch thread, and all threads); "
               "whether the caches are byte-identical.",
+    "grow": "The cache stage growing a cache of per-member targets by a 4th teacher and by 10% more rows, "
+            "each over the same cache made from scratch; bytes per row of the cache and of each member. "
+            "`--students`: the demo's students from combined and per-member caches.",
     "heap": "The cache stage's peak RSS and rows/s over repeated runs under each glibc mmap-threshold setting.",
     "kd_gain": "The share of a dense float32 cache's distillation gain that compact caches keep at about 24 "
                "and 40 B/row, and their ECE (128-class hierarchical task).",
@@ -123,6 +133,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("Heap", ["heap"]),
     ("Fan-out", ["fanout"]),
     ("Amortization", ["amortization"]),
+    ("Growing a cache", ["grow"]),
     ("Encodings", ["bytes", "kd_gain", "temperature"]),
     ("Language-model students", ["lm_students"]),
     ("Views", ["views"]),

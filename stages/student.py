@@ -102,7 +102,7 @@ def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> Ca
                          temperature=st["temperature"], rank=0, world_size=1, **{**data, **where})
 
     if not cfg.student.mixture:
-        return of(cache)
+        return of(cache, **st.get("read", {}))  # a cache of per-member targets: the members, weights, combination
     parts = []
     for i, m in enumerate(cfg.student.mixture):
         if m.cache == "self":

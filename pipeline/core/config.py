@@ -30,6 +30,9 @@ from pipeline.core.validate import FIELDS, field_problems
 class TransferConfig:
     source: str | None = None  # None: the labelled training split; else an .npz/.parquet path
     exclude_classes: tuple[int, ...] = ()  # drop these classes from the transfer set
+    # more transfer rows: these files' rows follow the transfer set's, in order (classify only); a
+    # cache with cache.members of the longer set reuses every shard of the shorter one's rows
+    append: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ class CacheConfig:
     # zarr: shuffle-*: Blosc byte shuffle first (pipeline/core/codecs.py, docs/cache-format.md "Codecs")
     codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] = "zstd"
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
+    # combined: the ensemble's targets only; separate: each teacher's targets, combined by the student
+    # at read time; both: the two. Member targets live in stores shared by every cache that uses them,
+    # so adding a teacher or rows computes only what is new (docs/growing.md)
+    members: Literal["combined", "separate", "both"] = "combined"
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,11 @@ class StudentConfig:
     shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
+    # a cache with per-member targets (cache.members separate or both): which teachers, their weights
+    # and how their targets combine at read time; (), None, None: the cache's teachers, weights, ensemble
+    members: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None  # one per student.members (or per cached teacher)
+    combine: Literal["mean_probs", "mean_logprobs", "per_member"] | None = None  # per_member: a loss per teacher
 
 
 @dataclass(frozen=True)
@@ -481,6 +493,12 @@ def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
 GRID_KEYS = ("temperature", "alpha", "lr", "epochs")  # ModelSpec fields a student sweep may vary
 
 
+READ_KEYS = ("members", "weights", "combine")  # how a student reads per-member targets; sweepable too
+
+
+COMBINE = ("mean_probs", "mean_logprobs", "per_member")
+
+
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
@@ -553,10 +571,13 @@ def validate(cfg: Config) -> list[str]:
     if not s.seeds:
         e.append("student.seeds: give at least one seed")
     for key, values in s.grid.items():
-        if key not in GRID_KEYS:
-            e.append(f"student.grid.{key}: not sweepable; use {', '.join(GRID_KEYS)}")
+        if key not in GRID_KEYS + READ_KEYS:
+            e.append(f"student.grid.{key}: not sweepable; use {', '.join(GRID_KEYS + READ_KEYS)}")
         elif not isinstance(values, list) or not values:
             e.append(f"student.grid.{key}: give a non-empty list of values")
+        elif key in READ_KEYS:
+            e.extend(f"student.grid.{key}.{i}: {why}" for i, v in enumerate(values)
+                     if (why := _read_problem(key, v, cfg)))
         elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             e.append(f"student.grid.{key}: values must be numbers")
         else:
@@ -564,6 +585,7 @@ def validate(cfg: Config) -> list[str]:
             if bad:
                 e.append(f"student.grid.{key}: {bad[0][0]!r} is invalid; values {bad[0][1]}")
     e.extend(_validate_views(cfg))
+    e.extend(_validate_members(cfg))
     k = cfg.cluster
     if k.kind == "address" and not k.address:
         e.append("cluster.address: kind=address needs a scheduler address, e.g. tcp://host:8786")
@@ -597,6 +619,60 @@ def augment_problems(a: AugmentConfig) -> list[str]:
     """What is wrong with an augmentation on its own: its fields' rules and the ties between them
     (`Cache.dataset(augment=...)` checks a user's AugmentConfig with this)."""
     return field_problems(a, "augment.") or _augment_ties(a)
+
+
+def _validate_members(cfg: Config) -> list[str]:
+    """cache.members and the student's read-time choice of members, weights and combination."""
+    e: list[str] = []
+    c, s, d = cfg.cache, cfg.student, cfg.data
+    if d.transfer.append and d.task == "lm":
+        e.append("data.transfer.append: applies to data.task classify only")
+    if c.members != "combined":
+        if d.task == "lm":
+            e.append("cache.members: per-member targets apply to data.task classify; token caches store the "
+                     "combined ensemble (cache.members: combined)")
+        if c.views > 0:
+            e.append("cache.members: per-member targets apply to caches without views (a view's mixup partner "
+                     "depends on the whole transfer set, so its shards cannot be reused by content)")
+        if cfg.cache_url is not None:
+            e.append("cache.members: member stores live under a local cache.root; publish combined caches to "
+                     "object storage")
+        if c.members == "both" and "ensemble" in [m.name for m in cfg.teachers.members]:
+            e.append("teachers.members: 'ensemble' names the combined targets of cache.members both; rename "
+                     "that teacher")
+    for key in READ_KEYS:
+        value = getattr(s, key)
+        if value not in ((), None) and (why := _read_problem(key, value, cfg)):
+            e.append(f"student.{key}: {why}")
+    reads = [k for k in READ_KEYS if getattr(s, k) not in ((), None) or k in s.grid]
+    if reads and c.members == "combined" and s.cache is None:
+        e.append(f"student.{reads[0]}: reads per-member targets, but cache.members is combined (the ensemble "
+                 "only); set cache.members: separate (or both)")
+    return e
+
+
+def _read_problem(key: str, value: Any, cfg: Config) -> str | None:
+    """What is wrong with one value of student.members, student.weights or student.combine."""
+    s, teachers = cfg.student, [m.name for m in cfg.teachers.members]
+    if key == "combine":
+        return None if value in COMBINE else f"{value!r} is not one of {', '.join(COMBINE)}"
+    if not isinstance(value, (list, tuple)) or not value:
+        return "give a non-empty list"
+    if key == "members":
+        if not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
+            return "give distinct teacher names"
+        unknown = [v for v in value if v not in teachers]
+        if unknown and s.cache is None:
+            return f"{unknown[0]!r} is not a teacher; give names of teachers.members ({', '.join(teachers)})"
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return "weights must be numbers"
+    if any(v < 0 for v in value) or sum(value) <= 0:
+        return "weights must be non-negative with a positive sum"
+    chosen = len(s.members) if s.members else len(teachers)
+    if "members" not in s.grid and len(value) != chosen and s.cache is None:
+        return f"{len(value)} weights for {chosen} teachers read (student.members, else teachers.members)"
+    return None
 
 
 def _augment_ties(a: AugmentConfig) -> list[str]:

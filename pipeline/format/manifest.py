@@ -5,6 +5,7 @@ cache reference, and the shard checks readers and finalize use.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ FORMAT_VERSION = 3  # 3: what re-tempering needs (top-k's tail mean log-prob, th
 # temperature where they lack those columns
 
 
-READABLE_VERSIONS = (1, 2, 3)
+MEMBERS_FORMAT = 4  # a cache whose manifest lists member stores' shards (cache.members); its shards are format 3
+
+
+READABLE_VERSIONS = (1, 2, 3, MEMBERS_FORMAT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +77,7 @@ def manifest_of(cache_id: str, spec: dict[str, Any], entries: list[dict[str, Any
     nbytes = sum(e["bytes"] for e in entries)
     manifest = {
         "status": "complete",
-        "format_version": FORMAT_VERSION,
+        "format_version": spec.get("format_version", FORMAT_VERSION),
         "cache_id": cache_id,
         "target_id": target_id(spec),
         "created_by": f"logitcache {__version__}",
@@ -134,15 +138,33 @@ def _manifest_problem(m: Any) -> str | None:
     for key, kind in (("spec", dict), ("shards", list), ("rows", int), ("bytes", int), ("format_version", int)):
         if not isinstance(m.get(key), kind):
             return f"'{key}' is missing or not a {kind.__name__}"
-    for i, e in enumerate(m["shards"]):
-        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
-                and isinstance(e.get("rows"), int) and Path(e["path"]).parts[:1] == ("shards",)
-                and ".." not in Path(e["path"]).parts):
-            return f"shards[{i}] is not an entry with path under shards/, rows and sha256"
+    problem = _entries_problem(m["shards"], "shards")
+    if problem:
+        return problem
+    if m["format_version"] == MEMBERS_FORMAT:
+        units = m.get("units")
+        if not isinstance(units, list) or not units:
+            return "'units' is missing or empty (a cache of per-member targets lists its member stores)"
+        for j, u in enumerate(units):
+            if not (isinstance(u, dict) and isinstance(u.get("name"), str) and isinstance(u.get("store"), str)
+                    and re.fullmatch(r"[0-9a-f]{16}", u["store"]) and isinstance(u.get("shards"), list)):
+                return f"units[{j}] is not an entry with name, store (a 16-digit hex id) and shards"
+            problem = _entries_problem(u["shards"], f"units[{j}].shards")
+            if problem:
+                return problem
     spec = m["spec"]
     if not (isinstance(spec.get("layout"), dict) and isinstance(spec["layout"].get("chunk_rows"), int)
             and isinstance(spec.get("dataset"), dict) and isinstance(spec.get("encoding"), dict)):
         return "'spec' lacks layout.chunk_rows, dataset or encoding"
+    return None
+
+
+def _entries_problem(entries: list[Any], where: str) -> str | None:
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("rows"), int) and Path(e["path"]).parts[:1] == ("shards",)
+                and ".." not in Path(e["path"]).parts):
+            return f"{where}[{i}] is not an entry with path under shards/, rows and sha256"
     return None
 
 

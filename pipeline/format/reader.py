@@ -69,8 +69,11 @@ class CacheReader:
     2 cores)."""
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
-                 max_open: int | None = None, read_threads: int | None = None, remote: Any = None) -> None:
-        manifest = read_manifest(cache_dir)
+                 max_open: int | None = None, read_threads: int | None = None, remote: Any = None,
+                 manifest: dict[str, Any] | None = None, base: Path | None = None) -> None:
+        """`manifest` and `base`: read those shards (paths under `base`, the directory of a member
+        store) as cache `cache_dir` (pipeline/format/members.py); by default the cache's own."""
+        manifest = manifest if manifest is not None else read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
                              "rerun `logitcache cache CONFIG` to finish it")
@@ -78,6 +81,7 @@ class CacheReader:
             raise CacheError(f"{cache_dir}: cache format {manifest.get('format_version')} is not one of "
                              f"{READABLE_VERSIONS}; rebuild it with this version of logitcache")
         self.dir = cache_dir
+        self.base = base if base is not None else cache_dir  # where the shards' paths lie
         self.manifest = manifest
         spec = manifest["spec"]
         self.encoding: Encoding = encoding_from_spec(spec)
@@ -97,9 +101,9 @@ class CacheReader:
         self._verified: set[int] = set()
         self._verifying: dict[int, threading.Lock] = {}
         self.remote = remote  # a cache in object storage: its ShardCache (pipeline/format/remote.py)
-        gone = [] if remote is not None else shard_problems(cache_dir, self.shards, hash_them=False)["missing"]
+        gone = [] if remote is not None else shard_problems(self.base, self.shards, hash_them=False)["missing"]
         if gone:
-            raise CacheError(f"{cache_dir / gone[0]}: shard listed in the manifest is missing ({len(gone)} of "
+            raise CacheError(f"{self.base / gone[0]}: shard listed in the manifest is missing ({len(gone)} of "
                              f"{len(self.shards)} missing); rerun `logitcache cache CONFIG` to recompute it")
         self._reads: Reads = self._store.reads(self)
         if verify:
@@ -122,7 +126,7 @@ class CacheReader:
         return int(self.manifest["rows"])
 
     def shard_path(self, i: int) -> Path:
-        return self.dir / self.shards[i]["path"]
+        return self.base / self.shards[i]["path"]
 
     def verify(self) -> None:
         """Check every shard now (on the read threads: hashing releases the GIL); the first problem

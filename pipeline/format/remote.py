@@ -84,6 +84,9 @@ def push(cache_dir: Path, root_url: str) -> str:
     if manifest is None or manifest.get("status") != "complete":
         raise CacheError(f"{cache_dir}: only a complete cache is published; rerun `logitcache cache CONFIG` "
                          "to finish it")
+    if manifest.get("units"):
+        raise CacheError(f"{cache_dir}: a cache of per-member targets reads shared member stores of its local "
+                         "cache root and is not published; publish a cache made with cache.members combined")
     url = join(root_url, cache_dir.name)
     if complete(url):
         return url
@@ -426,14 +429,20 @@ class ShardCache:
             total -= found[p][1]
 
 
-def open_reader(ref: str | Path, verify: bool = False, **kw: Any) -> Any:
-    """A CacheReader of a local cache directory or of a cache URL (through a ShardCache)."""
+def open_reader(ref: str | Path, verify: bool = False, units: Any = None, **kw: Any) -> Any:
+    """A CacheReader of a local cache directory or of a cache URL (through a ShardCache); a local
+    cache of per-member targets is read as pipeline/format/members.py says (`units`: which members)."""
+    from pipeline.format.members import open_local
     from pipeline.format.reader import CacheReader
 
     if not is_url(ref):
-        return CacheReader(local_path(ref), verify=verify, **kw)
+        return open_local(local_path(ref), verify=verify, units=units, **kw)
     url = os.fspath(ref).rstrip("/")
-    shards = ShardCache(url, remote_manifest(url))
+    manifest = remote_manifest(url)
+    if units is not None or manifest.get("units"):
+        raise CacheError(f"{url}: caches of per-member targets are read from a local cache root; publish "
+                         "combined caches to object storage")
+    shards = ShardCache(url, manifest)
     return CacheReader(shards.dir, verify=verify, remote=shards, **kw)
 
 

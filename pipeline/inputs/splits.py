@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import DataError
-from pipeline.inputs.arrays import Dataset, IdRange, MappedRows, Splits, check_file, release
+from pipeline.inputs.arrays import Dataset, IdRange, MappedRows, Splits, check_file, concat, release
 from pipeline.inputs.rows import LazyRows, is_zarr_group, open_parquet, open_zarr
 from pipeline.inputs.documents import open_corpus
 from pipeline.inputs.tokens import read_manifest, sequences, tokenize
@@ -22,7 +22,8 @@ def load_splits(config: Config) -> Splits:
 
     Loaded once per process (per Dask worker) for each config and file state."""
     cfg = config.data
-    paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source, cfg.tokenizer) if p and Path(p).exists()]
+    paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source, cfg.tokenizer, *cfg.transfer.append)
+             if p and Path(p).exists()]
     stamps = tuple((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths)
     if cfg.task == "lm":
         return load_lm_splits(cfg, config.workspace, stamps)
@@ -67,6 +68,18 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
                             f"training inputs {train.x.shape[1:]}; give data with the same features")
         if transfer.y is not None:
             _check_labels(transfer, num_classes, explicit=True)
+    if cfg.transfer.append:
+        parts = [transfer]
+        for i, path in enumerate(cfg.transfer.append):
+            key = f"data.transfer.append.{i}"
+            more = _dataset(_read(path, key, cfg, labelled=False), "x", "y", path, labelled=False)
+            if more.x.shape[1:] != train.x.shape[1:]:
+                raise DataError(f"{key}: {path} has inputs of shape {more.x.shape[1:]}, training inputs "
+                                f"{train.x.shape[1:]}; give data with the same features")
+            if more.y is not None:
+                _check_labels(more, num_classes, explicit=True)
+            parts.append(more)
+        transfer = concat(parts, " + ".join(p.source for p in parts))
     if cfg.transfer.exclude_classes:
         outside = [k for k in cfg.transfer.exclude_classes if not 0 <= k < num_classes]
         if outside:

@@ -66,6 +66,7 @@ from pipeline.format import reader as fmt
 from pipeline.format.columns import ROW_COLUMNS
 from pipeline.format.encodings import Encoding
 from pipeline.format.manifest import resolve
+from pipeline.format.members import member_names
 from pipeline.format.reader import read_global, read_rows
 from pipeline.format.remote import is_url, open_reader, resolve_remote
 from pipeline.format.views import PARAMS, ViewSpec, mixes
@@ -75,6 +76,7 @@ from pipeline.inputs.augment import check_images
 from pipeline.inputs.documents import Corpus, Layout, layout_rows, open_corpus
 from pipeline.inputs.tokens import read_manifest as read_token_manifest
 from pipeline.train import plan
+from pipeline.train.members import Blend, blend_of
 
 DEFAULT_ROOT = Path("data/caches")
 ORDER_VERSION = 1  # of the epoch order (pipeline/train/plan.py): a saved position means nothing under another
@@ -133,6 +135,11 @@ class Cache:
         return list(names)
 
     @property
+    def members(self) -> list[str]:
+        """The teachers whose own targets the cache holds (cache.members separate or both), else []."""
+        return member_names(self.manifest)
+
+    @property
     def rows(self) -> int:
         return self.reader.rows
 
@@ -154,7 +161,8 @@ class Cache:
                 inputs: Any = None, drop_last: bool = False, temperature: float | None = None,
                 rank: int | None = None, world_size: int | None = None, pad_value: int = 0,
                 labels: Any = None, augment: AugmentConfig | None = None, layout: Layout | None = None,
-                tokens: str | Path | Corpus | None = None) -> CacheDataset:
+                tokens: str | Path | Corpus | None = None, members: Sequence[str] | None = None,
+                weights: Sequence[float] | None = None, combine: str | None = None) -> CacheDataset:
         """An IterableDataset of whole batches (dicts of tensors); see the module docstring.
 
         batch_size counts items (rows, or sequences of a token cache); `inputs` is any indexable
@@ -168,12 +176,22 @@ class Cache:
         A token cache keyed by document (`logitcache cache` of a language model) is read in the
         student's own `layout` (seq_len and packing; default: the teachers' context, packed) over
         `tokens`, the tokenized corpus directory it was made from (or its Corpus): each batch row
-        is seq_len + 1 tokens of that corpus, its targets gathered by (document, offset)."""
+        is seq_len + 1 tokens of that corpus, its targets gathered by (document, offset).
+
+        A cache of per-member targets (`cache.members`, `Cache.members`) is read as the student
+        asks: `members` (default all), `weights` (default the cache's, renormalized over them) and
+        `combine`: mean_probs or mean_logprobs (an ensemble at read time, the batch's `targets`
+        dense) or per_member (batch["members"]: each member's targets and weight, for kd_loss's
+        multi-teacher loss); default the cache's ensemble mode (pipeline/train/members.py)."""
         corpus = self.corpus(tokens) if self.reader.keyed_by_document else None
         if layout is None and corpus is not None:
             layout = Layout(self.manifest["spec"]["dataset"]["context"])
+        try:
+            blend = blend_of(self.manifest, members, weights, combine)
+        except ValueError as e:
+            raise ValueError(f"Cache.dataset {e}") from None
         return CacheDataset(self, batch_size, seed, shuffle, shuffle_chunks, inputs, drop_last, temperature,
-                            rank, world_size, pad_value, labels, augment, layout, corpus)
+                            rank, world_size, pad_value, labels, augment, layout, corpus, blend)
 
     def corpus(self, tokens: str | Path | Corpus | None) -> Corpus:
         """The documents this cache's targets belong to, from the tokenized corpus directory
@@ -236,7 +254,7 @@ class CacheDataset(IterableDataset):
     def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
                  drop_last: bool, temperature: float | None, rank: int | None, world_size: int | None,
                  pad_value: int, labels: Any = None, augment: AugmentConfig | None = None,
-                 layout: Layout | None = None, corpus: Corpus | None = None) -> None:
+                 layout: Layout | None = None, corpus: Corpus | None = None, blend: Blend | None = None) -> None:
         _check_arguments(batch_size, seed, shuffle, shuffle_chunks, drop_last, temperature, rank, world_size,
                          pad_value, augment)
         enc = cache.encoding
@@ -249,6 +267,10 @@ class CacheDataset(IterableDataset):
         self.path, self.source, self.encoding, self.token_rows = cache.path, cache.source, enc, cache.token_rows
         self.cache_temperature = cache.temperature
         self._reader: fmt.CacheReader | None = cache.reader
+        self.blend = blend  # per-member targets: which members, weights and combination (members.py)
+        if blend is not None:
+            self.encoding = blend.encoding
+            self._reader = open_reader(cache.source, units=blend.names)
         self._pid = os.getpid()
         self.batch_size, self.seed, self.shuffle, self.shuffle_chunks = batch_size, seed, shuffle, shuffle_chunks
         self.inputs, self.drop_last, self.pad_value = inputs, drop_last, pad_value
@@ -292,7 +314,8 @@ class CacheDataset(IterableDataset):
         """This process's reader: a DataLoader worker opens its own (a forked copy of the parent's
         would hold the parent's thread pool and file handles)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader, self._pid = open_reader(self.source), os.getpid()
+            units = self.blend.names if self.blend is not None else None
+            self._reader, self._pid = open_reader(self.source, units=units), os.getpid()
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -335,7 +358,7 @@ class CacheDataset(IterableDataset):
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "drop_last": self.drop_last, "seed": self.seed, "shuffle": self.shuffle,
                 "shuffle_chunks": self.shuffle_chunks, "items": self.items, "cache": self.cache_id,
-                "order": ORDER_VERSION}
+                "order": ORDER_VERSION, **({"read": self.blend.to_json()} if self.blend is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` (any rank's: the position is global) left off: on the same world size
@@ -344,6 +367,8 @@ class CacheDataset(IterableDataset):
         _check_state(state)
         mine = {"cache": self.cache_id, "order": ORDER_VERSION, "items": self.items, "seed": self.seed,
                 "shuffle": self.shuffle, "shuffle_chunks": self.shuffle_chunks}
+        if self.blend is not None:
+            mine["read"] = self.blend.to_json()
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r} but this dataset "
@@ -516,7 +541,10 @@ class CacheDataset(IterableDataset):
             out["sequence"] = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
             out["sequence_id"] = torch.from_numpy(keys)
         out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in decoded.items()})
-        out["targets"] = enc.targets(decoded, "cpu", self.temperature / self.cache_temperature)
+        if self.blend is None:
+            out["targets"] = enc.targets(decoded, "cpu", self.temperature / self.cache_temperature)
+        else:  # each member's targets, combined or side by side
+            out.update(self.blend.batch(self.reader.split(decoded), "cpu", self.temperature / self.cache_temperature))
         if self.inputs is not None and self.views is not None:
             out["inputs"] = vw.render_rows(_lookup(self.inputs), rows, self.views.augment)
         elif self.augment is not None:

@@ -74,6 +74,16 @@ def encoding_loss(student_logits: torch.Tensor, targets: dict[str, torch.Tensor]
     return temperature**2 * encoding.divergence(logq, targets, divergence, tail).mean()
 
 
+def multi_teacher_loss(student_logits: torch.Tensor, members: dict[str, dict[str, Any]], temperature: float,
+                       divergence: str = "forward", tail: str = "uniform") -> torch.Tensor:
+    """T^2 * sum over members m of w_m * mean over rows of D(teacher_m || student): distilling from
+    each teacher separately, each through its own encoding's loss (`encoding_loss`). `members`:
+    {name: {"targets", "weight", "encoding"}} as a batch of per-member targets carries them
+    (Cache.dataset(combine="per_member")); weights sum to 1. Student logits (n, C)."""
+    return sum((m["weight"] * encoding_loss(student_logits, m["targets"], m["encoding"], temperature, divergence, tail)
+                for m in members.values()), student_logits.new_zeros(()))
+
+
 def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: torch.Tensor | None,
                settings: dict, encoding: Encoding) -> torch.Tensor:
     """Summed loss of a chunk of rows (student logits (n, V)): alpha * CE + (1 - alpha) * T^2 * D."""
@@ -169,6 +179,11 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
     _check_labels(labels, batch, logits.shape[0], enc.num_classes)
     if batch.get("padding"):
         return _nothing(logits)
+    if "members" in batch:  # per-member targets: one loss per teacher, weighted
+        kd = multi_teacher_loss(logits, _member_targets(batch, temperature, logits.device), temperature, divergence,
+                                tail) if alpha < 1 else logits.new_zeros(())
+        ce = hard_ce(logits, _labels(labels, logits.device)) if alpha > 0 else None
+        return mix(kd, ce, alpha)
     return row_losses(logits, _targets(batch, temperature, alpha, logits.device), _labels(labels, logits.device),
                       _settings(temperature, alpha, divergence, tail), enc) / rows
 
@@ -266,6 +281,15 @@ def _labels(labels: torch.Tensor | None, device: torch.device) -> torch.Tensor |
     if labels is None:
         return None
     return labels.to(device).long() if labels.dim() == 1 else labels.to(device).float()
+
+
+def _member_targets(batch: dict[str, Any], temperature: float, device: torch.device) -> dict[str, dict[str, Any]]:
+    """A per-member batch's targets (as `_targets` checks and moves one set of them)."""
+    out = {}
+    for name, m in batch["members"].items():
+        targets = _targets({**batch, "targets": m["targets"]}, temperature, 0.0, device)
+        out[name] = {**m, "targets": targets}
+    return out
 
 
 def _targets(batch: dict[str, Any], temperature: float, alpha: float, device: torch.device) -> dict[str, torch.Tensor]:

@@ -147,6 +147,10 @@ class Hybrid:
         cross = -(targets["tail_weights"] * logq.gather(-1, targets["tail_ids"])).sum(-1)
         return head + cross - targets["tail_entropy"]
 
+    def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """None: the tail is drawn, not described (no read-time ensemble)."""
+        return None
+
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         head = self.head.fidelity(full, targets)
         tail = (full.exp().gather(-1, targets["tail_ids"]) * (targets["tail_weights"] > 0)).sum(-1)

@@ -108,6 +108,10 @@ class Sampled:
         forward_only(self, kind)
         return -(targets["weights"] * logq.gather(-1, targets["ids"])).sum(-1) - targets["entropy"]
 
+    def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """None: draws estimate the distribution, they do not describe it (no read-time ensemble)."""
+        return None
+
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         ids, w = targets["ids"], targets["weights"]
         return {"kl": None, "mass_kept": (full.exp().gather(-1, ids) * (w > 0)).sum(-1),

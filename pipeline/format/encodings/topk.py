@@ -114,6 +114,10 @@ class TopK:
                    tail: str) -> torch.Tensor:
         return head_divergence(logq, targets, kind, tail)
 
+    def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Log-probs over every class, (n, C), the residual spread uniformly over the tail."""
+        return kl.topk_full_logp(targets["ids"], targets["logp"], targets["residual"], self.num_classes)
+
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         ids = targets["ids"]
         cached = kl.topk_full_logp(ids, targets["logp"], targets["residual"], self.num_classes)
