@@ -52,7 +52,7 @@ def test_topk_token_cache_layout(lm):
     assert manifest["rows"] == 96 * 16 and manifest["dataset"]["vocab_fingerprint"] == splits.vocab
     assert manifest["bytes_per_token"] == manifest["bytes_per_row"] > 0
     g = zarr.open_group(str(d / "shards" / "00000.zarr"), mode="r")
-    assert set(g.keys()) == {"sample_id", "position", "ids", "logp", "residual", "offsets"}
+    assert set(g.keys()) == {"sample_id", "position", "ids", "logp", "residual", "tail_mean_logp", "offsets"}
     assert list(g["offsets"][:3]) == [0, 16, 32] and g["offsets"].shape == (33,)  # 512 rows = 32 sequences
     assert list(g["position"][:17]) == list(range(16)) + [0]
     assert g.attrs["logitcache"]["seq_len"] == 16
