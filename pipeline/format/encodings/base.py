@@ -259,10 +259,10 @@ def draw_logp(logp: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, delta
 
 def need_draw_logp(enc: Encoding, tau: float) -> None:
     if tau != 1.0 and not enc.retemperable:
-        raise ConfigError(f"student.temperature: this {enc.label()} cache (format 2) holds draws without their "
-                          "log-probs and cannot be re-tempered; train at the cache's temperature "
-                          "(student.temperature unset), or rebuild it with this logitcache (`logitcache cache "
-                          "CONFIG` makes a format 3 cache, with cache.draw_logp true)")
+        raise ConfigError(f"student.temperature: this {enc.label()} cache holds draws without their log-probs "
+                          "(format 2, or cache.draw_logp false) and cannot be re-tempered; train at the cache's "
+                          "temperature (student.temperature unset), or rebuild it with this logitcache "
+                          "(`logitcache cache CONFIG` with cache.draw_logp true)")
 
 
 def forward_only(enc: Encoding, kind: str) -> None:
