@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bench bench-quality performance clean
+.PHONY: setup demo test test-all bench bench-quality bench-gpu performance clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,7 @@ test-all: $(STAMP)
 # bench/heap.py without --settings also pins at 1 and 4 MB.
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
+	$(PY) bench/kd_overhead.py
 	$(PY) bench/student_streaming.py
 	$(PY) bench/student_memory.py
 	$(PY) bench/reader.py --repeats 3
@@ -51,6 +52,12 @@ bench-quality: $(STAMP)
 	$(PY) bench/temperature.py
 	$(PY) bench/grow.py
 	$(PY) bench/grow.py --students
+	$(PY) bench/render.py
+
+# The GPU path's figures, on a machine with a CUDA device (under 5 minutes on one H100); results and page as
+# for bench. Without one, `bench/gpu.py --toy` runs the same code on the CPU at toy sizes (the tests do).
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py
 	$(PY) bench/render.py
 
 # docs/performance.md from bench/results/*.json (generated: edit bench/render.py, not the page).

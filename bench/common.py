@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from typing_extensions import Self
 
-from pipeline.core.codecs import layout_codec
+from pipeline.core.codecs import default_codec, layout_codec
 from pipeline.format import manifest as fmt
 from pipeline.format.encodings import Encoding
 from pipeline.format.shards import shard_entry, shard_name, write_shard
@@ -122,8 +122,10 @@ def lm_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_shard: int, chunk_rows: int,
-                backend: str = "zarr", seed: int = 0, codec: str = "zstd") -> Path:
-    """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage."""
+                backend: str = "zarr", seed: int = 0, codec: str | None = None) -> Path:
+    """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage (codec
+    None: the encoding's default, as the cache stage has it)."""
+    codec = default_codec(enc.name, backend) if codec is None else codec
     d = root / f"synthetic-{enc.name}-{rows}"
     entries = []
     for i, start in enumerate(range(0, rows, rows_per_shard)):
@@ -141,22 +143,25 @@ def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_sha
     return d
 
 
-def heavy_workspace(prefix: str, rows: int, cache: dict[str, Any], temperature: float = 1.0) -> tuple[Path, np.ndarray]:
+def heavy_workspace(prefix: str, rows: int, cache: dict[str, Any], temperature: float = 1.0, classes: int = 1000,
+                    teacher: dict[str, Any] | None = None) -> tuple[Path, np.ndarray]:
     """A workspace with `rows` random inputs (all in the transfer set), the compute-heavy teacher of
-    heavy_teacher.py saved as a checkpoint, and c.yaml caching its top-k targets."""
+    heavy_teacher.py (`classes` outputs, `teacher` its other factory arguments) saved as a
+    checkpoint, and c.yaml caching its top-k targets."""
     import yaml
     from heavy_teacher import make
 
     ws = workdir(prefix)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(rows, 64)).astype(np.float32)
-    np.savez(ws / "d.npz", x=x, y=rng.integers(0, 1000, rows), x_test=x[:10], y_test=np.arange(10))
+    np.savez(ws / "d.npz", x=x, y=rng.integers(0, classes, rows), x_test=x[:10], y_test=np.arange(10))
+    kwargs = {"classes": classes, **(teacher or {})} if classes != 1000 or teacher else {}
     torch.manual_seed(0)
-    torch.save(make().state_dict(), ws / "teacher.pt")
+    torch.save(make(**kwargs).state_dict(), ws / "teacher.pt")
+    member = {"name": "heavy", "arch": "import", "factory": "heavy_teacher:make", "checkpoint": str(ws / "teacher.pt")}
     (ws / "c.yaml").write_text(yaml.safe_dump({
-        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": 1000},
-        "teachers": {"temperature": temperature, "members": [{"name": "heavy", "arch": "import",
-                     "factory": "heavy_teacher:make", "checkpoint": str(ws / "teacher.pt")}]},
+        "workspace": str(ws), "data": {"source": str(ws / "d.npz"), "num_classes": classes},
+        "teachers": {"temperature": temperature, "members": [{**member, "kwargs": kwargs} if kwargs else member]},
         "cache": {"encoding": "topk", "k": 32, **cache},
     }))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
@@ -211,7 +216,7 @@ def run_stage(args: list[str], env: dict[str, str] | None = None, cwd: Path | No
                 status = Path(f"/proc/{p.pid}/status").read_text()
             except OSError:
                 status = ""
-            for key, value in re.findall(r"^(RssAnon|RssFile):\s+(\d+) kB", status, re.M):
+            for key, value in re.findall(r"^(RssAnon|RssFile):\s+(\d+) kB", status, re.MULTILINE):
                 peaks[key] = max(peaks[key], int(value))
             time.sleep(0.05)
         seconds = time.perf_counter() - start
@@ -246,6 +251,7 @@ class _ReaderCache:
     """What CacheDataset takes from a Cache, over any reader."""
 
     def __init__(self, reader: Any) -> None:
-        self.reader, self.path, self.encoding = reader, reader.dir, reader.encoding
+        self.reader, self.path, self.source, self.encoding = reader, reader.dir, reader.dir, reader.encoding
+        self.id = reader.dir.name
         self.temperature, self.token_rows, self.views = reader.temperature, reader.token_rows, None
 

@@ -8,6 +8,20 @@ compute-heavy teacher; `speedup_vs_serial_all_threads` compares with one process
 core through torch's intra-op threads. `overhead_s_per_task` = extra worker-seconds per shard
 that Dask spends beyond the serial work: (2 * t_dask - t_serial) / shards. Cluster start-up is
 reported separately and not counted.
+
+`breakdown`, where the Dask run's time goes (docs/scaling-out.md "Where the time goes"):
+  - `serial_cores_used`: CPU seconds of the serial process (its compute thread and the shard
+    writer thread beside it) over its wall time; above 1, the serial run already uses part of the
+    second core, and 2 workers can at best gain 2 / that.
+  - `dask_cores_used`: the workers' CPU seconds over the Dask run's wall time; `dask_cpu_s` splits
+    the CPU seconds of the run between the workers, their nannies, and this process (which runs
+    LocalCluster's scheduler).
+  - `tasks`, `task_s`: the Dask tasks (groups of shards) and the seconds their compute took, from
+    the task stream; `teacher_setup_s`: the context from the files and the teachers loaded, timed
+    in a worker (a worker now loads the teachers once per stage, not once per task);
+    `idle_worker_s`: worker-seconds of the run with no task computing (scheduling, start and tail
+    imbalance), 2 * t_dask - task_s. `task_s` well above the workers' CPU seconds means the workers
+    waited for a core: other processes had them.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ sys.path.insert(0, str(HERE))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
 
 from common import heavy_workspace, record
+from distributed import get_task_stream
 
 from pipeline.core.config import load_config
 from pipeline.run.fanout import open_client
@@ -38,6 +53,30 @@ def _warm() -> int:
     import stages.cache  # noqa: F401
 
     return torch.get_num_threads()
+
+
+def _setup_seconds(config: str, root: str) -> float:
+    """What a task spends before its first shard: the context from the files and the teachers loaded."""
+    from pipeline.run.identity import context
+    from pipeline.run.targets import load_models
+
+    start = time.perf_counter()
+    load_models(context(load_config(config, [f"cache.root={root}"])))
+    return time.perf_counter() - start
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process and of its parent (a worker's nanny)."""
+    import psutil
+
+    me, parent = psutil.Process(), psutil.Process().parent()
+    return sum(me.cpu_times()[:2]), sum(parent.cpu_times()[:2]) if parent is not None else 0.0
+
+
+def _cluster_cpu(client) -> dict[str, float]:
+    """CPU seconds so far of the workers and their nannies."""
+    per_worker = client.run(_cpu_seconds).values()
+    return {"workers": sum(w for w, _ in per_worker), "nannies": sum(n for _, n in per_worker)}
 
 
 def main() -> None:
@@ -58,7 +97,9 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    cpu = time.process_time()
     t_serial = timed("serial1")
+    serial_cpu = time.process_time() - cpu
     torch.set_num_threads(threads)
     t_serial_all = timed("serial_all")
 
@@ -68,7 +109,17 @@ def main() -> None:
         client.wait_for_workers(2)
         client.run(_warm)  # imports (torch) are worker start-up, not per-task cost
         startup = time.perf_counter() - start
-        t_dask = timed("dask", client)
+        setup = min(client.run(_setup_seconds, str(ws / "c.yaml"), str(ws / "probe")).values())
+        before = _cluster_cpu(client)
+        here = time.process_time()
+        with get_task_stream(client) as stream:
+            t_dask = timed("dask", client)
+        after = _cluster_cpu(client)
+        dask_cpu = {k: round(after[k] - before[k], 2) for k in after}
+        dask_cpu["scheduler_and_driver"] = round(time.process_time() - here, 2)  # LocalCluster's scheduler runs here
+        task_s = sum(ss["stop"] - ss["start"] for t in stream.data for ss in t["startstops"]
+                     if ss["action"] == "compute")
+        tasks = len(stream.data)
 
     ids = {p.name for root in ("serial1", "serial_all", "dask") for p in (ws / root).iterdir()}
     same = len(ids) == 1 and all(
@@ -83,6 +134,10 @@ def main() -> None:
         "speedup_vs_serial_all_threads": round(t_serial_all / t_dask, 3),
         "overhead_s_per_task": round((2 * t_dask - t_serial) / shards, 4),
         "caches_identical": same,
+        "breakdown": {"serial_cores_used": round(serial_cpu / t_serial, 3),
+                      "dask_cores_used": round(dask_cpu["workers"] / t_dask, 3), "dask_cpu_s": dask_cpu,
+                      "tasks": tasks, "task_s": round(task_s, 2), "teacher_setup_s": round(setup, 3),
+                      "idle_worker_s": round(2 * t_dask - task_s, 2)},
     })
 
 

@@ -1,10 +1,12 @@
 """Cache reader throughput over a numpy memmap of the same stored columns, read the same way.
 
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
-layout (Zarr 4,096- and 16,384-row chunks with the default codec, zstd, and with `cache.codec`
-shuffle-lz4hc; Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
-rows/s of one epoch of the student's dataset (batches of 4,096 rows, buffers of 4 chunks, rows
-shuffled inside) over
+layout (`default`: what the cache stage writes when the layout and codec are left unset, the
+encoding's default chunk rows and codec: 4,096-row chunks of shuffle-lz4hc for top-k, 512-row
+chunks of zstd for dense; Zarr 4,096- and 16,384-row chunks with zstd and with shuffle-lz4hc;
+Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
+rows/s of one epoch of the student's dataset (batches of 4,096 rows, buffers of 16,384 rows or 4
+chunks, whichever is more, rows shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
     every shard against the manifest's sha256; the digest is remembered per machine while the
     shard's files keep their size, mtime and inode, so a reader after the first only stats them
@@ -13,8 +15,9 @@ shuffled inside) over
     instead of this machine's default (none on 2 cores: on the loader's own thread);
   - `memmap`: the exact stored columns (narrow ids, float16 or 8-bit values) as uncompressed .npy
     files, mapped, cut into the same chunks (joined into the buffer with one copy, as the cache
-    decodes each chunk straight into it) and decoded by the same `encoding.decode` to what the
-    training step consumes (int64 ids, float32 values), through the same loader.
+    decodes each chunk straight into it) and decoded by the same `encoding.decode` to what a batch
+    carries (int32 ids; 16-bit values as stored, 8-bit ones dequantized; the targets are made where
+    the loss runs, not here), through the same loader.
 The comparison is fair: same rows in the same order, same batch size, same decode and dtype
 conversions, same loader; what differs is only the storage (file reads, decompression or Parquet
 pages, shard handles), which is what the ratio measures. Repeats are interleaved, best of n: the
@@ -54,14 +57,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, epoch_batches, line, record, workdir, write_cache
 
-from pipeline.core.codecs import CODECS
+from pipeline.core.codecs import CODECS, default_codec
+from pipeline.core.config import default_layout
 from pipeline.format import reader as fmt
 from pipeline.format.columns import Chunk
 from pipeline.format.encodings import Dense, Encoding, TopK
 from pipeline.format.manifest import read_manifest
 from pipeline.format.shards import recorded_digest, shard_name, write_shard
 
-BATCH, BUFFER_CHUNKS, ROWS_PER_SHARD = 4096, 4, 50_000
+BATCH, BUFFER_ROWS, ROWS_PER_SHARD = 4096, 16_384, 50_000
 ENCODINGS: dict[str, Encoding] = {"topk32": TopK(1000, 32), "topk32_q8": TopK(1000, 32, bits=8), "dense100": Dense(100)}
 LAYOUTS = {"zarr_4096": ("zarr", 4096, "zstd"), "zarr_4096_shuffle_lz4hc": ("zarr", 4096, "shuffle-lz4hc"),
            "zarr_4096_shuffle_zstd": ("zarr", 4096, "shuffle-zstd"), "zarr_16384": ("zarr", 16384, "zstd"),
@@ -144,18 +148,26 @@ def codec_only(d: Path, repeats: int) -> float:
     return reader.rows / best
 
 
-def epoch_reader(make: Callable[[], Any]) -> Callable[[int], int]:
-    """One epoch of the loader over a fresh reader from `make`; returns the rows read."""
+def epoch_reader(make: Callable[[], Any], chunk_rows: int) -> Callable[[int], int]:
+    """One epoch of the loader over a fresh reader from `make`, buffers of BUFFER_ROWS rows or 4
+    chunks, whichever is more; returns the rows read."""
     def run(epoch: int) -> int:
-        return sum(len(b["sample_id"]) for b in epoch_batches(make(), BATCH, 0, BUFFER_CHUNKS, epoch))
+        return sum(len(b["sample_id"]) for b in epoch_batches(make(), BATCH, 0, max(4, BUFFER_ROWS // chunk_rows), epoch))
     return run
 
 
+def layouts(enc: Encoding) -> dict[str, tuple[str, int, str]]:
+    """LAYOUTS and `default`: what the cache stage writes for `enc` when layout and codec are unset."""
+    chunk_rows, _ = default_layout("classify", 1, 0, enc.name)
+    return {"default": ("zarr", chunk_rows, default_codec(enc.name, "zarr")), **LAYOUTS}
+
+
 def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
+    lays = layouts(enc)
     ws = workdir(f"reader-{name}")
     try:
         dirs = {lay: write_cache(ws / lay, rows, enc.num_classes, enc, ROWS_PER_SHARD, c, backend=b, codec=codec)
-                for lay, (b, c, codec) in LAYOUTS.items()}
+                for lay, (b, c, codec) in lays.items()}
         (ws / "npy").mkdir()
         columns = stored_memmaps(dirs["zarr_4096"], ws / "npy")
         readers: dict[str, Callable[[int], int]] = {}
@@ -167,13 +179,15 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
             return fmt.CacheReader(d, read_threads=threads)
 
         for lay, d in dirs.items():
-            readers[lay] = epoch_reader(lambda d=d: with_store(d, fresh=False))
-            readers[f"{lay}_first_read"] = epoch_reader(lambda d=d: with_store(d, fresh=True))
+            readers[lay] = epoch_reader(lambda d=d: with_store(d, fresh=False), lays[lay][1])
+            readers[f"{lay}_first_read"] = epoch_reader(lambda d=d: with_store(d, fresh=True), lays[lay][1])
         for lay in ("zarr_4096", "zarr_4096_shuffle_lz4hc"):
-            readers[f"{lay}_read_threads_4"] = epoch_reader(lambda d=dirs[lay]: with_store(d, False, threads=4))
-        for chunk_rows in sorted({c for _, c, _ in LAYOUTS.values()}):
-            like = dirs[next(lay for lay, (b, c, _) in LAYOUTS.items() if b == "zarr" and c == chunk_rows)]
-            readers[f"memmap_{chunk_rows}"] = epoch_reader(lambda like=like: MemmapReader(fmt.CacheReader(like), columns))
+            readers[f"{lay}_read_threads_4"] = epoch_reader(lambda d=dirs[lay]: with_store(d, False, threads=4),
+                                                            lays[lay][1])
+        for chunk_rows in sorted({c for _, c, _ in lays.values()}):
+            like = dirs[next(lay for lay, (b, c, _) in lays.items() if b == "zarr" and c == chunk_rows)]
+            readers[f"memmap_{chunk_rows}"] = epoch_reader(lambda like=like: MemmapReader(fmt.CacheReader(like), columns),
+                                                           chunk_rows)
         best = dict.fromkeys(readers, 0.0)
         best_cpu = dict.fromkeys(readers, 0.0)
         for r in range(repeats):
@@ -186,11 +200,11 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
                 best[key] = max(best[key], n / t.seconds)
                 best_cpu[key] = max(best_cpu[key], n / cpu)
 
-        codec = {lay: codec_only(dirs[lay], repeats) for lay, (b, _, _) in LAYOUTS.items() if b == "zarr"}
+        codec = {lay: codec_only(dirs[lay], repeats) for lay, (b, _, _) in lays.items() if b == "zarr"}
 
         def over_memmap(key: str, figures: dict[str, float]) -> float:
             layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
-            return round(figures[key] / figures[f"memmap_{LAYOUTS[layout][1]}"], 3)
+            return round(figures[key] / figures[f"memmap_{lays[layout][1]}"], 3)
 
         record(f"reader-{name}", line("reader", encoding=name, label=enc.label(), classes=enc.num_classes, rows=rows,
                                        batch=BATCH,
@@ -199,7 +213,7 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
              rows_per_s={k: round(v) for k, v in best.items()},
              rows_per_cpu_s={k: round(v) for k, v in best_cpu.items()},
              codec_only_rows_per_s={k: round(v) for k, v in codec.items()},
-             codec_ceiling={k: round(v / best[f"memmap_{LAYOUTS[k][1]}"], 3) for k, v in codec.items()},
+             codec_ceiling={k: round(v / best[f"memmap_{lays[k][1]}"], 3) for k, v in codec.items()},
              first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
              bytes_per_row={k: read_manifest(d)["bytes_per_row"] for k, d in dirs.items()}))
     finally:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 Goal = tuple[str, Any, str]  # (comparison, threshold, a short text: what, and where the goal is stated)
 
-_READER_LAYOUTS = ("zarr_4096", "zarr_4096_shuffle_lz4hc", "zarr_4096_shuffle_zstd", "zarr_16384",
+_READER_LAYOUTS = ("default", "zarr_4096", "zarr_4096_shuffle_lz4hc", "zarr_4096_shuffle_zstd", "zarr_16384",
                    "zarr_16384_shuffle_lz4hc", "parquet_4096")
 _VIEW_BYTES = {f"bytes_per_view_1000_classes_topk10_8bit.{aug}.bytes_per_view":
                ("<=", 32.0, f"B/view, 1,000 classes, top-10 8-bit, {aug}")
@@ -86,6 +86,18 @@ GOALS: dict[str, dict[str, Goal]] = {
     "grow-students": {f"{enc}.{key}": ("==", True, text) for enc in ("dense",) for key, text in (
         ("within_seed_noise", "members' student within 1 sd of the combined cache's"),
         ("dropped_equals_fresh", "a member dropped: the student of a cache made without it"))},
+    # issue 24: writing hides behind a bf16 teacher on a GPU (teacher_overhead's goal, where it is meant)
+    "gpu-teacher": {f"vocab.{v}.ratio": (">=", 0.97, "cache stage over a bare bf16 forward") for v in (32000, 128000)},
+}
+
+# Goals on the records of a figure that is a table (a list of records, bench/kd_overhead.py's "rows"), by
+# benchmark (or results file) and figure: (which records, as {key: allowed values}; the record's figure; the goal).
+TableGoal = tuple[dict[str, tuple[Any, ...]], str, Goal]
+_KD_GOAL: TableGoal = ({"encoding": ("topk32", "topk8_q8", "hybrid_k8_n16_q8", "topk10_q8")}, "ratio",
+                       ("<=", 1.10, "step time over plain cross-entropy (top-k, hybrid; RS-KD: < 10%)"))
+TABLE_GOALS: dict[str, dict[str, list[TableGoal]]] = {
+    "kd_overhead": {"rows": [_KD_GOAL]},  # issue 24: RS-KD (ACL 2025) trains within 10% of cross-entropy
+    "gpu-kd_overhead": {"rows": [_KD_GOAL]},
 }
 
 # What each benchmark measures, in one line.
@@ -95,7 +107,12 @@ DESCRIPTIONS = {
     "bytes": "Bytes per row of each encoding at 24, 40 and 96 B budgets, and the bias and variance of the "
              "student's loss it gives, at 1,000 classes and 32k and 152k vocabularies.",
     "fanout": "The cache stage on 2 Dask workers over one process (one torch thread, and all threads); "
-              "whether the caches are byte-identical.",
+              "whether the caches are byte-identical; where the Dask run's time goes.",
+    "gpu": "On a CUDA device: the cache stage over a bare bf16 teacher forward at 32k and 128k vocabularies, "
+           "top-k and hybrid encoding on the device, and kd_overhead there.",
+    "kd_overhead": "A student's training step from a cache over the same student and batches with plain "
+                   "cross-entropy (read, loss, backward), through the student stage and the public API; the "
+                   "loss's peak memory over cross-entropy's.",
     "grow": "The cache stage growing a cache of per-member targets by a 4th teacher and by 10% more rows, "
             "each over the same cache made from scratch; bytes per row of the cache and of each member. "
             "`--students`: the demo's students from combined and per-member caches.",
@@ -127,7 +144,7 @@ DESCRIPTIONS = {
 SECTIONS: list[tuple[str, list[str]]] = [
     ("Cache stage", ["teacher_overhead"]),
     ("Reading the cache", ["reader", "object_storage"]),
-    ("Students", ["student_streaming", "student_memory"]),
+    ("Students", ["kd_overhead", "student_streaming", "student_memory"]),
     ("Scale", ["scale"]),
     ("Threads", ["threads"]),
     ("Heap", ["heap"]),
@@ -137,8 +154,10 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("Encodings", ["bytes", "kd_gain", "temperature"]),
     ("Language-model students", ["lm_students"]),
     ("Views", ["views"]),
+    ("GPU", ["gpu"]),
 ]
-PART_TITLES = {"reader-codec_bytes": "Codecs"}  # a results file's heading, where not its name
+PART_TITLES = {"reader-codec_bytes": "Codecs", "gpu-teacher": "Cache stage over a bare forward",
+               "gpu-encode": "Encoding on the device", "gpu-kd_overhead": "Student step over cross-entropy"}  # a results file's heading, where not its name
 
 # Keys of the printed line that are no figures: the script's name, cores and machine (the stamp has
 # them), and the script's own statement of its goals (GOALS above is what the page judges by).
@@ -242,17 +261,32 @@ def stamp_line(result: dict[str, Any]) -> str:
             f"on {cell(machine)}.")
 
 
+def table_goals_for(stem: str) -> dict[str, list[TableGoal]]:
+    return TABLE_GOALS[stem] if stem in TABLE_GOALS else TABLE_GOALS.get(script_of(stem), {})
+
+
 def is_table(value: Any) -> bool:
-    """A figure that is a list of rows (dicts), such as one row per temperature: shown as a table."""
+    """A figure that is a list of records (dicts): rendered as its own table, one row per record."""
     return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
 
 
-def table(key: str, rows: list[dict[str, Any]]) -> list[str]:
-    """A list-of-rows figure as its own table, one column per key of its rows in first-seen order."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    return [f"`{cell(key)}`:", "", "| " + " | ".join(cell(c) for c in columns) + " |",
-            "|" + "---|" * len(columns),
-            *("| " + " | ".join(shown(r[c]) if c in r else "—" for c in columns) + " |" for r in rows), ""]
+def table(key: str, records: list[dict[str, Any]], goals: list[TableGoal]) -> list[str]:
+    """The records of figure `key` as a table (columns: their keys in first-seen order), with the
+    goal and met? cells of the goals that select each record."""
+    columns: list[str] = []
+    for r in records:
+        columns += [k for k in r if k not in columns]
+    out = [f"`{cell(key)}`:", "", "| " + " | ".join(cell(c) for c in columns) + " | goal | met? |",
+           "|" + "---|" * (len(columns) + 2)]
+    for r in records:
+        mine = [(figure, goal) for when, figure, goal in goals
+                if all(r.get(k) in allowed for k, allowed in when.items()) and figure in r]
+        judged = [judge(goal, r[figure], r) for figure, goal in mine]
+        goal_cell = "; ".join(f"`{cell(f)}` {g}" for (f, _), (g, _) in zip(mine, judged)) or "—"
+        met_cell = ("**no**" if any(m == "**no**" for _, m in judged) else
+                    "yes" if judged and all(m == "yes" for _, m in judged) else "—")
+        out.append("| " + " | ".join(shown(r[c]) if c in r else "—" for c in columns) + f" | {goal_cell} | {met_cell} |")
+    return [*out, ""]
 
 
 def part(stem: str, result: dict[str, Any], level: str | None) -> list[str]:
@@ -260,15 +294,19 @@ def part(stem: str, result: dict[str, Any], level: str | None) -> list[str]:
     goals = goals_for(stem)
     out = [f"{level} {PART_TITLES.get(stem, stem)}", ""] if level else []
     out += [stamp_line(result), "", "| figure | value | goal | met? |", "|---|---|---|---|"]
-    top = {k: v for k, v in figures.items() if k not in NOT_FIGURES}
-    tables = []
+    top = {k: v for k, v in figures.items() if k not in NOT_FIGURES and not is_table(v)}
     for key, value in flatten(top) if top else []:
         if is_table(value):
             tables += table(key, value)
             continue
         goal, met = judge(goals[key], value, figures) if key in goals else ("—", "—")
         out.append(f"| `{cell(key)}` | {shown(value)} | {goal} | {met} |")
-    return [*out, "", *tables]
+    out.append("")
+    tables = table_goals_for(stem)
+    for key, value in figures.items():
+        if key not in NOT_FIGURES and is_table(value):
+            out += table(key, value, tables.get(key, []))
+    return out
 
 
 def benchmark(script: str, stems: list[str], results: dict[str, dict[str, Any]],

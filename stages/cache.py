@@ -40,7 +40,7 @@ from pipeline.format import members, remote
 from pipeline.format.shards import recorded_digest, shard_entry
 from pipeline.run.fanout import expected_workers, run_all, task_share
 from pipeline.run.identity import Context, Unit, context, record
-from pipeline.run.targets import Shard, ShardResult, Teachers, pending_units, run_shards, shard_path, unit_path
+from pipeline.run.targets import Shard, ShardResult, Teachers, kept_models, pending_units, run_shards, shard_path, unit_path
 
 
 def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:
@@ -301,7 +301,7 @@ def run_group(cfg: Config, group: Group) -> list[ShardResult]:
         raise CacheError(f"cache {group.cache_id}: this worker computes id {ctx.dir.name} from the same config, so "
                          "the data or a teacher checkpoint changed while the cache was being written; rerun "
                          "`logitcache cache CONFIG` once the files are final")
-    return run_shards(ctx, group.shards, Teachers(ctx))
+    return run_shards(ctx, group.shards, kept_models(ctx))
 
 
 def _finish(ctx: Context) -> Path:

@@ -177,3 +177,23 @@ def test_every_benchmark_the_makefile_runs_is_described_and_goals_name_real_benc
     for goals in render.GOALS.values():
         for comparison, _, text in goals.values():
             assert comparison in render.COMPARE and text
+
+
+def test_a_figure_that_is_a_list_of_records_renders_as_a_table_judged_per_record(tmp_path: Path) -> None:
+    """bench/kd_overhead.py's rows: one table row per record, its goal applied to the records it
+    selects (top-k and hybrid), none to the others."""
+    results = tmp_path / "results"
+    rows = [{"task": "lm", "vocab": 32000, "encoding": "topk32", "path": "stage", "ratio": 1.04, "loss_peak_ratio": 0.5},
+            {"task": "lm", "vocab": 32000, "encoding": "hybrid_k8_n16_q8", "path": "api", "ratio": 1.2,
+             "loss_peak_ratio": 0.6},
+            {"task": "lm", "vocab": 32000, "encoding": "sampled32", "path": "api", "ratio": 1.3, "loss_peak_ratio": 0.6}]
+    _results(results, "kd_overhead", {"bench": "kd_overhead", "device": "cpu", "rows": rows})
+    page = render.render(results, REPO / "Makefile")
+    section = _section(page, "### bench/kd_overhead.py")
+    assert _row(section, "device")[1] == "cpu"
+    assert "`rows`:" in section and "| `rows` |" not in section  # a table, not one cell of JSON
+    lines = [x for x in section.splitlines() if x.startswith("| lm |")]
+    assert len(lines) == 3
+    assert lines[0].endswith("| yes |") and "≤ 1.1" in lines[0]
+    assert lines[1].endswith("| **no** |")
+    assert lines[2].endswith("| — | — |")  # sampled: no goal

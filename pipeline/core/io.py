@@ -370,18 +370,23 @@ def _store_failed(db: Path, e: Exception) -> None:
                         "on a local disk")
 
 
-def remembered(files: list[Path] | list[str], what: str, compute: Callable[[], str], written_here: bool = False) -> str:
+def remembered(files: list[Path] | list[str], what: str, compute: Callable[[], str], written_here: bool = False,
+               resolved: bool = False) -> str:
     """`compute()`, remembered under `what` while every file in `files` keeps its size, mtime, inode
     and ctime. `what` names the value (e.g. "sha256", or a fingerprint of selected rows).
     `written_here`: this process has just written the files and checked the value, so their
-    freshness proves nothing against it (the shard cache's downloads)."""
+    freshness proves nothing against it (the shard cache's downloads). `resolved`: the files'
+    directories are real paths already (a walk of a resolved root), so none is resolved again."""
     names = [os.fspath(f) for f in files]
-    parents: dict[str, str] = {}  # a tree's files share a few directories: resolve each once
-    for f in names:
-        parent = os.path.dirname(f)
-        if parent not in parents:
-            parents[parent] = os.path.realpath(parent)
-    key_path = "\0".join(os.path.join(parents[os.path.dirname(f)], os.path.basename(f)) for f in names)
+    if resolved:
+        key_path = "\0".join(names)
+    else:
+        parents: dict[str, str] = {}  # a tree's files share a few directories: resolve each once
+        for f in names:
+            parent = os.path.dirname(f)
+            if parent not in parents:
+                parents[parent] = os.path.realpath(parent)
+        key_path = "\0".join(os.path.join(parents[os.path.dirname(f)], os.path.basename(f)) for f in names)
     stamps = [_stamp(f) for f in names]
     if any(s[2] == 0 or s[3] == 0 for s in stamps):  # a filesystem without inodes or ctimes: cannot tell
         return compute()
@@ -440,17 +445,26 @@ def whole_tree_digest(path: Path) -> str:
     path = Path(path)
     if path.is_file():
         return file_digest(path)
-    files = sorted(os.path.join(top, f) for top, _dirs, names in os.walk(path) for f in names)
-    return remembered(files, "sha256-tree", lambda: sha256_tree(path)[0])
+    return remembered(_tree_files(path), "sha256-tree", lambda: sha256_tree(path)[0], resolved=True)
+
+
+def _tree_files(path: Path) -> list[str]:
+    """Every file under directory `path`, sorted, walked from its real path: the walk never enters a
+    linked directory, so each file's directory is a real path and needs no resolving (resolving each
+    of a Zarr shard's hundreds of chunk directories, a stat per path component, cost more than the
+    walk)."""
+    root = os.path.realpath(path)
+    return sorted(os.path.join(top, f) for top, _dirs, names in os.walk(root) for f in names)
 
 
 def record_tree_digest(path: Path, digest: str) -> None:
     """Remember `digest` as `whole_tree_digest(path)`: for a file or directory this process has just
     written and checked against it."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(os.path.join(top, f) for top, _d, names in os.walk(path)
-                                                 for f in names)
-    remembered(files, "sha256" if path.is_file() else "sha256-tree", lambda: digest, written_here=True)
+    if path.is_file():
+        remembered([path], "sha256", lambda: digest, written_here=True)
+    else:
+        remembered(_tree_files(path), "sha256-tree", lambda: digest, written_here=True, resolved=True)
 
 
 def hash_json(obj: Any) -> str:

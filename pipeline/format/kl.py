@@ -6,6 +6,7 @@ logp/logq are log-probabilities (rows, C) unless noted.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,49 @@ def retemper_draws(counts: torch.Tensor, logp: torch.Tensor, tau: float) -> tupl
     return (lw - lse[:, None]).exp(), lse - c.sum(-1).log()
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The student's logits at temperature T in float32, (n, C): what an encoding's `divergence`
+    takes (softmax of it is the student's distribution); at T = 1 (and float32) the logits
+    themselves, with no (n, C) copy."""
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
+class _SparseCrossEntropy(torch.autograd.Function):
+    """-sum_j p_j log q_j per row for q = softmax(z) (n, C) and a teacher given compactly: u (n,)
+    on every class plus w (n, m) at ids (n, m) (w may be negative: a head's p - u). Saves only z
+    and its logsumexp; the gradient, (sum_j p_j) q - p, is one (n, C) tensor made in backward, as
+    cross-entropy's own."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        zf = z.float()
+        lse = torch.logsumexp(zf, dim=-1)  # (n,)
+        logq_ids = zf.gather(-1, ids) - lse[:, None]  # (n, m)
+        ce = -(w * logq_ids).sum(-1) - u * (zf.sum(-1) - z.shape[-1] * lse)
+        ctx.save_for_backward(z, lse, ids, w, u)
+        return ce
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        z, lse, ids, w, u = ctx.saved_tensors
+        mass = w.sum(-1) + u * z.shape[-1]  # the teacher's total, 1 up to rounding
+        grad = torch.sub(z.float(), lse[:, None]).exp_()  # q, (n, C): the one full-size tensor
+        grad.mul_((g * mass)[:, None]).sub_((g * u)[:, None])
+        grad.scatter_add_(-1, ids, -(w * g[:, None]))
+        return grad.to(z.dtype), None, None, None
+
+
+def sparse_cross_entropy(z: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                         u: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy H(p, softmax(z)) per row (n,) of a teacher p that is u (n,) on every class
+    (none when u is None) plus w (n, m) at ids (n, m), from the student's logits z (n, C): the
+    forward KL of every compact encoding is this minus the teacher's entropy. Reads z in two
+    passes (its logsumexp and row sums) and builds one (n, C) tensor, the gradient."""
+    u = torch.zeros(len(z), device=z.device) if u is None else u.float()
+    return _SparseCrossEntropy.apply(z, ids.long(), w.float(), u)
+
+
 # ---------------------------------------------------------------------------------------------
 # Any encoding: reverse KL and JSD, losses of a chunk of rows, chunked logits for vocabularies
 
@@ -95,6 +139,52 @@ def topk_full_logp(ids: torch.Tensor, logp: torch.Tensor, residual: torch.Tensor
         u = torch.full_like(residual.float(), float("-inf"))
     full = u[:, None].expand(-1, num_classes).clone()
     return full.scatter_(-1, ids.long(), logp.float())  # in place: one (n, C) tensor, not two
+
+
+def uniform_tail_divergence(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, residual: torch.Tensor,
+                            kind: str) -> torch.Tensor:
+    """Per-row D(teacher, student) (n,) for a teacher that is exact on the head `ids` (n, k) with
+    log-probs `logp` (n, k) and spreads `residual` (n,) evenly over the other C - k classes, from the
+    student's logits z (n, C) (log q = log_softmax(z); log-probs do as well): equal to
+    `divergence(topk_full_logp(...), log_softmax(z), kind)` without building that (n, C) teacher. The tail's teacher log-prob is one number per row (log u), so a sum over the
+    tail is the student-side sum over all classes minus the head's:
+
+        forward  sum_H p (log p - log q) + (C-k) u log u - u (sum_C log q - sum_H log q)
+        reverse  sum_C q log q - sum_H q log p - log u (sum_C q - sum_H q)
+        jsd      1/2 [sum_H p log p + (C-k) u log u + sum_C q log q
+                      - 2 sum_C m~ log m~ + 2 sum_H m~ log m~ - 2 sum_H m log m]
+    with m = (p + q) / 2 on the head and m~ = (u + q) / 2 (the tail model's mixture, taken over all
+    C classes, then its head terms swapped for the exact ones). Forward KL is one fused
+    cross-entropy (`sparse_cross_entropy`); the others hold student-side (n, C) tensors only: log q,
+    q, and for JSD m~ and its log."""
+    C, k = z.shape[-1], ids.shape[-1]
+    logu = (residual.float().clamp(min=0) / max(C - k, 1)).clamp(min=1e-30).log()  # (n,) as topk_full_logp
+    u = logu.exp()
+    logp = logp.float()
+    p = logp.exp()
+    if kind == "forward":  # the head's p - u at its ids, u everywhere: one fused cross-entropy
+        return torch.xlogy(p, p).sum(-1) + (C - k) * u * logu + sparse_cross_entropy(z, ids, p - u[:, None], u)
+    logq = F.log_softmax(z.float(), dim=-1)  # (n, C)
+    logq_head = logq.gather(-1, ids)  # (n, k)
+    q = logq.exp()  # (n, C)
+    q_head = logq_head.exp()
+    if kind == "reverse":
+        q_tail = (q.sum(-1) - q_head.sum(-1)).clamp(min=0)
+        return _rowdot(q, logq) - (q_head * logp).sum(-1) - logu * q_tail
+    if kind == "jsd":
+        m_tilde = 0.5 * (q + u[:, None])  # (n, C)
+        m_tilde_head = 0.5 * (q_head + u[:, None])
+        m_head = 0.5 * (q_head + p)
+        tail_part = (C - k) * u * logu + _rowdot(q, logq) - 2 * _rowdot(m_tilde, m_tilde.log())
+        head_part = (torch.xlogy(p, p) + 2 * torch.xlogy(m_tilde_head, m_tilde_head)
+                     - 2 * torch.xlogy(m_head, m_head)).sum(-1)
+        return 0.5 * (tail_part + head_part)
+    raise ValueError(f"divergence {kind!r}: use forward, reverse or jsd")
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) of (n, C) tensors as a batched dot product: no (n, C) product, before or in backward."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
 def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: str) -> torch.Tensor:

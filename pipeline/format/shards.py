@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.codecs import codec_problems
+from pipeline.core.codecs import codec_problems, default_codec
 from pipeline.core.errors import CacheError
 from pipeline.core.io import atomic_write_json, fsync_dir, hash_json, sha256_tree, tmp_name, tree_size
 from pipeline.core.progress import log
@@ -34,16 +34,17 @@ def digest_path(shard: Path) -> Path:
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any], enc: Encoding,
-                chunk_rows: int, level: int | None = None, codec: str = "zstd") -> bool:
+                chunk_rows: int, level: int | None = None, codec: str | None = None) -> bool:
     """Write one shard to a temporary name, hash and fsync it, publish it at `path` without
     replacing, then record its digest beside it. False if another writer published it first: that
     shard is kept untouched and this one discarded.
 
     `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
     encoding's columns as `enc.to_host` returns them. `codec`: one of CODECS (Zarr; Parquet takes
-    zstd), at `level` (None: the codec's default). The backend is the one that names its shards
-    with `path`'s suffix."""
+    zstd; None: the encoding's default, `default_codec`), at `level` (None: the codec's default).
+    The backend is the one that names its shards with `path`'s suffix."""
     store = shard_backend(path)
+    codec = default_codec(enc.name, store.name) if codec is None else codec
     problems = codec_problems(codec, level, store.name)
     if problems:
         raise ValueError(f"{path}: {problems[0]}")

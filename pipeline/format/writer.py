@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.codecs import CODECS, codec_problems, layout_codec
+from pipeline.core.codecs import CODECS, codec_problems, default_codec, layout_codec
 from pipeline.core.errors import ArgumentError, CacheError
 from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.core.validate import COUNT, FIELDS, SEED, Rule, argument, choice, flag
@@ -76,7 +76,7 @@ class CacheWriter:
     def __init__(self, root: str | Path, spec: dict[str, Any], encoding: Encoding | str | dict[str, Any],
                  num_classes: int, backend: str = "zarr", rows_per_shard: int = 8192, chunk_rows: int = 1024,
                  temperature: float = 1.0, seq_len: int | None = None, tokens: bool = False, seed: int = 0,
-                 compression_level: int | None = None, codec: str = "zstd") -> None:
+                 compression_level: int | None = None, codec: str | None = None) -> None:
         if not isinstance(spec, dict) or not ({"teacher", "teachers"} & spec.keys()) or "dataset" not in spec:
             raise ArgumentError("spec: declare what determines the targets, at least {'teacher': ..., 'dataset': ...} "
                                 "(name/revision of the teacher, a fingerprint of the inputs)")
@@ -106,6 +106,10 @@ class CacheWriter:
             raise ArgumentError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
                                 f"seq_len={seq_len} (sequences never straddle chunks)")
         self.encoding = _encoding_arg(encoding, num_classes)
+        codec = default_codec(self.encoding.name, backend) if codec is None else codec
+        problems = codec_problems(codec, compression_level, backend)
+        if problems:
+            raise ValueError(f"CacheWriter {problems[0]}")
         self.seq_len, self.backend, self.seed = seq_len, backend, seed
         self.rows_per_shard, self.chunk_rows, self.level = rows_per_shard, chunk_rows, compression_level
         self.codec = codec

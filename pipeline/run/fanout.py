@@ -92,15 +92,26 @@ def _wait_for_workers(client: Any, cluster: ClusterConfig, what: str) -> None:
     _announce(client, what)
 
 
+# A LocalCluster's housekeeping, set for batch jobs of compute-bound tasks. Every event loop (the
+# scheduler's, each nanny's and worker's) ticked every 20 ms to check its own health, the nannies polled
+# their worker's memory every 100 ms and the system every 500 ms, and workers sampled their tasks' stacks
+# every 10 ms: on 2 cores the nannies and the scheduler took 0.15 of a core (6-8% of the machine) from 2
+# compute-bound workers; with these, 0.03 (bench/fanout.py's breakdown, docs/scaling-out.md). Only the
+# dashboard's system and profile pages and the tick's warnings about a blocked event loop are lost.
+LOCAL_DASK = {"distributed.admin.tick.interval": "1s", "distributed.admin.system-monitor.interval": "5s",
+              "distributed.worker.memory.monitor-interval": "1s", "distributed.worker.profile.enabled": False}
+
+
 def _worker_environ(threads: int) -> Any:
-    """Environment of spawned workers. Dask's default sets MALLOC_TRIM_THRESHOLD_, which also pins
-    glibc's mmap threshold at 128 KB, so every large tensor allocation becomes an mmap plus page
-    faults: measured 12% slower teacher forward passes here. Workers get the CLI's 8 MB instead
+    """Dask settings of a LocalCluster: its housekeeping (LOCAL_DASK), and the environment of
+    spawned workers. Dask's default sets MALLOC_TRIM_THRESHOLD_, which also pins glibc's mmap
+    threshold at 128 KB, so every large tensor allocation becomes an mmap plus page faults:
+    measured 12% slower teacher forward passes here. Workers get the CLI's 8 MB instead
     (pipeline.core.host). Thread counts stay pinned."""
     import dask
 
     n = str(threads)
-    return dask.config.set({"distributed.nanny.pre-spawn-environ": {
+    return dask.config.set({**LOCAL_DASK, "distributed.nanny.pre-spawn-environ": {
         "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, **worker_environ()}})
 
 

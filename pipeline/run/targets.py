@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core.io import hash_json
 from pipeline.core.lock import LeaseLock
 from pipeline.format import manifest as fmt
 from pipeline.format import members
@@ -84,6 +85,24 @@ class Teachers:
         if i not in self.loaded:
             self.loaded[i] = load_teacher(self.refs[i], self.ctx.splits, self.ctx.device)
         return self.loaded[i]
+
+
+_KEPT: dict[str, Teachers] = {}  # a Dask worker's teachers, by identity: the last set only
+
+
+def kept_models(ctx: Context) -> Teachers:
+    """The teachers for a process that runs many tasks of one cache stage (a Dask worker): each
+    loaded once, kept by their identity (each teacher's spec and checkpoint sha256, as the cache id
+    hashes them, the classes and input shape they are built for, and the device), so a retrained
+    teacher is loaded afresh. Loading took a third of a second per task for bench/fanout.py's
+    teacher (mostly building the model before its weights replace the initial ones): 12% of a
+    6-shard task. The worker keeps the last set until it exits."""
+    key = hash_json([ctx.spec["teachers"], ctx.spec["num_classes"], ctx.spec["dataset"].get("input_shape"),
+                     str(ctx.device)])
+    if key not in _KEPT:
+        _KEPT.clear()
+        _KEPT[key] = Teachers(ctx)
+    return _KEPT[key]
 
 
 def _autocast(ctx: Context) -> Any:

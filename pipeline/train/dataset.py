@@ -64,7 +64,7 @@ from pipeline.core.errors import ArgumentError, CacheError
 from pipeline.core.validate import COUNT, FIELDS, NONNEGATIVE_INT, SEED, Rule, argument, flag
 from pipeline.format import reader as fmt
 from pipeline.format.columns import ROW_COLUMNS
-from pipeline.format.encodings import Encoding
+from pipeline.format.encodings import Encoding, Targets
 from pipeline.format.manifest import resolve
 from pipeline.format.members import member_names
 from pipeline.format.reader import read_global, read_rows
@@ -243,7 +243,8 @@ class CacheDataset(IterableDataset):
     (rows,) the row's sequence within the batch and `sequence_id` (sequences,); the decoded targets
     in the encoding's natural form (dense `logp`; top-k `ids`, `logp`, `residual`; sampled `ids`,
     `counts`, `entropy`; hybrid adds `tail_*`); `targets`, the same re-tempered to `temperature` by
-    `encoding.targets` (what `kd_loss` uses); `inputs` (items, ...) looked up by sample_id when
+    `encoding.targets` (what `kd_loss` uses; a `Targets` made when first read, on the device the
+    loss moves it to); `inputs` (items, ...) looked up by sample_id when
     given (ragged 1-D inputs right-padded with pad_value, lengths in `input_lengths`); and
     `encoding` and `temperature` (not tensors). A views cache's rows are views, one per sample per
     epoch: the batch adds `view`, `box`, `flip` and with mixup/cutmix `partner` (int64, -1 when
@@ -542,7 +543,7 @@ class CacheDataset(IterableDataset):
             out["sequence_id"] = torch.from_numpy(keys)
         out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in decoded.items()})
         if self.blend is None:
-            out["targets"] = enc.targets(decoded, "cpu", self.temperature / self.cache_temperature)
+            out["targets"] = Targets(enc, decoded, self.temperature / self.cache_temperature)  # made where the loss is
         else:  # each member's targets, combined or side by side
             out.update(self.blend.batch(self.reader.split(decoded), "cpu", self.temperature / self.cache_temperature))
         if self.inputs is not None and self.views is not None:
@@ -757,8 +758,8 @@ def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, An
             device = torch.device(device)
         except (RuntimeError, TypeError):
             raise ArgumentError(f"device: {device!r} is not a device; use cpu, cuda, cuda:N or a torch.device") from None
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device)
+            if isinstance(v, (torch.Tensor, Targets)) else v for k, v in batch.items()}
 
 
 __all__ = ["Cache", "CacheDataset", "CacheLoader", "open_cache", "replay_views", "to_device"]

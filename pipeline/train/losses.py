@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from pipeline.core.errors import ArgumentError
 from pipeline.core.validate import FIELDS, argument, choice
-from pipeline.format.encodings import Encoding
+from pipeline.format import kl
+from pipeline.format.encodings import Encoding, Targets
 
 
 def kd_dense(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -70,8 +71,8 @@ def encoding_loss(student_logits: torch.Tensor, targets: dict[str, torch.Tensor]
                   temperature: float, divergence: str = "forward", tail: str = "uniform") -> torch.Tensor:
     """T^2 * mean over rows of D(teacher || student) for targets of any encoding (see
     `Encoding.targets`); student logits (n, C)."""
-    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, C)
-    return temperature**2 * encoding.divergence(logq, targets, divergence, tail).mean()
+    z = kl.tempered(student_logits, temperature)  # (n, C)
+    return temperature**2 * encoding.divergence(z, targets, divergence, tail).mean()
 
 
 def multi_teacher_loss(student_logits: torch.Tensor, members: dict[str, dict[str, Any]], temperature: float,
@@ -93,8 +94,8 @@ def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: t
         total = total + alpha * F.cross_entropy(logits.float(), labels, reduction="sum")
     if alpha == 1.0:
         return total
-    logq = F.log_softmax(logits.float() / T, dim=-1)
-    kd = T**2 * encoding.divergence(logq, targets, settings["divergence"], settings["tail"]).sum()
+    z = kl.tempered(logits, T)
+    kd = T**2 * encoding.divergence(z, targets, settings["divergence"], settings["tail"]).sum()
     return total + (1.0 - alpha) * kd
 
 
@@ -165,7 +166,7 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
         if logits.shape[0] != n_seq or int(pos.max()) >= logits.shape[1]:
             raise ValueError(f"kd_loss: logits {tuple(logits.shape)} but the batch has {n_seq} sequences with "
                              f"positions up to {int(pos.max())}; pass (B, L, V) with B={n_seq}, L > {int(pos.max())}")
-        logits = logits[seq, pos]  # (rows, V)
+        logits = _token_rows(logits, seq, pos)  # (rows, V)
         if labels is not None and labels.dim() == 2 and labels.shape[0] == n_seq and not labels.is_floating_point():
             labels = labels.to(logits.device)[seq, pos]
     elif logits.dim() != 2 or logits.shape[0] != rows:
@@ -265,6 +266,17 @@ def _check_labels(labels: Any, batch: dict[str, Any], rows: int, num_classes: in
                             "labels=y), or alpha=0")
 
 
+def _token_rows(logits: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """logits (B, L, V) at the batch's rows (sequence, position): a view when the rows are every
+    position of every sequence in order (a plain token batch), else a gathered copy. The copy and
+    its backward (a (B, L, V) zero tensor scattered into) cost as much as the loss itself."""
+    B, L = logits.shape[:2]
+    if len(seq) == B * L and bool((pos.view(B, L) == torch.arange(L, device=pos.device)).all()) \
+            and bool((seq.view(B, L) == torch.arange(B, device=seq.device)[:, None]).all()):
+        return logits.reshape(B * L, -1)
+    return logits[seq, pos]
+
+
 def _nothing(out: torch.Tensor) -> torch.Tensor:
     """The loss of a padding batch (an item again, so every DDP rank steps together): 0, joined to
     the model's output so backward runs and all-reduces a zero gradient; 0 even when the output is
@@ -299,4 +311,7 @@ def _targets(batch: dict[str, Any], temperature: float, alpha: float, device: to
     if float(batch.get("temperature", temperature)) != float(temperature):
         raise ValueError(f"kd_loss: the batch's targets are at T={batch['temperature']}, not {temperature}; build "
                          f"the dataset with temperature={temperature} or pass temperature={batch['temperature']}")
-    return {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
+    targets = batch["targets"]
+    if isinstance(targets, Targets):  # made now, on the loss's device
+        return targets.to(device).made()
+    return {k: v.to(device, non_blocking=True) for k, v in targets.items()}

@@ -6,13 +6,14 @@ one table and the one function that make an encoding object from its parameters.
     enc = encoding_from_params({"name": "topk", "k": 8}, C)     # CacheWriter, the logprob importer
     stored = enc.to_host(enc.encode(logp, generator))           # on the device, then the host
     targets = enc.targets(enc.decode(stored), device, tau)      # tensors at the student's T
-    kl = enc.divergence(logq, targets, "forward", "uniform")    # (n,) per row
+    kl = enc.divergence(z, targets, "forward", "uniform")       # (n,) per row; z = logits / T
 
 Every class owns the same surface (`base.Encoding`): `encode` (on the teachers' device, so only
 the compact tensors cross to the host), `to_host`, `columns` (names, dimensions, descriptions),
 `decode` (stored columns to its natural numpy form), `targets` (tensors, re-tempered when the
 encoding allows it), `divergence` (forward KL, reverse KL, JSD where defined, with the tail
-model), `fidelity` against the full distribution, `raw_bytes_per_row`, `params` (what the manifest
+model, from the student's logits at the loss's temperature and the compact targets: never a
+(rows, classes) teacher), `fidelity` against the full distribution, `raw_bytes_per_row`, `params` (what the manifest
 records), `label`, and `from_params`/`problems` (how it is made and checked). Adding an encoding is
 one module here, one entry in ENCODINGS, and its tests.
 
@@ -31,14 +32,14 @@ import dataclasses
 from typing import Any
 
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.format.encodings.base import LOGP_FLOOR, MAX_DRAWS, Column, Encoding, id_bits, id_store
+from pipeline.format.encodings.base import LOGP_FLOOR, MAX_DRAWS, Column, Encoding, Targets, id_bits, id_store
 from pipeline.format.encodings.dense import Dense
 from pipeline.format.encodings.hybrid import Hybrid
 from pipeline.format.encodings.sampled import Sampled
 from pipeline.format.encodings.topk import TopK
 from pipeline.format.manifest import FORMAT_VERSION
 
-__all__ = ["ENCODINGS", "LOGP_FLOOR", "MAX_DRAWS", "Column", "Dense", "Encoding", "Hybrid", "Sampled", "TopK",
+__all__ = ["ENCODINGS", "LOGP_FLOOR", "MAX_DRAWS", "Column", "Dense", "Encoding", "Hybrid", "Sampled", "Targets", "TopK",
            "encoding_from_config", "encoding_from_params", "encoding_from_spec", "id_bits", "id_store"]
 
 ENCODINGS: dict[str, type] = {"dense": Dense, "topk": TopK, "sampled": Sampled, "hybrid": Hybrid}

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.core.errors import ConfigError
 from pipeline.format import kl
@@ -21,9 +22,6 @@ BLOCK_ELEMENTS = 1 << 20  # values per block of rows in the encoders' (rows, C) 
 
 
 MAX_DRAWS = 255  # counts are uint8
-
-
-_CAST_SLICE = 16384  # elements: under torch's parallel grain (32768), so a cast runs on the calling thread
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class Encoding(Protocol):
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]: ...
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor: ...
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]: ...
     def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None: ...
@@ -56,6 +54,56 @@ class Encoding(Protocol):
 
     @property
     def stochastic(self) -> bool: ...  # encode draws at random: the seed is part of the targets
+
+
+class Targets:
+    """A batch's targets, made when the loss first reads them: `enc.targets(decoded, device, tau)`
+    runs on the device `.to(device)` names (the CPU by default), so a loader only decodes and the
+    re-tempering and renormalization run where the loss does (on a GPU student's GPU). Read like a
+    dict of tensors (`t["logp"]`, `t.items()`); not a Mapping, so a DataLoader passes it through
+    unconverted (collation of a Mapping would make it in the worker)."""
+
+    def __init__(self, enc: Encoding, decoded: dict[str, np.ndarray], tau: float,
+                 device: torch.device | str = "cpu") -> None:
+        self.encoding, self.decoded, self.tau, self.device = enc, decoded, tau, torch.device(device)
+        self._made: dict[str, torch.Tensor] | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
+        device = torch.device(device)
+        return self if device == self.device else Targets(self.encoding, self.decoded, self.tau, device)
+
+    def pin_memory(self) -> Targets:
+        return self
+
+    def made(self) -> dict[str, torch.Tensor]:
+        if self._made is None:
+            self._made = self.encoding.targets(self.decoded, self.device, self.tau)
+        return self._made
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.made()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self.made())
+
+    def __len__(self) -> int:
+        return len(self.made())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.made()
+
+    def keys(self) -> Any:
+        return self.made().keys()
+
+    def values(self) -> Any:
+        return self.made().values()
+
+    def items(self) -> Any:
+        return self.made().items()
+
+    def __repr__(self) -> str:
+        state = "made" if self._made is not None else "not made yet"
+        return f"Targets({self.encoding.label()}, tau={self.tau}, {self.device}, {state})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,27 +139,22 @@ def pack_ids(ids: np.ndarray, store: str, name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def unpack_ids(stored: dict[str, np.ndarray], store: str, name: str) -> np.ndarray:
-    ids = stored[name].astype(np.int64)  # (n, m)
+def unpack_ids(stored: dict[str, np.ndarray], store: str, name: str, delta: bool = False) -> np.ndarray:
+    """Stored ids (n, m) as int32 (every vocabulary fits; gather takes int32, the loss widens on
+    its device), delta-coded ones summed back in the same pass: half the bytes of int64 ids."""
+    ids = stored[name]
     if store.startswith("u16+h"):
         hb = int(store[5:])
         n, m = ids.shape
         bits = np.unpackbits(stored[f"{name}_hi"], axis=-1, count=m * hb, bitorder="little").reshape(n, m, hb)
-        ids |= (bits.astype(np.int64) << np.arange(hb)).sum(-1) << 16
-    return ids
+        ids = ids.astype(np.int32) | ((bits.astype(np.int32) << np.arange(hb, dtype=np.int32)).sum(-1) << 16)
+    return np.cumsum(ids, axis=-1, dtype=np.int32) if delta else ids.astype(np.int32)
 
 
-def float32(a: np.ndarray) -> np.ndarray:
-    """Stored float16 values as float32, cast by torch in slices below its parallel grain: ~2x
-    numpy's float16 cast on a 4096 x 32 chunk, and never an OpenMP region, which on the main
-    thread costs 10x the cast itself (measured)."""
-    out = np.empty(a.shape, np.float32)
-    if not a.flags.writeable:  # zero-copy Parquet pages are read-only; torch shares only writable memory
-        a = a.copy()
-    src, dst = torch.from_numpy(a).reshape(-1), torch.from_numpy(out).reshape(-1)
-    for i in range(0, len(src), _CAST_SLICE):
-        dst[i:i + _CAST_SLICE].copy_(src[i:i + _CAST_SLICE])
-    return out
+def tensor(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A decoded column on `device`: shared with numpy on the CPU (zero-copy Parquet pages, which
+    are read-only, are copied first: torch shares only writable memory)."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
 
 
 def id_columns(store: str, name: str, m_dim: str, description: str) -> list[Column]:
@@ -224,29 +267,29 @@ def head_targets(decoded: dict[str, np.ndarray], num_classes: int, device: torch
                   tau: float) -> dict[str, torch.Tensor]:
     """Top-k head as tensors, re-tempered and renormalized with the residual: the tail sized by its
     mean log-prob where the cache has one, else as a uniform tail (kl.log_tail_power)."""
-    logp = torch.from_numpy(decoded["logp"]).to(device)
-    residual = torch.from_numpy(decoded["residual"]).to(device)
     mean = decoded.get("tail_mean_logp")
-    logp, residual = kl.retemper_topk(logp, residual, num_classes, tau,
-                                      None if mean is None else torch.from_numpy(mean).to(device))
-    return {"ids": torch.from_numpy(decoded["ids"]).to(device), "logp": logp, "residual": residual}
+    logp, residual = kl.retemper_topk(tensor(decoded["logp"], device), tensor(decoded["residual"], device),
+                                      num_classes, tau, None if mean is None else tensor(mean, device))  # float32 from here
+    return {"ids": tensor(decoded["ids"], device), "logp": logp, "residual": residual}
 
 
-def head_divergence(logq: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail: str) -> torch.Tensor:
-    """D(teacher, student) per row (n,) from an exact top-k head and the tail mass.
+def head_divergence(z: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail: str) -> torch.Tensor:
+    """D(teacher, student) per row (n,) from an exact top-k head and the tail mass, from the student's
+    logits z (n, C) at the loss's temperature and the compact targets: no (n, C) teacher is built.
 
-    tail="uniform": the residual is spread evenly over the classes outside the head (a full
-    (n, C) teacher, the size of the student's logits); tail="bucket": those classes form one
-    outcome whose student mass is their sum, a (k + 1)-outcome divergence."""
-    ids, logp, residual = t["ids"], t["logp"], t["residual"]
-    C, k = logq.shape[-1], ids.shape[-1]
-    if k >= C:
-        return kl.divergence(logq.new_full(logq.shape, float("-inf")).scatter(-1, ids, logp), logq, kind)
+    tail="uniform": the residual is spread evenly over the classes outside the head, a teacher
+    log-prob that is one number per row (`kl.uniform_tail_divergence`); tail="bucket": those
+    classes form one outcome whose student mass is their sum, a (k + 1)-outcome divergence."""
+    ids, logp, residual = t["ids"].long(), t["logp"], t["residual"]
+    C, k = z.shape[-1], ids.shape[-1]
+    if k >= C:  # the head is every class
+        return kl.divergence(logp.float(), F.log_softmax(z.float(), dim=-1).gather(-1, ids), kind)
     if tail == "uniform":
-        return kl.divergence(kl.topk_full_logp(ids, logp, residual, C), logq, kind)
+        return kl.uniform_tail_divergence(z, ids, logp, residual, kind)
     if tail == "bucket":
+        logq = F.log_softmax(z.float(), dim=-1)
         logq_tail = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)  # (n, 1)
-        teacher = torch.cat([logp, residual.clamp(min=0).log()[:, None]], dim=-1)  # (n, k + 1)
+        teacher = torch.cat([logp.float(), residual.float().clamp(min=0).log()[:, None]], dim=-1)  # (n, k + 1)
         return kl.divergence(teacher, torch.cat([logq.gather(-1, ids), logq_tail], dim=-1), kind)
     raise ConfigError(f"student.tail: {tail!r} is not one of uniform, bucket")
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.format import kl
-from pipeline.format.encodings.base import LOGP_FLOOR, Column
+from pipeline.format.encodings.base import LOGP_FLOOR, Column, tensor
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,11 @@ class Dense:
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
-        logp = torch.from_numpy(decoded["logp"]).to(device)
-        return {"logp": kl.retemper_dense(logp, tau)}
+        return {"logp": kl.retemper_dense(tensor(decoded["logp"], device), tau)}
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
-        return kl.divergence(targets["logp"], logq, kind)
+        return kl.divergence(targets["logp"], torch.log_softmax(z.float(), dim=-1), kind)
 
     def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The teacher's log-probs over every class, (n, C): what a read-time ensemble combines."""

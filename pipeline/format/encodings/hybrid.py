@@ -14,7 +14,6 @@ from pipeline.format.encodings.base import (
     distinct_counts,
     draw_logp,
     draws_problems,
-    float32,
     head_divergence,
     head_problems,
     head_targets,
@@ -24,6 +23,7 @@ from pipeline.format.encodings.base import (
     in_blocks,
     need_draw_logp,
     pack_ids,
+    tensor,
     unpack_ids,
 )
 from pipeline.format.encodings.topk import TopK
@@ -111,41 +111,41 @@ class Hybrid:
                 **{k: encoded[k].cpu().numpy() for k in ("tail_counts", "tail_entropy", "tail_logp") if k in encoded}}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        residual = float32(stored["residual"])
+        residual = stored["residual"]  # float16 at any bits
         head = self.head.decode({**stored, "residual": np.zeros(len(residual), np.uint8)})
-        out = {**head, "residual": residual,
-               "tail_ids": np.cumsum(unpack_ids(stored, self.ids, "tail_ids"), axis=-1),
-               "tail_counts": stored["tail_counts"], "tail_entropy": float32(stored["tail_entropy"])}
-        return {**out, "tail_logp": float32(stored["tail_logp"])} if self.draw_logp else out
+        out = {**head, "residual": residual, "tail_ids": unpack_ids(stored, self.ids, "tail_ids", delta=True),
+               "tail_counts": stored["tail_counts"], "tail_entropy": stored["tail_entropy"]}
+        return {**out, "tail_logp": stored["tail_logp"]} if self.draw_logp else out
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
-        tail_ids = torch.from_numpy(decoded["tail_ids"]).to(device)
-        counts = torch.from_numpy(decoded["tail_counts"]).to(device)
+        tail_ids = tensor(decoded["tail_ids"], device)
+        counts = tensor(decoded["tail_counts"], device)
         if tau == 1.0:
             t = head_targets(decoded, self.num_classes, device, 1.0)
             return {**t, "tail_ids": tail_ids, "tail_weights": t["residual"][:, None] * counts.float() / self.draws,
-                    "tail_entropy": torch.from_numpy(decoded["tail_entropy"]).to(device)}
+                    "tail_entropy": tensor(decoded["tail_entropy"], device).float()}
         need_draw_logp(self, tau)
-        head = torch.from_numpy(decoded["logp"]).to(device).float() / tau  # (n, k): log p^beta
-        tail_logp = torch.from_numpy(decoded["tail_logp"]).to(device)  # (n, S) at Tc
+        head = tensor(decoded["logp"], device).float() / tau  # (n, k): log p^beta
+        tail_logp = tensor(decoded["tail_logp"], device).float()  # (n, S) at Tc
         weights, log_mean = kl.retemper_draws(counts, tail_logp, tau)
-        log_tail = torch.from_numpy(decoded["residual"]).to(device).float().clamp(min=0).log() + log_mean
+        log_tail = tensor(decoded["residual"], device).float().clamp(min=0).log() + log_mean
         log_z = torch.logsumexp(torch.cat([head, log_tail[:, None]], dim=-1), dim=-1)  # (n,)
         residual = (log_tail - log_z).exp()  # the tail's mass at T
         tail_weights = residual[:, None] * weights
-        return {"ids": torch.from_numpy(decoded["ids"]).to(device), "logp": head - log_z[:, None],
+        return {"ids": tensor(decoded["ids"], device), "logp": head - log_z[:, None],
                 "residual": residual, "tail_ids": tail_ids, "tail_weights": tail_weights,
                 "tail_entropy": -(tail_weights * (tail_logp / tau - log_z[:, None])).sum(-1)}
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
         if kind != "forward":
-            return head_divergence(logq, targets, kind, tail)
-        p = targets["logp"].exp()
-        head = (p * (targets["logp"] - logq.gather(-1, targets["ids"]))).sum(-1)
-        cross = -(targets["tail_weights"] * logq.gather(-1, targets["tail_ids"])).sum(-1)
-        return head + cross - targets["tail_entropy"]
+            return head_divergence(z, targets, kind, tail)
+        logp = targets["logp"].float()
+        p = logp.exp()
+        ids = torch.cat([targets["ids"].long(), targets["tail_ids"].long()], dim=-1)  # disjoint: tail ids are drawn
+        cross = kl.sparse_cross_entropy(z, ids, torch.cat([p, targets["tail_weights"]], dim=-1))  # off the head
+        return (p * logp).sum(-1) + cross - targets["tail_entropy"]
 
     def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """None: the tail is drawn, not described (no read-time ensemble)."""

@@ -13,7 +13,6 @@ from pipeline.format.encodings.base import (
     Column,
     distinct_counts,
     draws_problems,
-    float32,
     forward_only,
     id_bytes,
     id_columns,
@@ -23,6 +22,7 @@ from pipeline.format.encodings.base import (
     legacy_ids,
     need_draw_logp,
     pack_ids,
+    tensor,
     unpack_ids,
 )
 
@@ -85,28 +85,27 @@ class Sampled:
                 **{k: encoded[k].cpu().numpy() for k in ("counts", "entropy", "logp") if k in encoded}}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = unpack_ids(stored, self.ids, "ids")
-        out = {"ids": np.cumsum(ids, axis=-1) if self.delta else ids, "counts": stored["counts"],
-               "entropy": float32(stored["entropy"])}
-        return {**out, "logp": float32(stored["logp"])} if self.draw_logp else out
+        out = {"ids": unpack_ids(stored, self.ids, "ids", delta=self.delta), "counts": stored["counts"],
+               "entropy": stored["entropy"]}
+        return {**out, "logp": stored["logp"]} if self.draw_logp else out
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(decoded["ids"]).to(device)
-        counts = torch.from_numpy(decoded["counts"]).to(device)
+        ids = tensor(decoded["ids"], device)
+        counts = tensor(decoded["counts"], device)
         if tau == 1.0:
             return {"ids": ids, "weights": counts.float() / self.draws,
-                    "entropy": torch.from_numpy(decoded["entropy"]).to(device)}
+                    "entropy": tensor(decoded["entropy"], device).float()}
         need_draw_logp(self, tau)
-        logp = torch.from_numpy(decoded["logp"]).to(device)  # (n, S) at Tc
+        logp = tensor(decoded["logp"], device).float()  # (n, S) at Tc
         weights, log_z = kl.retemper_draws(counts, logp, tau)  # q = p^beta / Z, Z estimated by exp(log_z)
         entropy = log_z - (weights * logp).sum(-1) / tau  # H(q) = log Z - beta E_q[log p], from the draws
         return {"ids": ids, "weights": weights, "entropy": entropy}
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
         forward_only(self, kind)
-        return -(targets["weights"] * logq.gather(-1, targets["ids"])).sum(-1) - targets["entropy"]
+        return kl.sparse_cross_entropy(z, targets["ids"], targets["weights"]) - targets["entropy"]
 
     def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """None: draws estimate the distribution, they do not describe it (no read-time ensemble)."""

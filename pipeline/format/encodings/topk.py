@@ -15,7 +15,6 @@ from pipeline.format.encodings.base import (
     delta_code,
     dequantize_logp,
     dequantize_mass,
-    float32,
     head_divergence,
     head_problems,
     head_targets,
@@ -99,20 +98,22 @@ class TopK:
         return {**pack_ids(encoded["ids"].cpu().numpy(), self.ids, "ids"), **out}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = unpack_ids(stored, self.ids, "ids")
-        extra = {"tail_mean_logp": float32(stored["tail_mean_logp"])} if self.tail_mean else {}
+        """ids int32; 16-bit values as stored (float16: `targets` widens them where the loss runs),
+        8-bit ones dequantized to float32."""
+        ids = unpack_ids(stored, self.ids, "ids", delta=self.bits == 8)
+        extra = {"tail_mean_logp": stored["tail_mean_logp"]} if self.tail_mean else {}
         if self.bits != 8:
-            return {"ids": ids, "logp": float32(stored["logp"]), "residual": float32(stored["residual"]), **extra}
-        return {"ids": np.cumsum(ids, axis=-1), "logp": dequantize_logp(stored["logp"], self.logp_range),
+            return {"ids": ids, "logp": stored["logp"], "residual": stored["residual"], **extra}
+        return {"ids": ids, "logp": dequantize_logp(stored["logp"], self.logp_range),
                 "residual": dequantize_mass(stored["residual"], self.logp_range), **extra}
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
         return head_targets(decoded, self.num_classes, device, tau)
 
-    def divergence(self, logq: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
+    def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
-        return head_divergence(logq, targets, kind, tail)
+        return head_divergence(z, targets, kind, tail)
 
     def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Log-probs over every class, (n, C), the residual spread uniformly over the tail."""
