@@ -95,12 +95,10 @@ class CacheWriter:
             argument("seq_len", seq_len, COUNT)
         flag("tokens", tokens)
         argument("seed", seed, SEED)
-        choice("codec", codec, CODECS)
+        if codec is not None:  # None: the encoding's default
+            choice("codec", codec, CODECS)
         if compression_level is not None:
             argument("compression_level", compression_level, Rule(integer=True))
-        problems = codec_problems(codec, compression_level, backend)
-        if problems:
-            raise ArgumentError(problems[0])
         self.tokens = tokens or seq_len is not None
         if seq_len is not None and (rows_per_shard % seq_len or chunk_rows % seq_len):
             raise ArgumentError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
@@ -109,7 +107,7 @@ class CacheWriter:
         codec = default_codec(self.encoding.name, backend) if codec is None else codec
         problems = codec_problems(codec, compression_level, backend)
         if problems:
-            raise ValueError(f"CacheWriter {problems[0]}")
+            raise ArgumentError(problems[0])
         self.seq_len, self.backend, self.seed = seq_len, backend, seed
         self.rows_per_shard, self.chunk_rows, self.level = rows_per_shard, chunk_rows, compression_level
         self.codec = codec
