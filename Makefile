@@ -42,13 +42,16 @@ bench: $(STAMP)
 	$(PY) bench/scale.py --tokenize-words 83000
 	$(PY) bench/render.py
 
-# What students learn from each encoding and layout at equal bytes, against references (about 34 minutes
+# What students learn from each encoding and layout at equal bytes, against references (about 37 minutes
 # on 2 cores); results and page as for bench.
 bench-quality: $(STAMP)
 	$(PY) bench/bytes.py
 	$(PY) bench/kd_gain.py
 	$(PY) bench/views.py
 	$(PY) bench/lm_students.py
+	$(PY) bench/temperature.py
+	$(PY) bench/grow.py
+	$(PY) bench/grow.py --students
 	$(PY) bench/render.py
 
 # The GPU path's figures, on a machine with a CUDA device (under 5 minutes on one H100); results and page as

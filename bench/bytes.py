@@ -57,7 +57,7 @@ def candidates(V: int) -> dict[str, list]:
 def loss_stats(enc, logp: torch.Tensor, logq: torch.Tensor, repeats: int) -> dict[str, float]:
     exact = kl.divergence(logp, logq, "forward")  # (n,)
     g = torch.Generator().manual_seed(1)
-    reps = 1 if enc.retemperable else repeats  # top-k is deterministic
+    reps = repeats if enc.stochastic else 1  # top-k is deterministic
     est = []
     for r in range(reps):
         t = enc.targets(enc.decode(enc.to_host(enc.encode(logp, g))), "cpu")

@@ -38,6 +38,7 @@ from pipeline.format.shards import write_shard
 from pipeline.format.views import column_names, view_dtype
 from pipeline.inputs import augment as vw
 from pipeline.run.identity import context
+from pipeline.run.targets import load_models
 from pipeline.train import losses
 from stages import cache, student, teachers
 
@@ -126,7 +127,7 @@ def online_kd(cfg_over: list[str], seeds: list[int], epochs: int) -> list[float]
     (drawn per (seed, sample, epoch) like the online augmentation of a plain cache)."""
     cfg = load_config(CONFIG, [*cfg_over, *STUDENT])
     ctx = context(cfg)
-    teachers_ = cache.load_models(ctx)
+    teachers_ = load_models(ctx)
     transfer, test = ctx.splits.transfer, ctx.splits.test
     s = cfg.student
     T, alpha = cfg.teachers.temperature, s.alpha

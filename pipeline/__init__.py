@@ -35,6 +35,7 @@ _EXPORTS = {
     "CacheDataset": "pipeline.train.dataset", "CacheLoader": "pipeline.train.dataset",
     "to_device": "pipeline.train.dataset", "replay_views": "pipeline.train.dataset",
     "kd_loss": "pipeline.train.losses",
+    "Layout": "pipeline.inputs.documents", "mixture": "pipeline.train.mixture", "Mixture": "pipeline.train.mixture",
     "CacheWriter": "pipeline.format.writer",
     "Dense": "pipeline.format.encodings", "TopK": "pipeline.format.encodings",
     "Sampled": "pipeline.format.encodings", "Hybrid": "pipeline.format.encodings",
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from pipeline.format.writer import CacheWriter
     from pipeline.train.dataset import Cache, CacheDataset, CacheLoader, open_cache, replay_views, to_device
     from pipeline.train.losses import kd_loss
+    from pipeline.inputs.documents import Layout
+    from pipeline.train.mixture import Mixture, mixture
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,7 @@ import click
 from pipeline.core.config import Config, load_config
 from pipeline.core.errors import ConfigError, LogitcacheError
 from pipeline.core.host import tune_process
+from pipeline.core.validate import COUNT, FIELDS, Rule, argument, check_environment
 
 CONFIG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
@@ -63,14 +64,15 @@ def _unexpected(e: Exception) -> str:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Offline logit caching for knowledge distillation: run the teachers once, train many students."""
     ctx.meta[DEBUG] = debug
+    check_environment()  # every LOGITCACHE_ variable, before any command writes anything
     tune_process()
 
 
 def _load(config: Path, overrides: tuple[str, ...], scheduler: str | None = None,
           workers: int | None = None) -> Config:
     extra = []
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers {workers}: give at least 1 worker process (omit --workers to run in-process)")
+    if workers is not None:
+        argument("--workers", workers, Rule(integer=True, low=1, hint="omit --workers to run in-process"))
     if scheduler is not None and workers is not None:
         raise ConfigError("--scheduler and --workers: give one, not both")
     if scheduler is not None:
@@ -164,6 +166,7 @@ def tokenize_cmd(config: Path, overrides: tuple[str, ...]) -> None:
     manifest = read_manifest(path)
     splits = manifest["splits"]
     counts = ", ".join(f"{name} {splits[name]['n_docs']} docs {splits[name]['n_tokens']} tokens"
+                       + (f" ({splits[name]['trained_tokens']} trained)" if "mask" in splits[name] else "")
                        for name in ("train", "test", "transfer") if name in splits)
     click.echo(f"tokens {path.name}: {counts}; {manifest['dtype']}, vocabulary {manifest['vocab_size']}, {path}")
 
@@ -242,8 +245,7 @@ def caches_fidelity(cache_ref: str, root: Path | None, config: Path | None, rows
     and of every other encoding and k, to choose them from data."""
     from pipeline.tools.fidelity import fidelity, table
 
-    if rows < 1:
-        raise ConfigError(f"--rows {rows}: give at least 1 row")
+    argument("--rows", rows, COUNT)
     click.echo(table(fidelity(cache_ref, _root(root, config), rows, out)))
 
 
@@ -263,10 +265,14 @@ def import_logprobs_cmd(file: Path, tokenizer: Path, root: Path, top_n: int, tea
                         rows_per_shard: int, chunk_rows: int) -> None:
     """Turn served prompt log-probs (vLLM prompt_logprobs or OpenAI completions logprobs, JSONL) into a
     token-level top-k cache; the JSONL schema is in pipeline/tools/importer.py and docs/language-models.md."""
-    from pipeline.tools.importer import import_logprobs
+    from pipeline.tools.importer import MAX_TOP_N, import_logprobs
 
-    if rows_per_shard < 1 or chunk_rows < 1:
-        raise ConfigError("--rows-per-shard and --chunk-rows must be >= 1")
+    argument("--rows-per-shard", rows_per_shard, FIELDS["cache.rows_per_shard"])
+    argument("--chunk-rows", chunk_rows, FIELDS["cache.chunk_rows"])
+    argument("--top-n", top_n, Rule(integer=True, low=1, high=MAX_TOP_N, hint="servers return at most "
+                                    f"{MAX_TOP_N} log-probs per token"))
+    if not teacher.strip():
+        raise ConfigError("--teacher: empty; name the teacher and its revision, e.g. my-llm@rev1")
     path = import_logprobs(file, tokenizer, root, top_n, teacher, backend, rows_per_shard, chunk_rows)
     manifest = json.loads((path / "manifest.json").read_text())
     click.echo(f"cache {path.name}: {manifest['rows']} token rows, top-{top_n} with residual, {path}")

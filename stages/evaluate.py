@@ -104,7 +104,8 @@ def main(cfg: Config) -> dict[str, Any]:
     student_sums: dict[str, metrics.Summary] = {}
     for shard, name, marker in done:
         spec = jobs.models(cfg)[shard.model]
-        model = build_model(spec, splits.input_shape, splits.num_classes, f"student.models.{shard.model}")
+        model = build_model(spec, task_of(cfg).student_shape(cfg, splits), splits.num_classes,
+                            f"student.models.{shard.model}")
         load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
         model.eval()
         (sm,) = metrics.summaries([model], x, y, batch, logit_rows=cfg.cache.logit_rows)

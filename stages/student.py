@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,9 @@ from pipeline.run.fanout import run_all, task_share
 from pipeline.run.jobs import Shard, cache_path, job_name, models, plan, settings
 from pipeline.train import metrics
 from pipeline.train.dataset import Cache, CacheDataset
+from pipeline.train.dataset import open_cache as open_api_cache
 from pipeline.train.loop import Job, commit, discard, finished, fit
+from pipeline.train.mixture import Mixture, mixture
 from pipeline.train.plan import augmentation
 from pipeline.train.tasks import Task, task_of
 
@@ -59,9 +62,10 @@ class ShardResult:
 def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
     path = cache_path(cfg)
     reader = open_reader(path)
-    if reader.dataset_fingerprint != splits.transfer.fingerprint:
+    mine = task_of(cfg).transfer_fingerprint(splits)
+    if reader.dataset_fingerprint != mine:
         raise CacheError(f"{path}: cache was made for dataset {reader.dataset_fingerprint}, but this "
-                         f"config's transfer set is {splits.transfer.fingerprint}; point student.cache "
+                         f"config's transfer set is {mine}; point student.cache "
                          "at a cache of this data or run `logitcache cache CONFIG`")
     theirs = reader.manifest["spec"]["dataset"].get("vocab_fingerprint")
     if splits.vocab and theirs != splits.vocab:
@@ -82,7 +86,7 @@ def _optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, weight_decay=s.weight_decay)
 
 
-def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> CacheDataset:
+def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> CacheDataset | Mixture:
     """The job's batches: the public API's dataset over the config's cache (one process, world
     size 1), joined to the transfer set's inputs (and labels) by sample id. A views cache's views
     are replayed from their stored parameters; with an `augment:` section and a cache of plain
@@ -91,9 +95,26 @@ def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> Ca
     online = augmentation(cfg, cache.manifest["spec"])[1]
     if online is not None:
         check_images(splits.input_shape, "augment")
-    return cache.dataset(st["batch_size"], seed=shard.seed, shuffle_chunks=st["shuffle_chunks"],
-                         inputs=splits.transfer, labels=task_of(cfg).student_labels(splits), augment=online,
-                         temperature=st["temperature"], rank=0, world_size=1)
+    data = task_of(cfg).student_data(cfg, splits)
+
+    def of(c: Cache, **where: Any) -> CacheDataset:
+        return c.dataset(st["batch_size"], seed=shard.seed, shuffle_chunks=st["shuffle_chunks"], augment=online,
+                         temperature=st["temperature"], rank=0, world_size=1, **{**data, **where})
+
+    if not cfg.student.mixture:
+        return of(cache, **st.get("read", {}))  # a cache of per-member targets: the members, weights, combination
+    parts = []
+    for i, m in enumerate(cfg.student.mixture):
+        if m.cache == "self":
+            parts.append(of(cache))
+            continue
+        other = open_api_cache(m.cache, root=cfg.cache_root)
+        tokens = m.tokens or Path(cfg.workspace) / "tokens" / other.manifest["spec"]["dataset"].get("tokens", "?")
+        if other.num_classes != cache.num_classes:
+            raise ConfigError(f"student.mixture.{i}.cache: {other.path} has {other.num_classes} classes, this "
+                              f"config's cache {cache.num_classes}; mix caches of one vocabulary")
+        parts.append(of(other, tokens=tokens))
+    return mixture(parts, [m.weight for m in cfg.student.mixture], seed=shard.seed)
 
 
 def held_out(model: torch.nn.Module, splits: Splits, task: Task) -> dict[str, float]:
@@ -118,8 +139,9 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
     task = task_of(cfg)
     if not reader.encoding.retemperable and st["temperature"] != reader.temperature and st["alpha"] < 1:
         raise ConfigError(f"student.temperature: {st['temperature']} differs from the cache's {reader.temperature}; "
-                          f"{reader.encoding.label()} targets are draws and cannot be re-tempered, train at the "
-                          "cache's temperature")
+                          f"this {reader.encoding.label()} cache holds draws without their log-probs (format "
+                          f"{reader.manifest['format_version']}, or cache.draw_logp false) and cannot be re-tempered; "
+                          "train at the cache's temperature, or rebuild the cache with cache.draw_logp true")
     if st["alpha"] > 0 and task.student_labels(splits) is None and not task.labels_in_inputs:
         raise ConfigError(f"student.alpha: {st['alpha']} needs labels, but the transfer set "
                           f"{splits.transfer.source} has none; set student.alpha=0 and student.baseline=false")
@@ -129,7 +151,8 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
     def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(shard.seed)
-        m = build_model(spec, splits.input_shape, reader.num_classes, f"student.models.{shard.model}").to(dev)
+        m = build_model(spec, task.student_shape(cfg, splits), reader.num_classes,
+                        f"student.models.{shard.model}").to(dev)
         return m, _optimizer(cfg, m.parameters(), st["lr"])
 
     loss_settings = {"temperature": st["temperature"], "alpha": st["alpha"], "divergence": st["divergence"],

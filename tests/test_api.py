@@ -104,8 +104,76 @@ def test_kd_loss_sampled_and_hybrid_are_unbiased_for_the_full_kl(tmp_path, encod
     cache = lc.open_cache(write(tmp_path, t, encoding, step=1000, rows_per_shard=1000, chunk_rows=500).path)
     batch = whole_batch(cache)
     assert lc.kd_loss(s, batch, 1.0).item() == pytest.approx(kl_full(t[:1], s[:1], 1.0).item(), rel=0.03)
-    with pytest.raises(ValueError, match="cannot be re-tempered"):
-        cache.dataset(batch_size=8, temperature=2.0)
+    old = lc.open_cache(write(tmp_path / "old", t[:8], {**encoding, "draw_logp": False}).path)
+    with pytest.raises(ValueError, match="without their log-probs and cannot be re-tempered; .* rebuild it"):
+        old.dataset(batch_size=8, temperature=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any temperature: a student at T=2 from caches written at T=1
+
+
+@pytest.mark.parametrize("encoding", [{"name": "dense"}, {"name": "topk", "k": 16}, {"name": "topk", "k": 16, "bits": 8}])
+@pytest.mark.parametrize("T", [0.5, 2.0, 4.0])
+def test_dense_and_topk_caches_at_T1_serve_students_at_other_temperatures(tmp_path, encoding, T):
+    """Dense re-tempers exactly. Top-k's head keeps its exact ratios and takes its mass at T from
+    the tail model (from the tail's mean log-prob, stored): over 1,000 classes its targets are
+    within 0.02 (total variation) of the full distribution's top k and residual at T, 4x closer
+    than the uniform-tail model of format 2 caches, and so is its loss to the loss of those exact
+    targets (the slow way)."""
+    V = 1000
+    t = teacher_logits(300, V)
+    cache = lc.open_cache(write(tmp_path, t, encoding, temperature=1.0).path)
+    batch = whole_batch(cache, temperature=T)
+    order = batch["sample_id"]
+    s = teacher_logits(300, V, seed=9)
+    got = lc.kd_loss(s[order], batch, T).item()
+    if encoding["name"] == "dense":
+        assert got == pytest.approx(kl_full(t[order], s[order], T).item(), rel=2e-3)  # float16 storage
+        return
+    logp = F.log_softmax(t[order] / T, -1)  # the slow way: the exact top-16 and tail at T
+    ids = batch["targets"]["ids"]
+    exact, residual = logp.gather(-1, ids), 1 - logp.gather(-1, ids).exp().sum(-1)
+    assert torch.equal(ids.sort(-1).values, logp.topk(16, -1)[1].sort(-1).values)
+    from pipeline.format.kl import retemper_topk  # the uniform-tail model of format 2 caches
+    cached = F.log_softmax(t[order], -1).gather(-1, ids)
+    uniform = retemper_topk(cached, 1 - cached.exp().sum(-1), V, T)
+
+    def tv(head, tail):  # total variation from the exact top-k and residual at T, mean over rows
+        return 0.5 * ((head.exp() - exact.exp()).abs().sum(-1) + (tail - residual).abs()).mean().item()
+
+    ours = tv(batch["targets"]["logp"], batch["targets"]["residual"])
+    assert ours < 0.02 and ours < tv(*uniform) / 4
+    ref = fmt_kd_topk(s[order], ids, exact, residual, T, "uniform").item()
+    off = fmt_kd_topk(s[order], ids, *uniform, T, "uniform").item()
+    assert abs(got - ref) < 0.02 * ref and abs(got - ref) < abs(off - ref) / 4
+
+
+@pytest.mark.parametrize("encoding", [{"name": "sampled", "draws": 128}, {"name": "hybrid", "k": 3, "draws": 16},
+                                      {"name": "hybrid", "k": 3, "draws": 16, "bits": 8}])
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_sampled_and_hybrid_caches_at_T1_serve_students_at_other_temperatures(tmp_path, encoding, T):
+    """Importance weights from the stored draws' log-probs: over many rows of one distribution the
+    unnormalised weights' sum is unbiased for sum p^(1/T), and the batch's loss and gradient are the
+    full KL's at T within the self-normalisation bias, O(1/draws) (a few percent here)."""
+    from pipeline.format.kl import retemper_draws
+
+    n = 4000
+    t = teacher_logits(1).expand(n, C).contiguous()
+    s = teacher_logits(1, seed=5).expand(n, C).contiguous().requires_grad_()
+    cache = lc.open_cache(write(tmp_path, t, encoding, step=1000, rows_per_shard=1000, chunk_rows=500).path)
+    batch = whole_batch(cache, temperature=T)
+    loss = lc.kd_loss(s, batch, T)
+    (grad,) = torch.autograd.grad(loss, s)
+    s1 = s[:1].detach().requires_grad_()
+    exact = kl_full(t[:1], s1, T)
+    (exact_grad,) = torch.autograd.grad(exact, s1)
+    assert loss.item() == pytest.approx(exact.item(), rel=0.03)
+    torch.testing.assert_close(grad.sum(0), exact_grad[0], atol=0.03 * exact_grad.abs().max().item(), rtol=0)
+    if encoding["name"] == "sampled":
+        mean = retemper_draws(batch["counts"], batch["logp"], T)[1].exp()  # (n,) the stored columns, decoded
+        want = (F.log_softmax(t[0], -1) / T).exp().sum().item()
+        assert abs(mean.mean().item() - want) < 3 * mean.std().item() / n**0.5
 
 
 def test_kd_loss_tokens_takes_rows_or_sequences_and_checks_shapes(tmp_path):

@@ -157,6 +157,15 @@ def test_a_recorded_run_renders(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert _row(_section(page, "### bench/student_memory.py"), "met")[1] == "false"
 
 
+def test_a_figure_of_rows_renders_as_its_own_table(tmp_path: Path) -> None:
+    rows = [{"T": 0.5, "bias_rel": 0.01, "var_rel": 0.0}, {"T": 2.0, "bias_rel": -0.2, "var_rel": 1.5}]
+    _results(tmp_path, "temperature-topk-k32", {"bench": "temperature", "encoding": "topk-k32", "rows": rows})
+    part = _section(render.render(tmp_path, REPO / "Makefile"), "#### temperature-topk-k32")
+    assert _row(part, "encoding")[1] == "topk-k32"
+    assert "| `rows` |" not in part  # not a JSON blob in one cell
+    assert "`rows`:\n\n| T | bias_rel | var_rel |\n|---|---|---|\n| 0.5 | 0.01 | 0.0 |\n| 2.0 | -0.2 | 1.5 |" in part
+
+
 def test_every_benchmark_the_makefile_runs_is_described_and_goals_name_real_benchmarks() -> None:
     made = render.makefile_benchmarks(REPO / "Makefile")
     assert {"reader", "scale", "threads", "heap", "bytes", "kd_gain", "views", "lm_students"} <= set(made)

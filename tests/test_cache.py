@@ -252,8 +252,9 @@ def test_shards_describe_themselves_in_plain_zarr_and_pyarrow(workspace):
     group = zarr.open_group(str(dz / "shards" / "00000.zarr"), mode="r")
     attrs = group.attrs["logitcache"]
     assert attrs["encoding"]["name"] == "topk" and attrs["num_classes"] == 10 and attrs["temperature"] == 2.0
-    assert set(group.keys()) == {"sample_id", "ids", "logp", "residual"}
+    assert set(group.keys()) == {"sample_id", "ids", "logp", "residual", "tail_mean_logp"}
     assert "tail" in group["residual"].attrs["description"]
+    assert "mean log-prob" in group["tail_mean_logp"].attrs["description"]
     assert group["ids"].dtype == np.uint8 and group["logp"].shape == (400, 3)
 
     _, dp = build(path, "cache.backend=parquet")

@@ -53,11 +53,11 @@ def test_layout_left_unset_follows_the_task():
         assert (c.chunk_rows, c.rows_per_shard) == (chunk, shard), overrides
     assert (Config().cache.chunk_rows, Config().cache.rows_per_shard) == (512, 8192)  # dense by default
     for bad in ("cache.rows_per_shard=0", "cache.chunk_rows=0"):
-        with pytest.raises(ConfigError, match="rows_per_shard, chunk_rows and batch_size must be >= 1"):
+        with pytest.raises(ConfigError, match=bad.replace("=", ": ") + " must be >= 1"):
             load_config(None, [bad])
-    with pytest.raises(ConfigError, match=r"cache.rows_per_shard: 100 must be a multiple of data.seq_len=64") as e:
-        load_config(None, [*lm, "data.seq_len=64", "cache.rows_per_shard=100"])
-    assert "cache.chunk_rows" not in str(e.value)  # the default chunk is not blamed for the shard's value
+    # a language-model row is a trained position: shards and chunks need not hold whole sequences
+    odd = load_config(None, [*lm, "data.seq_len=64", "cache.rows_per_shard=100"])
+    assert (odd.cache.chunk_rows, odd.cache.rows_per_shard) == (100, 100)
 
 
 def test_override_into_default_model_list():
@@ -88,7 +88,7 @@ def test_value_checks(tmp_path):
     cfg = tiny_config(tmp_path, teachers={**tiny_config(tmp_path)["teachers"], "weights": [1.0]})
     with pytest.raises(ConfigError, match=r"teachers.weights: 1 weights for 2 teachers"):
         load_config(write_config(tmp_path / "c.yaml", cfg))
-    with pytest.raises(ConfigError, match=r"student.alpha: must be in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"student.alpha: .* must be in \[0, 1\]"):
         load_config(None, ["student.alpha=1.5"])
 
 

@@ -126,7 +126,8 @@ def test_sampled_round_trip_for_classes(tmp_path, backend):
                                                      (262145, "u16+h3", 2.375)])
 def test_ids_take_the_vocabularys_width(classes, store, id_bytes):
     assert id_store(classes) == store
-    assert TopK(classes, 8).raw_bytes_per_row() == pytest.approx(8 * id_bytes + 9 * 2)
+    assert TopK(classes, 8).raw_bytes_per_row() == pytest.approx(8 * id_bytes + 9 * 2 + 2)  # + tail mean
+    assert TopK(classes, 8, tail_mean=False).raw_bytes_per_row() == pytest.approx(8 * id_bytes + 9 * 2)
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
@@ -187,8 +188,37 @@ def test_format_1_caches_still_read_to_the_same_rows():
             assert np.allclose(got[col].astype(np.float64), want.astype(np.float64)), key
 
 
+def test_format_2_caches_read_at_their_own_temperature_and_refuse_others_saying_how_to_rebuild():
+    """Caches written by format 2 (tests/fixtures/format2/make.py at 3e5839d: no tail mean, draws
+    without log-probs) decode unchanged; top-k re-tempers under the uniform-tail model as format 2
+    did; sampled and hybrid serve their own temperature and refuse another in one line."""
+    import pipeline as lc
+    from pipeline.format.kl import retemper_topk
+
+    root = FIXTURES.parent / "format2"
+    expected = np.load(root / "decoded.npz")
+    for name in sorted({k.split("/")[0] for k in expected.files}):
+        reader = fmt.CacheReader(root / name, verify=True)
+        assert reader.manifest["format_version"] == 2
+        got = reader.read_all()
+        for key in [k for k in expected.files if k.startswith(name + "/")]:
+            assert np.array_equal(got[key.split("/")[1]], expected[key]), key
+        cache = lc.open_cache(root / name)
+        batch = next(iter(cache.dataset(batch_size=40, shuffle=False)))
+        assert torch.isfinite(lc.kd_loss(torch.zeros(40, 300), batch, 1.0))
+        if name.startswith("topk"):
+            t = next(iter(cache.dataset(batch_size=40, shuffle=False, temperature=2.0)))["targets"]
+            want = retemper_topk(batch["logp"], batch["residual"], 300, 2.0)  # the uniform tail
+            assert torch.equal(t["logp"], want[0]) and torch.equal(t["residual"], want[1])
+        else:
+            with pytest.raises(ValueError, match=r"format 2\) holds draws .* without their log-probs and cannot be "
+                                                 r"re-tempered; .* rebuild it with this logitcache"):
+                cache.dataset(batch_size=8, temperature=2.0)
+
+
 def test_params_round_trip_through_the_spec():
-    for enc in (Dense(10, "float32"), TopK(70_000, 5, 8, 12.0), Sampled(300, 40), Hybrid(151_936, 8, 24, 16)):
+    for enc in (Dense(10, "float32"), TopK(70_000, 5, 8, 12.0), Sampled(300, 40), Hybrid(151_936, 8, 24, 16),
+                TopK(300, 5, tail_mean=False), Sampled(300, 40, draw_logp=False), Hybrid(300, 4, 8, draw_logp=False)):
         spec = {"format_version": FORMAT_VERSION, "num_classes": enc.num_classes, "encoding": enc.params()}
         assert encoding_from_spec(spec) == enc
 
@@ -332,8 +362,9 @@ def test_sampled_refuses_divergences_it_cannot_estimate():
     t = enc.targets(enc.decode(enc.to_host(enc.encode(logp))), "cpu")
     with pytest.raises(ConfigError, match="student.divergence: reverse .* forward only"):
         enc.divergence(logp, t, "reverse", "uniform")
-    with pytest.raises(ConfigError, match="cannot be re-tempered"):
-        enc.targets(enc.decode(enc.to_host(enc.encode(logp))), "cpu", tau=2.0)
+    old = Sampled(40, 8, draw_logp=False)  # format 2: draws without their log-probs
+    with pytest.raises(ConfigError, match="cannot be re-tempered.*rebuild it"):
+        old.targets(old.decode(old.to_host(old.encode(logp))), "cpu", tau=2.0)
 
 
 def _allocated_peak(events: list[dict]) -> int:
@@ -346,7 +377,8 @@ def _allocated_peak(events: list[dict]) -> int:
 @pytest.mark.parametrize("bits", [16, 8])
 def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits):
     """Top-8 of 512 token rows over a 32k vocabulary (logp: 64 MB): the residual mass outside the
-    head is exactly the slow way's (scatter -inf, logsumexp, exp over whole rows), while the
+    head is exactly the slow way's (scatter -inf, logsumexp, exp over whole rows), and the tail's
+    mean log-prob equal to it to float16, while the
     tensors the encoder allocates beside logp stay under 10 MB. Computed on the whole (B, C) at
     once, the residual alone took two more 64 MB tensors. Blocks never hold a single row of several
     (torch sums a lone long row in another order): 17 rows at 128k (blocks of 8, 9) give the slow way's bits too."""
@@ -370,10 +402,13 @@ def test_topk_encoding_of_a_large_vocabulary_adds_no_full_size_temporaries(bits)
     slow = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1).exp()
     wide = torch.log_softmax(torch.randn(17, 131_072, generator=torch.Generator().manual_seed(1)) * 3, -1)
     wide_ids = wide.topk(k, -1)[1]
-    from pipeline.format.encodings.base import mass_outside as _mass_outside
-    assert torch.equal(_mass_outside(wide, wide_ids),
+    from pipeline.format.encodings.base import tail_summary
+    assert torch.equal(tail_summary(wide, wide_ids)[0],
                        torch.logsumexp(wide.scatter(-1, wide_ids, float("-inf")), dim=-1).exp())
-    assert _mass_outside(wide[:0], wide_ids[:0]).shape == (0,)
+    assert tail_summary(wide[:0], wide_ids[:0])[0].shape == (0,)
+    tail = logp.scatter(-1, ids, float("-inf"))
+    slow_mean = (tail.exp() * tail.nan_to_num(neginf=0.0)).sum(-1) / slow  # sum p log p / R
+    torch.testing.assert_close(out["tail_mean_logp"].float(), slow_mean, rtol=1e-3, atol=0)
     if bits == 16:
         assert torch.equal(out["residual"], slow.half())
     else:

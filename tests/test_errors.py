@@ -128,4 +128,4 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"Error: {path}: cache.k: must be >= 1"]
+    assert lines == [f"Error: {path}: cache.k: 0 must be >= 1"]

@@ -81,7 +81,7 @@ def _import_teacher(tmp_path, module: str, fn: str = "mlp", checkpoint=None, **k
 @pytest.mark.parametrize("command", ["teachers", "cache", "student", "run"])
 def test_workers_zero_is_refused(cli_run, tmp_path, command):
     one_line_error(cli_run(command, _config(tmp_path), "--workers", "0", expect=None),
-                   "--workers 0", "at least 1")
+                   "--workers: 0 must be >= 1", "omit --workers")
     _no_outputs(tmp_path)
 
 

@@ -49,15 +49,18 @@ def test_topk_token_cache_layout(lm):
     manifest = json.loads((d / "manifest.json").read_text())
     splits = load_splits(cfg)
     assert splits.num_classes == 600 and splits.vocab
-    assert manifest["rows"] == 96 * 16 and manifest["dataset"]["vocab_fingerprint"] == splits.vocab
+    corpus = splits.corpus  # the first 96 sequences' worth of tokens (96 * 17), as documents
+    trained = np.flatnonzero(corpus.trained(0, corpus.n_tokens))
+    assert corpus.n_tokens == 96 * 17 and manifest["rows"] == len(trained) == 96 * 17 - corpus.n_docs
+    assert manifest["dataset"]["vocab_fingerprint"] == splits.vocab and manifest["dataset"]["keyed"] == "document"
     assert manifest["bytes_per_token"] == manifest["bytes_per_row"] > 0
     g = zarr.open_group(str(d / "shards" / "00000.zarr"), mode="r")
-    assert set(g.keys()) == {"sample_id", "position", "ids", "logp", "residual", "offsets"}
-    assert list(g["offsets"][:3]) == [0, 16, 32] and g["offsets"].shape == (33,)  # 512 rows = 32 sequences
-    assert list(g["position"][:17]) == list(range(16)) + [0]
-    assert g.attrs["logitcache"]["seq_len"] == 16
+    assert set(g.keys()) == {"sample_id", "position", "ids", "logp", "residual", "tail_mean_logp", "offsets"}
+    assert g.attrs["logitcache"]["keyed"] == "document"
     data = fmt.CacheReader(d).read_all()
-    assert (np.repeat(np.arange(96), 16) == data["sample_id"]).all()
+    # rows are (document, offset) of every trained position, in corpus order
+    assert (corpus.offsets[data["sample_id"]] + data["position"] == trained).all()
+    assert list(g["offsets"][:2]) == [0, int(corpus.offsets[1]) - 1]  # document 0's rows, then document 1's
     mass = np.exp(data["logp"].astype(np.float64)).sum(-1) + data["residual"]
     assert np.allclose(mass, 1.0, atol=0.02)
 
@@ -99,8 +102,10 @@ def test_refusals(lm, tmp_path):
         cache_stage.main(load_config(path, ["cache.encoding=dense", "cache.dense_max_classes=512"]))
     with pytest.raises(ConfigError, match="sampled caches support forward only"):
         load_config(path, ["cache.encoding=sampled", "student.divergence=reverse"])
-    with pytest.raises(ConfigError, match="must be a multiple of data.seq_len=16"):
-        load_config(path, ["cache.chunk_rows=100"])
+    with pytest.raises(ConfigError, match=r"cache.stride: must be in 1..cache.context \(8\)"):
+        load_config(path, ["cache.context=8", "cache.stride=9"])
+    with pytest.raises(ConfigError, match="cache.context: the built-in gpt teachers read at most data.seq_len=16"):
+        load_config(path, ["cache.context=32"])
     cache = cache_stage.main(load_config(path))
     other = load_config(path, ["data.vocab_size=500", f"student.cache={cache}"])
     with pytest.raises(CacheError, match="cache was made for dataset|tokenizer vocab"):
@@ -209,11 +214,11 @@ def test_text_jsonl_and_parquet_sources(tmp_path):
 def test_partial_token_cache_reports_missing_shards(lm, tmp_path, cli_run):
     _, path = lm
     cfg = load_config(path, [f"cache.root={tmp_path}"])
-    d = cache_stage.main(cfg, shard_index=0, num_shards=2)  # 96 sequences, 32 per 512-token shard
+    d = cache_stage.main(cfg, shard_index=0, num_shards=2)
     listing = cli_run("caches", "ls", "--root", str(tmp_path)).output
-    assert "partial 2/3 shards" in listing and str(96 * 16) in listing
+    assert "partial 2/4 shards" in listing and "1625" in listing  # 1625 trained positions, 512 a shard
     info = json.loads(cli_run("caches", "inspect", d.name, "--root", str(tmp_path)).output)
-    assert info["shards_expected"] == 3 and info["shards_missing"] == ["00001.zarr"]
+    assert info["shards_expected"] == 4 and info["shards_missing"] == ["00001.zarr", "00003.zarr"]
 
 
 def test_bundled_corpus_does_not_depend_on_what_else_was_imported(monkeypatch):

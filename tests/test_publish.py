@@ -14,7 +14,7 @@ from pipeline.core.errors import CacheError
 from pipeline.format import reader as fmt
 from pipeline.format.encodings import Dense
 from pipeline.format.manifest import FORMAT_VERSION, write_manifest
-from pipeline.format.shards import digest_path, recorded_digest, shard_entry, shard_name, write_shard
+from pipeline.format.shards import digest_path, recorded_digest, sealed_record, shard_entry, shard_name, write_shard
 from pipeline.tools.inspect import list_caches
 
 ENC = Dense(4, "float32")
@@ -44,7 +44,7 @@ def test_late_duplicate_writer_leaves_the_first_shard_untouched(tmp_path, backen
     assert first and not late
     assert pio.sha256_tree(path) == before
     assert digest_path(path).read_bytes() == sidecar
-    assert json.loads(sidecar) == {"sha256": before[0], "bytes": before[1]}
+    assert json.loads(sidecar) == sealed_record(path.name, *before)
     assert [p.name for p in (tmp_path / "shards").iterdir()] == [path.name]  # the late writer's tmp is gone
     assert [p.name for p in (tmp_path / "digests").iterdir()] == [f"{path.name}.json"]
 

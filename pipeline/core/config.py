@@ -9,6 +9,7 @@ once, in one line, naming each field. Relative paths are taken from the current 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -22,12 +23,16 @@ from pipeline.core.codecs import CODECS, codec_problems, default_codec
 from pipeline.core.errors import ConfigError
 from pipeline.core.io import is_url
 from pipeline.core.specs import SPECS, CNNSpec, MLPSpec, ModelSpec, foreign_field, spec_class
+from pipeline.core.validate import FIELDS, field_problems
 
 
 @dataclass(frozen=True)
 class TransferConfig:
     source: str | None = None  # None: the labelled training split; else an .npz/.parquet path
     exclude_classes: tuple[int, ...] = ()  # drop these classes from the transfer set
+    # more transfer rows: these files' rows follow the transfer set's, in order (classify only); a
+    # cache with cache.members of the longer set reuses every shard of the shorter one's rows
+    append: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class DataConfig:
     text_field: str = "text"  # .jsonl / Parquet text field
     tokenizer: str | None = None  # local directory with tokenizer.json; None: train a BPE here
     vocab_size: int = 8192  # of the BPE trained when tokenizer is None
+    eos_token: str | None = None  # token appended to each document; None: the tokenizer's declared eos_token
+    train_on: Literal["assistant", "all"] = "assistant"  # chat, labels, loss_mask sources: all ignores their masks
     seq_len: int = 64  # tokens a model reads per sequence
     max_sequences: int | None = None  # cap on training sequences (test: a quarter of it)
 
@@ -79,12 +86,15 @@ class CacheConfig:
     bits: Literal[16, 8] = 16  # topk, hybrid: 8 stores log-quantized uint8 log-probs and delta-coded ids
     logp_range: float = 16.0  # bits=8: log-probs below -logp_range are clipped
     draws: int = 32  # sampled: ids drawn per row from the distribution; hybrid: from its tail (<= 255)
+    draw_logp: bool = True  # sampled, hybrid: keep each draw's log-prob (2 B): students at any temperature
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # teacher compute; auto: bf16 on cuda, else fp32
     dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
     rows_per_shard: int | None = None  # the unit of work and of atomic writes; None: see default_layout
     chunk_rows: int | None = None  # zarr chunk / Parquet row group, the unit of reading; None: default_layout
     batch_size: int | None = None  # teacher forward batch; None: 512 rows, or 8 sequences for lm
     logit_rows: int = 2048  # lm: token rows whose (rows, vocab) logits exist at once (teacher, evaluation)
+    context: int | None = None  # lm: tokens the teachers read at once; None: data.seq_len
+    stride: int | None = None  # lm: a longer document is read in windows every stride tokens; None: context // 2
     device: str = "auto"  # auto: cuda when available, else cpu
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
@@ -93,6 +103,10 @@ class CacheConfig:
     # Parquet: zstd)
     codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] | None = None
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
+    # combined: the ensemble's targets only; separate: each teacher's targets, combined by the student
+    # at read time; both: the two. Member targets live in stores shared by every cache that uses them,
+    # so adding a teacher or rows computes only what is new (docs/growing.md)
+    members: Literal["combined", "separate", "both"] = "combined"
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,15 @@ class AugmentConfig:
     def active(self) -> bool:
         """Whether any pixel changes (an inactive spec gives N copies of the image)."""
         return self.crop != "none" or self.translate > 0 or self.flip > 0 or self.mixup_prob > 0 or self.cutmix_prob > 0
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """One source of a student's mixture (lm): a token cache and how often its batches come."""
+
+    cache: str = "self"  # a cache id, id prefix or directory; "self": the cache this config's cache stage makes
+    weight: float = 1.0
+    tokens: str | None = None  # its tokenized corpus directory; None: <workspace>/tokens/<the cache's>
 
 
 def _default_students() -> tuple[ModelSpec, ...]:
@@ -144,9 +167,17 @@ class StudentConfig:
     # lm: token rows whose (rows, vocab) logits are computed at once; the loss of a chunk keeps about
     # seven (rows, vocab) float32 tensors alive, so 512 rows of a 2,048-token vocabulary peak at 28 MB
     logit_chunk: int = 512
+    seq_len: int | None = None  # lm: input tokens per student row; None: data.seq_len
+    packing: Literal["concat", "pad"] = "concat"  # lm: documents back to back, or each in its own padded rows
+    mixture: tuple[MixtureSource, ...] = ()  # lm: train on several token caches with weights; (): this config's
     shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
+    # a cache with per-member targets (cache.members separate or both): which teachers, their weights
+    # and how their targets combine at read time; (), None, None: the cache's teachers, weights, ensemble
+    members: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None  # one per student.members (or per cached teacher)
+    combine: Literal["mean_probs", "mean_logprobs", "per_member"] | None = None  # per_member: a loss per teacher
 
 
 @dataclass(frozen=True)
@@ -209,7 +240,7 @@ def default_layout(task: str, seq_len: int, views: int, encoding: str, chunk_row
     dense = encoding == "dense"
     if task == "lm":
         chunk = seq_len * max(1, (1024 if dense else CHUNK_TOKENS) // seq_len)
-        if rows_per_shard and rows_per_shard % seq_len == 0:
+        if rows_per_shard:
             chunk = min(chunk, rows_per_shard)
     else:
         chunk = CHUNK_ROWS // (8 if dense else 1) // (4 if views else 1)
@@ -466,6 +497,12 @@ def _coerce(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
 GRID_KEYS = ("temperature", "alpha", "lr", "epochs")  # ModelSpec fields a student sweep may vary
 
 
+READ_KEYS = ("members", "weights", "combine")  # how a student reads per-member targets; sweepable too
+
+
+COMBINE = ("mean_probs", "mean_logprobs", "per_member")
+
+
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
@@ -477,22 +514,12 @@ def valid_device(name: str) -> bool:
     return kind == "cuda" and index.isdigit()
 
 
-def _check_grid_value(key: str, v: Any) -> str | None:
-    if key == "epochs":
-        return None if isinstance(v, int) and v >= 1 else "must be integers >= 1"
-    if key == "alpha":
-        return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
-    return None if v > 0 else "must be > 0"  # temperature, lr
-
-
 def validate(cfg: Config) -> list[str]:
-    """Value checks that types cannot express; returns every problem found."""
-    e: list[str] = []
+    """Value checks that types cannot express; returns every problem found. A field's own rule
+    lives in pipeline/core/validate.py (FIELDS), shared with the Python API; the rules here tie
+    fields together."""
+    e: list[str] = field_problems(cfg)
     d, t, c, s = cfg.data, cfg.teachers, cfg.cache, cfg.student
-    if not 0.0 < d.test_fraction < 1.0:
-        e.append(f"data.test_fraction: {d.test_fraction} must be between 0 and 1")
-    if d.num_classes is not None and d.num_classes < 2:
-        e.append("data.num_classes: must be at least 2")
     bad_excluded = [k for k in d.transfer.exclude_classes
                     if k < 0 or (d.num_classes is not None and k >= d.num_classes)]
     if bad_excluded:  # with num_classes unset, the upper bound is checked when the data is loaded
@@ -500,25 +527,14 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"data.transfer.exclude_classes: {bad_excluded[0]} is not a class; give {bound}")
     if d.task == "lm" and d.transfer.exclude_classes:
         e.append("data.transfer.exclude_classes: applies to data.task classify only")
+    e.extend(_feature_problems(d))
     if not t.members:
         e.append("teachers.members: give at least one teacher")
     if t.weights is not None:
         if len(t.weights) != len(t.members):
             e.append(f"teachers.weights: {len(t.weights)} weights for {len(t.members)} teachers")
-        elif any(w < 0 for w in t.weights) or sum(t.weights) <= 0:
-            e.append("teachers.weights: must be non-negative with a positive sum")
-    if t.temperature <= 0:
-        e.append("teachers.temperature: must be > 0")
-    if t.epochs < 1:
-        e.append(f"teachers.epochs: {t.epochs} must be >= 1")
-    if t.batch_size < 1:
-        e.append(f"teachers.batch_size: {t.batch_size} must be >= 1")
-    if t.lr <= 0:
-        e.append(f"teachers.lr: {t.lr} must be > 0")
-    if t.weight_decay < 0:
-        e.append(f"teachers.weight_decay: {t.weight_decay} must be >= 0")
-    if t.checkpoint_every < 1:
-        e.append(f"teachers.checkpoint_every: {t.checkpoint_every} must be >= 1")
+        elif any(not math.isfinite(w) or w < 0 for w in t.weights) or not 0 < sum(t.weights) < math.inf:
+            e.append("teachers.weights: must be finite, non-negative, with a positive sum")
     for section, members in (("teachers.members", t.members), ("student.models", s.models)):
         names = [m.name for m in members]
         if len(set(names)) != len(names):
@@ -530,37 +546,27 @@ def validate(cfg: Config) -> list[str]:
                 archs = [a for a, cls in SPECS.items() if cls.task == d.task]
                 archs = ", ".join(archs[:-1]) + " or " + archs[-1] if len(archs) > 1 else archs[0]
                 e.append(f"{where}.arch: data.task {d.task} needs arch {archs}, got {m.arch}")
-    if c.k < 1:
-        e.append("cache.k: must be >= 1")
-    if c.rows_per_shard < 1 or c.chunk_rows < 1 or (c.batch_size is not None and c.batch_size < 1):
-        e.append("cache: rows_per_shard, chunk_rows and batch_size must be >= 1")
-    if c.logit_rows < 1:
-        e.append(f"cache.logit_rows: {c.logit_rows} must be >= 1")
     if c.codec in CODECS:  # an unknown one is refused with its type
         e.extend(f"cache.{problem}" for problem in codec_problems(c.codec, c.compression_level, c.backend))
-    if c.logp_range <= 0:
-        e.append("cache.logp_range: must be > 0")
-    if not 1 <= c.draws <= 255:
-        e.append("cache.draws: must be in 1..255 (counts are stored as uint8)")
-    if c.dense_max_classes < 2:
-        e.append("cache.dense_max_classes: must be >= 2")
     for key, dev in (("cache.device", c.device), ("student.device", s.device)):
         if not valid_device(dev):
             e.append(f"{key}: {dev!r} is not a device; use {DEVICE_FORMS}")
     if d.task == "lm":
         if d.seq_len < 2:
             e.append("data.seq_len: must be >= 2")
-        for key in ("rows_per_shard", "chunk_rows"):
-            if d.seq_len >= 1 and getattr(c, key) % d.seq_len:
-                e.append(f"cache.{key}: {getattr(c, key)} must be a multiple of data.seq_len={d.seq_len} "
-                         "(a language-model row is a token; sequences never straddle chunks)")
+        if (c.context or 0) > d.seq_len and any(m.arch == "gpt" for m in t.members):
+            e.append(f"cache.context: the built-in gpt teachers read at most data.seq_len={d.seq_len} tokens; "
+                     "lower cache.context or raise data.seq_len")
+        if isinstance(c.stride, int) and c.stride > (c.context or d.seq_len):
+            e.append(f"cache.stride: must be in 1..cache.context ({c.context or d.seq_len})")
+        for i, m in enumerate(s.mixture):
+            if not m.weight > 0:
+                e.append(f"student.mixture.{i}.weight: {m.weight} must be > 0")
     else:
         defaults = StudentConfig()
-        for key in ("logit_chunk",):
+        for key in ("logit_chunk", "seq_len", "packing", "mixture"):
             if getattr(s, key) != getattr(defaults, key):
                 e.append(f"student.{key}: applies to data.task lm only; remove it")
-    if s.logit_chunk < 1:
-        e.append("student.logit_chunk: must be >= 1")
     if c.encoding == "sampled" and s.divergence != "forward":
         e.append(f"student.divergence: {s.divergence} needs teacher probabilities; sampled caches "
                  "support forward only, use cache.encoding=hybrid or topk")
@@ -569,38 +575,24 @@ def validate(cfg: Config) -> list[str]:
     if not s.seeds:
         e.append("student.seeds: give at least one seed")
     for key, values in s.grid.items():
-        if key not in GRID_KEYS:
-            e.append(f"student.grid.{key}: not sweepable; use {', '.join(GRID_KEYS)}")
+        if key not in GRID_KEYS + READ_KEYS:
+            e.append(f"student.grid.{key}: not sweepable; use {', '.join(GRID_KEYS + READ_KEYS)}")
         elif not isinstance(values, list) or not values:
             e.append(f"student.grid.{key}: give a non-empty list of values")
+        elif key in READ_KEYS:
+            e.extend(f"student.grid.{key}.{i}: {why}" for i, v in enumerate(values)
+                     if (why := _read_problem(key, v, cfg)))
         elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             e.append(f"student.grid.{key}: values must be numbers")
         else:
-            bad = [(v, why) for v in values if (why := _check_grid_value(key, v))]
+            bad = [(v, why) for v in values if (why := FIELDS[f"student.{key}"].why(v))]
             if bad:
                 e.append(f"student.grid.{key}: {bad[0][0]!r} is invalid; values {bad[0][1]}")
-    if not 0.0 <= s.alpha <= 1.0:
-        e.append("student.alpha: must be in [0, 1]")
-    if s.temperature is not None and s.temperature <= 0:
-        e.append("student.temperature: must be > 0")
-    if s.epochs < 1 or s.batch_size < 1 or s.shuffle_chunks < 1 or s.checkpoint_every < 1:
-        e.append("student: epochs, batch_size, shuffle_chunks and checkpoint_every must be >= 1")
-    if s.lr <= 0:
-        e.append(f"student.lr: {s.lr} must be > 0")
-    if s.weight_decay < 0 or s.momentum < 0:
-        e.append("student: weight_decay and momentum must be >= 0")
     e.extend(_validate_views(cfg))
+    e.extend(_validate_members(cfg))
     k = cfg.cluster
     if k.kind == "address" and not k.address:
         e.append("cluster.address: kind=address needs a scheduler address, e.g. tcp://host:8786")
-    if k.workers < 1 or k.threads_per_worker < 1 or k.retries < 0 or k.gpus_per_worker < 0:
-        e.append("cluster: workers and threads_per_worker must be >= 1, retries and gpus_per_worker >= 0")
-    if k.worker_timeout <= 0:
-        e.append("cluster.worker_timeout: must be > 0 seconds")
-    if k.slurm.jobs < 1 or k.slurm.processes < 1 or k.slurm.cores < 1:
-        e.append("cluster.slurm: jobs, processes and cores must be >= 1")
-    if cfg.evaluate.ece_bins < 1:
-        e.append("evaluate.ece_bins: must be >= 1")
     if not cfg.run_name or cfg.run_name in (".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name:
         e.append(f"run_name: {cfg.run_name!r} must be a plain directory name (not '.', '..', or with '/')")
     if not cfg.workspace:
@@ -608,28 +600,104 @@ def validate(cfg: Config) -> list[str]:
     return e
 
 
-def _validate_views(cfg: Config) -> list[str]:
+def _feature_problems(d: DataConfig) -> list[str]:
+    """data.feature_columns may name neither the labels nor the sample ids: a label among the
+    features is a label leak (a model that reads its answer), ids are keys, not inputs."""
+    if d.feature_columns is None:
+        return []
+    if not d.feature_columns:
+        return [("data.feature_columns: an empty list; name the feature columns, or unset it to take every "
+                 "numeric column")]
+    e = []
+    for col, what in ((d.label_column, "data.label_column, the labels: a feature would leak them"),
+                      ("sample_id", "the sample id column, a key and not an input")):
+        if col in d.feature_columns:
+            e.append(f"data.feature_columns: {col!r} is {what}; remove it from data.feature_columns")
+    dup = sorted({c for c in d.feature_columns if d.feature_columns.count(c) > 1})
+    if dup:
+        e.append(f"data.feature_columns: {dup[0]!r} is listed twice; list each column once")
+    return e
+
+
+def augment_problems(a: AugmentConfig) -> list[str]:
+    """What is wrong with an augmentation on its own: its fields' rules and the ties between them
+    (`Cache.dataset(augment=...)` checks a user's AugmentConfig with this)."""
+    return field_problems(a, "augment.") or _augment_ties(a)
+
+
+def _validate_members(cfg: Config) -> list[str]:
+    """cache.members and the student's read-time choice of members, weights and combination."""
     e: list[str] = []
-    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
+    c, s, d = cfg.cache, cfg.student, cfg.data
+    if d.transfer.append and d.task == "lm":
+        e.append("data.transfer.append: applies to data.task classify only")
+    if c.members != "combined":
+        if d.task == "lm":
+            e.append("cache.members: per-member targets apply to data.task classify; token caches store the "
+                     "combined ensemble (cache.members: combined)")
+        if c.views > 0:
+            e.append("cache.members: per-member targets apply to caches without views (a view's mixup partner "
+                     "depends on the whole transfer set, so its shards cannot be reused by content)")
+        if cfg.cache_url is not None:
+            e.append("cache.members: member stores live under a local cache.root; publish combined caches to "
+                     "object storage")
+        if c.members == "both" and "ensemble" in [m.name for m in cfg.teachers.members]:
+            e.append("teachers.members: 'ensemble' names the combined targets of cache.members both; rename "
+                     "that teacher")
+    for key in READ_KEYS:
+        value = getattr(s, key)
+        if value not in ((), None) and (why := _read_problem(key, value, cfg)):
+            e.append(f"student.{key}: {why}")
+    reads = [k for k in READ_KEYS if getattr(s, k) not in ((), None) or k in s.grid]
+    if reads and c.members == "combined" and s.cache is None:
+        e.append(f"student.{reads[0]}: reads per-member targets, but cache.members is combined (the ensemble "
+                 "only); set cache.members: separate (or both)")
+    return e
+
+
+def _read_problem(key: str, value: Any, cfg: Config) -> str | None:
+    """What is wrong with one value of student.members, student.weights or student.combine."""
+    s, teachers = cfg.student, [m.name for m in cfg.teachers.members]
+    if key == "combine":
+        return None if value in COMBINE else f"{value!r} is not one of {', '.join(COMBINE)}"
+    if not isinstance(value, (list, tuple)) or not value:
+        return "give a non-empty list"
+    if key == "members":
+        if not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
+            return "give distinct teacher names"
+        unknown = [v for v in value if v not in teachers]
+        if unknown and s.cache is None:
+            return f"{unknown[0]!r} is not a teacher; give names of teachers.members ({', '.join(teachers)})"
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return "weights must be numbers"
+    if any(v < 0 for v in value) or sum(value) <= 0:
+        return "weights must be non-negative with a positive sum"
+    chosen = len(s.members) if s.members else len(teachers)
+    if "members" not in s.grid and len(value) != chosen and s.cache is None:
+        return f"{len(value)} weights for {chosen} teachers read (student.members, else teachers.members)"
+    return None
+
+
+def _augment_ties(a: AugmentConfig) -> list[str]:
+    e: list[str] = []
     for key in ("scale", "ratio"):
         pair = getattr(a, key)
         if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key == "scale" and pair[1] > 1):
             bound = "0 < low <= high <= 1" if key == "scale" else "0 < low <= high"
             e.append(f"augment.{key}: {list(pair)} must be two numbers [low, high] with {bound}")
-    if a.padding < 0 or a.translate < 0 or a.padding > 64 or a.translate > 64:
-        e.append("augment: padding and translate must be pixel counts in 0..64")
     if a.crop == "padded" and a.padding == 0:
         e.append("augment.padding: crop padded needs padding >= 1 (pixels of shift each way)")
-    for key in ("flip", "mixup_prob", "cutmix_prob"):
-        if not 0.0 <= getattr(a, key) <= 1.0:
-            e.append(f"augment.{key}: {getattr(a, key)} must be a probability in [0, 1]")
     if a.mixup_prob + a.cutmix_prob > 1.0:
         e.append("augment: mixup_prob + cutmix_prob must be <= 1 (a view is mixed one way at most)")
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        if getattr(a, key) <= 0:
-            e.append(f"augment.{key}: must be > 0")
-    if not 0 <= n <= 65535:
-        e.append(f"cache.views: {n} must be in 0..65535 (view indices are stored as uint16)")
+    return e
+
+
+def _validate_views(cfg: Config) -> list[str]:
+    a, c, n = cfg.augment, cfg.cache, cfg.cache.views
+    e = _augment_ties(a)
+    if n > 65535 or c.chunk_rows < 1 or c.rows_per_shard < 1:
+        pass  # reported by their rules
     elif n > 0:
         if cfg.data.task == "lm":
             e.append("cache.views: augmented views apply to data.task classify (image inputs)")

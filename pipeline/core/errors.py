@@ -25,3 +25,8 @@ class ModelError(LogitcacheError):
 class CacheError(LogitcacheError):
     """A cache is missing, incomplete, corrupt, or does not match the data or model."""
 
+
+
+class ArgumentError(ConfigError, ValueError):
+    """An argument of the Python API breaks the rule its config field follows (pipeline/core/validate.py);
+    a ValueError too, as Python code expects of a bad argument."""

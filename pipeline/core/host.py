@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline.core.validate import env
+
 # torch's OpenMP threads spin up to 300,000 times at each barrier before they sleep (libgomp's
 # default). When another process shares the cores, a descheduled spinner stalls every op: a small
 # student's training step took 4-5x longer (bench/threads.py). A short spin keeps that cost small.
@@ -26,7 +28,7 @@ def spin_environ() -> dict[str, str]:
 def heap_environ() -> dict[str, str]:
     """The heap pin (`steady_heap`) as an environment variable for worker processes, unless the user
     set the threshold or turned the pin off."""
-    keep = "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("LOGITCACHE_STEADY_HEAP") == "0"
+    keep = "MALLOC_MMAP_THRESHOLD_" in os.environ or not env("LOGITCACHE_STEADY_HEAP")
     return {} if keep else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
 
 
@@ -43,7 +45,7 @@ def steady_heap() -> None:
     freed (up to 32 MB), which moves more of them onto the heap (bench/heap.py measures the
     classification cache stage's peak pinned at 8 MB, at 16 MB and left to glibc; docs/performance.md).
     A no-op where there is no glibc, and with LOGITCACHE_STEADY_HEAP=0."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("LOGITCACHE_STEADY_HEAP") == "0":
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not env("LOGITCACHE_STEADY_HEAP"):
         return
     import ctypes
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.validate import env
+
 HOST = socket.gethostname().replace("-", "_")
 
 
@@ -67,13 +69,7 @@ def is_url(ref: str | Path) -> bool:
 def tmp_grace() -> float:
     """Seconds after its last change a temporary entry of a writer this host cannot check (another
     host or container) is taken for dead: LOGITCACHE_TMP_GRACE, default an hour."""
-    value = os.environ.get("LOGITCACHE_TMP_GRACE", "").strip()
-    try:
-        return float(value) if value else 3600.0
-    except ValueError:
-        from pipeline.core.errors import ConfigError
-
-        raise ConfigError(f"LOGITCACHE_TMP_GRACE={value!r}: set it to a number of seconds, or unset it") from None
+    return float(env("LOGITCACHE_TMP_GRACE"))
 
 
 def remove_dead_tmp(directory: Path, recursive: bool = False) -> int:
@@ -129,6 +125,24 @@ def process_alive(pid: int, started: str = "") -> bool:
     except PermissionError:
         pass
     return not started or process_start_time(pid) in ("", started)
+
+
+def out_of_handles(err: BaseException) -> str | None:
+    """What an error says when it means this process or the system ran out of file handles, else
+    None: not a damaged file, and not fixed by recomputing one."""
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code == errno.EMFILE or "Too many open files" in text and "system" not in text:
+        try:
+            import resource
+
+            limit = f" (the limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, `ulimit -n`)"
+        except (ImportError, OSError, ValueError):
+            limit = ""
+        return f"this process has too many open files (EMFILE){limit}"
+    if code == errno.ENFILE or "Too many open files in system" in text:
+        return "the system's table of open files is full (ENFILE)"
+    return None
 
 
 def check_writable(directory: Path, field: str) -> None:
@@ -316,13 +330,13 @@ def digest_db() -> Path:
     """LOGITCACHE_DIGESTS, else ~/.cache/logitcache/digests.sqlite (XDG_CACHE_HOME respected) where
     that is a local disk, else /var/tmp/logitcache-<uid>/digests.sqlite: a home directory on NFS or
     Lustre is one file for every node of a cluster, and SQLite's locks there are unreliable."""
-    if os.environ.get("LOGITCACHE_DIGESTS"):
-        db = Path(os.environ["LOGITCACHE_DIGESTS"])
+    db = env("LOGITCACHE_DIGESTS")
+    if db is not None:
         if mount_type(db.parent) in NETWORK_FILESYSTEMS:
             _warn_once("network", f"LOGITCACHE_DIGESTS={db} is on a {mount_type(db.parent)} filesystem, where "
                                   "SQLite's locks are unreliable; point it at a node-local disk")
         return db
-    db = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "digests.sqlite"
+    db = (env("XDG_CACHE_HOME") or Path.home() / ".cache") / "logitcache" / "digests.sqlite"
     if mount_type(db.parent) in NETWORK_FILESYSTEMS:
         return Path("/var/tmp") / f"logitcache-{os.getuid() if hasattr(os, 'getuid') else 0}" / "digests.sqlite"
     return db

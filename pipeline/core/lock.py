@@ -28,19 +28,11 @@ from pathlib import Path
 
 from pipeline.core.io import OWNER, dead_here, process_start_time
 from pipeline.core.progress import log
+from pipeline.core.validate import env
 
 
 def lease_seconds() -> float:
-    value = os.environ.get("LOGITCACHE_LOCK_LEASE", "").strip()
-    try:
-        lease = float(value) if value else 60.0
-    except ValueError:
-        lease = -1.0
-    if lease <= 0:
-        from pipeline.core.errors import ConfigError
-
-        raise ConfigError(f"LOGITCACHE_LOCK_LEASE={value!r}: set it to a number of seconds > 0, or unset it")
-    return lease
+    return float(env("LOGITCACHE_LOCK_LEASE"))
 
 
 class LeaseLock:

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from pipeline.core.validate import env
 
 
 def log(message: str) -> None:
@@ -23,7 +24,7 @@ def bar(total: int | None, desc: str, unit: str = "rows") -> Any:
     None when it is not known in advance."""
     if sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
-    return LineProgress(total, desc, unit, float(os.environ.get("LOGITCACHE_PROGRESS_INTERVAL", "30")))
+    return LineProgress(total, desc, unit, env("LOGITCACHE_PROGRESS_INTERVAL"))
 
 
 class LineProgress:

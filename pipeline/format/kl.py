@@ -21,22 +21,64 @@ def retemper_dense(logp: torch.Tensor, tau: float) -> torch.Tensor:
     return F.log_softmax(logp.float() / tau, dim=-1)
 
 
-def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int,
-                  tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k targets moved to T = tau * Tc under the uniform-tail model; also renormalizes.
+def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int, tau: float,
+                  tail_mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k targets moved to T = tau * Tc; also renormalizes. The head's ratios are exact; its mass
+    at T needs the tail's sum of p^(1/tau), which `log_tail_power` models (uniform without
+    `tail_mean`).
 
     Returns log-probs (B, k) and residual (B,) that sum to one over the C classes."""
-    k = logp.shape[-1]
-    a = logp.float() / tau  # (B, k)
+    k, beta = logp.shape[-1], 1.0 / tau
+    a = logp.float() * beta  # (B, k)
     r = residual.float().clamp(min=0.0)
     if k < num_classes:
-        u = r / (num_classes - k)
-        b = torch.where(u > 0, torch.log(u) / tau + math.log(num_classes - k),
-                        torch.full_like(u, float("-inf")))  # log of total tail mass, (B,)
+        b = log_tail_power(r.log(), tail_mean, logp.float().min(-1).values, num_classes - k, beta)  # (B,)
     else:
         b = torch.full_like(r, float("-inf"))
     log_z = torch.logsumexp(torch.cat([a, b[:, None]], dim=-1), dim=-1)  # (B,)
     return a - log_z[:, None], (b - log_z).exp()
+
+
+def log_tail_power(log_r: torch.Tensor, tail_mean: torch.Tensor | None, head_min: torch.Tensor, n: int,
+                   beta: float) -> torch.Tensor:
+    """log of sum over the n tail classes of p^beta, (B,), from the tail's mass R = exp(log_r), its
+    probability-weighted mean log-prob m = sum p log p / R (`tail_mean`; None or NaN: unknown) and
+    the smallest head log-prob (every tail log-prob lies below it).
+
+    The tail model (docs/encodings.md#re-tempering): f(beta) = log sum p^beta is convex with
+    f(0) = log n, f(1) = log R, f'(1) = m. Colder (beta > 1): the tail's mass falls off
+    exponentially below the head's smallest log-prob a, f = log R + (beta - 1) a
+    - log(1 + (beta - 1)(a - m)), the shape of a Zipf tail. Hotter (beta < 1): the tail's
+    log-probs are normal over its n classes (a log-normal tail), f quadratic through f(0), f(1) and
+    f'(1). Both are clamped to the bounds every tail obeys: between the uniform tail of mass R and
+    R * exp((beta - 1) a). Without m: the uniform tail."""
+    log_n = math.log(n)
+    uniform = (1.0 - beta) * log_n + beta * log_r  # the largest sum for beta < 1, the smallest for beta > 1
+    if tail_mean is None or beta == 1.0:
+        return uniform
+    m, a = tail_mean.float(), head_min.float()
+    edge = log_r + (beta - 1.0) * a  # R * a^(beta - 1): the other bound
+    if beta > 1.0:
+        model = torch.maximum(edge - torch.log1p((beta - 1.0) * (a - m).clamp(min=0.0)), uniform)
+    else:
+        c = (m - (log_r - log_n)).clamp(min=0.0)  # curvature: >= 0 as f is convex
+        model = torch.minimum(torch.maximum(log_n + (log_r - log_n - c) * beta + c * beta * beta, edge), uniform)
+    return torch.where(torch.isfinite(m) & (log_r > float("-inf")), model, uniform)
+
+
+def retemper_draws(counts: torch.Tensor, logp: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-normalised importance weights that move draws x ~ p (at Tc) to q = p^beta / Z, beta =
+    1 / tau: w_j = c_j p_j^(beta - 1) / sum c p^(beta - 1) over the distinct draws (counts c, log-probs
+    `logp`, (B, S); padding has count 0). Also log of sum c p^(beta - 1) / sum c, (B,): unbiased (in
+    its exp) for E_p[p^(beta - 1)] = sum over the drawn-from classes of p^beta.
+
+    Self-normalising makes sum w q-estimates biased by O(1/draws) (a ratio of two unbiased sums),
+    with the bias and variance growing as p and q part: for beta < 1 (hotter) the draws seldom
+    reach the classes q weighs up."""
+    c = counts.float()
+    lw = (1.0 / tau - 1.0) * logp.float() + c.log()  # (B, S), -inf on padding
+    lse = torch.logsumexp(lw, dim=-1)  # (B,)
+    return (lw - lse[:, None]).exp(), lse - c.sum(-1).log()
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -5,6 +5,7 @@ cache reference, and the shard checks readers and finalize use.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,15 @@ from pipeline.core.io import (
     sha256_tree,
 )
 
-FORMAT_VERSION = 2  # 2: encoding objects, ids at the vocabulary's width, hybrid; 1 is still read
+FORMAT_VERSION = 3  # 3: what re-tempering needs (top-k's tail mean log-prob, the draws' log-probs)
+# 2: encoding objects, ids at the vocabulary's width, hybrid; 1 and 2 are still read, at their own
+# temperature where they lack those columns
 
 
-READABLE_VERSIONS = (1, 2)
+MEMBERS_FORMAT = 4  # a cache whose manifest lists member stores' shards (cache.members); its shards are format 3
+
+
+READABLE_VERSIONS = (1, 2, 3, MEMBERS_FORMAT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +49,11 @@ def target_id(spec: dict[str, Any]) -> str:
 
 
 def planned(spec: dict[str, Any]) -> tuple[int, int]:
-    """(shards, rows) of a cache's plan; language-model rows are tokens, shards hold whole sequences."""
+    """(shards, rows) of a cache's plan; language-model rows are tokens, shards hold whole sequences
+    (or, keyed by document, rows_per_shard trained positions)."""
+    if spec["dataset"].get("keyed") == "document":
+        rows = spec["dataset"]["rows"]
+        return -(-rows // spec["layout"]["rows_per_shard"]), rows
     per_item = spec["dataset"].get("seq_len") or spec.get("views", {}).get("count", 1)
     items, per_shard = spec["dataset"]["rows"], spec["layout"]["rows_per_shard"] // per_item
     return -(-items // per_shard), items * per_item
@@ -67,7 +77,7 @@ def manifest_of(cache_id: str, spec: dict[str, Any], entries: list[dict[str, Any
     nbytes = sum(e["bytes"] for e in entries)
     manifest = {
         "status": "complete",
-        "format_version": FORMAT_VERSION,
+        "format_version": spec.get("format_version", FORMAT_VERSION),
         "cache_id": cache_id,
         "target_id": target_id(spec),
         "created_by": f"logitcache {__version__}",
@@ -128,15 +138,33 @@ def _manifest_problem(m: Any) -> str | None:
     for key, kind in (("spec", dict), ("shards", list), ("rows", int), ("bytes", int), ("format_version", int)):
         if not isinstance(m.get(key), kind):
             return f"'{key}' is missing or not a {kind.__name__}"
-    for i, e in enumerate(m["shards"]):
-        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
-                and isinstance(e.get("rows"), int) and Path(e["path"]).parts[:1] == ("shards",)
-                and ".." not in Path(e["path"]).parts):
-            return f"shards[{i}] is not an entry with path under shards/, rows and sha256"
+    problem = _entries_problem(m["shards"], "shards")
+    if problem:
+        return problem
+    if m["format_version"] == MEMBERS_FORMAT:
+        units = m.get("units")
+        if not isinstance(units, list) or not units:
+            return "'units' is missing or empty (a cache of per-member targets lists its member stores)"
+        for j, u in enumerate(units):
+            if not (isinstance(u, dict) and isinstance(u.get("name"), str) and isinstance(u.get("store"), str)
+                    and re.fullmatch(r"[0-9a-f]{16}", u["store"]) and isinstance(u.get("shards"), list)):
+                return f"units[{j}] is not an entry with name, store (a 16-digit hex id) and shards"
+            problem = _entries_problem(u["shards"], f"units[{j}].shards")
+            if problem:
+                return problem
     spec = m["spec"]
     if not (isinstance(spec.get("layout"), dict) and isinstance(spec["layout"].get("chunk_rows"), int)
             and isinstance(spec.get("dataset"), dict) and isinstance(spec.get("encoding"), dict)):
         return "'spec' lacks layout.chunk_rows, dataset or encoding"
+    return None
+
+
+def _entries_problem(entries: list[Any], where: str) -> str | None:
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("rows"), int) and Path(e["path"]).parts[:1] == ("shards",)
+                and ".." not in Path(e["path"]).parts):
+            return f"{where}[{i}] is not an entry with path under shards/, rows and sha256"
     return None
 
 

@@ -27,26 +27,18 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.core.io import whole_tree_digest
+from pipeline.core.io import out_of_handles, whole_tree_digest
+from pipeline.core.validate import env
 from pipeline.format.backends import Backend, Reads, backend
 from pipeline.format.columns import ROW_COLUMNS, VIEW_COLUMNS, Chunk, stored_columns, view_column_names
 from pipeline.format.encodings import Encoding, encoding_from_spec
 from pipeline.format.lru import HandleLRU
 from pipeline.format.manifest import READABLE_VERSIONS, read_manifest, shard_problems
-
-
-def env_count(name: str, default: int) -> int:
-    """A whole number >= 0 from the environment variable `name`, or `default` when it is unset."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ConfigError(f"{name}={value!r}: set it to a whole number >= 0, or unset it")
-    return int(value)
+from pipeline.format.shards import mismatch
 
 
 def default_max_open() -> int:
-    return env_count("LOGITCACHE_MAX_OPEN_SHARDS", 64)
+    return int(env("LOGITCACHE_MAX_OPEN_SHARDS"))
 
 
 def usable_cores() -> int:
@@ -62,7 +54,8 @@ def default_read_threads() -> int:
     cost more CPU for the same chunks than reading on the loader's background thread, and the epoch
     was no faster (bench/reader.py, `read_threads_4`). LOGITCACHE_READ_THREADS overrides it."""
     spare = min(4, usable_cores() - 1)
-    return env_count("LOGITCACHE_READ_THREADS", spare if spare >= 2 else 0)
+    threads = env("LOGITCACHE_READ_THREADS")
+    return int(threads) if threads is not None else spare if spare >= 2 else 0
 
 
 class CacheReader:
@@ -76,8 +69,11 @@ class CacheReader:
     2 cores)."""
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
-                 max_open: int | None = None, read_threads: int | None = None, remote: Any = None) -> None:
-        manifest = read_manifest(cache_dir)
+                 max_open: int | None = None, read_threads: int | None = None, remote: Any = None,
+                 manifest: dict[str, Any] | None = None, base: Path | None = None) -> None:
+        """`manifest` and `base`: read those shards (paths under `base`, the directory of a member
+        store) as cache `cache_dir` (pipeline/format/members.py); by default the cache's own."""
+        manifest = manifest if manifest is not None else read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
                              "rerun `logitcache cache CONFIG` to finish it")
@@ -85,10 +81,12 @@ class CacheReader:
             raise CacheError(f"{cache_dir}: cache format {manifest.get('format_version')} is not one of "
                              f"{READABLE_VERSIONS}; rebuild it with this version of logitcache")
         self.dir = cache_dir
+        self.base = base if base is not None else cache_dir  # where the shards' paths lie
         self.manifest = manifest
         spec = manifest["spec"]
         self.encoding: Encoding = encoding_from_spec(spec)
-        self.token_rows = "seq_len" in spec["dataset"]
+        self.token_rows = "seq_len" in spec["dataset"] or spec["dataset"].get("keyed") == "document"
+        self.keyed_by_document = spec["dataset"].get("keyed") == "document"
         views = view_column_names(spec, cache_dir)
         self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, views)]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
@@ -103,9 +101,9 @@ class CacheReader:
         self._verified: set[int] = set()
         self._verifying: dict[int, threading.Lock] = {}
         self.remote = remote  # a cache in object storage: its ShardCache (pipeline/format/remote.py)
-        gone = [] if remote is not None else shard_problems(cache_dir, self.shards, hash_them=False)["missing"]
+        gone = [] if remote is not None else shard_problems(self.base, self.shards, hash_them=False)["missing"]
         if gone:
-            raise CacheError(f"{cache_dir / gone[0]}: shard listed in the manifest is missing ({len(gone)} of "
+            raise CacheError(f"{self.base / gone[0]}: shard listed in the manifest is missing ({len(gone)} of "
                              f"{len(self.shards)} missing); rerun `logitcache cache CONFIG` to recompute it")
         self._reads: Reads = self._store.reads(self)
         if verify:
@@ -128,7 +126,7 @@ class CacheReader:
         return int(self.manifest["rows"])
 
     def shard_path(self, i: int) -> Path:
-        return self.dir / self.shards[i]["path"]
+        return self.base / self.shards[i]["path"]
 
     def verify(self) -> None:
         """Check every shard now (on the read threads: hashing releases the GIL); the first problem
@@ -179,11 +177,11 @@ class CacheReader:
         try:
             digest = whole_tree_digest(path)
         except OSError as err:
+            self._refuse_out_of_handles(err, path)
             raise CacheError(f"{path}: cannot read the shard ({err.strerror}); rerun `logitcache cache CONFIG` "
                              "to recompute it") from None
         if digest != self.shards[i]["sha256"]:
-            raise CacheError(f"{path}: checksum mismatch, the shard is corrupt; delete it and rerun "
-                             "`logitcache cache CONFIG`")
+            raise CacheError(mismatch(path, self.shards[i]["sha256"], digest))
         self._verified.add(i)
 
     def chunks(self) -> list[Chunk]:
@@ -196,14 +194,17 @@ class CacheReader:
     def read(self, chunk: Chunk, decode: bool = True) -> dict[str, np.ndarray]:
         """One chunk's rows: sample_id (position) and the targets decoded to the encoding's natural
         form, or with decode=False the stored columns as stored (narrow; `decode` them later)."""
-        self._present([chunk.shard], read=True)
-        return self._reads.read_many([chunk], decode)[0]
+        return self.read_many([chunk], decode)[0]
 
     def read_many(self, chunks: list[Chunk], decode: bool = True) -> list[dict[str, np.ndarray]]:
         """Several chunks in order, on the read threads when there are (zstd and pyarrow's decoding
         release the GIL); how they are split between threads is the backend's."""
         self._present((c.shard for c in chunks), read=True)
-        return self._reads.read_many(chunks, decode)
+        try:
+            return self._reads.read_many(chunks, decode)
+        except OSError as err:
+            self._refuse_out_of_handles(err, self.shard_path(chunks[0].shard))
+            raise
 
     def is_whole_chunk(self, r: Chunk) -> bool:
         """Whether rows [r.start, r.stop) of shard r.shard are exactly one of its chunks."""
@@ -217,7 +218,11 @@ class CacheReader:
             raise ValueError("read_joined reads one or more whole chunks; read_rows reads any ranges")
         chunks = [Chunk(c.shard, c.start // self.chunk_rows, c.start, c.stop) for c in chunks]  # index from the rows
         self._present((c.shard for c in chunks), read=True)
-        joined = self._reads.read_joined(chunks)
+        try:
+            joined = self._reads.read_joined(chunks)
+        except OSError as err:
+            self._refuse_out_of_handles(err, self.shard_path(chunks[0].shard))
+            raise
         if joined is not None:
             return joined
         parts = self.read_many(chunks, decode=False)
@@ -246,6 +251,14 @@ class CacheReader:
     def read_all(self) -> dict[str, np.ndarray]:
         parts = self.read_many(self.chunks())
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _refuse_out_of_handles(self, err: OSError, path: Path) -> None:
+        """Running out of file handles is said as such: the shard is not damaged, recomputing it helps nothing."""
+        why = out_of_handles(err)
+        if why is not None:
+            raise ConfigError(f"{path}: cannot open the shard: {why}; this reader keeps up to {self._handles.capacity} "
+                              "shard files open, so lower LOGITCACHE_MAX_OPEN_SHARDS or raise the limit (ulimit -n); "
+                              "the shard itself is fine") from None
 
     def handle(self, i: int) -> Any:
         """Shard i opened by its backend (checked first), kept among the `max_open` most recent."""
@@ -288,3 +301,18 @@ def read_rows(reader: CacheReader, ranges: list[Chunk], decode: bool = True) -> 
         rows = {k: np.concatenate([p.pop(k) for p in parts]) for k in list(parts[0])}  # parts freed as joined
     return reader.decode(rows) if decode else rows
 
+
+
+def read_global(reader: CacheReader, ranges: list[tuple[int, int]], decode: bool = True) -> dict[str, np.ndarray]:
+    """Rows [lo, hi) of the whole cache (rows numbered across shards in shard order) for each
+    range, joined in order; a range may span shards."""
+    firsts = np.cumsum([0] + [e["rows"] for e in reader.shards])
+    chunks = []
+    for lo, hi in ranges:
+        s = int(np.searchsorted(firsts, lo, side="right")) - 1
+        while lo < hi:
+            end = min(hi, int(firsts[s + 1]))
+            a = lo - int(firsts[s])
+            chunks.append(Chunk(s, a // reader.chunk_rows, a, end - int(firsts[s])))
+            lo, s = end, s + 1
+    return read_rows(reader, chunks, decode)

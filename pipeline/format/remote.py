@@ -43,7 +43,10 @@ from pipeline.core.io import (
     remove_dead_tmp,
     tmp_name,
 )
+from pipeline.core.progress import log
+from pipeline.core.validate import env
 from pipeline.format.manifest import READABLE_VERSIONS
+from pipeline.format.shards import record_of
 
 
 def local_path(ref: str | Path) -> Path:
@@ -81,6 +84,9 @@ def push(cache_dir: Path, root_url: str) -> str:
     if manifest is None or manifest.get("status") != "complete":
         raise CacheError(f"{cache_dir}: only a complete cache is published; rerun `logitcache cache CONFIG` "
                          "to finish it")
+    if manifest.get("units"):
+        raise CacheError(f"{cache_dir}: a cache of per-member targets reads shared member stores of its local "
+                         "cache root and is not published; publish a cache made with cache.members combined")
     url = join(root_url, cache_dir.name)
     if complete(url):
         return url
@@ -209,10 +215,16 @@ def published(url: str) -> set[str]:
 
 
 def published_entry(url: str, index: int, name: str, first_row: int, rows: int) -> dict[str, Any]:
-    """A shard's manifest entry from the sidecar its writer published."""
-    side = read_remote_json(join(url, "digests", f"{name}.json"))
+    """A shard's manifest entry from the record its writer published; one whose seal does not hold
+    (edited or damaged) is not trusted: the shard is hashed where it lies."""
+    record = record_of(name, read_remote_json(join(url, "digests", f"{name}.json")))
+    if record is None:
+        fs, base = filesystem(url)
+        log(f"{join(url, 'digests', name)}.json: the record was edited or damaged (its seal does not hold); "
+            "hashing the shard where it lies")
+        record = remote_tree_digest(fs, join(base, "shards", name))
     return {"index": index, "path": f"shards/{name}", "first_row": first_row, "rows": rows,
-            "sha256": side["sha256"], "bytes": side["bytes"]}
+            "sha256": record[0], "bytes": record[1]}
 
 
 def publish_manifest(cache_dir: Path, url: str, manifest: dict[str, Any]) -> None:
@@ -312,17 +324,11 @@ def verify_remote(url: str) -> dict[str, list[str]]:
 
 
 def shard_cache_dir() -> Path:
-    return Path(os.environ.get("LOGITCACHE_SHARD_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "logitcache" / "shards")
+    return env("LOGITCACHE_SHARD_CACHE") or (env("XDG_CACHE_HOME") or Path.home() / ".cache") / "logitcache" / "shards"
 
 
 def shard_cache_limit() -> int:
-    value = os.environ.get("LOGITCACHE_SHARD_CACHE_BYTES", "").strip()
-    if not value:
-        return 20 << 30
-    if not value.isdigit() or int(value) < 1:
-        raise CacheError(f"LOGITCACHE_SHARD_CACHE_BYTES={value!r}: set it to a number of bytes >= 1, or unset it")
-    return int(value)
+    return int(env("LOGITCACHE_SHARD_CACHE_BYTES"))
 
 
 class ShardCache:
@@ -423,14 +429,20 @@ class ShardCache:
             total -= found[p][1]
 
 
-def open_reader(ref: str | Path, verify: bool = False, **kw: Any) -> Any:
-    """A CacheReader of a local cache directory or of a cache URL (through a ShardCache)."""
+def open_reader(ref: str | Path, verify: bool = False, units: Any = None, **kw: Any) -> Any:
+    """A CacheReader of a local cache directory or of a cache URL (through a ShardCache); a local
+    cache of per-member targets is read as pipeline/format/members.py says (`units`: which members)."""
+    from pipeline.format.members import open_local
     from pipeline.format.reader import CacheReader
 
     if not is_url(ref):
-        return CacheReader(local_path(ref), verify=verify, **kw)
+        return open_local(local_path(ref), verify=verify, units=units, **kw)
     url = os.fspath(ref).rstrip("/")
-    shards = ShardCache(url, remote_manifest(url))
+    manifest = remote_manifest(url)
+    if units is not None or manifest.get("units"):
+        raise CacheError(f"{url}: caches of per-member targets are read from a local cache root; publish "
+                         "combined caches to object storage")
+    shards = ShardCache(url, manifest)
     return CacheReader(shards.dir, verify=verify, remote=shards, **kw)
 
 

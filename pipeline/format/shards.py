@@ -1,4 +1,9 @@
-"""Writing one shard atomically through its backend and recording its digest beside it.
+"""Writing one shard atomically through its backend and recording its digest beside it, and the
+one diagnosis of a shard whose digest differs from its manifest's (used by every reader and check).
+
+A shard's record (<cache>/digests/<shard>.json) holds its sha256, its bytes and a seal over both and
+the shard's name: finalize takes the digest from a record only when its seal holds, and hashes the
+shard again otherwise, so an edited or damaged record never enters a manifest.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import numpy as np
 
 from pipeline.core.codecs import codec_problems, default_codec
 from pipeline.core.errors import CacheError
-from pipeline.core.io import atomic_write_json, fsync_dir, sha256_tree, tmp_name, tree_size
+from pipeline.core.io import atomic_write_json, fsync_dir, hash_json, sha256_tree, tmp_name, tree_size
+from pipeline.core.progress import log
 from pipeline.format.backends import shard_backend, shard_name
 from pipeline.format.columns import VIEW_COLUMNS, stored_columns
 from pipeline.format.encodings import Encoding
 
-__all__ = ["digest_path", "recorded_digest", "shard_entry", "shard_name", "write_shard"]
+__all__ = ["digest_path", "mismatch", "record_of", "recorded_digest", "sealed_record", "shard_entry", "shard_name",
+           "write_shard"]
 
 
 def digest_path(shard: Path) -> Path:
@@ -50,7 +57,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
         published = store.publish(tmp, path)
         if published:
             fsync_dir(path.parent)
-            atomic_write_json(digest_path(path), {"sha256": digest, "bytes": nbytes})
+            atomic_write_json(digest_path(path), sealed_record(path.name, digest, nbytes))
         return published
     finally:
         if tmp.exists():
@@ -64,23 +71,58 @@ def shard_entry(cache_dir: Path, index: int, backend: str, first_row: int, rows:
     return {"index": index, "path": rel, "first_row": first_row, "rows": rows, "sha256": digest, "bytes": nbytes}
 
 
+def sealed_record(name: str, digest: str, nbytes: int) -> dict[str, Any]:
+    return {"sha256": digest, "bytes": nbytes, "seal": hash_json([name, digest, nbytes])[:16]}
+
+
+def record_of(name: str, recorded: Any) -> tuple[str, int] | None:
+    """(sha256, bytes) of a shard's record whose seal holds; None for one edited, damaged or unsealed."""
+    if not isinstance(recorded, dict):
+        return None
+    digest, nbytes = recorded.get("sha256"), recorded.get("bytes")
+    if not isinstance(digest, str) or isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        return None
+    return (digest, nbytes) if recorded == sealed_record(name, digest, nbytes) else None
+
+
+def _read_record(shard: Path) -> tuple[str, int] | None:
+    try:
+        return record_of(shard.name, json.loads(digest_path(shard).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def recorded_digest(shard: Path) -> tuple[str, int]:
     """(sha256, bytes) its writer recorded beside a shard, checked against the shard's size on disk.
 
-    A shard without a readable sidecar (its writer was killed between publishing the shard and
-    writing the sidecar) is hashed once here and the sidecar written."""
+    A shard without a record whose seal holds (its writer was killed between publishing the shard
+    and writing the record, or the record was edited or damaged since) is hashed here and the
+    record written again."""
     side = digest_path(shard)
     size = tree_size(shard)
-    try:
-        recorded = json.loads(side.read_text())
-        digest, nbytes = recorded["sha256"], recorded["bytes"]
-        if not isinstance(digest, str) or not isinstance(nbytes, int):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
+    record = _read_record(shard)
+    if record is not None:
+        digest, nbytes = record
+    else:
+        if side.exists():
+            log(f"{side}: the record of {shard.name} was edited or damaged (its seal does not hold); "
+                "hashing the shard again")
         digest, nbytes = sha256_tree(shard)
-        atomic_write_json(side, {"sha256": digest, "bytes": nbytes})
+        atomic_write_json(side, sealed_record(shard.name, digest, nbytes))
     if nbytes != size:
         raise CacheError(f"{shard}: holds {size} bytes but its writer wrote {nbytes}; the shard is corrupt, "
                          "delete it and rerun `logitcache cache CONFIG`")
     return digest, nbytes
+
+
+def mismatch(shard: Path, listed: str, actual: str) -> str:
+    """The one message for a shard whose sha256 (`actual`) differs from the manifest's (`listed`):
+    which of the two is wrong, by the writer's sealed record, and what to do about it."""
+    record = _read_record(shard)
+    manifest = shard.parent.parent / "manifest.json"
+    if record is not None and record[0] == actual:
+        return (f"{shard}: checksum mismatch with {manifest}, but the shard matches its writer's sealed record "
+                f"{digest_path(shard)}: the manifest was edited, not the shard; delete {manifest} and rerun "
+                "`logitcache cache CONFIG` to write it again from the records (nothing is recomputed)")
+    return f"{shard}: checksum mismatch, the shard is corrupt; delete it and rerun `logitcache cache CONFIG`"
 

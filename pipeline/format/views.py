@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import AugmentConfig
+from pipeline.core.config import AugmentConfig, augment_problems
 from pipeline.core.errors import CacheError
 
 FORMAT = 2  # 2: view-major rows, compact columns (partner id at the ids' width, cut_size); 1 is refused
@@ -41,9 +41,22 @@ class ViewSpec:
                              "wider columns), which this version cannot read selectively; rebuild it with "
                              "`logitcache cache CONFIG`")
         names = {f.name for f in fields(AugmentConfig)}
-        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in d["augment"].items() if k in names}
+        recorded = d.get("augment")
+        if not isinstance(recorded, dict):
+            raise CacheError(f"{where}: the views' augmentation is not recorded as a mapping; the manifest is damaged "
+                             "or from another program, rebuild the cache with `logitcache cache CONFIG`")
+        unknown = sorted(set(recorded) - names)
+        if unknown:  # replayed without them, the pixels would silently differ from those the teachers saw
+            raise CacheError(f"{where}: its views use augment settings this version cannot replay "
+                             f"({', '.join(unknown)}); read it with the newer logitcache that wrote it, or rebuild it with "
+                             "`logitcache cache CONFIG`")
+        aug = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
+        problems = augment_problems(aug)
+        if problems:
+            raise CacheError(f"{where}: its views' augmentation is invalid ({problems[0]}); the manifest is damaged, "
+                             "rebuild the cache with `logitcache cache CONFIG`")
         shape = spec["dataset"]["input_shape"]
-        return ViewSpec(int(d["count"]), AugmentConfig(**aug), int(d["seed"]), (int(shape[1]), int(shape[2])))
+        return ViewSpec(int(d["count"]), aug, int(d["seed"]), (int(shape[1]), int(shape[2])))
 
 
 def mixes(aug: AugmentConfig) -> bool:

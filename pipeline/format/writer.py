@@ -23,6 +23,7 @@ split each shard's rows the same way.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +31,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.codecs import codec_problems, default_codec, layout_codec
-from pipeline.core.errors import CacheError
+from pipeline.core.codecs import CODECS, codec_problems, default_codec, layout_codec
+from pipeline.core.errors import ArgumentError, CacheError
 from pipeline.core.io import atomic_write_json, hash_json
+from pipeline.core.validate import COUNT, FIELDS, SEED, Rule, argument, choice, flag
 from pipeline.format import manifest as fmt
 from pipeline.format.backends import BACKENDS
-from pipeline.format.encodings import LOGP_FLOOR, Encoding, TopK, encoding_from_params
+from pipeline.format.encodings import ENCODINGS, LOGP_FLOOR, Encoding, TopK, encoding_from_params
 from pipeline.format.shards import shard_entry, shard_name, write_shard
 
 
 def _encoding_arg(encoding: Encoding | str | dict[str, Any], num_classes: int) -> Encoding:
     """An encoding object from itself, a name ("dense") or parameters ({"name": "topk", "k": 8})."""
     if not isinstance(encoding, (str, dict)):
+        if not isinstance(encoding, tuple(ENCODINGS.values())):
+            raise ArgumentError(f"encoding: {encoding!r} is not an encoding; give lc.Dense(C), lc.TopK(C, k), ..., a "
+                                f"name ({', '.join(ENCODINGS)}) or parameters ({{'name': 'topk', 'k': 8}})")
         if encoding.num_classes != num_classes:
-            raise ValueError(f"encoding has {encoding.num_classes} classes but num_classes={num_classes}")
+            raise ArgumentError(f"encoding has {encoding.num_classes} classes but num_classes={num_classes}")
+        problems = encoding.problems()  # as one made from its parameters is checked
+        if problems:
+            raise ArgumentError(f"encoding {problems[0]}")
         return encoding
     try:
         return encoding_from_params({"name": encoding} if isinstance(encoding, str) else encoding, num_classes)
     except ValueError as e:
-        raise ValueError(f"encoding {e}") from None
+        raise ArgumentError(f"encoding {e}") from None
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -70,21 +78,36 @@ class CacheWriter:
                  temperature: float = 1.0, seq_len: int | None = None, tokens: bool = False, seed: int = 0,
                  compression_level: int | None = None, codec: str | None = None) -> None:
         if not isinstance(spec, dict) or not ({"teacher", "teachers"} & spec.keys()) or "dataset" not in spec:
-            raise ValueError("spec: declare what determines the targets, at least {'teacher': ..., 'dataset': ...} "
-                             "(name/revision of the teacher, a fingerprint of the inputs)")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
-        if rows_per_shard < 1 or chunk_rows < 1:
-            raise ValueError("rows_per_shard and chunk_rows must be >= 1")
+            raise ArgumentError("spec: declare what determines the targets, at least {'teacher': ..., 'dataset': ...} "
+                                "(name/revision of the teacher, a fingerprint of the inputs)")
+        try:
+            hash_json(spec)
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(f"spec: not plain JSON data ({e}); give strings, numbers, lists and dicts") from None
+        if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
+            raise ArgumentError(f"root: {root!r} is not a directory; give a non-empty str or Path")
+        choice("backend", backend, BACKENDS)
+        argument("num_classes", num_classes, FIELDS["data.num_classes"])
+        argument("rows_per_shard", rows_per_shard, FIELDS["cache.rows_per_shard"])
+        argument("chunk_rows", chunk_rows, FIELDS["cache.chunk_rows"])
+        argument("temperature", temperature, FIELDS["teachers.temperature"])
+        if seq_len is not None:
+            argument("seq_len", seq_len, COUNT)
+        flag("tokens", tokens)
+        argument("seed", seed, SEED)
+        if codec is not None:  # None: the encoding's default
+            choice("codec", codec, CODECS)
+        if compression_level is not None:
+            argument("compression_level", compression_level, Rule(integer=True))
         self.tokens = tokens or seq_len is not None
         if seq_len is not None and (rows_per_shard % seq_len or chunk_rows % seq_len):
-            raise ValueError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
-                             f"seq_len={seq_len} (sequences never straddle chunks)")
+            raise ArgumentError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
+                                f"seq_len={seq_len} (sequences never straddle chunks)")
         self.encoding = _encoding_arg(encoding, num_classes)
         codec = default_codec(self.encoding.name, backend) if codec is None else codec
         problems = codec_problems(codec, compression_level, backend)
         if problems:
-            raise ValueError(f"CacheWriter {problems[0]}")
+            raise ArgumentError(problems[0])
         self.seq_len, self.backend, self.seed = seq_len, backend, seed
         self.rows_per_shard, self.chunk_rows, self.level = rows_per_shard, chunk_rows, compression_level
         self.codec = codec
@@ -93,6 +116,7 @@ class CacheWriter:
         self.path = Path(root) / fmt.cache_id(self.spec)
         self.shards_dir = self.path / "shards"
         self._entries: list[dict[str, Any]] = []
+        self._seen = SeenIds()
         self._reset_buffer(0, 0)
         self._open = False
 
@@ -114,7 +138,7 @@ class CacheWriter:
             "layout": {"backend": self.backend, "rows_per_shard": self.rows_per_shard, "chunk_rows": self.chunk_rows},
         }
         spec["layout"].update(layout_codec(self.codec))
-        if not self.encoding.retemperable:
+        if self.encoding.stochastic:
             spec["sampling_seed"] = self.seed
         return spec
 
@@ -179,7 +203,17 @@ class CacheWriter:
         """Add B samples (classification rows, or sequences of a token cache), in a fixed order."""
         if not self._open:
             raise RuntimeError("CacheWriter.add: use the writer as a context manager (with CacheWriter(...) as w)")
-        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        try:
+            ids = np.asarray(sample_ids).reshape(-1)
+        except ValueError:
+            ids = np.asarray([None])
+        if ids.size == 0:
+            ids = ids.astype(np.int64)
+        if ids.dtype.kind not in "iu":
+            raise ArgumentError(f"add: sample_ids must be integers, got {ids.dtype} ({_span(ids)})")
+        if ids.dtype.kind == "u" and len(ids) and ids.max() > np.iinfo(np.int64).max:
+            raise ArgumentError(f"add: sample id {ids.max()} does not fit int64")
+        ids = ids.astype(np.int64)
         given = [x for x in (logits, logprobs, topk) if x is not None]
         if len(given) > 1:
             raise ValueError("add: pass one of logits, logprobs, topk")
@@ -200,6 +234,10 @@ class CacheWriter:
                 raise ValueError(f"add: outputs {tuple(lead.shape)} for {len(ids)} sample ids; pass {shape} with B = "
                                  "the number of sample ids")
         seq_lengths = self._item_lengths(ids, lead, lengths)
+        repeated = self._seen.add(ids)
+        if repeated is not None:
+            raise ArgumentError(f"add: sample id {repeated} was already added to this cache; sample ids key every row, "
+                                "so each sample (sequence) may be added once")
         i = 0
         while i < len(ids):
             room = self.rows_per_shard - self._rows
@@ -262,7 +300,7 @@ class CacheWriter:
         x = self._rows_of(values, lengths).float()  # (rows, C)
         logp = F.log_softmax(x / self.temperature if are_logits else x, dim=-1)
         _check_finite(logp, ids)
-        if self._gen is None and not enc.retemperable:  # seeded per shard, like the cache stage
+        if self._gen is None and enc.stochastic:  # seeded per shard, like the cache stage
             self._gen = torch.Generator(device=logp.device).manual_seed(self.seed * 1_000_003 + self._index)
         return enc.to_host(enc.encode(logp, self._gen))
 
@@ -301,6 +339,31 @@ class CacheWriter:
         if self.tokens:
             attrs["seq_len"] = self.seq_len
         return attrs
+
+
+class SeenIds:
+    """The sample ids added so far, as sorted runs merged like the digits of a binary counter: a
+    batch is checked with one binary search per run (a logarithmic number of them), at 8 bytes an id."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []  # sorted, disjoint, each at least twice the size of the next
+
+    def add(self, ids: np.ndarray) -> int | None:
+        """Add `ids`; or, when one repeats (within them or an earlier call), add none and return it."""
+        new, counts = np.unique(ids, return_counts=True)
+        if not len(new):
+            return None
+        if (counts > 1).any():
+            return int(new[counts > 1][0])
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, new), len(run) - 1)
+            hit = run[at] == new
+            if hit.any():
+                return int(new[hit][0])
+        while self.runs and len(self.runs[-1]) <= 2 * len(new):
+            new = np.union1d(self.runs.pop(), new)
+        self.runs.append(new)
+        return None
 
 
 def _slice(values: Any, i: int, j: int) -> Any:

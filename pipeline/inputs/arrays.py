@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.core.errors import DataError
 from pipeline.core.io import is_url, remembered
-from pipeline.inputs.rows import Selection, index_rows
+from pipeline.inputs.rows import Selection, index_rows, row_positions
 
 PAGE_BUDGET = 16 << 20  # bytes of mapped input made resident before its pages are released
 
@@ -167,6 +167,10 @@ def _storage(arr: Any) -> Any:
 def release(arr: Any) -> None:
     """Hand a memory-mapped array's resident pages back to the OS (they are re-read from the page
     cache if touched again); a no-op for in-memory arrays."""
+    if isinstance(arr, ConcatRows):
+        for part in arr.parts:
+            release(part)
+        return
     a = _storage(arr)
     while a is not None:
         m = a if isinstance(a, mmap.mmap) else getattr(a, "_mmap", None)
@@ -180,6 +184,8 @@ def release(arr: Any) -> None:
 
 
 def is_mapped(arr: Any) -> bool:
+    if isinstance(arr, ConcatRows):
+        return any(is_mapped(part) for part in arr.parts)
     a = _storage(arr)
     while a is not None:
         if isinstance(a, (mmap.mmap, np.memmap)):
@@ -230,6 +236,32 @@ class Dataset:
             h.update(np.ascontiguousarray(self.ids[i:i + (1 << 20)], dtype=np.int64).tobytes())
         release(self.ids)
         return h.hexdigest()[:16]
+
+    def range_digests(self, step: int) -> tuple[str, ...]:
+        """A digest of the inputs and ids of each run of `step` rows (rows [0, step), [step, 2 step),
+        ...): what a cache shard of those rows is computed from, so a shard whose rows are unchanged
+        (rows appended after them) is found by content. One streamed pass, remembered per machine
+        for data read from files."""
+        def scan() -> str:
+            x, out = self.x, []
+            head = repr((tuple(x.shape[1:]), str(x.dtype))).encode()
+            row_bytes = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
+            block = max(1, min(step, SCAN_ROWS_BYTES // row_bytes))
+            for a in range(0, len(x), step):
+                b = min(a + step, len(x))
+                h = hashlib.sha256(head)
+                for i in range(a, b, block):
+                    h.update(np.ascontiguousarray(x[i:min(i + block, b)], dtype=x.dtype))
+                    if is_mapped(x):
+                        release(x)
+                h.update(np.ascontiguousarray(self.ids[a:b], dtype=np.int64).tobytes())
+                out.append(h.hexdigest()[:16])
+            return " ".join(out)
+
+        if self.origin is None:
+            return tuple(scan().split())
+        files, which = self.origin
+        return tuple(remembered([Path(f) for f in files], f"ranges:{step}:{which}", scan).split())
 
     @functools.cached_property
     def _order(self) -> np.ndarray:
@@ -297,6 +329,77 @@ class Dataset:
         return Dataset(x, None if self.y is None else np.asarray(self.y[idx]), ids, self.source, origin)
 
 
+class ConcatRows:
+    """Rows of several arrays of one row shape and dtype, one after the other, read on demand (each
+    an ndarray, a memmap, MappedRows, LazyRows or a Selection); indexing returns in-memory arrays."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.bounds = np.cumsum([0] + [len(p) for p in parts])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.parts[0].dtype)
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return index_rows(key, self._rows)
+
+    def _rows(self, key: Any) -> np.ndarray:
+        pos = row_positions(key, len(self))
+        if isinstance(pos, slice):
+            pos = np.arange(pos.start, pos.stop, dtype=np.int64)
+        scalar = np.ndim(pos) == 0
+        pos = np.atleast_1d(pos)
+        part = np.searchsorted(self.bounds, pos, side="right") - 1
+        out = np.empty((len(pos), *self.shape[1:]), dtype=self.dtype)
+        for i in np.unique(part):
+            mine = part == i
+            local = pos[mine] - self.bounds[i]
+            run = len(local) and local[-1] - local[0] == len(local) - 1 and bool((np.diff(local) == 1).all())
+            out[mine] = self.parts[i][int(local[0]):int(local[-1]) + 1] if run else self.parts[i][local]
+        return out[0] if scalar else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.concatenate([np.asarray(p) for p in self.parts]).astype(dtype or self.dtype, copy=False)
+
+
+def concat(parts: list[Dataset], source: str) -> Dataset:
+    """The rows of `parts` one after the other. Sample ids are kept where a part has its own; a part
+    numbered 0..n-1 by default continues after the largest id before it. Labels are kept when every
+    part has them. Inputs read from files stay on disk (ConcatRows)."""
+    if all(isinstance(p.ids, IdRange) for p in parts):
+        all_ids: Any = IdRange(sum(len(p) for p in parts))  # each part continues the numbering: 0..N-1
+    else:
+        ids, end = [], 0  # end: one past the largest id so far
+        for p in parts:
+            own = np.arange(end, end + len(p), dtype=np.int64) if isinstance(p.ids, IdRange) \
+                else np.asarray(p.ids, dtype=np.int64)
+            ids.append(own)
+            end = max(end, int(own.max()) + 1) if len(own) else end
+        all_ids = np.concatenate(ids)
+        if len(np.unique(all_ids)) != len(all_ids):
+            raise DataError(f"{source}: the sample ids of the appended rows repeat ids of the rows before them; "
+                            "give each appended file ids of its own (an 'ids' array) or none")
+    in_memory = all(isinstance(p.x, np.ndarray) and not is_mapped(p.x) for p in parts)
+    x = np.concatenate([p.x for p in parts]) if in_memory else ConcatRows([p.x for p in parts])
+    y = np.concatenate([np.asarray(p.y) for p in parts]) if all(p.y is not None for p in parts) else None
+    origin = None
+    if all(p.origin is not None for p in parts):
+        origin = (tuple(f for p in parts for f in p.origin[0]), "+".join(p.origin[1] for p in parts))
+    return Dataset(x, y, all_ids, source, origin)
+
+
 @dataclass(frozen=True)
 class Splits:
     train: Dataset  # labelled; teachers are fitted on it
@@ -304,6 +407,7 @@ class Splits:
     transfer: Dataset  # inputs the teachers label with soft targets; students train on it
     num_classes: int  # classes, or the vocabulary size for language models
     vocab: str | None = None  # language models: fingerprint of the tokenizer's vocabulary
+    corpus: Any = None  # language models: the transfer split as documents (inputs/documents.Corpus)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -303,6 +303,8 @@ def open_parquet(p: Path, key: str, label_column: str, feature_columns: tuple[st
         shape = (n, len(features))
     out["x"] = LazyRows(ParquetBlocks(str(p), key, tuple(features), bool(listed), shape, bounds))
     out["_files"] = {"x": (str(p),)}
+    out["_names"] = {"x": f"feature columns {features}", "y": f"column {label_column!r} (data.label_column)",
+                     "ids": "column 'sample_id'"}
     out["_tag"] = f"|columns:{features}"  # other feature columns are other inputs
     return out
 
@@ -318,6 +320,7 @@ class ZarrBlocks:
     name: str
     shape: tuple[int, ...]
     bounds: tuple[int, ...]
+    key: str = "data.source"  # the config field naming the group, for messages
 
     def open(self) -> Any:
         import zarr
@@ -325,7 +328,31 @@ class ZarrBlocks:
         return zarr.open_group(self.path, mode="r")[self.name]
 
     def read(self, handle: Any, block: int) -> np.ndarray:
-        return np.asarray(handle[self.bounds[block]:self.bounds[block + 1]], dtype=np.float32)
+        return zarr_read(handle, slice(self.bounds[block], self.bounds[block + 1]), Path(self.path), self.name,
+                         self.key, np.float32)
+
+
+def zarr_read(a: Any, rows: slice, p: Path, name: str, key: str, dtype: Any = None) -> np.ndarray:
+    """Rows of Zarr array `a`; a chunk that cannot be decoded (truncated, overwritten) is one DataError
+    naming the group, the array, the chunk's rows and, where it can be found, its file."""
+    try:
+        return np.asarray(a[rows], dtype=dtype)
+    except Exception as e:  # noqa: BLE001  codecs raise RuntimeError, ValueError, zarr's own types, ...
+        error = e
+    lo, hi = rows.start or 0, a.shape[0] if rows.stop is None else rows.stop
+    step = max((a.shards or a.chunks)[0], 1)
+    for start in range(lo - lo % step, hi, step):  # the failing chunk: looked for only once one failed
+        try:
+            a[max(start, lo):min(start + step, hi)]
+        except Exception as e:  # noqa: BLE001
+            error, lo, hi = e, max(start, lo), min(start + step, hi)
+            break
+    top = p / name / "c" / str(lo // step)  # zarr v3's default chunk keys: c/<row block>/<column block>...
+    files = [top] if top.is_file() else sorted(f for f in top.rglob("*") if f.is_file()) if top.is_dir() else []
+    where = f"chunk file {files[0]}" if len(files) == 1 else f"a chunk file under {top}" if files \
+        else f"the chunk of rows {lo}..{hi}"
+    raise DataError(f"{key}: {p}: array {name!r} cannot be read at rows {lo}..{hi} ({type(error).__name__}: "
+                    f"{_why(error)}); {where} is damaged or truncated, write the array again")
 
 
 def is_zarr_group(p: Path) -> bool:
@@ -342,20 +369,23 @@ def open_zarr(p: Path, key: str, names: tuple[str, ...]) -> dict[str, Any]:
         raise DataError(f"{key}: {p}: cannot open as a Zarr group ({type(e).__name__}: {_why(e)}); "
                         "write it with zarr.open_group(path, mode='w')") from None
     out: dict[str, Any] = {"_files": {}}
-    arrays = set(group.array_keys())
     for name in names:
-        if name not in arrays:
+        if not (p / name / "zarr.json").is_file() and not (p / name / ".zarray").is_file():
             continue
-        a = group[name]
+        try:
+            a = group[name]
+        except Exception as e:  # noqa: BLE001  a damaged zarr.json: zarr raises many types
+            raise DataError(f"{key}: {p}: array {name!r} cannot be opened ({type(e).__name__}: {_why(e)}); its "
+                            f"metadata {p / name} is damaged, write the array again") from None
         if not name.startswith("x"):
-            out[name] = np.asarray(a[:])
+            out[name] = zarr_read(a, slice(0, a.shape[0] if a.ndim else None), p, name, key)
         elif a.ndim < 2 or not np.issubdtype(a.dtype, np.number):
             raise DataError(f"{p}: {name!r} must be a numeric array of shape (N, features...), got {a.dtype} {a.shape}")
         else:
             step = max(1, (a.shards or a.chunks)[0])
             n = a.shape[0]
             bounds = (*range(0, n, step), n)
-            out[name] = LazyRows(ZarrBlocks(str(p), name, tuple(a.shape), bounds))
+            out[name] = LazyRows(ZarrBlocks(str(p), name, tuple(a.shape), bounds, key))
         out["_files"][name] = tuple(sorted(str(f) for f in (p / name).rglob("*") if f.is_file()))
     return out
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import DataError
-from pipeline.inputs.arrays import Dataset, IdRange, MappedRows, Splits, check_file, release
+from pipeline.inputs.arrays import Dataset, IdRange, MappedRows, Splits, check_file, concat, release
 from pipeline.inputs.rows import LazyRows, is_zarr_group, open_parquet, open_zarr
+from pipeline.inputs.documents import open_corpus
 from pipeline.inputs.tokens import read_manifest, sequences, tokenize
 
 
@@ -21,7 +22,8 @@ def load_splits(config: Config) -> Splits:
 
     Loaded once per process (per Dask worker) for each config and file state."""
     cfg = config.data
-    paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source, cfg.tokenizer) if p and Path(p).exists()]
+    paths = [p for p in (cfg.source, cfg.test_source, cfg.transfer.source, cfg.tokenizer, *cfg.transfer.append)
+             if p and Path(p).exists()]
     stamps = tuple((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths)
     if cfg.task == "lm":
         return load_lm_splits(cfg, config.workspace, stamps)
@@ -66,6 +68,18 @@ def _load_splits(cfg: DataConfig, stamps: tuple) -> Splits:
                             f"training inputs {train.x.shape[1:]}; give data with the same features")
         if transfer.y is not None:
             _check_labels(transfer, num_classes, explicit=True)
+    if cfg.transfer.append:
+        parts = [transfer]
+        for i, path in enumerate(cfg.transfer.append):
+            key = f"data.transfer.append.{i}"
+            more = _dataset(_read(path, key, cfg, labelled=False), "x", "y", path, labelled=False)
+            if more.x.shape[1:] != train.x.shape[1:]:
+                raise DataError(f"{key}: {path} has inputs of shape {more.x.shape[1:]}, training inputs "
+                                f"{train.x.shape[1:]}; give data with the same features")
+            if more.y is not None:
+                _check_labels(more, num_classes, explicit=True)
+            parts.append(more)
+        transfer = concat(parts, " + ".join(p.source for p in parts))
     if cfg.transfer.exclude_classes:
         outside = [k for k in cfg.transfer.exclude_classes if not 0 <= k < num_classes]
         if outside:
@@ -149,6 +163,11 @@ def _read_npy_dir(p: Path, key: str) -> dict[str, Any]:
 
 def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bool) -> Dataset:
     found = ", ".join(sorted(k for k in arrays if not k.startswith("_"))) or "none"
+    names = arrays.get("_names", {})  # what the user calls them: a Parquet file's configured columns
+
+    def name(k: str) -> str:
+        return names.get(k, f"array {k!r}")
+
     if xk not in arrays:
         raise DataError(f"{source}: no array {xk!r} (found: {found}); "
                         f"save inputs as {xk!r} and integer labels as {yk!r}")
@@ -158,28 +177,35 @@ def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bo
     lazy = isinstance(x, (np.memmap, LazyRows))  # read by blocks: checked by the fingerprint's pass
     x = x if lazy else np.asarray(x)
     if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{source}: {xk!r} must be a numeric array of shape (N, features...), got {x.dtype} {x.shape}")
+        raise DataError(f"{source}: {name(xk)} must be a numeric array of shape (N, features...), got {x.dtype} "
+                        f"{x.shape}")
     if int(np.prod(x.shape)) == 0:
-        raise DataError(f"{source}: {xk!r} is empty (shape {x.shape}); give at least one row of features")
+        raise DataError(f"{source}: {name(xk)} is empty (shape {x.shape}); give at least one row of features")
     if x.dtype != np.float32:  # a mapped file of another dtype is converted as it is read
         x = MappedRows(x, np.float32) if lazy else x.astype(np.float32)
     if not lazy and not np.isfinite(x).all():
-        raise DataError(f"{source}: {xk!r} holds NaN or infinite values; clean the inputs")
+        raise DataError(f"{source}: {name(xk)} holds NaN or infinite values; clean the inputs")
     y = None
     if yk in arrays:
         y_raw = arrays[yk] if isinstance(arrays[yk], np.memmap) else np.asarray(arrays[yk])
         if y_raw.shape != (len(x),):
-            raise DataError(f"{source}: {yk!r} has shape {y_raw.shape}, expected ({len(x)},) to match {xk!r}")
-        whole = np.issubdtype(y_raw.dtype, np.floating) and bool(np.isfinite(y_raw).all()) \
-            and bool(np.all(y_raw == np.round(y_raw)))
-        if not np.issubdtype(y_raw.dtype, np.integer) and not whole:
-            raise DataError(f"{source}: {yk!r} must hold integer class labels, got {y_raw.dtype}")
+            raise DataError(f"{source}: {name(yk)} has shape {y_raw.shape}, expected ({len(x)},) to match {xk!r}")
+        _check_integers(y_raw, source, name(yk), "integer class labels")
         y = y_raw if y_raw.dtype == np.int64 else y_raw.astype(np.int64)
     ids_key = "ids" if xk == "x" else "ids_test"
     if ids_key in arrays:
-        ids = np.asarray(arrays[ids_key]).astype(np.int64)
-        if ids.shape != (len(x),) or len(np.unique(ids)) != len(ids):
-            raise DataError(f"{source}: {ids_key!r} must be {len(x)} unique integers")
+        ids = np.asarray(arrays[ids_key])
+        if ids.shape != (len(x),):
+            raise DataError(f"{source}: {name(ids_key)} has shape {ids.shape}, expected ({len(x)},): one sample id "
+                            "per row")
+        _check_integers(ids, source, name(ids_key), "integer sample ids")
+        ids = ids.astype(np.int64)
+        order = np.argsort(ids, kind="stable")
+        same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+        if len(same):
+            rows = sorted(order[same[0]:same[0] + 2].tolist())
+            raise DataError(f"{source}: {name(ids_key)} holds sample id {int(ids[rows[0]])} twice (rows {rows[0]} and "
+                            f"{rows[1]}); sample ids key every cached row, so each must be unique")
     else:
         ids = IdRange(len(x))
     files = arrays.get("_files")
@@ -190,6 +216,17 @@ def _dataset(arrays: dict[str, Any], xk: str, yk: str, source: str, labelled: bo
         ds.fingerprint  # noqa: B018  checks the inputs now, not in the middle of a stage
         return ds
     return Dataset(x, y, ids, source, _origin(source, xk))
+
+
+def _check_integers(a: Any, source: str, what: str, want: str) -> None:
+    """Integers, or floats that are whole numbers (a Parquet column with nulls reads as floats with NaN)."""
+    if np.issubdtype(a.dtype, np.integer):
+        return
+    floating = np.issubdtype(a.dtype, np.floating)
+    if floating and not bool(np.isfinite(a).all()):
+        raise DataError(f"{source}: {what} holds nulls, NaN or infinite values; give {want}")
+    if not floating or not bool(np.all(a == np.round(a))):
+        raise DataError(f"{source}: {what} must hold {want}, got {a.dtype}")
 
 
 def _origin(source: str, key: str) -> tuple[tuple[str, ...], str] | None:
@@ -229,9 +266,15 @@ def load_lm_splits(d: DataConfig, workspace: str, stamps: tuple) -> Splits:
     test = dataset("test", None if limit is None else max(1, limit // 4), f"{d.source} (test)")
     for name, ds in (("training", train), ("test", test)):
         if len(ds) == 0:
-            raise DataError(f"data.source: too little text for one {name} sequence of "
-                            f"data.seq_len={d.seq_len} tokens; give more text or a shorter seq_len")
+            held_out = f" after data.test_fraction={d.test_fraction} is held out" if d.test_source is None else ""
+            raise DataError(f"data.source: too little text for one {name} sequence of data.seq_len={d.seq_len} "
+                            f"tokens{held_out}; give more text, a shorter seq_len"
+                            + (" or a smaller test_fraction" if held_out and name == "training" else ""))
     transfer = train if d.transfer.source is None else dataset("transfer", None, d.transfer.source)
+    # the cache's targets: the transfer split's documents (the training split's first max_sequences
+    # sequences' worth of tokens when it is the transfer set and capped)
+    cap = limit * (d.seq_len + 1) if d.transfer.source is None and limit is not None else None
+    corpus = open_corpus(directory, manifest, "train" if d.transfer.source is None else "transfer", cap)
     return Splits(train=train, test=test, transfer=transfer, num_classes=manifest["vocab_size"],
-                  vocab=manifest["vocab_fingerprint"])
+                  vocab=manifest["vocab_fingerprint"], corpus=corpus)
 

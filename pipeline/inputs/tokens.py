@@ -12,14 +12,21 @@ command does) and maps it; nothing reads the whole corpus into memory.
   train.bin             token ids of the training documents, each followed by eos (uint16 when the
                         vocabulary fits 65,536 ids, else uint32; little-endian, no header)
   train.offsets.npy     int64 (n_docs + 1): document d is train.bin[offsets[d]:offsets[d + 1]], eos included
-  test.bin, test.offsets.npy
-  transfer.bin, transfer.offsets.npy    only with data.transfer.source
+  train.mask.bin        only for a source that marks trained tokens (chat messages, labels, loss_mask) with
+                        data.train_on: assistant: uint8, one per token of train.bin; 1 where the prediction
+                        of that token (from the tokens before it in its document) is trained. A document's
+                        first token is 0 (nothing predicts it), its eos takes its last token's value.
+  test.bin, test.offsets.npy, test.mask.bin
+  transfer.bin, transfer.offsets.npy, transfer.mask.bin    only with data.transfer.source
 
 The id hashes everything that determines the tokens: each source's content digest (remembered per
 machine), data.text_field, the tokenizer (its file's digest, or the vocabulary size of the BPE
 trained here), the split (data.split_seed and data.test_fraction, or data.test_source) and the
-format version. The split is by document, as it always was: a permutation of the documents by
-data.split_seed, the first round(n * test_fraction) go to test, each split keeps source order.
+format version; and, only where they differ from what every corpus had before, the eos token
+(when not EOS), the chat template's files (chat sources) and data.train_on (when masks are
+written), so a plain-text corpus keeps its id. The split is by document, as it always was: a
+permutation of the documents by data.split_seed, the first round(n * test_fraction) go to test,
+each split keeps source order.
 """
 
 from __future__ import annotations
@@ -43,17 +50,26 @@ from pipeline.core.io import (
     hash_json,
     publish_dir,
     read_json,
+    record_tree_digest,
     remove_dead_tmp,
+    sha256_file,
     tmp_name,
 )
 from pipeline.core.lock import build_lock
-from pipeline.core.progress import bar
+from pipeline.core.progress import bar, log
+from pipeline.inputs.chat import ChatTemplate, template_identity
 from pipeline.inputs.text import (
+    EOS,
+    MASKED,
+    Document,
     Tokenizer,
     count_documents,
-    is_pretokenized,
+    document_size,
+    eos_id,
+    eos_token,
     iter_documents,
     source_identity,
+    source_kind,
     tokenizer_file,
     tokenizer_for,
 )
@@ -82,8 +98,30 @@ def identity(d: DataConfig) -> dict[str, Any]:
              else {"split_seed": d.split_seed, "test_fraction": d.test_fraction})
     transfer = (source_identity(d.transfer.source, "data.transfer.source") if d.transfer.source is not None
                 else None)
-    return {"format_version": TOKENS_FORMAT, "source": source_identity(d.source, "data.source"),
-            "text_field": d.text_field, "tokenizer": tokenizer, "split": split, "transfer": transfer}
+    ident = {"format_version": TOKENS_FORMAT, "source": source_identity(d.source, "data.source"),
+             "text_field": d.text_field, "tokenizer": tokenizer, "split": split, "transfer": transfer}
+    # keys added only where they change the files, so the corpora of earlier versions keep their ids
+    eos = eos_token(d)
+    if eos != EOS:
+        ident["eos"] = eos  # None (none declared) is refused when tokenizing
+    kinds = _kinds(d)
+    chat = [key for key, kind in kinds.items() if kind == "messages"]
+    if chat:
+        ident["chat_template"] = template_identity(d.tokenizer, _sources(d)[chat[0]], chat[0])
+    if d.train_on == "assistant" and any(kind in MASKED for kind in kinds.values()):
+        ident["train_on"] = d.train_on
+    return ident
+
+
+def _sources(d: DataConfig) -> dict[str, str]:
+    """The config's sources by their keys."""
+    sources = {"data.source": d.source, "data.test_source": d.test_source, "data.transfer.source": d.transfer.source}
+    return {key: path for key, path in sources.items() if path is not None}
+
+
+def _kinds(d: DataConfig) -> dict[str, str]:
+    """Each source's kind (`source_kind`), by its config key."""
+    return {key: source_kind(path, key, d.text_field) for key, path in _sources(d).items()}
 
 
 def tokenize(d: DataConfig, workspace: str) -> Path:
@@ -96,14 +134,19 @@ def tokenize(d: DataConfig, workspace: str) -> Path:
     root = Path(workspace) / "tokens"
     final = root / hash_json(ident)[:16]
     if final.exists():
-        read_manifest(final)
-        return final
+        problem = token_problem(final)
+        if problem is None:
+            return final
+        log(f"tokens {final.name}: {problem}; tokenizing again")
     check_writable(root, "workspace")
     root.mkdir(parents=True, exist_ok=True)
     with build_lock(root / f".lock-{final.name}", f"tokens {final.name}"):  # one process tokenizes, the rest wait
-        if final.exists():  # tokenized by another process while this one waited
-            read_manifest(final)
-            return final
+        if final.exists():  # tokenized by another process while this one waited, or damaged
+            if token_problem(final) is None:
+                return final
+            aside = tmp_name(final)
+            os.rename(final, aside)  # then removed: a process that maps its files keeps them until it unmaps
+            shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
         remove_dead_tmp(root)
         tmp = tmp_name(final)
         tmp.mkdir()
@@ -117,7 +160,63 @@ def tokenize(d: DataConfig, workspace: str) -> Path:
             raise
         publish_dir(tmp, final)
         fsync_dir(root)
+        for entry in manifest["splits"].values():  # hashed as written: this machine need not read them again
+            record_tree_digest(final / entry["file"], entry["sha256"])
+            record_tree_digest(final / entry["offsets"], entry["offsets_sha256"])
     return final
+
+
+def token_problem(directory: Path) -> str | None:
+    """What is wrong with a tokenized corpus, or None: a complete manifest, and each split's token
+    file of the size and sha256 it records, its offsets file of the sha256 it records (or, in a
+    manifest from before offsets were hashed, of the shape and ends). Digests are remembered per
+    machine (pipeline/core/io.py): an unchanged file is read once per machine, and one flipped byte,
+    a truncation or a lost file is found before any stage maps it."""
+    try:
+        manifest = read_manifest(directory)
+    except DataError as e:
+        return str(e).split("; ")[0]
+    where = directory / "manifest.json"
+    try:
+        dtype = np.dtype(manifest["dtype"])
+        splits = [manifest["splits"][name] for name in ("train", "test", "transfer")
+                  if name in manifest["splits"] or name != "transfer"]
+        for e in splits:
+            if not (all(isinstance(e[k], str) and Path(e[k]).name == e[k] for k in ("file", "offsets", "sha256"))
+                    and isinstance(e["n_docs"], int) and isinstance(e["n_tokens"], int)):
+                raise TypeError
+    except (KeyError, TypeError, ValueError):
+        return f"{where}: a split lacks file, offsets, n_docs, n_tokens or sha256, or dtype is not a dtype"
+    for e in splits:
+        tokens_file, offsets_file = directory / e["file"], directory / e["offsets"]
+        for f in (tokens_file, offsets_file):
+            if not f.is_file():
+                return f"{f}: missing"
+        size, expected = tokens_file.stat().st_size, e["n_tokens"] * dtype.itemsize
+        if size != expected:
+            return (f"{tokens_file}: {size} bytes, but the manifest records {e['n_tokens']} {dtype.name} tokens "
+                    f"({expected} bytes); the file was truncated or overwritten")
+        if file_digest(tokens_file) != e["sha256"]:
+            return f"{tokens_file}: its sha256 differs from the manifest's; the file was modified or damaged"
+        if e.get("mask"):
+            mask_file = directory / str(e["mask"])
+            if not mask_file.is_file():
+                return f"{mask_file}: missing"
+            if mask_file.stat().st_size != e["n_tokens"] or file_digest(mask_file) != e.get("mask_sha256"):
+                return f"{mask_file}: its size or sha256 differs from the manifest's; the file was modified or damaged"
+        if e.get("offsets_sha256") is not None:
+            if file_digest(offsets_file) != e["offsets_sha256"]:
+                return f"{offsets_file}: its sha256 differs from the manifest's; the file was modified or damaged"
+            continue
+        try:
+            offsets = np.load(offsets_file, mmap_mode="r", allow_pickle=False)
+            ok = offsets.shape == (e["n_docs"] + 1,) and offsets.dtype == np.int64 and \
+                int(offsets[0]) == 0 and int(offsets[-1]) == e["n_tokens"]
+        except (ValueError, OSError, IndexError):
+            ok = False
+        if not ok:
+            return f"{offsets_file}: not {e['n_docs'] + 1} int64 offsets from 0 to {e['n_tokens']}"
+    return None
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -138,17 +237,22 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 class TokenFile:
     """Appends documents to <name>.bin, each followed by eos, and their end offsets to
     <name>.offsets.npy, by buffered file writes: memory holds one batch, whatever the corpus size.
-    The data is hashed as it is written."""
+    With `masked`, each token's trained flag goes to <name>.mask.bin in step. The data is hashed as
+    it is written."""
 
-    def __init__(self, directory: Path, name: str, dtype: np.dtype, vocab_size: int, eos: int, source: str) -> None:
+    def __init__(self, directory: Path, name: str, dtype: np.dtype, vocab_size: int, eos: int, source: str,
+                 masked: bool = False) -> None:
         self.directory, self.name, self.dtype = directory, name, dtype
         self.vocab_size, self.eos, self.source = vocab_size, eos, source
         self.tokens: BinaryIO = open(directory / f"{name}.bin", "wb")
         self.ends: BinaryIO = open(directory / f".{name}.ends", "wb")  # int64 end offsets, raw
-        self.sha256 = hashlib.sha256()
-        self.n_docs = self.n_tokens = 0
+        self.masks: BinaryIO | None = open(directory / f"{name}.mask.bin", "wb") if masked else None
+        self.sha256, self.mask_sha256 = hashlib.sha256(), hashlib.sha256()
+        self.n_docs = self.n_tokens = self.n_trained = 0
 
-    def append(self, docs: Sequence[Sequence[int] | np.ndarray]) -> None:
+    def append(self, docs: Sequence[Sequence[int] | np.ndarray], masks: Sequence[np.ndarray] | None = None) -> None:
+        """`masks` (with `masked`): per document, 1 where the source trains that token; a document's
+        first token is then set to 0 and its eos takes the source's flag of its last token."""
         lengths = np.fromiter((len(ids) + 1 for ids in docs), dtype=np.int64, count=len(docs))
         ends = np.cumsum(lengths)
         flat = np.full(int(ends[-1]) if len(docs) else 0, self.eos, dtype=np.int64)  # (batch tokens,)
@@ -161,15 +265,28 @@ class TokenFile:
         self.tokens.write(data)
         self.sha256.update(data)
         self.ends.write((ends + self.n_tokens).astype("<i8").tobytes())
+        if self.masks is not None:
+            assert masks is not None and len(masks) == len(docs)
+            flags = np.zeros(len(flat), dtype=np.uint8)  # (batch tokens,)
+            for m, end, n in zip(masks, ends, lengths):
+                assert len(m) == n - 1
+                if n > 1:
+                    flags[end - n:end - 1] = m
+                    flags[end - 1] = m[-1]
+                flags[end - n] = 0
+            self.masks.write(flags.tobytes())
+            self.mask_sha256.update(flags.tobytes())
+            self.n_trained += int(flags.sum(dtype=np.int64))
         self.n_docs += len(docs)
         self.n_tokens += len(flat)
 
     def close(self) -> dict[str, Any]:
         """Flush and fsync; write the offsets as .npy (a header, then 0 and the streamed ends)."""
-        for f in (self.tokens, self.ends):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        for f in (self.tokens, self.ends, self.masks):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         raw = self.directory / f".{self.name}.ends"
         with open(self.directory / f"{self.name}.offsets.npy", "wb") as out, open(raw, "rb") as src:
             np.lib.format.write_array_header_1_0(out, {"descr": "<i8", "fortran_order": False,
@@ -179,13 +296,20 @@ class TokenFile:
             out.flush()
             os.fsync(out.fileno())
         raw.unlink()
-        return {"file": f"{self.name}.bin", "offsets": f"{self.name}.offsets.npy", "n_docs": self.n_docs,
-                "n_tokens": self.n_tokens, "sha256": self.sha256.hexdigest()}
+        entry = {"file": f"{self.name}.bin", "offsets": f"{self.name}.offsets.npy", "n_docs": self.n_docs,
+                 "n_tokens": self.n_tokens, "sha256": self.sha256.hexdigest(),
+                 "offsets_sha256": sha256_file(self.directory / f"{self.name}.offsets.npy")}
+        if self.masks is not None:
+            entry.update(mask=f"{self.name}.mask.bin", mask_sha256=self.mask_sha256.hexdigest(),
+                         trained_tokens=self.n_trained)
+        return entry
 
 
 def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
     """Tokenize every split of `d` into `out`; the manifest's entries."""
     n_docs = count_documents(d.source, "data.source", d.text_field)  # a cheap first pass: nothing tokenized
+    if n_docs == 0:
+        raise DataError(f"data.source: {d.source} holds no documents (empty, or only blank lines); give a corpus")
     in_test: np.ndarray | None = None  # (n_docs,) bool: held-out documents
     if d.test_source is None:
         # a deterministic document-level split keeps held-out text unseen by teachers and students
@@ -197,59 +321,81 @@ def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
         docs = iter_documents(d.source, "data.source", d.text_field)
         return docs if in_test is None else (doc for doc, t in zip(docs, in_test) if not t)  # type: ignore[misc]
 
-    pretokenized = is_pretokenized(d.source, "data.source")
-    tok = tokenizer_for(d, workspace, None if pretokenized else train_docs)
+    kinds = _kinds(d)
+    tok = tokenizer_for(d, workspace, train_docs if kinds["data.source"] == "text" else None)
+    eos = eos_id(d, tok)
+    chat = ChatTemplate(Path(d.tokenizer)) if "messages" in kinds.values() and d.tokenizer is not None else None
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
-    files = {name: TokenFile(out, name, dtype, tok.vocab_size, tok.eos, source)
-             for name, source in (("train", d.source), ("test", d.test_source or d.source),
-                                  ("transfer", d.transfer.source)) if source is not None}
-    written = _stream(d.source, "data.source", d, tok, [files["train"], files["test"]], in_test)
+    files = {name: TokenFile(out, name, dtype, tok.vocab_size, eos, source,
+                             masked=d.train_on == "assistant" and kinds[key] in MASKED)
+             for name, key, source in (("train", "data.source", d.source),
+                                       ("test", "data.test_source" if d.test_source else "data.source",
+                                        d.test_source or d.source),
+                                       ("transfer", "data.transfer.source", d.transfer.source)) if source is not None}
+    written = _stream(d.source, "data.source", d, tok, chat, [files["train"], files["test"]], in_test)
     if written != n_docs:
         raise DataError(f"data.source: {d.source} changed while it was tokenized ({n_docs} documents, then "
                         f"{written}); rerun when it is no longer being written")
     if d.test_source is not None:
-        _stream(d.test_source, "data.test_source", d, tok, [files["test"]], None)
+        _stream(d.test_source, "data.test_source", d, tok, chat, [files["test"]], None)
     if d.transfer.source is not None:
-        _stream(d.transfer.source, "data.transfer.source", d, tok, [files["transfer"]], None)
+        _stream(d.transfer.source, "data.transfer.source", d, tok, chat, [files["transfer"]], None)
     return {"format_version": TOKENS_FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-            "vocab_fingerprint": tok.fingerprint, "tokenizer": str(tok.path), "eos": tok.eos,
+            "vocab_fingerprint": tok.fingerprint, "tokenizer": str(tok.path), "eos": eos,
             "splits": {name: f.close() for name, f in files.items()}}
 
 
-def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, files: list[TokenFile], in_test: np.ndarray | None) -> int:
+def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, chat: ChatTemplate | None, files: list[TokenFile],
+            in_test: np.ndarray | None) -> int:
     """Encode `path`'s documents in batches (`_batches`) into files[0], or files[1] where `in_test`;
     the number of documents read."""
+    kind = source_kind(path, key, d.text_field)
     n = 0
     progress = bar(None, f"tokenize {path}", "tokens")  # a line every LOGITCACHE_PROGRESS_INTERVAL s in job logs
     for batch in _batches(iter_documents(path, key, d.text_field)):
-        ids = tok.encode(batch) if isinstance(batch[0], str) else batch
+        ids, masks = _encode(batch, kind, tok, chat, f"{key}: {path}", n)
         written = sum(f.n_tokens for f in files)
         if in_test is None:
-            files[0].append(ids)
+            files[0].append(ids, masks)
         else:
             test = in_test[n:n + len(batch)]
             if len(test) < len(batch):
                 raise DataError(f"{key}: {path} changed while it was tokenized (more documents than counted); "
                                 "rerun when it is no longer being written")
-            files[0].append([x for x, t in zip(ids, test) if not t])
-            files[1].append([x for x, t in zip(ids, test) if t])
+            for f, held_out in zip(files, (False, True)):
+                f.append([x for x, t in zip(ids, test) if t == held_out],
+                         None if masks is None else [m for m, t in zip(masks, test) if t == held_out])
         n += len(batch)
         progress.update(sum(f.n_tokens for f in files) - written)  # the files count end-of-text tokens too
     progress.close()
     return n
 
 
-def _batches(docs: Iterator[Any]) -> Iterator[list[Any]]:
-    """Consecutive documents, at most BATCH_DOCS of them and BATCH_CHARS of their length together,
-    except a longer document, which comes alone."""
-    batch: list[Any] = []
+def _encode(batch: list[Document], kind: str, tok: Tokenizer, chat: ChatTemplate | None, where: str,
+            first: int) -> tuple[list[Any], list[np.ndarray] | None]:
+    """A batch of one kind's documents as token ids, with their masks where the kind has them."""
+    if kind == "text":
+        return tok.encode(batch), None  # type: ignore[arg-type]
+    if kind == "input_ids":
+        return batch, None
+    if kind == "messages":
+        assert chat is not None
+        return chat.encode(batch, where, first)  # type: ignore[arg-type]
+    return [ids for ids, _ in batch], [m for _, m in batch]  # type: ignore[misc]
+
+
+def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    """Consecutive documents, at most BATCH_DOCS of them and BATCH_CHARS of their size together
+    (`document_size`), except a larger document, which comes alone."""
+    batch: list[Document] = []
     size = 0
     for doc in docs:
-        if batch and size + len(doc) > BATCH_CHARS:
+        n = document_size(doc)
+        if batch and size + n > BATCH_CHARS:
             yield batch
             batch, size = [], 0
         batch.append(doc)
-        size += len(doc)
+        size += n
         if len(batch) == BATCH_DOCS:
             yield batch
             batch, size = [], 0
@@ -267,7 +413,27 @@ def sequences(directory: Path, manifest: dict[str, Any], split: str, seq_len: in
         n = min(n, limit)
     if n == 0:  # an empty file cannot be mapped
         return np.zeros((0, seq_len + 1), dtype=manifest["dtype"])
-    flat = np.memmap(directory / entry["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r",
-                     shape=(entry["n_tokens"],))
+    try:
+        flat = np.memmap(directory / entry["file"], dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r",
+                         shape=(entry["n_tokens"],))
+    except (ValueError, OSError) as e:  # changed since tokenize checked it
+        raise DataError(f"{directory / entry['file']}: cannot map {entry['n_tokens']} tokens ({e}); rerun "
+                        "`logitcache tokenize CONFIG` to check and rebuild it") from None
     return flat[: n * (seq_len + 1)].reshape(n, seq_len + 1)
 
+
+
+def mask(directory: Path, manifest: dict[str, Any], split: str) -> np.ndarray | None:
+    """(n_tokens,) uint8 of `split`, memory-mapped: 1 where the prediction of that token of <split>.bin
+    (from the tokens before it in its document) is trained; None when every token is (no mask file)."""
+    entry = manifest["splits"][split]
+    if "mask" not in entry:
+        return None
+    path = directory / entry["mask"]
+    size = path.stat().st_size if path.is_file() else None
+    if size != entry["n_tokens"]:
+        raise DataError(f"{path}: {'missing' if size is None else f'{size} bytes'}, the manifest says "
+                        f"{entry['n_tokens']} tokens; remove {directory} and rerun `logitcache tokenize`")
+    if size == 0:  # an empty file cannot be mapped
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))

@@ -113,18 +113,22 @@ def combine(logits: list[torch.Tensor], mode: str, weights: list[float], tempera
     return torch.log_softmax((logp * w).sum(0), dim=-1)
 
 
-def token_logits(models: list[nn.Module], tokens: torch.Tensor, rows: int) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+def token_logits(models: list[nn.Module], tokens: torch.Tensor, rows: int,
+                 select: torch.Tensor | None = None) -> Iterator[tuple[slice, list[torch.Tensor]]]:
     """Each language model's logits for `tokens` (B, L), `rows` token rows at a time: the trunk runs
     once per batch, the output projection per chunk, so memory is bounded by rows x vocab, never
-    B x L x vocab. Yields (token rows, sequence-major; each model's logits (rows, V))."""
+    B x L x vocab. `select` (flat indices into B x L) keeps only those token rows, in its order.
+    Yields (token rows, sequence-major; each model's logits (rows, V))."""
     trunks = []
     for m in models:
         if callable(getattr(m, "hidden", None)) and isinstance(getattr(m, "head", None), nn.Module):
             h = m.hidden(tokens)  # (B, L, d)
-            trunks.append((h.reshape(-1, h.shape[-1]), m.head))
+            h = h.reshape(-1, h.shape[-1])
+            trunks.append((h if select is None else h[select], m.head))
         else:  # no trunk/head split: the whole batch's logits at once (keep its batch small)
             z = m(tokens)  # (B, L, V)
-            trunks.append((z.reshape(-1, z.shape[-1]), None))
+            z = z.reshape(-1, z.shape[-1])
+            trunks.append((z if select is None else z[select], None))
     n = trunks[0][0].shape[0]
     for r in range(0, n, rows):
         yield slice(r, min(r + rows, n)), [h[r:r + rows] if head is None else head(h[r:r + rows]) for h, head in trunks]

@@ -20,10 +20,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, L, d)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # x (B, L, d)
         B, L, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, d/H)
         x = x + F.dropout(self.proj(att.transpose(1, 2).reshape(B, L, d)), self.dropout, self.training)
         return x + F.dropout(self.mlp(self.ln2(x)), self.dropout, self.training)
@@ -38,10 +38,25 @@ class GPT(nn.Module):
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens (B, L) -> (B, L, d)
-        x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+    takes_segments = True
+
+    def hidden(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, L) -> (B, L, d). With `segments` (B, L) (documents packed in a row, numbered
+        from 0; -1 is padding) a token attends only to earlier tokens of its own document and its
+        position counts from that document's start, as if the document began the row."""
+        L = tokens.shape[1]
+        at = torch.arange(L, device=tokens.device)
+        mask = None
+        if segments is None:
+            pos = at
+        else:
+            same = segments[:, :, None] == segments[:, None, :]  # (B, L, L)
+            mask = (same & (at[:, None] >= at[None, :]))[:, None]  # (B, 1, L, L): causal, in-document
+            starts = torch.where(torch.diff(segments, prepend=segments[:, :1] - 1) != 0, at, 0)
+            pos = at - torch.cummax(starts, dim=1).values  # (B, L) positions from each document's start
+        x = self.tok(tokens) + self.pos(pos)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.ln(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L) -> logits (B, L, V)

@@ -53,15 +53,50 @@ def build(spec: HFSpec, input_shape: tuple[int, ...], num_classes: int, where: s
     from transformers import AutoModelForCausalLM
 
     path = Path(spec.path or "")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{where}.path: {spec.path} is not a local model directory with config.json; "
-                         "save one with model.save_pretrained(dir)")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model_config(path, where)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        lines = str(e).strip().splitlines()
+        raise ModelError(f"{where}.path: {path}: transformers cannot load the model ({type(e).__name__}: "
+                         f"{lines[0] if lines else ''}); save it again with model.save_pretrained(dir)") from None
     width = model.get_output_embeddings().weight.shape[0]
     if width < num_classes:
         raise ModelError(f"{where} ({spec.name}): output width {width} but the tokenizer has {num_classes} "
                          "tokens; every model must use the tokenizer in data.tokenizer")
     return HFCausalLM(model, num_classes)  # a wider output layer is padding: sliced off
+
+
+def model_config(path: Path, where: str) -> dict[str, Any]:
+    """A model directory's config.json: a JSON object naming its model_type, with a whole vocab_size
+    if it has one. Checked where the teacher's identity is made, before a cache writes anything."""
+    file = path / "config.json"
+    fix = "save the model again with model.save_pretrained(dir)"
+    if not file.is_file():
+        raise ModelError(f"{where}.path: {path} is not a local model directory with config.json; {fix}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise ModelError(f"{where}.path: {file} is not valid JSON ({type(e).__name__}); {fix}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{where}.path: {file} is not a transformers model config (no model_type); {fix}")
+    vocab = config.get("vocab_size")
+    if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1):
+        raise ModelError(f"{where}.path: {file}: vocab_size {vocab!r} is not a whole number >= 1; {fix}")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"{where}.path: {path} holds no weights ({', '.join(WEIGHT_FILES)}); {fix}")
+    from transformers import AutoConfig
+
+    try:  # parses the config as from_pretrained will (an unknown model_type, a bad value), weights unread
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        lines = str(e).strip().splitlines()
+        raise ModelError(f"{where}.path: {file}: transformers cannot read it ({type(e).__name__}: "
+                         f"{lines[0] if lines else ''}); {fix}") from None
+    return config
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def output_width(path: str | Path) -> int | None:
@@ -74,7 +109,8 @@ def output_width(path: str | Path) -> int | None:
 
 def identity(spec: HFSpec, weights: Path, num_classes: int, where: str) -> dict[str, Any]:
     """An output layer padded past the tokenizer records both sizes (its padded logits are dropped
-    before the softmax)."""
+    before the softmax). The model's config.json is checked here, before a cache writes anything."""
+    model_config(Path(weights), where)
     width = output_width(weights)
     return {"output_width": width, "vocab_size": num_classes} if width is not None and width != num_classes else {}
 

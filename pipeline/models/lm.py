@@ -7,5 +7,10 @@ import torch
 from torch import nn
 
 
-def hidden_and_head(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+def hidden_and_head(model: nn.Module, tokens: torch.Tensor,
+                    segments: torch.Tensor | None = None) -> tuple[torch.Tensor, nn.Module]:
+    """`segments` (B, L): each token's document within its row (-1: padding); a model whose
+    `hidden` takes them keeps attention inside each document, others attend across (causally)."""
+    if segments is not None and getattr(model, "takes_segments", False):
+        return model.hidden(tokens, segments), model.head
     return model.hidden(tokens), model.head

@@ -29,6 +29,7 @@ from pipeline.core.config import Config
 from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.core.progress import log
 from pipeline.format import manifest as fmt
+from pipeline.format import members
 from pipeline.format.encodings import Encoding, encoding_from_config
 from pipeline.format.remote import join
 from pipeline.format.views import ViewSpec
@@ -38,6 +39,23 @@ from pipeline.inputs.splits import load_splits
 from pipeline.models.builders import architecture, resolve_device
 from pipeline.models.ensemble import TeacherRef, normalized_weights, teacher_identity, teacher_refs
 from pipeline.train.tasks import task_of
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One set of targets a cache writes shard by shard: a plain cache's combined ensemble, in the
+    cache's own directory; or, with cache.members, one teacher's targets (or the ensemble's) in a
+    store, <cache root>/members/<store id>/, named by what determines them and shared by every cache
+    that needs them: a cache with one more teacher, or more rows, finds the rest already there."""
+
+    name: str  # a teacher's name, "ensemble", or "" for a plain cache's own shards
+    teachers: tuple[int, ...]  # the teachers it runs (indices into teachers.members)
+    dir: Path  # holds its shards/, digests/ and .locks/
+    spec: dict[str, Any] | None = None  # a store's: what determines its targets (store.json); None: the cache's own
+
+    @property
+    def store(self) -> str | None:
+        return self.dir.name if self.spec is not None else None
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,8 @@ class Context:
     teacher_files: tuple[tuple[str, int, int, int], ...] | None = None  # (path, size, mtime_ns, inode)
     # of each file hashed into the spec, unchanged while hashing; None if one changed meanwhile
     views: ViewSpec | None = None  # cache.views > 0: each row is one augmented view
+    units: tuple[Unit, ...] = ()  # what the stage writes: the cache's own shards, or member stores
+    row_digests: tuple[str, ...] = ()  # cache.members: a digest of each planned shard's rows
 
     @property
     def token_rows(self) -> bool:
@@ -77,8 +97,7 @@ def context(cfg: Config) -> Context:
     precision = c.precision if c.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     spec = {
         "format_version": fmt.FORMAT_VERSION,
-        "dataset": {"fingerprint": splits.transfer.fingerprint, "rows": len(splits.transfer),
-                    "input_shape": list(splits.input_shape)},
+        "dataset": task_of(cfg).dataset_identity(cfg, splits),
         "num_classes": splits.num_classes,
         "teachers": [teacher_identity(r, splits.num_classes) for r in refs],
         "ensemble": cfg.teachers.ensemble,
@@ -89,16 +108,45 @@ def context(cfg: Config) -> Context:
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
     spec["layout"].update(layout_codec(c.codec))
-    spec["dataset"].update(task_of(cfg).dataset_identity(cfg, splits))
-    if not enc.retemperable:  # drawn ids: the seed determines the targets
+    if enc.stochastic:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
     views = None
     if c.views > 0:  # only then: caches without views keep their ids
         views = ViewSpec(c.views, cfg.augment, cfg.seed, check_images(splits.input_shape, "cache.views"))
         spec["views"] = views.to_json()
+    directory = cfg.cache_root / fmt.cache_id(spec)
+    units: tuple[Unit, ...] = (Unit("", tuple(range(len(refs))), directory),)
+    digests: tuple[str, ...] = ()
+    if c.members != "combined":
+        spec["format_version"] = members.MEMBERS_FORMAT  # older readers refuse it rather than read no rows
+        spec["members"] = c.members
+        directory = cfg.cache_root / fmt.cache_id(spec)
+        units = _member_units(cfg, spec)
+        digests = splits.transfer.range_digests(c.rows_per_shard)
     files = _file_stats(_teacher_files(refs))
-    return Context(cfg, splits, spec, cfg.cache_root / fmt.cache_id(spec), enc, device, precision,
-                   teacher_files=files if files == files_before else None, views=views)
+    return Context(cfg, splits, spec, directory, enc, device, precision,
+                   teacher_files=files if files == files_before else None, views=views, units=units,
+                   row_digests=digests)
+
+
+def _member_units(cfg: Config, spec: dict[str, Any]) -> tuple[Unit, ...]:
+    """A store per teacher (and one for the ensemble with cache.members both). A store's id hashes
+    what determines its shards but the rows: the teacher (or the ensemble's teachers, mode and
+    weights), classes, temperature, encoding, compute, layout and the seed of drawn encodings. Each
+    shard in it is named by its index and a digest of its rows (members.shard_name)."""
+    common = {k: spec[k] for k in ("num_classes", "temperature", "encoding", "compute", "layout", "sampling_seed")
+              if k in spec}
+    common["format_version"] = fmt.FORMAT_VERSION  # of the shards
+    root = cfg.cache_root / members.STORES
+    out = []
+    for i, teacher in enumerate(spec["teachers"]):
+        store = {"store": "member", "teacher": teacher, **common}
+        out.append(Unit(teacher["name"], (i,), root / fmt.cache_id(store), store))
+    if cfg.cache.members == "both":
+        store = {"store": "ensemble", "teachers": spec["teachers"], "ensemble": spec["ensemble"],
+                 "weights": spec["weights"], **common}
+        out.append(Unit(members.ENSEMBLE, tuple(range(len(spec["teachers"]))), root / fmt.cache_id(store), store))
+    return tuple(out)
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -150,16 +198,17 @@ def find_cache(cfg: Config) -> Path:
         now = _file_stats(Path(f[0]) for f in files)
         present = {f[0]: f for f in now}
         if all(present.get(f[0], f) == f for f in files):
-            if len(present) < len(files):
-                log(f"student: {len(files) - len(present)} teacher files absent; using cache {rec['cache_id']}, "
+            absent = len({f[0] for f in files} - present.keys())
+            if absent:
+                log(f"student: {absent} teacher file{'s' * (absent > 1)} absent; using cache {rec['cache_id']}, "
                     "which the cache stage made for this config")
             return Path(rec["cache_dir"])
     return context(cfg).dir
 
 
 def _teacher_files(refs: list[TeacherRef]) -> list[Path]:
-    """Every file hashed into the spec: checkpoints (every file of a model directory) and the
-    source files of imported factories."""
+    """Every file hashed into the spec, once: checkpoints (every file of a model directory) and the
+    source files of imported factories (one module may serve several members)."""
     out: list[Path] = []
     for r in refs:
         if r.checkpoint.is_dir():
@@ -167,7 +216,7 @@ def _teacher_files(refs: list[TeacherRef]) -> list[Path]:
         else:
             out.append(r.checkpoint)
         out.extend(architecture(r.spec).code_files(r.spec))
-    return out
+    return list(dict.fromkeys(Path(p).resolve() for p in out))
 
 
 def _file_stats(paths: Any) -> tuple[tuple[str, int, int, int], ...]:

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import specs
-from pipeline.core.config import GRID_KEYS, Config, to_dict
+from pipeline.core.config import GRID_KEYS, READ_KEYS, Config, to_dict
+from pipeline.core.errors import ConfigError
 from pipeline.core.specs import ModelSpec
 from pipeline.format import reader as fmt
 from pipeline.format.manifest import read_manifest, resolve
 from pipeline.format.remote import join, resolve_remote
 from pipeline.run.identity import find_cache
+from pipeline.train.members import Blend, blend_of
 from pipeline.train.plan import augmentation
 from pipeline.train.tasks import task_of
 
@@ -37,24 +39,45 @@ class Shard:
 @dataclass(frozen=True)
 class Variant:
     spec: ModelSpec  # a student model with one grid point applied; the grid values are in its name
-    hard_name: str  # its hard-label twin's name: temperature and alpha do not change that run
+    hard_name: str  # its hard-label twin's name: temperature, alpha and the teachers read do not change that run
+    read: dict[str, Any] = dataclasses.field(default_factory=dict)  # its grid point's members/weights/combine
 
 
 def variants(cfg: Config) -> list[Variant]:
     """student.models crossed with student.grid."""
     grid = cfg.student.grid
     keys = [k for k in GRID_KEYS if k in grid]
+    reads = [k for k in READ_KEYS if k in grid]
     out = []
     for m in cfg.student.models:
-        for values in itertools.product(*(grid[k] for k in keys)):
+        for values in itertools.product(*(grid[k] for k in keys + reads)):
             changes = {k: (int(v) if k == "epochs" else float(v)) for k, v in zip(keys, values)}
-            suffix = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items())
+            read = dict(zip(reads, values[len(keys):]))
+            suffix = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items()) + "".join(
+                f"-{_ABBREV[k]}{_READ_LABEL[k](v)}" for k, v in read.items())
             hard = "".join(f"-{_ABBREV[k]}{v:g}" for k, v in changes.items() if k in ("lr", "epochs"))
-            out.append(Variant(dataclasses.replace(m, name=m.name + suffix, **changes), m.name + hard))
+            out.append(Variant(dataclasses.replace(m, name=m.name + suffix, **changes), m.name + hard, read))
     return out
 
 
-_ABBREV = {"temperature": "T", "alpha": "a", "lr": "lr", "epochs": "ep"}
+_ABBREV = {"temperature": "T", "alpha": "a", "lr": "lr", "epochs": "ep", "members": "m", "weights": "w",
+           "combine": "c"}
+_READ_LABEL = {"members": "+".join, "weights": lambda w: "_".join(f"{x:g}" for x in w), "combine": str}
+
+
+def blend(cfg: Config, shard: Shard, manifest: dict[str, Any]) -> Blend | None:
+    """How a kd job reads the cache (its grid point's, else student.members/weights/combine); None for
+    a cache's own targets, and always for a hard-label twin."""
+    if shard.kind == "hard":
+        return None
+    s, read = cfg.student, variants(cfg)[shard.model].read
+    members = read.get("members", s.members or None)
+    weights = read.get("weights", s.weights)
+    try:
+        return blend_of(manifest, members, weights, read.get("combine", s.combine))
+    except ValueError as e:
+        where = "student.grid" if read else "student"
+        raise ConfigError(f"{where}.{e} (cache {manifest['cache_id']})") from None
 
 
 def models(cfg: Config) -> list[ModelSpec]:
@@ -93,7 +116,11 @@ def settings(cfg: Config, shard: Shard, reader: fmt.CacheReader) -> dict[str, An
               "tail": s.tail, "divergence": s.divergence, "shuffle_chunks": s.shuffle_chunks,
               "epoch_order": EPOCH_ORDER,
               **task_of(cfg).student_settings(cfg),
-              **({"augment": to_dict(online)} if online is not None else {})}
+              **({"augment": to_dict(online)} if online is not None else {}),
+              **({"mixture": [to_dict(m) for m in s.mixture]} if s.mixture else {})}
+    read = blend(cfg, shard, reader.manifest)
+    if read is not None:  # a cache of per-member targets: the members, weights and combination read
+        common["read"] = read.to_json()
     if shard.kind == "hard":
         twin = dataclasses.replace(m, name=v.hard_name, temperature=None, alpha=None)
         return {"model": specs.identity(twin), **common, "temperature": reader.temperature, "alpha": 1.0}

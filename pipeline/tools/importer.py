@@ -27,7 +27,6 @@ refused), and the residual mass is 1 - their probability sum, clamped at 0.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import DataError
+from pipeline.core.io import check_writable, file_digest
 from pipeline.format.writer import CacheWriter
 from pipeline.inputs.text import Tokenizer
 
@@ -64,28 +64,40 @@ class _Vocab:
 
 def import_logprobs(file: Path, tokenizer: Path, root: Path, top_n: int, teacher: str, backend: str = "zarr",
                     rows_per_shard: int = 65536, chunk_rows: int = 4096) -> Path:
-    """Write the cache; returns its directory. Refuses a bad line with DataError naming file:line."""
+    """Write the cache; returns its directory. Refuses a bad line with DataError naming file:line,
+    before anything is written when the file cannot be read or `root` cannot be written."""
     if not 1 <= top_n <= MAX_TOP_N:
         raise DataError(f"--top-n {top_n}: servers return at most {MAX_TOP_N} log-probs per token; use 1..{MAX_TOP_N}")
     if not file.is_file():
         raise DataError(f"{file}: no such file; give the JSONL of served prompt log-probs")
-    tok = Tokenizer(tokenizer)
+    check_writable(Path(root), "--out")
+    tok = Tokenizer(tokenizer, "--tokenizer")
     vocab = _Vocab(tok)
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    digest = file_digest(file)
     spec = {"teacher": {"name": teacher, "served": True}, "dataset": {"fingerprint": digest[:16], "source": file.name},
             "vocab_fingerprint": tok.fingerprint, "top_n": top_n, "importer": "import-logprobs/1"}
     writer = CacheWriter(root, spec=spec, encoding={"name": "topk", "k": top_n}, num_classes=tok.vocab_size,
                          backend=backend, rows_per_shard=rows_per_shard, chunk_rows=chunk_rows, temperature=1.0,
                          tokens=True)
-    with writer as w, open(file, encoding="utf-8") as f:
-        index = 0
-        for line_no, line in enumerate(f, start=1):
+    first_line: dict[int, int] = {}  # sample id -> the line that gave it
+    with writer as w, open(file, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{file}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{file}:{line_no}"
-            sample_id, ids, logp = _parse(line, where, tok, vocab, top_n, index)
+            sample_id, ids, logp = _parse(line, where, tok, vocab, top_n, len(first_line))
+            if sample_id in first_line:
+                raise DataError(f"{where}: id {sample_id} was already given on line {first_line[sample_id]}; sample "
+                                "ids key every row of the cache, so each prompt needs its own id")
+            first_line[sample_id] = line_no
             w.add([sample_id], topk=(ids[None], logp[None]))
-            index += 1
+        if not first_line:
+            raise DataError(f"{file}: no records (the file is empty or holds only blank lines); give one JSON "
+                            "object per prompt, one per line")
     return w.path
 
 
@@ -101,8 +113,8 @@ def _parse(line: str, where: str, tok: Tokenizer, vocab: _Vocab, top_n: int,
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise DataError(f"{where}: expected an object with the prompt's 'text' (see `logitcache import-logprobs --help`)")
     sample_id = obj.get("id", index)
-    if not isinstance(sample_id, int) or isinstance(sample_id, bool):
-        raise DataError(f"{where}: 'id' must be an integer sample id, got {sample_id!r}")
+    if not isinstance(sample_id, int) or isinstance(sample_id, bool) or not -2**63 <= sample_id < 2**63:
+        raise DataError(f"{where}: 'id' must be an integer sample id (int64), got {sample_id!r}")
     tokens = tok.hf.encode(obj["text"]).ids
     if "prompt_logprobs" in obj:
         entries = _vllm(obj, where, tokens)

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import CacheError
-from pipeline.core.io import tree_size
+from pipeline.core.io import read_json, sha256_tree, tree_size
 from pipeline.format import manifest as fmt
-from pipeline.format import remote
+from pipeline.format import members, remote
 from pipeline.format.encodings import encoding_from_spec
-from pipeline.format.shards import shard_name
+from pipeline.format.shards import mismatch, shard_name
 
 
 def _label(spec: dict[str, Any]) -> str:
@@ -37,8 +37,10 @@ def _read_status(d: Path) -> dict[str, Any]:
     manifest = fmt.read_manifest(d)
     configs = sorted(p.stem for p in (d / "configs").glob("*.yaml"))
     if manifest is not None and manifest.get("status") == "complete":
-        gone = fmt.shard_problems(d, manifest["shards"], hash_them=False)["missing"]
-        status = f"missing {len(gone)}/{len(manifest['shards'])} shards" if gone else "complete"
+        gone = members.shard_problems(d, manifest, hash_them=False)["missing"]
+        status = f"missing {len(gone)}/{len(members.cache_shards(d, manifest))} shards" if gone else "complete"
+        if members.is_members(manifest) and not gone:
+            status = f"complete, {manifest['members']}"
         return {"id": d.name, "status": status, "rows": manifest["rows"],
                 "encoding": _label(manifest.get("spec", {})),
                 "backend": manifest["backend"], "bytes": manifest["bytes"],
@@ -46,6 +48,9 @@ def _read_status(d: Path) -> dict[str, Any]:
     spec = _spec(d)
     layout = spec.get("layout", {})
     expected, rows = fmt.planned(spec) if spec else (0, 0)
+    if spec.get("members"):  # its shards are named by their rows' digests, in member stores
+        return {"id": d.name, "status": f"partial, {spec['members']}", "rows": rows, "encoding": _label(spec),
+                "backend": layout.get("backend", "?"), "bytes": 0, "bytes_per_row": None, "configs": configs}
     backend = layout.get("backend", "zarr")
     present = [p for i in range(expected) if (p := d / "shards" / shard_name(i, backend)).exists()]
     return {"id": d.name, "status": f"partial {len(present)}/{expected} shards", "rows": rows,
@@ -77,7 +82,8 @@ def list_caches(root: Path | str) -> str:
         names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)) if fs.exists(base) else []
         statuses = [_remote_status(remote.join(str(root), n)) for n in names if not n.startswith(".")]
     else:
-        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                      and d.name != members.STORES) if root.is_dir() else []  # member stores are no caches
         statuses = [_status(d) for d in dirs]
     if not statuses:
         return f"no caches under {root}"
@@ -104,17 +110,25 @@ def inspect_cache(ref: str, root: Path | str, verify: bool) -> dict[str, Any]:
     d = fmt.resolve(ref, root)
     manifest = fmt.read_manifest(d)
     if manifest is not None and manifest.get("status") == "complete":
-        bad = fmt.shard_problems(d, manifest["shards"], hash_them=verify)
+        bad = members.shard_problems(d, manifest, hash_them=verify)
+        if verify and bad["corrupt"] and not bad["missing"] and not members.is_members(manifest):
+            listed = {e["path"]: e["sha256"] for e in manifest["shards"]}
+            first = bad["corrupt"][0]
+            more = f" ({len(bad['corrupt'])} shards differ: {', '.join(bad['corrupt'])})" if len(bad["corrupt"]) > 1 else ""
+            raise CacheError(mismatch(d / first, listed[first], sha256_tree(d / first)[0]) + more)
         if verify and (bad["missing"] or bad["corrupt"]):
             what = "; ".join(f"{kind} {', '.join(paths)}" for kind, paths in bad.items() if paths)
-            raise CacheError(f"{d}: {what} (checksum mismatch for corrupt shards); delete the corrupt shards "
-                             "and rerun `logitcache cache CONFIG` to recompute them")
+            raise CacheError(f"{d}: {what}; rerun `logitcache cache CONFIG` to recompute the missing shards")
         if bad["missing"]:
             return {**manifest, "status": "damaged", "shards_missing": bad["missing"]}
         return {**manifest, "verified": True} if verify else manifest
     spec = _spec(d)
     layout = spec.get("layout", {})
     n = fmt.planned(spec)[0] if spec else 0
+    if spec.get("members"):  # what the stage found in the member stores when it planned this cache
+        reuse = d / "reuse.json"
+        return {"status": "partial", "cache_id": d.name, "shards_expected": n, "spec": spec,
+                "reuse": read_json(reuse, CacheError, f"delete {reuse}") if reuse.is_file() else None}
     names = [shard_name(i, layout.get("backend", "zarr")) for i in range(n)]
     missing = [name for name in names if not (d / "shards" / name).exists()]
     return {"status": "partial", "cache_id": d.name, "shards_expected": n, "shards_missing": missing, "spec": spec}

@@ -50,7 +50,7 @@ none is missed (plan.remaining).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,19 +59,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.core.config import AugmentConfig
-from pipeline.core.errors import CacheError
+from pipeline.core.config import AugmentConfig, augment_problems
+from pipeline.core.errors import ArgumentError, CacheError
+from pipeline.core.validate import COUNT, FIELDS, NONNEGATIVE_INT, SEED, Rule, argument, flag
 from pipeline.format import reader as fmt
 from pipeline.format.columns import ROW_COLUMNS
 from pipeline.format.encodings import Encoding, Targets
 from pipeline.format.manifest import resolve
-from pipeline.format.reader import read_rows
+from pipeline.format.members import member_names
+from pipeline.format.reader import read_global, read_rows
 from pipeline.format.remote import is_url, open_reader, resolve_remote
-from pipeline.format.views import PARAMS, ViewSpec
+from pipeline.format.views import PARAMS, ViewSpec, mixes
 from pipeline.inputs import augment as vw
 from pipeline.inputs.arrays import Dataset
 from pipeline.inputs.augment import check_images
+from pipeline.inputs.documents import Corpus, Layout, layout_rows, open_corpus
+from pipeline.inputs.tokens import read_manifest as read_token_manifest
 from pipeline.train import plan
+from pipeline.train.members import Blend, blend_of
 
 DEFAULT_ROOT = Path("data/caches")
 ORDER_VERSION = 1  # of the epoch order (pipeline/train/plan.py): a saved position means nothing under another
@@ -130,6 +135,11 @@ class Cache:
         return list(names)
 
     @property
+    def members(self) -> list[str]:
+        """The teachers whose own targets the cache holds (cache.members separate or both), else []."""
+        return member_names(self.manifest)
+
+    @property
     def rows(self) -> int:
         return self.reader.rows
 
@@ -150,7 +160,9 @@ class Cache:
     def dataset(self, batch_size: int, seed: int = 0, shuffle: bool = True, shuffle_chunks: int = 4,
                 inputs: Any = None, drop_last: bool = False, temperature: float | None = None,
                 rank: int | None = None, world_size: int | None = None, pad_value: int = 0,
-                labels: Any = None, augment: AugmentConfig | None = None) -> CacheDataset:
+                labels: Any = None, augment: AugmentConfig | None = None, layout: Layout | None = None,
+                tokens: str | Path | Corpus | None = None, members: Sequence[str] | None = None,
+                weights: Sequence[float] | None = None, combine: str | None = None) -> CacheDataset:
         """An IterableDataset of whole batches (dicts of tensors); see the module docstring.
 
         batch_size counts items (rows, or sequences of a token cache); `inputs` is any indexable
@@ -159,9 +171,41 @@ class Cache:
         views get label distributions (B, C)); `augment` draws a view of each plain image per
         (seed, sample, epoch) for `inputs`; `temperature` is the T of the re-tempered `targets`
         (default: the cache's); rank and world_size default to torch.distributed's when it is
-        initialized."""
+        initialized.
+
+        A token cache keyed by document (`logitcache cache` of a language model) is read in the
+        student's own `layout` (seq_len and packing; default: the teachers' context, packed) over
+        `tokens`, the tokenized corpus directory it was made from (or its Corpus): each batch row
+        is seq_len + 1 tokens of that corpus, its targets gathered by (document, offset).
+
+        A cache of per-member targets (`cache.members`, `Cache.members`) is read as the student
+        asks: `members` (default all), `weights` (default the cache's, renormalized over them) and
+        `combine`: mean_probs or mean_logprobs (an ensemble at read time, the batch's `targets`
+        dense) or per_member (batch["members"]: each member's targets and weight, for kd_loss's
+        multi-teacher loss); default the cache's ensemble mode (pipeline/train/members.py)."""
+        corpus = self.corpus(tokens) if self.reader.keyed_by_document else None
+        if layout is None and corpus is not None:
+            layout = Layout(self.manifest["spec"]["dataset"]["context"])
+        try:
+            blend = blend_of(self.manifest, members, weights, combine)
+        except ValueError as e:
+            raise ValueError(f"Cache.dataset {e}") from None
         return CacheDataset(self, batch_size, seed, shuffle, shuffle_chunks, inputs, drop_last, temperature,
-                            rank, world_size, pad_value, labels, augment)
+                            rank, world_size, pad_value, labels, augment, layout, corpus, blend)
+
+    def corpus(self, tokens: str | Path | Corpus | None) -> Corpus:
+        """The documents this cache's targets belong to, from the tokenized corpus directory
+        `tokens`; refused unless its tokens are the cache's."""
+        d = self.manifest["spec"]["dataset"]
+        if tokens is None:
+            raise ValueError(f"cache {self.id} is keyed by (document, offset) of tokenized corpus {d['tokens']}; "
+                             f"pass tokens=<workspace>/tokens/{d['tokens']} (its directory)")
+        corpus = tokens if isinstance(tokens, Corpus) else \
+            open_corpus(Path(tokens), read_token_manifest(Path(tokens)), d["split"], d["positions"])
+        if corpus.fingerprint != d["fingerprint"] or corpus.n_tokens != d["positions"]:
+            raise CacheError(f"{corpus.directory}: its {corpus.split} tokens ({corpus.fingerprint}) are not those cache "
+                             f"{self.id} was made from ({d['fingerprint']}); pass the tokenized corpus {d['tokens']}")
+        return corpus
 
     def __repr__(self) -> str:
         return (f"Cache({self.id}, {self.encoding.label()}, {self.num_classes} classes, T={self.temperature}, "
@@ -171,6 +215,11 @@ class Cache:
 def open_cache(id_or_path: str | Path, root: str | Path | None = None, verify: bool = False) -> Cache:
     """A complete cache from its directory or URL, or its id or unique id prefix under `root`
     (default data/caches; a URL such as s3://bucket/caches too)."""
+    for name, value in (("id_or_path", id_or_path), ("root", root)):
+        if (value is not None or name == "id_or_path") and (not isinstance(value, (str, os.PathLike))
+                                                            or not os.fspath(value)):
+            raise ArgumentError(f"{name}: {value!r} is not a cache id, directory or URL; give a non-empty str or Path")
+    flag("verify", verify)
     if is_url(id_or_path) or (root is not None and is_url(root)):
         return Cache(resolve_remote(os.fspath(id_or_path), os.fspath(root) if root is not None else None),
                      verify=verify)
@@ -205,17 +254,24 @@ class CacheDataset(IterableDataset):
 
     def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
                  drop_last: bool, temperature: float | None, rank: int | None, world_size: int | None,
-                 pad_value: int, labels: Any = None, augment: AugmentConfig | None = None) -> None:
-        if batch_size < 1 or shuffle_chunks < 1:
-            raise ValueError(f"batch_size={batch_size}, shuffle_chunks={shuffle_chunks}: both must be >= 1")
+                 pad_value: int, labels: Any = None, augment: AugmentConfig | None = None,
+                 layout: Layout | None = None, corpus: Corpus | None = None, blend: Blend | None = None) -> None:
+        _check_arguments(batch_size, seed, shuffle, shuffle_chunks, drop_last, temperature, rank, world_size,
+                         pad_value, augment)
         enc = cache.encoding
         self.temperature = float(temperature) if temperature is not None else cache.temperature
         if not enc.retemperable and self.temperature != cache.temperature:
-            raise ValueError(f"temperature={self.temperature}: {enc.label()} targets are draws at the cache's "
-                             f"T={cache.temperature} and cannot be re-tempered; leave temperature unset")
+            raise ValueError(f"temperature={self.temperature}: this {enc.label()} cache (format "
+                             f"{cache.manifest['format_version']}) holds draws at T={cache.temperature} without "
+                             "their log-probs and cannot be re-tempered; leave temperature unset, or rebuild it with "
+                             "this logitcache (`logitcache cache CONFIG`, cache.draw_logp true)")
         self.path, self.source, self.encoding, self.token_rows = cache.path, cache.source, enc, cache.token_rows
         self.cache_temperature = cache.temperature
         self._reader: fmt.CacheReader | None = cache.reader
+        self.blend = blend  # per-member targets: which members, weights and combination (members.py)
+        if blend is not None:
+            self.encoding = blend.encoding
+            self._reader = open_reader(cache.source, units=blend.names)
         self._pid = os.getpid()
         self.batch_size, self.seed, self.shuffle, self.shuffle_chunks = batch_size, seed, shuffle, shuffle_chunks
         self.inputs, self.drop_last, self.pad_value = inputs, drop_last, pad_value
@@ -228,7 +284,17 @@ class CacheDataset(IterableDataset):
             raise ValueError("augment: a views cache replays the views its teachers saw; leave augment unset")
         if self.augment is not None and inputs is None:
             raise ValueError("augment draws views of the inputs; pass inputs= too")
-        self.pieces = plan.pieces(cache.reader) if self.views is None else []
+        self.layout, self.corpus, self.layout_rows = layout, corpus, None
+        if corpus is not None:  # the student's rows over the documents, and the cache rows each owns
+            assert layout is not None
+            self.layout_rows = layout_rows(corpus, layout)
+            if cache.rows != int(corpus.rows_before(np.array([corpus.n_tokens]))[0]):
+                raise CacheError(f"{cache.path}: {cache.rows} rows, but its corpus has "
+                                 f"{int(corpus.rows_before(np.array([corpus.n_tokens]))[0])} trained positions; "
+                                 "the cache is damaged: rebuild it")
+            self.pieces = plan.layout_pieces(self.layout_rows.lo, self.layout_rows.hi, cache.reader.chunk_rows)
+        else:
+            self.pieces = plan.pieces(cache.reader) if self.views is None else []
         self.items = sum(p.items for p in self._epoch_pieces(0))
         self.epoch = 0
         self._spans: plan.Spans | None = None  # the part of the epoch laid out over the ranks; None: all of it
@@ -249,7 +315,8 @@ class CacheDataset(IterableDataset):
         """This process's reader: a DataLoader worker opens its own (a forked copy of the parent's
         would hold the parent's thread pool and file handles)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader, self._pid = open_reader(self.source), os.getpid()
+            units = self.blend.names if self.blend is not None else None
+            self._reader, self._pid = open_reader(self.source, units=units), os.getpid()
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -268,6 +335,7 @@ class CacheDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch (call before iterating each epoch, as with DistributedSampler)."""
+        argument("epoch", epoch, NONNEGATIVE_INT)
         if epoch != self.epoch:
             self.epoch, self._spans, self._start, self._yielded = epoch, None, 0, 0
             if self._in_workers is not None:
@@ -277,6 +345,8 @@ class CacheDataset(IterableDataset):
     def state_dict(self, batches: int | None = None) -> dict[str, Any]:
         """Position in the epoch: `batches` consumed on this rank (default: those this object yielded
         in this process; with DataLoader workers use `ds.loader()` or pass the count)."""
+        if batches is not None:
+            argument("batches", batches, NONNEGATIVE_INT)
         if batches is None and self._in_workers is not None and self._in_workers.value:
             raise ValueError("state_dict: DataLoader workers iterate this dataset, so it cannot know how many batches "
                              "your loop consumed; use ds.loader() and its state_dict(), or pass "
@@ -289,14 +359,17 @@ class CacheDataset(IterableDataset):
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "drop_last": self.drop_last, "seed": self.seed, "shuffle": self.shuffle,
                 "shuffle_chunks": self.shuffle_chunks, "items": self.items, "cache": self.cache_id,
-                "order": ORDER_VERSION}
+                "order": ORDER_VERSION, **({"read": self.blend.to_json()} if self.blend is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` (any rank's: the position is global) left off: on the same world size
         and batch size the next iteration yields exactly the batches after state["batches"];
         otherwise what the epoch has not seen is laid out afresh over this world size."""
+        _check_state(state)
         mine = {"cache": self.cache_id, "order": ORDER_VERSION, "items": self.items, "seed": self.seed,
                 "shuffle": self.shuffle, "shuffle_chunks": self.shuffle_chunks}
+        if self.blend is not None:
+            mine["read"] = self.blend.to_json()
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r} but this dataset "
@@ -316,6 +389,8 @@ class CacheDataset(IterableDataset):
     def seek(self, epoch: int, batches: int) -> None:
         """Make the next iteration start at rank-local batch `batches` of `epoch` (a position the
         caller saved itself; `load_state_dict` checks a saved state and comes here)."""
+        argument("epoch", epoch, NONNEGATIVE_INT)
+        argument("batches", batches, NONNEGATIVE_INT)
         self.epoch, self._spans, self._start, self._yielded = int(epoch), None, int(batches), 0
 
     @property
@@ -350,10 +425,14 @@ class CacheDataset(IterableDataset):
         """The batches of one (rank, worker) slot once the rank has consumed `start` batches:
         rank-local batches start + worker, start + worker + workers, ... Their items are the same
         for any worker count; each worker reads only the buffers that hold its batches."""
+        n_batches = len(plan.rank_layout(self._layout_items, self.batch_size, world, rank, self.drop_last)[1])
+        return self.batches_at(epoch, rank, world, plan.worker_batches(start, n_batches, worker, workers))
+
+    def batches_at(self, epoch: int, rank: int, world: int, mine: Sequence[int]) -> Iterator[dict[str, Any]]:
+        """Rank-local batches `mine` (ascending) of `epoch`, reading only the buffers that hold them."""
         n = self._layout_items
         rank_start, sizes = plan.rank_layout(n, self.batch_size, world, rank, self.drop_last)
         at = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]) + rank_start
-        mine = plan.worker_batches(start, len(sizes), worker, workers)
         spans = self._spans if self._spans is not None else [(0, self.items)]
         stream = self._item_stream(epoch, plan.merged([s for b in mine for s in plan.take(spans, at[b], at[b + 1])]))
         pending: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
@@ -428,6 +507,13 @@ class CacheDataset(IterableDataset):
 
     def _read_buffer(self, buffer: list[plan.Piece]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         reader = self.reader
+        if self.layout_rows is not None:  # pieces are runs of whole layout rows, by cache row
+            rows = read_global(reader, [(p.start, p.stop) for p in buffer], decode=False)
+            lo, at, parts = self.layout_rows.lo, 0, []
+            for p in buffer:
+                parts.append(lo[p.first_item:p.first_item + p.items] - p.start + at)
+                at += p.stop - p.start
+            return rows, np.append(np.concatenate(parts), at)
         rows = read_rows(reader, [p.chunk(reader.chunk_rows) for p in buffer if p.items], decode=False)
         n = len(rows["sample_id"])
         if reader.token_rows:
@@ -447,20 +533,25 @@ class CacheDataset(IterableDataset):
         decoded = {k: v for k, v in rows.items() if k not in ROW_COLUMNS}
         out: dict[str, Any] = {"sample_id": torch.from_numpy(sample_id)}
         keys = sample_id
-        if self.token_rows:
+        if self.layout_rows is not None:
+            out.update(self._layout_batch(rows, lengths))
+        elif self.token_rows:
             first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             keys = sample_id[first]
             out["position"] = torch.from_numpy(rows["position"].astype(np.int64))
             out["sequence"] = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
             out["sequence_id"] = torch.from_numpy(keys)
         out.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in decoded.items()})
-        out["targets"] = Targets(enc, decoded, self.temperature / self.cache_temperature)  # made where the loss is
+        if self.blend is None:
+            out["targets"] = Targets(enc, decoded, self.temperature / self.cache_temperature)  # made where the loss is
+        else:  # each member's targets, combined or side by side
+            out.update(self.blend.batch(self.reader.split(decoded), "cpu", self.temperature / self.cache_temperature))
         if self.inputs is not None and self.views is not None:
             out["inputs"] = vw.render_rows(_lookup(self.inputs), rows, self.views.augment)
         elif self.augment is not None:
             drawn = vw.draw(self.augment, self.seed, keys, np.full(len(keys), epoch), _image_hw(self.inputs))
             out["inputs"] = vw.render_rows(_lookup(self.inputs), {"sample_id": keys, **drawn}, self.augment)
-        elif self.inputs is not None:
+        elif self.inputs is not None and self.layout_rows is None:
             out.update(_join(self.inputs, keys, self.pad_value))
         if self.labels is not None:
             label_of = _label_lookup(self.labels)
@@ -471,10 +562,84 @@ class CacheDataset(IterableDataset):
         out["padding"] = False
         return out
 
+    def _layout_batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch's layout rows: `inputs` (B, seq_len + 1) tokens of the corpus (right-padded with
+        pad_value), `segments` (B, seq_len + 1) each token's document within its row (-1: padding),
+        `input_lengths`; per target row its `document` and `offset` (the cache's key), `sequence`
+        (its batch row) and `position` (its input position in that row)."""
+        corpus, lay, L = self.corpus, self.layout_rows, self.layout.seq_len
+        doc = rows["sample_id"].astype(np.int64)
+        p = corpus.offsets[doc] + rows["position"].astype(np.int64)  # (rows,) flat positions
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        item = np.searchsorted(lay.start, p[first], side="right") - 1
+        start, stop = lay.start[item], lay.stop[item]
+        pos = p - np.repeat(start, lengths)
+        if len(pos) and (pos.min() < 0 or pos.max() >= L):
+            raise CacheError(f"{self.path}: cache rows fall outside the student rows that own them; the cache "
+                             f"does not match tokenized corpus {corpus.directory}: rebuild it")
+        width = stop - start
+        at = start[:, None] + np.arange(L + 1)  # (B, L + 1) flat positions
+        valid = np.arange(L + 1) < width[:, None]
+        x = np.full((len(item), L + 1), self.pad_value, dtype=np.int64)
+        x[valid] = corpus.tokens[at[valid]]
+        seg = np.full((len(item), L + 1), -1, dtype=np.int64)
+        seg[valid] = np.searchsorted(corpus.offsets, at[valid], side="right") - 1
+        seg[valid] -= np.repeat(seg[:, 0], valid.sum(1))  # documents numbered from 0 in each row
+        return {"inputs": torch.from_numpy(x), "segments": torch.from_numpy(seg),
+                "input_lengths": torch.from_numpy(width), "document": torch.from_numpy(doc),
+                "offset": torch.from_numpy(rows["position"].astype(np.int64)),
+                "sequence": torch.from_numpy(np.repeat(np.arange(len(item)), lengths)),
+                "position": torch.from_numpy(pos), "sequence_id": torch.from_numpy(item.astype(np.int64))}
+
     def loader(self, num_workers: int = 0, **kwargs: Any) -> CacheLoader:
         """A DataLoader over this dataset (batch_size=None) that counts consumed batches, so its
         state_dict() resumes exactly, with workers too."""
         return CacheLoader(self, num_workers=num_workers, **kwargs)
+
+
+def _check_arguments(batch_size: Any, seed: Any, shuffle: Any, shuffle_chunks: Any, drop_last: Any,
+                     temperature: Any, rank: Any, world_size: Any, pad_value: Any, augment: Any) -> None:
+    """`Cache.dataset`'s arguments, by the rules of the config fields they mirror (student.batch_size,
+    student.temperature, ...): one ArgumentError naming the first that breaks its rule."""
+    argument("batch_size", batch_size, COUNT)
+    argument("seed", seed, SEED)
+    flag("shuffle", shuffle)
+    argument("shuffle_chunks", shuffle_chunks, COUNT)
+    flag("drop_last", drop_last)
+    if temperature is not None:
+        argument("temperature", temperature, FIELDS["student.temperature"])
+    if rank is not None:
+        argument("rank", rank, NONNEGATIVE_INT)
+    if world_size is not None:
+        argument("world_size", world_size, COUNT)
+    argument("pad_value", pad_value, Rule(integer=True))
+    if augment is not None:
+        if not isinstance(augment, AugmentConfig):
+            raise ArgumentError(f"augment: expected an AugmentConfig (pipeline.core.config), got {type(augment).__name__}")
+        problems = augment_problems(augment)
+        if problems:
+            raise ArgumentError(problems[0])
+
+
+STATE_FIELDS = {"epoch": NONNEGATIVE_INT, "batches": NONNEGATIVE_INT, "world_size": COUNT, "batch_size": COUNT}
+
+
+def _check_state(state: Any) -> None:
+    """A saved position, as `state_dict` writes it: a dict with its numbers and flags in range."""
+    if not isinstance(state, dict):
+        raise ArgumentError(f"state: expected the dict state_dict() returned, got {type(state).__name__}")
+    missing = [k for k in ("spans", "drop_last", *STATE_FIELDS) if k not in state]
+    if missing:
+        raise ArgumentError(f"state: no {missing[0]!r}; pass the dict state_dict() returned, unchanged")
+    for key, rule in STATE_FIELDS.items():
+        argument(f"state[{key!r}]", state[key], rule)
+    flag("state['drop_last']", state["drop_last"])
+    spans = state["spans"]
+    if spans is not None and not (isinstance(spans, (list, tuple)) and all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v >= 0 for v in s)
+            and s[0] <= s[1] for s in spans)):
+        raise ArgumentError("state['spans']: expected None or a list of [start, stop] item ranges; pass the dict "
+                            "state_dict() returned, unchanged")
 
 
 def _concat(parts: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -534,6 +699,16 @@ def replay_views(batch: dict[str, Any], inputs: Any, views: ViewSpec) -> torch.T
     replays them with): `inputs` the source images (B', C, H, W) indexable by sample id, as for
     `Cache.dataset(inputs=...)`; `views` the cache's `Cache.views`. `batch` needs sample_id, view and
     the parameters a views batch carries (box, flip; partner, lam, cut with mixup/cutmix)."""
+    if not isinstance(views, ViewSpec):
+        raise ArgumentError(f"views: expected the cache's views (cache.views), got {views!r}; replay_views needs a "
+                            "views cache")
+    if not isinstance(batch, dict):
+        raise ArgumentError(f"batch: expected a batch dict of a views cache, got {type(batch).__name__}")
+    needed = ["sample_id", "view", "box", "flip", *(["partner"] if mixes(views.augment) else [])]
+    missing = [k for k in needed if k not in batch]
+    if missing:
+        raise ArgumentError(f"batch: no {missing[0]!r}; pass a batch of this views cache's dataset (it carries "
+                            f"{', '.join(needed)})")
     params = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in batch.items()
               if k in ("sample_id", "view", *PARAMS)}
     return vw.render_rows(_lookup(inputs), params, views.augment)
@@ -545,6 +720,7 @@ class CacheLoader(DataLoader):
     for another world size)."""
 
     def __init__(self, dataset: CacheDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        argument("num_workers", num_workers, NONNEGATIVE_INT)
         if kwargs.get("persistent_workers"):
             raise ValueError("persistent_workers=True keeps each worker's copy of the dataset, so set_epoch and "
                              "load_state_dict would not reach it; leave it off")
@@ -577,6 +753,11 @@ class CacheLoader(DataLoader):
 
 def to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Move every tensor of a batch (nested dicts too) to `device`; other values are kept."""
+    if not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ArgumentError(f"device: {device!r} is not a device; use cpu, cuda, cuda:N or a torch.device") from None
     return {k: to_device(v, device) if isinstance(v, dict) else v.to(device)
             if isinstance(v, (torch.Tensor, Targets)) else v for k, v in batch.items()}
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.errors import ArgumentError
+from pipeline.core.validate import FIELDS, argument, choice
 from pipeline.format import kl
 from pipeline.format.encodings import Encoding, Targets
 
@@ -71,6 +73,16 @@ def encoding_loss(student_logits: torch.Tensor, targets: dict[str, torch.Tensor]
     `Encoding.targets`); student logits (n, C)."""
     z = kl.tempered(student_logits, temperature)  # (n, C)
     return temperature**2 * encoding.divergence(z, targets, divergence, tail).mean()
+
+
+def multi_teacher_loss(student_logits: torch.Tensor, members: dict[str, dict[str, Any]], temperature: float,
+                       divergence: str = "forward", tail: str = "uniform") -> torch.Tensor:
+    """T^2 * sum over members m of w_m * mean over rows of D(teacher_m || student): distilling from
+    each teacher separately, each through its own encoding's loss (`encoding_loss`). `members`:
+    {name: {"targets", "weight", "encoding"}} as a batch of per-member targets carries them
+    (Cache.dataset(combine="per_member")); weights sum to 1. Student logits (n, C)."""
+    return sum((m["weight"] * encoding_loss(student_logits, m["targets"], m["encoding"], temperature, divergence, tail)
+                for m in members.values()), student_logits.new_zeros(()))
 
 
 def row_losses(logits: torch.Tensor, targets: dict[str, torch.Tensor], labels: torch.Tensor | None,
@@ -137,7 +149,9 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
     Works for every encoding (dense; top-k with tail "uniform" or "bucket"; sampled and hybrid,
     forward KL only for sampled). Classification: logits (B, C). Token caches: logits (rows, V) in
     the batch's row order, or (B, L, V) for the batch's B sequences, read at (sequence, position);
-    labels likewise (rows,) or (B, L). A padding batch (batch["padding"]) weighs 0."""
+    labels likewise (rows,) or (B, L), or label distributions (rows, C) float (a views cache's
+    mixed views: batch["labels"]). A padding batch (batch["padding"]) weighs 0."""
+    _check_arguments(batch, temperature, alpha, divergence, tail, student_logits, "student_logits")
     enc = encoding if encoding is not None else batch.get("encoding")
     if enc is None:
         raise ValueError("kd_loss: the batch has no 'encoding'; pass encoding=cache.encoding")
@@ -163,8 +177,14 @@ def kd_loss(student_logits: torch.Tensor, batch: dict[str, Any], temperature: fl
                          "slice a padded output layer to the cache's classes (logits[..., :C])")
     if alpha > 0 and labels is None:
         raise ValueError(f"kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
+    _check_labels(labels, batch, logits.shape[0], enc.num_classes)
     if batch.get("padding"):
         return _nothing(logits)
+    if "members" in batch:  # per-member targets: one loss per teacher, weighted
+        kd = multi_teacher_loss(logits, _member_targets(batch, temperature, logits.device), temperature, divergence,
+                                tail) if alpha < 1 else logits.new_zeros(())
+        ce = hard_ce(logits, _labels(labels, logits.device)) if alpha > 0 else None
+        return mix(kd, ce, alpha)
     return row_losses(logits, _targets(batch, temperature, alpha, logits.device), _labels(labels, logits.device),
                       _settings(temperature, alpha, divergence, tail), enc) / rows
 
@@ -175,17 +195,75 @@ def chunked_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str
     """`kd_loss` from a token batch's hidden states (rows, d) in the batch's row order and the
     output layer `head`: (logit_chunk, V) logits at a time, each chunk checkpointed, so the
     (rows, V) logits are never held (a 128k vocabulary at 16k rows would be 8 GB)."""
+    _check_arguments(batch, temperature, alpha, divergence, tail, hidden, "hidden")
+    argument("logit_chunk", logit_chunk, FIELDS["student.logit_chunk"])
     enc = batch["encoding"]
     if hidden.dim() != 2 or hidden.shape[0] != int(batch["sample_id"].shape[0]):
         raise ValueError(f"chunked_kd_loss: hidden {tuple(hidden.shape)} but the batch has "
                          f"{int(batch['sample_id'].shape[0])} rows; pass (rows, d) in the batch's row order")
     if alpha > 0 and labels is None:
         raise ValueError(f"chunked_kd_loss: alpha={alpha} mixes in cross-entropy, which needs labels")
+    _check_labels(labels, batch, hidden.shape[0], enc.num_classes)
     if batch.get("padding"):
         return _nothing(hidden)
     return chunked_loss(hidden, head, _targets(batch, temperature, alpha, hidden.device),
                         _labels(labels, hidden.device), _settings(temperature, alpha, divergence, tail), enc,
                         logit_chunk)
+
+
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+TAILS = ("uniform", "bucket")
+
+
+IGNORE_INDEX = -100  # cross-entropy's label for rows it leaves out (F.cross_entropy's default)
+
+
+def _check_arguments(batch: Any, temperature: Any, alpha: Any, divergence: Any, tail: Any, out: Any,
+                     out_name: str) -> None:
+    """The loss's settings, by the rules of the config fields they mirror (student.temperature, ...)."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise ArgumentError(f"{out_name}: expected a float tensor, got "
+                            f"{out.dtype if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if not isinstance(batch, dict) or "sample_id" not in batch:
+        raise ArgumentError(f"batch: expected a batch dict of Cache.dataset, got {type(batch).__name__}")
+    argument("temperature", temperature, FIELDS["student.temperature"])
+    argument("alpha", alpha, FIELDS["student.alpha"])
+    choice("divergence", divergence, DIVERGENCES)
+    choice("tail", tail, TAILS)
+
+
+def _check_labels(labels: Any, batch: dict[str, Any], rows: int, num_classes: int) -> None:
+    """Class ids (rows,) in [0, C) (or -100, left out), or label distributions (rows, C): finite, >= 0,
+    each summing to 1.
+    A batch of mixed views (mixup/cutmix: a partner per row) has no single class per row, so class
+    ids are refused there: its labels are batch["labels"], the lambda-mixed distributions."""
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise ArgumentError(f"labels: expected a tensor, got {type(labels).__name__}; pass torch.as_tensor(labels)")
+    if labels.is_floating_point():
+        if tuple(labels.shape) != (rows, num_classes):
+            raise ArgumentError(f"labels: float labels {tuple(labels.shape)} are label distributions and must be "
+                                f"({rows}, {num_classes}); class ids are an integer tensor ({rows},) (labels.long())")
+        sums = labels.float().sum(-1)
+        if not bool(torch.isfinite(labels).all()) or bool((labels < 0).any()) or \
+                not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+            raise ArgumentError("labels: label distributions must be finite, >= 0, and sum to 1 in each row")
+        return
+    if labels.dtype == torch.bool or tuple(labels.shape) != (rows,):
+        raise ArgumentError(f"labels: {labels.dtype} {tuple(labels.shape)}; give class ids ({rows},) as an integer "
+                            f"tensor, or label distributions ({rows}, {num_classes}) as floats")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ArgumentError(f"labels: class id {int(labels[bad][0])} outside [0, {num_classes}) (and not the ignored "
+                            f"{IGNORE_INDEX})")
+    partner = batch.get("partner")
+    if isinstance(partner, torch.Tensor) and bool((partner >= 0).any()):
+        raise ArgumentError("labels: this batch holds mixed views (mixup/cutmix) whose labels are lambda-mixed "
+                            "distributions, not class ids; pass labels=batch['labels'] (build the dataset with "
+                            "labels=y), or alpha=0")
 
 
 def _token_rows(logits: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -215,6 +293,15 @@ def _labels(labels: torch.Tensor | None, device: torch.device) -> torch.Tensor |
     if labels is None:
         return None
     return labels.to(device).long() if labels.dim() == 1 else labels.to(device).float()
+
+
+def _member_targets(batch: dict[str, Any], temperature: float, device: torch.device) -> dict[str, dict[str, Any]]:
+    """A per-member batch's targets (as `_targets` checks and moves one set of them)."""
+    out = {}
+    for name, m in batch["members"].items():
+        targets = _targets({**batch, "targets": m["targets"]}, temperature, 0.0, device)
+        out[name] = {**m, "targets": targets}
+    return out
 
 
 def _targets(batch: dict[str, Any], temperature: float, alpha: float, device: torch.device) -> dict[str, torch.Tensor]:

@@ -37,9 +37,10 @@ class Piece:
     """The rows a chunk owns: its rows, or for token caches the sequences that start in it."""
 
     shard: int
-    start: int  # owned rows [start, stop) within the shard
+    start: int  # owned rows [start, stop) within the shard (layouts: of the whole cache)
     stop: int
     items: int
+    first_item: int = -1  # layouts: the piece's first row of the layout (pipeline/inputs/documents.py)
 
     def chunk(self, chunk_rows: int) -> Chunk:
         return Chunk(self.shard, self.start // chunk_rows, self.start, self.stop)
@@ -63,6 +64,18 @@ def pieces(reader: CacheReader) -> list[Piece]:
             raise CacheError(f"{reader.dir}: chunk {c.index} of shard {c.shard} does not hold whole sequences of "
                              f"{seq_len} tokens; rebuild the cache with chunk_rows a multiple of seq_len")
     return out
+
+
+def layout_pieces(lo: np.ndarray, hi: np.ndarray, chunk_rows: int) -> list[Piece]:
+    """A layout's rows (student rows of a document-keyed cache, owning cache rows [lo, hi), in
+    cache order) grouped by the chunk_rows-row block their first cache row is in: the unit of reads
+    and of the shuffle, as a chunk is for other caches."""
+    if not len(lo):
+        return []
+    block = lo // chunk_rows
+    firsts = np.flatnonzero(np.diff(block, prepend=-1))
+    lasts = np.append(firsts[1:], len(lo)) - 1
+    return [Piece(-1, int(lo[a]), int(hi[b]), int(b - a + 1), int(a)) for a, b in zip(firsts, lasts)]
 
 
 def epoch_pieces(reader: CacheReader, views: ViewSpec | None, seed: int, epoch: int,

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.core.config import Config
 from pipeline.inputs.arrays import Dataset, Splits
+from pipeline.inputs.documents import Layout, context_window
 from pipeline.models.ensemble import token_logits
 from pipeline.models.lm import hidden_and_head
 from pipeline.train.losses import chunked_cross_entropy, chunked_kd_loss, kd_loss
@@ -44,6 +45,9 @@ class Task(Protocol):
                        logit_rows: int) -> Any: ...
     def fit_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logit_rows: int) -> torch.Tensor: ...
     def student_labels(self, splits: Splits) -> Dataset | None: ...
+    def student_data(self, cfg: Config, splits: Splits) -> dict[str, Any]: ...
+    def student_shape(self, cfg: Config, splits: Splits) -> tuple[int, ...]: ...
+    def transfer_fingerprint(self, splits: Splits) -> str: ...
     def student_settings(self, cfg: Config) -> dict[str, Any]: ...
     def student_loss(self, model: nn.Module, batch: dict[str, Any], dev: torch.device,
                      **settings: Any) -> torch.Tensor: ...
@@ -66,7 +70,8 @@ class Classification:
         return 256
 
     def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]:
-        return {}
+        t = splits.transfer
+        return {"fingerprint": t.fingerprint, "rows": len(t), "input_shape": list(splits.input_shape)}
 
     def examples(self, data: Dataset, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and labels of the rows at positions `index` (any order: the batch keeps it)."""
@@ -91,6 +96,16 @@ class Classification:
 
     def student_labels(self, splits: Splits) -> Dataset | None:
         return splits.transfer if splits.transfer.y is not None else None
+
+    def student_data(self, cfg: Config, splits: Splits) -> dict[str, Any]:
+        """What `Cache.dataset` joins to the targets: the inputs (and labels) by sample id."""
+        return {"inputs": splits.transfer, "labels": self.student_labels(splits)}
+
+    def student_shape(self, cfg: Config, splits: Splits) -> tuple[int, ...]:
+        return splits.input_shape
+
+    def transfer_fingerprint(self, splits: Splits) -> str:
+        return splits.transfer.fingerprint
 
     def student_settings(self, cfg: Config) -> dict[str, Any]:
         return {}
@@ -120,8 +135,12 @@ class Tokens:
         return max(1, cfg.cache.logit_rows // cfg.data.seq_len)
 
     def dataset_identity(self, cfg: Config, splits: Splits) -> dict[str, Any]:
-        return {"seq_len": cfg.data.seq_len, "tokens": len(splits.transfer) * cfg.data.seq_len,
-                "vocab_fingerprint": splits.vocab}
+        """Rows keyed by (document, offset) (pipeline/inputs/documents.py): the transfer split's
+        trained positions, read with the teachers' context and stride."""
+        corpus = splits.corpus
+        context, stride = context_window(cfg.cache.context, cfg.cache.stride, cfg.data.seq_len)
+        return {"keyed": "document", **corpus.identity(), "context": context, "stride": stride,
+                "rows": int(corpus.rows_before(np.array([corpus.n_tokens]))[0]), "vocab_fingerprint": splits.vocab}
 
     def examples(self, data: Dataset, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token prediction: read tokens[:-1], predict tokens[1:]."""
@@ -146,16 +165,30 @@ class Tokens:
     def student_labels(self, splits: Splits) -> Dataset | None:
         return None  # the label of a token is the next token of its sequence
 
+    def student_data(self, cfg: Config, splits: Splits) -> dict[str, Any]:
+        """The student's own layout (student.seq_len, student.packing) over the cache's documents."""
+        return {"layout": Layout(cfg.student.seq_len or cfg.data.seq_len, cfg.student.packing),
+                "tokens": splits.corpus}
+
+    def student_shape(self, cfg: Config, splits: Splits) -> tuple[int, ...]:
+        """(positions + 1,): the student's rows, and the held-out sequences it is scored on."""
+        return (max(cfg.student.seq_len or cfg.data.seq_len, cfg.data.seq_len) + 1,)
+
+    def transfer_fingerprint(self, splits: Splits) -> str:
+        return splits.corpus.fingerprint
+
     def student_settings(self, cfg: Config) -> dict[str, Any]:
-        return {"logit_chunk": cfg.student.logit_chunk}
+        return {"logit_chunk": cfg.student.logit_chunk,
+                "layout": {"seq_len": cfg.student.seq_len or cfg.data.seq_len, "packing": cfg.student.packing}}
 
     def student_loss(self, model: nn.Module, batch: dict[str, Any], dev: torch.device,
-                     logit_chunk: int = 512, **settings: Any) -> torch.Tensor:
-        """The batch's rows are (sequence, position); their (rows, V) logits are computed in chunks
-        from the hidden states."""
+                     logit_chunk: int = 512, layout: Any = None, **settings: Any) -> torch.Tensor:
+        """The batch's target rows sit at (sequence, position) of its rows of tokens; their (rows, V)
+        logits are computed in chunks from the hidden states. `layout` was applied by the dataset."""
         x = batch["inputs"].to(dev, non_blocking=True)  # (B, L + 1)
         seq, pos = batch["sequence"].to(dev), batch["position"].to(dev)
-        hidden, head = hidden_and_head(model, x[:, :-1])  # (B, L, d)
+        segments = batch.get("segments")
+        hidden, head = hidden_and_head(model, x[:, :-1], None if segments is None else segments[:, :-1].to(dev))
         return chunked_kd_loss(hidden[seq, pos], head, batch, labels=x[:, 1:][seq, pos], logit_chunk=logit_chunk,
                                **settings)
 

@@ -80,7 +80,7 @@ def encoding_from_config(c: Any, num_classes: int) -> Encoding:
             raise ConfigError(f"cache.encoding: dense needs {num_classes} values per row; above "
                               f"cache.dense_max_classes={c.dense_max_classes} use encoding topk, hybrid or sampled")
     fields = {f.name for f in dataclasses.fields(ENCODINGS[c.encoding])}
-    params.update({k: getattr(c, k) for k in ("dtype", "k", "bits", "logp_range", "draws") if k in fields})
+    params.update({k: getattr(c, k) for k in ("dtype", "k", "bits", "logp_range", "draws", "draw_logp") if k in fields})
     try:
         return encoding_from_params(params, num_classes)
     except ValueError as e:

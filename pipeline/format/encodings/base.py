@@ -44,12 +44,16 @@ class Encoding(Protocol):
     def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor: ...
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]: ...
+    def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None: ...
     def raw_bytes_per_row(self) -> float: ...
     def params(self) -> dict[str, Any]: ...
     def label(self) -> str: ...
 
     @property
-    def retemperable(self) -> bool: ...
+    def retemperable(self) -> bool: ...  # targets() serves any temperature
+
+    @property
+    def stochastic(self) -> bool: ...  # encode draws at random: the seed is part of the targets
 
 
 class Targets:
@@ -215,12 +219,26 @@ def in_blocks(fn: Any, *rows: torch.Tensor) -> Any:
     return torch.cat(parts)
 
 
-def mass_outside(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per row of logp (B, C), the probability outside the classes `ids` (B, k): the exp of a
-    logsumexp over the others, exact when tiny (1 - the head's sum is not). Over row blocks, so its
-    temporaries stay a few MB beside a (B, C) logp at any vocabulary (over whole rows they were two
-    more (B, C) tensors: 2 GB at 2,048 x 128k)."""
-    return in_blocks(lambda lp, i: torch.logsumexp(lp.scatter(-1, i, float("-inf")), dim=-1).exp(), logp, ids)
+def tail_summary(logp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of logp (B, C), the probability R outside the classes `ids` (B, k), the exp of a
+    logsumexp over the others, exact when tiny (1 - the head's sum is not); and the mean log-prob of
+    those classes weighted by their probability, sum p log p / R (0 where R is 0). Over row blocks,
+    so its temporaries stay a few MB beside a (B, C) logp at any vocabulary (over whole rows they
+    were more (B, C) tensors: 1 GB each at 2,048 x 128k)."""
+    def rows(lp: torch.Tensor, i: torch.Tensor) -> dict[str, torch.Tensor]:
+        tail = lp.scatter(-1, i, float("-inf"))
+        lse = torch.logsumexp(tail, dim=-1)  # (b,)
+        w = (tail - lse[:, None]).exp_()  # p / R, 0 on the head
+        mean = w.mul_(tail.nan_to_num_(neginf=0.0)).sum(-1)
+        return {"mass": lse.exp(), "mean": torch.where(torch.isfinite(lse), mean, torch.zeros_like(mean))}
+
+    out = in_blocks(rows, logp, ids)
+    return out["mass"], out["mean"]
+
+
+def float16_or_nan(values: np.ndarray | None, rows: int) -> np.ndarray:
+    """A float16 column, or NaN (unknown) in every row when there is none."""
+    return values if values is not None else np.full(rows, np.nan, np.float16)
 
 
 def distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,9 +265,11 @@ def distinct_counts(drawn: torch.Tensor, delta: bool) -> tuple[torch.Tensor, tor
 
 def head_targets(decoded: dict[str, np.ndarray], num_classes: int, device: torch.device | str,
                   tau: float) -> dict[str, torch.Tensor]:
-    """Top-k head as tensors, re-tempered and renormalized with the residual (uniform-tail model)."""
+    """Top-k head as tensors, re-tempered and renormalized with the residual: the tail sized by its
+    mean log-prob where the cache has one, else as a uniform tail (kl.log_tail_power)."""
+    mean = decoded.get("tail_mean_logp")
     logp, residual = kl.retemper_topk(tensor(decoded["logp"], device), tensor(decoded["residual"], device),
-                                      num_classes, tau)  # float32 from here
+                                      num_classes, tau, None if mean is None else tensor(mean, device))  # float32 from here
     return {"ids": tensor(decoded["ids"], device), "logp": logp, "residual": residual}
 
 
@@ -274,10 +294,18 @@ def head_divergence(z: torch.Tensor, t: dict[str, torch.Tensor], kind: str, tail
     raise ConfigError(f"student.tail: {tail!r} is not one of uniform, bucket")
 
 
-def need_t1(enc: Encoding, tau: float) -> None:
-    if tau != 1.0:
-        raise ConfigError(f"student.temperature: {enc.label()} targets are draws at the cache's temperature and "
-                          "cannot be re-tempered; train at the cache's temperature (student.temperature unset)")
+def draw_logp(logp: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, delta: bool) -> torch.Tensor:
+    """The log-probs (B, S) float16 of distinct drawn `ids` (delta-coded when `delta`), 0 on padding."""
+    at = logp.gather(-1, ids.cumsum(-1) if delta else ids).clamp(min=LOGP_FLOOR)
+    return torch.where(counts > 0, at, torch.zeros_like(at)).half()
+
+
+def need_draw_logp(enc: Encoding, tau: float) -> None:
+    if tau != 1.0 and not enc.retemperable:
+        raise ConfigError(f"student.temperature: this {enc.label()} cache holds draws without their log-probs "
+                          "(format 2, or cache.draw_logp false) and cannot be re-tempered; train at the cache's "
+                          "temperature (student.temperature unset), or rebuild it with this logitcache "
+                          "(`logitcache cache CONFIG` with cache.draw_logp true)")
 
 
 def forward_only(enc: Encoding, kind: str) -> None:

@@ -47,6 +47,10 @@ class Dense:
                    tail: str) -> torch.Tensor:
         return kl.divergence(targets["logp"], torch.log_softmax(z.float(), dim=-1), kind)
 
+    def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The teacher's log-probs over every class, (n, C): what a read-time ensemble combines."""
+        return targets["logp"]
+
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         return {"kl": kl.divergence(full, targets["logp"], "forward"), "mass_kept": torch.ones(len(full)),
                 "top1": targets["logp"].argmax(-1)}
@@ -63,3 +67,7 @@ class Dense:
     @property
     def retemperable(self) -> bool:
         return True
+
+    @property
+    def stochastic(self) -> bool:
+        return False

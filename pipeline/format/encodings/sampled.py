@@ -17,9 +17,10 @@ from pipeline.format.encodings.base import (
     id_bytes,
     id_columns,
     id_store,
+    draw_logp,
     in_blocks,
     legacy_ids,
-    need_t1,
+    need_draw_logp,
     pack_ids,
     tensor,
     unpack_ids,
@@ -30,13 +31,18 @@ from pipeline.format.encodings.base import (
 class Sampled:
     """`draws` ids drawn from the teacher distribution, kept as distinct ids with counts, plus the
     exact entropy: count / draws is unbiased for each probability, so the forward KL estimate is
-    unbiased (Sparse Logit Sampling). Noisy on the head, where most of the mass is."""
+    unbiased (Sparse Logit Sampling). Noisy on the head, where most of the mass is.
+
+    With `draw_logp` (format 3) each distinct draw's log-prob is kept too (float16), and another
+    temperature re-weights the draws: self-normalised importance weights toward p^(Tc/T)
+    (kl.retemper_draws), with the entropy estimated from the same draws."""
 
     name: ClassVar[str] = "sampled"
     num_classes: int
     draws: int
     ids: str = ""
     delta: bool = True  # format 1: zero-padded ids, not delta-coded
+    draw_logp: bool = True  # the logp column (format 3): other temperatures by importance weights
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -45,8 +51,9 @@ class Sampled:
     @classmethod
     def from_params(cls, p: dict[str, Any], num_classes: int, version: int) -> Sampled:
         if version == 1:  # zero-padded ids
-            return cls(num_classes, int(p["draws"]), legacy_ids(num_classes), delta=False)
-        return cls(num_classes, int(p["draws"]), p.get("ids", ""), bool(p.get("delta", True)))
+            return cls(num_classes, int(p["draws"]), legacy_ids(num_classes), delta=False, draw_logp=False)
+        return cls(num_classes, int(p["draws"]), p.get("ids", ""), bool(p.get("delta", True)),
+                   version >= 3 and bool(p.get("draw_logp", True)))
 
     def problems(self) -> list[str]:
         return draws_problems(self.draws)
@@ -56,7 +63,10 @@ class Sampled:
         return [*id_columns(self.ids, "ids", "draw", f"distinct ids drawn from the distribution, ascending, {coding}"),
                 Column("counts", ("row", "draw"), "times each id was drawn (uint8); count / draws is unbiased for "
                        "its probability; 0 on padding"),
-                Column("entropy", ("row",), "entropy of the distribution at the cached temperature (float16)")]
+                Column("entropy", ("row",), "entropy of the distribution at the cached temperature (float16)"),
+                *([Column("logp", ("row", "draw"), "log-probability of each distinct drawn id at the cached "
+                          "temperature (float16; 0 on padding): importance weights for other temperatures")]
+                  if self.draw_logp else [])]
 
     def encode(self, logp: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         return in_blocks(lambda rows: self._encode_rows(rows, generator), logp)
@@ -65,26 +75,41 @@ class Sampled:
         p = logp.float().exp()
         drawn = torch.multinomial(p, self.draws, replacement=True, generator=generator)  # (B, S)
         ids, counts = distinct_counts(drawn, self.delta)
-        return {"ids": ids, "counts": counts.to(torch.uint8), "entropy": (-torch.xlogy(p, p).sum(-1)).half()}
+        out = {"ids": ids, "counts": counts.to(torch.uint8), "entropy": (-torch.xlogy(p, p).sum(-1)).half()}
+        if self.draw_logp:
+            out["logp"] = draw_logp(logp, ids, counts, self.delta)
+        return out
 
     def to_host(self, encoded: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return {**pack_ids(encoded["ids"].cpu().numpy(), self.ids, "ids"),
-                "counts": encoded["counts"].cpu().numpy(), "entropy": encoded["entropy"].cpu().numpy()}
+                **{k: encoded[k].cpu().numpy() for k in ("counts", "entropy", "logp") if k in encoded}}
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"ids": unpack_ids(stored, self.ids, "ids", delta=self.delta), "counts": stored["counts"],
-                "entropy": stored["entropy"]}
+        out = {"ids": unpack_ids(stored, self.ids, "ids", delta=self.delta), "counts": stored["counts"],
+               "entropy": stored["entropy"]}
+        return {**out, "logp": stored["logp"]} if self.draw_logp else out
 
     def targets(self, decoded: dict[str, np.ndarray], device: torch.device | str,
                 tau: float = 1.0) -> dict[str, torch.Tensor]:
-        need_t1(self, tau)
-        return {"ids": tensor(decoded["ids"], device), "weights": tensor(decoded["counts"], device).float() / self.draws,
-                "entropy": tensor(decoded["entropy"], device).float()}
+        ids = tensor(decoded["ids"], device)
+        counts = tensor(decoded["counts"], device)
+        if tau == 1.0:
+            return {"ids": ids, "weights": counts.float() / self.draws,
+                    "entropy": tensor(decoded["entropy"], device).float()}
+        need_draw_logp(self, tau)
+        logp = tensor(decoded["logp"], device).float()  # (n, S) at Tc
+        weights, log_z = kl.retemper_draws(counts, logp, tau)  # q = p^beta / Z, Z estimated by exp(log_z)
+        entropy = log_z - (weights * logp).sum(-1) / tau  # H(q) = log Z - beta E_q[log p], from the draws
+        return {"ids": ids, "weights": weights, "entropy": entropy}
 
     def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
         forward_only(self, kind)
         return kl.sparse_cross_entropy(z, targets["ids"], targets["weights"]) - targets["entropy"]
+
+    def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """None: draws estimate the distribution, they do not describe it (no read-time ensemble)."""
+        return None
 
     def fidelity(self, full: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         ids, w = targets["ids"], targets["weights"]
@@ -92,14 +117,19 @@ class Sampled:
                 "top1": ids.gather(-1, w.argmax(-1, keepdim=True)).squeeze(-1)}
 
     def raw_bytes_per_row(self) -> float:
-        return id_bytes(self.ids, self.draws) + self.draws + 2
+        return id_bytes(self.ids, self.draws) + self.draws + 2 + 2 * self.draws * self.draw_logp
 
     def params(self) -> dict[str, Any]:
-        return {"name": self.name, "draws": self.draws, "ids": self.ids, "delta": self.delta}
+        return {"name": self.name, "draws": self.draws, "ids": self.ids, "delta": self.delta,
+                "draw_logp": self.draw_logp}
 
     def label(self) -> str:
         return f"sampled-n{self.draws}"
 
     @property
     def retemperable(self) -> bool:
-        return False
+        return self.draw_logp
+
+    @property
+    def stochastic(self) -> bool:
+        return True
