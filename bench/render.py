@@ -271,21 +271,26 @@ def is_table(value: Any) -> bool:
 
 
 def table(key: str, records: list[dict[str, Any]], goals: list[TableGoal]) -> list[str]:
-    """The records of figure `key` as a table (columns: their keys in first-seen order), with the
-    goal and met? cells of the goals that select each record."""
+    """The records of figure `key` as a table (columns: their keys in first-seen order); where the
+    figure has goals, the goal and met? cells of the goals that select each record."""
     columns: list[str] = []
     for r in records:
         columns += [k for k in r if k not in columns]
-    out = [f"`{cell(key)}`:", "", "| " + " | ".join(cell(c) for c in columns) + " | goal | met? |",
-           "|" + "---|" * (len(columns) + 2)]
+    judged_cols = " goal | met? |" if goals else ""
+    out = [f"`{cell(key)}`:", "", "| " + " | ".join(cell(c) for c in columns) + " |" + judged_cols,
+           "|" + "---|" * (len(columns) + (2 if goals else 0))]
     for r in records:
+        values = "| " + " | ".join(shown(r[c]) if c in r else "—" for c in columns) + " |"
+        if not goals:
+            out.append(values)
+            continue
         mine = [(figure, goal) for when, figure, goal in goals
                 if all(r.get(k) in allowed for k, allowed in when.items()) and figure in r]
         judged = [judge(goal, r[figure], r) for figure, goal in mine]
         goal_cell = "; ".join(f"`{cell(f)}` {g}" for (f, _), (g, _) in zip(mine, judged)) or "—"
         met_cell = ("**no**" if any(m == "**no**" for _, m in judged) else
                     "yes" if judged and all(m == "yes" for _, m in judged) else "—")
-        out.append("| " + " | ".join(shown(r[c]) if c in r else "—" for c in columns) + f" | {goal_cell} | {met_cell} |")
+        out.append(f"{values} {goal_cell} | {met_cell} |")
     return [*out, ""]
 
 
@@ -294,18 +299,18 @@ def part(stem: str, result: dict[str, Any], level: str | None) -> list[str]:
     goals = goals_for(stem)
     out = [f"{level} {PART_TITLES.get(stem, stem)}", ""] if level else []
     out += [stamp_line(result), "", "| figure | value | goal | met? |", "|---|---|---|---|"]
-    top = {k: v for k, v in figures.items() if k not in NOT_FIGURES and not is_table(v)}
+    top = {k: v for k, v in figures.items() if k not in NOT_FIGURES}
+    tables: list[tuple[str, list[dict[str, Any]]]] = []  # figures that are lists of records, at any depth
     for key, value in flatten(top) if top else []:
         if is_table(value):
-            tables += table(key, value)
+            tables.append((key, value))
             continue
         goal, met = judge(goals[key], value, figures) if key in goals else ("—", "—")
         out.append(f"| `{cell(key)}` | {shown(value)} | {goal} | {met} |")
     out.append("")
-    tables = table_goals_for(stem)
-    for key, value in figures.items():
-        if key not in NOT_FIGURES and is_table(value):
-            out += table(key, value, tables.get(key, []))
+    table_goals = table_goals_for(stem)
+    for key, value in tables:
+        out += table(key, value, table_goals.get(key, []))
     return out
 
 

@@ -26,7 +26,7 @@ def test_targets_are_made_when_read_and_equal_the_encodings(tmp_path):
     batch = next(iter(ds))
     t = batch["targets"]
     assert isinstance(t, Targets) and t._made is None  # the loader only decoded
-    decoded = {k: batch[k].numpy() for k in ("ids", "logp", "residual")}
+    decoded = {k: batch[k].numpy() for k in t.decoded}  # the decoded columns the batch carries (format 3: tail_mean_logp too)
     want = cache.encoding.targets(decoded, "cpu", 2.0 / cache.temperature)
     assert sorted(t.keys()) == sorted(want) and all(torch.equal(t[k], want[k]) for k in want)
     assert t.to("cpu") is t
