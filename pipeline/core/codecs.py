@@ -39,7 +39,8 @@ CODECS: dict[str, Codec] = {"zstd": Codec(3, 22), "shuffle-zstd": Codec(3, 9, "z
 # The codec of a Zarr cache that leaves `cache.codec` unset, by encoding (bench/reader.py; docs/cache-format.md
 # "Codecs"). Top-k: shuffle-lz4hc, whose chunks decode in half the CPU time of shuffle-zstd's and a third of
 # zstd's (top-32 16-bit: 0.21, 0.41, 0.47 us/row, against 0.32 us/row for the rest of the loader), at no more
-# bytes than zstd from 2,048-row chunks (5% more than shuffle-zstd): the reader keeps up with a memmap's loader.
+# bytes than zstd from 2,048-row chunks (5-12% more than shuffle-zstd, whose zstd codes the shuffled ids and
+# log-probs tighter): the reader keeps up with half a memmap's loader.
 # Hybrid: shuffle-zstd, the smallest (2-15% under zstd; shuffle-lz4hc takes 10% more), for vocabularies where
 # the student's step dwarfs reading. Dense and sampled: zstd (a shuffle saves nothing there). Parquet: zstd on
 # byte-stream-split pages.
