@@ -78,8 +78,10 @@ def test_resume_at_batch_replays_the_same_batches(reader, start):
 
 
 def test_memory_is_bounded_by_the_shuffle_buffer(reader, monkeypatch):
-    """Reads run at most one buffer ahead of the one being yielded, never the whole cache, and
-    resuming skips reads."""
+    """Reads run at most PREFETCH buffers ahead of the one being yielded, never the whole cache,
+    and resuming skips reads."""
+    from pipeline.train.dataset import PREFETCH
+
     reads: list[int] = []
     real = reader.read_joined
     monkeypatch.setattr(reader, "read_joined", lambda cs: (reads.extend(c.stop - c.start for c in cs), real(cs))[1])
@@ -87,7 +89,7 @@ def test_memory_is_bounded_by_the_shuffle_buffer(reader, monkeypatch):
     it = loader.batches(0)
     next(it)
     it.close()  # waits for the buffer being read ahead
-    assert 2 * 64 <= sum(reads) <= 2 * 2 * 64
+    assert 2 * 64 <= sum(reads) <= (1 + PREFETCH) * 2 * 64
     reads.clear()
     list(loader.batches(0, start=15))  # batch 15 starts at row 750
     assert 1000 - 750 <= sum(reads) <= 1000 - 750 + 2 * 64

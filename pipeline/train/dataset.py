@@ -79,6 +79,8 @@ from pipeline.train import plan
 from pipeline.train.members import Blend, blend_of
 
 DEFAULT_ROOT = Path("data/caches")
+PREFETCH = 2  # buffers read ahead of the one consumed: a buffer that opens a new shard (its checks) or
+# meets a busy core is absorbed by the one after it instead of stalling the step (bench/reader.py)
 ORDER_VERSION = 1  # of the epoch order (pipeline/train/plan.py): a saved position means nothing under another
 
 
@@ -466,12 +468,12 @@ class CacheDataset(IterableDataset):
         """The items of the epoch's stream in `spans` (sorted, disjoint), in order, as (stored rows,
         item lengths) per buffer, reading only the buffers that hold them.
 
-        Buffers are read on one background thread while the consumer works through the previous
-        one, so storage costs overlap the training step; every read happens on that thread, so a
-        Parquet file is never read by two threads at once. Buffers hold the stored (narrow)
+        Buffers are read on one background thread, PREFETCH ahead of the one the consumer works
+        through, so storage costs overlap the training step; every read happens on that thread, so
+        a Parquet file is never read by two threads at once. Buffers hold the stored (narrow)
         columns and each batch is decoded as it is made: a buffer of 8-bit top-10 rows takes
         ~16 B/row, not the ~130 B/row of int64 ids and float32 log-probs. Memory: the buffer being
-        consumed plus the one being read."""
+        consumed plus PREFETCH read ahead."""
         wanted, seen, j = [], 0, 0  # spans[j:] end after `seen`: buffers and spans are walked once, in step
         for b, buffer in enumerate(plan.buffers(self._epoch_pieces(epoch), self.seed, epoch, self.shuffle,
                                                 self.shuffle_chunks)):
@@ -491,10 +493,11 @@ class CacheDataset(IterableDataset):
         if not wanted:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitcache-prefetch") as ahead:
-            pending: Future | None = ahead.submit(self._read_buffer, wanted[0][1])
+            pending: list[Future] = [ahead.submit(self._read_buffer, w[1]) for w in wanted[:PREFETCH]]
             for i, (b, _, n, parts) in enumerate(wanted):
-                rows, starts = pending.result()  # starts (n + 1,): first row of each item
-                pending = ahead.submit(self._read_buffer, wanted[i + 1][1]) if i + 1 < len(wanted) else None
+                rows, starts = pending.pop(0).result()  # starts (n + 1,): first row of each item
+                if i + PREFETCH < len(wanted):
+                    pending.append(ahead.submit(self._read_buffer, wanted[i + PREFETCH][1]))
                 order = plan.item_order(self.seed, epoch, b, n, self.shuffle)
                 sel = order[parts[0][0]:parts[0][1]] if len(parts) == 1 else \
                     np.concatenate([order[lo:hi] for lo, hi in parts])
