@@ -25,8 +25,8 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-# Speed and memory: each script prints one JSON line of figures measured side by side (about 21 minutes
-# on 2 cores) and keeps it, stamped, in bench/results/; docs/performance.md is rendered from there.
+# Speed and memory: each script prints one JSON line of figures measured side by side (about 20 minutes
+# on 2 cores: 20.3 summed over each script's last run, several beside other jobs) and keeps it, stamped, in bench/results/; docs/performance.md is rendered from there.
 # bench/heap.py without --settings also pins at 1 and 4 MB.
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
