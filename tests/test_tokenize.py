@@ -22,6 +22,7 @@ from pipeline.core.errors import DataError
 from pipeline.core.io import hash_json
 from pipeline.inputs import text, tokens
 from pipeline.inputs.arrays import MappedRows
+from pipeline.inputs.documents import open_corpus
 from pipeline.inputs.splits import load_splits
 from pipeline.inputs.text import EOS, python_docs, train_tokenizer
 
@@ -262,7 +263,7 @@ def test_killed_writer_leaves_nothing_that_looks_complete(tmp_path, docs, bpe):
 def test_error_during_tokenizing_removes_the_temporary_directory(tmp_path, monkeypatch, docs, bpe):
     source = write_source(tmp_path / "c.txt", docs)
 
-    def interrupted(self, ids, masks=None):
+    def interrupted(self, ids, masks=None, spans=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tokens.TokenFile, "append", interrupted)
@@ -378,3 +379,48 @@ def test_a_batch_of_long_documents_is_bounded_by_characters(tmp_path):
         m = tokens.read_manifest(next((tmp_path / str(n) / "tokens").iterdir()))
         assert m["splits"]["train"]["n_tokens"] + m["splits"]["test"]["n_tokens"] == n * 50_001
     assert peaks[40] < 1.1 * peaks[4], peaks
+
+
+def test_text_tokens_record_their_character_spans(tmp_path, bpe):
+    """Each token's span is where the tokenizer says it came from (the slow way: each document
+    encoded alone), the eos spans (len, len), and the token files are unchanged by recording them;
+    pre-tokenized sources have no spans. A damaged spans file is found and the corpus tokenized again."""
+    from tokenizers import Tokenizer
+
+    docs = ["Hello  world\n\tna\u00efve caf\u00e9 \U0001F600 \u4e2d\u6587", "  leading and trailing  ", "x"] * 5
+    source = write_source(tmp_path / "c.jsonl", docs)
+    d = lm_cfg(tmp_path, source, f"data.tokenizer={bpe}", "data.test_fraction=0.2").data
+    directory = tokens.tokenize(d, str(tmp_path))
+    manifest = tokens.read_manifest(directory)
+    assert manifest["identity"]["spans"] == "char"
+    hf = Tokenizer.from_file(str(bpe / "tokenizer.json"))
+    order = np.random.default_rng(d.split_seed).permutation(len(docs))
+    held = set(order[:max(1, round(len(docs) * d.test_fraction))].tolist())
+    for split, keep in (("train", False), ("test", True)):
+        mine = [doc for i, doc in enumerate(docs) if (i in held) == keep]
+        if split == "train":
+            train_docs = mine
+        expect = np.concatenate([np.vstack([np.asarray(hf.encode(doc).offsets).reshape(-1, 2), [[len(doc)] * 2]])
+                                 for doc in mine])
+        entry = manifest["splits"][split]
+        got = np.fromfile(directory / entry["spans"], dtype="<i4").reshape(-1, 2)
+        assert got.shape == (entry["n_tokens"], 2) and np.array_equal(got, expect)
+    corpus = open_corpus(directory, manifest, "train")
+    for i, doc in enumerate(train_docs):  # the spans tile each document's text
+        spans = _distinct(corpus.spans[corpus.offsets[i]:corpus.offsets[i + 1] - 1])
+        assert "".join(doc[s:e] for s, e in spans) == doc
+    (directory / "train.spans.bin").write_bytes(b"\0" * (directory / "train.spans.bin").stat().st_size)
+    assert "train.spans.bin: its size or sha256 differs" in tokens.token_problem(directory)
+    assert tokens.tokenize(d, str(tmp_path)) == directory and tokens.token_problem(directory) is None
+    ids = write_source(tmp_path / "ids.parquet", [[1, 2, 3], [4, 5]])
+    pre = tokens.read_manifest(tokens.tokenize(lm_cfg(tmp_path, ids, f"data.tokenizer={bpe}").data, str(tmp_path)))
+    assert "spans" not in pre["identity"] and "spans" not in pre["splits"]["train"]
+
+
+def _distinct(spans: np.ndarray) -> list[tuple[int, int]]:
+    """Spans in order, a character split over several byte tokens once."""
+    out: list[tuple[int, int]] = []
+    for s, e in spans.tolist():
+        if not out or out[-1] != (s, e):
+            out.append((s, e))
+    return out

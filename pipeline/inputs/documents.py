@@ -50,6 +50,7 @@ class Corpus:
     eos: int
     fingerprint: str  # of the tokens (and mask) these documents hold
     cap: int | None = None  # only the split's first `cap` tokens
+    spans: np.ndarray | None = None  # (n_tokens, 2) int32 memmap: each token's character span in its document
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled (to a spawned DataLoader worker) as where it is: the worker maps the files again."""
@@ -209,8 +210,12 @@ def open_corpus(directory: Path, manifest: dict[str, Any], split: str, cap: int 
     if entry.get("mask"):
         mask = np.memmap(directory / entry["mask"], dtype=np.uint8, mode="r", shape=(n,)) if n else \
             np.zeros(0, np.uint8)
+    spans = None
+    if entry.get("spans"):
+        spans = np.memmap(directory / entry["spans"], dtype="<i4", mode="r", shape=(n, 2)) if n else \
+            np.zeros((0, 2), np.int32)
     fingerprint = hash_json({"sha256": entry["sha256"], "mask": entry.get("mask_sha256"), "positions": n})[:16]
-    return Corpus(directory, split, tokens, offsets, mask, int(manifest["eos"]), fingerprint, cap)
+    return Corpus(directory, split, tokens, offsets, mask, int(manifest["eos"]), fingerprint, cap, spans)
 
 
 def _reopen(directory: Path, split: str, cap: int | None) -> Corpus:

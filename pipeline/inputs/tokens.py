@@ -16,15 +16,20 @@ command does) and maps it; nothing reads the whole corpus into memory.
                         data.train_on: assistant: uint8, one per token of train.bin; 1 where the prediction
                         of that token (from the tokens before it in its document) is trained. A document's
                         first token is 0 (nothing predicts it), its eos takes its last token's value.
-  test.bin, test.offsets.npy, test.mask.bin
-  transfer.bin, transfer.offsets.npy, transfer.mask.bin    only with data.transfer.source
+  train.spans.bin       only for text sources: int32 (n_tokens, 2), little-endian: each token's character
+                        span [start, end) in its document's text (Python str indices, as the tokenizer
+                        reports them; the bytes of one character split over several tokens give each the
+                        character's span); the eos ending a document spans (len, len). What a student with
+                        another tokenizer aligns its tokens by (pipeline/train/crosstok.py).
+  test.bin, test.offsets.npy, test.mask.bin, test.spans.bin
+  transfer.bin, transfer.offsets.npy, transfer.mask.bin, transfer.spans.bin    only with data.transfer.source
 
 The id hashes everything that determines the tokens: each source's content digest (remembered per
 machine), data.text_field, the tokenizer (its file's digest, or the vocabulary size of the BPE
 trained here), the split (data.split_seed and data.test_fraction, or data.test_source) and the
 format version; and, only where they differ from what every corpus had before, the eos token
-(when not EOS), the chat template's files (chat sources) and data.train_on (when masks are
-written), so a plain-text corpus keeps its id. The split is by document, as it always was: a
+(when not EOS), the chat template's files (chat sources), data.train_on (when masks are
+written) and the spans' format (text sources). The split is by document, as it always was: a
 permutation of the documents by data.split_seed, the first round(n * test_fraction) go to test,
 each split keeps source order.
 """
@@ -77,6 +82,9 @@ from pipeline.inputs.text import (
 TOKENS_FORMAT = 1
 
 
+SPANS = "char"  # the unit of <split>.spans.bin: characters of the document's text
+
+
 # One encode_batch call holds its documents' Encodings (about 130 bytes a token: ids, offsets, token
 # strings) and their ids as Python lists (about 33 more): 1,000 paragraphs of bench/scale.py's corpus
 # (1 MB of text, 192k tokens) took 30 MB, and 1,000 long documents would take any amount. So a batch
@@ -110,6 +118,8 @@ def identity(d: DataConfig) -> dict[str, Any]:
         ident["chat_template"] = template_identity(d.tokenizer, _sources(d)[chat[0]], chat[0])
     if d.train_on == "assistant" and any(kind in MASKED for kind in kinds.values()):
         ident["train_on"] = d.train_on
+    if "text" in kinds.values():
+        ident["spans"] = SPANS
     return ident
 
 
@@ -163,6 +173,8 @@ def tokenize(d: DataConfig, workspace: str) -> Path:
         for entry in manifest["splits"].values():  # hashed as written: this machine need not read them again
             record_tree_digest(final / entry["file"], entry["sha256"])
             record_tree_digest(final / entry["offsets"], entry["offsets_sha256"])
+            if "spans" in entry:
+                record_tree_digest(final / entry["spans"], entry["spans_sha256"])
     return final
 
 
@@ -204,6 +216,12 @@ def token_problem(directory: Path) -> str | None:
                 return f"{mask_file}: missing"
             if mask_file.stat().st_size != e["n_tokens"] or file_digest(mask_file) != e.get("mask_sha256"):
                 return f"{mask_file}: its size or sha256 differs from the manifest's; the file was modified or damaged"
+        if e.get("spans"):
+            spans_file = directory / str(e["spans"])
+            if not spans_file.is_file():
+                return f"{spans_file}: missing"
+            if spans_file.stat().st_size != 8 * e["n_tokens"] or file_digest(spans_file) != e.get("spans_sha256"):
+                return f"{spans_file}: its size or sha256 differs from the manifest's; the file was modified or damaged"
         if e.get("offsets_sha256") is not None:
             if file_digest(offsets_file) != e["offsets_sha256"]:
                 return f"{offsets_file}: its sha256 differs from the manifest's; the file was modified or damaged"
@@ -237,22 +255,26 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 class TokenFile:
     """Appends documents to <name>.bin, each followed by eos, and their end offsets to
     <name>.offsets.npy, by buffered file writes: memory holds one batch, whatever the corpus size.
-    With `masked`, each token's trained flag goes to <name>.mask.bin in step. The data is hashed as
-    it is written."""
+    With `masked`, each token's trained flag goes to <name>.mask.bin in step; with `spanned`, each
+    token's character span to <name>.spans.bin. The data is hashed as it is written."""
 
     def __init__(self, directory: Path, name: str, dtype: np.dtype, vocab_size: int, eos: int, source: str,
-                 masked: bool = False) -> None:
+                 masked: bool = False, spanned: bool = False) -> None:
         self.directory, self.name, self.dtype = directory, name, dtype
         self.vocab_size, self.eos, self.source = vocab_size, eos, source
         self.tokens: BinaryIO = open(directory / f"{name}.bin", "wb")
         self.ends: BinaryIO = open(directory / f".{name}.ends", "wb")  # int64 end offsets, raw
         self.masks: BinaryIO | None = open(directory / f"{name}.mask.bin", "wb") if masked else None
-        self.sha256, self.mask_sha256 = hashlib.sha256(), hashlib.sha256()
+        self.spans: BinaryIO | None = open(directory / f"{name}.spans.bin", "wb") if spanned else None
+        self.sha256, self.mask_sha256, self.spans_sha256 = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
         self.n_docs = self.n_tokens = self.n_trained = 0
 
-    def append(self, docs: Sequence[Sequence[int] | np.ndarray], masks: Sequence[np.ndarray] | None = None) -> None:
+    def append(self, docs: Sequence[Sequence[int] | np.ndarray], masks: Sequence[np.ndarray] | None = None,
+               spans: Sequence[tuple[np.ndarray, int]] | None = None) -> None:
         """`masks` (with `masked`): per document, 1 where the source trains that token; a document's
-        first token is then set to 0 and its eos takes the source's flag of its last token."""
+        first token is then set to 0 and its eos takes the source's flag of its last token. `spans`
+        (with `spanned`): per document, its tokens' (n, 2) character spans and its length in
+        characters (the eos's span is (length, length))."""
         lengths = np.fromiter((len(ids) + 1 for ids in docs), dtype=np.int64, count=len(docs))
         ends = np.cumsum(lengths)
         flat = np.full(int(ends[-1]) if len(docs) else 0, self.eos, dtype=np.int64)  # (batch tokens,)
@@ -277,12 +299,24 @@ class TokenFile:
             self.masks.write(flags.tobytes())
             self.mask_sha256.update(flags.tobytes())
             self.n_trained += int(flags.sum(dtype=np.int64))
+        if self.spans is not None:
+            assert spans is not None and len(spans) == len(docs)
+            out = np.empty((len(flat), 2), dtype="<i4")  # (batch tokens, 2)
+            for (s, length), end, n in zip(spans, ends, lengths):
+                if length >= 1 << 31:
+                    raise DataError(f"{self.source}: a document of {length} characters; spans are int32, split "
+                                    "documents longer than 2**31 characters")
+                out[end - n:end - 1] = s
+                out[end - 1] = length
+            data = out.tobytes()
+            self.spans.write(data)
+            self.spans_sha256.update(data)
         self.n_docs += len(docs)
         self.n_tokens += len(flat)
 
     def close(self) -> dict[str, Any]:
         """Flush and fsync; write the offsets as .npy (a header, then 0 and the streamed ends)."""
-        for f in (self.tokens, self.ends, self.masks):
+        for f in (self.tokens, self.ends, self.masks, self.spans):
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
@@ -302,6 +336,8 @@ class TokenFile:
         if self.masks is not None:
             entry.update(mask=f"{self.name}.mask.bin", mask_sha256=self.mask_sha256.hexdigest(),
                          trained_tokens=self.n_trained)
+        if self.spans is not None:
+            entry.update(spans=f"{self.name}.spans.bin", spans_sha256=self.spans_sha256.hexdigest())
         return entry
 
 
@@ -327,7 +363,7 @@ def _write(d: DataConfig, workspace: str, out: Path) -> dict[str, Any]:
     chat = ChatTemplate(Path(d.tokenizer)) if "messages" in kinds.values() and d.tokenizer is not None else None
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     files = {name: TokenFile(out, name, dtype, tok.vocab_size, eos, source,
-                             masked=d.train_on == "assistant" and kinds[key] in MASKED)
+                             masked=d.train_on == "assistant" and kinds[key] in MASKED, spanned=kinds[key] == "text")
              for name, key, source in (("train", "data.source", d.source),
                                        ("test", "data.test_source" if d.test_source else "data.source",
                                         d.test_source or d.source),
@@ -353,10 +389,10 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, chat: ChatTempla
     n = 0
     progress = bar(None, f"tokenize {path}", "tokens")  # a line every LOGITCACHE_PROGRESS_INTERVAL s in job logs
     for batch in _batches(iter_documents(path, key, d.text_field)):
-        ids, masks = _encode(batch, kind, tok, chat, f"{key}: {path}", n)
+        ids, masks, spans = _encode(batch, kind, tok, chat, f"{key}: {path}", n)
         written = sum(f.n_tokens for f in files)
         if in_test is None:
-            files[0].append(ids, masks)
+            files[0].append(ids, masks, spans)
         else:
             test = in_test[n:n + len(batch)]
             if len(test) < len(batch):
@@ -364,7 +400,8 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, chat: ChatTempla
                                 "rerun when it is no longer being written")
             for f, held_out in zip(files, (False, True)):
                 f.append([x for x, t in zip(ids, test) if t == held_out],
-                         None if masks is None else [m for m, t in zip(masks, test) if t == held_out])
+                         None if masks is None else [m for m, t in zip(masks, test) if t == held_out],
+                         None if spans is None else [s for s, t in zip(spans, test) if t == held_out])
         n += len(batch)
         progress.update(sum(f.n_tokens for f in files) - written)  # the files count end-of-text tokens too
     progress.close()
@@ -372,16 +409,19 @@ def _stream(path: str, key: str, d: DataConfig, tok: Tokenizer, chat: ChatTempla
 
 
 def _encode(batch: list[Document], kind: str, tok: Tokenizer, chat: ChatTemplate | None, where: str,
-            first: int) -> tuple[list[Any], list[np.ndarray] | None]:
-    """A batch of one kind's documents as token ids, with their masks where the kind has them."""
+            first: int) -> tuple[list[Any], list[np.ndarray] | None, list[tuple[np.ndarray, int]] | None]:
+    """A batch of one kind's documents as token ids, with their masks where the kind has them and,
+    for text, each document's token spans and length."""
     if kind == "text":
-        return tok.encode(batch), None  # type: ignore[arg-type]
+        encodings = tok.hf.encode_batch(batch)
+        return ([e.ids for e in encodings], None,
+                [(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), len(doc)) for e, doc in zip(encodings, batch)])
     if kind == "input_ids":
-        return batch, None
+        return batch, None, None
     if kind == "messages":
         assert chat is not None
-        return chat.encode(batch, where, first)  # type: ignore[arg-type]
-    return [ids for ids, _ in batch], [m for _, m in batch]  # type: ignore[misc]
+        return (*chat.encode(batch, where, first), None)  # type: ignore[arg-type]
+    return [ids for ids, _ in batch], [m for _, m in batch], None  # type: ignore[misc]
 
 
 def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
