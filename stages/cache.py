@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import Config, dump_yaml
-from pipeline.core.errors import CacheError
+from pipeline.core.errors import CacheError, DataError
 from pipeline.core.io import atomic_write_json, atomic_write_text, check_writable, read_json, remove_dead_tmp
 from pipeline.core.progress import bar, log
 from pipeline.format import manifest as fmt
 from pipeline.format import members, remote
+from pipeline.format.columns import VOCAB_FILE
 from pipeline.format.shards import recorded_digest, shard_entry
 from pipeline.run.fanout import expected_workers, run_all, task_share
 from pipeline.run.identity import Context, Unit, context, record
@@ -97,6 +98,21 @@ def _repair(ctx: Context, manifest: dict[str, Any], lost: list[Shard]) -> None:
                                  f"numerics differ from the run that made it); delete {ctx.dir} and rerun "
                                  "`logitcache cache CONFIG`")
     log(f"cache {ctx.dir.name}: {len(lost)} shards recomputed, identical to the manifest's")
+
+
+def write_teacher_vocab(ctx: Context) -> None:
+    """The teacher tokenizer's token bytes, eos and fingerprint (VOCAB_FILE), beside spec.json: what a
+    student with another tokenizer maps the targets' ids by, without the teacher's tokenizer."""
+    from pipeline.inputs.text import Tokenizer
+    from pipeline.inputs.vocab import token_bytes, write_vocab
+
+    path = ctx.dir / VOCAB_FILE
+    if path.is_file():
+        return
+    corpus = ctx.splits.corpus
+    tok = Tokenizer(Path(read_json(corpus.directory / "manifest.json", DataError, "rerun `logitcache tokenize`")
+                         ["tokenizer"]), "data.tokenizer")
+    write_vocab(path, token_bytes(tok.hf), corpus.eos, tok.fingerprint)
 
 
 def finalize(ctx: Context, url: str | None = None) -> dict[str, Any]:
@@ -243,6 +259,8 @@ def main(cfg: Config, client: Any = None, shard_index: int | None = None, num_sh
     _record_config(cfg, ctx.dir)
     record(ctx)
     atomic_write_json(ctx.dir / "spec.json", ctx.spec)
+    if "alignment" in ctx.spec:
+        write_teacher_vocab(ctx)
     planned = plan(cfg, ctx)
     shards = task_share(planned, shard_index, num_shards)
     if ctx.units[0].spec is not None:  # member stores: what they hold already is reused, never recomputed

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.core.config import Config, dump_yaml
@@ -40,6 +41,8 @@ from pipeline.format.remote import open_reader
 from pipeline.inputs.arrays import Splits
 from pipeline.inputs.augment import check_images
 from pipeline.inputs.splits import load_splits
+from pipeline.inputs.tokens import read_manifest as read_token_manifest
+from pipeline.inputs.tokens import target_chars
 from pipeline.models.builders import build_model, resolve_device
 from pipeline.run.fanout import run_all, task_share
 from pipeline.run.jobs import Shard, cache_path, job_name, models, plan, settings
@@ -49,7 +52,7 @@ from pipeline.train.dataset import open_cache as open_api_cache
 from pipeline.train.loop import Job, commit, discard, finished, fit
 from pipeline.train.mixture import Mixture, mixture
 from pipeline.train.plan import augmentation
-from pipeline.train.tasks import Task, task_of
+from pipeline.train.tasks import Task, student_splits, task_of
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,11 @@ def open_cache(cfg: Config, splits: Splits) -> fmt.CacheReader:
                          f"config's transfer set is {mine}; point student.cache "
                          "at a cache of this data or run `logitcache cache CONFIG`")
     theirs = reader.manifest["spec"]["dataset"].get("vocab_fingerprint")
-    if splits.vocab and theirs != splits.vocab:
+    if splits.vocab and theirs != splits.vocab and cfg.student.tokenizer is None:
         raise CacheError(f"{path}: cache was made with tokenizer vocab {theirs}, this config's is {splits.vocab}; "
-                         "use the tokenizer the cache was made with (data.tokenizer)")
-    if reader.num_classes != splits.num_classes:
+                         "use the tokenizer the cache was made with (data.tokenizer), or give the student's own as "
+                         "student.tokenizer")
+    if reader.num_classes != splits.num_classes and cfg.student.tokenizer is None:
         raise CacheError(f"{path}: cache has {reader.num_classes} classes, the data has "
                          f"{splits.num_classes}; rebuild the cache for this data")
     return reader
@@ -123,7 +127,20 @@ def held_out(model: torch.nn.Module, splits: Splits, task: Task) -> dict[str, fl
     model.eval()
     (sm,) = metrics.summaries([model], x, y, task.eval_batch)
     model.train()
-    return {"test_accuracy": float((sm.pred == y.reshape(-1)).mean()), "test_nll": float(-sm.logp_true.mean())}
+    out = {"test_accuracy": float((sm.pred == y.reshape(-1)).mean()), "test_nll": float(-sm.logp_true.mean())}
+    chars = held_out_chars(splits, y.shape)
+    if chars is not None:  # text: NLL per character, comparable across tokenizers
+        out["test_nll_per_char"] = float(-sm.logp_true.sum() / max(int(chars.sum()), 1))
+    return out
+
+
+def held_out_chars(splits: Splits, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The characters each held-out target adds (tokens.target_chars), for a language model's
+    text corpus; None otherwise."""
+    if splits.corpus is None or len(shape) != 2:
+        return None
+    directory = splits.corpus.directory
+    return target_chars(directory, read_token_manifest(directory), "test", shape[1], shape[0])
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:
@@ -148,10 +165,11 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
 
     spec = models(cfg)[shard.model]
     dev = resolve_device(cfg.student.device, "student.device")
+    own = student_splits(cfg) if cfg.student.tokenizer is not None else splits  # what the student reads
 
     def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(shard.seed)
-        m = build_model(spec, task.student_shape(cfg, splits), reader.num_classes,
+        m = build_model(spec, task.student_shape(cfg, own), own.num_classes,
                         f"student.models.{shard.model}").to(dev)
         return m, _optimizer(cfg, m.parameters(), st["lr"])
 
@@ -161,7 +179,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
               st["batch_size"] * task.rows_per_example(cfg))
     fitted = fit(job, fresh, dataset(cfg, shard, st, splits),
                  lambda model, batch: task.student_loss(model, batch, dev, **loss_settings),
-                 rows_of=lambda batch: len(batch["sample_id"]), evaluate=lambda model: held_out(model, splits, task))
+                 rows_of=lambda batch: len(batch["sample_id"]), evaluate=lambda model: held_out(model, own, task))
     buf = io.BytesIO()
     torch.save({k: v.cpu() for k, v in fitted.model.state_dict().items()}, buf)
     history = json.dumps({"job": name, "settings": st, "losses": fitted.losses, "epochs": fitted.history},

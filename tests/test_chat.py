@@ -302,10 +302,10 @@ def test_eos_is_the_declared_token_or_data_eos_token(tmp_path):
     assert np.array_equal(np.fromfile(d / "train.bin", np.uint16)[np.load(d / "train.offsets.npy")[1:] - 1], [1] * 30)
 
 
-def test_plain_text_corpora_keep_their_ids(tmp_path):
+def test_plain_text_corpora_add_only_their_spans_to_their_ids(tmp_path):
     """The bundled corpus with the BPE trained here, and a tokenizer that declares <|endoftext|>: the
-    identity has exactly the keys it had before chat data (so existing token directories are reused)."""
-    old_keys = {"format_version", "source", "text_field", "tokenizer", "split", "transfer"}
+    identity has the keys it had before chat data, plus the spans every text corpus now records."""
+    old_keys = {"format_version", "source", "text_field", "tokenizer", "split", "transfer", "spans"}
     assert set(tokens.identity(lm_cfg(tmp_path, "python-docs").data)) == old_keys
     tok_dir = word_tokenizer(tmp_path / "a", {"eos_token": EOS})
     (tmp_path / "c.txt").write_text("w1 w2\n\nw3\n")

@@ -170,6 +170,11 @@ class StudentConfig:
     seq_len: int | None = None  # lm: input tokens per student row; None: data.seq_len
     packing: Literal["concat", "pad"] = "concat"  # lm: documents back to back, or each in its own padded rows
     mixture: tuple[MixtureSource, ...] = ()  # lm: train on several token caches with weights; (): this config's
+    # lm: the student's own tokenizer (a directory with tokenizer.json) when it differs from the
+    # cache's (data.tokenizer); it reads the same documents, aligned to the teacher rows by their
+    # character spans (pipeline/train/crosstok.py), with the method `align`: uld, exact or span
+    tokenizer: str | None = None
+    align: Literal["uld", "exact", "span"] = "exact"
     shuffle_chunks: int = 32  # chunks per shuffle buffer, drawn from across the whole cache
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints
     device: str = "cpu"  # student training device: cpu, cuda, cuda:1 or auto
@@ -562,9 +567,11 @@ def validate(cfg: Config) -> list[str]:
         for i, m in enumerate(s.mixture):
             if not m.weight > 0:
                 e.append(f"student.mixture.{i}.weight: {m.weight} must be > 0")
+        if s.tokenizer is not None and s.mixture:
+            e.append("student.tokenizer: a student with another tokenizer reads one cache; remove student.mixture")
     else:
         defaults = StudentConfig()
-        for key in ("logit_chunk", "seq_len", "packing", "mixture"):
+        for key in ("logit_chunk", "seq_len", "packing", "mixture", "tokenizer", "align"):
             if getattr(s, key) != getattr(defaults, key):
                 e.append(f"student.{key}: applies to data.task lm only; remove it")
     if c.encoding == "sampled" and s.divergence != "forward":

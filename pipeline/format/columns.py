@@ -33,15 +33,37 @@ VIEW_COLUMNS = {
 }
 
 
+# what a student with another tokenizer aligns by (pipeline/train/crosstok.py): stored in the token
+# caches of text corpora (spec "alignment"), after position; the targets are of the token that
+# follows the row's position, and these say which token that was
+ALIGN_COLUMNS = {
+    "span": Column("span", ("row", "side"), "int32 character span [start, end) of the predicted token in its "
+                   "document's text, (rows, 2); the eos ending a document spans (length, length)"),
+    "label": Column("label", ("row",), "int32 teacher-vocabulary id of the predicted token"),
+    "label_logp": Column("label_logp", ("row",), "float32 log-probability of the predicted token under the "
+                         "targets' distribution (the ensemble's at the cache's temperature), whatever the encoding keeps"),
+}
+
+
+VOCAB_FILE = "vocab.json"  # the teacher tokenizer's token bytes, once per aligned cache (pipeline/inputs/vocab.py)
+
+
 OFFSETS = Column("offsets", ("sequence",), "first row of each sequence in this shard, plus the row count, "
                  "(sequences + 1,)")
 
 
-def stored_columns(enc: Encoding, token_rows: bool, view_names: list[str] | tuple[str, ...] = ()) -> list[Column]:
-    """Every per-row column of a shard, in order: sample_id (and position for tokens), the view
-    columns named, then targets."""
+def stored_columns(enc: Encoding, token_rows: bool, view_names: list[str] | tuple[str, ...] = (),
+                   aligned: bool = False) -> list[Column]:
+    """Every per-row column of a shard, in order: sample_id (and position for tokens), the
+    alignment columns when `aligned`, the view columns named, then targets."""
     base = [ROW_COLUMNS["sample_id"], ROW_COLUMNS["position"]] if token_rows else [ROW_COLUMNS["sample_id"]]
-    return base + [VIEW_COLUMNS[n] for n in view_names] + enc.columns()
+    align = list(ALIGN_COLUMNS.values()) if aligned else []
+    return base + align + [VIEW_COLUMNS[n] for n in view_names] + enc.columns()
+
+
+def aligned(spec: dict[str, Any]) -> bool:
+    """Whether a cache with this spec stores ALIGN_COLUMNS."""
+    return "alignment" in spec
 
 
 def view_column_names(spec: dict[str, Any], where: Any = "cache") -> list[str]:

@@ -30,7 +30,7 @@ from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.io import out_of_handles, whole_tree_digest
 from pipeline.core.validate import env
 from pipeline.format.backends import Backend, Reads, backend
-from pipeline.format.columns import ROW_COLUMNS, VIEW_COLUMNS, Chunk, stored_columns, view_column_names
+from pipeline.format.columns import ALIGN_COLUMNS, ROW_COLUMNS, VIEW_COLUMNS, Chunk, aligned, stored_columns, view_column_names
 from pipeline.format.encodings import Encoding, encoding_from_spec
 from pipeline.format.lru import HandleLRU
 from pipeline.format.manifest import READABLE_VERSIONS, read_manifest, shard_problems
@@ -70,9 +70,11 @@ class CacheReader:
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
                  max_open: int | None = None, read_threads: int | None = None, remote: Any = None,
-                 manifest: dict[str, Any] | None = None, base: Path | None = None) -> None:
+                 manifest: dict[str, Any] | None = None, base: Path | None = None, alignment: bool = False) -> None:
         """`manifest` and `base`: read those shards (paths under `base`, the directory of a member
-        store) as cache `cache_dir` (pipeline/format/members.py); by default the cache's own."""
+        store) as cache `cache_dir` (pipeline/format/members.py); by default the cache's own.
+        `alignment`: read the alignment columns too (a cache that stores them; a student with the
+        teachers' own tokenizer never needs them)."""
         manifest = manifest if manifest is not None else read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
@@ -88,7 +90,12 @@ class CacheReader:
         self.token_rows = "seq_len" in spec["dataset"] or spec["dataset"].get("keyed") == "document"
         self.keyed_by_document = spec["dataset"].get("keyed") == "document"
         views = view_column_names(spec, cache_dir)
-        self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, views)]
+        self.aligned = aligned(spec)  # stores what a student with another tokenizer aligns by
+        if alignment and not self.aligned:
+            raise CacheError(f"{cache_dir}: cache holds no token spans (made from pre-tokenized or chat data, or "
+                             "before logitcache stored them); a student with another tokenizer needs a cache of a text "
+                             "corpus made by this version: `logitcache cache CONFIG`")
+        self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, views, alignment)]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self.backend: str = spec["layout"]["backend"]
@@ -231,7 +238,7 @@ class CacheReader:
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rows of stored columns (any rows: every stored column is per row) in the encoding's
         natural form, row and view columns unchanged."""
-        rows = {name: stored[name] for name in (*ROW_COLUMNS, *VIEW_COLUMNS) if name in stored}
+        rows = {name: stored[name] for name in (*ROW_COLUMNS, *ALIGN_COLUMNS, *VIEW_COLUMNS) if name in stored}
         return {**rows, **self.encoding.decode(stored)}
 
     def map(self, fn: Any, items: list[Any], threads: int | None = None) -> list[Any]:

@@ -228,10 +228,10 @@ def published_entry(url: str, index: int, name: str, first_row: int, rows: int) 
 
 
 def publish_manifest(cache_dir: Path, url: str, manifest: dict[str, Any]) -> None:
-    """spec.json and the configs that made or used the cache, then manifest.json: the cache is
-    complete in the store from then on."""
+    """spec.json, the teacher vocabulary of a cache of text (vocab.json) and the configs that made or
+    used the cache, then manifest.json: the cache is complete in the store from then on."""
     fs, base = filesystem(url)
-    for p in [cache_dir / "spec.json", *sorted((cache_dir / "configs").glob("*.yaml"))]:
+    for p in [cache_dir / "spec.json", cache_dir / "vocab.json", *sorted((cache_dir / "configs").glob("*.yaml"))]:
         if p.is_file():
             _put(fs, p, join(base, p.relative_to(cache_dir).as_posix()))
     try:

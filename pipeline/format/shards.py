@@ -39,8 +39,8 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     replacing, then record its digest beside it. False if another writer published it first: that
     shard is kept untouched and this one discarded.
 
-    `arrays` holds the stored columns: sample_id (and position, offsets for tokens) and the
-    encoding's columns as `enc.to_host` returns them. `codec`: one of CODECS (Zarr; Parquet takes
+    `arrays` holds the stored columns: sample_id (and position, offsets for tokens, and the
+    alignment columns of text), the view columns and the encoding's columns as `enc.to_host` returns them. `codec`: one of CODECS (Zarr; Parquet takes
     zstd; None: the encoding's default, `default_codec`), at `level` (None: the codec's default).
     The backend is the one that names its shards with `path`'s suffix."""
     store = shard_backend(path)
@@ -49,7 +49,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     if problems:
         raise ValueError(f"{path}: {problems[0]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays])
+    columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays], "span" in arrays)
     tmp = tmp_name(path)
     try:
         store.write(tmp, arrays, attrs, columns, chunk_rows, level, codec)

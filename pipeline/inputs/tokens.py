@@ -463,6 +463,20 @@ def sequences(directory: Path, manifest: dict[str, Any], split: str, seq_len: in
 
 
 
+def target_chars(directory: Path, manifest: dict[str, Any], split: str, seq_len: int, n: int) -> np.ndarray | None:
+    """(n, seq_len) int64: the characters of text each target of `sequences(..., seq_len)[:n]` adds
+    (tokens 1..seq_len of each sequence): its span's length, 0 for a token sharing the span of the
+    token before it (bytes of one character) and for an eos. What makes a loss per character
+    comparable across tokenizers. None for a split without spans (not text)."""
+    entry = manifest["splits"][split]
+    if "spans" not in entry or n == 0:
+        return None
+    spans = np.memmap(directory / entry["spans"], dtype="<i4", mode="r", shape=(entry["n_tokens"], 2))
+    flat = np.asarray(spans[: n * (seq_len + 1)], dtype=np.int64).reshape(n, seq_len + 1, 2)
+    repeat = np.all(flat[:, 1:] == flat[:, :-1], axis=2)
+    return np.where(repeat, 0, flat[:, 1:, 1] - flat[:, 1:, 0])
+
+
 def mask(directory: Path, manifest: dict[str, Any], split: str) -> np.ndarray | None:
     """(n_tokens,) uint8 of `split`, memory-mapped: 1 where the prediction of that token of <split>.bin
     (from the tokens before it in its document) is trained; None when every token is (no mask file)."""

@@ -30,12 +30,14 @@ from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.core.progress import log
 from pipeline.format import manifest as fmt
 from pipeline.format import members
+from pipeline.format.columns import ALIGN_COLUMNS, VOCAB_FILE
 from pipeline.format.encodings import Encoding, encoding_from_config
 from pipeline.format.remote import join
 from pipeline.format.views import ViewSpec
 from pipeline.inputs.arrays import Splits
 from pipeline.inputs.augment import check_images
 from pipeline.inputs.splits import load_splits
+from pipeline.inputs.tokens import SPANS
 from pipeline.models.builders import architecture, resolve_device
 from pipeline.models.ensemble import TeacherRef, normalized_weights, teacher_identity, teacher_refs
 from pipeline.train.tasks import task_of
@@ -108,6 +110,8 @@ def context(cfg: Config) -> Context:
         "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
     }
     spec["layout"].update(layout_codec(c.codec))
+    if splits.corpus is not None and splits.corpus.spans is not None:  # text: what cross-tokenizer students align by
+        spec["alignment"] = {"spans": SPANS, "columns": list(ALIGN_COLUMNS), "vocab": VOCAB_FILE}
     if enc.stochastic:  # drawn ids: the seed determines the targets
         spec["sampling_seed"] = cfg.seed
     views = None

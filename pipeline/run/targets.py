@@ -134,7 +134,7 @@ def compute_units(ctx: Context, shard: Shard, units: Sequence[Unit], models: Any
     def batches() -> Any:
         for i in range(shard.start, shard.stop, b):
             x, _ = transfer.rows(slice(i, min(i + b, shard.stop)))
-            yield torch.from_numpy(x), ids[i - shard.start:i - shard.start + len(x)], None
+            yield torch.from_numpy(x), ids[i - shard.start:i - shard.start + len(x)], None, None
 
     return [{**e, "sample_id": ids} for e in _encode(ctx, shard, units, models, batches())]
 
@@ -142,21 +142,28 @@ def compute_units(ctx: Context, shard: Shard, units: Sequence[Unit], models: Any
 def _compute_documents(ctx: Context, shard: Shard, units: Sequence[Unit], models: Any) -> list[dict[str, np.ndarray]]:
     """The targets of the trained positions in [shard.start, shard.stop): each document read in
     windows of cache.context tokens (pipeline/inputs/documents.py), and only the kept positions
-    projected to the vocabulary. Rows are (document, offset), in position order."""
+    projected to the vocabulary. Rows are (document, offset), in position order. A corpus with
+    character spans (text) adds what a student with another tokenizer aligns by (ALIGN_COLUMNS):
+    the predicted token's span, its id and its log-prob under the targets."""
     corpus = ctx.splits.corpus
     context, stride = context_window(ctx.cfg.cache.context, ctx.cfg.cache.stride, ctx.cfg.data.seq_len)
     positions: list[np.ndarray] = []
+    aligned = corpus.spans is not None
 
     def batches() -> Any:
         for x, p, select in window_batches(corpus, shard.start, shard.stop, context, stride, _batch_size(ctx)):
             positions.append(p)
-            yield torch.from_numpy(x), corpus.document_of(p), torch.from_numpy(select)
+            labels = torch.from_numpy(corpus.tokens[p + 1].astype(np.int64)) if aligned else None
+            yield torch.from_numpy(x), corpus.document_of(p), torch.from_numpy(select), labels
 
     encoded = _encode(ctx, shard, units, models, batches())
     p = np.concatenate(positions)
     docs = corpus.document_of(p)
     rows = {"sample_id": docs, "position": (p - corpus.offsets[docs]).astype(np.int32),
             "offsets": np.append(np.flatnonzero(np.diff(docs, prepend=-1)), len(docs)).astype(np.int64)}
+    if aligned:
+        rows["span"] = np.asarray(corpus.spans[p + 1], dtype=np.int32)
+        rows["label"] = corpus.tokens[p + 1].astype(np.int32)
     return [{**e, **rows} for e in encoded]
 
 
@@ -182,7 +189,7 @@ def _compute_views(ctx: Context, shard: Shard, units: Sequence[Unit], models: An
     def batches() -> Any:
         for i in range(0, len(rows["sample_id"]), b):
             part = expand(v, {k: a[i:i + b] for k, a in rows.items()})
-            yield render_rows(images, part, v.augment), part["sample_id"], None
+            yield render_rows(images, part, v.augment), part["sample_id"], None, None
 
     return [{**rows, **e} for e in _encode(ctx, shard, units, models, batches())]
 
@@ -201,7 +208,7 @@ def _encode(ctx: Context, shard: Shard, units: Sequence[Unit], models: Any, batc
         gens = [torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + shard.index) for _ in units]
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in units]
     with torch.inference_mode():
-        for xb, ids, select in batches:
+        for xb, ids, select, labels in batches:
             xb = xb.to(ctx.device, non_blocking=True)
             row_ids = torch.from_numpy(np.asarray(ids))
             with _autocast(ctx):
@@ -218,7 +225,11 @@ def _encode(ctx: Context, shard: Shard, units: Sequence[Unit], models: Any, batc
                 for unit, gen, out in zip(units, gens, parts):
                     mine = [logits[run.index(t)] for t in unit.teachers]
                     logp = combine(mine, cfg.teachers.ensemble, weights, cfg.teachers.temperature)  # (rows, V)
-                    out.append(ctx.encoding.to_host(ctx.encoding.encode(logp, gen)))
+                    encoded = ctx.encoding.to_host(ctx.encoding.encode(logp, gen))
+                    if labels is not None:  # the log-prob of the token that follows, at the cache's T
+                        label = labels[rows].to(logp.device)[:, None]
+                        encoded["label_logp"] = logp.gather(1, label)[:, 0].float().cpu().numpy()
+                    out.append(encoded)
     return [{k: np.concatenate([p[k] for p in out]) for k in out[0]} for out in parts]
 
 

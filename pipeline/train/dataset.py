@@ -61,9 +61,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.config import AugmentConfig, augment_problems
 from pipeline.core.errors import ArgumentError, CacheError
-from pipeline.core.validate import COUNT, FIELDS, NONNEGATIVE_INT, SEED, Rule, argument, flag
+from pipeline.core.validate import COUNT, FIELDS, NONNEGATIVE_INT, SEED, Rule, argument, choice, flag
 from pipeline.format import reader as fmt
-from pipeline.format.columns import ROW_COLUMNS
+from pipeline.format.columns import ALIGN_COLUMNS, ROW_COLUMNS
 from pipeline.format.encodings import Encoding, Targets
 from pipeline.format.manifest import resolve
 from pipeline.format.members import member_names
@@ -76,6 +76,7 @@ from pipeline.inputs.augment import check_images
 from pipeline.inputs.documents import Corpus, Layout, layout_rows, open_corpus
 from pipeline.inputs.tokens import read_manifest as read_token_manifest
 from pipeline.train import plan
+from pipeline.train.crosstok import METHODS, Cross, align_batch, cross_rows
 from pipeline.train.members import Blend, blend_of
 
 DEFAULT_ROOT = Path("data/caches")
@@ -164,7 +165,8 @@ class Cache:
                 rank: int | None = None, world_size: int | None = None, pad_value: int = 0,
                 labels: Any = None, augment: AugmentConfig | None = None, layout: Layout | None = None,
                 tokens: str | Path | Corpus | None = None, members: Sequence[str] | None = None,
-                weights: Sequence[float] | None = None, combine: str | None = None) -> CacheDataset:
+                weights: Sequence[float] | None = None, combine: str | None = None,
+                align: str = "exact") -> CacheDataset:
         """An IterableDataset of whole batches (dicts of tensors); see the module docstring.
 
         batch_size counts items (rows, or sequences of a token cache); `inputs` is any indexable
@@ -178,14 +180,24 @@ class Cache:
         A token cache keyed by document (`logitcache cache` of a language model) is read in the
         student's own `layout` (seq_len and packing; default: the teachers' context, packed) over
         `tokens`, the tokenized corpus directory it was made from (or its Corpus): each batch row
-        is seq_len + 1 tokens of that corpus, its targets gathered by (document, offset).
+        is seq_len + 1 tokens of that corpus, its targets gathered by (document, offset). `tokens`
+        may also be the same documents tokenized with the student's own tokenizer (a cache of a
+        text corpus): the batch then carries the student's tokens and the alignment of its
+        positions with the teacher rows, for `cross_kd_loss` with `align` (uld, exact or span;
+        pipeline/train/crosstok.py), and the dataset's `vocab_map` maps teacher ids to the student's.
 
         A cache of per-member targets (`cache.members`, `Cache.members`) is read as the student
         asks: `members` (default all), `weights` (default the cache's, renormalized over them) and
         `combine`: mean_probs or mean_logprobs (an ensemble at read time, the batch's `targets`
         dense) or per_member (batch["members"]: each member's targets and weight, for kd_loss's
         multi-teacher loss); default the cache's ensemble mode (pipeline/train/members.py)."""
-        corpus = self.corpus(tokens) if self.reader.keyed_by_document else None
+        cross = None
+        if self.reader.keyed_by_document and tokens is not None and self.other_tokenizer(tokens):
+            corpus = self.student_corpus(tokens)
+            layout = layout if layout is not None else Layout(self.manifest["spec"]["dataset"]["context"])
+            cross = self.cross(corpus, layout, align)
+        else:
+            corpus = self.corpus(tokens) if self.reader.keyed_by_document else None
         if layout is None and corpus is not None:
             layout = Layout(self.manifest["spec"]["dataset"]["context"])
         try:
@@ -193,7 +205,43 @@ class Cache:
         except ValueError as e:
             raise ValueError(f"Cache.dataset {e}") from None
         return CacheDataset(self, batch_size, seed, shuffle, shuffle_chunks, inputs, drop_last, temperature,
-                            rank, world_size, pad_value, labels, augment, layout, corpus, blend)
+                            rank, world_size, pad_value, labels, augment, layout, corpus, blend, cross)
+
+    def other_tokenizer(self, tokens: str | Path | Corpus) -> bool:
+        """Whether the tokenized corpus `tokens` was made with another vocabulary than the cache's."""
+        directory = tokens.directory if isinstance(tokens, Corpus) else Path(tokens)
+        theirs = self.manifest["spec"]["dataset"].get("vocab_fingerprint")
+        return read_token_manifest(directory).get("vocab_fingerprint") != theirs
+
+    def student_corpus(self, tokens: str | Path | Corpus) -> Corpus:
+        """The cache's documents tokenized with a student's tokenizer: its split of the same name, cut
+        after the documents the cache covers."""
+        d = self.manifest["spec"]["dataset"]
+        if isinstance(tokens, Corpus):
+            directory, split = tokens.directory, tokens.split
+        else:
+            directory, split = Path(tokens), d["split"]
+        manifest = read_token_manifest(directory)
+        corpus = open_corpus(directory, manifest, split)
+        if corpus.n_docs > d["documents"]:
+            corpus = open_corpus(directory, manifest, split, int(corpus.offsets[d["documents"]]))
+        return corpus
+
+    def cross(self, corpus: Corpus, layout: Layout, align: str) -> Cross:
+        """How a student with its own tokenizer reads this cache: its rows and the teacher rows each
+        owns, and the teacher-to-student vocabulary map (pipeline/train/crosstok.py)."""
+        from pipeline.format.columns import VOCAB_FILE
+        from pipeline.inputs.text import Tokenizer
+        from pipeline.inputs.vocab import map_vocab, read_vocab
+
+        choice("align", align, METHODS)
+        reader = open_reader(self.source, alignment=True)
+        rows = cross_rows(corpus, layout, reader, self.manifest["spec"]["dataset"]["documents"])
+        manifest = read_token_manifest(corpus.directory)
+        student = Tokenizer(Path(manifest["tokenizer"]), f"{corpus.directory}/manifest.json: tokenizer")
+        teacher = read_vocab(reader.dir / VOCAB_FILE)
+        vocab_map = torch.from_numpy(map_vocab(teacher, student.hf, int(manifest["eos"])).target)
+        return Cross(rows, vocab_map, align, manifest["vocab_size"])
 
     def corpus(self, tokens: str | Path | Corpus | None) -> Corpus:
         """The documents this cache's targets belong to, from the tokenized corpus directory
@@ -257,7 +305,8 @@ class CacheDataset(IterableDataset):
     def __init__(self, cache: Cache, batch_size: int, seed: int, shuffle: bool, shuffle_chunks: int, inputs: Any,
                  drop_last: bool, temperature: float | None, rank: int | None, world_size: int | None,
                  pad_value: int, labels: Any = None, augment: AugmentConfig | None = None,
-                 layout: Layout | None = None, corpus: Corpus | None = None, blend: Blend | None = None) -> None:
+                 layout: Layout | None = None, corpus: Corpus | None = None, blend: Blend | None = None,
+                 cross: Cross | None = None) -> None:
         _check_arguments(batch_size, seed, shuffle, shuffle_chunks, drop_last, temperature, rank, world_size,
                          pad_value, augment)
         enc = cache.encoding
@@ -287,7 +336,20 @@ class CacheDataset(IterableDataset):
         if self.augment is not None and inputs is None:
             raise ValueError("augment draws views of the inputs; pass inputs= too")
         self.layout, self.corpus, self.layout_rows = layout, corpus, None
-        if corpus is not None:  # the student's rows over the documents, and the cache rows each owns
+        self.cross = cross  # a student with another tokenizer: its corpus is its own (crosstok.py)
+        self.vocab_map = cross.vocab_map if cross is not None else None
+        if cross is not None:
+            if blend is not None:
+                raise ValueError("a student with another tokenizer reads a cache of combined targets; leave members, "
+                                 "weights and combine unset")
+            if self.temperature != cache.temperature:
+                raise ValueError(f"temperature={self.temperature}: a student with another tokenizer trains at the "
+                                 f"cache's temperature ({cache.temperature}): its chunk probabilities cannot be "
+                                 "re-tempered; leave temperature unset")
+            self._reader = open_reader(cache.source, alignment=True)
+            self.layout_rows = cross.rows
+            self.pieces = plan.layout_pieces(cross.rows.lo, cross.rows.hi, cache.reader.chunk_rows)
+        elif corpus is not None:  # the student's rows over the documents, and the cache rows each owns
             assert layout is not None
             self.layout_rows = layout_rows(corpus, layout)
             if cache.rows != int(corpus.rows_before(np.array([corpus.n_tokens]))[0]):
@@ -318,7 +380,8 @@ class CacheDataset(IterableDataset):
         would hold the parent's thread pool and file handles)."""
         if self._reader is None or self._pid != os.getpid():
             units = self.blend.names if self.blend is not None else None
-            self._reader, self._pid = open_reader(self.source, units=units), os.getpid()
+            more = {"alignment": True} if self.cross is not None else {}
+            self._reader, self._pid = open_reader(self.source, units=units, **more), os.getpid()
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -516,7 +579,11 @@ class CacheDataset(IterableDataset):
             for p in buffer:
                 parts.append(lo[p.first_item:p.first_item + p.items] - p.start + at)
                 at += p.stop - p.start
-            return rows, np.append(np.concatenate(parts), at)
+            starts = np.append(np.concatenate(parts), at)
+            if self.cross is not None:  # which layout row each cache row belongs to
+                items = np.concatenate([np.arange(p.first_item, p.first_item + p.items) for p in buffer])
+                rows["item"] = np.repeat(items, np.diff(starts))
+            return rows, starts
         rows = read_rows(reader, [p.chunk(reader.chunk_rows) for p in buffer if p.items], decode=False)
         n = len(rows["sample_id"])
         if reader.token_rows:
@@ -530,13 +597,17 @@ class CacheDataset(IterableDataset):
     def _batch(self, stored: dict[str, np.ndarray], lengths: np.ndarray, epoch: int) -> dict[str, Any]:
         enc = self.encoding
         rows = self.reader.decode(stored)
+        if "item" in stored:  # a cross-tokenizer buffer's layout row of each cache row
+            rows["item"] = stored["item"]
         if self.views is not None:
             rows = vw.expand(self.views, rows, self.path)
         sample_id = rows["sample_id"].astype(np.int64)
-        decoded = {k: v for k, v in rows.items() if k not in ROW_COLUMNS}
+        decoded = {k: v for k, v in rows.items() if k not in ROW_COLUMNS and k not in ALIGN_COLUMNS and k != "item"}
         out: dict[str, Any] = {"sample_id": torch.from_numpy(sample_id)}
         keys = sample_id
-        if self.layout_rows is not None:
+        if self.cross is not None:
+            out.update(self._cross_batch(rows, lengths))
+        elif self.layout_rows is not None:
             out.update(self._layout_batch(rows, lengths))
         elif self.token_rows:
             first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -563,6 +634,25 @@ class CacheDataset(IterableDataset):
         out["encoding"] = enc
         out["temperature"] = self.temperature
         out["padding"] = False
+        return out
+
+    def _cross_batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, Any]:
+        """A cross-tokenizer batch: the student rows' own tokens (`inputs`, `segments`,
+        `input_lengths`, `sequence_id`), each teacher row's `document`, `offset` and `label`, and the
+        alignment of the student positions with the teacher rows (crosstok.align_batch)."""
+        assert self.cross is not None and self.corpus is not None and self.layout is not None
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        items = rows["item"][first]
+        lay = self.cross.rows
+        x, seg, width = _student_tokens(self.corpus, lay.start[items], lay.stop[items], self.layout.seq_len,
+                                        self.pad_value)
+        out: dict[str, Any] = {"inputs": x, "segments": seg, "input_lengths": width,
+                               "sequence_id": torch.from_numpy(items.astype(np.int64)),
+                               "document": torch.from_numpy(rows["sample_id"].astype(np.int64)),
+                               "offset": torch.from_numpy(rows["position"].astype(np.int64)),
+                               "label": torch.from_numpy(rows["label"].astype(np.int64)), "align": self.cross.align,
+                               "vocab_map": self.cross.vocab_map}
+        out.update(align_batch(self.corpus, lay, items, rows, lengths))
         return out
 
     def _layout_batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, torch.Tensor]:
@@ -598,6 +688,21 @@ class CacheDataset(IterableDataset):
         """A DataLoader over this dataset (batch_size=None) that counts consumed batches, so its
         state_dict() resumes exactly, with workers too."""
         return CacheLoader(self, num_workers=num_workers, **kwargs)
+
+
+def _student_tokens(corpus: Corpus, start: np.ndarray, stop: np.ndarray, seq_len: int,
+                    pad_value: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of a corpus: tokens [start, stop) right-padded to seq_len + 1 with pad_value, each
+    token's document within its row (-1: padding), and the rows' lengths."""
+    width = stop - start
+    at = start[:, None] + np.arange(seq_len + 1)  # (B, L + 1) flat positions
+    valid = np.arange(seq_len + 1) < width[:, None]
+    x = np.full((len(start), seq_len + 1), pad_value, dtype=np.int64)
+    x[valid] = corpus.tokens[at[valid]]
+    seg = np.full((len(start), seq_len + 1), -1, dtype=np.int64)
+    seg[valid] = np.searchsorted(corpus.offsets, at[valid], side="right") - 1
+    seg[valid] -= np.repeat(seg[:, 0], valid.sum(1))  # documents numbered from 0 in each row
+    return torch.from_numpy(x), torch.from_numpy(seg), torch.from_numpy(width)
 
 
 def _check_arguments(batch_size: Any, seed: Any, shuffle: Any, shuffle_chunks: Any, drop_last: Any,

@@ -13,7 +13,9 @@ pipeline/inputs/splits.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,10 +23,14 @@ import torch
 from torch import nn
 
 from pipeline.core.config import Config
+from pipeline.core.io import file_digest
 from pipeline.inputs.arrays import Dataset, Splits
 from pipeline.inputs.documents import Layout, context_window
+from pipeline.inputs.splits import load_splits
+from pipeline.inputs.text import tokenizer_file
 from pipeline.models.ensemble import token_logits
 from pipeline.models.lm import hidden_and_head
+from pipeline.train.crossloss import cross_kd_loss
 from pipeline.train.losses import chunked_cross_entropy, chunked_kd_loss, kd_loss
 
 
@@ -166,9 +172,12 @@ class Tokens:
         return None  # the label of a token is the next token of its sequence
 
     def student_data(self, cfg: Config, splits: Splits) -> dict[str, Any]:
-        """The student's own layout (student.seq_len, student.packing) over the cache's documents."""
-        return {"layout": Layout(cfg.student.seq_len or cfg.data.seq_len, cfg.student.packing),
-                "tokens": splits.corpus}
+        """The student's own layout (student.seq_len, student.packing) over the cache's documents,
+        tokenized with student.tokenizer when it has its own (aligned with `student.align`)."""
+        layout = Layout(cfg.student.seq_len or cfg.data.seq_len, cfg.student.packing)
+        if cfg.student.tokenizer is not None:
+            return {"layout": layout, "tokens": student_splits(cfg).corpus, "align": cfg.student.align}
+        return {"layout": layout, "tokens": splits.corpus}
 
     def student_shape(self, cfg: Config, splits: Splits) -> tuple[int, ...]:
         """(positions + 1,): the student's rows, and the held-out sequences it is scored on."""
@@ -178,19 +187,33 @@ class Tokens:
         return splits.corpus.fingerprint
 
     def student_settings(self, cfg: Config) -> dict[str, Any]:
-        return {"logit_chunk": cfg.student.logit_chunk,
-                "layout": {"seq_len": cfg.student.seq_len or cfg.data.seq_len, "packing": cfg.student.packing}}
+        out = {"logit_chunk": cfg.student.logit_chunk,
+               "layout": {"seq_len": cfg.student.seq_len or cfg.data.seq_len, "packing": cfg.student.packing}}
+        if cfg.student.tokenizer is not None:  # the student's own tokenizer, by content, and the method
+            out["tokenizer"] = {"sha256": file_digest(tokenizer_file(Path(cfg.student.tokenizer), "student.tokenizer")),
+                                "align": cfg.student.align}
+        return out
 
     def student_loss(self, model: nn.Module, batch: dict[str, Any], dev: torch.device,
                      logit_chunk: int = 512, layout: Any = None, **settings: Any) -> torch.Tensor:
         """The batch's target rows sit at (sequence, position) of its rows of tokens; their (rows, V)
         logits are computed in chunks from the hidden states. `layout` was applied by the dataset."""
         x = batch["inputs"].to(dev, non_blocking=True)  # (B, L + 1)
-        seq, pos = batch["sequence"].to(dev), batch["position"].to(dev)
         segments = batch.get("segments")
         hidden, head = hidden_and_head(model, x[:, :-1], None if segments is None else segments[:, :-1].to(dev))
+        if "x_row" in batch:  # a student with its own tokenizer (pipeline/train/crosstok.py)
+            return cross_kd_loss(hidden, head, batch, settings["temperature"], batch["align"], settings["alpha"],
+                                 logit_chunk=logit_chunk)
+        seq, pos = batch["sequence"].to(dev), batch["position"].to(dev)
         return chunked_kd_loss(hidden[seq, pos], head, batch, labels=x[:, 1:][seq, pos], logit_chunk=logit_chunk,
                                **settings)
+
+
+def student_splits(cfg: Config) -> Splits:
+    """The splits a student with its own tokenizer (student.tokenizer) reads and is scored on: the
+    same documents, tokenized with it."""
+    data = dataclasses.replace(cfg.data, tokenizer=cfg.student.tokenizer, eos_token=None)
+    return load_splits(dataclasses.replace(cfg, data=data))
 
 
 TASKS: dict[str, Task] = {"classify": Classification(), "lm": Tokens()}
