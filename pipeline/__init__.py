@@ -48,9 +48,9 @@ if TYPE_CHECKING:
     from pipeline.core.host import steady_heap, tune_process
     from pipeline.format.encodings import Dense, Hybrid, Sampled, TopK
     from pipeline.format.writer import CacheWriter
+    from pipeline.inputs.documents import Layout
     from pipeline.train.dataset import Cache, CacheDataset, CacheLoader, open_cache, replay_views, to_device
     from pipeline.train.losses import kd_loss
-    from pipeline.inputs.documents import Layout
     from pipeline.train.mixture import Mixture, mixture
 
 

@@ -41,7 +41,16 @@ from pipeline.format.columns import VOCAB_FILE
 from pipeline.format.shards import recorded_digest, shard_entry
 from pipeline.run.fanout import expected_workers, run_all, task_share
 from pipeline.run.identity import Context, Unit, context, record
-from pipeline.run.targets import Shard, ShardResult, Teachers, kept_models, pending_units, run_shards, shard_path, unit_path
+from pipeline.run.targets import (
+    Shard,
+    ShardResult,
+    Teachers,
+    kept_models,
+    pending_units,
+    run_shards,
+    shard_path,
+    unit_path,
+)
 
 
 def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:

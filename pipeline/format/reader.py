@@ -30,7 +30,15 @@ from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.io import out_of_handles, whole_tree_digest
 from pipeline.core.validate import env
 from pipeline.format.backends import Backend, Reads, backend
-from pipeline.format.columns import ALIGN_COLUMNS, ROW_COLUMNS, VIEW_COLUMNS, Chunk, aligned, stored_columns, view_column_names
+from pipeline.format.columns import (
+    ALIGN_COLUMNS,
+    ROW_COLUMNS,
+    VIEW_COLUMNS,
+    Chunk,
+    aligned,
+    stored_columns,
+    view_column_names,
+)
 from pipeline.format.encodings import Encoding, encoding_from_spec
 from pipeline.format.lru import HandleLRU
 from pipeline.format.manifest import READABLE_VERSIONS, read_manifest, shard_problems

@@ -12,8 +12,8 @@ import numpy as np
 from pipeline.core.config import Config, DataConfig
 from pipeline.core.errors import DataError
 from pipeline.inputs.arrays import Dataset, IdRange, MappedRows, Splits, check_file, concat, release
-from pipeline.inputs.rows import LazyRows, is_zarr_group, open_parquet, open_zarr
 from pipeline.inputs.documents import open_corpus
+from pipeline.inputs.rows import LazyRows, is_zarr_group, open_parquet, open_zarr
 from pipeline.inputs.tokens import read_manifest, sequences, tokenize
 
 

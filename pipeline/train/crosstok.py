@@ -12,7 +12,8 @@ token), so both sides are sorted the same way and matched by binary search:
   student's vocabulary (pipeline/inputs/vocab.py maps each teacher token to the student token its
   text starts with);
 - the student position *owns* the teacher rows whose predicted tokens start inside [a, b); the first
-  is its row for a vocabulary-free loss when it does not align;
+  is its row for a vocabulary-free loss when it does not align (a student token holding part of a
+  character owns none);
 - a *chunk* runs from an aligned position to the next one: text both tokenizations cut at the same
   two places. The teacher's log-prob of the chunk is the sum of its rows' `label_logp`; the
   student's, the sum of its own tokens'. A chunk of one student token gives that token's probability
@@ -96,10 +97,10 @@ def position_keys(corpus: Corpus, p: np.ndarray) -> np.ndarray:
     return keys(doc, chars)
 
 
-def cross_rows(corpus: Corpus, layout: Layout, reader: Any, teacher_docs: int, eos_lengths: bool = True) -> CrossRows:
+def cross_rows(corpus: Corpus, layout: Layout, reader: Any, teacher_docs: int, teacher_eos: int) -> CrossRows:
     """The student's layout rows and the teacher rows each owns, found in one pass over the cache's
-    key columns (sample_id, span: 12 bytes a row, BLOCK rows at a time). On the way, each document's
-    length by the teachers' eos row is checked against the student's tokens: the same documents."""
+    key columns (BLOCK rows at a time). On the way, each document's length by the teachers' eos row
+    (label `teacher_eos`) is checked against the student's tokens: the same documents."""
     if corpus.spans is None:
         raise CacheError(f"{corpus.directory}: the student's tokenized corpus has no character spans (pre-tokenized "
                          "or chat data); a student with another tokenizer reads a text corpus")
@@ -115,7 +116,6 @@ def cross_rows(corpus: Corpus, layout: Layout, reader: Any, teacher_docs: int, e
     query = np.concatenate([lo_keys, hi_keys])
     order = np.argsort(query, kind="stable")
     found = np.empty(len(query), dtype=np.int64)
-    lengths = np.diff(corpus.offsets)  # tokens; the student's document lengths in characters below
     doc_chars = np.asarray(corpus.spans[corpus.offsets[1:] - 1, 0], dtype=np.int64)
     i, total = 0, reader.rows
     for r0 in range(0, total, BLOCK):
@@ -125,15 +125,7 @@ def cross_rows(corpus: Corpus, layout: Layout, reader: Any, teacher_docs: int, e
         if len(k) > 1 and np.any(np.diff(k) < 0):
             raise CacheError(f"{reader.dir}: rows are not in (document, character) order; the cache is damaged: "
                              "rebuild it")
-        if eos_lengths:
-            eos = part["span"][:, 0] == part["span"][:, 1]
-            eos &= part["position"].astype(np.int64) + 2 == lengths[np.minimum(part["sample_id"], len(lengths) - 1)]
-            d = part["sample_id"][eos].astype(np.int64)
-            bad = np.flatnonzero((d >= corpus.n_docs) | (doc_chars[np.minimum(d, corpus.n_docs - 1)] != part["span"][eos, 0]))
-            if len(bad):
-                raise CacheError(f"{corpus.directory}: document {int(d[bad[0]])} has {int(doc_chars[min(int(d[bad[0]]), corpus.n_docs - 1)])} "
-                                 f"characters, the cache's has {int(part['span'][eos][bad[0], 0])}; tokenize the same data "
-                                 "(source, split, text_field) with the student's tokenizer")
+        _check_lengths(corpus, doc_chars, part, teacher_eos)
         j = i + int(np.searchsorted(query[order[i:]], k[-1], side="right")) if len(k) else i
         found[order[i:j]] = r0 + np.searchsorted(k, query[order[i:j]], side="left")
         i = j
@@ -141,6 +133,21 @@ def cross_rows(corpus: Corpus, layout: Layout, reader: Any, teacher_docs: int, e
     lo, hi = found[:len(rows.start)], found[len(rows.start):]
     keep = hi > lo
     return CrossRows(rows.start[keep], rows.stop[keep], end[keep], lo[keep], hi[keep])
+
+
+def _check_lengths(corpus: Corpus, doc_chars: np.ndarray, part: dict[str, np.ndarray], eos: int) -> None:
+    """The rows predicting a document's end (label eos) start at the document's length in
+    characters: it must be the student's document's length too."""
+    at = part["label"] == eos
+    d = part["sample_id"][at].astype(np.int64)
+    theirs = part["span"][at, 0].astype(np.int64)
+    mine = np.where(d < corpus.n_docs, doc_chars[np.minimum(d, corpus.n_docs - 1)], -1)
+    bad = np.flatnonzero(mine != theirs)
+    if len(bad):
+        i = bad[0]
+        raise CacheError(f"{corpus.directory}: document {int(d[i])} has {int(mine[i])} characters, the cache's has "
+                         f"{int(theirs[i])}; tokenize the same data (source, split, text_field) with the student's "
+                         "tokenizer")
 
 
 def whole_tokens(corpus: Corpus, p: np.ndarray) -> np.ndarray:
@@ -189,8 +196,8 @@ def align_batch(corpus: Corpus, rows: CrossRows, items: np.ndarray, teacher: dic
         first = np.searchsorted(k_item, ks, side="left")  # (positions,) into the item's rows
         stop = np.searchsorted(k_item, keys(doc, s_span[:, 1]), side="left")
         owns = first < np.maximum(stop, first + (s_span[:, 0] == s_span[:, 1]))
-        owns &= first < hi - lo
-        aligned = owns & whole & (k_item[np.minimum(first, hi - lo - 1)] == ks)
+        owns &= (first < hi - lo) & whole  # a token holding part of a character is distilled in its chunk only
+        aligned = owns & (k_item[np.minimum(first, hi - lo - 1)] == ks)
         row = np.where(owns, lo + first, -1)
         # chunks: from each aligned position to the next aligned one (or the item's end)
         at = np.flatnonzero(aligned)

@@ -236,10 +236,10 @@ class Cache:
 
         choice("align", align, METHODS)
         reader = open_reader(self.source, alignment=True)
-        rows = cross_rows(corpus, layout, reader, self.manifest["spec"]["dataset"]["documents"])
+        teacher = read_vocab(reader.dir / VOCAB_FILE)
+        rows = cross_rows(corpus, layout, reader, self.manifest["spec"]["dataset"]["documents"], teacher.eos)
         manifest = read_token_manifest(corpus.directory)
         student = Tokenizer(Path(manifest["tokenizer"]), f"{corpus.directory}/manifest.json: tokenizer")
-        teacher = read_vocab(reader.dir / VOCAB_FILE)
         vocab_map = torch.from_numpy(map_vocab(teacher, student.hf, int(manifest["eos"])).target)
         return Cross(rows, vocab_map, align, manifest["vocab_size"])
 
@@ -638,7 +638,8 @@ class CacheDataset(IterableDataset):
 
     def _cross_batch(self, rows: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, Any]:
         """A cross-tokenizer batch: the student rows' own tokens (`inputs`, `segments`,
-        `input_lengths`, `sequence_id`), each teacher row's `document`, `offset` and `label`, and the
+        `input_lengths`, `sequence_id`), each teacher row's `document`, `offset`, `label` (the
+        teacher id of the token it predicts) and `label_logp` (that token's log-prob), and the
         alignment of the student positions with the teacher rows (crosstok.align_batch)."""
         assert self.cross is not None and self.corpus is not None and self.layout is not None
         first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -650,7 +651,8 @@ class CacheDataset(IterableDataset):
                                "sequence_id": torch.from_numpy(items.astype(np.int64)),
                                "document": torch.from_numpy(rows["sample_id"].astype(np.int64)),
                                "offset": torch.from_numpy(rows["position"].astype(np.int64)),
-                               "label": torch.from_numpy(rows["label"].astype(np.int64)), "align": self.cross.align,
+                               "label": torch.from_numpy(rows["label"].astype(np.int64)),
+                               "label_logp": torch.from_numpy(rows["label_logp"].astype(np.float32)), "align": self.cross.align,
                                "vocab_map": self.cross.vocab_map}
         out.update(align_batch(self.corpus, lay, items, rows, lengths))
         return out

@@ -12,12 +12,12 @@ from pipeline.format import kl
 from pipeline.format.encodings.base import (
     Column,
     distinct_counts,
+    draw_logp,
     draws_problems,
     forward_only,
     id_bytes,
     id_columns,
     id_store,
-    draw_logp,
     in_blocks,
     legacy_ids,
     need_draw_logp,
