@@ -5,6 +5,7 @@ The public Python API (docs/python-api.md):
     open_cache(id_or_path, root=None) -> Cache      manifest, encoding, classes, temperature, dataset(...)
     Cache.dataset(batch_size, seed=0, ...)          IterableDataset split by DDP rank and DataLoader worker
     kd_loss(student_logits, batch, temperature)     alpha * CE + (1 - alpha) * T^2 * D, any encoding
+    cross_kd_loss(hidden, head, batch, temperature, align=...)   a student with another tokenizer
     replay_views(batch, inputs, cache.views)        the exact pixels of a views cache batch's views
     CacheWriter(root, spec=..., encoding=..., num_classes=...)   a cache from outputs computed elsewhere
     tune_process()                                  the CLI's thread-spin and heap settings, opt in
@@ -34,7 +35,7 @@ _EXPORTS = {
     "open_cache": "pipeline.train.dataset", "Cache": "pipeline.train.dataset",
     "CacheDataset": "pipeline.train.dataset", "CacheLoader": "pipeline.train.dataset",
     "to_device": "pipeline.train.dataset", "replay_views": "pipeline.train.dataset",
-    "kd_loss": "pipeline.train.losses",
+    "kd_loss": "pipeline.train.losses", "cross_kd_loss": "pipeline.train.crossloss",
     "Layout": "pipeline.inputs.documents", "mixture": "pipeline.train.mixture", "Mixture": "pipeline.train.mixture",
     "CacheWriter": "pipeline.format.writer",
     "Dense": "pipeline.format.encodings", "TopK": "pipeline.format.encodings",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from pipeline.format.writer import CacheWriter
     from pipeline.inputs.documents import Layout
     from pipeline.train.dataset import Cache, CacheDataset, CacheLoader, open_cache, replay_views, to_device
+    from pipeline.train.crossloss import cross_kd_loss
     from pipeline.train.losses import kd_loss
     from pipeline.train.mixture import Mixture, mixture
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.core.config import Config, dump_yaml
 from pipeline.core.errors import CacheError, DataError
-from pipeline.core.io import atomic_write_json, atomic_write_text, check_writable, read_json, remove_dead_tmp
+from pipeline.core.io import atomic_write_json, atomic_write_text, check_writable, read_json, remove_dead_tmp, sha256_file
 from pipeline.core.progress import bar, log
 from pipeline.format import manifest as fmt
 from pipeline.format import members, remote
@@ -150,6 +150,8 @@ def finalize(ctx: Context, url: str | None = None) -> dict[str, Any]:
         extra["trained_tokens"] = sum(e["rows"] for e in entries)
         extra["positions"] = positions
         extra["bytes_per_position"] = round(nbytes / max(positions, 1), 2)
+    if "alignment" in ctx.spec:  # the teacher vocabulary students of other tokenizers map by
+        extra["vocab_sha256"] = sha256_file(ctx.dir / VOCAB_FILE)
     if url is None or not missing(ctx):
         manifest = fmt.write_manifest(ctx.dir, ctx.spec, entries, extra)
     else:

@@ -286,6 +286,15 @@ def test_caches_and_corpora_a_cross_student_cannot_read_are_refused(two_tokenize
                                 str(config.workspace))
     with pytest.raises(CacheError, match="tokenize the same data"):
         cache.dataset(batch_size=2, tokens=other_dir)
+    # a teacher vocabulary edited since the cache was made
+    vocab = d / "vocab.json"
+    kept = vocab.read_bytes()
+    try:
+        vocab.write_bytes(kept.replace(b'"fingerprint"', b'"fingerprint" ', 1))
+        with pytest.raises(CacheError, match="vocab.json: missing, or its sha256 differs"):
+            cache.dataset(batch_size=2, tokens=student_dir)
+    finally:
+        vocab.write_bytes(kept)
     # a cache of pre-tokenized ids stores no spans
     ids = tmp_path / "ids.jsonl"
     ids.write_text("\n".join(json.dumps({"input_ids": list(range(i, i + 40))}) for i in range(60)) + "\n")

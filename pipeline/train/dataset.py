@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.config import AugmentConfig, augment_problems
 from pipeline.core.errors import ArgumentError, CacheError
+from pipeline.core.io import sha256_file
 from pipeline.core.validate import COUNT, FIELDS, NONNEGATIVE_INT, SEED, Rule, argument, choice, flag
 from pipeline.format import reader as fmt
 from pipeline.format.columns import ALIGN_COLUMNS, ROW_COLUMNS
@@ -236,7 +237,12 @@ class Cache:
 
         choice("align", align, METHODS)
         reader = open_reader(self.source, alignment=True)
-        teacher = read_vocab(reader.dir / VOCAB_FILE)
+        vocab = reader.dir / VOCAB_FILE
+        recorded = self.manifest.get("vocab_sha256")
+        if recorded is not None and (not vocab.is_file() or sha256_file(vocab) != recorded):
+            raise CacheError(f"{vocab}: missing, or its sha256 differs from {reader.dir / 'manifest.json'}'s; the "
+                             "teacher vocabulary was modified or damaged: rebuild the cache (`logitcache cache CONFIG`)")
+        teacher = read_vocab(vocab)
         rows = cross_rows(corpus, layout, reader, self.manifest["spec"]["dataset"]["documents"], teacher.eos)
         manifest = read_token_manifest(corpus.directory)
         student = Tokenizer(Path(manifest["tokenizer"]), f"{corpus.directory}/manifest.json: tokenizer")
