@@ -27,9 +27,9 @@ from pipeline.models.ensemble import load_teacher, normalized_weights, teacher_i
 from pipeline.run import jobs
 from pipeline.train import metrics
 from pipeline.train.loop import read_done
-from pipeline.train.tasks import task_of
+from pipeline.train.tasks import held_out_chars, student_splits, task_of
 
-REPORT_FORMAT = 3  # part of the up-to-date check: a new report layout rewrites old reports
+REPORT_FORMAT = 4  # 4: nll_per_char of text corpora, students of their own tokenizer. Part of the up-to-date check: a new report layout rewrites old reports
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -84,8 +84,20 @@ def main(cfg: Config) -> dict[str, Any]:
     exclude = cfg.data.transfer.exclude_classes  # classification only (the config refuses it for lm)
     excluded = np.isin(y, exclude) if exclude else None
 
-    def score(sm: metrics.Summary, reference: metrics.Summary) -> dict[str, float]:
-        out = task.report_metrics(metrics.all_metrics(sm, y, reference, bins))
+    chars = held_out_chars(splits, y.shape)
+    own = student_splits(cfg) if cfg.student.tokenizer is not None else splits  # what the students read
+    x_own, y_own = task.held_out(own) if own is not splits else (x, y)
+    own_chars = held_out_chars(own, y_own.shape) if own is not splits else chars
+
+    def score(sm: metrics.Summary, reference: metrics.Summary, theirs: bool = False) -> dict[str, float]:
+        """Metrics on the held-out targets; `theirs`: a student of its own tokenizer, scored on its
+        tokens (its agreement with the teachers' predictions is not defined: NaN)."""
+        labels, n_chars = (y_own, own_chars) if theirs else (y, chars)
+        out = task.report_metrics(metrics.all_metrics(sm, labels, sm if theirs else reference, bins))
+        if theirs:
+            out["agreement"] = float("nan")
+        if n_chars is not None:  # text: comparable across tokenizers
+            out["nll_per_char"] = float(-sm.logp_true.sum() / max(int(n_chars.sum()), 1))
         if excluded is not None and excluded.any():  # classes the students never saw in the transfer set
             out["excluded_accuracy"] = float((sm.pred[excluded] == y[excluded]).mean())
         return out
@@ -104,21 +116,21 @@ def main(cfg: Config) -> dict[str, Any]:
     student_sums: dict[str, metrics.Summary] = {}
     for shard, name, marker in done:
         spec = jobs.models(cfg)[shard.model]
-        model = build_model(spec, task_of(cfg).student_shape(cfg, splits), splits.num_classes,
+        model = build_model(spec, task_of(cfg).student_shape(cfg, own), own.num_classes,
                             f"student.models.{shard.model}")
         load_state(model, cfg.run_dir / "students" / name / "model.pt", f"student.models.{shard.model}")
         model.eval()
-        (sm,) = metrics.summaries([model], x, y, batch, logit_rows=cfg.cache.logit_rows)
+        (sm,) = metrics.summaries([model], x_own, y_own, batch, logit_rows=cfg.cache.logit_rows)
         student_sums[name] = sm
         role = "distilled" if shard.kind == "kd" else "hard-label"
-        rows.append({"model": name, "role": role, "params": _params(model), **score(sm, ensemble)})
+        rows.append({"model": name, "role": role, "params": _params(model), **score(sm, ensemble, own is not splits)})
         history = json.loads((cfg.run_dir / "students" / name / "history.json").read_text())
         curves[name] = [e["test_accuracy"] for e in history["epochs"]]
 
     run = cfg.run_dir
     _plot_curves(curves, run / "learning_curves.png")
     first_seed = {n: student_sums[n] for shard, n, _ in done if shard.seed == cfg.student.seeds[0]}
-    _plot_reliability({"ensemble": ensemble, **first_seed}, y, bins, run / "reliability.png")
+    _plot_reliability({"ensemble": ensemble, **(first_seed if own is splits else {})}, y, bins, run / "reliability.png")
     cache_manifest = cache.manifest
     report = {
         "run": cfg.run_name, "task": cfg.data.task, "inputs_hash": inputs, "test_rows": int(y.size),

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.core.config import Config, dump_yaml
@@ -41,8 +40,6 @@ from pipeline.format.remote import open_reader
 from pipeline.inputs.arrays import Splits
 from pipeline.inputs.augment import check_images
 from pipeline.inputs.splits import load_splits
-from pipeline.inputs.tokens import read_manifest as read_token_manifest
-from pipeline.inputs.tokens import target_chars
 from pipeline.models.builders import build_model, resolve_device
 from pipeline.run.fanout import run_all, task_share
 from pipeline.run.jobs import Shard, cache_path, job_name, models, plan, settings
@@ -52,7 +49,7 @@ from pipeline.train.dataset import open_cache as open_api_cache
 from pipeline.train.loop import Job, commit, discard, finished, fit
 from pipeline.train.mixture import Mixture, mixture
 from pipeline.train.plan import augmentation
-from pipeline.train.tasks import Task, student_splits, task_of
+from pipeline.train.tasks import Task, held_out_chars, student_splits, task_of
 
 
 @dataclass(frozen=True)
@@ -132,15 +129,6 @@ def held_out(model: torch.nn.Module, splits: Splits, task: Task) -> dict[str, fl
     if chars is not None:  # text: NLL per character, comparable across tokenizers
         out["test_nll_per_char"] = float(-sm.logp_true.sum() / max(int(chars.sum()), 1))
     return out
-
-
-def held_out_chars(splits: Splits, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The characters each held-out target adds (tokens.target_chars), for a language model's
-    text corpus; None otherwise."""
-    if splits.corpus is None or len(shape) != 2:
-        return None
-    directory = splits.corpus.directory
-    return target_chars(directory, read_token_manifest(directory), "test", shape[1], shape[0])
 
 
 def run_shard(cfg: Config, shard: Shard) -> ShardResult:

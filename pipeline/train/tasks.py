@@ -28,6 +28,8 @@ from pipeline.inputs.arrays import Dataset, Splits
 from pipeline.inputs.documents import Layout, context_window
 from pipeline.inputs.splits import load_splits
 from pipeline.inputs.text import tokenizer_file
+from pipeline.inputs.tokens import read_manifest as read_token_manifest
+from pipeline.inputs.tokens import target_chars
 from pipeline.models.ensemble import token_logits
 from pipeline.models.lm import hidden_and_head
 from pipeline.train.crossloss import cross_kd_loss
@@ -214,6 +216,15 @@ def student_splits(cfg: Config) -> Splits:
     same documents, tokenized with it."""
     data = dataclasses.replace(cfg.data, tokenizer=cfg.student.tokenizer, eos_token=None)
     return load_splits(dataclasses.replace(cfg, data=data))
+
+
+def held_out_chars(splits: Splits, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The characters each held-out target of a language model's text corpus adds
+    (tokens.target_chars), for the held-out targets of `shape` (sequences, seq_len); None otherwise."""
+    if splits.corpus is None or len(shape) != 2:
+        return None
+    directory = splits.corpus.directory
+    return target_chars(directory, read_token_manifest(directory), "test", shape[1], shape[0])
 
 
 TASKS: dict[str, Task] = {"classify": Classification(), "lm": Tokens()}
