@@ -49,6 +49,7 @@ bench-quality: $(STAMP)
 	$(PY) bench/kd_gain.py
 	$(PY) bench/views.py
 	$(PY) bench/lm_students.py
+	$(PY) bench/cross_tokenizer.py
 	$(PY) bench/temperature.py
 	$(PY) bench/grow.py
 	$(PY) bench/grow.py --students
