@@ -56,7 +56,7 @@ def test_topk_token_cache_layout(lm):
     assert manifest["bytes_per_token"] == manifest["bytes_per_row"] > 0
     g = zarr.open_group(str(d / "shards" / "00000.zarr"), mode="r")
     assert set(g.keys()) == {"sample_id", "position", "ids", "logp", "residual", "tail_mean_logp", "offsets",
-                             "span", "label", "label_logp"}  # what a student with another tokenizer aligns by
+                             "span_start", "span_length", "label", "label_logp"}  # what a student with another tokenizer aligns by
     assert g.attrs["logitcache"]["keyed"] == "document"
     data = fmt.CacheReader(d).read_all()
     # rows are (document, offset) of every trained position, in corpus order

@@ -37,10 +37,13 @@ VIEW_COLUMNS = {
 # caches of text corpora (spec "alignment"), after position; the targets are of the token that
 # follows the row's position, and these say which token that was
 ALIGN_COLUMNS = {
-    "span": Column("span", ("row", "side"), "int32 character span [start, end) of the predicted token in its "
-                   "document's text, (rows, 2); the eos ending a document spans (length, length)"),
-    "label": Column("label", ("row",), "int32 teacher-vocabulary id of the predicted token"),
-    "label_logp": Column("label_logp", ("row",), "float32 log-probability of the predicted token under the "
+    "span_start": Column("span_start", ("row",), "int32 first character of the predicted token in its document's "
+                         "text (Python str index); an eos ending a document starts at the document's length"),
+    "span_length": Column("span_length", ("row",), "uint16 characters the predicted token spans (0 for an eos; "
+                          "the bytes of one character split over several tokens each span that character)"),
+    "label": Column("label", ("row",), "teacher-vocabulary id of the predicted token, at the ids' width (uint16 "
+                    "up to 65,536 tokens, else uint32)"),
+    "label_logp": Column("label_logp", ("row",), "float16 log-probability of the predicted token under the "
                          "targets' distribution (the ensemble's at the cache's temperature), whatever the encoding keeps"),
 }
 

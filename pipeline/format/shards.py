@@ -49,7 +49,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
     if problems:
         raise ValueError(f"{path}: {problems[0]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays], "span" in arrays)
+    columns = stored_columns(enc, "position" in arrays, [n for n in VIEW_COLUMNS if n in arrays], "span_start" in arrays)
     tmp = tmp_name(path)
     try:
         store.write(tmp, arrays, attrs, columns, chunk_rows, level, codec)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core.errors import DataError
 from pipeline.core.io import hash_json
 from pipeline.core.lock import LeaseLock
 from pipeline.format import manifest as fmt
@@ -162,9 +163,21 @@ def _compute_documents(ctx: Context, shard: Shard, units: Sequence[Unit], models
     rows = {"sample_id": docs, "position": (p - corpus.offsets[docs]).astype(np.int32),
             "offsets": np.append(np.flatnonzero(np.diff(docs, prepend=-1)), len(docs)).astype(np.int64)}
     if aligned:
-        rows["span"] = np.asarray(corpus.spans[p + 1], dtype=np.int32)
-        rows["label"] = corpus.tokens[p + 1].astype(np.int32)
+        rows.update(align_columns(corpus, p + 1))
     return [{**e, **rows} for e in encoded]
+
+
+def align_columns(corpus: Any, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """The alignment columns (format/columns.ALIGN_COLUMNS) but label_logp of the predicted tokens
+    at flat positions `tokens`: where each starts, how many characters it spans, its id."""
+    spans = np.asarray(corpus.spans[tokens], dtype=np.int64)
+    length = spans[:, 1] - spans[:, 0]
+    if len(length) and length.max() > np.iinfo(np.uint16).max:
+        raise DataError(f"{corpus.directory}: a token spans {int(length.max())} characters; spans are stored as "
+                        "uint16 lengths, split such text before tokenizing")
+    ids = np.uint16 if corpus.tokens.dtype.itemsize <= 2 else np.uint32
+    return {"span_start": spans[:, 0].astype(np.int32), "span_length": length.astype(np.uint16),
+            "label": np.asarray(corpus.tokens[tokens]).astype(ids)}
 
 
 def _batch_size(ctx: Context) -> int:
@@ -228,7 +241,7 @@ def _encode(ctx: Context, shard: Shard, units: Sequence[Unit], models: Any, batc
                     encoded = ctx.encoding.to_host(ctx.encoding.encode(logp, gen))
                     if labels is not None:  # the log-prob of the token that follows, at the cache's T
                         label = labels[rows].to(logp.device)[:, None]
-                        encoded["label_logp"] = logp.gather(1, label)[:, 0].float().cpu().numpy()
+                        encoded["label_logp"] = logp.gather(1, label)[:, 0].to(torch.float16).cpu().numpy()
                     out.append(encoded)
     return [{k: np.concatenate([p[k] for p in out]) for k in out[0]} for out in parts]
 

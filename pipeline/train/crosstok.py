@@ -121,7 +121,7 @@ def cross_rows(corpus: Corpus, layout: Layout, reader: Any, teacher_docs: int, t
     for r0 in range(0, total, BLOCK):
         r1 = min(r0 + BLOCK, total)
         part = read_global(reader, [(r0, r1)], decode=False)
-        k = keys(part["sample_id"], part["span"][:, 0])
+        k = keys(part["sample_id"], part["span_start"])
         if len(k) > 1 and np.any(np.diff(k) < 0):
             raise CacheError(f"{reader.dir}: rows are not in (document, character) order; the cache is damaged: "
                              "rebuild it")
@@ -140,7 +140,7 @@ def _check_lengths(corpus: Corpus, doc_chars: np.ndarray, part: dict[str, np.nda
     characters: it must be the student's document's length too."""
     at = part["label"] == eos
     d = part["sample_id"][at].astype(np.int64)
-    theirs = part["span"][at, 0].astype(np.int64)
+    theirs = part["span_start"][at].astype(np.int64)
     mine = np.where(d < corpus.n_docs, doc_chars[np.minimum(d, corpus.n_docs - 1)], -1)
     bad = np.flatnonzero(mine != theirs)
     if len(bad):
@@ -171,8 +171,8 @@ def align_batch(corpus: Corpus, rows: CrossRows, items: np.ndarray, teacher: dic
     `x_row` (its first owned teacher row of the batch, -1 if none), `x_aligned`, `x_chunk` (its
     chunk, -1 if none) and per chunk `chunk_teacher_logp`, `chunk_size` (student tokens) and
     `chunk_first` (its first teacher row)."""
-    kt = keys(teacher["sample_id"], teacher["span"][:, 0])
-    t_end = teacher["span"][:, 1].astype(np.int64)
+    kt = keys(teacher["sample_id"], teacher["span_start"])
+    t_end = teacher["span_start"].astype(np.int64) + teacher["span_length"]
     label_logp = teacher["label_logp"].astype(np.float64)
     offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("seq", "pos", "row", "aligned", "chunk")}
