@@ -33,7 +33,14 @@ import numpy as np
 
 from pipeline.core.config import Config, dump_yaml
 from pipeline.core.errors import CacheError, DataError
-from pipeline.core.io import atomic_write_json, atomic_write_text, check_writable, read_json, remove_dead_tmp, sha256_file
+from pipeline.core.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    read_json,
+    remove_dead_tmp,
+    sha256_file,
+)
 from pipeline.core.progress import bar, log
 from pipeline.format import manifest as fmt
 from pipeline.format import members, remote

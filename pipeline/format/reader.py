@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,13 @@ class CacheReader:
 
     def __init__(self, cache_dir: Path, verify: bool = False, checksums: bool = True,
                  max_open: int | None = None, read_threads: int | None = None, remote: Any = None,
-                 manifest: dict[str, Any] | None = None, base: Path | None = None, alignment: bool = False) -> None:
+                 manifest: dict[str, Any] | None = None, base: Path | None = None, alignment: bool = False,
+                 columns: Sequence[str] | None = None) -> None:
         """`manifest` and `base`: read those shards (paths under `base`, the directory of a member
         store) as cache `cache_dir` (pipeline/format/members.py); by default the cache's own.
         `alignment`: read the alignment columns too (a cache that stores them; a student with the
-        teachers' own tokenizer never needs them)."""
+        teachers' own tokenizer never needs them). `columns`: read only these of the stored columns
+        (then read with decode=False)."""
         manifest = manifest if manifest is not None else read_manifest(cache_dir)
         if manifest is None or manifest.get("status") != "complete":
             raise CacheError(f"{cache_dir}: cache is incomplete (no complete manifest.json); "
@@ -104,6 +107,8 @@ class CacheReader:
                              "before logitcache stored them); a student with another tokenizer needs a cache of a text "
                              "corpus made by this version: `logitcache cache CONFIG`")
         self.names = [c.name for c in stored_columns(self.encoding, self.token_rows, views, alignment)]
+        if columns is not None:
+            self.names = [n for n in self.names if n in columns]
         self.chunk_rows: int = spec["layout"]["chunk_rows"]
         self.shards = manifest["shards"]
         self.backend: str = spec["layout"]["backend"]

@@ -77,7 +77,7 @@ from pipeline.inputs.augment import check_images
 from pipeline.inputs.documents import Corpus, Layout, layout_rows, open_corpus
 from pipeline.inputs.tokens import read_manifest as read_token_manifest
 from pipeline.train import plan
-from pipeline.train.crosstok import METHODS, Cross, align_batch, cross_rows
+from pipeline.train.crosstok import KEY_COLUMNS, METHODS, Cross, align_batch, cross_rows
 from pipeline.train.members import Blend, blend_of
 
 DEFAULT_ROOT = Path("data/caches")
@@ -236,7 +236,7 @@ class Cache:
         from pipeline.inputs.vocab import map_vocab, read_vocab
 
         choice("align", align, METHODS)
-        reader = open_reader(self.source, alignment=True)
+        reader = open_reader(self.source, alignment=True, columns=KEY_COLUMNS)  # what planning reads
         vocab = reader.dir / VOCAB_FILE
         recorded = self.manifest.get("vocab_sha256")
         if recorded is not None and (not vocab.is_file() or sha256_file(vocab) != recorded):
@@ -430,7 +430,8 @@ class CacheDataset(IterableDataset):
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "drop_last": self.drop_last, "seed": self.seed, "shuffle": self.shuffle,
                 "shuffle_chunks": self.shuffle_chunks, "items": self.items, "cache": self.cache_id,
-                "order": ORDER_VERSION, **({"read": self.blend.to_json()} if self.blend is not None else {})}
+                "order": ORDER_VERSION, **({"read": self.blend.to_json()} if self.blend is not None else {}),
+                **({"tokens": self.corpus.fingerprint} if self.cross is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` (any rank's: the position is global) left off: on the same world size
@@ -441,6 +442,8 @@ class CacheDataset(IterableDataset):
                 "shuffle": self.shuffle, "shuffle_chunks": self.shuffle_chunks}
         if self.blend is not None:
             mine["read"] = self.blend.to_json()
+        if self.cross is not None:  # the student's own tokens
+            mine["tokens"] = self.corpus.fingerprint
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(f"load_state_dict: the state has {key}={state.get(key)!r} but this dataset "
