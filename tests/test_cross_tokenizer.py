@@ -306,3 +306,30 @@ def test_caches_and_corpora_a_cross_student_cannot_read_are_refused(two_tokenize
     assert not (pre / "vocab.json").exists() and "alignment" not in json.loads((pre / "spec.json").read_text())
     with pytest.raises(CacheError, match="holds no token spans"):
         lc.open_cache(pre).dataset(batch_size=2, tokens=student_dir)
+
+
+def test_a_resumed_epoch_equals_an_uninterrupted_one(two_tokenizers):
+    config, d, student_tok = two_tokenizers
+    student_dir = tokens.tokenize(dataclasses.replace(config.data, tokenizer=str(student_tok)), str(config.workspace))
+
+    def dataset():
+        return lc.open_cache(d).dataset(batch_size=3, seed=5, layout=Layout(20), tokens=student_dir, align="span")
+
+    whole = [b for b in dataset()]
+    first = dataset()
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = first.state_dict()
+    again = dataset()
+    again.load_state_dict(state)
+    rest = list(again)
+    assert len(rest) == len(whole) - 4 > 0
+    for a, b in zip(rest, whole[4:]):
+        for key in ("inputs", "document", "offset", "x_row", "x_aligned", "x_chunk", "chunk_teacher_logp"):
+            assert torch.equal(a[key], b[key]), key
+    # the same documents in a third tokenizer's tokens are another stream: refused
+    third = train_tokenizer(python_docs()[:300], 250, Path(config.workspace) / "tok-250")
+    other = tokens.tokenize(dataclasses.replace(config.data, tokenizer=str(third)), str(config.workspace))
+    with pytest.raises(ValueError, match="load_state_dict: the state has (items|tokens)="):
+        lc.open_cache(d).dataset(batch_size=3, seed=5, layout=Layout(20), tokens=other).load_state_dict(state)
