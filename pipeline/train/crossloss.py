@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.train.crosstok import METHODS
 
@@ -94,7 +95,7 @@ def position_losses(z: torch.Tensor, temperature: float, align: str, ids: torch.
     kl = torch.where(pm > 0, pm * (pm.clamp(min=1e-30).log() - logq[a]), 0).sum(1) * temperature ** 2
     q_rest = torch.where(pm > 0, 0, q[a])  # the student's mass on tokens the teacher's mapped mass missed
     unlisted = torch.where(target[ids[a].clamp(min=0)] >= 0, 0, probs[a])  # listed teacher ids without a mapping
-    kl = kl + uld(unlisted, un - unlisted.sum(1), q_rest) * un.clamp(max=1)  # weighed by the unmapped mass
+    kl = kl + uld(unlisted, un - unlisted.sum(1), q_rest)
     return out.index_put((a.nonzero()[:, 0],), kl)
 
 
@@ -105,7 +106,9 @@ def cross_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, 
     of a cross-tokenizer batch (`Cache.dataset(..., tokens=<student corpus>)` with another
     tokenizer): `hidden` (B, L, d) the student's hidden states of batch["inputs"][:, :-1], `head` its
     output layer, `vocab_map` teacher id -> student id (default the batch's: the dataset's map).
-    Logits are made `logit_chunk` positions at a time. Mean over the batch's target positions."""
+    Logits are made `logit_chunk` positions at a time, each chunk recomputed in backward (activation
+    checkpointing), so (positions, vocabulary) logits never live at once. Mean over the batch's
+    target positions."""
     if align not in METHODS:
         raise ValueError(f"align={align!r}: use one of {', '.join(METHODS)}")
     vocab_map = vocab_map if vocab_map is not None else batch.get("vocab_map")
@@ -133,23 +136,30 @@ def cross_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, 
         single = (chunk >= 0) & (chunk_size[c] == 1)
         chain = torch.where(single, teacher_logp[c].float().exp(), chain)
         chain_first = torch.where(single, label_ids[batch["chunk_first"].to(dev)[c]], chain_first)
-    kd = hidden.new_zeros((), dtype=torch.float32)
-    ce = hidden.new_zeros((), dtype=torch.float32)
-    student_logp = []
-    for a in range(0, n, logit_chunk):
-        b = min(a + logit_chunk, n)
-        z = head(h[a:b]).float()
-        if alpha > 0:
-            ce = ce + F.cross_entropy(z, label[a:b], reduction="sum")
+    target = vocab_map.to(dev) if vocab_map is not None else None
+
+    def chunk_terms(h_chunk: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CE sum, distillation sum, the student's log-prob of each label at T) of positions
+        [a, a + len(h_chunk)): recomputed in backward, so one chunk's logits live at a time."""
+        b = a + len(h_chunk)
+        z = head(h_chunk).float()
+        ce = F.cross_entropy(z, label[a:b], reduction="sum") if alpha > 0 else z.new_zeros(())
         if align == "span":
-            student_logp.append(torch.log_softmax(z / temperature, dim=-1).gather(1, label[a:b, None])[:, 0])
-            continue
+            return ce, z.new_zeros(()), torch.log_softmax(z / temperature, dim=-1).gather(1, label[a:b, None])[:, 0]
         has = row[a:b] >= 0
+        kd = z.new_zeros(())
         if alpha < 1 and bool(has.any()):
             r = row[a:b][has]
-            kd = kd + position_losses(z[has], temperature, align, ids[r], probs[r], rest[r], aligned[a:b][has],
-                                      vocab_map.to(dev) if vocab_map is not None else None,
-                                      chain[a:b][has], chain_first[a:b][has], label[a:b][has]).sum()
+            kd = position_losses(z[has], temperature, align, ids[r], probs[r], rest[r], aligned[a:b][has], target,
+                                 chain[a:b][has], chain_first[a:b][has], label[a:b][has]).sum()
+        return ce, kd, z.new_zeros(0)
+
+    ce = kd = hidden.new_zeros((), dtype=torch.float32)
+    student_logp = []
+    for a in range(0, n, logit_chunk):
+        c_ce, c_kd, c_logp = checkpoint(chunk_terms, h[a:a + logit_chunk], a, use_reentrant=False)
+        ce, kd = ce + c_ce, kd + c_kd
+        student_logp.append(c_logp)
     if align == "span" and alpha < 1 and len(teacher_logp):
         s = torch.cat(student_logp)
         ok = chunk >= 0
