@@ -5,7 +5,8 @@ trained here) caches top-32 targets once. Students (configs/lm.yaml's gpt-small)
 - with the teacher's tokenizer, distilled from the cache (`same_tokenizer`);
 - with a BPE of 4,096 tokens trained here on the same training documents: on hard labels only
   (`hard`, the twin), and distilled from the same cache by each alignment method (`methods`:
-  uld, exact, span; pipeline/train/crosstok.py).
+  uld, exact, span; pipeline/train/crosstok.py), each with --alpha of next-token cross-entropy
+  (default 0.5, as the methods are published: ULD and GOLD add it; the same-tokenizer student too).
 Each is scored by held-out NLL per character (the test split's negative log-likelihood over its
 characters, comparable across tokenizers), mean over seeds; the teacher too. Also printed: the
 bytes per token the alignment columns add to the cache, and how the student's positions align.
@@ -102,10 +103,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (default configs/lm.yaml's)")
+    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the next-token cross-entropy in every "
+                    "distilled student (the methods are published with it; 0 distills alone)")
     ap.add_argument("--workdir", type=Path, default=None, help="reuse a workspace (teacher, cache, finished jobs)")
     args = ap.parse_args()
     ws = args.workdir or workdir("crosstok")
-    common = [f"workspace={ws}", f"student.seeds=[{', '.join(str(s) for s in range(args.seeds))}]"]
+    common = [f"workspace={ws}", f"student.seeds=[{', '.join(str(s) for s in range(args.seeds))}]",
+              f"student.alpha={args.alpha}"]
     if args.epochs is not None:
         common.append(f"student.epochs={args.epochs}")
     base = load_config(CONFIG, [*common, "run_name=same", "student.baseline=false"])
@@ -134,7 +138,7 @@ def main() -> None:
         "cross_tokenizer", seeds=args.seeds, hard=hard_mean, same_tokenizer=round(float(np.mean(same)), 4),
         teacher=round(teacher_nll_per_char(base), 4), methods=methods,
         setting=f"configs/lm.yaml: teacher BPE 8192, student BPE {STUDENT_VOCAB} trained here, top-32 cache, "
-                "alpha 0; NLL per character of the held-out split",
+                f"alpha {args.alpha}; NLL per character of the held-out split", alpha=args.alpha,
         per_seed={**per_seed, "hard": [round(v, 4) for v in hard], "same_tokenizer": [round(v, 4) for v in same]},
         bytes_per_row=alignment_bytes(cache_dir), alignment=alignment_stats(cache_dir, student_tokens, base.data.seq_len),
         goal="a cross-tokenizer method beats the hard-label twin (lower NLL per character), mean over seeds",

@@ -153,6 +153,18 @@ def test_uld_and_span_kl_against_slow_references():
         q_vec = np.sort(q[i].numpy())[::-1]
         want = np.abs(p_vec[:5] - q_vec[:5]).sum() + abs(float(rest[i]) - q_vec[5:].sum())
         assert abs(float(got[i]) - want) < 1e-12
+    # rows listing 2, 5 and 0 teacher tokens (the rest padding), against a student part summing to 0.6
+    q_part = q[:3] * 0.6
+    listed = torch.tensor([2, 5, 0])
+    p_pad = torch.where(torch.arange(5) < listed[:, None], top.values[:3], 0)
+    rest3 = torch.tensor([0.5, 0.2, 0.6], dtype=torch.float64)
+    got = uld(p_pad, rest3, q_part, listed)
+    for i in range(3):
+        c = int(listed[i])
+        p_vec = np.sort(p_pad[i, :c].numpy())[::-1]
+        q_vec = np.sort(q_part[i].numpy())[::-1]
+        want = np.abs(p_vec - q_vec[:c]).sum() + abs(float(rest3[i]) - q_vec[c:].sum())
+        assert abs(float(got[i]) - want) < 1e-12
     # dense teacher: exactly the L1 distance of the sorted vectors, zero-padded
     got = uld(p_full, torch.zeros(8, dtype=torch.float64), q)
     want = [np.abs(np.sort(p_full[i].numpy())[::-1] - np.pad(np.sort(q[i].numpy())[::-1], (0, 10))).sum()

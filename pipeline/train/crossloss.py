@@ -37,16 +37,21 @@ def sparse_teacher(targets: Any, name: str) -> tuple[torch.Tensor, torch.Tensor,
     raise ValueError(f"cross-tokenizer distillation reads dense, topk, sampled or hybrid caches, not {name!r}")
 
 
-def uld(p: torch.Tensor, rest: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Universal logit distillation, per row: the L1 distance between the teacher's probabilities
-    `p` (n, K) sorted and the student's `q` (n, V) sorted, over the K largest, plus the difference
-    of what lies beyond them (the teacher's unlisted `rest` against the student's mass outside its K
-    largest): the distance of the full sorted vectors when the teacher's unlisted mass is one entry."""
+def uld(p: torch.Tensor, rest: torch.Tensor, q: torch.Tensor, listed: torch.Tensor | None = None) -> torch.Tensor:
+    """Universal logit distillation, per row: the L1 distance between the teacher's listed
+    probabilities `p` (n, K) sorted and the student's `q` (n, V) sorted, over the largest, plus the
+    difference of what lies beyond them (the teacher's unlisted `rest` against the student's mass
+    beyond its largest): the distance of the full sorted vectors when the teacher's unlisted mass is
+    one entry, which is all a cache says of it. `listed` (n,): how many entries of each row of `p`
+    are listed (the rest of the row is padding); default all K. `q` need not sum to one (the part of
+    a distribution the teacher's listed and unlisted mass stands for)."""
     k = min(p.shape[1], q.shape[1])
     top_p = p.sort(dim=1, descending=True).values
     top_q = q.topk(k, dim=1).values
+    if listed is not None:  # the student's entries past a row's listed count join its remainder
+        top_q = torch.where(torch.arange(k, device=q.device) < listed[:, None], top_q, 0)
     head = (top_p[:, :k] - top_q).abs().sum(1) + top_p[:, k:].sum(1)
-    return head + (rest - (1 - top_q.sum(1))).abs()
+    return head + (rest - (q.sum(1) - top_q.sum(1))).abs()
 
 
 def mapped_distribution(ids: torch.Tensor, probs: torch.Tensor, rest: torch.Tensor, target: torch.Tensor,
@@ -94,8 +99,9 @@ def position_losses(z: torch.Tensor, temperature: float, align: str, ids: torch.
     pm, un = mapped_distribution(ids[a], probs[a], rest[a], target, z.shape[1], chain[a], chain_first[a], label[a])
     kl = torch.where(pm > 0, pm * (pm.clamp(min=1e-30).log() - logq[a]), 0).sum(1) * temperature ** 2
     q_rest = torch.where(pm > 0, 0, q[a])  # the student's mass on tokens the teacher's mapped mass missed
-    unlisted = torch.where(target[ids[a].clamp(min=0)] >= 0, 0, probs[a])  # listed teacher ids without a mapping
-    kl = kl + uld(unlisted, un - unlisted.sum(1), q_rest)
+    no_map = (target[ids[a].clamp(min=0)] < 0) & (ids[a] >= 0)  # listed teacher ids without a student token
+    unlisted = torch.where(no_map, probs[a], 0)
+    kl = kl + uld(unlisted, un - unlisted.sum(1), q_rest, no_map.sum(1))
     return out.index_put((a.nonzero()[:, 0],), kl)
 
 
