@@ -681,16 +681,8 @@ class CacheDataset(IterableDataset):
         if len(pos) and (pos.min() < 0 or pos.max() >= L):
             raise CacheError(f"{self.path}: cache rows fall outside the student rows that own them; the cache "
                              f"does not match tokenized corpus {corpus.directory}: rebuild it")
-        width = stop - start
-        at = start[:, None] + np.arange(L + 1)  # (B, L + 1) flat positions
-        valid = np.arange(L + 1) < width[:, None]
-        x = np.full((len(item), L + 1), self.pad_value, dtype=np.int64)
-        x[valid] = corpus.tokens[at[valid]]
-        seg = np.full((len(item), L + 1), -1, dtype=np.int64)
-        seg[valid] = np.searchsorted(corpus.offsets, at[valid], side="right") - 1
-        seg[valid] -= np.repeat(seg[:, 0], valid.sum(1))  # documents numbered from 0 in each row
-        return {"inputs": torch.from_numpy(x), "segments": torch.from_numpy(seg),
-                "input_lengths": torch.from_numpy(width), "document": torch.from_numpy(doc),
+        x, seg, width = _student_tokens(corpus, start, stop, L, self.pad_value)
+        return {"inputs": x, "segments": seg, "input_lengths": width, "document": torch.from_numpy(doc),
                 "offset": torch.from_numpy(rows["position"].astype(np.int64)),
                 "sequence": torch.from_numpy(np.repeat(np.arange(len(item)), lengths)),
                 "position": torch.from_numpy(pos), "sequence_id": torch.from_numpy(item.astype(np.int64))}
