@@ -367,3 +367,47 @@ def test_the_loss_in_chunks_equals_the_loss_at_once(two_tokenizers):
             got.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
         assert torch.allclose(got[0][0], got[1][0], rtol=1e-5), align
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(got[0][1], got[1][1])), align
+
+
+def test_through_the_alignment_a_twin_tokenizer_gets_the_exact_loss(two_tokenizers, tmp_path):
+    """The teachers' tokenizer with one token added (another fingerprint, the same tokens): every
+    position aligns, the map is the identity, and "exact" is the same-tokenizer forward KL of
+    top-k's head and its tail as one outcome, in value and gradient."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from pipeline.models.builders import build_model
+    from pipeline.train.losses import kd_loss
+
+    config, d, _ = two_tokenizers
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    tok = Tokenizer.from_file(str(Path(config.data.tokenizer) / "tokenizer.json"))
+    tok.add_tokens(["<|twin|>"])
+    tok.save(str(twin / "tokenizer.json"))
+    shutil.copy(Path(config.data.tokenizer) / "tokenizer_config.json", twin / "tokenizer_config.json")
+    twin_dir = tokens.tokenize(dataclasses.replace(config.data, tokenizer=str(twin)), str(config.workspace))
+    own = load_splits(config).corpus
+    cache = lc.open_cache(d)
+    same = next(iter(cache.dataset(batch_size=4, shuffle=False, layout=Layout(16), tokens=own.directory)))
+    cross_ds = cache.dataset(batch_size=4, shuffle=False, layout=Layout(16), tokens=twin_dir, align="exact")
+    cross = next(iter(cross_ds))
+    assert torch.equal(same["inputs"], cross["inputs"]) and bool(cross["x_aligned"].all())
+    assert torch.equal(cross_ds.vocab_map, torch.arange(600))
+    torch.manual_seed(0)
+    model = build_model(config.student.models[0], (17,), 601, "student")
+    h, head = hidden_and_head(model, cross["inputs"][:, :-1], cross["segments"][:, :-1])
+    z = head(h).detach()
+    z[..., 600] = -torch.inf  # the added token takes no mass: the two vocabularies are then one
+    zc = z.clone().requires_grad_(True)
+    # without chains (a chain moves the label's known probability out of the tail when the label is
+    # not among the top k: what the cache knows beyond a same-tokenizer top-k loss)
+    plain = {**cross, "chunk_size": torch.full_like(cross["chunk_size"], 2)}
+    got = cross_kd_loss(zc, torch.nn.Identity(), plain, 1.0, align="exact", tail="bucket")
+    zs = z[..., :600].clone().requires_grad_(True)
+    want = kd_loss(zs, same, 1.0, tail="bucket")
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    (g_got,) = torch.autograd.grad(got, zc)
+    (g_want,) = torch.autograd.grad(want, zs)
+    assert torch.allclose(g_got[..., :600], g_want, atol=1e-7)

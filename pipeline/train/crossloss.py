@@ -37,21 +37,22 @@ def sparse_teacher(targets: Any, name: str) -> tuple[torch.Tensor, torch.Tensor,
     raise ValueError(f"cross-tokenizer distillation reads dense, topk, sampled or hybrid caches, not {name!r}")
 
 
-def uld(p: torch.Tensor, rest: torch.Tensor, q: torch.Tensor, listed: torch.Tensor | None = None) -> torch.Tensor:
+def uld(p: torch.Tensor, rest: torch.Tensor | None, q: torch.Tensor, listed: torch.Tensor | None = None) -> torch.Tensor:
     """Universal logit distillation, per row: the L1 distance between the teacher's listed
     probabilities `p` (n, K) sorted and the student's `q` (n, V) sorted, over the largest, plus the
     difference of what lies beyond them (the teacher's unlisted `rest` against the student's mass
     beyond its largest): the distance of the full sorted vectors when the teacher's unlisted mass is
     one entry, which is all a cache says of it. `listed` (n,): how many entries of each row of `p`
     are listed (the rest of the row is padding); default all K. `q` need not sum to one (the part of
-    a distribution the teacher's listed and unlisted mass stands for)."""
+    a distribution the teacher's listed and unlisted mass stands for). `rest` None: the listed part
+    only (the unlisted mass is matched otherwise)."""
     k = min(p.shape[1], q.shape[1])
     top_p = p.sort(dim=1, descending=True).values
     top_q = q.topk(k, dim=1).values
     if listed is not None:  # the student's entries past a row's listed count join its remainder
         top_q = torch.where(torch.arange(k, device=q.device) < listed[:, None], top_q, 0)
     head = (top_p[:, :k] - top_q).abs().sum(1) + top_p[:, k:].sum(1)
-    return head + (rest - (q.sum(1) - top_q.sum(1))).abs()
+    return head if rest is None else head + (rest - (q.sum(1) - top_q.sum(1))).abs()
 
 
 def mapped_distribution(ids: torch.Tensor, probs: torch.Tensor, rest: torch.Tensor, target: torch.Tensor,
@@ -86,9 +87,12 @@ def mapped_distribution(ids: torch.Tensor, probs: torch.Tensor, rest: torch.Tens
 
 def position_losses(z: torch.Tensor, temperature: float, align: str, ids: torch.Tensor, probs: torch.Tensor,
                     rest: torch.Tensor, aligned: torch.Tensor, target: torch.Tensor | None, chain: torch.Tensor,
-                    chain_first: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+                    chain_first: torch.Tensor, label: torch.Tensor, tail: str = "uniform") -> torch.Tensor:
     """The distillation term of each position owning a teacher row, from its student logits z (n, V):
-    ULD, or for "exact" at aligned positions T^2 KL(mapped || student) plus ULD of the unmapped rest."""
+    ULD; for "exact" at aligned positions, T^2 forward KL from the mapped distribution (its unlisted
+    tail spread uniformly over the student tokens no mapped mass reached, or with `tail` "bucket"
+    one outcome against their total), plus ULD between listed teacher tokens without a student
+    counterpart and the student's largest probabilities outside the mapped tokens."""
     logq = torch.log_softmax(z.float() / temperature, dim=-1)
     q = logq.exp()
     out = uld(probs, rest, q)
@@ -97,26 +101,37 @@ def position_losses(z: torch.Tensor, temperature: float, align: str, ids: torch.
     assert target is not None
     a = aligned
     pm, un = mapped_distribution(ids[a], probs[a], rest[a], target, z.shape[1], chain[a], chain_first[a], label[a])
-    kl = torch.where(pm > 0, pm * (pm.clamp(min=1e-30).log() - logq[a]), 0).sum(1) * temperature ** 2
-    q_rest = torch.where(pm > 0, 0, q[a])  # the student's mass on tokens the teacher's mapped mass missed
     no_map = (target[ids[a].clamp(min=0)] < 0) & (ids[a] >= 0)  # listed teacher ids without a student token
     unlisted = torch.where(no_map, probs[a], 0)
-    kl = kl + uld(unlisted, un - unlisted.sum(1), q_rest, no_map.sum(1))
+    unknown = (un - unlisted.sum(1)).clamp(min=0)  # the teacher's unlisted mass (a top-k tail), after the chain
+    free = pm <= 0  # student tokens no mapped mass reached
+    if tail == "uniform":
+        pm = pm + torch.where(free, (unknown / free.sum(1).clamp(min=1))[:, None], 0)
+        kl = torch.where(pm > 0, pm * (pm.clamp(min=1e-30).log() - logq[a]), 0).sum(1)
+    else:
+        log_free = torch.logsumexp(torch.where(free, logq[a], -torch.inf), dim=1)
+        kl = torch.where(pm > 0, pm * (pm.clamp(min=1e-30).log() - logq[a]), 0).sum(1) + \
+            torch.where(unknown > 0, unknown * (unknown.clamp(min=1e-30).log() - log_free), 0)
+    kl = kl * temperature ** 2 + uld(unlisted, None, torch.where(free, q[a], 0), no_map.sum(1))
     return out.index_put((a.nonzero()[:, 0],), kl)
 
 
 def cross_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, Any], temperature: float,
                   align: str = "exact", alpha: float = 0.0, vocab_map: torch.Tensor | None = None,
-                  logit_chunk: int = 1024) -> torch.Tensor:
+                  logit_chunk: int = 1024, tail: str = "uniform") -> torch.Tensor:
     """alpha * CE + (1 - alpha) * the `align` method's distillation term, per student target position
     of a cross-tokenizer batch (`Cache.dataset(..., tokens=<student corpus>)` with another
     tokenizer): `hidden` (B, L, d) the student's hidden states of batch["inputs"][:, :-1], `head` its
-    output layer, `vocab_map` teacher id -> student id (default the batch's: the dataset's map).
+    output layer, `vocab_map` teacher id -> student id (default the batch's: the dataset's map),
+    `tail` how "exact" models a top-k cache's unlisted mass on the student's vocabulary (uniform or
+    bucket, as student.tail).
     Logits are made `logit_chunk` positions at a time, each chunk recomputed in backward (activation
     checkpointing), so (positions, vocabulary) logits never live at once. Mean over the batch's
     target positions."""
     if align not in METHODS:
         raise ValueError(f"align={align!r}: use one of {', '.join(METHODS)}")
+    if tail not in ("uniform", "bucket"):
+        raise ValueError(f"tail={tail!r}: use uniform or bucket")
     vocab_map = vocab_map if vocab_map is not None else batch.get("vocab_map")
     if align == "exact" and vocab_map is None:
         raise ValueError("align='exact' maps teacher ids to the student's vocabulary: pass vocab_map=dataset.vocab_map")
@@ -157,7 +172,7 @@ def cross_kd_loss(hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, 
         if alpha < 1 and bool(has.any()):
             r = row[a:b][has]
             kd = position_losses(z[has], temperature, align, ids[r], probs[r], rest[r], aligned[a:b][has], target,
-                                 chain[a:b][has], chain_first[a:b][has], label[a:b][has]).sum()
+                                 chain[a:b][has], chain_first[a:b][has], label[a:b][has], tail).sum()
         return ce, kd, z.new_zeros(0)
 
     ce = kd = hidden.new_zeros((), dtype=torch.float32)

@@ -205,7 +205,7 @@ class Tokens:
         hidden, head = hidden_and_head(model, x[:, :-1], None if segments is None else segments[:, :-1].to(dev))
         if "x_row" in batch:  # a student with its own tokenizer (pipeline/train/crosstok.py)
             return cross_kd_loss(hidden, head, batch, settings["temperature"], batch["align"], settings["alpha"],
-                                 logit_chunk=logit_chunk)
+                                 logit_chunk=logit_chunk, tail=settings.get("tail", "uniform"))
         seq, pos = batch["sequence"].to(dev), batch["position"].to(dev)
         return chunked_kd_loss(hidden[seq, pos], head, batch, labels=x[:, 1:][seq, pos], logit_chunk=logit_chunk,
                                **settings)
