@@ -3,8 +3,9 @@
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
 layout (`default`: what the cache stage writes when the layout and codec are left unset, the
 encoding's default chunk rows and codec: 4,096-row chunks of shuffle-lz4hc for top-k, 512-row
-chunks of zstd for dense; Zarr 4,096- and 16,384-row chunks with zstd and with shuffle-lz4hc;
-Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
+chunks of shuffle-lz4hc for dense; `zarr_default_rows_zstd`: the default chunk rows with zstd, the
+dense default before shuffle-lz4hc; Zarr 4,096- and 16,384-row chunks with zstd and with
+shuffle-lz4hc; Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
 rows/s of one epoch of the student's dataset (batches of 4,096 rows, buffers of 16,384 rows or 4
 chunks, whichever is more, rows shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
@@ -157,9 +158,11 @@ def epoch_reader(make: Callable[[], Any], chunk_rows: int) -> Callable[[int], in
 
 
 def layouts(enc: Encoding) -> dict[str, tuple[str, int, str]]:
-    """LAYOUTS and `default`: what the cache stage writes for `enc` when layout and codec are unset."""
+    """LAYOUTS, `default` (what the cache stage writes for `enc` when layout and codec are unset) and
+    `zarr_default_rows_zstd` (the default chunk rows with zstd) where that is not among LAYOUTS."""
     chunk_rows, _ = default_layout("classify", 1, 0, enc.name)
-    return {"default": ("zarr", chunk_rows, default_codec(enc.name, "zarr")), **LAYOUTS}
+    extra = {} if chunk_rows in (4096, 16384) else {"zarr_default_rows_zstd": ("zarr", chunk_rows, "zstd")}
+    return {"default": ("zarr", chunk_rows, default_codec(enc.name, "zarr")), **extra, **LAYOUTS}
 
 
 def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
@@ -222,14 +225,16 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
 
 def codec_bytes(rows: int = 8192) -> None:
     """Bytes per row of every codec for more encodings and chunk sizes than the timed ones (the
-    demo's dense over 10 classes at 256-row chunks; LM-sized top-k and hybrid; sampled): one JSON
+    demo's dense over 10 classes at 256-row chunks, dense over 100 at the default 512; LM-sized top-k
+    and hybrid; sampled): one JSON
     line, {"bench": "reader_codec_bytes", "bytes_per_row": {"label/chunk_rows": {codec: B/row}}}."""
     import torch
     from common import synthetic_logits
 
     from pipeline.format.encodings import Hybrid, Sampled
 
-    cases = [(Dense(10), 256), (TopK(10, 3), 256), (TopK(1000, 10, bits=8), 4096), (Sampled(1000, 16), 256),
+    cases = [(Dense(10), 256), (Dense(100), 512), (TopK(10, 3), 256), (TopK(1000, 10, bits=8), 4096),
+             (Sampled(1000, 16), 256),
              (TopK(32_000, 8), 2048), (Hybrid(32_000, 8, 16, 8), 2048)]
     ws = workdir("reader-codecs")
     try:
