@@ -31,7 +31,9 @@ process, steadier when other jobs share the cores.
 `codec_only_rows_per_s`: each Zarr layout's codec alone, decoding every chunk file already in memory
 on one thread; `codec_ceiling`: that over memmap's rows/s, the most `ratio` can reach when chunks
 are decoded on one thread (the default with 2 cores or fewer), however well reading overlaps the
-rest of the epoch.
+rest of the epoch. `files_only_rows_per_s` and `files_ceiling`: the same for reading the chunk
+files alone (open, one read from the page cache, close; no decoding): the cost of a file per chunk
+and column, which small chunks multiply. `read_ceiling`: both on one thread, one after the other.
 
 One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layout: cache/memmap},
 "goal": 0.5, ...}; then one line of every codec's bytes per row over more encodings (codec_bytes).
@@ -127,10 +129,13 @@ def stored_memmaps(d: Path, ws: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def codec_only(d: Path, repeats: int) -> float:
-    """Rows/s of the codec alone over a Zarr cache: every chunk file of every column, already in
-    memory, decoded into a preallocated array on one thread, best of `repeats`. A reader that
-    decodes this layout on one thread cannot beat it, however well it overlaps the rest."""
+def codec_only(d: Path, repeats: int) -> tuple[float, float]:
+    """Rows/s over a Zarr cache of (the codec alone: every chunk file of every column, already in
+    memory, decoded into a preallocated array on one thread; the files alone: every chunk file read
+    from the page cache as the reader reads it, one system call into a kept buffer, not decoded),
+    each the best of `repeats`. A reader that decodes this layout on one thread cannot beat either."""
+    from pipeline.format.backends.zarr_shards import _read_file
+
     reader = fmt.CacheReader(d)
     jobs = []
     for c in reader.chunks():
@@ -139,14 +144,19 @@ def codec_only(d: Path, repeats: int) -> float:
         for col in layout.values():
             path = Path(col.file(c.start // reader.chunk_rows))
             if path.exists():  # zarr writes no chunk that is all fill value
-                jobs.append((col.decompress, path.read_bytes(), np.empty((reader.chunk_rows, *col.tail), col.dtype)))
-    best = math.inf
+                out = np.empty((reader.chunk_rows, *col.tail), col.dtype)
+                jobs.append((col.decompress, str(path), path.read_bytes(), out))
+    best = {"codec": math.inf, "files": math.inf}
     for _ in range(repeats):
         with Timer() as t:
-            for decompress, raw, out in jobs:
+            for decompress, _, raw, out in jobs:
                 decompress(raw, out)
-        best = min(best, t.seconds)
-    return reader.rows / best
+        best["codec"] = min(best["codec"], t.seconds)
+        with Timer() as t:
+            for _, path, raw, _ in jobs:
+                _read_file(path, len(raw) + 1)
+        best["files"] = min(best["files"], t.seconds)
+    return reader.rows / best["codec"], reader.rows / best["files"]
 
 
 def epoch_reader(make: Callable[[], Any], chunk_rows: int) -> Callable[[int], int]:
@@ -203,7 +213,8 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
                 best[key] = max(best[key], n / t.seconds)
                 best_cpu[key] = max(best_cpu[key], n / cpu)
 
-        codec = {lay: codec_only(dirs[lay], repeats) for lay, (b, _, _) in lays.items() if b == "zarr"}
+        alone = {lay: codec_only(dirs[lay], repeats) for lay, (b, _, _) in lays.items() if b == "zarr"}
+        codec, files = {k: v[0] for k, v in alone.items()}, {k: v[1] for k, v in alone.items()}
 
         def over_memmap(key: str, figures: dict[str, float]) -> float:
             layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
@@ -217,6 +228,10 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
              rows_per_cpu_s={k: round(v) for k, v in best_cpu.items()},
              codec_only_rows_per_s={k: round(v) for k, v in codec.items()},
              codec_ceiling={k: round(v / best[f"memmap_{lays[k][1]}"], 3) for k, v in codec.items()},
+             files_only_rows_per_s={k: round(v) for k, v in files.items()},
+             files_ceiling={k: round(v / best[f"memmap_{lays[k][1]}"], 3) for k, v in files.items()},
+             read_ceiling={k: round(1 / (1 / codec[k] + 1 / files[k]) / best[f"memmap_{lays[k][1]}"], 3)
+                           for k in codec},
              first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
              bytes_per_row={k: read_manifest(d)["bytes_per_row"] for k, d in dirs.items()}))
     finally:
