@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/kd_overhead.py
 	$(PY) bench/student_streaming.py
 	$(PY) bench/student_memory.py
-	$(PY) bench/reader.py --repeats 3
+	$(PY) bench/reader.py --repeats 5
 	$(PY) bench/object_storage.py
 	$(PY) bench/amortization.py
 	$(PY) bench/fanout.py

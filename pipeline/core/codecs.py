@@ -42,8 +42,9 @@ CODECS: dict[str, Codec] = {"zstd": Codec(3, 22), "shuffle-zstd": Codec(3, 9, "z
 # bytes than zstd from 2,048-row chunks (5-12% more than shuffle-zstd, whose zstd codes the shuffled ids and
 # log-probs tighter): the reader keeps up with half a memmap's loader.
 # Dense: shuffle-lz4hc too. Its float16 rows take the same bytes as zstd's at 100 classes (512-row chunks:
-# 157 against 155 B/row; 13% more at 10 classes, where a row is 20 bytes) and decode 3x faster, which
-# lifts the reader from 0.45 of a memmap to 0.55 at the dense default of 512-row chunks.
+# 157 against 155 B/row; 13% more at 10 classes, where a row is 20 bytes) and decode 3x faster: at the
+# dense default of 512-row chunks the reader ran at 0.36-0.55 of a memmap against zstd's 0.26-0.47 (four
+# runs beside other jobs), still short of 0.5 there, which 4,096-row chunks reach (docs/performance.md).
 # Hybrid: shuffle-zstd, the smallest (2-15% under zstd; shuffle-lz4hc takes 10% more), for vocabularies where
 # the student's step dwarfs reading. Sampled: zstd (a shuffle saves nothing; shuffle-lz4hc takes 40% more).
 # Parquet: zstd on byte-stream-split pages.

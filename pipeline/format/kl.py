@@ -94,7 +94,8 @@ class _SparseCrossEntropy(torch.autograd.Function):
     on every class plus w (n, m) at ids (n, m) (w may be negative: a head's p - u). Saves only z;
     the forward pass reads log q from one fused log-softmax (a temporary), the backward pass makes
     the gradient, (sum_j p_j) q - p, as one (n, C) tensor from one fused softmax, as cross-entropy's
-    own. (A logsumexp and row sums instead took half again cross-entropy's loss time at 1,000 classes.)"""
+    own. (With a logsumexp and row sums instead: 2.25 ms forward and backward at 512 rows of 1,000
+    classes on one thread, against 1.75 this way and cross-entropy's 1.34.)"""
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -190,8 +191,9 @@ def dense_forward_kl(teacher_logp: torch.Tensor, z: torch.Tensor) -> torch.Tenso
     """Per-row KL(p || softmax(z)) (n,) of a teacher given over every class (log-probs (n, C)),
     from the student's logits z (n, C): the teacher's negative entropy, a batched dot product, plus
     one soft-label cross-entropy (torch's fused log-softmax). Equal to `divergence(teacher_logp,
-    log_softmax(z), "forward")` without its xlogy and (n, C) products: at 1,000 classes on the CPU
-    xlogy alone took longer than a whole cross-entropy step's loss (bench/kd_overhead.py)."""
+    log_softmax(z), "forward")` without its xlogy and (n, C) products (torch.profiler over
+    bench/kd_overhead.py's 1,000-class step: xlogy alone took 4.5 ms a step, about cross-entropy's
+    whole loss phase; one thread, 512 rows: 5.4 ms forward and backward that way, 3.5 this way)."""
     p = teacher_logp.exp()  # (n, C)
     finite = teacher_logp.clamp(min=torch.finfo(teacher_logp.dtype).min)  # log 0 -> finite: 0 * it stays 0
     return _rowdot(p, finite) + F.cross_entropy(z, p.to(z.dtype), reduction="none")
