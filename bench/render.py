@@ -159,6 +159,11 @@ LIMITS = {
                    "cross-entropy (`ms.kd.loss` against `ms.ce.loss`). They grow with the output layer as "
                    "cross-entropy's loss does, so a larger model body hides them and a larger batch does "
                    "not. `ms.kd.start` is paid once an epoch.",
+    "fanout": "The speedup is the cores each run gets (`breakdown.dask_cores_used` over "
+              "`breakdown.serial_cores_used`) times the serial run's CPU seconds over the workers' "
+              "(`breakdown.dask_cpu_s.workers`). Beside other jobs the workers wait for a core "
+              "(`breakdown.task_s` well above their CPU seconds) and the speedup measures the machine's "
+              "load, not the fan-out ([scaling-out.md](scaling-out.md#where-the-time-goes)).",
     "teacher_overhead": "The goal is a GPU's (bench/gpu.py, `make bench-gpu`); on the CPU the teacher and "
                         "the shard writer share the cores.",
 }

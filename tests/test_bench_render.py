@@ -169,7 +169,7 @@ def test_a_figure_of_rows_renders_as_its_own_table(tmp_path: Path) -> None:
 def test_every_benchmark_the_makefile_runs_is_described_and_goals_name_real_benchmarks() -> None:
     made = render.makefile_benchmarks(REPO / "Makefile")
     assert {"reader", "scale", "threads", "heap", "bytes", "kd_gain", "views", "lm_students"} <= set(made)
-    assert made["reader"] == ("bench", ".venv/bin/python bench/reader.py --repeats 3")
+    assert made["reader"] == ("bench", ".venv/bin/python bench/reader.py --repeats 5")
     assert made["views"][0] == "bench-quality"
     assert sorted(s for s in made if s not in render.DESCRIPTIONS) == []
     assert sorted(render.script_of(k) for k in render.GOALS if render.script_of(k) not in made) == []
