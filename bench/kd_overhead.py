@@ -237,13 +237,13 @@ def _sync(device: torch.device) -> None:
 
 
 def paired_epoch(model: nn.Module, opt: torch.optim.Optimizer, ds: Any, case: Case,
-                 device: torch.device) -> dict[str, dict[str, float]]:
+                 device: torch.device, most: int | None = None) -> dict[str, dict[str, float]]:
     """One epoch of `ds` in which every batch makes a distillation step and then (or, every other
     batch, first) the cross-entropy step of the same inputs, already in memory, so that both sides
     meet the same state of a shared machine. Seconds per step of each phase: read (the next batch),
     targets (making the batch's targets from its decoded columns), loss, backward; `start` is the
     first step's read (the wait for the epoch's first buffer, paid once per epoch), which the
-    per-step read leaves out."""
+    per-step read leaves out. `most`: stop after that many batches."""
     sides = {side: dict.fromkeys(PHASES, 0.0) for side in ("kd", "ce")}
     start, steps = 0.0, 0
 
@@ -267,7 +267,7 @@ def paired_epoch(model: nn.Module, opt: torch.optim.Optimizer, ds: Any, case: Ca
     it = iter(ds)
     while True:
         t0 = time.perf_counter()
-        batch = next(it, None)
+        batch = next(it, None) if steps != most else None
         if batch is None:
             break
         _sync(device)
@@ -324,7 +324,7 @@ def measure(case: Case, ds: Any, repeats: int, device: torch.device) -> dict[str
     first = next(iter(ds))
     kd_leaf, ce_leaf = case.leaves(model, first)
     peak = {"kd": peak_bytes(kd_leaf, device), "ce": peak_bytes(ce_leaf, device)}
-    paired_epoch(model, opt, ds, case, device)  # warm: first reads, allocator, kernels
+    paired_epoch(model, opt, ds, case, device, most=2)  # warm: first reads, allocator, kernels
     runs = []
     for r in range(repeats):
         ds.set_epoch(r + 1)

@@ -153,7 +153,12 @@ LIMITS = {
               "4,096-row chunks (`ratio.zarr_4096_shuffle_lz4hc`) is the figure to compare. Dense chunks "
               "are 512 rows so that one stays 8 MB at 8,192 float16 classes (`default_layout` in "
               "pipeline/core/config.py), whatever the class count.",
-    "kd_overhead": "The goal covers top-k and hybrid. Dense classification rows carry the teacher's whole "
+    "kd_overhead": "The goal covers top-k and hybrid. Classification top-10: the tiny MLP's step lasts a few "
+                   "ms, and each batch pays costs that do not grow with the model: reading it (`ms.kd.read`), "
+                   "making its targets (`ms.kd.targets`: re-tempering and renormalizing the head, a dozen "
+                   "small tensor operations) and the loss's small operations on the head and tail "
+                   "(`ms.kd.loss` over `ms.ce.loss`); a larger step hides them, and the LM rows, whose "
+                   "steps are longer, meet the goal. Dense classification rows carry the teacher's whole "
                    "distribution, and its passes over (rows, classes) come on top of cross-entropy's: "
                    "renormalizing it (`ms.kd.targets`), its probabilities and entropy beside the soft-label "
                    "cross-entropy (`ms.kd.loss` against `ms.ce.loss`). They grow with the output layer as "
