@@ -3,6 +3,7 @@ JSON line and kept, stamped, under bench/results/ (`record`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -121,6 +122,13 @@ def lm_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return zipf[ranks] * 1.4 + 0.5 * torch.randn(rows, vocab, generator=g)
 
 
+@functools.lru_cache(maxsize=8)
+def encoded_rows(rows: int, classes: int, enc: Encoding, seed: int) -> dict[str, np.ndarray]:
+    """`enc`'s stored columns of `rows` synthetic rows (seed `seed`), kept for the next caches of the
+    same rows: bench/reader.py writes one cache per layout, and encoding took most of its time."""
+    return enc.to_host(enc.encode(torch.log_softmax(synthetic_logits(rows, classes, seed), -1)))
+
+
 def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_shard: int, chunk_rows: int,
                 backend: str = "zarr", seed: int = 0, codec: str | None = None) -> Path:
     """A complete cache of `rows` synthetic rows, written shard by shard like the cache stage (codec
@@ -130,9 +138,7 @@ def write_cache(root: Path, rows: int, classes: int, enc: Encoding, rows_per_sha
     entries = []
     for i, start in enumerate(range(0, rows, rows_per_shard)):
         n = min(rows_per_shard, rows - start)
-        logp = torch.log_softmax(synthetic_logits(n, classes, seed + i), -1)
-        arrays = enc.to_host(enc.encode(logp))
-        arrays["sample_id"] = np.arange(start, start + n, dtype=np.int64)
+        arrays = {**encoded_rows(n, classes, enc, seed + i), "sample_id": np.arange(start, start + n, dtype=np.int64)}
         write_shard(d / "shards" / shard_name(i, backend), arrays, {}, enc, chunk_rows, None, codec)
         entries.append(shard_entry(d, i, backend, start, n))
     spec = {"format_version": fmt.FORMAT_VERSION, "num_classes": classes, "encoding": enc.params(),

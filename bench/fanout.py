@@ -1,15 +1,17 @@
 """Cache stage fan-out: serial vs a 2-worker Dask LocalCluster, side by side in one run.
 
-    .venv/bin/python bench/fanout.py [--rows 48000] [--rows-per-shard 1000]
+    .venv/bin/python bench/fanout.py [--rows 48000] [--rows-per-shard 1000] [--repeats 3]
 
-Prints one JSON line. `speedup` = serial time (one process, one torch thread) / LocalCluster time
-(2 worker processes, one torch thread each), both writing the same top-k cache with a
-compute-heavy teacher; `speedup_vs_serial_all_threads` compares with one process using every
-core through torch's intra-op threads. `overhead_s_per_task` = extra worker-seconds per shard
-that Dask spends beyond the serial work: (2 * t_dask - t_serial) / shards. Cluster start-up is
-reported separately and not counted.
+Prints one JSON line. `speedups`: per repeat, serial time (one process, one torch thread) /
+LocalCluster time (2 worker processes, one torch thread each, a fresh cluster each repeat), both
+writing the same top-k cache with a compute-heavy teacher, the runs in turn; `speedup` is the
+least of them (the goal holds over every run). `speedup_vs_serial_all_threads` compares with one
+process using every core through torch's intra-op threads. `overhead_s_per_task` = extra
+worker-seconds per shard that Dask spends beyond the serial work: (2 * t_dask - t_serial) /
+shards. Cluster start-up is reported separately and not counted. The last repeat's figures give
+the breakdown and the per-task overhead.
 
-`breakdown`, where the Dask run's time goes (docs/scaling-out.md "Where the time goes"):
+`breakdown`, where the Dask run's time goes (of the last repeat) (docs/scaling-out.md "Where the time goes"):
   - `serial_cores_used`: CPU seconds of the serial process (its compute thread and the shard
     writer thread beside it) over its wall time; above 1, the serial run already uses part of the
     second core, and 2 workers can at best gain 2 / that.
@@ -83,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=48000)
     ap.add_argument("--rows-per-shard", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3, help="serial and Dask runs, in turn, each Dask run on a fresh cluster")
     args = ap.parse_args()
 
     ws, _ = heavy_workspace("fanout", args.rows, {"rows_per_shard": args.rows_per_shard, "chunk_rows": 500,
@@ -95,49 +98,64 @@ def main() -> None:
         cache_stage.main(c, client=client)
         return time.perf_counter() - start
 
+    def serial(root: str) -> tuple[float, float]:
+        """Seconds and CPU seconds of the serial run on one torch thread."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        cpu = time.process_time()
+        seconds = timed(root)
+        torch.set_num_threads(threads)
+        return seconds, time.process_time() - cpu
+
+    def dask(root: str) -> dict[str, float]:
+        """The Dask run on a fresh 2-worker LocalCluster: its seconds, start-up and breakdown."""
+        dask_cfg = load_config(ws / "c.yaml", ["cluster.kind=local", "cluster.workers=2"])
+        start = time.perf_counter()
+        with open_client(dask_cfg.cluster) as client:
+            client.wait_for_workers(2)
+            client.run(_warm)  # imports (torch) are worker start-up, not per-task cost
+            startup = time.perf_counter() - start
+            setup = min(client.run(_setup_seconds, str(ws / "c.yaml"), str(ws / f"probe-{root}")).values())
+            before = _cluster_cpu(client)
+            here = time.process_time()
+            with get_task_stream(client) as stream:
+                seconds = timed(root, client)
+            after = _cluster_cpu(client)
+            cpu = {k: round(after[k] - before[k], 2) for k in after}
+            cpu["scheduler_and_driver"] = round(time.process_time() - here, 2)  # LocalCluster's scheduler runs here
+            task_s = sum(ss["stop"] - ss["start"] for t in stream.data for ss in t["startstops"]
+                         if ss["action"] == "compute")
+            return {"seconds": seconds, "startup": startup, "setup": setup, "cpu": cpu, "task_s": task_s,
+                    "tasks": len(stream.data)}
+
+    runs = []
+    for r in range(args.repeats):
+        t_serial, serial_cpu = serial(f"serial1-{r}")
+        runs.append({"serial": t_serial, "serial_cpu": serial_cpu, **dask(f"dask-{r}")})
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cpu = time.process_time()
-    t_serial = timed("serial1")
-    serial_cpu = time.process_time() - cpu
-    torch.set_num_threads(threads)
     t_serial_all = timed("serial_all")
 
-    dask_cfg = load_config(ws / "c.yaml", ["cluster.kind=local", "cluster.workers=2"])
-    start = time.perf_counter()
-    with open_client(dask_cfg.cluster) as client:
-        client.wait_for_workers(2)
-        client.run(_warm)  # imports (torch) are worker start-up, not per-task cost
-        startup = time.perf_counter() - start
-        setup = min(client.run(_setup_seconds, str(ws / "c.yaml"), str(ws / "probe")).values())
-        before = _cluster_cpu(client)
-        here = time.process_time()
-        with get_task_stream(client) as stream:
-            t_dask = timed("dask", client)
-        after = _cluster_cpu(client)
-        dask_cpu = {k: round(after[k] - before[k], 2) for k in after}
-        dask_cpu["scheduler_and_driver"] = round(time.process_time() - here, 2)  # LocalCluster's scheduler runs here
-        task_s = sum(ss["stop"] - ss["start"] for t in stream.data for ss in t["startstops"]
-                     if ss["action"] == "compute")
-        tasks = len(stream.data)
-
-    ids = {p.name for root in ("serial1", "serial_all", "dask") for p in (ws / root).iterdir()}
-    same = len(ids) == 1 and all(
-        json.loads((ws / r / next(iter(ids)) / "manifest.json").read_text())["shards"]
-        == json.loads((ws / "serial1" / next(iter(ids)) / "manifest.json").read_text())["shards"]
-        for r in ("serial_all", "dask"))
+    roots = [f"serial1-{r}" for r in range(args.repeats)] + [f"dask-{r}" for r in range(args.repeats)] + ["serial_all"]
+    ids = {p.name for root in roots for p in (ws / root).iterdir()}
+    shards_of = [json.loads((ws / r / next(iter(ids)) / "manifest.json").read_text())["shards"] for r in roots]
+    same = len(ids) == 1 and all(s == shards_of[0] for s in shards_of)
+    speedups = [run["serial"] / run["seconds"] for run in runs]
+    last = runs[-1]
     record("fanout", {
-        "bench": "fanout", "rows": args.rows, "shards": shards, "cores": os.cpu_count(),
-        "serial_1thread_s": round(t_serial, 3), f"serial_{threads}threads_s": round(t_serial_all, 3),
-        "dask_2workers_s": round(t_dask, 3), "cluster_startup_s": round(startup, 3),
-        "speedup": round(t_serial / t_dask, 3),
-        "speedup_vs_serial_all_threads": round(t_serial_all / t_dask, 3),
-        "overhead_s_per_task": round((2 * t_dask - t_serial) / shards, 4),
+        "bench": "fanout", "rows": args.rows, "shards": shards, "cores": os.cpu_count(), "repeats": args.repeats,
+        "serial_1thread_s": [round(run["serial"], 3) for run in runs], f"serial_{threads}threads_s": round(t_serial_all, 3),
+        "dask_2workers_s": [round(run["seconds"], 3) for run in runs],
+        "cluster_startup_s": [round(run["startup"], 3) for run in runs],
+        "speedups": [round(x, 3) for x in speedups],
+        "speedup": round(min(speedups), 3),  # the goal holds over every run, or it does not hold
+        "speedup_vs_serial_all_threads": round(t_serial_all / last["seconds"], 3),
+        "overhead_s_per_task": round((2 * last["seconds"] - last["serial"]) / shards, 4),
         "caches_identical": same,
-        "breakdown": {"serial_cores_used": round(serial_cpu / t_serial, 3),
-                      "dask_cores_used": round(dask_cpu["workers"] / t_dask, 3), "dask_cpu_s": dask_cpu,
-                      "tasks": tasks, "task_s": round(task_s, 2), "teacher_setup_s": round(setup, 3),
-                      "idle_worker_s": round(2 * t_dask - task_s, 2)},
+        "breakdown": {"serial_cores_used": round(last["serial_cpu"] / last["serial"], 3),
+                      "dask_cores_used": round(last["cpu"]["workers"] / last["seconds"], 3), "dask_cpu_s": last["cpu"],
+                      "tasks": last["tasks"], "task_s": round(last["task_s"], 2),
+                      "teacher_setup_s": round(last["setup"], 3),
+                      "idle_worker_s": round(2 * last["seconds"] - last["task_s"], 2)},
     })
 
 

@@ -1,7 +1,7 @@
 """The student's training step from a cache over the same student and batches with plain
 cross-entropy, side by side in one run: what distillation costs a user every epoch.
 
-    .venv/bin/python bench/kd_overhead.py [--repeats 3] [--steps 4] [--only lm,classify] [--device cpu]
+    .venv/bin/python bench/kd_overhead.py [--repeats 3] [--steps 4] [--classify-steps 64] [--only lm,classify]
 
 Tasks and sizes (a tiny student, so that the loss is a large share of its step; a real student's
 layers only add the same cost to both sides):
@@ -17,11 +17,16 @@ Each through two paths:
     its cross-entropy twin computes the logits the same way (`chunked_cross_entropy`).
   - `api`: the public API (`open_cache(...).dataset(...)` and `kd_loss` on the model's logits);
     its twin is `F.cross_entropy` on the same logits.
-Per step, three phases: read (the next batch from the dataset: waiting for the prefetched buffer,
-decoding, the targets; for cross-entropy the same inputs already in memory), loss (the student's
-forward pass and the loss), backward (backward and the optimizer step). Repeats alternate a
-distillation epoch and a cross-entropy epoch over the same batches; `ratio` is the median over
-repeats of (distillation step time / cross-entropy step time), each a mean over the epoch's steps.
+Per step, four phases: read (the next batch from the dataset: waiting for the prefetched buffer,
+decoding; cross-entropy reads nothing, its inputs are in memory), targets (the batch's targets made
+from its decoded columns, where the loss would first read them), loss (the student's forward pass
+and the loss), backward (backward and the optimizer step); `start` is the first batch's read, the
+wait for the epoch's first buffer, paid once an epoch and left out of the per-step read. Every batch
+makes a distillation step and the cross-entropy step of the same inputs, one after the other (in
+turn first), so that both meet the same state of a shared machine; `ratio` is the median over
+`--repeats` epochs of (distillation steps' time / cross-entropy steps' time), `ratio_with_start`
+the same with `start` spread over the epoch's steps (`steps`: lm `--steps`, classify
+`--classify-steps`, two shuffle buffers so that reading overlaps steps as in training).
 
 `loss_peak_ratio`: peak bytes of tensors torch allocates while the loss's forward and backward run
 (from the student's logits, or for `stage` its hidden states, as a leaf) over the same for
@@ -31,7 +36,8 @@ GPU. Goal: step time <= 1.10 x plain cross-entropy for top-k and hybrid (RS-KD, 
 10% with about 12 sampled tokens).
 
 One JSON line: {"bench": "kd_overhead", "rows": [{"task", "vocab", "encoding", "path", "ratio",
-"loss_peak_ratio", "ms": {"kd": {read, loss, backward}, "ce": {...}}}, ...]}.
+"ratio_with_start", "steps", "loss_peak_ratio", "ms": {"kd": {read, targets, loss, backward, start},
+"ce": {...}}}, ...]}.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def seqs_per_batch(vocab: int) -> int:
     return max(2, 4 * 32_000 // vocab)
 CLASSES, FEATURES, CLASSIFY_BATCH = 1000, 128, 512
 GOAL = 1.10
+PHASES = ("read", "targets", "loss", "backward")  # a step's phases (bench's `ms`); `start` is once per epoch
 GOAL_ENCODINGS = ("topk32", "topk8_q8", "hybrid_k8_n16_q8", "topk10_q8")  # top-k and hybrid
 
 
@@ -229,21 +236,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: Any, loss_of: Callable[[nn.Module, Any], torch.Tensor],
-          device: torch.device) -> dict[str, float]:
-    """Seconds per step of each phase, averaged over one pass of `batches`."""
-    phases = {"read": 0.0, "loss": 0.0, "backward": 0.0}
-    steps = 0
-    it = iter(batches)
-    while True:
+def paired_epoch(model: nn.Module, opt: torch.optim.Optimizer, ds: Any, case: Case,
+                 device: torch.device, most: int | None = None) -> dict[str, dict[str, float]]:
+    """One epoch of `ds` in which every batch makes a distillation step and then (or, every other
+    batch, first) the cross-entropy step of the same inputs, already in memory, so that both sides
+    meet the same state of a shared machine. Seconds per step of each phase: read (the next batch),
+    targets (making the batch's targets from its decoded columns), loss, backward; `start` is the
+    first step's read (the wait for the epoch's first buffer, paid once per epoch), which the
+    per-step read leaves out. `most`: stop after that many batches."""
+    sides = {side: dict.fromkeys(PHASES, 0.0) for side in ("kd", "ce")}
+    start, steps = 0.0, 0
+
+    def step(side: str, batch: Any) -> None:
         t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        _sync(device)
+        if side == "kd":
+            batch["targets"].made()  # what the loss would do first: Targets are made where they are read
         t1 = time.perf_counter()
-        loss = loss_of(model, batch)
+        loss = case.kd(model, batch) if side == "kd" else case.ce(model, batch)
         _sync(device)
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -251,11 +260,28 @@ def epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: Any, loss_of: C
         opt.step()
         _sync(device)
         t3 = time.perf_counter()
-        phases["read"] += t1 - t0
-        phases["loss"] += t2 - t1
-        phases["backward"] += t3 - t2
+        sides[side]["targets"] += t1 - t0
+        sides[side]["loss"] += t2 - t1
+        sides[side]["backward"] += t3 - t2
+
+    it = iter(ds)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(it, None) if steps != most else None
+        if batch is None:
+            break
+        _sync(device)
+        if steps == 0:
+            start = time.perf_counter() - t0
+        else:
+            sides["kd"]["read"] += time.perf_counter() - t0
+        xy = case.ce_inputs(batch)
+        _sync(device)
+        for side, what in (("kd", batch), ("ce", xy))[::1 if steps % 2 == 0 else -1]:
+            step(side, what)
         steps += 1
-    return {k: v / max(steps, 1) for k, v in phases.items()}
+    per_step = {side: {k: v / max(steps - (k == "read"), 1) for k, v in phases.items()} for side, phases in sides.items()}
+    return {"kd": {**per_step["kd"], "start": start}, "ce": {**per_step["ce"], "start": 0.0}, "steps": steps}
 
 
 def peak_bytes(fn: Callable[[], torch.Tensor], device: torch.device) -> int:
@@ -288,8 +314,9 @@ def allocated_peak(events: list[dict[str, Any]]) -> int:
 
 
 def measure(case: Case, ds: Any, repeats: int, device: torch.device) -> dict[str, Any]:
-    """Alternating distillation and cross-entropy epochs over the same batches; the step ratio,
-    the phases' ms per step (medians over repeats) and the loss's peak memory ratio."""
+    """`repeats` epochs of paired distillation and cross-entropy steps over the same batches; the step
+    ratio (median over epochs of the distillation steps' time over the cross-entropy steps'), the
+    phases' ms per step (medians over epochs) and the loss's peak memory ratio."""
     torch.manual_seed(0)
     model = case.make_model().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -297,22 +324,18 @@ def measure(case: Case, ds: Any, repeats: int, device: torch.device) -> dict[str
     first = next(iter(ds))
     kd_leaf, ce_leaf = case.leaves(model, first)
     peak = {"kd": peak_bytes(kd_leaf, device), "ce": peak_bytes(ce_leaf, device)}
-    inputs = [case.ce_inputs(b) for b in ds]  # the same batches for cross-entropy, in memory
-    epoch(model, opt, ds, case.kd, device)  # warm: first reads, allocator, kernels
-    epoch(model, opt, inputs, case.ce, device)
-    runs: dict[str, list[dict[str, float]]] = {"kd": [], "ce": []}
-    ratios = []
+    paired_epoch(model, opt, ds, case, device, most=2)  # warm: first reads, allocator, kernels
+    runs = []
     for r in range(repeats):
         ds.set_epoch(r + 1)
-        order = ("kd", "ce") if r % 2 == 0 else ("ce", "kd")
-        got = {}
-        for side in order:
-            got[side] = epoch(model, opt, ds if side == "kd" else inputs, case.kd if side == "kd" else case.ce, device)
-            runs[side].append(got[side])
-        ratios.append(sum(got["kd"].values()) / sum(got["ce"].values()))
-    ms = {side: {k: round(1e3 * statistics.median(run[k] for run in runs[side]), 2) for k in runs[side][0]}
-          for side in runs}
-    return {"ratio": round(statistics.median(ratios), 3), "loss_peak_ratio": round(peak["kd"] / peak["ce"], 3),
+        runs.append(paired_epoch(model, opt, ds, case, device))
+    step = [{side: sum(run[side][k] for k in PHASES) for side in ("kd", "ce")} for run in runs]
+    ratios = [s["kd"] / s["ce"] for s in step]
+    with_start = [(s["kd"] + run["kd"]["start"] / run["steps"]) / s["ce"] for s, run in zip(step, runs)]
+    ms = {side: {k: round(1e3 * statistics.median(run[side][k] for run in runs), 2) for k in (*PHASES, "start")}
+          for side in ("kd", "ce")}
+    return {"ratio": round(statistics.median(ratios), 3), "ratio_with_start": round(statistics.median(with_start), 3),
+            "steps": runs[0]["steps"], "loss_peak_ratio": round(peak["kd"] / peak["ce"], 3),
             "ms": ms, "ratios": [round(x, 3) for x in ratios],
             "loss_peak_mb": {k: round(v / 2**20, 1) for k, v in peak.items()}}
 
@@ -348,14 +371,16 @@ def classify_rows(repeats: int, steps: int, device: torch.device, ws: Path) -> l
     return rows
 
 
-def run(repeats: int, steps: int, tasks: list[str], vocabs: list[int], device: torch.device) -> list[dict[str, Any]]:
+def run(repeats: int, steps: int, tasks: list[str], vocabs: list[int], device: torch.device,
+        classify_steps: int | None = None) -> list[dict[str, Any]]:
+    """The rows of `tasks`: `steps` steps per epoch for lm, `classify_steps` (default `steps`) for classify."""
     ws = workdir("kd-overhead")
     try:
         rows = []
         if "lm" in tasks:
             rows += lm_rows(vocabs, repeats, steps, device, ws)
         if "classify" in tasks:
-            rows += classify_rows(repeats, steps, device, ws)
+            rows += classify_rows(repeats, classify_steps or steps, device, ws)
         return rows
     finally:
         shutil.rmtree(ws, ignore_errors=True)
@@ -364,15 +389,19 @@ def run(repeats: int, steps: int, tasks: list[str], vocabs: list[int], device: t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4, help="steps per epoch")
+    ap.add_argument("--steps", type=int, default=4, help="steps per epoch (lm)")
+    ap.add_argument("--classify-steps", type=int, default=64,
+                    help="steps per epoch (classify): 2 shuffle buffers, so that reading overlaps steps as in training")
     ap.add_argument("--only", default="lm,classify", help="comma-separated: lm, classify")
     ap.add_argument("--vocabs", default="32000,128000")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    rows = run(args.repeats, args.steps, args.only.split(","), [int(v) for v in args.vocabs.split(",")], device)
+    rows = run(args.repeats, args.steps, args.only.split(","), [int(v) for v in args.vocabs.split(",")], device,
+               args.classify_steps)
     met = all(r["ratio"] <= GOAL for r in rows if r["encoding"] in GOAL_ENCODINGS)
     record("kd_overhead", line("kd_overhead", device=str(device), goal=GOAL, met=met, steps=args.steps,
+                               classify_steps=args.classify_steps,
                                repeats=args.repeats, rows=rows))
 
 

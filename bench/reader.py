@@ -3,8 +3,9 @@
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
 layout (`default`: what the cache stage writes when the layout and codec are left unset, the
 encoding's default chunk rows and codec: 4,096-row chunks of shuffle-lz4hc for top-k, 512-row
-chunks of zstd for dense; Zarr 4,096- and 16,384-row chunks with zstd and with shuffle-lz4hc;
-Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
+chunks of shuffle-lz4hc for dense; `zarr_default_rows_zstd`: the default chunk rows with zstd, the
+dense default before shuffle-lz4hc; Zarr 4,096- and 16,384-row chunks with zstd and with
+shuffle-lz4hc; Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
 rows/s of one epoch of the student's dataset (batches of 4,096 rows, buffers of 16,384 rows or 4
 chunks, whichever is more, rows shuffled inside) over
   - the cache, through a fresh reader per epoch as every student job opens one. Each reader checks
@@ -30,7 +31,9 @@ process, steadier when other jobs share the cores.
 `codec_only_rows_per_s`: each Zarr layout's codec alone, decoding every chunk file already in memory
 on one thread; `codec_ceiling`: that over memmap's rows/s, the most `ratio` can reach when chunks
 are decoded on one thread (the default with 2 cores or fewer), however well reading overlaps the
-rest of the epoch.
+rest of the epoch. `files_only_rows_per_s` and `files_ceiling`: the same for reading the chunk
+files alone (open, one read from the page cache, close; no decoding): the cost of a file per chunk
+and column, which small chunks multiply. `read_ceiling`: both on one thread, one after the other.
 
 One JSON line per encoding: {"bench": "reader", "encoding": ..., "ratio": {layout: cache/memmap},
 "goal": 0.5, ...}; then one line of every codec's bytes per row over more encodings (codec_bytes).
@@ -126,10 +129,13 @@ def stored_memmaps(d: Path, ws: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def codec_only(d: Path, repeats: int) -> float:
-    """Rows/s of the codec alone over a Zarr cache: every chunk file of every column, already in
-    memory, decoded into a preallocated array on one thread, best of `repeats`. A reader that
-    decodes this layout on one thread cannot beat it, however well it overlaps the rest."""
+def codec_only(d: Path, repeats: int) -> tuple[float, float]:
+    """Rows/s over a Zarr cache of (the codec alone: every chunk file of every column, already in
+    memory, decoded into a preallocated array on one thread; the files alone: every chunk file read
+    from the page cache as the reader reads it, one system call into a kept buffer, not decoded),
+    each the best of `repeats`. A reader that decodes this layout on one thread cannot beat either."""
+    from pipeline.format.backends.zarr_shards import _read_file
+
     reader = fmt.CacheReader(d)
     jobs = []
     for c in reader.chunks():
@@ -138,14 +144,19 @@ def codec_only(d: Path, repeats: int) -> float:
         for col in layout.values():
             path = Path(col.file(c.start // reader.chunk_rows))
             if path.exists():  # zarr writes no chunk that is all fill value
-                jobs.append((col.codec, path.read_bytes(), np.empty((reader.chunk_rows, *col.tail), col.dtype)))
-    best = math.inf
+                out = np.empty((reader.chunk_rows, *col.tail), col.dtype)
+                jobs.append((col.decompress, str(path), path.read_bytes(), out))
+    best = {"codec": math.inf, "files": math.inf}
     for _ in range(repeats):
         with Timer() as t:
-            for codec, raw, out in jobs:
-                codec.decode(raw, out=out)
-        best = min(best, t.seconds)
-    return reader.rows / best
+            for decompress, _, raw, out in jobs:
+                decompress(raw, out)
+        best["codec"] = min(best["codec"], t.seconds)
+        with Timer() as t:
+            for _, path, raw, _ in jobs:
+                _read_file(path, len(raw) + 1)
+        best["files"] = min(best["files"], t.seconds)
+    return reader.rows / best["codec"], reader.rows / best["files"]
 
 
 def epoch_reader(make: Callable[[], Any], chunk_rows: int) -> Callable[[int], int]:
@@ -157,9 +168,11 @@ def epoch_reader(make: Callable[[], Any], chunk_rows: int) -> Callable[[int], in
 
 
 def layouts(enc: Encoding) -> dict[str, tuple[str, int, str]]:
-    """LAYOUTS and `default`: what the cache stage writes for `enc` when layout and codec are unset."""
+    """LAYOUTS, `default` (what the cache stage writes for `enc` when layout and codec are unset) and
+    `zarr_default_rows_zstd` (the default chunk rows with zstd) where that is not among LAYOUTS."""
     chunk_rows, _ = default_layout("classify", 1, 0, enc.name)
-    return {"default": ("zarr", chunk_rows, default_codec(enc.name, "zarr")), **LAYOUTS}
+    extra = {} if chunk_rows in (4096, 16384) else {"zarr_default_rows_zstd": ("zarr", chunk_rows, "zstd")}
+    return {"default": ("zarr", chunk_rows, default_codec(enc.name, "zarr")), **extra, **LAYOUTS}
 
 
 def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
@@ -200,7 +213,8 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
                 best[key] = max(best[key], n / t.seconds)
                 best_cpu[key] = max(best_cpu[key], n / cpu)
 
-        codec = {lay: codec_only(dirs[lay], repeats) for lay, (b, _, _) in lays.items() if b == "zarr"}
+        alone = {lay: codec_only(dirs[lay], repeats) for lay, (b, _, _) in lays.items() if b == "zarr"}
+        codec, files = {k: v[0] for k, v in alone.items()}, {k: v[1] for k, v in alone.items()}
 
         def over_memmap(key: str, figures: dict[str, float]) -> float:
             layout = key.removesuffix("_first_read").removesuffix("_read_threads_4")
@@ -214,6 +228,10 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
              rows_per_cpu_s={k: round(v) for k, v in best_cpu.items()},
              codec_only_rows_per_s={k: round(v) for k, v in codec.items()},
              codec_ceiling={k: round(v / best[f"memmap_{lays[k][1]}"], 3) for k, v in codec.items()},
+             files_only_rows_per_s={k: round(v) for k, v in files.items()},
+             files_ceiling={k: round(v / best[f"memmap_{lays[k][1]}"], 3) for k, v in files.items()},
+             read_ceiling={k: round(1 / (1 / codec[k] + 1 / files[k]) / best[f"memmap_{lays[k][1]}"], 3)
+                           for k in codec},
              first_read_over_later={k: round(best[f"{k}_first_read"] / best[k], 3) for k in dirs},
              bytes_per_row={k: read_manifest(d)["bytes_per_row"] for k, d in dirs.items()}))
     finally:
@@ -222,14 +240,16 @@ def bench(name: str, enc: Encoding, rows: int, repeats: int) -> None:
 
 def codec_bytes(rows: int = 8192) -> None:
     """Bytes per row of every codec for more encodings and chunk sizes than the timed ones (the
-    demo's dense over 10 classes at 256-row chunks; LM-sized top-k and hybrid; sampled): one JSON
+    demo's dense over 10 classes at 256-row chunks, dense over 100 at the default 512; LM-sized top-k
+    and hybrid; sampled): one JSON
     line, {"bench": "reader_codec_bytes", "bytes_per_row": {"label/chunk_rows": {codec: B/row}}}."""
     import torch
     from common import synthetic_logits
 
     from pipeline.format.encodings import Hybrid, Sampled
 
-    cases = [(Dense(10), 256), (TopK(10, 3), 256), (TopK(1000, 10, bits=8), 4096), (Sampled(1000, 16), 256),
+    cases = [(Dense(10), 256), (Dense(100), 512), (TopK(10, 3), 256), (TopK(1000, 10, bits=8), 4096),
+             (Sampled(1000, 16), 256),
              (TopK(32_000, 8), 2048), (Hybrid(32_000, 8, 16, 8), 2048)]
     ws = workdir("reader-codecs")
     try:

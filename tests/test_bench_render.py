@@ -169,7 +169,7 @@ def test_a_figure_of_rows_renders_as_its_own_table(tmp_path: Path) -> None:
 def test_every_benchmark_the_makefile_runs_is_described_and_goals_name_real_benchmarks() -> None:
     made = render.makefile_benchmarks(REPO / "Makefile")
     assert {"reader", "scale", "threads", "heap", "bytes", "kd_gain", "views", "lm_students"} <= set(made)
-    assert made["reader"] == ("bench", ".venv/bin/python bench/reader.py --repeats 3")
+    assert made["reader"] == ("bench", ".venv/bin/python bench/reader.py --repeats 5")
     assert made["views"][0] == "bench-quality"
     assert sorted(s for s in made if s not in render.DESCRIPTIONS) == []
     assert sorted(render.script_of(k) for k in render.GOALS if render.script_of(k) not in made) == []
@@ -197,3 +197,16 @@ def test_a_figure_that_is_a_list_of_records_renders_as_a_table_judged_per_record
     assert lines[0].endswith("| yes |") and "≤ 1.1" in lines[0]
     assert lines[1].endswith("| **no** |")
     assert lines[2].endswith("| — | — |")  # sampled: no goal
+
+
+def test_what_limits_a_benchmark_is_said_only_while_one_of_its_goals_is_not_met(tmp_path: Path) -> None:
+    makefile = tmp_path / "Makefile"
+    makefile.write_text("bench: $(STAMP)\n\t$(PY) bench/teacher_overhead.py\n")
+    results = tmp_path / "results"
+    _results(results, "teacher_overhead-cpu", {"bench": "teacher_overhead", "ratio": 0.77})
+    unmet = _section(render.render(results, makefile), "### bench/teacher_overhead.py")
+    assert f"Where goals are not met: {render.LIMITS['teacher_overhead']}" in unmet
+    _results(results, "teacher_overhead-cpu", {"bench": "teacher_overhead", "ratio": 0.98})
+    met = _section(render.render(results, makefile), "### bench/teacher_overhead.py")
+    assert "Where goals are not met" not in met and _row(met, "ratio")[3] == "yes"
+    assert set(render.LIMITS) <= set(render.DESCRIPTIONS)  # every note is a real benchmark's

@@ -157,13 +157,12 @@ def test_shuffle_codecs_hold_the_same_targets(workspace, tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize(("encoding", "backend", "codec"), [
-    ("dense", "zarr", "zstd"), ("sampled", "zarr", "zstd"), ("topk", "zarr", "shuffle-lz4hc"),
+    ("dense", "zarr", "shuffle-lz4hc"), ("sampled", "zarr", "zstd"), ("topk", "zarr", "shuffle-lz4hc"),
     ("hybrid", "zarr", "shuffle-zstd"), ("topk", "parquet", "zstd")])
 def test_an_unset_codec_is_the_encodings_default_and_a_set_one_hashes_as_before(workspace, encoding, backend, codec):
-    """cache.codec unset: the encoding's default (shuffle-lz4hc for top-k, which decodes fastest at
-    no more bytes than zstd; shuffle-zstd for hybrid, the smallest; zstd otherwise and for
-    Parquet), the same cache as that codec set
-    explicitly. A codec that is set hashes as it always did: zstd adds nothing to the layout, any
+    """cache.codec unset: the encoding's default (shuffle-lz4hc for top-k and dense, which decodes
+    fastest at about zstd's bytes; shuffle-zstd for hybrid, the smallest; zstd for sampled and for
+    Parquet), the same cache as that codec set explicitly. A codec that is set hashes as it always did: zstd adds nothing to the layout, any
     other adds its name, so caches of an explicit codec keep their ids."""
     _, path = workspace
     enc = [f"cache.encoding={encoding}", f"cache.backend={backend}", "cache.k=4", "cache.draws=8"]

@@ -173,3 +173,32 @@ def test_drawn_encodings_forward_kl_and_gradient_equal_the_slow_way(name):
     (g_ref,) = torch.autograd.grad(ref.sum(), zd)
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-5)
     assert torch.allclose(g_got.double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_forward_kl_equals_the_divergence_with_its_gradient():
+    """A dense teacher's forward KL from the soft-label cross-entropy and the teacher's entropy equals
+    sum p (log p - log q) in float64, values and gradients, with classes the teacher gives no mass
+    (log p = -inf: they add nothing, never NaN); through Dense's divergence in float32 too."""
+    from pipeline.format.encodings import Dense
+
+    g = torch.Generator().manual_seed(7)
+    n, C = 9, 211
+    teacher = torch.randn(n, C, generator=g, dtype=torch.float64) * 3
+    teacher[:3, :20] = float("-inf")
+    logp = torch.log_softmax(teacher, -1)
+    z = (torch.randn(n, C, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    got = kl.dense_forward_kl(logp, z)
+    (g_got,) = torch.autograd.grad(got.sum() * 1.3, z)
+    zd = z.detach().clone().requires_grad_()
+    ref = kl.divergence(logp, torch.log_softmax(zd, -1), "forward")
+    (g_ref,) = torch.autograd.grad(ref.sum() * 1.3, zd)
+    assert torch.isfinite(got).all() and float(got.min()) > 0
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12) and torch.allclose(g_got, g_ref, rtol=1e-10, atol=1e-12)
+
+    enc = Dense(C, "float32")
+    t = enc.targets({"logp": logp.float().numpy()}, "cpu")
+    z32 = z.detach().float().requires_grad_()
+    dense = enc.divergence(z32, t, "forward", "uniform")
+    (g_dense,) = torch.autograd.grad(dense.sum(), z32)
+    assert torch.allclose(dense.double(), ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(g_dense.double(), g_ref / 1.3, rtol=1e-4, atol=1e-6)

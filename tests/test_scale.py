@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -218,3 +219,23 @@ def test_read_threads_follow_the_cores_and_the_environment(tmp_path, monkeypatch
     a, b = serial.read_joined(serial.chunks()), pooled.read_joined(pooled.chunks())
     assert not serial._pools and list(pooled._pools) == [2]  # each read where it was told to, 2 threads
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_chunk_file_is_read_whole_whatever_its_size(tmp_path):
+    """The fast path reads a chunk file into a buffer sized for its frame; a file longer than that
+    (damaged, or written by another program) is still read whole, for the codec to judge."""
+    from pipeline.format.backends.zarr_shards import _read_file
+
+    data = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    (tmp_path / "c.0").write_bytes(data)
+    got: list[object] = []
+
+    def read() -> None:  # a fresh thread: a fresh buffer, first of 1,000 bytes, then of 8,000
+        got.extend(bytes(v) if v is not None else None for v in (_read_file(str(tmp_path / "c.0"), 1000),
+                                                                  _read_file(str(tmp_path / "c.0"), 8000),
+                                                                  _read_file(str(tmp_path / "c.1"), 10)))
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join()
+    assert got == [data, data, None]

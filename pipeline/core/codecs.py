@@ -41,10 +41,14 @@ CODECS: dict[str, Codec] = {"zstd": Codec(3, 22), "shuffle-zstd": Codec(3, 9, "z
 # zstd's (top-32 16-bit: 0.21, 0.41, 0.47 us/row, against 0.32 us/row for the rest of the loader), at no more
 # bytes than zstd from 2,048-row chunks (5-12% more than shuffle-zstd, whose zstd codes the shuffled ids and
 # log-probs tighter): the reader keeps up with half a memmap's loader.
+# Dense: shuffle-lz4hc too. Its float16 rows take the same bytes as zstd's at 100 classes (512-row chunks:
+# 157 against 155 B/row; 13% more at 10 classes, where a row is 20 bytes) and decode 3x faster: at the
+# dense default of 512-row chunks the reader ran at 0.36-0.55 of a memmap against zstd's 0.26-0.47 (four
+# runs beside other jobs), still short of 0.5 there, which 4,096-row chunks reach (docs/performance.md).
 # Hybrid: shuffle-zstd, the smallest (2-15% under zstd; shuffle-lz4hc takes 10% more), for vocabularies where
-# the student's step dwarfs reading. Dense and sampled: zstd (a shuffle saves nothing there). Parquet: zstd on
-# byte-stream-split pages.
-DEFAULT_CODECS: dict[str, str] = {"topk": "shuffle-lz4hc", "hybrid": "shuffle-zstd"}
+# the student's step dwarfs reading. Sampled: zstd (a shuffle saves nothing; shuffle-lz4hc takes 40% more).
+# Parquet: zstd on byte-stream-split pages.
+DEFAULT_CODECS: dict[str, str] = {"topk": "shuffle-lz4hc", "dense": "shuffle-lz4hc", "hybrid": "shuffle-zstd"}
 
 
 def default_codec(encoding: str, backend: str) -> str:

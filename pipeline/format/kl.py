@@ -91,24 +91,24 @@ def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 class _SparseCrossEntropy(torch.autograd.Function):
     """-sum_j p_j log q_j per row for q = softmax(z) (n, C) and a teacher given compactly: u (n,)
-    on every class plus w (n, m) at ids (n, m) (w may be negative: a head's p - u). Saves only z
-    and its logsumexp; the gradient, (sum_j p_j) q - p, is one (n, C) tensor made in backward, as
-    cross-entropy's own."""
+    on every class plus w (n, m) at ids (n, m) (w may be negative: a head's p - u). Saves only z;
+    the forward pass reads log q from one fused log-softmax (a temporary), the backward pass makes
+    the gradient, (sum_j p_j) q - p, as one (n, C) tensor from one fused softmax, as cross-entropy's
+    own. (With a logsumexp and row sums instead: 2.25 ms forward and backward at 512 rows of 1,000
+    classes on one thread, against 1.75 this way and cross-entropy's 1.34.)"""
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        zf = z.float()
-        lse = torch.logsumexp(zf, dim=-1)  # (n,)
-        logq_ids = zf.gather(-1, ids) - lse[:, None]  # (n, m)
-        ce = -(w * logq_ids).sum(-1) - u * (zf.sum(-1) - z.shape[-1] * lse)
-        ctx.save_for_backward(z, lse, ids, w, u)
+        logq = F.log_softmax(z.float(), dim=-1)  # (n, C), freed on return
+        ce = -(w * logq.gather(-1, ids)).sum(-1) - u * logq.sum(-1)
+        ctx.save_for_backward(z, ids, w, u)
         return ce
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        z, lse, ids, w, u = ctx.saved_tensors
+        z, ids, w, u = ctx.saved_tensors
         mass = w.sum(-1) + u * z.shape[-1]  # the teacher's total, 1 up to rounding
-        grad = torch.sub(z.float(), lse[:, None]).exp_()  # q, (n, C): the one full-size tensor
+        grad = F.softmax(z.float(), dim=-1)  # q, (n, C): the one full-size tensor
         grad.mul_((g * mass)[:, None]).sub_((g * u)[:, None])
         grad.scatter_add_(-1, ids, -(w * g[:, None]))
         return grad.to(z.dtype), None, None, None
@@ -118,8 +118,8 @@ def sparse_cross_entropy(z: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                          u: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy H(p, softmax(z)) per row (n,) of a teacher p that is u (n,) on every class
     (none when u is None) plus w (n, m) at ids (n, m), from the student's logits z (n, C): the
-    forward KL of every compact encoding is this minus the teacher's entropy. Reads z in two
-    passes (its logsumexp and row sums) and builds one (n, C) tensor, the gradient."""
+    forward KL of every compact encoding is this minus the teacher's entropy. Keeps no (n, C)
+    tensor beside z for the backward pass, which builds one, the gradient."""
     u = torch.zeros(len(z), device=z.device) if u is None else u.float()
     return _SparseCrossEntropy.apply(z, ids.long(), w.float(), u)
 
@@ -185,6 +185,18 @@ def uniform_tail_divergence(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tens
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b, -1) of (n, C) tensors as a batched dot product: no (n, C) product, before or in backward."""
     return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+
+
+def dense_forward_kl(teacher_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || softmax(z)) (n,) of a teacher given over every class (log-probs (n, C)),
+    from the student's logits z (n, C): the teacher's negative entropy, a batched dot product, plus
+    one soft-label cross-entropy (torch's fused log-softmax). Equal to `divergence(teacher_logp,
+    log_softmax(z), "forward")` without its xlogy and (n, C) products (torch.profiler over
+    bench/kd_overhead.py's 1,000-class step: xlogy alone took 4.5 ms a step, about cross-entropy's
+    whole loss phase; one thread, 512 rows: 5.4 ms forward and backward that way, 3.5 this way)."""
+    p = teacher_logp.exp()  # (n, C)
+    finite = teacher_logp.clamp(min=torch.finfo(teacher_logp.dtype).min)  # log 0 -> finite: 0 * it stays 0
+    return _rowdot(p, finite) + F.cross_entropy(z, p.to(z.dtype), reduction="none")
 
 
 def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: str) -> torch.Tensor:

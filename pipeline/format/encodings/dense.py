@@ -45,6 +45,8 @@ class Dense:
 
     def divergence(self, z: torch.Tensor, targets: dict[str, torch.Tensor], kind: str,
                    tail: str) -> torch.Tensor:
+        if kind == "forward":
+            return kl.dense_forward_kl(targets["logp"], z.float())
         return kl.divergence(targets["logp"], torch.log_softmax(z.float(), dim=-1), kind)
 
     def full_logp(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
