@@ -57,7 +57,7 @@ METHODS = ("uld", "exact", "span")
 SHIFT = 32  # a key is document << SHIFT | character
 END = (1 << SHIFT) - 1  # the character key past every token of a document
 BLOCK = 1 << 20  # teacher rows whose keys are read at once when planning
-KEY_COLUMNS = ("sample_id", "position", "span_start", "label")  # what planning reads of each row (11-16 bytes)
+KEY_COLUMNS = ("sample_id", "span_start", "label")  # what planning reads of each row (14-16 bytes)
 
 
 def keys(documents: np.ndarray, chars: np.ndarray) -> np.ndarray:
