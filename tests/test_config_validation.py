@@ -80,7 +80,8 @@ REFUSED = [
     (["cache.codec=blosc"], "cache.codec"),
     (["cache.codec=shuffle-zstd", "cache.compression_level=12"],
      "cache.compression_level: 12 is outside shuffle-zstd's levels 1..9"),
-    (["cache.compression_level=23"], "cache.compression_level: 23 is outside zstd's levels 1..22"),
+    (["cache.compression_level=23"], "cache.compression_level: 23 is outside shuffle-lz4hc's levels 1..9"),  # dense's default codec
+    (["cache.codec=zstd", "cache.compression_level=23"], "cache.compression_level: 23 is outside zstd's levels 1..22"),
     (["cluster.workers=0"], "cluster.workers: 0 must be >= 1"),
     (["cluster.slurm.jobs=0"], "cluster.slurm.jobs: 0 must be >= 1"),
     (["cluster.worker_timeout=0"], "cluster.worker_timeout"),
