@@ -99,8 +99,8 @@ class CacheConfig:
     root: str | None = None  # where caches live; None: <workspace>/caches
     compression_level: int | None = None  # None: the codec's own default (zstd 3, shuffle-lz4hc 1)
     # zarr: shuffle-*: Blosc byte shuffle first (pipeline/core/codecs.py, docs/cache-format.md "Codecs");
-    # None: the encoding's default (default_codec: shuffle-lz4hc for topk, shuffle-zstd for hybrid, else zstd;
-    # Parquet: zstd)
+    # None: the encoding's default (default_codec: shuffle-lz4hc for dense and topk, shuffle-zstd for hybrid,
+    # zstd for sampled; Parquet: zstd)
     codec: Literal["zstd", "shuffle-zstd", "shuffle-lz4", "shuffle-lz4hc"] | None = None
     views: int = 0  # augmented views cached per sample (the `augment:` section); 0: the plain images
     # combined: the ensemble's targets only; separate: each teacher's targets, combined by the student
