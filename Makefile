@@ -45,7 +45,8 @@ bench: $(STAMP)
 	$(PY) bench/render.py
 
 # What students learn from each encoding and layout at equal bytes, against references (about 37 minutes
-# on 2 cores); results and page as for bench.
+# on 2 cores before cross_tokenizer, which adds a teacher, a cache and 18 student jobs: not yet timed from
+# scratch on an idle machine); results and page as for bench.
 bench-quality: $(STAMP)
 	$(PY) bench/bytes.py
 	$(PY) bench/kd_gain.py
