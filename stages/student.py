@@ -91,7 +91,8 @@ def dataset(cfg: Config, shard: Shard, st: dict[str, Any], splits: Splits) -> Ca
     """The job's batches: the public API's dataset over the config's cache (one process, world
     size 1), joined to the transfer set's inputs (and labels) by sample id. A views cache's views
     are replayed from their stored parameters; with an `augment:` section and a cache of plain
-    images, a view of each image is drawn per (seed, sample, epoch)."""
+    images, a view of each image is drawn per (seed, sample, epoch). `splits` are what the student
+    reads: with student.tokenizer, the documents in its own tokens (student_splits)."""
     cache = Cache(cache_path(cfg))
     online = augmentation(cfg, cache.manifest["spec"])[1]
     if online is not None:
@@ -165,7 +166,7 @@ def run_shard(cfg: Config, shard: Shard) -> ShardResult:
                      "tail": st["tail"], **task.student_settings(cfg)}
     job = Job(f"student {name}", out, key, st["epochs"], cfg.student.checkpoint_every, task.row_unit,
               st["batch_size"] * task.rows_per_example(cfg))
-    fitted = fit(job, fresh, dataset(cfg, shard, st, splits),
+    fitted = fit(job, fresh, dataset(cfg, shard, st, own),
                  lambda model, batch: task.student_loss(model, batch, dev, **loss_settings),
                  rows_of=lambda batch: len(batch["sample_id"]), evaluate=lambda model: held_out(model, own, task))
     buf = io.BytesIO()

@@ -151,10 +151,10 @@ def _check_lengths(corpus: Corpus, doc_chars: np.ndarray, part: dict[str, np.nda
                          "tokenizer")
 
 
-def whole_tokens(corpus: Corpus, p: np.ndarray) -> np.ndarray:
-    """Which target tokens p + 1 hold whole characters: their span differs from their neighbours'
-    in the document (byte tokens of one character share it); an eos (empty span) is whole."""
-    t = np.asarray(corpus.spans[p + 1], dtype=np.int64)
+def whole_tokens(corpus: Corpus, p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Which target tokens p + 1 (of spans `t`) hold whole characters: their span differs from
+    their neighbours' in the document (byte tokens of one character share it); an eos (empty span)
+    is whole."""
     before = np.all(np.asarray(corpus.spans[p], dtype=np.int64) == t, axis=1)
     inside = p + 2 < corpus.offsets[corpus.document_of(p) + 1]
     after = np.zeros(len(p), dtype=bool)
@@ -190,7 +190,7 @@ def align_batch(corpus: Corpus, rows: CrossRows, items: np.ndarray, teacher: dic
         if not len(p):
             continue
         s_span = np.asarray(corpus.spans[p + 1], dtype=np.int64)  # the student's predicted tokens
-        whole = whole_tokens(corpus, p)
+        whole = whole_tokens(corpus, p, s_span)
         lo, hi = int(offs[b]), int(offs[b + 1])
         k_item = kt[lo:hi]
         ks = keys(doc, s_span[:, 0])

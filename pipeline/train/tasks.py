@@ -174,12 +174,10 @@ class Tokens:
         return None  # the label of a token is the next token of its sequence
 
     def student_data(self, cfg: Config, splits: Splits) -> dict[str, Any]:
-        """The student's own layout (student.seq_len, student.packing) over the cache's documents,
-        tokenized with student.tokenizer when it has its own (aligned with `student.align`)."""
-        layout = Layout(cfg.student.seq_len or cfg.data.seq_len, cfg.student.packing)
-        if cfg.student.tokenizer is not None:
-            return {"layout": layout, "tokens": student_splits(cfg).corpus, "align": cfg.student.align}
-        return {"layout": layout, "tokens": splits.corpus}
+        """The student's own layout (student.seq_len, student.packing) over the cache's documents in
+        `splits`, the student's (student_splits: with student.tokenizer, aligned by `student.align`)."""
+        data = {"layout": Layout(cfg.student.seq_len or cfg.data.seq_len, cfg.student.packing), "tokens": splits.corpus}
+        return {**data, "align": cfg.student.align} if cfg.student.tokenizer is not None else data
 
     def student_shape(self, cfg: Config, splits: Splits) -> tuple[int, ...]:
         """(positions + 1,): the student's rows, and the held-out sequences it is scored on."""
