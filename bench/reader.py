@@ -2,9 +2,9 @@
 
 For each encoding (top-32 16-bit and 8-bit over 1,000 classes, dense float16 over 100) and each
 layout (`default`: what the cache stage writes when the layout and codec are left unset, the
-encoding's default chunk rows and codec: 4,096-row chunks of shuffle-lz4hc for top-k, 512-row
-chunks of shuffle-lz4hc for dense; `zarr_default_rows_zstd`: the default chunk rows with zstd, the
-dense default before shuffle-lz4hc; Zarr 4,096- and 16,384-row chunks with zstd and with
+encoding's default chunk rows and codec: chunks of about 2 MiB of stored rows (16,384 rows of
+top-32, 8,192 of dense over 100 classes) of shuffle-lz4hc; `zarr_default_rows_zstd`: the default
+chunk rows with zstd where they are not among the next; Zarr 4,096- and 16,384-row chunks with zstd and with
 shuffle-lz4hc; Zarr 4,096-row chunks with shuffle-zstd; Parquet 4,096-row row groups),
 rows/s of one epoch of the student's dataset (batches of 4,096 rows, buffers of 16,384 rows or 4
 chunks, whichever is more, rows shuffled inside) over
@@ -170,7 +170,7 @@ def epoch_reader(make: Callable[[], Any], chunk_rows: int) -> Callable[[int], in
 def layouts(enc: Encoding) -> dict[str, tuple[str, int, str]]:
     """LAYOUTS, `default` (what the cache stage writes for `enc` when layout and codec are unset) and
     `zarr_default_rows_zstd` (the default chunk rows with zstd) where that is not among LAYOUTS."""
-    chunk_rows, _ = default_layout("classify", 1, 0, enc.name)
+    chunk_rows, _ = default_layout("classify", 1, 0, enc.raw_bytes_per_row() + 8)  # + sample_id
     extra = {} if chunk_rows in (4096, 16384) else {"zarr_default_rows_zstd": ("zarr", chunk_rows, "zstd")}
     return {"default": ("zarr", chunk_rows, default_codec(enc.name, "zarr")), **extra, **LAYOUTS}
 

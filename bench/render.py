@@ -150,15 +150,11 @@ DESCRIPTIONS = {
 # not met in the recorded run. Only words here: the numbers are the run's, named by their figure.
 LIMITS = {
     "reader": "The goal for the defaults is `ratio.default`; the other layouts are there to compare "
-              "(zstd, shuffle-zstd and Parquet decode too slowly to meet it, and 16,384-row chunks are "
-              "no default). Dense at its default 512-row chunks: neither the codec alone "
-              "(`codec_ceiling.default`) nor the chunk files alone (`files_ceiling.default`) nor both in "
-              "turn (`read_ceiling.default`) is the limit; the work per chunk beyond them is (a fresh shuffle "
-              "buffer's page faults, the Python per chunk and column, the fresh reader's shard checks), "
-              "and a 512-row chunk pays it for an eighth of a 4,096-row chunk's rows: the same codec at "
-              "4,096-row chunks (`ratio.zarr_4096_shuffle_lz4hc`) is the figure to compare. Dense chunks "
-              "are 512 rows so that one stays 8 MB at 8,192 float16 classes (`default_layout` in "
-              "pipeline/core/config.py), whatever the class count.",
+              "(zstd, shuffle-zstd and Parquet decode too slowly to meet it). Reading a chunk costs a file "
+              "per column and a codec call whatever its rows, so 4,096-row chunks of rows of a few bytes "
+              "(top-32 8-bit, dense over 100 classes) fall below the goal "
+              "(`ratio.zarr_4096_shuffle_lz4hc` in some runs) while chunks of about 2 MiB, the default "
+              "(`default_layout` in pipeline/core/config.py), amortize it.",
     "kd_overhead": "The goal covers top-k and hybrid. Classification top-10: the tiny MLP's step lasts a few "
                    "ms, and each batch pays costs that do not grow with the model: reading it (`ms.kd.read`), "
                    "making its targets (`ms.kd.targets`: re-tempering and renormalizing the head, a dozen "

@@ -65,7 +65,7 @@ def plan(cfg: Config, ctx: Context | None = None) -> list[Shard]:
     views; for language models a row is a trained position, and a shard the positions of its
     rows)."""
     ctx = ctx or context(cfg)
-    step = cfg.cache.rows_per_shard
+    step = ctx.rows_per_shard
     if ctx.token_rows:
         corpus = ctx.splits.corpus
         rows = int(corpus.rows_before(np.array([corpus.n_tokens]))[0])

@@ -14,7 +14,7 @@ import zarr
 from conftest import tiny_config, write_config
 
 from pipeline.core.codecs import CODECS
-from pipeline.core.config import load_config
+from pipeline.core.config import default_layout, load_config
 from pipeline.core.errors import CacheError
 from pipeline.core.io import OWNER
 from pipeline.format import reader as fmt
@@ -34,6 +34,21 @@ def workspace(tmp_path_factory):
     path = write_config(ws / "c.yaml", tiny_config(ws))
     teacher_stage.main(load_config(path))
     return ws, path
+
+
+def test_the_cache_resolves_an_unset_layout_from_its_encodings_row_bytes(workspace):
+    """The spec (and so the cache id) holds the layout default_layout gives for the encoding's
+    stored bytes per row; a layout that is set is kept as it is."""
+    _, path = workspace
+    for overrides in (["cache.encoding=topk", "cache.k=4"], ["cache.encoding=dense"]):
+        cfg = load_config(path, [*overrides, "cache.chunk_rows=null", "cache.rows_per_shard=null"])
+        ctx = spec.context(cfg)
+        expected = default_layout("classify", 1, 0, ctx.encoding.raw_bytes_per_row() + 8)
+        assert expected == (16384, 65536)  # a few bytes a row: the most rows a chunk holds
+        assert (ctx.chunk_rows, ctx.rows_per_shard) == expected
+        assert {k: ctx.spec["layout"][k] for k in ("chunk_rows", "rows_per_shard")} == dict(zip(("chunk_rows", "rows_per_shard"), expected))
+    ctx = spec.context(load_config(path, ["cache.chunk_rows=64", "cache.rows_per_shard=320"]))
+    assert (ctx.chunk_rows, ctx.rows_per_shard) == (64, 320)
 
 
 def build(path, *overrides):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, tiny_config, write_config
 
-from pipeline.core.config import Config, load_config
+from pipeline.core.config import Config, default_layout, load_config
 from pipeline.core.errors import ConfigError
 
 
@@ -27,37 +27,32 @@ def test_defaults_and_overrides(tmp_path):
         cfg.seed = 3  # type: ignore[misc]
 
 
-def test_layout_left_unset_follows_the_task():
-    """rows_per_shard and chunk_rows left unset: 4,096-row chunks (512 dense) and 16-chunk shards
-    for classification; for language models whole sequences of about 8,192 tokens a chunk (1,024
-    dense), so that seq_len 2048 (or 100) needs no layout settings at all; with views a shard is
-    views x a multiple of chunk_rows. Values that are set are kept; a shard set alone below a chunk
-    gets a chunk that divides it (per view with views); 0 stays 0 and is refused."""
-    lm = ["data.task=lm", "data.source=python-docs", "teachers.members=[{name: g, arch: gpt}]",
-          "student.models=[{name: s, arch: gpt}]", "cache.encoding=topk"]
-    views = ["cache.encoding=topk", "augment.crop=padded", "augment.padding=1"]
-    cases = [([], (512, 8192)), (["cache.encoding=topk"], (4096, 65536)),
-             ([*lm, "data.seq_len=2048"], (8192, 131_072)), ([*lm, "data.seq_len=100"], (8100, 129_600)),
-             ([*lm, "data.seq_len=64"], (8192, 131_072)), ([*lm, "data.seq_len=10000"], (10000, 160_000)),
-             ([*lm, "data.seq_len=2048", "cache.encoding=dense", "data.vocab_size=4096"], (2048, 32768)),
-             ([*lm, "data.seq_len=64", "cache.encoding=dense", "data.vocab_size=4096"], (1024, 16384)),
-             ([*lm, "data.seq_len=2048", "cache.chunk_rows=4096"], (4096, 65536)),
-             ([*lm, "data.seq_len=64", "cache.rows_per_shard=640"], (640, 640)),
-             (["cache.views=8", *views], (1024, 16384)), (["cache.views=32", *views], (1024, 32768)),
-             (["cache.views=8", "cache.rows_per_shard=4096", *views], (512, 4096)),
-             (["cache.views=8", "cache.rows_per_shard=4800", *views], (600, 4800)),
-             (["cache.chunk_rows=1000"], (1000, 16000)), (["cache.rows_per_shard=100"], (100, 100)),
-             (["cache.rows_per_shard=512", "cache.chunk_rows=256"], (256, 512))]
-    for overrides, (chunk, shard) in cases:
-        c = load_config(None, overrides).cache
-        assert (c.chunk_rows, c.rows_per_shard) == (chunk, shard), overrides
-    assert (Config().cache.chunk_rows, Config().cache.rows_per_shard) == (512, 8192)  # dense by default
+def test_layout_left_unset_follows_the_row_bytes():
+    """rows_per_shard and chunk_rows left unset: a chunk is the power of two of rows nearest 2 MiB
+    of stored bytes, at most 16,384 (a quarter with views); a language model's holds whole
+    sequences, one at least; a shard is 16 chunks, at most 65,536 rows (131,072 tokens), one chunk
+    at least, and with views views x a multiple of chunk_rows. Values that are set are kept; a
+    shard set alone below a chunk gets a chunk that divides it (per view with views)."""
+    top32, q8, dense100, dense8k, dense1k = 140, 107, 208, 16392, 2008  # bytes per row, sample_id included
+    cases = [(("classify", 1, 0, top32), (16384, 65536)), (("classify", 1, 0, q8), (16384, 65536)),
+             (("classify", 1, 0, dense100), (8192, 65536)), (("classify", 1, 0, dense1k), (1024, 16384)),
+             (("classify", 1, 0, dense8k), (128, 2048)), (("classify", 1, 0, 28), (16384, 65536)),
+             (("lm", 2048, 0, top32), (16384, 131_072)), (("lm", 100, 0, top32), (16300, 130_400)),
+             (("lm", 10000, 0, top32), (10000, 130_000)), (("lm", 64, 0, dense8k), (128, 2048)),
+             (("lm", 2048, 0, dense8k), (2048, 32768)),
+             (("lm", 2048, 0, top32, 4096), (4096, 65536)), (("lm", 64, 0, top32, None, 640), (640, 640)),
+             (("lm", 64, 0, top32, None, 100), (100, 100)),
+             (("classify", 1, 8, top32), (4096, 65536)), (("classify", 1, 32, top32), (4096, 131_072)),
+             (("classify", 1, 8, top32, None, 4096), (512, 4096)), (("classify", 1, 8, top32, None, 4800), (600, 4800)),
+             (("classify", 1, 0, top32, 1000), (1000, 16000)), (("classify", 1, 0, top32, None, 100), (100, 100)),
+             (("classify", 1, 0, top32, 256, 512), (256, 512))]
+    for args, expected in cases:
+        assert default_layout(*args) == expected, args
     for bad in ("cache.rows_per_shard=0", "cache.chunk_rows=0"):
         with pytest.raises(ConfigError, match=bad.replace("=", ": ") + " must be >= 1"):
             load_config(None, [bad])
-    # a language-model row is a trained position: shards and chunks need not hold whole sequences
-    odd = load_config(None, [*lm, "data.seq_len=64", "cache.rows_per_shard=100"])
-    assert (odd.cache.chunk_rows, odd.cache.rows_per_shard) == (100, 100)
+    assert (Config().cache.chunk_rows, Config().cache.rows_per_shard) == (None, None)  # resolved with the encoding
+
 
 
 def test_override_into_default_model_list():

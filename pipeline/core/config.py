@@ -89,7 +89,7 @@ class CacheConfig:
     draw_logp: bool = True  # sampled, hybrid: keep each draw's log-prob (2 B): students at any temperature
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # teacher compute; auto: bf16 on cuda, else fp32
     dense_max_classes: int = 4096  # dense is refused above this many classes (vocabulary)
-    rows_per_shard: int | None = None  # the unit of work and of atomic writes; None: see default_layout
+    rows_per_shard: int | None = None  # the unit of work and of atomic writes; None: default_layout, by row bytes
     chunk_rows: int | None = None  # zarr chunk / Parquet row group, the unit of reading; None: default_layout
     batch_size: int | None = None  # teacher forward batch; None: 512 rows, or 8 sequences for lm
     logit_rows: int = 2048  # lm: token rows whose (rows, vocab) logits exist at once (teacher, evaluation)
@@ -219,36 +219,43 @@ class EvaluateConfig:
     ece_bins: int = 15
 
 
-CHUNK_ROWS = 4096  # rows per chunk by default (dense: CHUNK_ROWS // 8); views: a quarter, samples of one view
+CHUNK_BYTES = 2 << 20  # a chunk's stored bytes by default, before compression
 
 
-CHUNK_TOKENS = 8192  # language models: tokens per chunk by default (dense: 1,024), in whole sequences
+MAX_CHUNK_ROWS = 16_384  # rows per chunk by default at most (tokens: whole sequences)
 
 
-SHARD_CHUNKS = 16  # chunks per shard by default
+SHARD_CHUNKS = 16  # chunks per shard by default at most
 
 
-def default_layout(task: str, seq_len: int, views: int, encoding: str, chunk_rows: int | None = None,
+SHARD_ROWS = {"classify": 65_536, "lm": 131_072}  # rows (tokens) per shard by default at most
+
+
+def default_layout(task: str, seq_len: int, views: int, row_bytes: float, chunk_rows: int | None = None,
                    rows_per_shard: int | None = None) -> tuple[int, int]:
-    """(chunk_rows, rows_per_shard) for settings left unset. A chunk is 4,096 rows (512 dense) or
-    8,192 tokens (1,024 dense) in whole sequences: a few MB stored at most (1.1 MB of top-32 16-bit
-    tokens, 8 MB of dense float16 rows at 8,192 classes), and a student's shuffle buffer of 32
-    chunks stays tens of MB. A shard is 16 chunks, a unit of work worth scheduling whose rows the
-    cache stage holds while writing it (a million classification rows are 16 shards). With views
-    a shard is `views` times a multiple of chunk_rows. A `chunk_rows` that is set sizes the shard;
-    a `rows_per_shard` set alone that is smaller than a chunk (per view) makes the chunk one it
-    divides. Bad values pass through unchanged for `validate` to report."""
+    """(chunk_rows, rows_per_shard) for settings left unset, from a row's stored bytes. A chunk is
+    the power of two of rows nearest CHUNK_BYTES (2 MiB before compression), at most 16,384 rows; a
+    language model's is whole sequences (one at least), and with views a quarter (samples of one
+    view). Reading a chunk has a fixed cost (a file per column, a codec call), so chunks of a few
+    bytes per row must hold many rows to read at memory speed (bench/reader.py: top-32 8-bit rows
+    read at 0.41 of a memmap in 4,096-row chunks, 0.93 in 16,384-row ones); bounding the bytes keeps
+    a student's shuffle buffer of 32 chunks near 64 MiB at any class count. A shard is 16 chunks, at
+    most 65,536 rows (131,072 tokens), at least one chunk: a unit of work worth scheduling whose rows
+    the cache stage holds while writing it. With views a shard is `views` times a multiple of
+    chunk_rows. A `chunk_rows` that is set sizes the shard; a `rows_per_shard` set alone that is
+    smaller than a chunk (per view) makes the chunk one it divides. Bad values pass through
+    unchanged for `validate` to report."""
     def given(v: Any) -> int | None:
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
     seq_len, views, chunk_rows, rows_per_shard = given(seq_len) or 1, given(views) or 0, given(chunk_rows), given(rows_per_shard)
-    dense = encoding == "dense"
+    rows = min(MAX_CHUNK_ROWS, 2 ** max(0, round(math.log2(CHUNK_BYTES / max(row_bytes, 1.0)))))
     if task == "lm":
-        chunk = seq_len * max(1, (1024 if dense else CHUNK_TOKENS) // seq_len)
+        chunk = seq_len * max(1, rows // seq_len)
         if rows_per_shard:
             chunk = min(chunk, rows_per_shard)
     else:
-        chunk = CHUNK_ROWS // (8 if dense else 1) // (4 if views else 1)
+        chunk = max(1, rows // (4 if views else 1))
         if rows_per_shard and views and rows_per_shard % views == 0:
             per_view = rows_per_shard // views
             chunk = next(c for c in range(min(chunk, per_view), 0, -1) if per_view % c == 0)
@@ -256,8 +263,10 @@ def default_layout(task: str, seq_len: int, views: int, encoding: str, chunk_row
             chunk = min(chunk, rows_per_shard)
     chunk = chunk_rows or chunk
     if views:
-        return chunk, views * chunk * max(1, SHARD_CHUNKS // views)
-    return chunk, chunk * SHARD_CHUNKS
+        shard = views * chunk * max(1, SHARD_CHUNKS // views)
+    else:
+        shard = chunk * max(1, min(SHARD_CHUNKS, SHARD_ROWS.get(task, SHARD_ROWS["classify"]) // chunk))
+    return chunk, rows_per_shard or shard
 
 
 @dataclass(frozen=True)
@@ -277,11 +286,6 @@ class Config:
         c, d = self.cache, self.data
         if not (isinstance(c, CacheConfig) and isinstance(d, DataConfig)):
             return  # a malformed section, reported by _build
-        if c.rows_per_shard is None or c.chunk_rows is None:  # the task's defaults, filled in once
-            chunk, shard = default_layout(d.task, d.seq_len, c.views, c.encoding, c.chunk_rows, c.rows_per_shard)
-            layout = {"chunk_rows": chunk if c.chunk_rows is None else c.chunk_rows,
-                      "rows_per_shard": shard if c.rows_per_shard is None else c.rows_per_shard}
-            object.__setattr__(self, "cache", dataclasses.replace(c, **layout))
         if self.cache.codec is None:  # the encoding's default, filled in once
             object.__setattr__(self, "cache", dataclasses.replace(self.cache, codec=default_codec(c.encoding, c.backend)))
 
@@ -703,7 +707,7 @@ def _augment_ties(a: AugmentConfig) -> list[str]:
 def _validate_views(cfg: Config) -> list[str]:
     a, c, n = cfg.augment, cfg.cache, cfg.cache.views
     e = _augment_ties(a)
-    if n > 65535 or c.chunk_rows < 1 or c.rows_per_shard < 1:
+    if n > 65535 or (c.chunk_rows is not None and c.chunk_rows < 1) or (c.rows_per_shard is not None and c.rows_per_shard < 1):
         pass  # reported by their rules
     elif n > 0:
         if cfg.data.task == "lm":
@@ -711,10 +715,11 @@ def _validate_views(cfg: Config) -> list[str]:
         if not a.active:
             e.append(f"cache.views: {n} views of an unaugmented image are {n} identical copies; "
                      "set augment.crop, augment.flip, augment.translate or mixup/cutmix")
-        if c.rows_per_shard % n or (c.rows_per_shard // n) % c.chunk_rows:
-            e.append(f"cache.rows_per_shard: {c.rows_per_shard} must be cache.views={n} times a multiple of "
-                     f"cache.chunk_rows={c.chunk_rows} (rows are view-major in a shard, so that a chunk holds one "
-                     f"view), e.g. {n * c.chunk_rows * max(1, round(c.rows_per_shard / (n * c.chunk_rows)))}")
+        chunk = c.chunk_rows or 1  # unset: the default divides the shard's samples
+        if c.rows_per_shard is not None and (c.rows_per_shard % n or (c.rows_per_shard // n) % chunk):
+            of = f"cache.views={n} times a multiple of cache.chunk_rows={chunk}" if c.chunk_rows else f"a multiple of cache.views={n}"
+            e.append(f"cache.rows_per_shard: {c.rows_per_shard} must be {of} (rows are view-major in a shard, so "
+                     f"that a chunk holds one view), e.g. {n * chunk * max(1, round(c.rows_per_shard / (n * chunk)))}")
     elif a.mixup_prob > 0 or a.cutmix_prob > 0:
         e.append("augment: mixup/cutmix need cache.views >= 1 (the teachers must see the mixed images; "
                  "a cache of plain images has no targets for them)")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.core.codecs import layout_codec
-from pipeline.core.config import Config
+from pipeline.core.config import Config, default_layout
 from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.core.progress import log
 from pipeline.format import manifest as fmt
@@ -79,6 +79,14 @@ class Context:
     row_digests: tuple[str, ...] = ()  # cache.members: a digest of each planned shard's rows
 
     @property
+    def chunk_rows(self) -> int:
+        return self.spec["layout"]["chunk_rows"]
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.spec["layout"]["rows_per_shard"]
+
+    @property
     def token_rows(self) -> bool:
         return self.cfg.data.task == "lm"
 
@@ -95,6 +103,8 @@ def context(cfg: Config) -> Context:
     files_before = _file_stats(_teacher_files(refs))
     c = cfg.cache
     enc = encoding_from_config(c, splits.num_classes)
+    chunk_rows, rows_per_shard = default_layout(cfg.data.task, cfg.data.seq_len, c.views, enc.raw_bytes_per_row() + 8,
+                                                c.chunk_rows, c.rows_per_shard)  # + sample_id
     device = resolve_device(c.device, "cache.device")
     precision = c.precision if c.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     spec = {
@@ -107,7 +117,7 @@ def context(cfg: Config) -> Context:
         "temperature": cfg.teachers.temperature,
         "encoding": enc.params(),
         "compute": {"device": device.type, "precision": precision},  # bf16 targets differ from fp32 ones
-        "layout": {"backend": c.backend, "rows_per_shard": c.rows_per_shard, "chunk_rows": c.chunk_rows},
+        "layout": {"backend": c.backend, "rows_per_shard": rows_per_shard, "chunk_rows": chunk_rows},
     }
     spec["layout"].update(layout_codec(c.codec))
     if splits.corpus is not None and splits.corpus.spans is not None:  # text: what cross-tokenizer students align by
@@ -126,7 +136,7 @@ def context(cfg: Config) -> Context:
         spec["members"] = c.members
         directory = cfg.cache_root / fmt.cache_id(spec)
         units = _member_units(cfg, spec)
-        digests = splits.transfer.range_digests(c.rows_per_shard)
+        digests = splits.transfer.range_digests(rows_per_shard)
     files = _file_stats(_teacher_files(refs))
     return Context(cfg, splits, spec, directory, enc, device, precision,
                    teacher_files=files if files == files_before else None, views=views, units=units,

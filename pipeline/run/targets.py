@@ -266,7 +266,7 @@ def write(ctx: Context, shard: Shard, arrays: dict[str, np.ndarray], unit: Unit 
     if ctx.views is not None:
         attrs["views"] = ctx.spec["views"]
     path = unit_path(ctx, unit, shard)
-    write_shard(path, arrays, attrs, ctx.encoding, cfg.cache.chunk_rows, cfg.cache.compression_level, cfg.cache.codec)
+    write_shard(path, arrays, attrs, ctx.encoding, ctx.chunk_rows, cfg.cache.compression_level, cfg.cache.codec)
     if ctx.url is not None and unit.spec is None:  # staged here, published to the store as soon as it is whole
         publish_shard(ctx.dir, path.name, ctx.url)
     return ShardResult(shard.index, shard.rows, skipped=False)
