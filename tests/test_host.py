@@ -30,7 +30,8 @@ print(json.dumps({"changed": changed, "mallopt": calls}))
 
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items()
-            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "LOGITCACHE_STEADY_HEAP")}
+            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                         "LOGITCACHE_STEADY_HEAP")}
 
 
 def test_import_pipeline_changes_neither_environment_nor_malloc():

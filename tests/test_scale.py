@@ -199,6 +199,38 @@ def test_steady_heap_returns_large_freed_blocks_to_the_os():
     assert returned["pin"] > 19 and returned["default"] < 1, returned
 
 
+TRIM_PROBE = textwrap.dedent("""
+    import ctypes, re, sys
+    import numpy as np
+    import pipeline
+
+    def anon():
+        return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+    if sys.argv[1] == "pin":
+        pipeline.steady_heap()
+    else:  # the mmap threshold pinned alone, as before the trim threshold was set with it
+        ctypes.CDLL(None).mallopt(-3, 8 << 20)
+    a = np.ones(4 << 20, np.uint8)  # below the mmap threshold: on the heap, at its top
+    before = anon()
+    del a
+    print(before - anon())
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
+def test_steady_heap_keeps_a_freed_block_at_the_heap_top_for_the_next_batch():
+    """Pinning the mmap threshold freezes glibc's trim threshold at 128 KB, so a freed 4 MB block
+    at the heap's top went back to the OS and the next batch's tensor faulted its pages in again;
+    steady_heap sets the trim threshold to 16 MB, and the block stays resident."""
+    returned = {}
+    for mode in ("pin", "mmap_only"):
+        out = subprocess.run([sys.executable, "-c", TRIM_PROBE, mode], capture_output=True, text=True, check=True,
+                             cwd=REPO, env={"PATH": "/usr/bin:/bin"})
+        returned[mode] = int(out.stdout) / 1024  # MB
+    assert returned["pin"] < 1 and returned["mmap_only"] > 3.5, returned
+
+
 def test_read_threads_follow_the_cores_and_the_environment(tmp_path, monkeypatch):
     """Chunks are decoded on the calling thread with 2 cores or fewer (a pool there costs CPU and
     gains nothing), on up to 4 threads beside it with more; LOGITCACHE_READ_THREADS overrides, and a

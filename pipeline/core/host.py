@@ -16,6 +16,7 @@ from pipeline.core.validate import env
 # student's training step took 4-5x longer (bench/threads.py). A short spin keeps that cost small.
 SPIN_COUNT = 1000
 MMAP_THRESHOLD = 8 << 20  # bytes
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # free bytes kept at the heap's top: what glibc's own adjustment sets beside it
 
 
 def spin_environ() -> dict[str, str]:
@@ -29,7 +30,10 @@ def heap_environ() -> dict[str, str]:
     """The heap pin (`steady_heap`) as an environment variable for worker processes, unless the user
     set the threshold or turned the pin off."""
     keep = "MALLOC_MMAP_THRESHOLD_" in os.environ or not env("LOGITCACHE_STEADY_HEAP")
-    return {} if keep else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    if keep:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            **({} if "MALLOC_TRIM_THRESHOLD_" in os.environ else {"MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)})}
 
 
 def worker_environ() -> dict[str, str]:
@@ -44,7 +48,12 @@ def steady_heap() -> None:
     the holes stay resident. glibc also raises the threshold to the size of each large block
     freed (up to 32 MB), which moves more of them onto the heap (bench/heap.py measures the
     classification cache stage's peak pinned at 8 MB, at 16 MB and left to glibc; docs/performance.md).
-    A no-op where there is no glibc, and with LOGITCACHE_STEADY_HEAP=0."""
+    Pinning it also freezes the trim threshold, glibc's bound on the free bytes kept at the heap's
+    top, at its 128 KB start: every freed block of a few MB at the top then went back to the system
+    and the next one faulted its pages in afresh (a 512 x 1,000 softmax gradient: 2.1 ms instead of
+    0.8 on one thread), so it is set to 16 MB (unless MALLOC_TRIM_THRESHOLD_ is set), twice the mmap
+    threshold, as glibc's adjustment sets it. A no-op where there is no glibc, and with
+    LOGITCACHE_STEADY_HEAP=0."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not env("LOGITCACHE_STEADY_HEAP"):
         return
     import ctypes
@@ -54,6 +63,8 @@ def steady_heap() -> None:
     except (OSError, AttributeError):
         return
     mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also turns off glibc's dynamic adjustment
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
 
 
 def tune_process() -> None:

@@ -29,8 +29,12 @@ def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int, 
 
     Returns log-probs (B, k) and residual (B,) that sum to one over the C classes."""
     k, beta = logp.shape[-1], 1.0 / tau
-    a = logp.float() * beta  # (B, k)
     r = residual.float().clamp(min=0.0)
+    if beta == 1.0:  # the cache's own temperature: renormalized only (log-probs <= 0: no overflow)
+        a = logp.float()
+        z = a.exp().sum(-1) + r  # (B,)
+        return a - z.log()[:, None], r / z
+    a = logp.float() * beta  # (B, k)
     if k < num_classes:
         b = log_tail_power(r.log(), tail_mean, logp.float().min(-1).values, num_classes - k, beta)  # (B,)
     else:
@@ -158,8 +162,8 @@ def uniform_tail_divergence(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tens
     cross-entropy (`sparse_cross_entropy`); the others hold student-side (n, C) tensors only: log q,
     q, and for JSD m~ and its log."""
     C, k = z.shape[-1], ids.shape[-1]
-    logu = (residual.float().clamp(min=0) / max(C - k, 1)).clamp(min=1e-30).log()  # (n,) as topk_full_logp
-    u = logu.exp()
+    u = (residual.float().clamp(min=0) / max(C - k, 1)).clamp(min=1e-30)  # (n,) as topk_full_logp
+    logu = u.log()
     logp = logp.float()
     p = logp.exp()
     if kind == "forward":  # the head's p - u at its ids, u everywhere: one fused cross-entropy

@@ -106,8 +106,8 @@ def _worker_environ(threads: int) -> Any:
     """Dask settings of a LocalCluster: its housekeeping (LOCAL_DASK), and the environment of
     spawned workers. Dask's default sets MALLOC_TRIM_THRESHOLD_, which also pins glibc's mmap
     threshold at 128 KB, so every large tensor allocation becomes an mmap plus page faults:
-    measured 12% slower teacher forward passes here. Workers get the CLI's 8 MB instead
-    (pipeline.core.host). Thread counts stay pinned."""
+    measured 12% slower teacher forward passes here. Workers get the CLI's settings instead (an
+    8 MB mmap threshold, a 16 MB trim threshold: pipeline.core.host). Thread counts stay pinned."""
     import dask
 
     n = str(threads)
