@@ -3,11 +3,13 @@ JSON line and kept, stamped, under bench/results/ (`record`)."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,7 +102,12 @@ def record(name: str, figures: dict[str, Any], results: Path | None = None) -> P
 
 
 def workdir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"logitcache-{prefix}-"))
+    """A fresh temporary directory, removed when this process exits (LOGITCACHE_BENCH_KEEP=1 keeps
+    it): a benchmark's inputs and caches are tens to hundreds of MB a run."""
+    path = Path(tempfile.mkdtemp(prefix=f"logitcache-{prefix}-"))
+    if os.environ.get("LOGITCACHE_BENCH_KEEP") != "1":
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def synthetic_logits(rows: int, classes: int, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,10 @@ writing the same top-k cache with a compute-heavy teacher, the runs in turn; `sp
 least of them (the goal holds over every run). `speedup_vs_serial_all_threads` compares with one
 process using every core through torch's intra-op threads. `overhead_s_per_task` = extra
 worker-seconds per shard that Dask spends beyond the serial work: (2 * t_dask - t_serial) /
-shards. Cluster start-up is reported separately and not counted. The last repeat's figures give
+shards. Cluster start-up is reported separately and not counted. `machine_two_process_gains`:
+per repeat, right after its runs, the same single-threaded teacher-like compute in two processes at
+once over one alone (no files, no Dask): what the two cores allowed then (2.0: a whole core each;
+less when the host's other guests take a share). The last repeat's figures give
 the breakdown and the per-task overhead.
 
 `breakdown`, where the Dask run's time goes (of the last repeat) (docs/scaling-out.md "Where the time goes"):
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,6 +83,33 @@ def _cluster_cpu(client) -> dict[str, float]:
     """CPU seconds so far of the workers and their nannies."""
     per_worker = client.run(_cpu_seconds).values()
     return {"workers": sum(w for w, _ in per_worker), "nannies": sum(n for _, n in per_worker)}
+
+
+SCALING = r"""
+import sys, time, torch
+torch.set_num_threads(1)
+torch.manual_seed(0)
+w1, w2, x = torch.randn(64, 2048), torch.randn(2048, 1000), torch.randn(1000, 64)
+for _ in range(3):
+    torch.log_softmax(torch.relu(x @ w1) @ w2, -1).topk(32)
+start = time.perf_counter()
+for _ in range(int(sys.argv[1])):
+    torch.log_softmax(torch.relu(x @ w1) @ w2, -1).topk(32)
+print(time.perf_counter() - start)
+"""
+
+
+def machine_scaling(batches: int = 40) -> float:
+    """Throughput of the same single-threaded teacher-like compute (no files, no Dask) in two
+    processes at once over one process alone: 2.0 when both cores give a whole core each. What the
+    machine allows, to read the Dask speedup against."""
+    def run(n: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", SCALING, str(batches)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(n)]
+        return [float(p.communicate()[0]) for p in procs]
+
+    alone = run(1)[0]
+    return round(2 * alone / max(run(2)), 3)
 
 
 def main() -> None:
@@ -131,7 +162,7 @@ def main() -> None:
     runs = []
     for r in range(args.repeats):
         t_serial, serial_cpu = serial(f"serial1-{r}")
-        runs.append({"serial": t_serial, "serial_cpu": serial_cpu, **dask(f"dask-{r}")})
+        runs.append({"serial": t_serial, "serial_cpu": serial_cpu, **dask(f"dask-{r}"), "machine": machine_scaling()})
     threads = torch.get_num_threads()
     t_serial_all = timed("serial_all")
 
@@ -151,6 +182,7 @@ def main() -> None:
         "speedup_vs_serial_all_threads": round(t_serial_all / last["seconds"], 3),
         "overhead_s_per_task": round((2 * last["seconds"] - last["serial"]) / shards, 4),
         "caches_identical": same,
+        "machine_two_process_gains": [run["machine"] for run in runs],
         "breakdown": {"serial_cores_used": round(last["serial_cpu"] / last["serial"], 3),
                       "dask_cores_used": round(last["cpu"]["workers"] / last["seconds"], 3), "dask_cpu_s": last["cpu"],
                       "tasks": last["tasks"], "task_s": round(last["task_s"], 2),

@@ -170,7 +170,10 @@ LIMITS = {
               "`breakdown.serial_cores_used`) times the serial run's CPU seconds over the workers' "
               "(`breakdown.dask_cpu_s.workers`). Beside other jobs the workers wait for a core "
               "(`breakdown.task_s` well above their CPU seconds) and the speedup measures the machine's "
-              "load, not the fan-out ([scaling-out.md](scaling-out.md#where-the-time-goes)).",
+              "load, not the fan-out ([scaling-out.md](scaling-out.md#where-the-time-goes)). "
+              "`machine_two_process_gains` is what the two cores gave plain compute in two processes "
+              "right after each repeat: below 2.0 the host's other guests held part of a core, and the "
+              "Dask run lost the same share.",
     "teacher_overhead": "The goal is a GPU's (bench/gpu.py, `make bench-gpu`); on the CPU the teacher and "
                         "the shard writer share the cores.",
 }
