@@ -99,7 +99,7 @@ print(time.perf_counter() - start)
 """
 
 
-def machine_scaling(batches: int = 40) -> float:
+def machine_scaling(batches: int = 24) -> float:
     """Throughput of the same single-threaded teacher-like compute (no files, no Dask) in two
     processes at once over one process alone: 2.0 when both cores give a whole core each. What the
     machine allows, to read the Dask speedup against."""
