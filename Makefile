@@ -26,10 +26,10 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 # Speed and memory: each script prints one JSON line of figures measured side by side and keeps it, stamped,
-# in bench/results/; docs/performance.md is rendered from there. One whole run on an idle 2-core machine:
-# 20.1 min (scale 7.8, kd_overhead 2.9, fanout 2.3, reader 1.4, heap 1.3, threads 1.0, student_memory 0.9,
-# object_storage 0.9, student_streaming 0.7, amortization 0.6, teacher_overhead 0.4); fanout's machine
-# check was shortened after it (about 7 s less).
+# in bench/results/; docs/performance.md is rendered from there. Two whole runs on an idle 2-core machine:
+# 20.1 and 18.0 min (the first: scale 7.8, kd_overhead 2.9, fanout 2.3, reader 1.4, heap 1.3, threads 1.0,
+# student_memory 0.9, object_storage 0.9, student_streaming 0.7, amortization 0.6, teacher_overhead 0.4;
+# fanout's machine check was shortened between them).
 # bench/heap.py without --settings also pins at 1 and 4 MB.
 bench: $(STAMP)
 	$(PY) bench/teacher_overhead.py
