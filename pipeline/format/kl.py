@@ -32,6 +32,7 @@ def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int, 
     r = residual.float().clamp(min=0.0)
     if beta == 1.0:  # the cache's own temperature: renormalized only (log-probs <= 0: no overflow)
         a = logp.float()
+        r = r if k < num_classes else torch.zeros_like(r)  # the head is every class: no tail
         z = a.exp().sum(-1) + r  # (B,)
         return a - z.log()[:, None], r / z
     a = logp.float() * beta  # (B, k)
