@@ -88,6 +88,21 @@ def run_subprocess(args: list[str], cwd: Path | None = None, **kw: Any) -> subpr
                           capture_output=True, text=True, timeout=600, check=False, **kw)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_home(tmp_path_factory) -> Any:
+    """The session's own XDG_CACHE_HOME (the local shard cache, input copies and remembered digests
+    live under it), and no LOGITCACHE_SHARD_CACHE from outside: two test runs on one machine (CI
+    beside a developer's run) never share, evict or lock each other's files. CLI subprocesses
+    inherit it."""
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "LOGITCACHE_SHARD_CACHE", "LOGITCACHE_DIGESTS")}
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    os.environ.pop("LOGITCACHE_SHARD_CACHE", None)
+    os.environ.pop("LOGITCACHE_DIGESTS", None)
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,14 @@ def s3(tmp_path_factory):
 def shard_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOGITCACHE_SHARD_CACHE", str(tmp_path / "shard-cache"))
     return tmp_path / "shard-cache"
+
+
+def test_the_test_session_keeps_its_shards_and_digests_apart_from_the_users():
+    """conftest gives the session its own XDG_CACHE_HOME: the shard cache and input copies of a
+    test run are never those of another run or of the user's home."""
+    home = os.environ["XDG_CACHE_HOME"]
+    assert remote.shard_cache_dir() == Path(home) / "logitcache" / "shards"
+    assert Path.home() / ".cache" not in remote.shard_cache_dir().parents
 
 
 @pytest.fixture(scope="module")
