@@ -119,7 +119,7 @@ def test_student_with_wrong_class_count_is_refused(built):
                                   ["cache.encoding=hybrid", "cache.k=2", "cache.draws=8", "cache.bits=8"]])
 def test_students_learn_from_sampled_and_hybrid_class_caches(built, over):
     """Draw-based targets work for classification too, and train as well as the exact top-k cache."""
-    ws, path = built
+    _, path = built
     name = over[0].split("=")[1]
     common = ["student.baseline=false", "student.alpha=0"]
     cfg = load_config(path, [f"run_name={name}", *common, *over])
@@ -183,7 +183,7 @@ def test_the_stage_trains_on_the_apis_batches(built, monkeypatch):
     from pipeline.run.jobs import Shard
     from pipeline.train.tasks import Classification
 
-    ws, path = built
+    _, path = built
     cfg = load_config(path, ["run_name=same-batches", "student.epochs=2", "student.seeds=[4]"])
     seen: list[dict] = []
     real = Classification.student_loss

@@ -29,15 +29,14 @@ def retemper_topk(logp: torch.Tensor, residual: torch.Tensor, num_classes: int, 
 
     Returns log-probs (B, k) and residual (B,) that sum to one over the C classes."""
     k, beta = logp.shape[-1], 1.0 / tau
-    r = residual.float().clamp(min=0.0)
+    lp, r = logp.float(), residual.float().clamp(min=0.0)  # (B, k), (B,)
     if beta == 1.0:  # the cache's own temperature: renormalized only (log-probs <= 0: no overflow)
-        a = logp.float()
         r = r if k < num_classes else torch.zeros_like(r)  # the head is every class: no tail
-        z = a.exp().sum(-1) + r  # (B,)
-        return a - z.log()[:, None], r / z
-    a = logp.float() * beta  # (B, k)
+        z = lp.exp().sum(-1) + r  # (B,)
+        return lp - z.log()[:, None], r / z
+    a = lp * beta  # (B, k)
     if k < num_classes:
-        b = log_tail_power(r.log(), tail_mean, logp.float().min(-1).values, num_classes - k, beta)  # (B,)
+        b = log_tail_power(r.log(), tail_mean, lp.min(-1).values, num_classes - k, beta)  # (B,)
     else:
         b = torch.full_like(r, float("-inf"))
     log_z = torch.logsumexp(torch.cat([a, b[:, None]], dim=-1), dim=-1)  # (B,)
