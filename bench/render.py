@@ -47,6 +47,8 @@ GOALS: dict[str, dict[str, Goal]] = {
     # README; the script's goal=0.95
     "student_streaming": {"ratio": (">=", 0.95, "steps/s from disk over all in RAM")},
     # docs/scaling-out.md and the script's docstring: a warm shard cache reads as fast as local disk
+    # docs/python-api.md: a rank that ends with os._exit(0) once its results are written does not abort at exit
+    "gloo_exit": {"aborts.os_exit": ("==", 0, "jobs with a rank aborted at exit, ranks ending with os._exit(0)")},
     "object_storage": {"ratio.warm": (">=", 0.9, "rows/s, warm shard cache over local disk")},
     # README; docstring "goal ratio <= 1.10"; the script's goal=1.10
     "student_memory": {"ratio": ("<=", 1.10, "peak RSS, 10x the cache over 1x")},
@@ -116,6 +118,8 @@ DESCRIPTIONS = {
                    "cross-entropy (read, targets, loss, backward; each batch makes both steps in turn), "
                    "through the student stage and the public API; the loss's peak memory over "
                    "cross-entropy's.",
+    "gloo_exit": "DDP ranks on gloo that abort at exit, of as many two-rank jobs each way: returning after "
+                 "destroy_process_group, and ending with os._exit(0) as examples/distributed.py does.",
     "grow": "The cache stage growing a cache of per-member targets by a 4th teacher and by 10% more rows, "
             "each over the same cache made from scratch; bytes per row of the cache and of each member. "
             "`--students`: the demo's students from combined and per-member caches.",
@@ -189,6 +193,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("Heap", ["heap"]),
     ("Fan-out", ["fanout"]),
     ("Amortization", ["amortization"]),
+    ("Distributed", ["gloo_exit"]),
     ("Growing a cache", ["grow"]),
     ("Encodings", ["bytes", "kd_gain", "temperature"]),
     ("Language-model students", ["lm_students"]),
