@@ -259,16 +259,19 @@ def caches_fidelity(cache_ref: str, root: Path | None, config: Path | None, rows
 @click.option("--teacher", default="served", show_default=True,
               help="Teacher name and revision recorded in the cache's spec (part of its id).")
 @click.option("--backend", type=click.Choice(["zarr", "parquet"]), default="zarr", show_default=True)
-@click.option("--rows-per-shard", type=int, default=65536, show_default=True, help="Token rows per shard.")
-@click.option("--chunk-rows", type=int, default=4096, show_default=True, help="Rows per chunk / row group.")
+@click.option("--rows-per-shard", type=int, default=None,
+              help="Token rows per shard (default: 16 chunks, at most 131,072 tokens).")
+@click.option("--chunk-rows", type=int, default=None,
+              help="Rows per chunk / row group (default: the power of two nearest 2 MiB of stored rows).")
 def import_logprobs_cmd(file: Path, tokenizer: Path, root: Path, top_n: int, teacher: str, backend: str,
-                        rows_per_shard: int, chunk_rows: int) -> None:
+                        rows_per_shard: int | None, chunk_rows: int | None) -> None:
     """Turn served prompt log-probs (vLLM prompt_logprobs or OpenAI completions logprobs, JSONL) into a
     token-level top-k cache; the JSONL schema is in pipeline/tools/importer.py and docs/language-models.md."""
     from pipeline.tools.importer import MAX_TOP_N, import_logprobs
 
-    argument("--rows-per-shard", rows_per_shard, FIELDS["cache.rows_per_shard"])
-    argument("--chunk-rows", chunk_rows, FIELDS["cache.chunk_rows"])
+    for name, value in (("rows-per-shard", rows_per_shard), ("chunk-rows", chunk_rows)):
+        if value is not None:
+            argument(f"--{name}", value, FIELDS[f"cache.{name.replace('-', '_')}"])
     argument("--top-n", top_n, Rule(integer=True, low=1, high=MAX_TOP_N, hint="servers return at most "
                                     f"{MAX_TOP_N} log-probs per token"))
     if not teacher.strip():

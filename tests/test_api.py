@@ -4,6 +4,7 @@ ranks x workers, exact resume, CacheWriter byte-identical, resumable and readabl
 from __future__ import annotations
 
 import collections
+import json
 import subprocess
 import sys
 
@@ -368,6 +369,26 @@ def test_writer_refuses_rows_in_another_order_and_writes_no_manifest_on_error(tm
     with pytest.raises(ValueError, match=r"\(B, C\)"):
         with lc.CacheWriter(tmp_path / "y", spec=SPEC, encoding="dense", num_classes=C) as w3:
             w3.add(np.arange(4), logits=t[:5])
+
+
+def test_writer_sizes_an_unset_layout_by_the_row_bytes_as_the_cache_stage_does(tmp_path):
+    """Dense float16 over 1,000 classes stores 2,008 B a row with its sample id: 1,024-row chunks
+    (2 MiB) in 16-chunk shards. Top-32 16-bit rows (140 B) of 64-token sequences: 16,384-token
+    chunks, 131,072-token shards. A set value wins; the old defaults (8,192 and 1,024) keep their id."""
+    w = write(tmp_path, teacher_logits(2500, 1000), "dense", step=500)
+    assert json.loads((w.path / "spec.json").read_text())["layout"] == {
+        "backend": "zarr", "chunk_rows": 1024, "codec": "shuffle-lz4hc", "rows_per_shard": 16384}
+    on_disk = json.loads((w.path / "shards" / "00000.zarr" / "logp" / "zarr.json").read_text())
+    assert on_disk["shape"][0] == 2500 and on_disk["chunk_grid"]["configuration"]["chunk_shape"][0] == 1024
+    assert lc.open_cache(w.path).rows == 2500 and len(read_manifest(w.path)["shards"]) == 1
+    tokens = lc.CacheWriter(tmp_path, spec=SPEC, encoding=lc.TopK(32000, 32), num_classes=32000, seq_len=64)
+    assert (tokens.chunk_rows, tokens.rows_per_shard) == (16384, 131072)
+    old = lc.CacheWriter(tmp_path, spec=SPEC, encoding="dense", num_classes=1000, rows_per_shard=8192, chunk_rows=1024)
+    assert (old.chunk_rows, old.rows_per_shard) == (1024, 8192) and old.path != w.path
+    small = lc.CacheWriter(tmp_path, spec=SPEC, encoding="dense", num_classes=1000, rows_per_shard=300)
+    assert (small.chunk_rows, small.rows_per_shard) == (300, 300)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        lc.CacheWriter(tmp_path, spec=SPEC, encoding="dense", num_classes=1000, chunk_rows=0)
 
 
 def test_spec_changes_the_id(tmp_path):

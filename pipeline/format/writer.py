@@ -8,7 +8,8 @@
     print(w.path)                              # <root>/<cache_id>, complete
 
 The format, sharding, atomicity and content id are those of `logitcache cache`: fixed shards of
-rows_per_shard rows (token caches: whole sequences) named by index, each written by write_shard
+rows_per_shard rows (token caches: whole sequences; unset, the shard and chunk are sized by the
+row's stored bytes as the cache stage sizes them, pipeline.core.config.default_layout) named by index, each written by write_shard
 under a temporary name and renamed into place, the manifest written last and only when the
 `with` block ends without an exception. The id hashes the declared spec (teacher, dataset
 fingerprint), the temperature, the encoding and its parameters, the layout and the format version.
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.codecs import CODECS, codec_problems, default_codec, layout_codec
+from pipeline.core.config import default_layout
 from pipeline.core.errors import ArgumentError, CacheError
 from pipeline.core.io import atomic_write_json, hash_json
 from pipeline.core.validate import COUNT, FIELDS, SEED, Rule, argument, choice, flag
@@ -74,7 +76,7 @@ class CacheWriter:
     mass, clamped at 0. Rows are buffered up to one shard."""
 
     def __init__(self, root: str | Path, spec: dict[str, Any], encoding: Encoding | str | dict[str, Any],
-                 num_classes: int, backend: str = "zarr", rows_per_shard: int = 8192, chunk_rows: int = 1024,
+                 num_classes: int, backend: str = "zarr", rows_per_shard: int | None = None, chunk_rows: int | None = None,
                  temperature: float = 1.0, seq_len: int | None = None, tokens: bool = False, seed: int = 0,
                  compression_level: int | None = None, codec: str | None = None) -> None:
         if not isinstance(spec, dict) or not ({"teacher", "teachers"} & spec.keys()) or "dataset" not in spec:
@@ -88,8 +90,9 @@ class CacheWriter:
             raise ArgumentError(f"root: {root!r} is not a directory; give a non-empty str or Path")
         choice("backend", backend, BACKENDS)
         argument("num_classes", num_classes, FIELDS["data.num_classes"])
-        argument("rows_per_shard", rows_per_shard, FIELDS["cache.rows_per_shard"])
-        argument("chunk_rows", chunk_rows, FIELDS["cache.chunk_rows"])
+        for name, value in (("rows_per_shard", rows_per_shard), ("chunk_rows", chunk_rows)):
+            if value is not None:  # None: sized by the row's bytes, as the cache stage sizes it
+                argument(name, value, FIELDS[f"cache.{name}"])
         argument("temperature", temperature, FIELDS["teachers.temperature"])
         if seq_len is not None:
             argument("seq_len", seq_len, COUNT)
@@ -100,10 +103,12 @@ class CacheWriter:
         if compression_level is not None:
             argument("compression_level", compression_level, Rule(integer=True))
         self.tokens = tokens or seq_len is not None
+        self.encoding = _encoding_arg(encoding, num_classes)
+        chunk_rows, rows_per_shard = default_layout("lm" if self.tokens else "classify", seq_len or 1, 0,
+                                                    self.encoding.raw_bytes_per_row() + 8, chunk_rows, rows_per_shard)
         if seq_len is not None and (rows_per_shard % seq_len or chunk_rows % seq_len):
             raise ArgumentError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
                                 f"seq_len={seq_len} (sequences never straddle chunks)")
-        self.encoding = _encoding_arg(encoding, num_classes)
         codec = default_codec(self.encoding.name, backend) if codec is None else codec
         problems = codec_problems(codec, compression_level, backend)
         if problems:

@@ -63,7 +63,7 @@ class _Vocab:
 
 
 def import_logprobs(file: Path, tokenizer: Path, root: Path, top_n: int, teacher: str, backend: str = "zarr",
-                    rows_per_shard: int = 65536, chunk_rows: int = 4096) -> Path:
+                    rows_per_shard: int | None = None, chunk_rows: int | None = None) -> Path:
     """Write the cache; returns its directory. Refuses a bad line with DataError naming file:line,
     before anything is written when the file cannot be read or `root` cannot be written."""
     if not 1 <= top_n <= MAX_TOP_N:
