@@ -46,9 +46,9 @@ GOALS: dict[str, dict[str, Goal]] = {
     "teacher_overhead": {"ratio": (">=", 0.97, "cache stage over a bare teacher loop")},
     # README; the script's goal=0.95
     "student_streaming": {"ratio": (">=", 0.95, "steps/s from disk over all in RAM")},
-    # docs/scaling-out.md and the script's docstring: a warm shard cache reads as fast as local disk
     # docs/python-api.md: a rank that ends with os._exit(0) once its results are written does not abort at exit
     "gloo_exit": {"aborts.os_exit": ("==", 0, "jobs with a rank aborted at exit, ranks ending with os._exit(0)")},
+    # docs/scaling-out.md and the script's docstring: a warm shard cache reads as fast as local disk
     "object_storage": {"ratio.warm": (">=", 0.9, "rows/s, warm shard cache over local disk")},
     # README; docstring "goal ratio <= 1.10"; the script's goal=1.10
     "student_memory": {"ratio": ("<=", 1.10, "peak RSS, 10x the cache over 1x")},

@@ -18,7 +18,7 @@ COVER = r"rows (\d+), seen (\d+), distinct (\d+), duplicates (\d+), missing (\d+
 def test_four_ranks_cover_every_row_once_and_resume_on_two_and_three(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "examples/distributed.py", str(tmp_path)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
 

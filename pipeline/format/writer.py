@@ -8,9 +8,9 @@
     print(w.path)                              # <root>/<cache_id>, complete
 
 The format, sharding, atomicity and content id are those of `logitcache cache`: fixed shards of
-rows_per_shard rows (token caches: whole sequences; unset, the shard and chunk are sized by the
-row's stored bytes as the cache stage sizes them, pipeline.core.config.default_layout) named by index, each written by write_shard
-under a temporary name and renamed into place, the manifest written last and only when the
+rows_per_shard rows (token caches: whole sequences; unset, shard and chunk are sized by the row's
+stored bytes as the cache stage sizes them: pipeline.core.config.default_layout) named by index,
+each written by write_shard under a temporary name and renamed into place, the manifest written last and only when the
 `with` block ends without an exception. The id hashes the declared spec (teacher, dataset
 fingerprint), the temperature, the encoding and its parameters, the layout and the format version.
 
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -105,7 +106,8 @@ class CacheWriter:
         self.tokens = tokens or seq_len is not None
         self.encoding = _encoding_arg(encoding, num_classes)
         chunk_rows, rows_per_shard = default_layout("lm" if self.tokens else "classify", seq_len or 1, 0,
-                                                    self.encoding.raw_bytes_per_row() + 8, chunk_rows, rows_per_shard)
+                                                    self.encoding.raw_bytes_per_row() + 8,  # + sample_id
+                                                    chunk_rows, rows_per_shard)
         if seq_len is not None and (rows_per_shard % seq_len or chunk_rows % seq_len):
             raise ArgumentError(f"rows_per_shard={rows_per_shard}, chunk_rows={chunk_rows}: both must be multiples of "
                                 f"seq_len={seq_len} (sequences never straddle chunks)")
@@ -149,12 +151,13 @@ class CacheWriter:
 
     # -- context ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> CacheWriter:
+    def __enter__(self) -> Self:
         self.complete = (fmt.read_manifest(self.path) or {}).get("status") == "complete"
         self._open = True
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self._open = False
         if exc_type is not None:
             return  # shards written so far stay; the manifest is not written
